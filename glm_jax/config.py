@@ -1,0 +1,290 @@
+"""GLMConfig: every architectural knob of the GLM family, named presets, overrides, validation.
+
+Field names follow the GLM-130B reference flags where one exists (`num_layers`, `hidden_size`,
+`num_attention_heads`, `inner_hidden_size`, `vocab_size`, `max_sequence_length`,
+`layernorm_epsilon`, `hidden_dropout`, `attention_dropout`, `position_encoding_2d`).
+
+Two sizes are derived unless set: `head_dim` (hidden_size / num_attention_heads) and
+`inner_hidden_size` (4 x hidden for a plain GeLU FFN, 8/3 x hidden rounded up to
+`ffn_multiple_of` for gated FFNs, which gives GLM-130B's 32768 exactly). `override()` and
+`get_config()` re-derive them, so `--set hidden_size=1024` gives a consistent config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from typing import Any, Optional
+
+import jax.numpy as jnp
+
+FFN_KINDS = ("geglu", "swiglu", "gelu", "gelu_tanh")
+NORM_KINDS = ("layernorm", "rmsnorm")
+NORM_PLACEMENTS = ("deepnorm", "pre")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attention")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+class ConfigError(ValueError):
+    """An impossible or unknown configuration; the message says which field to fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class GLMConfig:
+    # sizes
+    num_layers: int = 8
+    hidden_size: int = 128
+    num_attention_heads: int = 4
+    num_kv_heads: Optional[int] = None  # None: = num_attention_heads (multi-head)
+    head_dim: Optional[int] = None  # None: hidden_size // num_attention_heads
+    vocab_size: int = 32000  # the tokenizer's vocabulary
+    vocab_pad_multiple: int = 128  # embedding rows padded up to a multiple of this
+    max_sequence_length: int = 2048
+    # feed-forward
+    ffn_kind: str = "geglu"  # geglu: a*gelu(b); swiglu: silu(a)*b; gelu / gelu_tanh: plain
+    inner_hidden_size: Optional[int] = None
+    ffn_multiple_of: int = 128  # rounding of the derived gated-FFN width
+    # normalisation
+    norm_kind: str = "layernorm"
+    norm_placement: str = "deepnorm"  # deepnorm: post-LN, residual carries LN output
+    layernorm_epsilon: float = 1e-5
+    final_norm: bool = True
+    # positions
+    position_encoding_2d: bool = False  # 2D rotary: second half of each head by block position
+    rotary_fraction: float = 1.0  # share of each head's dims that rotate (ChatGLM2: 0.5)
+    rotary_interleaved: bool = False  # pairs (2i, 2i+1) (GLM-4 family) vs rotate-half (GLM-130B)
+    rotary_base: float = 10000.0
+    rotary_fp16_angles: bool = False  # the reference's fp16 runs compute angles in fp16
+    # biases and head
+    qkv_bias: bool = True
+    attention_dense_bias: bool = True
+    ffn_bias: bool = True
+    tie_word_embeddings: bool = True
+    # regularisation and stability
+    hidden_dropout: float = 0.1
+    attention_dropout: float = 0.1
+    embedding_shrink_alpha: float = 1.0  # 1.0 = off; GLM-130B: 0.1
+    embedding_init_std: float = 0.0052
+    # numerics and execution
+    dtype: str = "bfloat16"  # compute
+    param_dtype: str = "float32"
+    remat_policy: str = "none"
+    attention_impl: str = "auto"
+    # sizes that were derived rather than set; re-derived by override()
+    _derived: tuple = dataclasses.field(default=(), repr=False, compare=False)
+
+    def __post_init__(self):
+        derived = []
+        if self.num_kv_heads is None:
+            object.__setattr__(self, "num_kv_heads", self.num_attention_heads)
+            derived.append("num_kv_heads")
+        if self.head_dim is None:
+            if self.num_attention_heads <= 0 or self.hidden_size % self.num_attention_heads:
+                raise ConfigError(
+                    f"hidden_size={self.hidden_size} is not divisible by num_attention_heads="
+                    f"{self.num_attention_heads}; set head_dim explicitly or change one of them")
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
+            derived.append("head_dim")
+        if self.inner_hidden_size is None:
+            object.__setattr__(self, "inner_hidden_size", _derived_ffn_width(self))
+            derived.append("inner_hidden_size")
+        object.__setattr__(self, "_derived", tuple(sorted(set(self._derived) | set(derived))))
+        validate(self)
+
+    # ---- derived quantities -------------------------------------------------------------
+    @property
+    def padded_vocab_size(self) -> int:
+        m = self.vocab_pad_multiple
+        return -(-self.vocab_size // m) * m
+
+    @property
+    def deepnorm_alpha(self) -> float:
+        """Residual scale alpha = sqrt(2N) (DeepNorm, GLM-130B)."""
+        return math.sqrt(2 * self.num_layers)
+
+    @property
+    def deepnorm_beta(self) -> float:
+        """Init gain beta = (2N)^-1/2 on FFN, value and attention-output weights."""
+        return (2 * self.num_layers) ** -0.5 if self.norm_placement == "deepnorm" else 1.0
+
+    @property
+    def rotary_dim(self) -> int:
+        """Rotated dims per head (for 2D rotary: per half)."""
+        per = self.head_dim // 2 if self.position_encoding_2d else self.head_dim
+        return int(per * self.rotary_fraction)
+
+    @property
+    def gated_ffn(self) -> bool:
+        return self.ffn_kind in ("geglu", "swiglu")
+
+    @property
+    def compute_dtype(self):
+        return DTYPES[self.dtype]
+
+    @property
+    def params_dtype(self):
+        return DTYPES[self.param_dtype]
+
+    # ---- (de)serialisation and overrides --------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """Every public field, resolved (what a checkpoint stores)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "_derived"}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "GLMConfig":
+        known = {f.name for f in dataclasses.fields(cls)} - {"_derived"}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown config field(s) {unknown}; known fields: {sorted(known)}")
+        return cls(**d)
+
+    def override(self, **overrides) -> "GLMConfig":
+        """A new config with `overrides` applied; derived sizes follow them unless set too."""
+        known = {f.name for f in dataclasses.fields(self)} - {"_derived"}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ConfigError(f"unknown config field(s) {unknown}; known fields: {sorted(known)}")
+        d = self.to_dict()
+        for name in self._derived:
+            if name not in overrides:
+                d[name] = None
+        d.update(overrides)
+        return GLMConfig(**d)
+
+
+def _derived_ffn_width(c: GLMConfig) -> int:
+    if c.ffn_kind in ("gelu", "gelu_tanh"):
+        return 4 * c.hidden_size
+    m = c.ffn_multiple_of
+    return -(-(8 * c.hidden_size) // (3 * m)) * m
+
+
+def validate(c: GLMConfig) -> None:
+    """Raise ConfigError naming the field for impossible combinations."""
+
+    def need(ok: bool, msg: str):
+        if not ok:
+            raise ConfigError(msg)
+
+    for name in ("num_layers", "hidden_size", "num_attention_heads", "num_kv_heads", "head_dim",
+                 "vocab_size", "vocab_pad_multiple", "max_sequence_length", "inner_hidden_size",
+                 "ffn_multiple_of"):
+        need(isinstance(getattr(c, name), int) and getattr(c, name) > 0,
+             f"{name} must be a positive integer, got {getattr(c, name)!r}")
+    need(c.ffn_kind in FFN_KINDS, f"ffn_kind={c.ffn_kind!r}; choose one of {FFN_KINDS}")
+    need(c.norm_kind in NORM_KINDS, f"norm_kind={c.norm_kind!r}; choose one of {NORM_KINDS}")
+    need(c.norm_placement in NORM_PLACEMENTS,
+         f"norm_placement={c.norm_placement!r}; choose one of {NORM_PLACEMENTS}")
+    need(c.attention_impl in ATTENTION_IMPLS,
+         f"attention_impl={c.attention_impl!r}; choose one of {ATTENTION_IMPLS}")
+    need(c.remat_policy in REMAT_POLICIES,
+         f"remat_policy={c.remat_policy!r}; choose one of {REMAT_POLICIES}")
+    for name in ("dtype", "param_dtype"):
+        need(getattr(c, name) in DTYPES, f"{name}={getattr(c, name)!r}; choose one of {tuple(DTYPES)}")
+    need(c.num_attention_heads % c.num_kv_heads == 0,
+         f"num_attention_heads={c.num_attention_heads} is not divisible by num_kv_heads="
+         f"{c.num_kv_heads} (grouped attention needs whole groups)")
+    need(0.0 < c.rotary_fraction <= 1.0, f"rotary_fraction={c.rotary_fraction} must be in (0, 1]")
+    if c.position_encoding_2d:
+        need(c.rotary_fraction == 1.0,
+             "position_encoding_2d rotates both halves of each head fully; set rotary_fraction=1.0")
+        need(c.head_dim % 4 == 0,
+             f"position_encoding_2d splits head_dim={c.head_dim} into two rotary halves of even "
+             "size: head_dim must be a multiple of 4")
+    rot = (c.head_dim // 2 if c.position_encoding_2d else c.head_dim) * c.rotary_fraction
+    need(rot == int(rot) and int(rot) % 2 == 0 and rot > 0,
+         f"rotary_fraction={c.rotary_fraction} of head_dim={c.head_dim} gives {rot} rotary dims; "
+         "it must be a positive even integer")
+    for name in ("hidden_dropout", "attention_dropout"):
+        need(0.0 <= getattr(c, name) < 1.0, f"{name}={getattr(c, name)} must be in [0, 1)")
+    need(0.0 <= c.embedding_shrink_alpha <= 1.0,
+         f"embedding_shrink_alpha={c.embedding_shrink_alpha} must be in [0, 1]")
+    need(c.layernorm_epsilon > 0, f"layernorm_epsilon={c.layernorm_epsilon} must be positive")
+
+
+# ---- presets --------------------------------------------------------------------------------
+PRESETS: dict[str, dict[str, Any]] = {
+    # GLM-130B exactly (spec section 1): 70 DeepNorm post-LN layers, GeGLU 32768, tied 150528 vocab.
+    "glm-130b": dict(
+        num_layers=70, hidden_size=12288, num_attention_heads=96, vocab_size=150528,
+        vocab_pad_multiple=768, max_sequence_length=2048, ffn_kind="geglu",
+        norm_kind="layernorm", norm_placement="deepnorm", embedding_shrink_alpha=0.1,
+        hidden_dropout=0.1, attention_dropout=0.1),
+    # ChatGLM-6B (spec section 2): 2D rotary, GeLU(tanh) 16384, separate lm_head.
+    "chatglm-6b": dict(
+        num_layers=28, hidden_size=4096, num_attention_heads=32, vocab_size=130528,
+        max_sequence_length=2048, ffn_kind="gelu_tanh", norm_kind="layernorm",
+        norm_placement="deepnorm", position_encoding_2d=True, tie_word_embeddings=False,
+        hidden_dropout=0.0, attention_dropout=0.0),
+    # ChatGLM2-6B (spec section 2): pre-RMSNorm, MQA with 2 KV groups, SwiGLU 13696,
+    # half-rotary with interleaved pairs, QKV bias only, causal decoder.
+    "chatglm2-6b": dict(
+        num_layers=28, hidden_size=4096, num_attention_heads=32, num_kv_heads=2,
+        vocab_size=65024, max_sequence_length=32768, ffn_kind="swiglu", inner_hidden_size=13696,
+        norm_kind="rmsnorm", norm_placement="pre", rotary_fraction=0.5, rotary_interleaved=True,
+        qkv_bias=True, attention_dense_bias=False, ffn_bias=False, tie_word_embeddings=False,
+        hidden_dropout=0.0, attention_dropout=0.0),
+    # GLM-130B's block at ~1.3 B parameters: the GPU benchmark model.
+    "glm-1b": dict(
+        num_layers=24, hidden_size=2048, num_attention_heads=16, vocab_size=32000,
+        max_sequence_length=2048, ffn_kind="geglu", norm_placement="deepnorm",
+        embedding_shrink_alpha=0.1, hidden_dropout=0.0, attention_dropout=0.0),
+    # Tests and the CPU default run: splits on --mesh 8x4 (8 layers; heads, FFN, vocab % 4 == 0).
+    "glm-tiny": dict(
+        num_layers=8, hidden_size=128, num_attention_heads=4, vocab_size=32000,
+        max_sequence_length=1024, ffn_kind="geglu", norm_placement="deepnorm",
+        embedding_shrink_alpha=0.1, hidden_dropout=0.0, attention_dropout=0.0),
+}
+
+
+def get_config(name: str, **overrides) -> GLMConfig:
+    """The preset `name` with `overrides` applied (derived sizes follow the overrides)."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return GLMConfig(**{**PRESETS[name], **overrides})
+
+
+def _parse_value(name: str, raw: str) -> Any:
+    hints = typing.get_type_hints(GLMConfig)
+    if name not in hints or name == "_derived":
+        raise ConfigError(f"--set {name}=...: unknown config field; known fields: "
+                          f"{sorted(h for h in hints if h != '_derived')}")
+    hint = hints[name]
+    args = typing.get_args(hint)
+    optional = type(None) in args
+    base = next((a for a in args if a is not type(None)), hint) if args else hint
+    if optional and raw.lower() in ("none", "null", ""):
+        return None
+    try:
+        if base is bool:
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if base is int:
+            return int(raw)
+        if base is float:
+            return float(raw)
+        return raw
+    except ValueError:
+        raise ConfigError(f"--set {name}={raw!r}: expected {getattr(base, '__name__', base)}") from None
+
+
+def parse_overrides(items: list[str] | None) -> dict[str, Any]:
+    """['num_layers=4', 'dtype=float32'] -> {'num_layers': 4, 'dtype': 'float32'} (typed)."""
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set num_layers=4")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        out[key] = _parse_value(key, raw.strip())
+    return out
+
+
+def config_from_args(preset: str, sets: list[str] | None) -> GLMConfig:
+    """What every script does with `--preset NAME --set k=v ...`."""
+    return get_config(preset, **parse_overrides(sets))

@@ -1,0 +1,234 @@
+"""Load weights from the layouts users hold into our parameter tree.
+
+- `from_glm130b_state_dict`: the GLM-130B reference (SwissArmyTransformer) layout, one merged
+  tensor-parallel shard as a name -> array dict. ChatGLM-6B's native names are the same plus an
+  `lm_head.weight`, so it loads here too when the config is untied.
+- `from_hf_glm`: the transformers `GlmForCausalLM` layout (GLM-4 family, ChatGLM2/3's block).
+  `config_from_hf_glm` builds the matching GLMConfig from that checkpoint's config.
+
+A layout is a table of `Rule`s: one source tensor (name template, torch [out, in] shape) and a
+function that turns it into one or more of our leaves. Every name and shape is checked before
+anything is converted, and the error lists each missing, unexpected or misshapen tensor. Adding a
+layout means writing its table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from glm_jax.config import GLMConfig, get_config
+
+Path = tuple[str, ...]
+
+
+class ConversionError(ValueError):
+    """The tensors do not match the layout for this config; the message lists every problem."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    source: str  # name; per-layer rules contain "{i}"
+    shape: tuple[int, ...]  # expected source shape
+    convert: Callable[[np.ndarray], dict[Path, np.ndarray]]  # -> {our leaf path: array}
+
+
+def _to_numpy(x) -> np.ndarray:
+    if hasattr(x, "detach"):  # torch tensor, any dtype
+        x = x.detach().float().cpu().numpy()
+    return np.asarray(x, dtype=np.float32)
+
+
+def _pad_rows(w: np.ndarray, rows: int) -> np.ndarray:
+    """Zero-pad a [vocab, E] table to the config's padded vocab."""
+    return np.concatenate([w, np.zeros((rows - w.shape[0],) + w.shape[1:], w.dtype)]) if rows > w.shape[0] else w
+
+
+def _leaf(*path: str):
+    return lambda w: {path: w}
+
+
+def _linear(path: Path, out_shape: tuple[int, ...]):
+    """torch [out, in] weight -> our kernel [in, *out_shape]."""
+    return lambda w: {path: w.T.reshape((w.shape[1],) + out_shape)}
+
+
+def _linear_in(path: Path, in_shape: tuple[int, ...]):
+    """torch [out, in] weight whose input splits as in_shape -> our kernel [*in_shape, out]."""
+    return lambda w: {path: w.T.reshape(in_shape + (w.shape[0],))}
+
+
+def _halves(path: Path, f: int):
+    """torch [2F, E] gated h_to_4h (first half first) -> our [E, 2, F]; a bias [2F] -> [2, F]."""
+    return lambda w: {path: w.reshape(2, f, -1).transpose(2, 0, 1) if w.ndim == 2 else w.reshape(2, f)}
+
+
+def _glm130b_qkv(c: GLMConfig, suffix: str):
+    """GLM-130B's fused QKV: output rows ordered [heads, {q,k,v}, head_dim] (spec section 1)."""
+    h, d = c.num_attention_heads, c.head_dim
+
+    def convert(w):
+        if w.ndim == 2:
+            w = w.reshape(h, 3, d, -1).transpose(3, 0, 1, 2)  # [E, H, 3, D]
+            parts = w[:, :, 0], w[:, :, 1], w[:, :, 2]
+        else:
+            b = w.reshape(h, 3, d)
+            parts = b[:, 0], b[:, 1], b[:, 2]
+        return {("attention", name, suffix): p for name, p in zip(("query", "key", "value"), parts)}
+
+    return convert
+
+
+def glm130b_rules(c: GLMConfig) -> tuple[list[Rule], list[Rule]]:
+    """(per-layer rules, top-level rules) of the GLM-130B reference layout for config `c`."""
+    if c.num_kv_heads != c.num_attention_heads or c.norm_kind != "layernorm":
+        raise ConversionError("the GLM-130B layout has multi-head attention and LayerNorm; this config has "
+                              f"num_kv_heads={c.num_kv_heads}, norm_kind={c.norm_kind!r}")
+    e, h, d, f = c.hidden_size, c.num_attention_heads, c.head_dim, c.inner_hidden_size
+    p = "transformer.layers.{i}."
+    ffn_out = 2 * f if c.gated_ffn else f
+    layer = [
+        Rule(p + "input_layernorm.weight", (e,), _leaf("input_layernorm", "scale")),
+        Rule(p + "input_layernorm.bias", (e,), _leaf("input_layernorm", "bias")),
+        Rule(p + "attention.query_key_value.weight", (3 * h * d, e), _glm130b_qkv(c, "kernel")),
+        Rule(p + "attention.dense.weight", (e, h * d), _linear_in(("attention", "dense", "kernel"), (h, d))),
+        Rule(p + "post_attention_layernorm.weight", (e,), _leaf("post_attention_layernorm", "scale")),
+        Rule(p + "post_attention_layernorm.bias", (e,), _leaf("post_attention_layernorm", "bias")),
+        Rule(p + "mlp.dense_h_to_4h.weight", (ffn_out, e),
+             _halves(("mlp", "dense_h_to_4h", "kernel"), f) if c.gated_ffn
+             else _linear(("mlp", "dense_h_to_4h", "kernel"), (f,))),
+        Rule(p + "mlp.dense_4h_to_h.weight", (e, f), _linear(("mlp", "dense_4h_to_h", "kernel"), (e,))),
+    ]
+    if c.qkv_bias:
+        layer.append(Rule(p + "attention.query_key_value.bias", (3 * h * d,), _glm130b_qkv(c, "bias")))
+    if c.attention_dense_bias:
+        layer.append(Rule(p + "attention.dense.bias", (e,), _leaf("attention", "dense", "bias")))
+    if c.ffn_bias:
+        layer.append(Rule(p + "mlp.dense_h_to_4h.bias", (ffn_out,),
+                          _halves(("mlp", "dense_h_to_4h", "bias"), f) if c.gated_ffn
+                          else _leaf("mlp", "dense_h_to_4h", "bias")))
+        layer.append(Rule(p + "mlp.dense_4h_to_h.bias", (e,), _leaf("mlp", "dense_4h_to_h", "bias")))
+    top = [Rule("transformer.word_embeddings.weight", (c.vocab_size, e),
+                lambda w: {("word_embeddings", "embedding"): _pad_rows(w, c.padded_vocab_size)})]
+    if c.final_norm:
+        top += [Rule("transformer.final_layernorm.weight", (e,), _leaf("final_layernorm", "scale")),
+                Rule("transformer.final_layernorm.bias", (e,), _leaf("final_layernorm", "bias"))]
+    if not c.tie_word_embeddings:
+        top.append(_output_layer_rule("lm_head.weight", c))
+    return layer, top
+
+
+def _output_layer_rule(name: str, c: GLMConfig) -> Rule:
+    return Rule(name, (c.vocab_size, c.hidden_size),
+                lambda w: {("output_layer", "kernel"): _pad_rows(w, c.padded_vocab_size).T})
+
+
+def hf_glm_rules(c: GLMConfig) -> tuple[list[Rule], list[Rule]]:
+    """(per-layer rules, top-level rules) of transformers' GlmForCausalLM for config `c`."""
+    if c.norm_kind != "rmsnorm" or c.norm_placement != "pre" or c.ffn_kind != "swiglu":
+        raise ConversionError("GlmForCausalLM is a pre-RMSNorm SwiGLU model; build the config with "
+                              "config_from_hf_glm(hf_config)")
+    e, h, kv, d, f = c.hidden_size, c.num_attention_heads, c.num_kv_heads, c.head_dim, c.inner_hidden_size
+    p = "model.layers.{i}."
+    layer = [
+        Rule(p + "input_layernorm.weight", (e,), _leaf("input_layernorm", "scale")),
+        Rule(p + "self_attn.q_proj.weight", (h * d, e), _linear(("attention", "query", "kernel"), (h, d))),
+        Rule(p + "self_attn.k_proj.weight", (kv * d, e), _linear(("attention", "key", "kernel"), (kv, d))),
+        Rule(p + "self_attn.v_proj.weight", (kv * d, e), _linear(("attention", "value", "kernel"), (kv, d))),
+        Rule(p + "self_attn.o_proj.weight", (e, h * d), _linear_in(("attention", "dense", "kernel"), (h, d))),
+        Rule(p + "post_attention_layernorm.weight", (e,), _leaf("post_attention_layernorm", "scale")),
+        Rule(p + "mlp.gate_up_proj.weight", (2 * f, e), _halves(("mlp", "dense_h_to_4h", "kernel"), f)),
+        Rule(p + "mlp.down_proj.weight", (e, f), _linear(("mlp", "dense_4h_to_h", "kernel"), (e,))),
+    ]
+    if c.qkv_bias:
+        for name, n in (("query", h), ("key", kv), ("value", kv)):
+            layer.append(Rule(p + f"self_attn.{name[0]}_proj.bias", (n * d,),
+                              (lambda path, n: lambda w: {path: w.reshape(n, d)})(("attention", name, "bias"), n)))
+    top = [Rule("model.embed_tokens.weight", (c.vocab_size, e),
+                lambda w: {("word_embeddings", "embedding"): _pad_rows(w, c.padded_vocab_size)}),
+           Rule("model.norm.weight", (e,), _leaf("final_layernorm", "scale"))]
+    if not c.tie_word_embeddings:
+        top.append(_output_layer_rule("lm_head.weight", c))
+    return layer, top
+
+
+def config_from_hf_glm(hf_config: Mapping[str, Any] | Any, **overrides) -> GLMConfig:
+    """Our GLMConfig for a GlmForCausalLM checkpoint config (dict or transformers config).
+
+    Sizes, eps and the partial-rotary fraction come from the checkpoint, never from the family.
+    """
+    g = hf_config if isinstance(hf_config, Mapping) else hf_config.to_dict()
+    rope = g.get("rope_parameters") or {}
+    fields = dict(
+        num_layers=g["num_hidden_layers"], hidden_size=g["hidden_size"],
+        num_attention_heads=g["num_attention_heads"],
+        num_kv_heads=g.get("num_key_value_heads") or g["num_attention_heads"],
+        head_dim=g.get("head_dim") or g["hidden_size"] // g["num_attention_heads"],
+        vocab_size=g["vocab_size"], vocab_pad_multiple=1,
+        max_sequence_length=g.get("max_position_embeddings", 2048),
+        inner_hidden_size=g["intermediate_size"], ffn_kind="swiglu",
+        norm_kind="rmsnorm", norm_placement="pre", layernorm_epsilon=g.get("rms_norm_eps", 1.5625e-07),
+        rotary_fraction=rope.get("partial_rotary_factor", g.get("partial_rotary_factor", 0.5)),
+        rotary_interleaved=True, rotary_base=rope.get("rope_theta", g.get("rope_theta", 10000.0)),
+        qkv_bias=g.get("attention_bias", True), attention_dense_bias=False, ffn_bias=False,
+        tie_word_embeddings=g.get("tie_word_embeddings", False), embedding_shrink_alpha=1.0,
+        hidden_dropout=0.0, attention_dropout=float(g.get("attention_dropout", 0.0)))
+    if g.get("hidden_act", "silu") != "silu":
+        raise ConversionError(f"GlmForCausalLM with hidden_act={g['hidden_act']!r} is not supported (silu only)")
+    return get_config("chatglm2-6b", **{**fields, **overrides})
+
+
+IGNORED_SUFFIXES = ("inv_freq", "rotary_emb.inv_freq", "masked_bias", "attn.bias")
+
+
+def convert_state_dict(tensors: Mapping[str, Any], config: GLMConfig,
+                       rules: tuple[list[Rule], list[Rule]]) -> dict:
+    """Apply a layout's rules: check every name and shape first, then build the stacked tree."""
+    layer_rules, top_rules = rules
+    wanted = {r.source: r for r in top_rules}
+    for i in range(config.num_layers):
+        wanted.update({r.source.format(i=i): r for r in layer_rules})
+    problems = []
+    for name, rule in wanted.items():
+        if name not in tensors:
+            problems.append(f"missing {name} (expected shape {rule.shape})")
+        elif tuple(tensors[name].shape) != rule.shape:
+            problems.append(f"{name} has shape {tuple(tensors[name].shape)}, expected {rule.shape}")
+    tied_head = config.tie_word_embeddings and "lm_head.weight" in tensors
+    extra = [n for n in tensors if n not in wanted and not n.endswith(IGNORED_SUFFIXES)
+             and not (tied_head and n == "lm_head.weight")]
+    problems += [f"unexpected tensor {n} (shape {tuple(tensors[n].shape)})" for n in sorted(extra)]
+    if problems:
+        raise ConversionError(f"{len(problems)} problem(s) converting to this config:\n  " + "\n  ".join(problems))
+
+    params: dict = {}
+    per_layer: dict[Path, list[np.ndarray]] = {}
+    for i in range(config.num_layers):
+        for rule in layer_rules:
+            for path, arr in rule.convert(_to_numpy(tensors[rule.source.format(i=i)])).items():
+                per_layer.setdefault(path, []).append(arr)
+    dtype = np.dtype(config.params_dtype)
+    for path, arrs in per_layer.items():
+        _set(params, ("layers",) + path, np.stack(arrs).astype(dtype))
+    for rule in top_rules:
+        for path, arr in rule.convert(_to_numpy(tensors[rule.source])).items():
+            _set(params, path, np.ascontiguousarray(arr).astype(dtype))
+    return params
+
+
+def _set(tree: dict, path: Path, value) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+def from_glm130b_state_dict(tensors: Mapping[str, Any], config: GLMConfig) -> dict:
+    """GLM-130B reference layout (one merged TP shard, torch [out, in] weights) -> params."""
+    return convert_state_dict(tensors, config, glm130b_rules(config))
+
+
+def from_hf_glm(tensors: Mapping[str, Any], config: GLMConfig) -> dict:
+    """transformers GlmForCausalLM state dict -> params (config from `config_from_hf_glm`)."""
+    return convert_state_dict(tensors, config, hf_glm_rules(config))

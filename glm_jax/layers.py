@@ -1,0 +1,326 @@
+"""The GLM block and its parts, as pure Flax (linen) modules.
+
+Shapes: B batch, S sequence, E hidden (embed), H query heads, K key/value heads, G = H/K heads
+per group, D head dim, F FFN inner width. Every parameter carries logical axis names (DESIGN.md);
+`sharding.py` alone maps them to mesh axes.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+
+import flax.linen as nn
+import jax
+from jax.ad_checkpoint import checkpoint_name
+import jax.numpy as jnp
+import numpy as np
+
+from glm_jax.config import GLMConfig
+
+MASK_VALUE = -10000.0  # the reference's additive mask value (spec section 1)
+
+Initializer = nn.initializers.Initializer
+
+
+def xavier_normal(gain: float = 1.0, in_axis=0, out_axis=-1, batch_axis=()) -> Initializer:
+    """torch's xavier_normal_ on the [in, out] matrix a multi-axis kernel flattens to."""
+    return nn.initializers.variance_scaling(gain**2, "fan_avg", "normal", in_axis=in_axis,
+                                            out_axis=out_axis, batch_axis=batch_axis)
+
+
+# ---- dense layers -------------------------------------------------------------------------------
+class Linear(nn.Module):
+    """y = x . kernel (+ bias), contracting the last `len(in_shape)` axes of x.
+
+    kernel: `in_shape + features`, named `kernel_axes`; bias: `features`. The one dense layer of
+    the model: quantized variants (int4.py) replace it through `GLMConfig`, nothing else changes.
+    """
+
+    in_shape: tuple[int, ...]
+    features: tuple[int, ...]
+    kernel_axes: tuple[str | None, ...]
+    use_bias: bool
+    config: GLMConfig
+    kernel_init: Initializer = nn.initializers.lecun_normal()
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.config
+        n_in = len(self.in_shape)
+        kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, self.kernel_axes),
+                            self.in_shape + self.features, c.params_dtype)
+        x = x.astype(c.compute_dtype)
+        contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+        y = jax.lax.dot_general(x, kernel.astype(c.compute_dtype), (contract, ((), ())))
+        if self.use_bias:
+            bias = self.param("bias", nn.with_logical_partitioning(
+                nn.initializers.zeros_init(), self.kernel_axes[n_in:]), self.features, c.params_dtype)
+            y = y + bias.astype(c.compute_dtype)
+        return y
+
+
+# ---- normalisation ------------------------------------------------------------------------------
+class LayerNorm(nn.Module):
+    """Affine LayerNorm over the last axis, computed in fp32. x: [..., E] -> [..., E]."""
+
+    config: GLMConfig
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.config
+        e = x.shape[-1]
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
+                           (e,), c.params_dtype)
+        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)),
+                          (e,), c.params_dtype)
+        x32 = x.astype(jnp.float32)
+        mean = x32.mean(-1, keepdims=True)
+        var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + c.layernorm_epsilon)
+        return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(c.compute_dtype)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm over the last axis, computed in fp32. x: [..., E] -> [..., E]."""
+
+    config: GLMConfig
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.config
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
+                           (x.shape[-1],), c.params_dtype)
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + c.layernorm_epsilon)
+        return (y * scale.astype(jnp.float32)).astype(c.compute_dtype)
+
+
+def make_norm(config: GLMConfig, name: str) -> nn.Module:
+    return (LayerNorm if config.norm_kind == "layernorm" else RMSNorm)(config, name=name)
+
+
+# ---- rotary positions ---------------------------------------------------------------------------
+def rotary_table(positions, dim: int, config: GLMConfig):
+    """cos, sin for `dim` rotated dims at integer `positions` [B, S] -> two [B, S, dim] fp32.
+
+    Rotate-half layout (GLM-130B): frequencies [f0..f_{dim/2-1}] twice; interleaved (GLM-4):
+    each frequency twice in a row. With `rotary_fp16_angles` the angles are formed in fp16 as
+    the reference's fp16 runs do.
+    """
+    inv_freq = 1.0 / (config.rotary_base ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+    angle_dtype = jnp.float16 if config.rotary_fp16_angles else jnp.float32
+    angles = positions.astype(angle_dtype)[..., None] * jnp.asarray(inv_freq, angle_dtype)
+    angles = angles.astype(jnp.float32)
+    if config.rotary_interleaved:
+        angles = jnp.repeat(angles, 2, axis=-1)
+    else:
+        angles = jnp.concatenate([angles, angles], axis=-1)
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    if config.rotary_fp16_angles:
+        cos, sin = cos.astype(jnp.float16).astype(jnp.float32), sin.astype(jnp.float16).astype(jnp.float32)
+    return cos, sin
+
+
+def rotary_tables(position_ids, block_position_ids, config: GLMConfig):
+    """The (cos, sin) pairs the attention applies: one for 1D, two (position, block) for 2D."""
+    if config.position_encoding_2d:
+        return (rotary_table(position_ids, config.rotary_dim, config),
+                rotary_table(block_position_ids, config.rotary_dim, config))
+    return (rotary_table(position_ids, config.rotary_dim, config),)
+
+
+def _rotate(x, cos, sin, interleaved: bool):
+    """Rotate the first cos.shape[-1] dims of x [B, S, N, D] (fp32); the rest pass through."""
+    r = cos.shape[-1]
+    xr, xp = x[..., :r], x[..., r:]
+    if interleaved:
+        pairs = xr.reshape(xr.shape[:-1] + (r // 2, 2))
+        turned = jnp.stack([-pairs[..., 1], pairs[..., 0]], axis=-1).reshape(xr.shape)
+    else:
+        turned = jnp.concatenate([-xr[..., r // 2:], xr[..., : r // 2]], axis=-1)
+    out = xr * cos[:, :, None, :] + turned * sin[:, :, None, :]
+    return jnp.concatenate([out, xp], axis=-1) if xp.shape[-1] else out
+
+
+def apply_rotary(x, tables, config: GLMConfig):
+    """x: [B, S, N, D] -> same, rotated per `tables` from `rotary_tables` (2D: one per half)."""
+    dtype = x.dtype
+    x = x.astype(jnp.float32)
+    if len(tables) == 2:
+        half = x.shape[-1] // 2
+        out = jnp.concatenate([_rotate(x[..., :half], *tables[0], config.rotary_interleaved),
+                               _rotate(x[..., half:], *tables[1], config.rotary_interleaved)], axis=-1)
+    else:
+        out = _rotate(x, *tables[0], config.rotary_interleaved)
+    return out.astype(dtype)
+
+
+# ---- the GLM attention mask ---------------------------------------------------------------------
+def glm_attention_mask(segment_ids, prefix_mask):
+    """GLM's rule (DESIGN.md): q sees k iff same nonzero segment and (k in part A or k <= q).
+
+    segment_ids, prefix_mask: [B, S] int -> bool [B, 1, S, S] (query, key), built on device.
+    """
+    s = segment_ids.shape[-1]
+    same = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, :, None] != 0)
+    causal = jnp.arange(s)[:, None] >= jnp.arange(s)[None, :]
+    visible = causal[None] | (prefix_mask[:, None, :] != 0)
+    return (same & visible)[:, None]
+
+
+# ---- attention ----------------------------------------------------------------------------------
+def xla_attention(q, k, v, mask, *, dropout_rate: float = 0.0, dropout_rng=None):
+    """Reference attention with grouped KV, fp32 softmax and the -10000 additive mask.
+
+    q: [B, S, H, D]; k, v: [B, T, K, D]; mask: bool [B, 1, S, T] -> [B, S, H, D].
+    """
+    b, s, h, d = q.shape
+    kv = k.shape[2]
+    q = q.reshape(b, s, kv, h // kv, d)
+    scores = jnp.einsum("bskgd,btkd->bkgst", q, k, preferred_element_type=jnp.float32)
+    scores = scores * (1.0 / math.sqrt(d))
+    scores = jnp.where(mask[:, :, None], scores, MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1)
+    if dropout_rate > 0.0 and dropout_rng is not None:
+        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
+        probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
+    out = jnp.einsum("bkgst,btkd->bskgd", probs.astype(v.dtype), v)
+    return out.reshape(b, s, h, d)
+
+
+def cudnn_attention(q, k, v, mask):
+    """Fused attention (cuDNN flash attention through `jax.nn.dot_product_attention`).
+
+    Same shapes and result as `xla_attention` without dropout; needs a GPU and fp16/bf16.
+    """
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=1.0 / math.sqrt(q.shape[-1]),
+                                        implementation="cudnn")
+
+
+@functools.cache
+def _warn_fallback(reason: str):
+    warnings.warn(f"attention_impl='cudnn' falls back to the XLA reference: {reason}", stacklevel=3)
+
+
+def choose_attention(config: GLMConfig, dropout_active: bool) -> str:
+    """'xla' or 'cudnn' for this config on this backend (cuDNN needs a GPU, 16-bit, no dropout)."""
+    impl = config.attention_impl
+    if impl == "xla":
+        return "xla"
+    reason = None
+    if jax.default_backend() != "gpu":
+        reason = f"backend is {jax.default_backend()}, not gpu"
+    elif config.dtype not in ("bfloat16", "float16"):
+        reason = f"dtype={config.dtype}; cuDNN flash attention takes bfloat16/float16"
+    elif dropout_active:
+        reason = "attention dropout is active (cuDNN path has none)"
+    if reason is None:
+        return "cudnn"
+    if impl == "cudnn":
+        _warn_fallback(reason)
+    return "xla"
+
+
+class SelfAttention(nn.Module):
+    """Multi-head / grouped / multi-query self-attention with rotary positions.
+
+    x: [B, S, E]; mask: bool [B, 1, S, S]; tables from `rotary_tables` -> [B, S, E].
+    Parameters: query [E, H, D], key/value [E, K, D], dense [H, D, E] (whole heads per slice,
+    so tensor parallelism over `heads` never splits one).
+    """
+
+    config: GLMConfig
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x, mask, tables):
+        c = self.config
+        e, h, kv, d = x.shape[-1], c.num_attention_heads, c.num_kv_heads, c.head_dim
+        plain = xavier_normal(1.0, 0, (1, 2))
+        scaled = xavier_normal(c.deepnorm_beta, 0, (1, 2))
+        q = Linear((e,), (h, d), ("embed", "heads", "head_dim"), c.qkv_bias, c, plain, name="query")(x)
+        k = Linear((e,), (kv, d), ("embed", "kv_heads", "head_dim"), c.qkv_bias, c, plain, name="key")(x)
+        v = Linear((e,), (kv, d), ("embed", "kv_heads", "head_dim"), c.qkv_bias, c, scaled, name="value")(x)
+        q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
+        q, k = apply_rotary(q, tables, c), apply_rotary(k, tables, c)
+        dropout_active = c.attention_dropout > 0.0 and not self.deterministic
+        if choose_attention(c, dropout_active) == "cudnn":
+            out = cudnn_attention(q, k, v, mask)
+        else:
+            rng = self.make_rng("dropout") if dropout_active else None
+            out = xla_attention(q, k, v, mask, dropout_rate=c.attention_dropout, dropout_rng=rng)
+        out = checkpoint_name(out, "attention_context")
+        return Linear((h, d), (e,), ("heads", "head_dim", "embed"), c.attention_dense_bias, c,
+                      xavier_normal(c.deepnorm_beta, (0, 1), 2), name="dense")(out)
+
+
+# ---- feed-forward -------------------------------------------------------------------------------
+def _exact_gelu(x):
+    return jax.nn.gelu(x, approximate=False)
+
+
+def _tanh_gelu(x):
+    return jax.nn.gelu(x, approximate=True)
+
+
+class FeedForward(nn.Module):
+    """GeGLU / SwiGLU / GeLU FFN. x: [B, S, E] -> [B, S, E].
+
+    Gated kinds keep h_to_4h as [E, 2, F]: index 0 is the reference's first output half, 1 the
+    second, so value column i and its gate column i share a slice of the `mlp` axis.
+    GeGLU (GLM-130B): out = first * gelu(second); SwiGLU (ChatGLM2, GLM-4): silu(first) * second.
+    """
+
+    config: GLMConfig
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.config
+        e, f = x.shape[-1], c.inner_hidden_size
+        init = xavier_normal(c.deepnorm_beta, 0, (1, 2) if c.gated_ffn else 1)
+        if c.gated_ffn:
+            hh = Linear((e,), (2, f), ("embed", "glu", "mlp"), c.ffn_bias, c, init, name="dense_h_to_4h")(x)
+            first, second = hh[..., 0, :], hh[..., 1, :]
+            if c.ffn_kind == "geglu":
+                hh = first * _exact_gelu(second)
+            else:
+                hh = jax.nn.silu(first) * second
+        else:
+            hh = Linear((e,), (f,), ("embed", "mlp"), c.ffn_bias, c, init, name="dense_h_to_4h")(x)
+            hh = _exact_gelu(hh) if c.ffn_kind == "gelu" else _tanh_gelu(hh)
+        hh = nn.with_logical_constraint(hh, ("batch", "length", "mlp"))
+        return Linear((f,), (e,), ("mlp", "embed"), c.ffn_bias, c,
+                      xavier_normal(c.deepnorm_beta, 0, 1), name="dense_4h_to_h")(hh)
+
+
+# ---- the block ----------------------------------------------------------------------------------
+class GLMBlock(nn.Module):
+    """One GLM layer. h: [B, S, E] -> ([B, S, E], None) (the scan carry convention).
+
+    DeepNorm (GLM-130B): x = LN_in(h); h = alpha*x + Attn(x); y = LN_post(h); out = alpha*y + FFN(y),
+    alpha = sqrt(2N): the residual carries the LayerNorm output. Pre-LN: h + Attn(LN(h)), etc.
+    """
+
+    config: GLMConfig
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, h, mask, tables):
+        c = self.config
+        drop = nn.Dropout(c.hidden_dropout, deterministic=self.deterministic)
+        attention = SelfAttention(c, self.deterministic, name="attention")
+        mlp = FeedForward(c, name="mlp")
+        norm_in, norm_post = make_norm(c, "input_layernorm"), make_norm(c, "post_attention_layernorm")
+        if c.norm_placement == "deepnorm":
+            alpha = jnp.asarray(c.deepnorm_alpha, c.compute_dtype)
+            x = norm_in(h)
+            h = alpha * x + drop(attention(x, mask, tables))
+            y = norm_post(h)
+            out = alpha * y + drop(mlp(y))
+        else:
+            h = h + drop(attention(norm_in(h), mask, tables))
+            out = h + drop(mlp(norm_post(h)))
+        out = nn.with_logical_constraint(out.astype(c.compute_dtype), ("batch", "length", "embed"))
+        return out, None

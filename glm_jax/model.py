@@ -1,0 +1,103 @@
+"""GLM: word embedding (with GLM-130B's gradient shrink), stacked blocks, final norm, output head.
+
+    logits = GLM(config).apply({"params": params}, batch)        # [B, S, vocab_size]
+
+`batch` is the DESIGN.md contract (int32 [B, S] arrays; `targets`/`loss_mask` are not read here).
+Logits cover the tokenizer's `vocab_size`: the embedding's padding rows are sliced off. Without a
+'dropout' rng the model runs deterministically (evaluation mode).
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from glm_jax.config import GLMConfig
+from glm_jax.layers import GLMBlock, Linear, glm_attention_mask, make_norm, rotary_tables, xavier_normal
+
+REMAT_POLICIES = {
+    "full": None,  # save nothing: recompute the whole layer
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "save_attention": jax.checkpoint_policies.save_only_these_names("attention_context"),
+}
+
+
+def shrink_embedding_gradient(x, alpha):
+    """Forward: x exactly; backward: alpha times the gradient (spec section 5).
+
+    Written as sg(x) + alpha*(x - sg(x)) rather than alpha*x + (1-alpha)*sg(x) so the forward
+    value is bit-identical to x in any dtype.
+    """
+    sg = jax.lax.stop_gradient(x)
+    return sg + jnp.asarray(alpha, x.dtype) * (x - sg)
+
+
+def stacked_blocks(config: GLMConfig, deterministic: bool, name: str = "layers") -> nn.Module:
+    """All layers as one scanned module: parameters carry a leading `layers` axis."""
+    block = GLMBlock
+    if config.remat_policy != "none":
+        block = nn.remat(GLMBlock, policy=REMAT_POLICIES[config.remat_policy], prevent_cse=False)
+    scanned = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                      in_axes=(nn.broadcast, nn.broadcast), length=config.num_layers,
+                      metadata_params={nn.PARTITION_NAME: "layers"})
+    return scanned(config, deterministic, name=name)
+
+
+class GLM(nn.Module):
+    """The GLM family's language model. batch of [B, S] int32 -> logits [B, S, vocab_size]."""
+
+    config: GLMConfig
+
+    @nn.compact
+    def __call__(self, batch, *, embedding_alpha=None, return_hidden: bool = False):
+        """embedding_alpha: overrides config.embedding_shrink_alpha (a schedule may drive it).
+
+        return_hidden: return the final hidden states [B, S, E] instead of logits.
+        """
+        c = self.config
+        deterministic = not self.has_rng("dropout")
+        tokens = batch["tokens"]
+        embed = nn.Embed(c.padded_vocab_size, c.hidden_size, dtype=c.compute_dtype, param_dtype=c.params_dtype,
+                         embedding_init=nn.with_logical_partitioning(
+                             nn.initializers.normal(c.embedding_init_std), ("vocab", "embed")),
+                         name="word_embeddings")
+        h = embed(tokens)
+        alpha = c.embedding_shrink_alpha if embedding_alpha is None else embedding_alpha
+        h = shrink_embedding_gradient(h, alpha)
+        h = nn.Dropout(c.hidden_dropout, deterministic=deterministic)(h)
+        h = nn.with_logical_constraint(h, ("batch", "length", "embed"))
+
+        mask = glm_attention_mask(batch["segment_ids"], batch["prefix_mask"])
+        block_positions = batch.get("block_position_ids", jnp.zeros_like(tokens))
+        tables = rotary_tables(batch["position_ids"], block_positions, c)
+        h, _ = stacked_blocks(c, deterministic)(h, mask, tables)
+        if c.final_norm:
+            h = make_norm(c, "final_layernorm")(h)
+        if return_hidden:
+            return h
+        if c.tie_word_embeddings:
+            logits = embed.attend(h)
+        else:
+            logits = Linear((c.hidden_size,), (c.padded_vocab_size,), ("embed", "vocab"), False, c,
+                            xavier_normal(), name="output_layer")(h)
+        return logits[..., : c.vocab_size]
+
+
+def init_params(config: GLMConfig, rng, batch_size: int = 1, seq_len: int = 8):
+    """Random parameters (fp32 by default), unboxed: a plain nested dict of arrays."""
+    return nn.meta.unbox(GLM(config).init(rng, dummy_batch(batch_size, seq_len))["params"])
+
+
+def abstract_params(config: GLMConfig):
+    """Parameter shapes/dtypes with logical-axis boxes, nothing allocated (`jax.eval_shape`)."""
+    return jax.eval_shape(lambda: GLM(config).init(jax.random.key(0), dummy_batch(1, 8)))["params"]
+
+
+def dummy_batch(batch_size: int, seq_len: int) -> dict:
+    """A valid batch of zeros: one segment, all part A (for init and shape checks)."""
+    z = jnp.zeros((batch_size, seq_len), jnp.int32)
+    ones = jnp.ones_like(z)
+    return dict(tokens=z, targets=z, loss_mask=z, position_ids=jnp.broadcast_to(jnp.arange(seq_len), z.shape),
+                block_position_ids=z, segment_ids=ones, prefix_mask=ones)

@@ -1,0 +1,108 @@
+"""A float64 numpy GLM forward written straight from GLM_SPEC.md section 1-2, on the reference's
+own weight layout (torch Linear [out, in], fused per-head QKV). Tests compare the model to it."""
+
+from math import erf, sqrt
+
+import numpy as np
+
+_erf = np.vectorize(erf)
+
+
+def gelu_exact(x):
+    return 0.5 * x * (1.0 + _erf(x / sqrt(2.0)))
+
+
+def gelu_tanh(x):
+    return 0.5 * x * (1.0 + np.tanh(sqrt(2.0 / np.pi) * (x + 0.044715 * x**3)))
+
+
+def layernorm(x, w, b, eps):
+    mu = x.mean(-1, keepdims=True)
+    var = ((x - mu) ** 2).mean(-1, keepdims=True)
+    return (x - mu) / np.sqrt(var + eps) * w + b
+
+
+def rotate_half_rope(x, pos, base=10000.0):
+    """x [S, H, d], rotate-half pairing over all d dims at integer positions pos [S]."""
+    d = x.shape[-1]
+    inv = 1.0 / base ** (np.arange(0, d, 2) / d)
+    ang = pos[:, None] * inv[None]  # [S, d/2]
+    cos = np.cos(np.concatenate([ang, ang], -1))[:, None]
+    sin = np.sin(np.concatenate([ang, ang], -1))[:, None]
+    rot = np.concatenate([-x[..., d // 2:], x[..., : d // 2]], -1)
+    return x * cos + rot * sin
+
+
+def rope(x, pos, block_pos, two_d):
+    if not two_d:
+        return rotate_half_rope(x, pos)
+    half = x.shape[-1] // 2
+    return np.concatenate([rotate_half_rope(x[..., :half], pos), rotate_half_rope(x[..., half:], block_pos)], -1)
+
+
+def glm_mask(seg, prefix):
+    s = len(seg)
+    q, k = np.arange(s)[:, None], np.arange(s)[None]
+    return (seg[:, None] == seg[None]) & (seg[:, None] != 0) & ((prefix[None] != 0) | (k <= q))
+
+
+def glm_forward(sd, c, tokens, pos, block_pos, seg, prefix):
+    """One sequence. sd: GLM-130B-layout float64 state dict; c: GLMConfig -> logits [S, vocab]."""
+    n, h, d = c.num_layers, c.num_attention_heads, c.head_dim
+    alpha = sqrt(2 * n)
+    eps = c.layernorm_epsilon
+    act = gelu_exact if c.ffn_kind in ("geglu", "gelu") else gelu_tanh
+    mask = glm_mask(seg, prefix)
+    x = sd["transformer.word_embeddings.weight"][tokens]
+    for i in range(n):
+        p = lambda name: sd[f"transformer.layers.{i}.{name}"]
+        a = layernorm(x, p("input_layernorm.weight"), p("input_layernorm.bias"), eps)
+        qkv = a @ p("attention.query_key_value.weight").T + p("attention.query_key_value.bias")
+        qkv = qkv.reshape(len(tokens), h, 3, d)  # per head, then q/k/v
+        q = rope(qkv[:, :, 0], pos, block_pos, c.position_encoding_2d)
+        k = rope(qkv[:, :, 1], pos, block_pos, c.position_encoding_2d)
+        v = qkv[:, :, 2]
+        scores = np.einsum("qhd,khd->hqk", q, k) / sqrt(d)
+        scores = np.where(mask[None], scores, -10000.0)
+        probs = np.exp(scores - scores.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)
+        ctx = np.einsum("hqk,khd->qhd", probs, v).reshape(len(tokens), h * d)
+        attn = ctx @ p("attention.dense.weight").T + p("attention.dense.bias")
+        x = alpha * a + attn
+        y = layernorm(x, p("post_attention_layernorm.weight"), p("post_attention_layernorm.bias"), eps)
+        u = y @ p("mlp.dense_h_to_4h.weight").T + p("mlp.dense_h_to_4h.bias")
+        if c.gated_ffn:
+            first, second = np.split(u, 2, -1)
+            u = first * act(second)
+        else:
+            u = act(u)
+        x = alpha * y + (u @ p("mlp.dense_4h_to_h.weight").T + p("mlp.dense_4h_to_h.bias"))
+    x = layernorm(x, sd["transformer.final_layernorm.weight"], sd["transformer.final_layernorm.bias"], eps)
+    head = sd["transformer.word_embeddings.weight"] if c.tie_word_embeddings else sd["lm_head.weight"]
+    return x @ head.T
+
+
+def random_glm130b_state_dict(c, rng, scale=0.05):
+    """Random float64 tensors in the GLM-130B reference layout for config c."""
+    e, h, d, f, v = c.hidden_size, c.num_attention_heads, c.head_dim, c.inner_hidden_size, c.vocab_size
+    ffn_out = 2 * f if c.gated_ffn else f
+    shapes = {"transformer.word_embeddings.weight": (v, e),
+              "transformer.final_layernorm.weight": (e,), "transformer.final_layernorm.bias": (e,)}
+    if not c.tie_word_embeddings:
+        shapes["lm_head.weight"] = (v, e)
+    for i in range(c.num_layers):
+        p = f"transformer.layers.{i}."
+        shapes.update({
+            p + "input_layernorm.weight": (e,), p + "input_layernorm.bias": (e,),
+            p + "attention.query_key_value.weight": (3 * h * d, e), p + "attention.query_key_value.bias": (3 * h * d,),
+            p + "attention.dense.weight": (e, h * d), p + "attention.dense.bias": (e,),
+            p + "post_attention_layernorm.weight": (e,), p + "post_attention_layernorm.bias": (e,),
+            p + "mlp.dense_h_to_4h.weight": (ffn_out, e), p + "mlp.dense_h_to_4h.bias": (ffn_out,),
+            p + "mlp.dense_4h_to_h.weight": (e, f), p + "mlp.dense_4h_to_h.bias": (e,)})
+    sd = {}
+    for name, shape in shapes.items():
+        if name.endswith("layernorm.weight"):
+            sd[name] = 1.0 + 0.1 * rng.standard_normal(shape)
+        else:
+            sd[name] = scale * rng.standard_normal(shape)
+    return sd

@@ -1,0 +1,116 @@
+"""Converters: GLM-130B reference layout vs a float64 numpy forward; transformers GlmForCausalLM parity."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from glm_jax.config import get_config
+from glm_jax.convert import ConversionError, config_from_hf_glm, from_glm130b_state_dict, from_hf_glm
+from glm_jax.model import GLM, abstract_params
+from reference_numpy import glm_forward, random_glm130b_state_dict
+
+SMALL_130B = dict(num_layers=3, hidden_size=64, num_attention_heads=4, vocab_size=200, vocab_pad_multiple=128,
+                  dtype="float32", hidden_dropout=0.0, attention_dropout=0.0)
+
+
+def _glm_batch(s=12):
+    """Two sequences: a [gMASK]-style sample, and two packed samples plus padding, 2D block ids."""
+    rng = np.random.default_rng(1)
+    tokens = rng.integers(0, 200, (2, s))
+    seg = np.array([[1] * s, [1] * 5 + [2] * 5 + [0] * (s - 10)])
+    prefix = np.array([[1] * 7 + [0] * (s - 7), [1, 1, 1, 0, 0, 1, 1, 1, 1, 0] + [0] * (s - 10)])
+    pos = np.array([list(range(7)) + [6] * (s - 7), [0, 1, 2, 2, 2, 0, 1, 2, 3, 3] + [0] * (s - 10)])
+    block = np.array([[0] * 7 + list(range(1, s - 6)), [0, 0, 0, 1, 2, 0, 0, 0, 0, 1] + [0] * (s - 10)])
+    b = dict(tokens=tokens, position_ids=pos, block_position_ids=block, segment_ids=seg, prefix_mask=prefix)
+    return {k: jnp.asarray(v, jnp.int32) for k, v in b.items()}
+
+
+def _tree_shapes(tree):
+    return jax.tree_util.tree_map(lambda x: tuple(x.shape), tree)
+
+
+@pytest.mark.parametrize("preset,extra", [
+    ("glm-130b", {}),
+    ("chatglm-6b", dict(position_encoding_2d=True, tie_word_embeddings=False, ffn_kind="gelu_tanh")),
+])
+def test_glm130b_layout_matches_numpy_float64_forward(preset, extra):
+    c = get_config(preset, **{**SMALL_130B, **extra})
+    sd = random_glm130b_state_dict(c, np.random.default_rng(0))
+    params = from_glm130b_state_dict(sd, c)
+    assert _tree_shapes(params) == _tree_shapes(jax.tree_util.tree_map(lambda b: b.value, abstract_params(c),
+                                                                       is_leaf=lambda x: hasattr(x, "value")))
+    batch = _glm_batch()
+    logits = np.asarray(GLM(c).apply({"params": params}, batch))
+    assert logits.shape == (2, 12, c.vocab_size)
+    for i in range(2):
+        nb = {k: np.asarray(v[i]) for k, v in batch.items()}
+        ref = glm_forward(sd, c, nb["tokens"], nb["position_ids"], nb["block_position_ids"],
+                          nb["segment_ids"], nb["prefix_mask"])
+        real = nb["segment_ids"] != 0  # padded queries have no defined output
+        np.testing.assert_allclose(logits[i][real], ref[real], atol=1e-5, rtol=1e-5)
+
+
+def test_glm130b_converter_names_every_problem():
+    c = get_config("glm-130b", **SMALL_130B)
+    sd = random_glm130b_state_dict(c, np.random.default_rng(0))
+    sd["transformer.layers.0.attention.rotary_emb.inv_freq"] = np.ones(8)  # a buffer: ignored
+    from_glm130b_state_dict(sd, c)
+    del sd["transformer.layers.1.mlp.dense_4h_to_h.bias"]
+    sd["transformer.layers.2.attention.dense.weight"] = np.zeros((64, 32))
+    sd["transformer.layers.9.foo"] = np.zeros(3)
+    with pytest.raises(ConversionError) as err:
+        from_glm130b_state_dict(sd, c)
+    msg = str(err.value)
+    assert "missing transformer.layers.1.mlp.dense_4h_to_h.bias" in msg
+    assert "transformer.layers.2.attention.dense.weight has shape (64, 32), expected (64, 64)" in msg
+    assert "unexpected tensor transformer.layers.9.foo" in msg
+
+
+def test_embedding_rows_are_zero_padded():
+    c = get_config("glm-130b", **SMALL_130B)
+    params = from_glm130b_state_dict(random_glm130b_state_dict(c, np.random.default_rng(0)), c)
+    table = params["word_embeddings"]["embedding"]
+    assert table.shape == (256, 64) and not table[200:].any() and table[:200].any()
+
+
+# ---- transformers GlmForCausalLM (GLM-4 family) parity -------------------------------------------
+@pytest.fixture(scope="module")
+def hf_glm():
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.GlmConfig(vocab_size=160, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                 rms_norm_eps=1e-5, attention_bias=True, tie_word_embeddings=False,
+                                 max_position_embeddings=64, pad_token_id=0)
+    model = transformers.GlmForCausalLM(cfg).eval()
+    with torch.no_grad():  # random (not zero) biases and norms so every tensor matters
+        for name, p in model.named_parameters():
+            p.copy_(torch.randn_like(p) * (0.1 if "norm" not in name else 0.1) + (1.0 if "norm" in name else 0.0))
+    return cfg, model
+
+
+def test_hf_glm_parity(hf_glm):
+    import torch
+
+    cfg, model = hf_glm
+    c = config_from_hf_glm(cfg, dtype="float32")
+    assert c.rotary_fraction == 0.5 and c.num_kv_heads == 2 and c.layernorm_epsilon == 1e-5
+    params = from_hf_glm(model.state_dict(), c)
+    tokens = np.random.default_rng(0).integers(0, 160, (2, 10))
+    with torch.no_grad():
+        ref = model(torch.tensor(tokens)).logits.numpy()
+    s = tokens.shape[1]
+    batch = dict(tokens=tokens, position_ids=np.broadcast_to(np.arange(s), tokens.shape),
+                 segment_ids=np.ones_like(tokens), prefix_mask=np.zeros_like(tokens))
+    batch = {k: jnp.asarray(v, jnp.int32) for k, v in batch.items()}
+    ours = np.asarray(GLM(c).apply({"params": params}, batch))
+    np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_hf_glm_converter_rejects_wrong_shapes(hf_glm):
+    cfg, model = hf_glm
+    c = config_from_hf_glm(cfg, dtype="float32", num_kv_heads=4)
+    with pytest.raises(ConversionError, match=r"model.layers.0.self_attn.k_proj.weight has shape \(32, 64\)"):
+        from_hf_glm(model.state_dict(), c)
