@@ -87,7 +87,8 @@ class GLM(nn.Module):
 
 def init_params(config: GLMConfig, rng, batch_size: int = 1, seq_len: int = 8):
     """Random parameters (fp32 by default), unboxed: a plain nested dict of arrays."""
-    return nn.meta.unbox(GLM(config).init(rng, dummy_batch(batch_size, seq_len))["params"])
+    init = jax.jit(lambda key: GLM(config).init(key, dummy_batch(batch_size, seq_len))["params"])
+    return nn.meta.unbox(init(rng))
 
 
 def abstract_params(config: GLMConfig):
