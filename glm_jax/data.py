@@ -215,9 +215,12 @@ class Corpus:
             total = total.add(s.stats)
         return total
 
+    def pick(self, rng: np.random.Generator) -> int:
+        """A source index drawn by weight."""
+        return min(int(np.searchsorted(self.cdf, rng.random(), side="right")), len(self.sources) - 1)
+
     def window(self, rng: np.random.Generator, n: int) -> np.ndarray:
-        src = self.sources[int(np.searchsorted(self.cdf, rng.random(), side="right").clip(0, len(self.sources) - 1))]
-        t = src.tokens
+        t = self.sources[self.pick(rng)].tokens
         if len(t) < n:  # a tiny source: repeat it rather than fail
             return np.resize(np.asarray(t), n).astype(np.int32)
         start = int(rng.integers(0, len(t) - n + 1))
