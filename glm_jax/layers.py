@@ -232,7 +232,6 @@ class SelfAttention(nn.Module):
     """
 
     config: GLMConfig
-    deterministic: bool = True
 
     @nn.compact
     def __call__(self, x, mask, tables):
@@ -245,7 +244,7 @@ class SelfAttention(nn.Module):
         v = Linear((e,), (kv, d), ("embed", "kv_heads", "head_dim"), c.qkv_bias, c, scaled, name="value")(x)
         q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
         q, k = apply_rotary(q, tables, c), apply_rotary(k, tables, c)
-        dropout_active = c.attention_dropout > 0.0 and not self.deterministic
+        dropout_active = c.attention_dropout > 0.0 and self.has_rng("dropout")
         if choose_attention(c, dropout_active) == "cudnn":
             out = cudnn_attention(q, k, v, mask)
         else:
@@ -301,16 +300,16 @@ class GLMBlock(nn.Module):
 
     DeepNorm (GLM-130B): x = LN_in(h); h = alpha*x + Attn(x); y = LN_post(h); out = alpha*y + FFN(y),
     alpha = sqrt(2N): the residual carries the LayerNorm output. Pre-LN: h + Attn(LN(h)), etc.
+    Dropout (hidden and attention) is on exactly when a 'dropout' rng is given.
     """
 
     config: GLMConfig
-    deterministic: bool = True
 
     @nn.compact
     def __call__(self, h, mask, tables):
         c = self.config
-        drop = nn.Dropout(c.hidden_dropout, deterministic=self.deterministic)
-        attention = SelfAttention(c, self.deterministic, name="attention")
+        drop = nn.Dropout(c.hidden_dropout, deterministic=not self.has_rng("dropout"))
+        attention = SelfAttention(c, name="attention")
         mlp = FeedForward(c, name="mlp")
         norm_in, norm_post = make_norm(c, "input_layernorm"), make_norm(c, "post_attention_layernorm")
         if c.norm_placement == "deepnorm":

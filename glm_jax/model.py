@@ -34,7 +34,7 @@ def shrink_embedding_gradient(x, alpha):
     return sg + jnp.asarray(alpha, x.dtype) * (x - sg)
 
 
-def stacked_blocks(config: GLMConfig, deterministic: bool, name: str = "layers") -> nn.Module:
+def stacked_blocks(config: GLMConfig, name: str = "layers") -> nn.Module:
     """All layers as one scanned module: parameters carry a leading `layers` axis."""
     block = GLMBlock
     if config.remat_policy != "none":
@@ -42,46 +42,71 @@ def stacked_blocks(config: GLMConfig, deterministic: bool, name: str = "layers")
     scanned = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                       in_axes=(nn.broadcast, nn.broadcast), length=config.num_layers,
                       metadata_params={nn.PARTITION_NAME: "layers"})
-    return scanned(config, deterministic, name=name)
+    return scanned(config, name=name)
+
+
+def attention_inputs(batch: dict, config: GLMConfig):
+    """What every layer needs from the batch: the GLM mask [B, 1, S, S] and the rotary tables."""
+    mask = glm_attention_mask(batch["segment_ids"], batch["prefix_mask"])
+    block_positions = batch.get("block_position_ids")
+    if block_positions is None:
+        block_positions = jnp.zeros_like(batch["position_ids"])
+    return mask, rotary_tables(batch["position_ids"], block_positions, config)
 
 
 class GLM(nn.Module):
-    """The GLM family's language model. batch of [B, S] int32 -> logits [B, S, vocab_size]."""
+    """The GLM family's language model. batch of [B, S] int32 -> logits [B, S, vocab_size].
+
+    `embed`, `blocks` and `head` are the three stages of `__call__`, callable on their own with
+    `apply(..., method=...)` (the pipeline runs the blocks itself, between `embed` and `head`).
+    """
 
     config: GLMConfig
 
-    @nn.compact
+    def setup(self):
+        c = self.config
+        self.word_embeddings = nn.Embed(
+            c.padded_vocab_size, c.hidden_size, dtype=c.compute_dtype, param_dtype=c.params_dtype,
+            embedding_init=nn.with_logical_partitioning(nn.initializers.normal(c.embedding_init_std),
+                                                        ("vocab", "embed")))
+        self.embedding_dropout = nn.Dropout(c.hidden_dropout)
+        self.layers = stacked_blocks(c)
+        if c.final_norm:
+            self.final_layernorm = make_norm(c, None)
+        if not c.tie_word_embeddings:
+            self.output_layer = Linear((c.hidden_size,), (c.padded_vocab_size,), ("embed", "vocab"), False, c,
+                                       xavier_normal())
+
     def __call__(self, batch, *, embedding_alpha=None, return_hidden: bool = False):
         """embedding_alpha: overrides config.embedding_shrink_alpha (a schedule may drive it).
 
         return_hidden: return the final hidden states [B, S, E] instead of logits.
         """
+        h = self.blocks(self.embed(batch, embedding_alpha=embedding_alpha), batch)
+        return self.head(h, return_hidden=return_hidden)
+
+    def embed(self, batch, embedding_alpha=None):
+        """tokens [B, S] -> [B, S, E]: lookup, gradient shrink, embedding dropout."""
         c = self.config
-        deterministic = not self.has_rng("dropout")
-        tokens = batch["tokens"]
-        embed = nn.Embed(c.padded_vocab_size, c.hidden_size, dtype=c.compute_dtype, param_dtype=c.params_dtype,
-                         embedding_init=nn.with_logical_partitioning(
-                             nn.initializers.normal(c.embedding_init_std), ("vocab", "embed")),
-                         name="word_embeddings")
-        h = embed(tokens)
+        h = self.word_embeddings(batch["tokens"])
         alpha = c.embedding_shrink_alpha if embedding_alpha is None else embedding_alpha
         h = shrink_embedding_gradient(h, alpha)
-        h = nn.Dropout(c.hidden_dropout, deterministic=deterministic)(h)
-        h = nn.with_logical_constraint(h, ("batch", "length", "embed"))
+        h = self.embedding_dropout(h, deterministic=not self.has_rng("dropout"))
+        return nn.with_logical_constraint(h, ("batch", "length", "embed"))
 
-        mask = glm_attention_mask(batch["segment_ids"], batch["prefix_mask"])
-        block_positions = batch.get("block_position_ids", jnp.zeros_like(tokens))
-        tables = rotary_tables(batch["position_ids"], block_positions, c)
-        h, _ = stacked_blocks(c, deterministic)(h, mask, tables)
+    def blocks(self, h, batch):
+        """[B, S, E] -> [B, S, E] through every layer."""
+        mask, tables = attention_inputs(batch, self.config)
+        return self.layers(h, mask, tables)[0]
+
+    def head(self, h, return_hidden: bool = False):
+        """[B, S, E] -> final norm -> logits [B, S, vocab_size] (or the normed hidden states)."""
+        c = self.config
         if c.final_norm:
-            h = make_norm(c, "final_layernorm")(h)
+            h = self.final_layernorm(h)
         if return_hidden:
             return h
-        if c.tie_word_embeddings:
-            logits = embed.attend(h)
-        else:
-            logits = Linear((c.hidden_size,), (c.padded_vocab_size,), ("embed", "vocab"), False, c,
-                            xavier_normal(), name="output_layer")(h)
+        logits = self.word_embeddings.attend(h) if c.tie_word_embeddings else self.output_layer(h)
         return logits[..., : c.vocab_size]
 
 
