@@ -1,8 +1,8 @@
-"""Test setup: CPU only, 8 fake devices, set before JAX is imported anywhere."""
+"""Test setup: CPU only, 32 fake devices (an 8x4 mesh), set before JAX is imported anywhere."""
 
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in flags:
-    os.environ["XLA_FLAGS"] = (flags + " --xla_force_host_platform_device_count=8").strip()
+    os.environ["XLA_FLAGS"] = (flags + " --xla_force_host_platform_device_count=32").strip()

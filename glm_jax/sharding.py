@@ -1,0 +1,391 @@
+"""Where every array lives: the (data, stage, tensor) mesh, logical-axis rules, the pipeline.
+
+Mesh specs: "8x4" is 8 pipeline stages x 4 tensor shards with data parallel over the remaining
+devices; "DxPxT" names all three. The model names logical axes only; `LOGICAL_RULES` below is
+the one table that maps them onto the mesh. Pipeline parallelism splits the stacked layers over
+`stage` in slots (`PipelinePlan`), runs a GPipe schedule of microbatches (a scan over
+M + S - 1 ticks; at each tick every stage runs its slots on its microbatch, vmapped over stages
+with the stage axis sharded, then activations rotate one stage on), and is differentiated by
+autodiff through the schedule.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from glm_jax.config import GLMConfig
+from glm_jax.layers import GLMBlock
+from glm_jax.model import GLM, REMAT_POLICIES, attention_inputs
+
+AXES = ("data", "stage", "tensor")
+
+# logical axis -> mesh axis (t5x-style table). `kv_heads` falls back to replicated when the
+# tensor axis does not divide it (chatglm2-6b's 2 KV groups on 4 shards).
+LOGICAL_RULES = (
+    ("batch", "data"),
+    ("layers", "stage"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("embed", None),
+    ("length", None),
+    ("head_dim", None),
+    ("glu", None),
+)
+
+
+class MeshError(ValueError):
+    """A mesh the devices or the model cannot be split into; the message names axis and number."""
+
+
+# ---- the mesh -------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class MeshShape:
+    data: int | None  # None: whatever the devices leave
+    stage: int
+    tensor: int
+
+    def resolve(self, n_devices: int) -> "MeshShape":
+        per_replica = self.stage * self.tensor
+        if self.data is None:
+            if n_devices % per_replica:
+                raise MeshError(f"{n_devices} devices cannot hold stage={self.stage} x tensor={self.tensor} "
+                                f"= {per_replica} per data replica ({n_devices} % {per_replica} != 0)")
+            return MeshShape(n_devices // per_replica, self.stage, self.tensor)
+        if self.data * per_replica != n_devices:
+            raise MeshError(f"mesh data={self.data} x stage={self.stage} x tensor={self.tensor} needs "
+                            f"{self.data * per_replica} devices, {n_devices} given")
+        return self
+
+    @property
+    def size(self) -> int:
+        return (self.data or 1) * self.stage * self.tensor
+
+
+def parse_mesh(spec: str) -> MeshShape:
+    """'8x4' -> stage 8, tensor 4, data from the devices; '2x8x4' -> data 2, stage 8, tensor 4."""
+    if not re.fullmatch(r"\s*\d+(\s*x\s*\d+){1,2}\s*", spec or ""):
+        raise MeshError(f"--mesh {spec!r}: expected PxT (stages x tensor shards) or DxPxT, e.g. 8x4 or 2x8x4")
+    dims = [int(d) for d in spec.lower().replace(" ", "").split("x")]
+    if min(dims) < 1:
+        raise MeshError(f"--mesh {spec!r}: every axis needs at least 1 device")
+    return MeshShape(None, *dims) if len(dims) == 2 else MeshShape(*dims)
+
+
+def devices_needed(spec: str) -> int:
+    """Devices a mesh spec needs at least (stage x tensor, times data when given)."""
+    return parse_mesh(spec).size
+
+
+def make_mesh(spec: str | MeshShape, devices=None) -> jax.sharding.Mesh:
+    """A (data, stage, tensor) mesh over `devices` (default: all)."""
+    devices = list(jax.devices() if devices is None else devices)
+    shape = (parse_mesh(spec) if isinstance(spec, str) else spec).resolve(len(devices))
+    auto = (jax.sharding.AxisType.Auto,) * 3
+    return jax.make_mesh((shape.data, shape.stage, shape.tensor), AXES, axis_types=auto, devices=devices)
+
+
+def axis_size(mesh: jax.sharding.Mesh, name: str) -> int:
+    return int(mesh.shape[name])
+
+
+def rules_for(config: GLMConfig, mesh: jax.sharding.Mesh, fsdp: bool = False) -> tuple:
+    """LOGICAL_RULES adjusted to this config on this mesh (KV replication; FSDP over `data`)."""
+    t = axis_size(mesh, "tensor")
+    rules = []
+    for logical, physical in LOGICAL_RULES:
+        if logical == "kv_heads" and config.num_kv_heads % t:
+            physical = None  # replicate KV heads rather than split a head
+        if logical == "embed" and fsdp:
+            physical = "data"
+        rules.append((logical, physical))
+    return tuple(rules)
+
+
+def check_splittable(config: GLMConfig, mesh: jax.sharding.Mesh, global_batch: int | None = None,
+                     microbatches: int | None = None) -> None:
+    """Fail fast, naming the axis and the number that does not divide."""
+    t, s, d = axis_size(mesh, "tensor"), axis_size(mesh, "stage"), axis_size(mesh, "data")
+    problems = []
+    for what, n in (("num_attention_heads", config.num_attention_heads),
+                    ("inner_hidden_size (FFN width)", config.inner_hidden_size),
+                    ("padded vocab", config.padded_vocab_size)):
+        if n % t:
+            problems.append(f"tensor axis of {t} does not divide {what}={n}")
+    if config.num_kv_heads % t and t % config.num_kv_heads:
+        problems.append(f"tensor axis of {t} neither divides nor is a multiple of num_kv_heads={config.num_kv_heads}")
+    if config.num_layers < s:
+        problems.append(f"stage axis of {s} is more than num_layers={config.num_layers}")
+    if global_batch is not None:
+        m = microbatches or default_microbatches(global_batch, d)
+        if global_batch % d:
+            problems.append(f"data axis of {d} does not divide the global batch {global_batch}")
+        elif global_batch % (m * d):
+            problems.append(f"{m} microbatches x data axis of {d} do not divide the global batch {global_batch}")
+    if problems:
+        raise MeshError("cannot split this model on mesh " +
+                        f"data={d} x stage={s} x tensor={t}: " + "; ".join(problems))
+
+
+def default_microbatches(global_batch: int, data: int) -> int:
+    """One sequence per data replica per microbatch (GLM-130B's micro-batch 1)."""
+    return max(1, global_batch // max(data, 1))
+
+
+# ---- where parameters and optimizer state live ----------------------------------------------------
+def logical_specs(boxed_tree) -> Any:
+    """Tree of logical PartitionSpecs from a tree of nn.LogicallyPartitioned (abstract) params."""
+    return nn.get_partition_spec(boxed_tree)
+
+
+def named_shardings(boxed_tree, mesh: jax.sharding.Mesh, rules) -> Any:
+    """Tree of NamedShardings for parameters carrying logical axis names."""
+    return nn.logical_to_mesh_sharding(logical_specs(boxed_tree), mesh, rules)
+
+
+def zero1_sharding(sharding: NamedSharding, shape: tuple[int, ...]) -> NamedSharding:
+    """ZeRO-1: the same array sharded further over `data` on its largest free dimension that
+    the data axis divides (optimizer moments follow their parameter otherwise)."""
+    mesh = sharding.mesh
+    d = axis_size(mesh, "data")
+    spec = list(sharding.spec) + [None] * (len(shape) - len(sharding.spec))
+    used = {a for s in spec if s for a in ((s,) if isinstance(s, str) else s)}
+    if d == 1 or "data" in used:
+        return sharding
+    free = [i for i, s in enumerate(spec) if s is None and shape[i] % d == 0]
+    if not free:
+        return sharding
+    i = max(free, key=lambda j: shape[j])
+    spec[i] = "data"
+    return NamedSharding(mesh, P(*spec))
+
+
+def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
+    """[B, S] batch arrays: rows over `data`."""
+    return NamedSharding(mesh, P("data", None))
+
+
+# ---- the pipeline layout --------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class PipelinePlan:
+    """Layers in slots: `stages` x `slots` slots, padding slots being identities.
+
+    With L layers on S stages each stage has K = ceil(L / S) slots; the S*K - L padding slots go
+    to the first and last stages first (they also hold the embedding and the head), then inwards:
+    GLM-130B's 70 layers on 8 stages are 8, 9, 9, 9, 9, 9, 9, 8.
+    """
+
+    num_layers: int
+    stages: int
+
+    @property
+    def slots(self) -> int:
+        return -(-self.num_layers // self.stages)
+
+    @property
+    def layers_per_stage(self) -> list[int]:
+        pads = [0] * self.stages
+        order = [i for pair in zip(range(self.stages), reversed(range(self.stages))) for i in pair]
+        order = list(dict.fromkeys(order))  # 0, S-1, 1, S-2, ...
+        for j in range(self.stages * self.slots - self.num_layers):
+            pads[order[j % self.stages]] += 1
+        return [self.slots - p for p in pads]
+
+    @property
+    def layer_of_slot(self) -> np.ndarray:
+        """[stages * slots] layer index held by each slot, -1 for padding."""
+        out, layer = [], 0
+        for n in self.layers_per_stage:
+            out += list(range(layer, layer + n)) + [-1] * (self.slots - n)
+            layer += n
+        return np.array(out)
+
+    @property
+    def active(self) -> np.ndarray:
+        return self.layer_of_slot >= 0
+
+    def bubble_fraction(self, microbatches: int) -> float:
+        """Idle share of the GPipe schedule: (S - 1) / (M + S - 1)."""
+        return (self.stages - 1) / (microbatches + self.stages - 1)
+
+
+def to_slots(layers, plan: PipelinePlan):
+    """Stacked layer params [L, ...] -> slot layout [S*K, ...] (padding slots zero)."""
+    idx = np.maximum(plan.layer_of_slot, 0)
+    active = plan.active
+
+    def one(x):
+        x = jnp.take(jnp.asarray(x), idx, axis=0)
+        return jnp.where(active.reshape((-1,) + (1,) * (x.ndim - 1)), x, 0)
+
+    return jax.tree_util.tree_map(one, layers)
+
+
+def from_slots(slots, plan: PipelinePlan):
+    """Slot layout [S*K, ...] -> stacked layers [L, ...]."""
+    idx = np.flatnonzero(plan.active)
+    return jax.tree_util.tree_map(lambda x: jnp.take(x, idx, axis=0), slots)
+
+
+def params_to_slots(params: dict, plan: PipelinePlan) -> dict:
+    return {**params, "layers": to_slots(params["layers"], plan)}
+
+
+def params_from_slots(params: dict, plan: PipelinePlan) -> dict:
+    return {**params, "layers": from_slots(params["layers"], plan)}
+
+
+# ---- the forward pass on a mesh -------------------------------------------------------------------
+def _split_microbatches(x, m: int):
+    """[B, ...] -> [M, B/M, ...], microbatch i = rows i, M + i, 2M + i, ...: each data shard's
+    contiguous rows stay on that shard."""
+    b = x.shape[0]
+    return jnp.swapaxes(x.reshape((b // m, m) + x.shape[1:]), 0, 1)
+
+
+def _merge_microbatches(x):
+    m, mb = x.shape[:2]
+    return jnp.swapaxes(x, 0, 1).reshape((m * mb,) + x.shape[2:])
+
+
+BATCH_FIELDS = ("position_ids", "block_position_ids", "segment_ids", "prefix_mask")
+
+
+def pipeline_blocks(config: GLMConfig, plan: PipelinePlan, layer_slots, h, batch, microbatches: int,
+                    dropout_rng=None, bubble_value: float = 0.0):
+    """Run the blocks as a GPipe schedule. h: [B, S, E] -> [B, S, E].
+
+    layer_slots: layer params in slot layout [stages * slots, ...]. Bubble ticks (a stage with
+    no microbatch) compute on zeros (`bubble_value` fills the idle buffer, NaN in tests) and
+    their results are never read, so they reach neither outputs nor gradients.
+    """
+    n_st, k, m = plan.stages, plan.slots, microbatches
+    xs = _split_microbatches(h, m)  # [M, mb, S, E]
+    fields = {f: _split_microbatches(batch.get(f, jnp.zeros_like(batch["position_ids"])), m) for f in BATCH_FIELDS}
+    stage_params = jax.tree_util.tree_map(lambda x: x.reshape((n_st, k) + x.shape[1:]), layer_slots)
+    active = jnp.asarray(plan.active.reshape(n_st, k))
+    block = GLMBlock(config)
+    policy = REMAT_POLICIES.get(config.remat_policy, None)
+
+    def layer(p, x, mask, tables, rng):
+        rngs = {"dropout": rng} if rng is not None else None
+        return block.apply({"params": p}, x, mask, tables, rngs=rngs)[0]
+
+    if config.remat_policy != "none":
+        layer = jax.checkpoint(layer, policy=policy, prevent_cse=False)
+
+    def stage_fn(params, act, x, stage_fields, valid, rng):
+        x = jnp.where(valid, x, jnp.zeros_like(x))
+        mask, tables = attention_inputs(stage_fields, config)
+
+        def slot(x, inp):
+            p, on, j = inp
+            r = None if rng is None else jax.random.fold_in(rng, j)
+            return jnp.where(on, layer(p, x, mask, tables, r), x), None
+
+        return jax.lax.scan(slot, x, (params, act, jnp.arange(k)))[0]
+
+    stages = jnp.arange(n_st)
+    act_spec = P("stage", "data", None, None)
+
+    def tick(carry, t):
+        state, outputs = carry
+        micro = t - stages  # the microbatch each stage works on
+        valid = (micro >= 0) & (micro < m)
+        take = jnp.clip(micro, 0, m - 1)
+        state = jnp.where((stages == 0)[:, None, None, None], xs[jnp.minimum(t, m - 1)][None], state)
+        state = jax.lax.with_sharding_constraint(state, act_spec)
+        stage_fields = {f: v[take] for f, v in fields.items()}
+        rngs = None if dropout_rng is None else jax.vmap(
+            lambda s, mi: jax.random.fold_in(jax.random.fold_in(dropout_rng, mi), s))(stages, take)
+        out = jax.vmap(stage_fn, spmd_axis_name="stage")(stage_params, active, state, stage_fields,
+                                                         valid, rngs)
+        done = t - (n_st - 1)
+        last = jnp.where(done >= 0, out[n_st - 1], outputs[jnp.clip(done, 0, m - 1)])
+        outputs = jax.lax.dynamic_update_index_in_dim(outputs, last, jnp.clip(done, 0, m - 1), 0)
+        state = jnp.roll(out, 1, axis=0)  # stage s's output becomes stage s+1's input
+        return (state, outputs), None
+
+    state = jnp.full((n_st,) + xs.shape[1:], bubble_value, xs.dtype)
+    outputs = jnp.zeros_like(xs)
+    (_, outputs), _ = jax.lax.scan(tick, (state, outputs), jnp.arange(m + n_st - 1))
+    return _merge_microbatches(outputs)
+
+
+def forward(params, batch, config: GLMConfig, plan: PipelinePlan, microbatches: int = 1, *,
+            embedding_alpha=None, dropout_rng=None, bubble_value: float = 0.0):
+    """Logits [B, S, vocab] on whatever mesh the caller's jit places things on.
+
+    params: the model tree with `layers` in `plan`'s slot layout (identical to the plain stacked
+    layout when plan.stages == 1, which runs the plain model).
+    """
+    model = GLM(config)
+    rngs = {"dropout": dropout_rng} if dropout_rng is not None else None
+    if plan.stages == 1:
+        return model.apply({"params": params}, batch, embedding_alpha=embedding_alpha, rngs=rngs)
+    embed_rng = None if dropout_rng is None else {"dropout": jax.random.fold_in(dropout_rng, -1)}
+    h = model.apply({"params": params}, batch, embedding_alpha, method=GLM.embed, rngs=embed_rng)
+    h = pipeline_blocks(config, plan, params["layers"], h, batch, microbatches,
+                        dropout_rng=dropout_rng, bubble_value=bubble_value)
+    return model.apply({"params": params}, h, method=GLM.head)
+
+
+def token_loss(logits, batch):
+    """Cross-entropy summed over loss tokens / their global count (not a mean of means).
+
+    Returns (loss, number of loss tokens)."""
+    logits = logits.astype(jnp.float32)
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    gold = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]
+    mask = batch["loss_mask"].astype(jnp.float32)
+    n = mask.sum()
+    return jnp.sum((logz - gold) * mask) / jnp.maximum(n, 1.0), n
+
+
+def describe(mesh: jax.sharding.Mesh, plan: PipelinePlan, microbatches: int) -> str:
+    return (f"mesh data={axis_size(mesh, 'data')} x stage={axis_size(mesh, 'stage')} x "
+            f"tensor={axis_size(mesh, 'tensor')}; layers per stage {plan.layers_per_stage} "
+            f"({plan.slots} slots); {microbatches} microbatches, bubble {plan.bubble_fraction(microbatches):.1%}")
+
+
+def microbatch_count(requested: int | None, global_batch: int, mesh: jax.sharding.Mesh) -> int:
+    return requested or default_microbatches(global_batch, axis_size(mesh, "data"))
+
+
+# ---- many processes -------------------------------------------------------------------------------
+DIST_ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
+
+
+def initialize_distributed(environ=None) -> bool:
+    """`jax.distributed.initialize` when JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
+    JAX_PROCESS_ID are set (CPU processes talk through gloo). Returns whether it initialized."""
+    import os
+
+    env = os.environ if environ is None else environ
+    present = [k for k in DIST_ENV if env.get(k)]
+    if not present:
+        return False
+    if len(present) != len(DIST_ENV):
+        missing = sorted(set(DIST_ENV) - set(present))
+        raise MeshError(f"multi-process run needs {', '.join(DIST_ENV)}; missing {', '.join(missing)}")
+    if env.get("JAX_PLATFORMS", "").startswith("cpu"):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
+                               num_processes=int(env["JAX_NUM_PROCESSES"]), process_id=int(env["JAX_PROCESS_ID"]))
+    return True
+
+
+def global_batch(local: dict, mesh: jax.sharding.Mesh) -> dict:
+    """This process's rows [B / processes, ...] -> global arrays [B, ...] sharded over `data`."""
+    sharding = batch_sharding(mesh)
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()
+            if np.ndim(v) == 2}

@@ -1,0 +1,78 @@
+"""The model, parameters and batch shared by the sharding tests and the multi-process worker."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from glm_jax import sharding as sh
+from glm_jax.config import get_config
+from glm_jax.data import DataIterator
+from glm_jax.model import abstract_params, init_params
+from glm_jax.objectives import ObjectiveConfig, SequenceBuilder
+
+BATCH, SEQ = 8, 64
+
+
+def config(num_layers=8, **kw):
+    return get_config("glm-tiny", **{"dtype": "float32", "num_layers": num_layers, "vocab_size": 512, **kw})
+
+
+def params(c):
+    return init_params(c, jax.random.key(0))
+
+
+def builder():
+    corpus = np.random.default_rng(5).integers(10, 500, 50_000).astype(np.int32)
+
+    def window(rng, n):
+        s = int(rng.integers(0, len(corpus) - n + 1))
+        return corpus[s:s + n]
+
+    return SequenceBuilder(window, SEQ, 0, ObjectiveConfig(position_encoding_2d=True))
+
+
+def local_rows(process_index=0, process_count=1):
+    it = DataIterator(builder(), BATCH, process_index, process_count, prefetch=0)
+    return {k: v for k, v in next(it).items() if k != "kind"}
+
+
+def sharded_loss_and_grads(mesh, batch, c=None, microbatches=None, bubble_value=0.0, with_logits=False):
+    """Loss, gradients (plain stacked layout, fully replicated numpy-ready) [and logits] on `mesh`."""
+    c = c or config()
+    plan = sh.PipelinePlan(c.num_layers, sh.axis_size(mesh, "stage"))
+    m = sh.microbatch_count(microbatches, BATCH, mesh)
+    sh.check_splittable(c, mesh, BATCH, m)
+    rules = sh.rules_for(c, mesh)
+    shardings = sh.named_shardings(abstract_params(c), mesh, rules)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    place = jax.jit(lambda p: sh.params_to_slots(p, plan), out_shardings=shardings)
+
+    def loss_fn(p, b):
+        logits = sh.forward(p, b, c, plan, m, bubble_value=bubble_value)
+        return sh.token_loss(logits, b)[0], logits
+
+    def step(p, b):
+        (loss, logits), g = jax.value_and_grad(loss_fn, has_aux=True)(p, b)
+        return loss, sh.params_from_slots(g, plan), logits
+
+    raw = params(c)  # outside the mesh: init would constrain the unpadded layer axis to `stage`
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        p = place(raw)
+        loss, grads, logits = jax.jit(step, out_shardings=replicated)(p, batch)
+    return (loss, grads, logits) if with_logits else (loss, grads)
+
+
+def single_device(c=None):
+    """Reference: the plain model on one device, no mesh."""
+    c = c or config()
+    batch = {k: jnp.asarray(v) for k, v in local_rows().items()}
+
+    def loss_fn(p):
+        from glm_jax.model import GLM
+
+        logits = GLM(c).apply({"params": p}, batch)
+        return sh.token_loss(logits, batch)[0], logits
+
+    (loss, logits), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params(c))
+    return loss, grads, logits
