@@ -189,24 +189,38 @@ def parse_sources(spec: str | Sequence[str]) -> list[tuple[str, float]]:
 
 
 class Corpus:
-    """Weighted token streams; `window(rng, n)` draws n consecutive tokens from one source."""
+    """Weighted token streams; `window(rng, n)` draws n consecutive tokens from one source.
 
-    def __init__(self, sources: list[Source]):
+    split: "train" draws from the first (1 - heldout_fraction) of every source's stream,
+    "heldout" from the rest (evaluation text the training never sees), "all" from everything.
+    """
+
+    def __init__(self, sources: list[Source], split: str = "all", heldout_fraction: float = 0.01):
         usable = [s for s in sources if len(s.tokens) > 0]
         if not usable:
             raise DataError("no source holds any readable text: " +
                             "; ".join(f"{s.path}: {s.stats}" for s in sources))
-        self.sources = usable
+        if split not in ("train", "heldout", "all"):
+            raise DataError(f"split={split!r}; choose train, heldout or all")
+        self.sources, self.split = usable, split
         w = np.array([s.weight for s in usable], np.float64)
         self.cdf = np.cumsum(w / w.sum())
+        self.spans = []
+        for s in usable:
+            cut = int(len(s.tokens) * (1.0 - heldout_fraction))
+            self.spans.append({"train": (0, cut), "heldout": (cut, len(s.tokens)), "all": (0, len(s.tokens))}[split])
 
     @classmethod
-    def load(cls, spec, tokenizer: GLMTokenizer, cache_dir: str | None = DEFAULT_CACHE) -> "Corpus":
+    def load(cls, spec, tokenizer: GLMTokenizer, cache_dir: str | None = DEFAULT_CACHE, split: str = "all",
+             heldout_fraction: float = 0.01) -> "Corpus":
         sources = []
         for path, weight in parse_sources(spec):
             tokens, stats = tokenize_file(path, tokenizer, cache_dir)
             sources.append(Source(path, weight, tokens, stats))
-        return cls(sources)
+        return cls(sources, split, heldout_fraction)
+
+    def with_split(self, split: str, heldout_fraction: float = 0.01) -> "Corpus":
+        return Corpus(self.sources, split, heldout_fraction)
 
     @property
     def stats(self) -> ReadStats:
@@ -220,7 +234,9 @@ class Corpus:
         return min(int(np.searchsorted(self.cdf, rng.random(), side="right")), len(self.sources) - 1)
 
     def window(self, rng: np.random.Generator, n: int) -> np.ndarray:
-        t = self.sources[self.pick(rng)].tokens
+        i = self.pick(rng)
+        lo, hi = self.spans[i]
+        t = self.sources[i].tokens[lo:hi]
         if len(t) < n:  # a tiny source: repeat it rather than fail
             return np.resize(np.asarray(t), n).astype(np.int32)
         start = int(rng.integers(0, len(t) - n + 1))

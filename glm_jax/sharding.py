@@ -389,3 +389,14 @@ def global_batch(local: dict, mesh: jax.sharding.Mesh) -> dict:
     sharding = batch_sharding(mesh)
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()
             if np.ndim(v) == 2}
+
+
+def simulate_cpu_devices(n: int) -> bool:
+    """Ask for n CPU devices before JAX starts its backends (only the CPU platform is affected:
+    on a machine with accelerators the mesh uses those). Returns whether it asked."""
+    import os
+
+    if n <= 1 or "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
+        return False
+    jax.config.update("jax_num_cpu_devices", n)
+    return True

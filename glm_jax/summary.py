@@ -63,3 +63,15 @@ def parameter_summary(config: GLMConfig) -> dict:
                   "int8": rest16 + q_params + 2 * scale_rows,
                   "int4": rest16 + q_params // 2 + 2 * scale_rows},
     }
+
+
+def flops_per_token(config: GLMConfig, seq_len: int) -> dict[str, float]:
+    """Model FLOPs per token (DESIGN.md): every matmul, attention included with the bidirectional
+    prefix not halved; forward, and forward + backward (x3)."""
+    e, h, kv, d, f = (config.hidden_size, config.num_attention_heads, config.num_kv_heads, config.head_dim,
+                      config.inner_hidden_size)
+    per_layer = 2 * (e * (h + 2 * kv) * d + h * d * e + e * f * (2 if config.gated_ffn else 1) + f * e)
+    attention = 2 * 2 * seq_len * h * d  # scores and context, every key
+    head = 2 * e * config.padded_vocab_size
+    forward = config.num_layers * (per_layer + attention) + head
+    return {"forward": float(forward), "train": float(3 * forward)}

@@ -154,3 +154,19 @@ def test_prefetch_errors_reach_the_consumer():
     it = DataIterator(SequenceBuilder(broken, 128, 0), 2, prefetch=2)
     with pytest.raises(RuntimeError, match="disk gone"):
         next(it)
+
+
+def test_heldout_split_is_disjoint(tmp_path, tok):
+    with open(tmp_path / "c.jsonl", "w") as f:
+        for i in range(40):
+            f.write(json.dumps({"text": " ".join(str(1000 + i) for _ in range(20))}) + "\n")
+    corpus = Corpus.load(str(tmp_path / "c.jsonl"), tok, cache_dir=None)
+    stream = np.asarray(corpus.sources[0].tokens)
+    cut = int(len(stream) * 0.9)
+    train, held = corpus.with_split("train", 0.1), corpus.with_split("heldout", 0.1)
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        w = train.window(rng, 5)
+        assert any(np.array_equal(w, stream[i:i + 5]) for i in range(cut - 4))
+        h = held.window(rng, 5)
+        assert any(np.array_equal(h, stream[i:i + 5]) for i in range(cut, len(stream) - 4))

@@ -1,0 +1,127 @@
+"""Pre-train a GLM with the GLM objective on a (data, stage, tensor) mesh.
+
+    python experiments/pretrain.py                     # glm-tiny on the shared corpus, one device
+    python experiments/pretrain.py --mesh 8x4          # 8 stages x 4 tensor shards (+ data parallel)
+    python experiments/pretrain.py --preset glm-130b --mesh 24x8x4 --dry-run
+
+Resumes from the latest complete checkpoint in --ckpt-dir (same flags finish the same job: --steps
+is the step to train up to). On a CPU-only machine with fewer devices than the mesh needs, CPU
+devices are simulated. Ends with a one-line JSON summary.
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DATA = os.path.normpath(os.path.join(HERE, "..", "..", "shared", "data"))
+DEFAULT_RUN = os.path.join("runs", "default")
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="glm-tiny")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a model config field")
+    ap.add_argument("--mesh", default="1x1", help="PxT (stages x tensor, data over the rest) or DxPxT")
+    ap.add_argument("--data", default=os.path.join(DATA, "corpus"),
+                    help="corpus files/folders, comma separated, optional :weight each")
+    ap.add_argument("--instructions", default=os.path.join(DATA, "advertisegen", "train.json"),
+                    help="MIP pairs ({content, summary} JSON lines); '' for none")
+    ap.add_argument("--steps", type=int, default=300, help="train up to this step")
+    ap.add_argument("--batch", type=int, default=8, help="global batch (sequences)")
+    ap.add_argument("--seq", type=int, default=256, help="sequence length")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--ckpt-dir", default=os.path.join(DEFAULT_RUN, "checkpoints"))
+    ap.add_argument("--ckpt-every", type=int, default=100)
+    ap.add_argument("--keep", type=int, default=3, help="checkpoints kept")
+    ap.add_argument("--log-dir", default=os.path.join(DEFAULT_RUN, "logs"))
+    ap.add_argument("--eval-every", type=int, default=0, help="held-out loss every N steps (0: at the end)")
+    ap.add_argument("--microbatches", type=int, default=None, help="pipeline microbatches per pass")
+    ap.add_argument("--pass-batch", type=int, default=None,
+                    help="sequences per gradient pass (batch ramp-up granularity; default: --batch)")
+    ap.add_argument("--lr", type=float, default=None, help="peak learning rate")
+    ap.add_argument("--warmup", type=float, default=None, help="warm-up fraction of the samples")
+    ap.add_argument("--ramp-start", type=int, default=None, help="batch ramp-up start (sequences)")
+    ap.add_argument("--max-skips", type=int, default=None, help="stop after this many non-finite steps in a row")
+    ap.add_argument("--two-d", action="store_true", help="2D positions in the samples (GLM / ChatGLM-6B)")
+    ap.add_argument("--sync-checkpoints", action="store_true", help="write checkpoints synchronously")
+    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="compile one step against the mesh without allocating; print per-device memory")
+    args = ap.parse_args(argv)
+    for name in ("steps", "batch", "seq", "ckpt_every", "keep"):
+        if getattr(args, name) <= 0:
+            ap.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    return ap, args
+
+
+def main(argv=None):
+    ap, args = parse_args(argv)
+    from glm_jax import sharding as sh
+
+    try:
+        needed = sh.devices_needed(args.mesh)
+    except sh.MeshError as e:
+        ap.error(str(e))
+    simulated = sh.simulate_cpu_devices(needed)
+    sh.initialize_distributed()
+
+    import jax
+
+    from glm_jax.config import ConfigError, config_from_args
+    from glm_jax.data import Corpus, DataError, load_instructions
+    from glm_jax.objectives import ObjectiveConfig, SequenceBuilder
+    from glm_jax.optim import optim_for
+    from glm_jax.tokenizer import GLMTokenizer, TokenizerError
+    from glm_jax.train import CheckpointError, RunConfig, Trainer, TrainingError, dry_run, train
+
+    lead = jax.process_index() == 0
+    log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if lead else (lambda msg: None)
+    if simulated and jax.default_backend() == "cpu":
+        log(f"no accelerator: simulating {len(jax.devices())} CPU devices for --mesh {args.mesh}")
+    try:
+        config = config_from_args(args.preset, args.set)
+        optim_kw = {k: v for k, v in dict(peak_lr=args.lr, warmup_fraction=args.warmup, ramp_start=args.ramp_start,
+                                          max_consecutive_skips=args.max_skips).items() if v is not None}
+        optim = optim_for(args.preset, **optim_kw)
+        mesh = sh.make_mesh(args.mesh)
+        if args.dry_run:
+            trainer = Trainer(config, optim, mesh, args.pass_batch or args.batch, args.microbatches)
+            report = dry_run(trainer, args.seq)
+            for k, v in report.items():
+                log(f"{k:>28}: {v:,.3f}" if isinstance(v, float) else f"{k:>28}: {v}")
+            print(json.dumps({"preset": args.preset, "mesh": args.mesh, "seq": args.seq, **report}))
+            return report
+        tok = GLMTokenizer()
+        if tok.vocab_size > config.vocab_size:
+            ap.error(f"the tokenizer has {tok.vocab_size} pieces but the model's vocab_size is {config.vocab_size}; "
+                     f"use --set vocab_size={tok.vocab_size}")
+        corpus = Corpus.load(args.data, tok)
+        st = corpus.stats
+        log(f"corpus: {st.documents:,} documents from {len(corpus.sources)} source(s); skipped {st.skipped} "
+            f"(bad json {st.bad_json}, bad utf-8 {st.bad_utf8}, empty {st.empty_text}, no text {st.missing_text})")
+        pairs = load_instructions(args.instructions, tok) if args.instructions else None
+        objective = ObjectiveConfig(position_encoding_2d=args.two_d or config.position_encoding_2d)
+        builder = SequenceBuilder(corpus.with_split("train").window, args.seq, args.seed, objective, pairs)
+        eval_builder = SequenceBuilder(corpus.with_split("heldout").window, args.seq, args.seed + 1,
+                                       dataclasses.replace(objective, multitask_ratio=0.0))
+        run = RunConfig(steps=args.steps, global_batch=args.batch, seq_len=args.seq, seed=args.seed,
+                        ckpt_dir=args.ckpt_dir, ckpt_every=args.ckpt_every, keep=args.keep, log_dir=args.log_dir,
+                        eval_every=args.eval_every, pass_batch=args.pass_batch, microbatches=args.microbatches,
+                        async_checkpoints=not args.sync_checkpoints, progress=not args.no_progress)
+        summary = train(config, optim, run, mesh, builder, eval_builder, log=log)
+    except (ConfigError, sh.MeshError, DataError, CheckpointError, TokenizerError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except TrainingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(3)
+    if lead:
+        print(json.dumps({"preset": args.preset, "mesh": args.mesh, **summary}))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,196 @@
+"""GLM-130B's optimizer (spec section 5) in optax, plus loss scaling and the batch ramp-up.
+
+- AdamW (0.9, 0.95, eps 1e-8), weight decay 0.1 on every matrix incl. the embedding, not on
+  biases and norms; global-norm clipping at 1.0.
+- Learning rate by samples seen: linear warm-up from 1e-7 to the peak over `warmup_fraction` of
+  the run's samples, then cosine decay to `min_lr_ratio` x peak at the end.
+- Batch ramp-up (192 -> 4224 over the first 2.5% of samples in steps of 24 for GLM-130B): the
+  batch is a whole number of fixed-size passes, so one compiled gradient pass serves every
+  batch size; the ramp's granularity is one pass.
+- Dynamic loss scaling for fp16 as Megatron does it (initial 2^16, growth window 2000, growth x2,
+  hysteresis 2: the scale halves after that many overflows).
+- The embedding gradient shrink alpha on a schedule: piecewise-constant (step, alpha) pairs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    peak_lr: float = 8e-5
+    init_lr: float = 1e-7
+    min_lr_ratio: float = 0.1
+    warmup_fraction: float = 0.005  # of the run's samples
+    weight_decay: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    clip_norm: float = 1.0
+    # batch ramp-up: from `ramp_start` sequences to the full global batch over `ramp_fraction`
+    # of the samples, in increments of `ramp_increment` (all rounded to whole passes)
+    ramp_start: int | None = None  # None: no ramp
+    ramp_fraction: float = 0.025
+    ramp_increment: int = 24
+    # fp16 loss scaling
+    loss_scale_init: float = 2.0**16
+    loss_scale_window: int = 2000
+    loss_scale_hysteresis: int = 2
+    loss_scale_min: float = 1.0
+    max_consecutive_skips: int = 20
+    # embedding gradient shrink schedule: ((from_step, alpha), ...); empty: the model config's
+    embedding_alpha_schedule: tuple = ()
+
+
+# Per-preset starting points: GLM-130B's numbers for the big models; short CPU runs of the tiny
+# model need a higher peak and a warm-up that is a visible fraction of --steps.
+PRESET_OPTIM = {
+    "glm-130b": dict(ramp_start=192),
+    "glm-tiny": dict(peak_lr=2e-3, init_lr=1e-5, warmup_fraction=0.05),
+    "glm-1b": dict(peak_lr=3e-4, warmup_fraction=0.01),
+}
+
+
+def optim_for(preset: str, **overrides) -> OptimConfig:
+    return OptimConfig(**{**PRESET_OPTIM.get(preset, {}), **overrides})
+
+
+# ---- schedules -------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class BatchSchedule:
+    """Global batch per step, in whole passes of `pass_batch` sequences.
+
+    Without a ramp every step has global_batch // pass_batch passes. With one (Megatron's rule),
+    after c samples the batch is ramp_start + ramp_increment * floor(c / (R / n)), R being
+    ramp_fraction of the planned samples (total_steps x global_batch) and n the number of
+    increments, rounded up to whole passes and capped at the global batch.
+    """
+
+    global_batch: int
+    pass_batch: int
+    total_steps: int
+    ramp_start: int | None = None
+    ramp_fraction: float = 0.025
+    ramp_increment: int = 24
+
+    def __post_init__(self):
+        if self.pass_batch <= 0 or self.global_batch % self.pass_batch:
+            raise ValueError(f"global batch {self.global_batch} is not a whole number of passes of "
+                             f"{self.pass_batch} sequences")
+        full = self.global_batch // self.pass_batch
+        passes, seen = [], 0
+        if self.ramp_start is not None:
+            ramp_samples = self.ramp_fraction * self.total_steps * self.global_batch
+            per_increment = ramp_samples / max((self.global_batch - self.ramp_start) / self.ramp_increment, 1)
+            while seen < ramp_samples and len(passes) < self.total_steps:
+                batch = self.ramp_start + self.ramp_increment * int(seen // per_increment)
+                n = max(1, min(full, -(-batch // self.pass_batch)))
+                if n == full:
+                    break
+                passes.append(n)
+                seen += n * self.pass_batch
+        object.__setattr__(self, "_ramp", tuple(passes))
+        object.__setattr__(self, "_ramp_samples", seen)
+
+    def passes(self, step: int) -> int:
+        """Gradient passes accumulated at `step`."""
+        return self._ramp[step] if step < len(self._ramp) else self.global_batch // self.pass_batch
+
+    def batch(self, step: int) -> int:
+        return self.passes(step) * self.pass_batch
+
+    def samples_before(self, step: int) -> int:
+        """Sequences consumed by steps 0 .. step-1."""
+        ramp = min(step, len(self._ramp))
+        return self.pass_batch * sum(self._ramp[:ramp]) + (step - ramp) * self.global_batch
+
+    @property
+    def total_samples(self) -> int:
+        return self.samples_before(self.total_steps)
+
+
+def learning_rate(cfg: OptimConfig, samples_seen, total_samples: int):
+    """Warm-up from init_lr to peak over warmup_fraction of the samples, cosine to min_lr_ratio x peak."""
+    warm = max(cfg.warmup_fraction * total_samples, 1.0)
+    s = jnp.asarray(samples_seen, jnp.float32)
+    warm_lr = cfg.init_lr + (cfg.peak_lr - cfg.init_lr) * jnp.minimum(s / warm, 1.0)
+    progress = jnp.clip((s - warm) / jnp.maximum(total_samples - warm, 1.0), 0.0, 1.0)
+    floor = cfg.min_lr_ratio * cfg.peak_lr
+    cos_lr = floor + (cfg.peak_lr - floor) * 0.5 * (1.0 + jnp.cos(math.pi * progress))
+    return jnp.where(s < warm, warm_lr, cos_lr)
+
+
+def embedding_alpha(cfg: OptimConfig, step, default: float):
+    """The shrink alpha in force at `step` (piecewise constant from the schedule)."""
+    alpha = jnp.asarray(default, jnp.float32)
+    for from_step, value in sorted(cfg.embedding_alpha_schedule):
+        alpha = jnp.where(step >= from_step, jnp.float32(value), alpha)
+    return alpha
+
+
+# ---- the optimizer ---------------------------------------------------------------------------------
+def decay_mask(params) -> Any:
+    """True where weight decay applies: matrices incl. the embedding; not biases or norms."""
+
+    def decays(path, _):
+        names = [str(getattr(k, "key", k)) for k in path]
+        return not (names[-1] == "bias" or any("norm" in n for n in names))
+
+    return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
+    """clip -> Adam -> decoupled weight decay -> x(-lr); lr is passed per step as a hyperparameter."""
+
+    def build(learning_rate):
+        return optax.chain(
+            optax.clip_by_global_norm(cfg.clip_norm),
+            optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps),
+            optax.add_decayed_weights(cfg.weight_decay, mask=decay_mask),
+            optax.scale_by_learning_rate(learning_rate),
+        )
+
+    return optax.inject_hyperparams(build)(learning_rate=cfg.init_lr)
+
+
+# ---- dynamic loss scaling ----------------------------------------------------------------------------
+@flax.struct.dataclass
+class LossScale:
+    """Megatron's DynamicGradScaler state. For bf16/fp32 the scale stays 1 (`dynamic=False`)."""
+
+    scale: jax.Array
+    growth_tracker: jax.Array
+    hysteresis_tracker: jax.Array
+
+    @classmethod
+    def create(cls, cfg: OptimConfig, dynamic: bool) -> "LossScale":
+        return cls(scale=jnp.float32(cfg.loss_scale_init if dynamic else 1.0),
+                   growth_tracker=jnp.int32(0), hysteresis_tracker=jnp.int32(cfg.loss_scale_hysteresis))
+
+    def update(self, finite, cfg: OptimConfig, dynamic: bool) -> "LossScale":
+        if not dynamic:
+            return self
+        hyst = jnp.where(finite, self.hysteresis_tracker, self.hysteresis_tracker - 1)
+        back_off = (~finite) & (hyst <= 0)
+        growth = jnp.where(finite, self.growth_tracker + 1, 0)
+        grow = finite & (growth >= cfg.loss_scale_window)
+        scale = jnp.where(back_off, jnp.maximum(self.scale * 0.5, cfg.loss_scale_min), self.scale)
+        scale = jnp.where(grow, scale * 2.0, scale)
+        return LossScale(scale=scale, growth_tracker=jnp.where(grow, 0, growth),
+                         hysteresis_tracker=jnp.where(grow, cfg.loss_scale_hysteresis, hyst))
+
+
+def all_finite(tree) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]))
+
+
+def global_norm(tree) -> jax.Array:
+    return optax.global_norm(tree)
