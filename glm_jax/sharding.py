@@ -332,10 +332,13 @@ def forward(params, batch, config: GLMConfig, plan: PipelinePlan, microbatches: 
     rngs = {"dropout": dropout_rng} if dropout_rng is not None else None
     if plan.stages == 1:
         return model.apply({"params": params}, batch, embedding_alpha=embedding_alpha, rngs=rngs)
-    embed_rng = None if dropout_rng is None else {"dropout": jax.random.fold_in(dropout_rng, -1)}
-    h = model.apply({"params": params}, batch, embedding_alpha, method=GLM.embed, rngs=embed_rng)
+    embed_rngs = layers_rng = None
+    if dropout_rng is not None:
+        embed_key, layers_rng = jax.random.split(dropout_rng)
+        embed_rngs = {"dropout": embed_key}
+    h = model.apply({"params": params}, batch, embedding_alpha, method=GLM.embed, rngs=embed_rngs)
     h = pipeline_blocks(config, plan, params["layers"], h, batch, microbatches,
-                        dropout_rng=dropout_rng, bubble_value=bubble_value)
+                        dropout_rng=layers_rng, bubble_value=bubble_value)
     return model.apply({"params": params}, h, method=GLM.head)
 
 

@@ -127,22 +127,23 @@ class Trainer:
         c, plan, m = self.config, self.plan, self.microbatches
         rep = self.replicated
 
-        def summed_loss(params, batch, rng, alpha, scale):
+        def scaled_mean_loss(params, batch, rng, alpha, scale):
             logits = sh.forward(params, batch, c, plan, m, embedding_alpha=alpha,
                                 dropout_rng=rng if (c.hidden_dropout or c.attention_dropout) else None)
             loss, n = sh.token_loss(logits, batch)
-            return loss * n * scale, (loss * n, n)
+            return loss * scale, (loss * n, n)
 
         def grad_pass(params, batch, rng, alpha, scale):
-            grads, (loss_sum, n) = jax.grad(summed_loss, has_aux=True)(params, batch, rng, alpha, scale)
-            return grads, loss_sum, n
+            """Gradients of scale x (summed loss): the backward sees scale x mean loss (what fp16
+            loss scaling expects), the fp32 parameter gradients are then multiplied by n."""
+            grads, (loss_sum, n) = jax.grad(scaled_mean_loss, has_aux=True)(params, batch, rng, alpha, scale)
+            return jax.tree_util.tree_map(lambda g: g * n, grads), loss_sum, n
 
         def update(state: TrainState, grads, loss_sum, n, lr):
             scale = state.loss_scale.scale
             grads = jax.tree_util.tree_map(lambda g: g / (scale * jnp.maximum(n, 1.0)), grads)
             finite = all_finite(grads)
-            opt_state = state.opt_state
-            opt_state.hyperparams["learning_rate"] = lr
+            opt_state = state.opt_state._replace(hyperparams={**state.opt_state.hyperparams, "learning_rate": lr})
             updates, new_opt = self.tx.update(grads, opt_state, state.params)
             new_params = optax.apply_updates(state.params, updates)
             keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, old)
