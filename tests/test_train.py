@@ -1,0 +1,170 @@
+"""Training end to end: pretrain.py on 8x4, kill -9 and resume, restore onto another mesh, errors."""
+
+import json
+import os
+import pathlib
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from glm_jax import sharding as sh
+from glm_jax.optim import OptimConfig
+from glm_jax.train import Checkpoints, Trainer, TrainingError, RunConfig, train
+import sharding_case as case
+
+ROOT = pathlib.Path(__file__).parents[1]
+PRETRAIN = str(ROOT / "experiments" / "pretrain.py")
+SMALL = ["--set", "num_layers=2", "--seq", "64", "--batch", "4", "--no-progress"]
+
+
+def _env():
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    return {**env, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
+
+
+def pretrain(run_dir, *extra, check=True, timeout=600):
+    args = [sys.executable, PRETRAIN, "--ckpt-dir", f"{run_dir}/ck", "--log-dir", f"{run_dir}/log", *extra]
+    out = subprocess.run(args, env=_env(), capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+def losses(run_dir) -> dict:
+    out = {}
+    with open(f"{run_dir}/log/metrics.jsonl") as f:
+        for line in f:
+            r = json.loads(line)
+            if "loss" in r:
+                out[r["step"]] = r["loss"]
+    return out
+
+
+def test_pretrain_8x4_trains_and_the_loss_falls(tmp_path):
+    out = pretrain(tmp_path, "--mesh", "8x4", "--steps", "20", "--seq", "64", "--no-progress", timeout=900)
+    assert "simulating 32 CPU devices" in out.stderr
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    loss = losses(tmp_path)
+    assert sorted(loss) == list(range(1, 21))
+    assert loss[20] < loss[1] and summary["final_loss"] == loss[20]
+    assert (tmp_path / "log" / "metrics.png").exists() and (tmp_path / "log" / "summary.json").exists()
+    assert any((tmp_path / "log" / "tensorboard").iterdir())
+
+
+def _kill_when(run_dir, ready, steps, timeout=300):
+    """Start a run, SIGKILL it once ready(run_dir) is true; return whether it was killed."""
+    args = [sys.executable, PRETRAIN, "--ckpt-dir", f"{run_dir}/ck", "--log-dir", f"{run_dir}/log",
+            "--steps", str(steps), "--ckpt-every", "3", *SMALL]
+    proc = subprocess.Popen(args, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    try:
+        while proc.poll() is None and time.time() < deadline:
+            if ready(run_dir):
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                return True
+            time.sleep(0.002)
+        return False
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _steps_logged(run_dir):
+    try:
+        with open(f"{run_dir}/log/metrics.jsonl") as f:
+            return sum(1 for _ in f)
+    except FileNotFoundError:
+        return 0
+
+
+def _saving(run_dir):
+    try:
+        return any("tmp" in name for name in os.listdir(f"{run_dir}/ck"))
+    except FileNotFoundError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("full")
+    pretrain(run_dir, "--steps", "14", "--ckpt-every", "3", *SMALL)
+    return losses(run_dir)
+
+
+def test_kill_and_resume_gives_the_uninterrupted_losses(tmp_path, uninterrupted):
+    at = random.Random(os.getpid()).randint(4, 11)
+    assert _kill_when(tmp_path, lambda d: _steps_logged(d) >= at, 14), "the run ended before the kill"
+    pretrain(tmp_path, "--steps", "14", "--ckpt-every", "3", *SMALL)
+    assert losses(tmp_path) == uninterrupted  # bitwise: JSON floats round-trip exactly
+
+
+def test_kill_during_a_checkpoint_write_leaves_the_previous_one(tmp_path, uninterrupted):
+    killed = _kill_when(tmp_path, _saving, 14)
+    assert killed, "never saw a checkpoint being written"
+    pretrain(tmp_path, "--steps", "14", "--ckpt-every", "3", *SMALL)
+    assert losses(tmp_path) == uninterrupted
+
+
+def test_checkpoint_from_another_config_is_a_clear_error(tmp_path):
+    pretrain(tmp_path, "--steps", "2", *SMALL)
+    out = pretrain(tmp_path, "--steps", "4", *SMALL, "--set", "hidden_size=64", check=False)
+    assert out.returncode == 2
+    assert "trained with another model config" in out.stderr and "hidden_size: checkpoint 128 vs run 64" in out.stderr
+
+
+def test_bad_flags_are_clear_errors(tmp_path):
+    out = pretrain(tmp_path, "--mesh", "8by4", check=False)
+    assert out.returncode == 2 and "expected PxT" in out.stderr
+    out = pretrain(tmp_path, "--mesh", "1x3", "--steps", "1", check=False)
+    assert out.returncode == 2 and "tensor axis of 3 does not divide num_attention_heads=4" in out.stderr
+    out = pretrain(tmp_path, "--set", "num_layer=3", check=False)
+    assert out.returncode == 2 and "unknown config field" in out.stderr
+    out = pretrain(tmp_path, "--data", str(tmp_path / "missing.jsonl"), check=False)
+    assert out.returncode == 2 and "not found" in out.stderr
+
+
+def test_restore_onto_other_meshes(tmp_path):
+    c = case.config()
+    optim = OptimConfig(peak_lr=1e-3)
+    batch = case.local_rows()
+    lr, alpha = jnp.float32(1e-3), jnp.float32(1.0)
+    big = Trainer(c, optim, sh.make_mesh("8x4", jax.devices()[:32]), 8)
+    with big.context():
+        state, _ = big.fused_step(big.init_state(0), big.place_batch(batch), lr, alpha)
+    saved = jax.device_get(big.to_canonical(state))
+    ckpt = Checkpoints(str(tmp_path), async_save=False)
+    ckpt.save(1, big.to_canonical(state), {"config": c.to_dict()})
+    ckpt.close()
+    with big.context():
+        _, m_ref = big.fused_step(state, big.place_batch(batch), lr, alpha)
+    for spec, n in (("1x1", 1), ("2x2", 4)):
+        t = Trainer(c, optim, sh.make_mesh(spec, jax.devices()[:n]), 8)
+        ck = Checkpoints(str(tmp_path), async_save=False)
+        restored = t.from_canonical(ck.restore_state(1, t.canonical_target()))
+        ck.close()
+        back = jax.device_get(t.to_canonical(restored))
+        for a, b in zip(jax.tree_util.tree_leaves(back["params"]), jax.tree_util.tree_leaves(saved["params"])):
+            np.testing.assert_array_equal(a, b)
+        with t.context():
+            _, m = t.fused_step(restored, t.place_batch(batch), lr, alpha)
+        assert float(m["loss"]) == pytest.approx(float(m_ref["loss"]), rel=1e-6), spec
+
+
+def test_too_many_skipped_steps_stop_with_a_checkpoint(tmp_path):
+    # fp16 with an absurd loss scale overflows every backward pass: each step is skipped
+    c = case.config(num_layers=2, dtype="float16")
+    optim = OptimConfig(loss_scale_init=2.0**120, max_consecutive_skips=3)
+    run = RunConfig(steps=10, global_batch=4, seq_len=64, ckpt_dir=str(tmp_path / "ck"), log_dir=str(tmp_path / "log"),
+                    ckpt_every=100, async_checkpoints=False, progress=False)
+    with pytest.raises(TrainingError, match="3 consecutive steps had non-finite gradients"):
+        train(c, optim, run, sh.make_mesh("1x1", jax.devices()[:1]), case.builder(), log=lambda m: None)
+    assert Checkpoints(str(tmp_path / "ck")).latest_step() == 3
