@@ -45,6 +45,7 @@ def parse_args(argv=None):
     ap.add_argument("--warmup", type=float, default=None, help="warm-up fraction of the samples")
     ap.add_argument("--ramp-start", type=int, default=None, help="batch ramp-up start (sequences)")
     ap.add_argument("--max-skips", type=int, default=None, help="stop after this many non-finite steps in a row")
+    ap.add_argument("--fsdp", action="store_true", help="also shard parameters over the data axis (FSDP)")
     ap.add_argument("--two-d", action="store_true", help="2D positions in the samples (GLM / ChatGLM-6B)")
     ap.add_argument("--sync-checkpoints", action="store_true", help="write checkpoints synchronously")
     ap.add_argument("--no-progress", action="store_true")
@@ -88,7 +89,7 @@ def main(argv=None):
         optim = optim_for(args.preset, **optim_kw)
         mesh = sh.make_mesh(args.mesh)
         if args.dry_run:
-            trainer = Trainer(config, optim, mesh, args.pass_batch or args.batch, args.microbatches)
+            trainer = Trainer(config, optim, mesh, args.pass_batch or args.batch, args.microbatches, fsdp=args.fsdp)
             report = dry_run(trainer, args.seq)
             for k, v in report.items():
                 log(f"{k:>28}: {v:,.3f}" if isinstance(v, float) else f"{k:>28}: {v}")
@@ -110,7 +111,8 @@ def main(argv=None):
         run = RunConfig(steps=args.steps, global_batch=args.batch, seq_len=args.seq, seed=args.seed,
                         ckpt_dir=args.ckpt_dir, ckpt_every=args.ckpt_every, keep=args.keep, log_dir=args.log_dir,
                         eval_every=args.eval_every, pass_batch=args.pass_batch, microbatches=args.microbatches,
-                        async_checkpoints=not args.sync_checkpoints, progress=not args.no_progress)
+                        async_checkpoints=not args.sync_checkpoints, progress=not args.no_progress,
+                        fsdp=args.fsdp)
         summary = train(config, optim, run, mesh, builder, eval_builder, log=log)
     except (ConfigError, sh.MeshError, DataError, CheckpointError, TokenizerError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -427,6 +427,7 @@ class RunConfig:
     microbatches: int | None = None
     async_checkpoints: bool = True
     progress: bool = True
+    fsdp: bool = False
 
 
 def train(config: GLMConfig, optim: OptimConfig, run: RunConfig, mesh, builder, eval_builder=None,
@@ -441,7 +442,7 @@ def train(config: GLMConfig, optim: OptimConfig, run: RunConfig, mesh, builder, 
     from glm_jax.optim import BatchSchedule, embedding_alpha, learning_rate
 
     pass_batch = run.pass_batch or run.global_batch
-    trainer = Trainer(config, optim, mesh, pass_batch, run.microbatches)
+    trainer = Trainer(config, optim, mesh, pass_batch, run.microbatches, fsdp=run.fsdp)
     schedule = BatchSchedule(run.global_batch, pass_batch, run.steps, optim.ramp_start, optim.ramp_fraction,
                              optim.ramp_increment)
     log(sh.describe(mesh, trainer.plan, trainer.microbatches))
