@@ -226,15 +226,18 @@ def choose_attention(config: GLMConfig, dropout_active: bool) -> str:
 class SelfAttention(nn.Module):
     """Multi-head / grouped / multi-query self-attention with rotary positions.
 
-    x: [B, S, E]; mask: bool [B, 1, S, S]; tables from `rotary_tables` -> [B, S, E].
+    x: [B, S, E]; mask: bool [B, 1, S, S]; tables from `rotary_tables` -> ([B, S, E], cache).
     Parameters: query [E, H, D], key/value [E, K, D], dense [H, D, E] (whole heads per slice,
     so tensor parallelism over `heads` never splits one).
+
+    With a KV cache (k, v: [B, M, K, D]) the new keys/values (after rotary) are written at
+    `cache_index` and the queries attend over the whole cache: mask is then [B, 1, S, M].
     """
 
     config: GLMConfig
 
     @nn.compact
-    def __call__(self, x, mask, tables):
+    def __call__(self, x, mask, tables, cache=None, cache_index=None):
         c = self.config
         e, h, kv, d = x.shape[-1], c.num_attention_heads, c.num_kv_heads, c.head_dim
         plain = xavier_normal(1.0, 0, (1, 2))
@@ -244,6 +247,11 @@ class SelfAttention(nn.Module):
         v = Linear((e,), (kv, d), ("embed", "kv_heads", "head_dim"), c.qkv_bias, c, scaled, name="value")(x)
         q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
         q, k = apply_rotary(q, tables, c), apply_rotary(k, tables, c)
+        if cache is not None:
+            k = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), cache_index, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), cache_index, axis=1)
+            cache = (k, v)
+            k, v = k.astype(q.dtype), v.astype(q.dtype)
         dropout_active = c.attention_dropout > 0.0 and self.has_rng("dropout")
         if choose_attention(c, dropout_active) == "cudnn":
             out = cudnn_attention(q, k, v, mask)
@@ -251,8 +259,9 @@ class SelfAttention(nn.Module):
             rng = self.make_rng("dropout") if dropout_active else None
             out = xla_attention(q, k, v, mask, dropout_rate=c.attention_dropout, dropout_rng=rng)
         out = checkpoint_name(out, "attention_context")
-        return Linear((h, d), (e,), ("heads", "head_dim", "embed"), c.attention_dense_bias, c,
-                      xavier_normal(c.deepnorm_beta, (0, 1), 2), name="dense")(out)
+        out = Linear((h, d), (e,), ("heads", "head_dim", "embed"), c.attention_dense_bias, c,
+                     xavier_normal(c.deepnorm_beta, (0, 1), 2), name="dense")(out)
+        return out, cache
 
 
 # ---- feed-forward -------------------------------------------------------------------------------
@@ -296,7 +305,7 @@ class FeedForward(nn.Module):
 
 # ---- the block ----------------------------------------------------------------------------------
 class GLMBlock(nn.Module):
-    """One GLM layer. h: [B, S, E] -> ([B, S, E], None) (the scan carry convention).
+    """One GLM layer. h: [B, S, E] -> ([B, S, E], new KV cache or None) (scan carry, scan output).
 
     DeepNorm (GLM-130B): x = LN_in(h); h = alpha*x + Attn(x); y = LN_post(h); out = alpha*y + FFN(y),
     alpha = sqrt(2N): the residual carries the LayerNorm output. Pre-LN: h + Attn(LN(h)), etc.
@@ -306,7 +315,7 @@ class GLMBlock(nn.Module):
     config: GLMConfig
 
     @nn.compact
-    def __call__(self, h, mask, tables):
+    def __call__(self, h, mask, tables, cache=None, cache_index=None):
         c = self.config
         drop = nn.Dropout(c.hidden_dropout, deterministic=not self.has_rng("dropout"))
         attention = SelfAttention(c, name="attention")
@@ -315,11 +324,13 @@ class GLMBlock(nn.Module):
         if c.norm_placement == "deepnorm":
             alpha = jnp.asarray(c.deepnorm_alpha, c.compute_dtype)
             x = norm_in(h)
-            h = alpha * x + drop(attention(x, mask, tables))
+            attn, cache = attention(x, mask, tables, cache, cache_index)
+            h = alpha * x + drop(attn)
             y = norm_post(h)
             out = alpha * y + drop(mlp(y))
         else:
-            h = h + drop(attention(norm_in(h), mask, tables))
+            attn, cache = attention(norm_in(h), mask, tables, cache, cache_index)
+            h = h + drop(attn)
             out = h + drop(mlp(norm_post(h)))
         out = nn.with_logical_constraint(out.astype(c.compute_dtype), ("batch", "length", "embed"))
-        return out, None
+        return out, cache

@@ -601,3 +601,28 @@ def dry_run(trainer: Trainer, seq_len: int) -> dict:
         "model_flops_per_step": trainer.model_flops_per_step(tokens, seq_len),
         "tokens_per_step": tokens, "compile_seconds": time.perf_counter() - t0,
     }
+
+
+# ---- loading a trained model ------------------------------------------------------------------------
+def load_checkpoint(path: str, step: int | None = None) -> tuple[GLMConfig, dict, int]:
+    """(config, params, step) from a run's checkpoint folder (its latest step, or `step`) or from
+    one step's folder, onto the first device. Clear errors for a missing or empty folder."""
+    path = os.path.abspath(path)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"checkpoint folder {path} not found; train one with "
+                              "`python experiments/pretrain.py` or pass --checkpoint DIR")
+    base = os.path.basename(path)
+    if base.isdigit() and step is None and os.path.isdir(os.path.join(path, "state")):
+        path, step = os.path.dirname(path), int(base)
+    ckpt = Checkpoints(path, async_save=False)
+    try:
+        step = ckpt.latest_step() if step is None else step
+        if step is None:
+            raise CheckpointError(f"{path} holds no complete checkpoint")
+        config = GLMConfig.from_dict(ckpt.restore_meta(step)["config"])
+        mesh = sh.make_mesh("1x1", jax.devices()[:1])
+        trainer = Trainer(config, OptimConfig(), mesh, 1)
+        tree = ckpt.restore_state(step, trainer.canonical_target())
+    finally:
+        ckpt.close()
+    return config, tree["params"], step

@@ -166,6 +166,6 @@ def test_cudnn_request_falls_back_cleanly_on_cpu():
     mask = glm_attention_mask(jnp.ones((1, 6), jnp.int32), jnp.zeros((1, 6), jnp.int32))
     tables = rotary_tables(jnp.arange(6)[None], jnp.zeros((1, 6), jnp.int32), c)
     params = SelfAttention(c).init(jax.random.key(0), x, mask, tables)
-    fused = SelfAttention(c).apply(params, x, mask, tables)
-    plain = SelfAttention(c.override(attention_impl="xla")).apply(params, x, mask, tables)
+    fused = SelfAttention(c).apply(params, x, mask, tables)[0]
+    plain = SelfAttention(c.override(attention_impl="xla")).apply(params, x, mask, tables)[0]
     np.testing.assert_array_equal(fused, plain)

@@ -1,0 +1,65 @@
+"""Zero-shot LAMBADA, GLM-130B's headline benchmark (spec section 7).
+
+    python experiments/lambada_eval.py [--checkpoint DIR] [--protocol beam|greedy] [--limit N]
+
+--checkpoint takes a run's checkpoint folder (its latest step) or one step's folder; it defaults
+to pretrain.py's default, so the two scripts run one after the other with no flags. beam: the
+GLM-130B protocol ([gMASK], 16 beams, at most 5 new tokens, no-repeat-ngram 3, punctuation and
+quotes banned as a first token, the first-word rule, exact match). greedy: every target token is
+the argmax under teacher forcing. Ends with a JSON line {"accuracy", "n", ...}.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DATA = os.path.normpath(os.path.join(HERE, "..", "..", "shared", "data"))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", default=os.path.join("runs", "default", "checkpoints"))
+    ap.add_argument("--data", default=os.path.join(DATA, "lambada", "lambada_test.jsonl"))
+    ap.add_argument("--protocol", choices=("beam", "greedy"), default="greedy")
+    ap.add_argument("--limit", type=int, default=None, help="score only the first N passages")
+    ap.add_argument("--beams", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=16, help="teacher-forcing batch (greedy)")
+    args = ap.parse_args(argv)
+    if args.limit is not None and args.limit <= 0:
+        ap.error("--limit must be positive")
+
+    from tqdm import tqdm
+
+    from glm_jax.evaluate import ModelScorer, lambada_beam, lambada_greedy, read_lambada
+    from glm_jax.tokenizer import GLMTokenizer
+    from glm_jax.train import CheckpointError, load_checkpoint
+
+    try:
+        examples = read_lambada(args.data, args.limit)
+        config, params, step = load_checkpoint(args.checkpoint)
+    except (FileNotFoundError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    tok = GLMTokenizer()
+    scorer = ModelScorer(config, params, tok, batch_size=args.batch)
+    t0 = time.perf_counter()
+    if args.protocol == "beam":
+        beams = lambda prompt, banned_first: scorer.beams(prompt, args.beams, 5, 3, banned_first)
+        hits = lambada_beam(examples, tok, beams, progress=lambda it: tqdm(it, desc="lambada", unit="ex"))
+    else:
+        hits = lambada_greedy(examples, tok, scorer.score, batch=args.batch,
+                              progress=lambda it: tqdm(it, desc="lambada", unit="batch"))
+    dt = time.perf_counter() - t0
+    result = {"accuracy": sum(hits) / max(len(hits), 1), "n": len(hits), "protocol": args.protocol,
+              "checkpoint": os.path.abspath(args.checkpoint), "step": step, "examples_per_s": len(hits) / dt}
+    print(f"LAMBADA ({args.protocol}): {result['accuracy']:.4f} on {len(hits)} passages, "
+          f"{result['examples_per_s']:.1f} examples/s", file=sys.stderr)
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

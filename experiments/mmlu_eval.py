@@ -1,0 +1,54 @@
+"""MMLU by [MASK] scoring (spec section 7): each choice letter's log-likelihood after sop.
+
+    python experiments/mmlu_eval.py [--checkpoint DIR] [--shots 0|5] [--subjects a,b] [--limit N]
+
+Accuracy per subject and weighted by subject size; ends with a JSON line.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DATA = os.path.normpath(os.path.join(HERE, "..", "..", "shared", "data", "mmlu"))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", default=os.path.join("runs", "default", "checkpoints"))
+    ap.add_argument("--data", default=DATA)
+    ap.add_argument("--shots", type=int, default=0, choices=range(0, 6))
+    ap.add_argument("--subjects", default=None, help="comma-separated subset")
+    ap.add_argument("--limit", type=int, default=None, help="questions per subject")
+    args = ap.parse_args(argv)
+    from tqdm import tqdm
+
+    from glm_jax.evaluate import ModelScorer, multiple_choice, read_mmlu
+    from glm_jax.tokenizer import GLMTokenizer
+    from glm_jax.train import CheckpointError, load_checkpoint
+
+    try:
+        test, dev = read_mmlu(args.data, "test"), read_mmlu(args.data, "dev")
+        config, params, step = load_checkpoint(args.checkpoint)
+    except (FileNotFoundError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    if args.subjects:
+        wanted = args.subjects.split(",")
+        unknown = sorted(set(wanted) - set(test))
+        if unknown:
+            ap.error(f"unknown subjects {unknown}")
+        test = {s: test[s] for s in wanted}
+    if args.limit:
+        test = {s: rows[: args.limit] for s, rows in test.items()}
+    scorer = ModelScorer(config, params, GLMTokenizer())
+    r = multiple_choice(test, scorer.tokenizer, scorer.score, shots=dev, k=args.shots,
+                        progress=lambda it: tqdm(it, desc="mmlu", unit="subject"))
+    print(json.dumps({"accuracy": r["accuracy"], "n": r["n"], "shots": args.shots, "step": step,
+                      "subjects": r["subjects"]}))
+    return r
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,245 @@
+"""The paper's evaluation protocols (spec section 7): LAMBADA, multiple choice, perplexity / BPB.
+
+Protocol logic works on two narrow interfaces, so it is testable with hand-made models:
+
+- `score(rows) -> [(logprob_sum, tokens, all_argmax)]`: teacher forcing. A row is
+  (context tokens holding one mask token, continuation tokens); the continuation is fed after sop
+  and scored token by token (sop predicts its first token).
+- `beams(prompt tokens) -> [text, ...]`: beam-search outputs, best first.
+
+`ModelScorer` implements both for a GLM and its parameters.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import json
+import math
+import os
+import re
+import unicodedata
+from typing import Callable, Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from glm_jax.config import GLMConfig
+from glm_jax.generate import Generator, make_prompts
+from glm_jax.model import GLM
+from glm_jax.tokenizer import GMASK, MASK, SOP, GLMTokenizer
+
+Row = tuple[Sequence[int], Sequence[int]]
+ScoreFn = Callable[[Sequence[Row]], list[tuple[float, int, bool]]]
+
+
+# ---- teacher forcing with a GLM --------------------------------------------------------------------------
+def _bucket(n: int, m: int = 64) -> int:
+    return -(-n // m) * m
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _token_logprobs(config: GLMConfig, params, batch):
+    logits = GLM(config).apply({"params": params}, batch).astype(jnp.float32)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    gold = jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
+    return gold, jnp.argmax(logits, axis=-1) == batch["targets"]
+
+
+def teacher_forcing_batch(rows: Sequence[Row], config: GLMConfig, length: int | None = None) -> dict:
+    """Rows -> a padded batch (contract arrays) whose loss_mask covers the continuations."""
+    prompts = make_prompts([list(c) for c, _ in rows], config)
+    s = length or _bucket(max(len(c) + len(x) for c, x in rows))  # context + sop + continuation[:-1]
+    out = {k: np.zeros((len(rows), s), np.int32) for k in ("tokens", "targets", "loss_mask", "position_ids",
+                                                              "block_position_ids", "segment_ids", "prefix_mask")}
+    for i, (ctx, cont) in enumerate(rows):
+        n, k = len(ctx), len(cont)
+        out["tokens"][i, :n + k] = list(ctx) + [SOP] + list(cont[:-1])
+        out["targets"][i, n:n + k] = cont
+        out["loss_mask"][i, n:n + k] = 1
+        out["segment_ids"][i, :n + k] = 1
+        out["prefix_mask"][i, :n] = 1
+        out["position_ids"][i, :n] = np.arange(n)
+        if prompts.continue_positions[i]:
+            out["position_ids"][i, n:n + k] = np.arange(n, n + k)
+        else:
+            out["position_ids"][i, n:n + k] = prompts.mask_pos[i]
+        if config.position_encoding_2d:
+            out["block_position_ids"][i, n:n + k] = np.arange(1, k + 1)
+    return out
+
+
+class ModelScorer:
+    """`score` and `beams` for a GLM: teacher-forced batches and KV-cached beam search."""
+
+    def __init__(self, config: GLMConfig, params, tokenizer: GLMTokenizer | None = None, batch_size: int = 16):
+        self.config, self.params, self.tokenizer, self.batch_size = config, params, tokenizer, batch_size
+        self.generator = Generator(config, params)
+
+    def score(self, rows: Sequence[Row]) -> list[tuple[float, int, bool]]:
+        out = []
+        for i in range(0, len(rows), self.batch_size):
+            chunk = list(rows[i:i + self.batch_size])
+            n_real = len(chunk)
+            chunk += [chunk[-1]] * (self.batch_size - n_real)  # one batch shape
+            batch = teacher_forcing_batch(chunk, self.config)
+            mask = batch["loss_mask"].astype(bool)
+            gold, hit = _token_logprobs(self.config, self.params, {k: jnp.asarray(v) for k, v in batch.items()})
+            gold, hit = np.asarray(gold, np.float64), np.asarray(hit)
+            for r in range(n_real):
+                m = mask[r]
+                out.append((float(gold[r][m].sum()), int(m.sum()), bool(hit[r][m].all())))
+        return out
+
+    def beams(self, prompt: Sequence[int], num_beams: int = 16, max_new_tokens: int = 5, no_repeat_ngram: int = 3,
+              banned_first: Sequence[int] = ()) -> list[str]:
+        found = self.generator.beam_search(prompt, num_beams, max_new_tokens, no_repeat_ngram=no_repeat_ngram,
+                                           banned_first=banned_first)
+        return [self.tokenizer.decode(tokens) for tokens, _ in found]
+
+
+# ---- LAMBADA -------------------------------------------------------------------------------------------------
+def read_lambada(path: str, limit: int | None = None) -> list[tuple[str, str]]:
+    """(context, target word) pairs: the target is the passage's last whitespace-delimited word."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"LAMBADA file {path} not found (pass --data PATH)")
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            text = json.loads(line)["text"].strip()
+            context, _, target = text.rpartition(" ")
+            if context and target:
+                out.append((context, target))
+            if limit and len(out) >= limit:
+                break
+    return out
+
+
+def is_punctuation(word: str) -> bool:
+    return bool(word) and all(unicodedata.category(ch).startswith("P") for ch in word)
+
+
+def output_words(text: str) -> list[str]:
+    """Whitespace-delimited words, with punctuation split off the words it is glued to: our
+    tokenizer emits "word." where the reference's (icetk) emitted "word ." (our reading)."""
+    return re.sub(r"([^\w\s'’-])", r" \1 ", text).split()
+
+
+def lambada_prediction(outputs: Sequence[str]) -> str:
+    """GLM-130B's rule: the first beam whose second word is punctuation gives its first word;
+    if none does, beam 0's first word."""
+    for text in outputs:
+        words = output_words(text)
+        if len(words) >= 2 and is_punctuation(words[1]):
+            return words[0]
+    words = output_words(outputs[0]) if outputs else []
+    return words[0] if words else ""
+
+
+def banned_first_tokens(tokenizer: GLMTokenizer) -> list[int]:
+    """Punctuation and quote-like pieces (', ``, ...) that may not open a LAMBADA answer."""
+    banned = []
+    for i in range(tokenizer.vocab_size):
+        piece = tokenizer.id_to_piece(i).replace("▁", "")
+        if piece and not piece.startswith("<") and (is_punctuation(piece) or piece in ("``", "''")):
+            banned.append(i)
+    return banned
+
+
+def lambada_beam(examples: Sequence[tuple[str, str]], tokenizer: GLMTokenizer, beams: Callable,
+                 progress: Callable = lambda it: it) -> list[bool]:
+    """The GLM-130B protocol: [gMASK] after the context, beam search, the prediction rule, exact match."""
+    banned = banned_first_tokens(tokenizer)
+    results = []
+    for context, target in progress(examples):
+        outputs = beams(tokenizer.encode(context) + [GMASK], banned_first=banned)
+        results.append(lambada_prediction(outputs).strip() == target.strip())
+    return results
+
+
+def lambada_greedy(examples: Sequence[tuple[str, str]], tokenizer: GLMTokenizer, score: ScoreFn,
+                   progress: Callable = lambda it: it, batch: int = 64) -> list[bool]:
+    """The cheap protocol: every target token is the argmax under teacher forcing."""
+    results = []
+    rows = [(tokenizer.encode(c) + [GMASK], tokenizer.encode(" " + t)) for c, t in examples]
+    for i in progress(range(0, len(rows), batch)):
+        results += [hit for _, _, hit in score(rows[i:i + batch])]
+    return results
+
+
+# ---- multiple choice (MMLU) ------------------------------------------------------------------------------------
+LETTERS = "ABCD"
+
+
+def read_mmlu(folder: str, split: str) -> dict[str, list[tuple[str, list[str], int]]]:
+    """{subject: [(question, [4 choices], answer index)]} from folder/split/SUBJECT_split.csv."""
+    d = os.path.join(folder, split)
+    if not os.path.isdir(d):
+        raise FileNotFoundError(f"MMLU folder {d} not found")
+    out = {}
+    for name in sorted(os.listdir(d)):
+        if not name.endswith(f"_{split}.csv"):
+            continue
+        with open(os.path.join(d, name), encoding="utf-8") as f:
+            rows = [(r["question"], [r[f"choice{i}"] for i in range(4)], int(r["answer"])) for r in csv.DictReader(f)]
+        out[name[: -len(f"_{split}.csv")]] = rows
+    return out
+
+
+def mmlu_prompt(question: str, choices: Sequence[str], answer: int | None = None) -> str:
+    body = question.strip() + "\n" + "\n".join(f"{LETTERS[i]}. {c}" for i, c in enumerate(choices)) + "\nAnswer:"
+    return body + (f" {LETTERS[answer]}\n\n" if answer is not None else "")
+
+
+def multiple_choice(subjects: dict, tokenizer: GLMTokenizer, score: ScoreFn, shots: dict | None = None,
+                    k: int = 0, progress: Callable = lambda it: it) -> dict:
+    """[MASK] scoring: '<k examples> question A. .. D. .. Answer: [MASK]', each choice letter scored
+    by its log-likelihood after sop; the highest wins. -> per-subject and size-weighted accuracy."""
+    per_subject = {}
+    for subject in progress(sorted(subjects)):
+        prefix = "".join(mmlu_prompt(q, c, a) for q, c, a in (shots or {}).get(subject, [])[:k])
+        rows, answers = [], []
+        for q, choices, answer in subjects[subject]:
+            ctx = tokenizer.encode(prefix + mmlu_prompt(q, choices)) + [MASK]
+            rows += [(ctx, tokenizer.encode(" " + LETTERS[i])) for i in range(len(choices))]
+            answers.append(answer)
+        scores = [s for s, _, _ in score(rows)]
+        picks = np.asarray(scores).reshape(len(answers), -1).argmax(-1)
+        per_subject[subject] = (float(np.mean(picks == np.asarray(answers))), len(answers))
+    total = sum(n for _, n in per_subject.values())
+    weighted = sum(acc * n for acc, n in per_subject.values()) / max(total, 1)
+    return {"accuracy": weighted, "n": total, "subjects": {s: a for s, (a, _) in per_subject.items()}}
+
+
+# ---- language modelling --------------------------------------------------------------------------------------
+def sliding_window_rows(tokens: Sequence[int], window: int) -> list[Row]:
+    """Spec section 7: windows of `window` inputs; each scores window/2 new tokens after the
+    window/2 - 1 tokens before them, [gMASK] and sop (the first window has no context)."""
+    stride = window // 2
+    rows = []
+    for start in range(0, len(tokens), stride):
+        context = list(tokens[max(0, start - (stride - 1)):start])
+        rows.append((context + [GMASK], list(tokens[start:start + stride])))
+    return rows
+
+
+def language_modelling(texts: Iterable[str], tokenizer: GLMTokenizer, score: ScoreFn, window: int = 2048,
+                       progress: Callable = lambda it: it) -> dict:
+    """Perplexity per token and bits per UTF-8 byte over documents."""
+    nll = tokens = n_bytes = 0.0
+    rows = []
+    for text in texts:
+        ids = tokenizer.encode(text)
+        if not ids:
+            continue
+        rows += sliding_window_rows(ids, window)
+        n_bytes += len(text.encode("utf-8"))
+    for i in progress(range(0, len(rows), 64)):
+        for logp, n, _ in score(rows[i:i + 64]):
+            nll -= logp
+            tokens += n
+    return {"perplexity": math.exp(nll / max(tokens, 1)), "bits_per_byte": nll / max(n_bytes, 1) / math.log(2),
+            "tokens": int(tokens), "bytes": int(n_bytes), "nll": nll}

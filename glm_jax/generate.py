@@ -1,0 +1,234 @@
+"""KV-cached generation with GLM's bidirectional prefix: greedy, sampling, beam search.
+
+Prompts are token lists holding one mask token: [gMASK] at the end (continue the text) or
+[MASK]/[sMASK] in the middle (fill the blank). Ragged prompts are right-padded to T. Prefill
+writes the context's keys/values into cache slots 0..T-1 with every context token seeing every
+other (padding masked); decoding feeds sop, then each chosen token, into slot T + step; a new
+token sees its row's context and the generated slots so far. Positions (spec section 3): 1D
+[gMASK] continues the count (sop at the context length), 1D [MASK] and all 2D put generated
+tokens at the mask position (2D: block positions 1, 2, ...). One compiled decode step serves
+every token. The dense layers are whatever the config selects, so quantized layers plug in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from glm_jax.config import GLMConfig
+from glm_jax.model import GLM
+from glm_jax.tokenizer import EOP, EOS, GMASK, MASK, PAD, SMASK, SOP
+
+MASK_TOKENS = (MASK, SMASK, GMASK)
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptBatch:
+    """Right-padded prompts. tokens [B, T]; lengths, mask_pos, continue_positions: [B]."""
+
+    tokens: np.ndarray
+    lengths: np.ndarray
+    mask_pos: np.ndarray
+    continue_positions: np.ndarray  # 1D [gMASK] rows: generated positions continue the count
+
+
+BUCKET = 16  # prompt and cache lengths are rounded up to this, so few shapes get compiled
+
+
+def _round_up(n: int, m: int = BUCKET) -> int:
+    return -(-n // m) * m
+
+
+def make_prompts(prompts: Sequence[Sequence[int]], config: GLMConfig) -> PromptBatch:
+    """Each prompt must hold a mask token ([gMASK] to continue, [MASK]/[sMASK] to fill in)."""
+    t = _round_up(max(len(p) for p in prompts))
+    tokens = np.full((len(prompts), t), PAD, np.int32)
+    lengths, mask_pos, cont = [], [], []
+    for i, p in enumerate(prompts):
+        where = [j for j, tok in enumerate(p) if tok in MASK_TOKENS]
+        if not where:
+            raise ValueError(f"prompt {i} holds no [MASK]/[sMASK]/[gMASK] token; append [gMASK] "
+                             f"(id {GMASK}) to continue a text")
+        tokens[i, : len(p)] = p
+        lengths.append(len(p))
+        mask_pos.append(where[0])
+        cont.append(p[where[0]] == GMASK and not config.position_encoding_2d)
+    return PromptBatch(tokens, np.array(lengths, np.int32), np.array(mask_pos, np.int32), np.array(cont))
+
+
+def init_cache(config: GLMConfig, batch: int, max_len: int, dtype=None):
+    """(k, v): zeros [L, B, M, K, D] in the compute dtype (bf16 by default)."""
+    shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
+    dtype = dtype or config.compute_dtype
+    return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def prefill(config: GLMConfig, params, cache, tokens, lengths):
+    """Write the context [B, T] into cache slots 0..T-1 (bidirectional over each row's context)."""
+    b, t = tokens.shape
+    m = cache[0].shape[2]
+    keys = jnp.arange(m)
+    mask = (keys[None, :] < lengths[:, None])[:, None, None, :] & jnp.ones((1, 1, t, 1), bool)
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    _, cache = GLM(config).apply({"params": params}, tokens, positions, jnp.zeros_like(positions), mask, cache,
+                                 0, method=GLM.cached)
+    return cache
+
+
+@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
+def decode_step(config: GLMConfig, params, cache, token, step, lengths, mask_pos, cont, prompt_len):
+    """Feed token [B] as generated token number `step` (sop is step 0) -> (fp32 logits [B, V], cache)."""
+    m = cache[0].shape[2]
+    slot = prompt_len + step
+    position = jnp.where(cont, lengths + step, mask_pos)[:, None]
+    block = jnp.full_like(position, step + 1) if config.position_encoding_2d else jnp.zeros_like(position)
+    keys = jnp.arange(m)[None, :]
+    visible = (keys < lengths[:, None]) | ((keys >= prompt_len) & (keys <= slot))
+    logits, cache = GLM(config).apply({"params": params}, token[:, None], position, block, visible[:, None, None, :],
+                                      cache, slot, method=GLM.cached)
+    return logits[:, 0].astype(jnp.float32), cache
+
+
+@jax.jit
+def reorder_cache(cache, rows):
+    """Gather batch rows of the cache (beam search's parent beams)."""
+    return tuple(jnp.take(c, rows, axis=1) for c in cache)
+
+
+class Generator:
+    """Prefill + cached decoding for one config and parameter tree."""
+
+    def __init__(self, config: GLMConfig, params, cache_dtype=None):
+        self.config, self.params, self.cache_dtype = config, params, cache_dtype
+
+    def start(self, prompts: PromptBatch, max_new_tokens: int, repeat: int = 1):
+        """Prefill; with repeat > 1 every prompt row is repeated (beams). Returns the decode state."""
+        tokens, lengths, mask_pos, cont = (np.repeat(a, repeat, axis=0) for a in
+                                           (prompts.tokens, prompts.lengths, prompts.mask_pos,
+                                            prompts.continue_positions))
+        b, t = tokens.shape
+        cache = init_cache(self.config, b, _round_up(t + max_new_tokens), self.cache_dtype)
+        cache = prefill(self.config, self.params, cache, jnp.asarray(tokens), jnp.asarray(lengths))
+        return dict(cache=cache, lengths=jnp.asarray(lengths), mask_pos=jnp.asarray(mask_pos),
+                    cont=jnp.asarray(cont), prompt_len=t)
+
+    def step(self, state, token, step):
+        logits, state["cache"] = decode_step(self.config, self.params, state["cache"], jnp.asarray(token, jnp.int32),
+                                             jnp.int32(step), state["lengths"], state["mask_pos"], state["cont"],
+                                             jnp.int32(state["prompt_len"]))
+        return logits
+
+    # ---- strategies -------------------------------------------------------------------------------
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, temperature: float = 0.0,
+                 top_k: int = 0, top_p: float = 1.0, key=None, on_token=None,
+                 stop_tokens=(EOP, EOS)) -> list[list[int]]:
+        """Greedy (temperature 0) or sampled continuations, each up to its first stop token.
+
+        on_token(step, tokens [B]) is called as tokens are produced (streaming)."""
+        batch = make_prompts(prompts, self.config)
+        state = self.start(batch, max_new_tokens)
+        b = len(prompts)
+        token = np.full(b, SOP, np.int32)
+        out = [[] for _ in range(b)]
+        done = np.zeros(b, bool)
+        key = jax.random.key(0) if key is None else key
+        for step in range(max_new_tokens):
+            logits = self.step(state, token, step)
+            if temperature > 0:
+                key, sub = jax.random.split(key)
+                token = np.asarray(sample(logits, sub, temperature, top_k, top_p))
+            else:
+                token = np.asarray(jnp.argmax(logits, axis=-1)).astype(np.int32)
+            if on_token is not None:
+                on_token(step, np.where(done, PAD, token))
+            for i in range(b):
+                if not done[i]:
+                    if token[i] in stop_tokens:
+                        done[i] = True
+                    else:
+                        out[i].append(int(token[i]))
+            if done.all():
+                break
+        return out
+
+    def beam_search(self, prompt: Sequence[int], num_beams: int, max_new_tokens: int, *,
+                    no_repeat_ngram: int = 0, banned_first: Sequence[int] = (), length_penalty: float = 1.0,
+                    stop_tokens=(EOP, EOS)) -> list[tuple[list[int], float]]:
+        """Beam search for one prompt -> [(tokens, score)] best first (score: summed log-prob /
+        length ** length_penalty). Hypotheses end at a stop token or at max_new_tokens."""
+        batch = make_prompts([prompt], self.config)
+        state = self.start(batch, max_new_tokens, repeat=num_beams)
+        context = list(prompt)
+        beams = [[] for _ in range(num_beams)]
+        scores = np.full(num_beams, -np.inf)
+        scores[0] = 0.0
+        finished: list[tuple[list[int], float]] = []
+        token = np.full(num_beams, SOP, np.int32)
+        for step in range(max_new_tokens):
+            logp = np.asarray(jax.nn.log_softmax(self.step(state, token, step), axis=-1), np.float64)
+            logp = logp[:, : self.config.vocab_size]
+            if step == 0 and banned_first:
+                logp[:, list(banned_first)] = -np.inf
+            if no_repeat_ngram:
+                for r, seq in enumerate(beams):
+                    for t in banned_by_ngrams(context + [SOP] + seq, no_repeat_ngram):
+                        logp[r, t] = -np.inf
+            total = scores[:, None] + logp
+            flat = np.argsort(-total, axis=None)[: 2 * num_beams]
+            new_beams, new_scores, parents, next_tokens = [], [], [], []
+            for idx in flat:
+                r, t = divmod(int(idx), total.shape[1])
+                if not np.isfinite(total[r, t]):
+                    break
+                if t in stop_tokens:
+                    finished.append((beams[r], total[r, t] / max(len(beams[r]) + 1, 1) ** length_penalty))
+                    continue
+                new_beams.append(beams[r] + [t])
+                new_scores.append(total[r, t])
+                parents.append(r)
+                next_tokens.append(t)
+                if len(new_beams) == num_beams:
+                    break
+            if not new_beams:
+                break
+            while len(new_beams) < num_beams:  # keep the batch shape: dead rows
+                new_beams.append([])
+                new_scores.append(-np.inf)
+                parents.append(parents[0])
+                next_tokens.append(next_tokens[0])
+            beams, scores = new_beams, np.array(new_scores)
+            state["cache"] = reorder_cache(state["cache"], jnp.asarray(parents, jnp.int32))
+            token = np.array(next_tokens, np.int32)
+        finished += [(b, s / max(len(b), 1) ** length_penalty) for b, s in zip(beams, scores) if np.isfinite(s)]
+        finished.sort(key=lambda x: -x[1])
+        return finished[:num_beams]
+
+
+def banned_by_ngrams(seq: Sequence[int], n: int) -> set[int]:
+    """Tokens that would repeat an n-gram already in seq (HF's no_repeat_ngram_size)."""
+    if len(seq) < n:
+        return set()
+    prefix = tuple(seq[len(seq) - n + 1:])
+    return {seq[i + n - 1] for i in range(len(seq) - n + 1) if tuple(seq[i:i + n - 1]) == prefix}
+
+
+@functools.partial(jax.jit, static_argnums=(3,))
+def sample(logits, key, temperature, top_k: int, top_p):
+    """Temperature / top-k / top-p (nucleus) sampling from logits [B, V] -> [B] int32."""
+    logits = logits / jnp.maximum(temperature, 1e-6)
+    if top_k:
+        kth = jnp.sort(logits, axis=-1)[:, -top_k][:, None]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    order = jnp.argsort(-logits, axis=-1)
+    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    keep_sorted = (jnp.cumsum(probs, axis=-1) - probs) < top_p  # always keeps the first
+    keep = jnp.zeros_like(keep_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
+    logits = jnp.where(keep, logits, -jnp.inf)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)

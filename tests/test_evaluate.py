@@ -1,0 +1,164 @@
+"""Evaluation protocols: LAMBADA rules and both protocols on toy models, MMLU, perplexity/BPB,
+teacher forcing vs the KV cache, and lambada_eval.py end to end on a tiny checkpoint."""
+
+import importlib.util
+import json
+import math
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from glm_jax import sharding as sh
+from glm_jax.evaluate import (ModelScorer, lambada_beam, lambada_greedy, lambada_prediction, language_modelling,
+                              multiple_choice, output_words, read_lambada, sliding_window_rows)
+from glm_jax.generate import Generator, make_prompts
+from glm_jax.optim import OptimConfig
+from glm_jax.tokenizer import GMASK, MASK, SOP, GLMTokenizer
+from glm_jax.train import Checkpoints, Trainer
+import sharding_case as case
+
+ROOT = pathlib.Path(__file__).parents[1]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return GLMTokenizer()
+
+
+def test_output_words_and_prediction_rule():
+    assert output_words(" house, said Tom") == ["house", ",", "said", "Tom"]
+    assert output_words("don't stop.") == ["don't", "stop", "."]
+    assert lambada_prediction([" the end of", " home. And", "garden ."]) == "home"  # beam 1 is the first qualifying
+    assert lambada_prediction([" house, said", " home."]) == "house"
+    assert lambada_prediction([" big red", " large blue"]) == "big"  # none qualifies: beam 0
+    assert lambada_prediction([""]) == ""
+
+
+def test_read_lambada_splits_the_last_word(tmp_path):
+    p = tmp_path / "l.jsonl"
+    p.write_text(json.dumps({"text": "He opened the door and saw his dog"}) + "\n\n" +
+                 json.dumps({"text": "  trailing space kept out  "}) + "\n")
+    assert read_lambada(str(p)) == [("He opened the door and saw his", "dog"), ("trailing space kept", "out")]
+    with pytest.raises(FileNotFoundError, match="not found"):
+        read_lambada(str(tmp_path / "none.jsonl"))
+
+
+def test_lambada_greedy_on_a_copy_model(tok):
+    # a toy "copy" model: the continuation is all-argmax iff its tokens appear in the context, in order
+    def copy_score(rows):
+        out = []
+        for ctx, cont in rows:
+            s = ",".join(map(str, ctx))
+            out.append((0.0, len(cont), ",".join(map(str, cont)) in s))
+        return out
+
+    examples = [("the cat sat with the cat", "cat"), ("a b c d", "zebra"), ("go to the market to buy the market", "market"),
+                ("one two", "three")]
+    hits = lambada_greedy(examples, tok, copy_score)
+    assert hits == [True, False, True, False]
+
+
+def test_lambada_beam_on_a_hand_made_model(tok):
+    # beams repeat the context's last word: followed by punctuation in beam 1 only
+    def beams(prompt, banned_first):
+        assert prompt[-1] == GMASK and banned_first
+        last = tok.decode(prompt[:-1]).split()[-1]
+        return [f" {last} {last}", f" {last}.", " other ,"]
+
+    examples = [("I said hello hello", "hello"), ("see the sea", "sea"), ("red is red", "blue")]
+    assert lambada_beam(examples, tok, beams) == [True, True, False]
+
+
+def test_multiple_choice_on_hand_made_scores(tok):
+    # subject a: the right letter always scores best; subject b: always the wrong one
+    subjects = {"a": [("q1", ["w", "x", "y", "z"], 2), ("q2", ["w", "x", "y", "z"], 0), ("q3", ["1", "2", "3", "4"], 3)],
+                "b": [("q4", ["w", "x", "y", "z"], 1)]}
+    answer_of = {}
+
+    def score(rows):
+        out = []
+        for ctx, cont in rows:
+            text = tok.decode(ctx[:-1])
+            assert ctx[-1] == MASK and text.endswith("Answer:")
+            q = text.split("\n")[-6] if "\n\n" in text else text.split("\n")[0]
+            letter = tok.decode(cont).strip()
+            right = answer_of[q]
+            out.append((1.0 if (letter == right) == (q != "q4") else 0.0, 1, True))
+        return out
+
+    for subject in subjects.values():
+        for q, _, a in subject:
+            answer_of[q] = "ABCD"[a]
+    r = multiple_choice(subjects, tok, score)
+    assert r["subjects"] == {"a": 1.0, "b": 0.0} and r["n"] == 4 and r["accuracy"] == pytest.approx(0.75)
+    shots = {"a": [("s1", ["p", "q", "r", "s"], 1)]}
+    r5 = multiple_choice({"a": subjects["a"]}, tok, score, shots=shots, k=1)
+    assert r5["accuracy"] == 1.0
+
+
+def test_sliding_windows_score_every_token_once():
+    tokens = list(range(100, 111))
+    rows = sliding_window_rows(tokens, 4)
+    scored = [t for _, cont in rows for t in cont]
+    assert scored == tokens
+    assert rows[0][0] == [GMASK] and all(len(ctx) <= 2 for ctx, _ in rows)
+    assert rows[2] == ([103, GMASK], [104, 105])
+
+
+def test_bits_per_byte_of_a_one_bit_per_token_model(tok):
+    texts = ["hello world", "北京欢迎你"]
+    one_bit = lambda rows: [(-math.log(2) * len(c), len(c), False) for _, c in rows]
+    r = language_modelling(texts, tok, one_bit, window=8)
+    n_tokens = sum(len(tok.encode(t)) for t in texts)
+    n_bytes = sum(len(t.encode()) for t in texts)
+    assert r["tokens"] == n_tokens and r["bytes"] == n_bytes
+    assert r["bits_per_byte"] == pytest.approx(n_tokens / n_bytes)
+    assert r["perplexity"] == pytest.approx(2.0)
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    c = case.config(num_layers=2, vocab_size=32000)
+    return c, case.params(c)
+
+
+def test_teacher_forcing_equals_the_cached_decoder(tiny_model):
+    c, params = tiny_model
+    rows = [([11, 12, 13, GMASK], [40, 41, 42]), ([21, MASK, 22], [50, 51])]
+    scored = ModelScorer(c, params, batch_size=2).score(rows)
+    gen = Generator(c, params)
+    for (ctx, cont), (logp, n, _) in zip(rows, scored):
+        state = gen.start(make_prompts([ctx], c), len(cont))
+        token, total = np.array([SOP], np.int32), 0.0
+        for step, t in enumerate(cont):
+            lp = np.asarray(jax.nn.log_softmax(gen.step(state, token, step)[0]))
+            total += float(lp[t])
+            token = np.array([t], np.int32)
+        assert n == len(cont) and logp == pytest.approx(total, abs=1e-4)
+
+
+def _load_script(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_lambada_eval_script_on_a_tiny_checkpoint(tmp_path, tiny_model, capsys):
+    c, _ = tiny_model
+    t = Trainer(c, OptimConfig(), sh.make_mesh("1x1", jax.devices()[:1]), 1)
+    ckpt = Checkpoints(str(tmp_path / "ck"), async_save=False)
+    ckpt.save(7, t.to_canonical(t.init_state(0)), {"config": c.to_dict()})
+    ckpt.close()
+    script = _load_script("lambada_eval")
+    r = script.main(["--checkpoint", str(tmp_path / "ck"), "--limit", "4", "--protocol", "greedy", "--batch", "4"])
+    assert r["n"] == 4 and 0.0 <= r["accuracy"] <= 1.0 and r["step"] == 7
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["n"] == 4
+    r = script.main(["--checkpoint", str(tmp_path / "ck" / "7"), "--limit", "2", "--protocol", "beam", "--beams", "2"])
+    assert r["n"] == 2
+    with pytest.raises(SystemExit) as e:
+        script.main(["--checkpoint", str(tmp_path / "nothing")])
+    assert e.value.code == 2

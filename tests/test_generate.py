@@ -1,0 +1,132 @@
+"""Generation: cached decoding equals full recomputation; greedy, beam and sampling behave."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from glm_jax.config import get_config
+from glm_jax.generate import Generator, banned_by_ngrams, make_prompts, sample
+from glm_jax.model import GLM, init_params
+from glm_jax.tokenizer import EOP, EOS, GMASK, MASK, SOP
+
+PROMPTS = [[11, 12, 13, 14, 15, 16, GMASK],  # continue a text
+           [21, 22, GMASK],  # a short one: ragged batch
+           [31, 32, MASK, 33, 34, 35]]  # fill a blank in the middle
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["1d", "2d"])
+def model(request):
+    c = get_config("glm-tiny", dtype="float32", num_layers=2, vocab_size=256, position_encoding_2d=request.param)
+    return c, init_params(c, jax.random.key(3))
+
+
+def full_logits(c, params, prompt, generated):
+    """The last position's logits from a full forward over prompt + sop + generated (no cache)."""
+    batch = make_prompts([prompt], c)
+    n, mp, cont = len(prompt), int(batch.mask_pos[0]), bool(batch.continue_positions[0])
+    k = len(generated) + 1
+    tokens = list(prompt) + [SOP] + list(generated)
+    pos = list(range(n)) + (list(range(n, n + k)) if cont else [mp] * k)
+    block = [0] * n + (list(range(1, k + 1)) if c.position_encoding_2d else [0] * k)
+    pad = [0] * (PADDED - n - k)  # one shape for every call: one compile
+    b = dict(tokens=[tokens + pad], position_ids=[pos + pad], block_position_ids=[block + pad],
+             segment_ids=[[1] * (n + k) + pad], prefix_mask=[[1] * n + [0] * k + pad])
+    b = {key: jnp.asarray(v, jnp.int32) for key, v in b.items()}
+    return np.asarray(_forward(c, params, b)[0, n + k - 1], np.float64)
+
+
+PADDED = 16
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _forward(c, params, batch):
+    return GLM(c).apply({"params": params}, batch)
+
+
+def test_cached_decoding_equals_full_recomputation(model):
+    c, params = model
+    gen = Generator(c, params)
+    state = gen.start(make_prompts(PROMPTS, c), max_new_tokens=5)
+    token = np.full(len(PROMPTS), SOP, np.int32)
+    generated = [[] for _ in PROMPTS]
+    for step in range(5):
+        logits = np.asarray(gen.step(state, token, step))
+        for i, prompt in enumerate(PROMPTS):
+            np.testing.assert_allclose(logits[i], full_logits(c, params, prompt, generated[i]), atol=1e-5, rtol=1e-5)
+        token = logits.argmax(-1).astype(np.int32)
+        for i in range(len(PROMPTS)):
+            generated[i].append(int(token[i]))
+
+
+def test_greedy_is_repeated_argmax_and_beam_1_is_greedy(model):
+    c, params = model
+    gen = Generator(c, params)
+    outs = gen.generate(PROMPTS, 4, stop_tokens=())
+    for prompt, out in zip(PROMPTS, outs):
+        want = []
+        for _ in range(4):
+            want.append(int(full_logits(c, params, prompt, want).argmax()))
+        assert out == want
+        (beam, _), = gen.beam_search(prompt, 1, 4, stop_tokens=())
+        assert beam == want
+
+
+def test_beam_search_finds_the_best_sequence_of_a_small_space(model):
+    c, params = model
+    gen = Generator(c, params)
+    prompt = PROMPTS[0]
+    beams = gen.beam_search(prompt, 4, 2, stop_tokens=())
+    scores = [s for _, s in beams]
+    assert scores == sorted(scores, reverse=True) and len(beams) == 4
+    # brute force over the top candidates of the first token: no 2-token sequence beats beam 0
+    first = jax.nn.log_softmax(full_logits(c, params, prompt, []))
+    best = -np.inf
+    for t in np.argsort(-np.asarray(first))[:8]:
+        second = jax.nn.log_softmax(full_logits(c, params, prompt, [int(t)]))
+        best = max(best, (float(first[t]) + float(np.max(second))) / 2)
+    assert beams[0][1] == pytest.approx(best, abs=1e-4)
+
+
+def test_banned_first_tokens_and_ngram_blocking():
+    assert banned_by_ngrams([1, 2, 3, 1, 2], 3) == {3}
+    assert banned_by_ngrams([1, 2], 3) == set()
+
+
+def test_banned_first_token_is_never_chosen(model):
+    c, params = model
+    gen = Generator(c, params)
+    greedy_first = gen.generate([PROMPTS[0]], 1, stop_tokens=())[0][0]
+    for tokens, _ in gen.beam_search(PROMPTS[0], 3, 2, banned_first=[greedy_first], stop_tokens=()):
+        assert tokens[0] != greedy_first
+
+
+def test_sampling_is_reproducible_and_respects_top_k():
+    logits = jnp.asarray(np.random.default_rng(0).standard_normal((4, 50)), jnp.float32)
+    a = sample(logits, jax.random.key(1), 1.0, 5, 1.0)
+    b = sample(logits, jax.random.key(1), 1.0, 5, 1.0)
+    np.testing.assert_array_equal(a, b)
+    top5 = np.argsort(-np.asarray(logits), axis=-1)[:, :5]
+    for _ in range(20):
+        s = np.asarray(sample(logits, jax.random.key(_), 1.0, 5, 1.0))
+        assert all(s[i] in top5[i] for i in range(4))
+    top_p = np.asarray(sample(logits, jax.random.key(2), 1.0, 0, 1e-6))  # nucleus of one: argmax
+    np.testing.assert_array_equal(top_p, np.asarray(logits).argmax(-1))
+
+
+def test_generation_stops_at_eop_or_eos(model):
+    c, params = model
+    gen = Generator(c, params)
+    free = gen.generate([PROMPTS[1]], 6, stop_tokens=())[0]
+    stop = free[2]
+    cut = gen.generate([PROMPTS[1]], 6, stop_tokens=(stop,))[0]
+    assert cut == free[: free.index(stop)]
+    assert EOP in (EOP, EOS)
+
+
+def test_prompt_without_a_mask_token_is_a_clear_error(model):
+    c, _ = model
+    with pytest.raises(ValueError, match="holds no"):
+        make_prompts([[10, 11, 12]], c)
