@@ -2,7 +2,8 @@
 
 Env: JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID, XLA_FLAGS (4 fake CPU devices).
 argv: output .npz path. Computes the loss and every gradient of the shared test model on a
-2x2x2 mesh over both processes' devices, each process loading only its rows of the batch.
+2x2x2 mesh over both processes' devices, each process loading only its rows of the batch, then
+the losses of a few training steps.
 """
 
 import os
@@ -23,7 +24,8 @@ assert jax.process_count() == 2 and len(jax.devices()) == 8, (jax.process_count(
 mesh = sh.make_mesh("2x2x2")
 local = sharding_case.local_rows(jax.process_index(), jax.process_count())
 loss, grads = sharding_case.sharded_loss_and_grads(mesh, sh.global_batch(local, mesh))
+train_losses = sharding_case.train_losses(mesh, jax.process_index(), jax.process_count())
 if jax.process_index() == 0:
     flat = {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(grads)}
-    np.savez(sys.argv[1], loss=np.asarray(loss), **flat)
+    np.savez(sys.argv[1], loss=np.asarray(loss), train_losses=np.asarray(train_losses), **flat)
 jax.distributed.shutdown()

@@ -76,3 +76,19 @@ def single_device(c=None):
 
     (loss, logits), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params(c))
     return loss, grads, logits
+
+
+def train_losses(mesh, process_index=0, process_count=1, steps=3):
+    """Losses of `steps` training steps (AdamW) on `mesh`, each process feeding its rows."""
+    from glm_jax.optim import OptimConfig
+    from glm_jax.train import Trainer
+
+    trainer = Trainer(config(), OptimConfig(peak_lr=1e-3), mesh, BATCH)
+    state = trainer.init_state(0)
+    data = DataIterator(builder(), BATCH, process_index, process_count, prefetch=0)
+    losses = []
+    with trainer.context():
+        for _ in range(steps):
+            state, m = trainer.fused_step(state, trainer.place_batch(next(data)), jnp.float32(1e-3), jnp.float32(1.0))
+            losses.append(float(jax.device_get(m["loss"])))
+    return losses

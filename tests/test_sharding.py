@@ -170,5 +170,7 @@ def test_two_processes_equal_one(tmp_path, reference):
     assert all(p.returncode == 0 for p in procs), "\n".join(logs)[-4000:]
     got = np.load(out)
     np.testing.assert_allclose(got["loss"], reference[0], rtol=1e-6)
+    one_process = case.train_losses(sh.make_mesh("2x2x2", jax.devices()[:8]))
+    np.testing.assert_allclose(got["train_losses"], one_process, rtol=1e-6)
     for key, ref in _flat(reference[1]).items():
         np.testing.assert_allclose(got[key], ref, atol=2e-6, rtol=1e-5, err_msg=key)
