@@ -1,0 +1,82 @@
+"""INT4/INT8 weight-only quantization: byte layout, round trips, error bounds, the XLA dequant-matmul."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from glm_jax.int4 import (dequantize, from_glm130b_int4, matmul, pack_int4, quantize, to_glm130b_int4,
+                          unpack_int4)
+
+
+def test_pack_unpack_round_trips_every_pair():
+    vals = np.arange(-8, 8, dtype=np.int8)
+    hi, lo = np.meshgrid(vals, vals, indexing="ij")
+    q = np.stack([hi.ravel(), lo.ravel()], axis=0)  # [2, 256]: all 256 (even, odd) pairs
+    packed = np.asarray(pack_int4(q))
+    assert packed.shape == (1, 256) and packed.dtype == np.uint8
+    np.testing.assert_array_equal(np.asarray(unpack_int4(packed)), q)
+    assert sorted(set(packed[0].tolist())) == list(range(256))  # every byte value is used exactly once
+
+
+@pytest.mark.parametrize("even,odd,byte", [(-1, 2, 0xF2), (7, -7, 0x79), (-8, 0, 0x80), (0, -1, 0x0F), (3, 5, 0x35)])
+def test_byte_vectors_fix_nibble_order_and_sign(even, odd, byte):
+    packed = np.asarray(pack_int4(np.array([[even], [odd]], np.int8)))
+    assert int(packed[0, 0]) == byte  # even-index element in the high nibble
+    np.testing.assert_array_equal(np.asarray(unpack_int4(np.array([[byte]], np.uint8)))[:, 0], [even, odd])
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("group", [None, 16])
+def test_quantization_error_is_at_most_half_a_step(bits, group):
+    w = np.random.default_rng(0).standard_normal((64, 24)).astype(np.float32)
+    qw = quantize(w, bits, group)
+    g = 64 // (group or 64)
+    assert qw.scale.shape == (g, 24) and qw.scale.dtype == jnp.float16
+    step = np.repeat(np.asarray(qw.scale, np.float32), 64 // g, axis=0)
+    deq = np.asarray(dequantize(qw))
+    # rounding is to half a step of the fp32 scale; the fp16-stored scale adds its own relative error
+    assert np.all(np.abs(deq - w) <= step / 2 + np.abs(w) * 2e-3 + 1e-7)
+    ints = np.asarray(unpack_int4(qw.q) if bits == 4 else qw.q)
+    assert ints.min() >= -(7 if bits == 4 else 127) and ints.max() <= (7 if bits == 4 else 127)
+
+
+def test_groups_cut_the_error():
+    w = np.random.default_rng(1).standard_normal((256, 32)).astype(np.float32)
+    w[:8] *= 20  # outliers in a few input rows
+    err = lambda qw: float(np.abs(np.asarray(dequantize(qw)) - w).mean())
+    assert err(quantize(w, 4, 32)) < 0.5 * err(quantize(w, 4))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("group", [None, 32])
+def test_xla_matmul_equals_dequantize_then_matmul_and_stays_near_float(bits, group):
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((5, 96)).astype(np.float32)
+    w = rng.standard_normal((96, 40)).astype(np.float32)
+    qw = quantize(w, bits, group)
+    got = np.asarray(matmul(x, qw, dtype=jnp.float32))
+    np.testing.assert_allclose(got, x @ np.asarray(dequantize(qw)), rtol=1e-5, atol=1e-4)
+    step = np.repeat(np.asarray(qw.scale, np.float32), 96 // qw.scale.shape[0], axis=0)
+    bound = np.abs(x) @ (step / 2 + np.abs(w) * 2e-3)
+    assert np.all(np.abs(got - x @ w) <= bound + 1e-4)
+
+
+def test_glm130b_int4_format_round_trips():
+    w_torch = np.random.default_rng(3).standard_normal((48, 64)).astype(np.float32)  # [out, in]
+    packed, scale = to_glm130b_int4(w_torch)
+    assert packed.shape == (48, 32) and packed.dtype == np.int8 and scale.shape == (48,) and scale.dtype == np.float16
+    # the reference's own unpack: high nibble first, sign-extended
+    ref = np.stack([packed >> 4, (packed << 4).astype(np.int8) >> 4], axis=-1).reshape(48, 64)
+    np.testing.assert_allclose(ref * scale.astype(np.float32)[:, None], np.asarray(dequantize(quantize(w_torch.T))).T,
+                               rtol=0, atol=0)
+    loaded = from_glm130b_int4(packed, scale)
+    np.testing.assert_array_equal(np.asarray(dequantize(loaded)), np.asarray(dequantize(quantize(w_torch.T))))
+
+
+def test_bad_shapes_are_clear_errors():
+    with pytest.raises(ValueError, match="must be even"):
+        quantize(np.ones((3, 4)), 4)
+    with pytest.raises(ValueError, match="group size"):
+        quantize(np.ones((8, 4)), 8, group=3)
+    with pytest.raises(ValueError, match="choose 4 or 8"):
+        quantize(np.ones((8, 4)), 2)
