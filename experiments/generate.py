@@ -49,6 +49,8 @@ def stream(gen, tok, ids, args, key) -> str:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", default=os.path.join("runs", "default", "checkpoints"))
+    ap.add_argument("--quantize", choices=("none", "int8", "int4"), default="none",
+                    help="weight-only quantization of the layers' linear weights (GLM-130B's scheme)")
     ap.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     ap.add_argument("--chat", action="store_true")
     ap.add_argument("--max-new", type=int, default=64)
@@ -66,7 +68,7 @@ def main(argv=None):
     from glm_jax.train import CheckpointError, load_checkpoint
 
     try:
-        config, params, step = load_checkpoint(args.checkpoint)
+        config, params, step = load_checkpoint(args.checkpoint, quantize=args.quantize)
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -22,6 +22,8 @@ DATA = os.path.normpath(os.path.join(HERE, "..", "..", "shared", "data"))
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", default=os.path.join("runs", "default", "checkpoints"))
+    ap.add_argument("--quantize", choices=("none", "int8", "int4"), default="none",
+                    help="weight-only quantization of the layers' linear weights (GLM-130B's scheme)")
     ap.add_argument("--data", default=os.path.join(DATA, "lambada", "lambada_test.jsonl"))
     ap.add_argument("--protocol", choices=("beam", "greedy"), default="greedy")
     ap.add_argument("--limit", type=int, default=None, help="score only the first N passages")
@@ -39,7 +41,7 @@ def main(argv=None):
 
     try:
         examples = read_lambada(args.data, args.limit)
-        config, params, step = load_checkpoint(args.checkpoint)
+        config, params, step = load_checkpoint(args.checkpoint, quantize=args.quantize)
     except (FileNotFoundError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -18,6 +18,8 @@ DATA = os.path.normpath(os.path.join(HERE, "..", "..", "shared", "data", "corpus
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", default=os.path.join("runs", "default", "checkpoints"))
+    ap.add_argument("--quantize", choices=("none", "int8", "int4"), default="none",
+                    help="weight-only quantization of the layers' linear weights (GLM-130B's scheme)")
     ap.add_argument("--data", default=None, help="JSON-lines corpus (default: the shared corpus's held-out slice)")
     ap.add_argument("--window", type=int, default=None, help="window (default: the model's max sequence, <= 2048)")
     ap.add_argument("--tokens", type=int, default=100_000, help="held-out tokens to score (default data only)")
@@ -32,7 +34,7 @@ def main(argv=None):
 
     tok = GLMTokenizer()
     try:
-        config, params, step = load_checkpoint(args.checkpoint)
+        config, params, step = load_checkpoint(args.checkpoint, quantize=args.quantize)
         if args.data:
             texts = []
             for text in read_texts(args.data, ReadStats()):

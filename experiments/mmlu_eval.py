@@ -17,6 +17,8 @@ DATA = os.path.normpath(os.path.join(HERE, "..", "..", "shared", "data", "mmlu")
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", default=os.path.join("runs", "default", "checkpoints"))
+    ap.add_argument("--quantize", choices=("none", "int8", "int4"), default="none",
+                    help="weight-only quantization of the layers' linear weights (GLM-130B's scheme)")
     ap.add_argument("--data", default=DATA)
     ap.add_argument("--shots", type=int, default=0, choices=range(0, 6))
     ap.add_argument("--subjects", default=None, help="comma-separated subset")
@@ -30,7 +32,7 @@ def main(argv=None):
 
     try:
         test, dev = read_mmlu(args.data, "test"), read_mmlu(args.data, "dev")
-        config, params, step = load_checkpoint(args.checkpoint)
+        config, params, step = load_checkpoint(args.checkpoint, quantize=args.quantize)
     except (FileNotFoundError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

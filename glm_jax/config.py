@@ -72,6 +72,9 @@ class GLMConfig:
     param_dtype: str = "float32"
     remat_policy: str = "none"
     attention_impl: str = "auto"
+    # weight-only quantization of the four linear weights of every layer (int4.py)
+    quantization: str = "none"  # none | int8 | int4
+    quantization_group: int = 0  # input rows per scale; 0: one scale per output row
     # sizes that were derived rather than set; re-derived by override()
     _derived: tuple = dataclasses.field(default=(), repr=False, compare=False)
 
@@ -197,6 +200,9 @@ def validate(c: GLMConfig) -> None:
     need(rot == int(rot) and int(rot) % 2 == 0 and rot > 0,
          f"rotary_fraction={c.rotary_fraction} of head_dim={c.head_dim} gives {rot} rotary dims; "
          "it must be a positive even integer")
+    need(c.quantization in ("none", "int8", "int4"),
+         f"quantization={c.quantization!r}; choose none, int8 or int4")
+    need(c.quantization_group >= 0, f"quantization_group={c.quantization_group} must be >= 0")
     for name in ("hidden_dropout", "attention_dropout"):
         need(0.0 <= getattr(c, name) < 1.0, f"{name}={getattr(c, name)} must be in [0, 1)")
     need(0.0 <= c.embedding_shrink_alpha <= 1.0,

@@ -113,3 +113,33 @@ def from_glm130b_int4(packed_torch, scale) -> QuantizedWeight:
     """The reference's (int8 [out, in/2], fp16 [out]) -> our QuantizedWeight over [in, out]."""
     packed = np.ascontiguousarray(np.asarray(packed_torch).view(np.uint8).T)
     return QuantizedWeight(jnp.asarray(packed), jnp.asarray(np.asarray(scale, np.float16))[None, :], 4)
+
+
+# ---- whole parameter trees ------------------------------------------------------------------------------------
+LAYER_LINEARS = {("attention", "query"): 1, ("attention", "key"): 1, ("attention", "value"): 1,
+                 ("attention", "dense"): 2, ("mlp", "dense_h_to_4h"): 1, ("mlp", "dense_4h_to_h"): 1}
+
+
+def quantize_params(params: dict, config) -> dict:
+    """A float parameter tree -> the tree of `config` (quantization int4/int8): the four linear
+    weights of every layer quantized (kernel -> q, scale); embeddings, norms and biases stay
+    16-bit (bf16)."""
+    bits = {"int4": 4, "int8": 8}[config.quantization]
+    out = jax.tree_util.tree_map(lambda x: jnp.asarray(x).astype(jnp.bfloat16), params)
+    layers = params["layers"]
+    for (block, name), n_in in LAYER_LINEARS.items():
+        kernel = jnp.asarray(layers[block][name]["kernel"], jnp.float32)  # [L, *in, *out]
+        n_layers, in_shape, out_shape = kernel.shape[0], kernel.shape[1:1 + n_in], kernel.shape[1 + n_in:]
+        k = int(np.prod(in_shape))
+        flat = kernel.reshape(n_layers, k, -1)
+        group = config.quantization_group or None
+        qws = [quantize(flat[i], bits, group) for i in range(n_layers)]
+        q = jnp.stack([w.q for w in qws]).reshape((n_layers, qws[0].q.shape[0]) + out_shape)
+        scale = jnp.stack([w.scale for w in qws]).reshape((n_layers, qws[0].scale.shape[0]) + out_shape)
+        entry = {k2: v for k2, v in out["layers"][block][name].items() if k2 != "kernel"}
+        out["layers"][block][name] = {**entry, "q": q, "scale": scale}
+    return out
+
+
+def tree_bytes(tree) -> int:
+    return int(sum(np.asarray(x).nbytes if not hasattr(x, "nbytes") else x.nbytes for x in jax.tree_util.tree_leaves(tree)))

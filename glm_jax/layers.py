@@ -44,21 +44,45 @@ class Linear(nn.Module):
     use_bias: bool
     config: GLMConfig
     kernel_init: Initializer = nn.initializers.lecun_normal()
+    quantizable: bool = True  # one of a layer's four linear weights (not the output head)
 
     @nn.compact
     def __call__(self, x):
         c = self.config
         n_in = len(self.in_shape)
-        kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, self.kernel_axes),
-                            self.in_shape + self.features, c.params_dtype)
         x = x.astype(c.compute_dtype)
-        contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
-        y = jax.lax.dot_general(x, kernel.astype(c.compute_dtype), (contract, ((), ())))
+        if self.quantizable and c.quantization != "none":
+            y = self._quantized(x)
+        else:
+            kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, self.kernel_axes),
+                                self.in_shape + self.features, c.params_dtype)
+            contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+            y = jax.lax.dot_general(x, kernel.astype(c.compute_dtype), (contract, ((), ())))
         if self.use_bias:
             bias = self.param("bias", nn.with_logical_partitioning(
                 nn.initializers.zeros_init(), self.kernel_axes[n_in:]), self.features, c.params_dtype)
             y = y + bias.astype(c.compute_dtype)
         return y
+
+    def _quantized(self, x):
+        """Weight-only INT4/INT8: q [K(/2), *features] (the input dims flattened to K, INT4 packed
+        in pairs along K) and scale [G, *features]; filled by int4.quantize_params."""
+        from glm_jax import int4
+
+        c = self.config
+        bits = 4 if c.quantization == "int4" else 8
+        k = int(np.prod(self.in_shape))
+        groups = k // c.quantization_group if c.quantization_group else 1
+        in_axis = self.kernel_axes[0]
+        out_axes = self.kernel_axes[len(self.in_shape):]
+        q = self.param("q", nn.with_logical_partitioning(nn.initializers.zeros_init(), (in_axis,) + out_axes),
+                       (k // 2 if bits == 4 else k,) + self.features, jnp.uint8 if bits == 4 else jnp.int8)
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), (None,) + out_axes),
+                           (groups,) + self.features, jnp.float16)
+        n = int(np.prod(self.features))
+        w = int4.QuantizedWeight(q.reshape(q.shape[0], n), scale.reshape(groups, n), bits)
+        y = int4.matmul(x.reshape(x.shape[: x.ndim - len(self.in_shape)] + (k,)), w, dtype=c.compute_dtype)
+        return y.reshape(y.shape[:-1] + self.features)
 
 
 # ---- normalisation ------------------------------------------------------------------------------

@@ -75,7 +75,7 @@ class GLM(nn.Module):
             self.final_layernorm = make_norm(c, None)
         if not c.tie_word_embeddings:
             self.output_layer = Linear((c.hidden_size,), (c.padded_vocab_size,), ("embed", "vocab"), False, c,
-                                       xavier_normal())
+                                       xavier_normal(), quantizable=False)
 
     def __call__(self, batch, *, embedding_alpha=None, return_hidden: bool = False):
         """embedding_alpha: overrides config.embedding_shrink_alpha (a schedule may drive it).

@@ -604,9 +604,10 @@ def dry_run(trainer: Trainer, seq_len: int) -> dict:
 
 
 # ---- loading a trained model ------------------------------------------------------------------------
-def load_checkpoint(path: str, step: int | None = None) -> tuple[GLMConfig, dict, int]:
+def load_checkpoint(path: str, step: int | None = None, quantize: str | None = None) -> tuple[GLMConfig, dict, int]:
     """(config, params, step) from a run's checkpoint folder (its latest step, or `step`) or from
-    one step's folder, onto the first device. Clear errors for a missing or empty folder."""
+    one step's folder, onto the first device. quantize "int4"/"int8": weight-only quantization of
+    the layers' linear weights (int4.py). Clear errors for a missing or empty folder."""
     path = os.path.abspath(path)
     if not os.path.isdir(path):
         raise CheckpointError(f"checkpoint folder {path} not found; train one with "
@@ -625,4 +626,10 @@ def load_checkpoint(path: str, step: int | None = None) -> tuple[GLMConfig, dict
         tree = ckpt.restore_state(step, trainer.canonical_target())
     finally:
         ckpt.close()
-    return config, tree["params"], step
+    params = tree["params"]
+    if quantize and quantize != "none":
+        from glm_jax.int4 import quantize_params
+
+        config = config.override(quantization=quantize)
+        params = quantize_params(params, config)
+    return config, params, step

@@ -159,6 +159,8 @@ def test_lambada_eval_script_on_a_tiny_checkpoint(tmp_path, tiny_model, capsys):
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["n"] == 4
     r = script.main(["--checkpoint", str(tmp_path / "ck" / "7"), "--limit", "2", "--protocol", "beam", "--beams", "2"])
     assert r["n"] == 2
+    r = script.main(["--checkpoint", str(tmp_path / "ck"), "--limit", "4", "--quantize", "int4", "--batch", "4"])
+    assert r["n"] == 4
     with pytest.raises(SystemExit) as e:
         script.main(["--checkpoint", str(tmp_path / "nothing")])
     assert e.value.code == 2

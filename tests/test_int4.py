@@ -80,3 +80,55 @@ def test_bad_shapes_are_clear_errors():
         quantize(np.ones((8, 4)), 8, group=3)
     with pytest.raises(ValueError, match="choose 4 or 8"):
         quantize(np.ones((8, 4)), 2)
+
+
+# ---- quantized models ----------------------------------------------------------------------------------------
+import jax  # noqa: E402
+
+from glm_jax.config import get_config  # noqa: E402
+from glm_jax.int4 import quantize_params, tree_bytes  # noqa: E402
+from glm_jax.model import GLM, abstract_params, init_params  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def small_model():
+    c = get_config("glm-tiny", dtype="float32", num_layers=2, vocab_size=512)
+    return c, init_params(c, jax.random.key(0))
+
+
+def _batch():
+    rng = np.random.default_rng(0)
+    s = 16
+    return {"tokens": jnp.asarray(rng.integers(10, 500, (2, s)), jnp.int32),
+            "position_ids": jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (2, s)),
+            "segment_ids": jnp.ones((2, s), jnp.int32), "prefix_mask": jnp.asarray([[1] * 10 + [0] * 6] * 2, jnp.int32)}
+
+
+@pytest.mark.parametrize("mode,tol", [("int8", 0.01), ("int4", 0.05)])
+def test_quantized_model_logits_stay_close(small_model, mode, tol):
+    c, params = small_model
+    cq = c.override(quantization=mode)
+    pq = quantize_params(params, cq)
+    same = jax.tree_util.tree_map(lambda b: b.value.shape, abstract_params(cq), is_leaf=lambda x: hasattr(x, "value"))
+    assert jax.tree_util.tree_map(lambda x: x.shape, pq) == same
+    assert pq["layers"]["attention"]["query"]["q"].dtype == (jnp.uint8 if mode == "int4" else jnp.int8)
+    assert pq["word_embeddings"]["embedding"].dtype == jnp.bfloat16  # embeddings, norms, biases stay 16-bit
+    ref = np.asarray(GLM(c).apply({"params": params}, _batch()))
+    got = np.asarray(GLM(cq).apply({"params": pq}, _batch()))
+    assert np.abs(got - ref).max() <= tol * np.abs(ref).max()
+    assert tree_bytes(pq) < tree_bytes(params) / (3 if mode == "int8" else 5)
+
+
+def test_quantized_checkpoint_saves_and_loads_identical_arrays(small_model, tmp_path):
+    import orbax.checkpoint as ocp
+
+    c, params = small_model
+    pq = quantize_params(params, c.override(quantization="int4"))
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(tmp_path / "q", pq)
+    with ocp.StandardCheckpointer() as ckptr:
+        back = ckptr.restore(tmp_path / "q", jax.tree_util.tree_map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), pq))
+    for a, b in zip(jax.tree_util.tree_leaves(back), jax.tree_util.tree_leaves(pq)):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -48,7 +48,8 @@ def losses(run_dir) -> dict:
 
 
 def test_pretrain_8x4_trains_and_the_loss_falls(tmp_path):
-    out = pretrain(tmp_path, "--mesh", "8x4", "--steps", "20", "--seq", "64", "--no-progress", timeout=900)
+    out = pretrain(tmp_path, "--mesh", "8x4", "--steps", "20", "--seq", "64", "--batch", "4", "--no-progress",
+                   timeout=900)
     assert "simulating 32 CPU devices" in out.stderr
     summary = json.loads(out.stdout.strip().splitlines()[-1])
     loss = losses(tmp_path)
