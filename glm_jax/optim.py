@@ -190,7 +190,3 @@ class LossScale:
 
 def all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]))
-
-
-def global_norm(tree) -> jax.Array:
-    return optax.global_norm(tree)

@@ -36,7 +36,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from glm_jax import sharding as sh
 from glm_jax.config import GLMConfig
 from glm_jax.model import GLM, abstract_params, dummy_batch
-from glm_jax.optim import LossScale, OptimConfig, all_finite, global_norm, make_optimizer
+from glm_jax.optim import LossScale, OptimConfig, all_finite, make_optimizer
 
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v5": 459e12, "TPU v4": 275e12}
 
@@ -152,11 +152,11 @@ class Trainer:
                 step=state.step + 1, params=keep(new_params, state.params), opt_state=keep(new_opt, state.opt_state),
                 loss_scale=state.loss_scale.update(finite, self.optim, self.dynamic_scale), rng=state.rng,
                 skipped=state.skipped + (~finite).astype(jnp.int32), consecutive_skips=skips)
-            embed_norm = global_norm(grads["word_embeddings"])
+            embed_norm = optax.global_norm(grads["word_embeddings"])
             rest = {k: v for k, v in grads.items() if k != "word_embeddings"}
             metrics = dict(loss=loss_sum / jnp.maximum(n, 1.0), tokens=n, learning_rate=lr,
-                           grad_norm=global_norm(grads), embedding_grad_norm=embed_norm,
-                           other_grad_norm=global_norm(rest), loss_scale=scale, finite=finite,
+                           grad_norm=optax.global_norm(grads), embedding_grad_norm=embed_norm,
+                           other_grad_norm=optax.global_norm(rest), loss_scale=scale, finite=finite,
                            skipped=new_state.skipped, consecutive_skips=skips)
             return new_state, metrics
 
@@ -397,13 +397,6 @@ def plot_metrics(jsonl: str, out_png: str) -> None:
     fig.tight_layout()
     fig.savefig(out_png, dpi=100)
     plt.close(fig)
-
-
-def time_step(fn: Callable[[], Any]) -> tuple[Any, float]:
-    t0 = time.perf_counter()
-    out = fn()
-    jax.block_until_ready(out)
-    return out, time.perf_counter() - t0
 
 
 # ---- the loop -------------------------------------------------------------------------------------------

@@ -11,13 +11,12 @@ from glm_jax.config import get_config
 from glm_jax.convert import from_glm130b_state_dict
 from glm_jax.layers import (FeedForward, GLMBlock, apply_rotary, choose_attention, glm_attention_mask,
                             rotary_tables, xla_attention, SelfAttention)
-from reference_numpy import gelu_exact, glm_forward, glm_mask, layernorm, random_glm130b_state_dict, rope
+from reference_numpy import gelu_exact, glm_mask, layernorm, random_glm130b_state_dict, rope
 
 F32 = dict(dtype="float32", hidden_dropout=0.0, attention_dropout=0.0)
 
 
 def test_mask_matches_brute_force():
-    rng = np.random.default_rng(0)
     seg = np.array([[1, 1, 1, 1, 2, 2, 2, 0], [3, 3, 3, 3, 3, 3, 0, 0]])
     prefix = np.array([[1, 1, 0, 0, 1, 0, 0, 0], [1, 1, 1, 1, 0, 0, 0, 1]])
     mask = np.asarray(glm_attention_mask(jnp.asarray(seg), jnp.asarray(prefix)))
@@ -28,7 +27,6 @@ def test_mask_matches_brute_force():
                 want = seg[b, q] == seg[b, k] != 0 and (prefix[b, k] == 1 or k <= q)
                 assert mask[b, 0, q, k] == want, (b, q, k)
         np.testing.assert_array_equal(mask[b, 0], glm_mask(seg[b], prefix[b]))
-    del rng
 
 
 # ---- rotary -------------------------------------------------------------------------------------

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 from glm_jax import sharding as sh
-from glm_jax.config import get_config
 from glm_jax.optim import BatchSchedule, LossScale, OptimConfig, decay_mask, embedding_alpha, learning_rate
 from glm_jax.train import Trainer
 import sharding_case as case
