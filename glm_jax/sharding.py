@@ -355,9 +355,12 @@ def token_loss(logits, batch):
 
 
 def describe(mesh: jax.sharding.Mesh, plan: PipelinePlan, microbatches: int) -> str:
-    return (f"mesh data={axis_size(mesh, 'data')} x stage={axis_size(mesh, 'stage')} x "
-            f"tensor={axis_size(mesh, 'tensor')}; layers per stage {plan.layers_per_stage} "
-            f"({plan.slots} slots); {microbatches} microbatches, bubble {plan.bubble_fraction(microbatches):.1%}")
+    head = (f"mesh data={axis_size(mesh, 'data')} x stage={axis_size(mesh, 'stage')} x "
+            f"tensor={axis_size(mesh, 'tensor')}")
+    if plan.stages == 1:
+        return head + "; no pipeline"
+    return (head + f"; layers per stage {plan.layers_per_stage} ({plan.slots} slots); {microbatches} "
+            f"microbatches, bubble {plan.bubble_fraction(microbatches):.1%}")
 
 
 def microbatch_count(requested: int | None, global_batch: int, mesh: jax.sharding.Mesh) -> int:
