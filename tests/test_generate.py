@@ -130,3 +130,17 @@ def test_prompt_without_a_mask_token_is_a_clear_error(model):
     c, _ = model
     with pytest.raises(ValueError, match="holds no"):
         make_prompts([[10, 11, 12]], c)
+
+
+def test_generation_on_a_tensor_sharded_model(model):
+    """Parameters placed by the sharding rules on a 1x4 (tensor) mesh generate what one device does."""
+    from glm_jax import sharding as sh
+    from glm_jax.model import abstract_params
+
+    c, params = model
+    mesh = sh.make_mesh("1x4", jax.devices()[:4])
+    shardings = sh.named_shardings(abstract_params(c), mesh, sh.rules_for(c, mesh))
+    placed = jax.device_put(params, shardings)
+    assert placed["layers"]["attention"]["query"]["kernel"].sharding.spec[2] == "tensor"
+    want = Generator(c, params).generate(PROMPTS, 4, stop_tokens=())
+    assert Generator(c, placed).generate(PROMPTS, 4, stop_tokens=()) == want
