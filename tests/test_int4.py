@@ -132,3 +132,17 @@ def test_quantized_checkpoint_saves_and_loads_identical_arrays(small_model, tmp_
     for a, b in zip(jax.tree_util.tree_leaves(back), jax.tree_util.tree_leaves(pq)):
         assert a.dtype == b.dtype
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("m,k,n,group,block_k", [(1, 96, 40, None, 32), (5, 300, 130, None, 64),
+                                                  (16, 512, 256, None, 128), (7, 512, 200, 128, 64)])
+def test_pallas_kernel_in_interpret_mode_equals_dequantize_then_matmul(m, k, n, group, block_k):
+    from glm_jax.int4 import pallas_matmul
+
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    qw = quantize(rng.standard_normal((k, n)).astype(np.float32), 4, group)
+    want = x @ np.asarray(dequantize(qw))
+    got = np.asarray(pallas_matmul(x, qw, dtype=jnp.float32, block_k=block_k, interpret=True))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(matmul(x, qw, dtype=jnp.float32)), got, rtol=1e-5, atol=1e-4)
