@@ -28,6 +28,7 @@ import numpy as np
 from glm_jax.config import GLMConfig
 from glm_jax.generate import Generator, make_prompts
 from glm_jax.model import GLM
+from glm_jax.objectives import CONTRACT_KEYS
 from glm_jax.tokenizer import GMASK, MASK, SOP, GLMTokenizer
 
 Row = tuple[Sequence[int], Sequence[int]]
@@ -51,8 +52,7 @@ def teacher_forcing_batch(rows: Sequence[Row], config: GLMConfig, length: int | 
     """Rows -> a padded batch (contract arrays) whose loss_mask covers the continuations."""
     prompts = make_prompts([list(c) for c, _ in rows], config)
     s = length or _bucket(max(len(c) + len(x) for c, x in rows))  # context + sop + continuation[:-1]
-    out = {k: np.zeros((len(rows), s), np.int32) for k in ("tokens", "targets", "loss_mask", "position_ids",
-                                                              "block_position_ids", "segment_ids", "prefix_mask")}
+    out = {k: np.zeros((len(rows), s), np.int32) for k in CONTRACT_KEYS}
     for i, (ctx, cont) in enumerate(rows):
         n, k = len(ctx), len(cont)
         out["tokens"][i, :n + k] = list(ctx) + [SOP] + list(cont[:-1])

@@ -17,6 +17,7 @@ from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 import numpy as np
 
+from glm_jax import int4
 from glm_jax.config import GLMConfig
 
 MASK_VALUE = -10000.0  # the reference's additive mask value (spec section 1)
@@ -67,8 +68,6 @@ class Linear(nn.Module):
     def _quantized(self, x):
         """Weight-only INT4/INT8: q [K(/2), *features] (the input dims flattened to K, INT4 packed
         in pairs along K) and scale [G, *features]; filled by int4.quantize_params."""
-        from glm_jax import int4
-
         c = self.config
         bits = 4 if c.quantization == "int4" else 8
         k = int(np.prod(self.in_shape))

@@ -18,6 +18,7 @@ Every sequence is a pure function of (seed, index): `SequenceBuilder.build(index
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Callable, Sequence
 
@@ -58,14 +59,14 @@ class ObjectiveConfig:
             if not ok:
                 raise ValueError(msg)
 
-    @property
+    @functools.cached_property
     def span_cdf(self) -> np.ndarray:
         k = np.arange(1, self.max_span + 1)
         log_pmf = k * math.log(self.span_lambda) - self.span_lambda - np.array([math.lgamma(i + 1) for i in k])
         pmf = np.exp(log_pmf)
         return np.cumsum(pmf / pmf.sum())
 
-    @property
+    @functools.cached_property
     def mean_span(self) -> float:
         cdf = self.span_cdf
         return float(np.sum(np.arange(1, self.max_span + 1) * np.diff(cdf, prepend=0.0)))

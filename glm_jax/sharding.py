@@ -12,6 +12,7 @@ autodiff through the schedule.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from typing import Any
 
@@ -374,8 +375,6 @@ DIST_ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
 def initialize_distributed(environ=None) -> bool:
     """`jax.distributed.initialize` when JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
     JAX_PROCESS_ID are set (CPU processes talk through gloo). Returns whether it initialized."""
-    import os
-
     env = os.environ if environ is None else environ
     present = [k for k in DIST_ENV if env.get(k)]
     if not present:
@@ -400,8 +399,6 @@ def global_batch(local: dict, mesh: jax.sharding.Mesh) -> dict:
 def simulate_cpu_devices(n: int) -> bool:
     """Ask for n CPU devices before JAX starts its backends (only the CPU platform is affected:
     on a machine with accelerators the mesh uses those). Returns whether it asked."""
-    import os
-
     if n <= 1 or "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
         return False
     jax.config.update("jax_num_cpu_devices", n)

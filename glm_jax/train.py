@@ -17,6 +17,7 @@ onto any mesh), step, rng, loss scale, the data iterator's state and the config.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -35,8 +36,12 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from glm_jax import sharding as sh
 from glm_jax.config import GLMConfig
+from glm_jax.data import DataIterator
 from glm_jax.model import GLM, abstract_params, dummy_batch
-from glm_jax.optim import LossScale, OptimConfig, all_finite, make_optimizer
+from glm_jax.objectives import CONTRACT_KEYS
+from glm_jax.optim import (BatchSchedule, LossScale, OptimConfig, all_finite, embedding_alpha, learning_rate,
+                           make_optimizer)
+from glm_jax.summary import flops_per_token
 
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v5": 459e12, "TPU v4": 275e12}
 
@@ -106,21 +111,11 @@ class Trainer:
         return jax.tree_util.tree_map(lambda x: on_params(x) if is_params(x) else on_other(x), tree,
                                       is_leaf=is_params)
 
+    @contextlib.contextmanager
     def context(self):
         """The mesh and logical rules every trace runs under."""
-        mesh_ctx = jax.set_mesh(self.mesh)
-        rules_ctx = nn.logical_axis_rules(self.rules)
-
-        class _Both:
-            def __enter__(s):
-                mesh_ctx.__enter__()
-                rules_ctx.__enter__()
-
-            def __exit__(s, *a):
-                rules_ctx.__exit__(*a)
-                mesh_ctx.__exit__(*a)
-
-        return _Both()
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+            yield
 
     # ---- the jitted functions -----------------------------------------------------------------------
     def _jit(self):
@@ -230,8 +225,7 @@ class Trainer:
         return {
             "step": scalar_i,
             "params": jax.tree_util.tree_map(sds, canon_shapes, self.canonical_shardings),
-            "opt_state": jax.tree_util.tree_map(
-                lambda x: x, self._param_like(opt_shapes, lambda t: jax.tree_util.tree_map(sds, t, moment), rep)),
+            "opt_state": self._param_like(opt_shapes, lambda t: jax.tree_util.tree_map(sds, t, moment), rep),
             "loss_scale": LossScale(scalar_f, scalar_i, scalar_i),
             "rng": jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=self.replicated),
             "skipped": scalar_i, "consecutive_skips": scalar_i,
@@ -248,8 +242,6 @@ class Trainer:
             return convert(tree)
 
     def model_flops_per_step(self, tokens: int, seq_len: int) -> float:
-        from glm_jax.summary import flops_per_token
-
         return flops_per_token(self.config, seq_len)["train"] * tokens
 
 
@@ -431,9 +423,6 @@ def train(config: GLMConfig, optim: OptimConfig, run: RunConfig, mesh, builder, 
     """
     from tqdm import tqdm
 
-    from glm_jax.data import DataIterator
-    from glm_jax.optim import BatchSchedule, embedding_alpha, learning_rate
-
     pass_batch = run.pass_batch or run.global_batch
     trainer = Trainer(config, optim, mesh, pass_batch, run.microbatches, fsdp=run.fsdp)
     schedule = BatchSchedule(run.global_batch, pass_batch, run.steps, optim.ramp_start, optim.ramp_fraction,
@@ -462,9 +451,7 @@ def train(config: GLMConfig, optim: OptimConfig, run: RunConfig, mesh, builder, 
     def evaluate():
         if eval_builder is None:
             return None
-        from glm_jax.data import DataIterator as It
-
-        it = It(eval_builder, pass_batch, jax.process_index(), jax.process_count(), prefetch=0)
+        it = DataIterator(eval_builder, pass_batch, jax.process_index(), jax.process_count(), prefetch=0)
         total = count = 0.0
         with trainer.context():
             for _ in range(run.eval_batches):
@@ -491,10 +478,10 @@ def train(config: GLMConfig, optim: OptimConfig, run: RunConfig, mesh, builder, 
                         rng = trainer.step_rng(state)
                         grads = loss_sum = n = None
                         for i in range(passes):
-                            g, ls, nn_ = trainer.grad_pass(state.params, trainer.place_batch(next(data)),
+                            g, ls, k = trainer.grad_pass(state.params, trainer.place_batch(next(data)),
                                                            jax.random.fold_in(rng, i), alpha, state.loss_scale.scale)
                             grads = g if grads is None else trainer.accumulate(grads, g)
-                            loss_sum, n = (ls, nn_) if loss_sum is None else (loss_sum + ls, n + nn_)
+                            loss_sum, n = (ls, k) if loss_sum is None else (loss_sum + ls, n + k)
                         state, m = trainer.update(state, grads, loss_sum, n, lr)
                 m = {k: (bool(v) if k == "finite" else float(v)) for k, v in jax.device_get(m).items()}
                 dt = time.perf_counter() - t0
@@ -566,8 +553,7 @@ def dry_run(trainer: Trainer, seq_len: int) -> dict:
     abstract = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                       state_shapes, trainer.state_shardings)
     batch = {k: jax.ShapeDtypeStruct((trainer.pass_batch, seq_len), jnp.int32, sharding=trainer.batch_sharding)
-             for k in ("tokens", "targets", "loss_mask", "position_ids", "block_position_ids", "segment_ids",
-                       "prefix_mask")}
+             for k in CONTRACT_KEYS}
     scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=trainer.replicated)
     with trainer.context():
         compiled = trainer.fused_step.lower(abstract, batch, scalar, scalar).compile()
