@@ -23,6 +23,7 @@ FFN_KINDS = ("geglu", "swiglu", "gelu", "gelu_tanh")
 NORM_KINDS = ("layernorm", "rmsnorm")
 NORM_PLACEMENTS = ("deepnorm", "pre")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+QUANTIZED_MATMULS = ("auto", "xla", "pallas")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attention")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -75,6 +76,9 @@ class GLMConfig:
     # weight-only quantization of the four linear weights of every layer (int4.py)
     quantization: str = "none"  # none | int8 | int4
     quantization_group: int = 0  # input rows per scale; 0: one scale per output row
+    # INT4 dequant-matmul: xla (portable), pallas (fused Triton kernel), auto (pallas for
+    # decode-sized token counts on a single NVIDIA GPU, else xla)
+    quantized_matmul: str = "auto"
     # sizes that were derived rather than set; re-derived by override()
     _derived: tuple = dataclasses.field(default=(), repr=False, compare=False)
 
@@ -182,6 +186,10 @@ def validate(c: GLMConfig) -> None:
          f"norm_placement={c.norm_placement!r}; choose one of {NORM_PLACEMENTS}")
     need(c.attention_impl in ATTENTION_IMPLS,
          f"attention_impl={c.attention_impl!r}; choose one of {ATTENTION_IMPLS}")
+    need(c.quantized_matmul in QUANTIZED_MATMULS,
+         f"quantized_matmul={c.quantized_matmul!r}; choose one of {QUANTIZED_MATMULS}")
+    need(c.quantized_matmul != "pallas" or c.quantization == "int4",
+         f"quantized_matmul=pallas is the INT4 kernel; quantization={c.quantization!r} needs xla or auto")
     need(c.remat_policy in REMAT_POLICIES,
          f"remat_policy={c.remat_policy!r}; choose one of {REMAT_POLICIES}")
     for name in ("dtype", "param_dtype"):

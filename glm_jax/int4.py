@@ -147,65 +147,155 @@ def tree_bytes(tree) -> int:
 
 
 # ---- the fused Pallas kernel --------------------------------------------------------------------------------
-def _int4_kernel(xe_ref, xo_ref, q_ref, s_ref, o_ref, *, bk: int, nk: int, group_blocks: int):
-    """One [bm, bn] output tile: loop over K in blocks of bk, unpack the packed bytes in registers
-    (high nibble = even rows, low nibble = odd rows), two dots against the even/odd halves of x,
-    scales applied per group (or once at the end for per-row scales)."""
-    import jax.experimental.pallas as pl
+@dataclasses.dataclass(frozen=True)
+class KernelBlocks:
+    """Tiling of `pallas_matmul`: output tiles [block_m, block_n], K walked in steps of block_k
+    (block_k/2 packed rows), split over `split_k` programs whose fp32 partial sums XLA adds;
+    Triton's warps per program and software-pipelining stages. block_m 0: the smallest power
+    of two >= M in [16, 64]. split_k 0: enough splits (<= 8) for about TARGET_PROGRAMS programs,
+    so a short-N decode matmul still keeps every SM streaming weights."""
 
-    half = bk // 2
+    block_m: int = 0
+    block_n: int = 64
+    block_k: int = 256
+    split_k: int = 0
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+TARGET_PROGRAMS = 264  # two per SM of an H100 (132 SMs)
+PALLAS_MAX_TOKENS = 64  # above this many rows the matmul is compute-bound: XLA's GEMM wins
+
+
+def _pow2(v: int) -> bool:
+    return v > 0 and v & (v - 1) == 0
+
+
+def _resolve(blocks: KernelBlocks, m: int, k: int, n: int, groups: int) -> KernelBlocks:
+    """Fill the automatic fields (block_m, split_k) and clamp block_n/block_k to the weight."""
+    bm = blocks.block_m or min(64, max(16, 1 << (m - 1).bit_length()))
+    bn = min(blocks.block_n, n & -n)
+    bk = min(blocks.block_k, k // groups if groups > 1 else 1 << (k.bit_length() - 1))
+    split = blocks.split_k
+    if not split:
+        tiles = -(-m // bm) * (n // max(bn, 1))
+        split = 1
+        while (split < 8 and tiles * split * 2 <= TARGET_PROGRAMS and k // (bk * split * 2) >= 1
+               and (groups == 1 or groups % (split * 2) == 0)):
+            split *= 2
+    return dataclasses.replace(blocks, block_m=bm, block_n=bn, block_k=bk, split_k=split)
+
+
+def _int4_kernel(xe_ref, xo_ref, q_ref, s_ref, o_ref, *, half: int, steps: int, group_steps: int):
+    """One [bm, bn] fp32 partial sum over this program's share of K: `steps` steps of `half`
+    packed rows, unpacked in registers (high nibble = even input rows, low = odd) and met by
+    the even/odd columns of x in two MMAs; per-group scales applied per step when grouped
+    (group_steps steps per group), else by the caller after the split-K sum.
+
+    xe_ref, xo_ref [bm, steps*half]; q_ref [steps*half, bn] packed; s_ref [G/split_k, bn]."""
+    import jax.experimental.pallas as pl
 
     def body(i, acc):
-        b = q_ref[pl.ds(i * half, half), :].astype(jnp.int8)
+        rows = pl.ds(pl.multiple_of(i * half, half), half)
+        b = q_ref[rows, :].astype(jnp.int8)
         high = (b >> 4).astype(xe_ref.dtype)
         low = ((b << 4) >> 4).astype(xe_ref.dtype)
-        part = jnp.dot(xe_ref[:, pl.ds(i * half, half)], high, preferred_element_type=jnp.float32)
-        part += jnp.dot(xo_ref[:, pl.ds(i * half, half)], low, preferred_element_type=jnp.float32)
-        if group_blocks:
-            part = part * s_ref[pl.ds(i // group_blocks, 1), :].astype(jnp.float32)
+        part = jnp.dot(xe_ref[:, rows], high, preferred_element_type=jnp.float32)
+        part += jnp.dot(xo_ref[:, rows], low, preferred_element_type=jnp.float32)
+        if group_steps:
+            part = part * s_ref[pl.ds(i // group_steps, 1), :].astype(jnp.float32)
         return acc + part
 
-    acc = jax.lax.fori_loop(0, nk, body, jnp.zeros(o_ref.shape, jnp.float32))
-    if not group_blocks:
-        acc = acc * s_ref[pl.ds(0, 1), :].astype(jnp.float32)
-    o_ref[...] = acc.astype(o_ref.dtype)
+    o_ref[...] = jax.lax.fori_loop(0, steps, body, jnp.zeros(o_ref.shape, jnp.float32))
 
 
-def pallas_matmul(x, w: QuantizedWeight, dtype=jnp.bfloat16, block_m: int = 16, block_n: int = 128,
-                  block_k: int = 256, interpret: bool | None = None) -> jax.Array:
-    """x [M, K] @ dequant(w) with a Pallas kernel that reads the packed INT4 weight once and fuses
-    unpacking and scaling into the matmul. Ragged M, N and K are padded to the blocks. Runs in
-    interpret mode off-GPU (the CPU tests); on NVIDIA GPUs it lowers through Triton."""
+def pallas_supports(m: int, k: int, n: int, groups: int, blocks: KernelBlocks = KernelBlocks()) -> str | None:
+    """None when `pallas_matmul` takes x [M, K] and a [K, N] INT4 weight with `groups` scale
+    groups with these blocks; else the reason it does not (the caller then uses the XLA path)."""
+    r = _resolve(blocks, m, k, n, groups)
+    bn, bk, split = r.block_n, r.block_k, r.split_k
+    if bn < 16:
+        return f"N={n} has no power-of-two tile >= 16 (Triton's MMA minimum)"
+    if not (_pow2(bk) and bk >= 32 and _pow2(split)):
+        return f"block_k={bk} (a power of two >= 32) and split_k={split} (a power of two) are required"
+    if groups > 1:
+        group = k // groups
+        if group % bk or not _pow2(bk) or groups % split:
+            return f"group size {group} with block_k={bk}, split_k={split} does not tile K={k}"
+    elif k // (bk * split) == 0:
+        return f"K={k} is shorter than block_k*split_k={bk * split}"
+    return None
+
+
+def pallas_matmul(x, w: QuantizedWeight, dtype=jnp.bfloat16, blocks: KernelBlocks = KernelBlocks(),
+                  interpret: bool | None = None) -> jax.Array:
+    """x [M, K] @ dequant(w) [K, N] -> [M, N] with a Pallas (Triton) kernel that reads each
+    packed INT4 weight byte once, unpacks and scales in registers, and accumulates in fp32.
+
+    The weight is never copied or padded: N is tiled by a power of two dividing it, K by
+    block_k * split_k, and a K tail shorter than that (per-row scales only) goes through the
+    XLA path on its few rows. Ragged M is padded (x is small). Runs in interpret mode off-GPU
+    (the CPU tests); lowers through Triton on NVIDIA GPUs."""
     import jax.experimental.pallas as pl
+    from jax.experimental.pallas import triton as pltriton
 
     if w.bits != 4:
         raise ValueError("pallas_matmul takes INT4 weights; INT8 uses the XLA path")
-    if interpret is None:
-        interpret = jax.default_backend() != "gpu"
     k, n = w.shape
     g = w.scale.shape[0]
-    group = k // g
     m = x.shape[0]
-    if g > 1:  # a K block must not straddle two scale groups
-        block_k = min(block_k, group)
-        if group % block_k or block_k % 2:
-            raise ValueError(f"group size {group} must be a multiple of an even block_k ({block_k})")
-    bm, bn, bk = block_m, block_n, block_k
-    mp, np_, kp = -(-m // bm) * bm, -(-n // bn) * bn, -(-k // bk) * bk
-    x = jnp.pad(x.astype(dtype), ((0, mp - m), (0, kp - k)))
-    q = jnp.pad(w.q, ((0, (kp - k) // 2), (0, np_ - n)))
-    scale = jnp.pad(w.scale, ((0, 0), (0, np_ - n)))
-    xe, xo = x[:, 0::2], x[:, 1::2]  # even / odd input columns meet the high / low nibbles
-    kernel = functools.partial(_int4_kernel, bk=bk, nk=kp // bk, group_blocks=(group // bk) if g > 1 else 0)
-    out = pl.pallas_call(
+    if (why := pallas_supports(m, k, n, g, blocks)) is not None:
+        raise ValueError(f"pallas_matmul cannot tile this weight: {why}")
+    if interpret is None:
+        interpret = jax.default_backend() != "gpu"
+    r = _resolve(blocks, m, k, n, g)
+    bm, bn, bk, split = r.block_m, r.block_n, r.block_k, r.split_k
+    steps = k // (bk * split)  # per split
+    k_main = steps * bk * split
+    mp = -(-m // bm) * bm
+    x = jnp.pad(x.astype(dtype), ((0, mp - m), (0, 0)))
+    xe, xo = x[:, 0:k_main:2], x[:, 1:k_main:2]  # even / odd input columns meet the high / low nibbles
+    rows = steps * bk // 2
+    kernel = functools.partial(_int4_kernel, half=bk // 2, steps=steps,
+                               group_steps=(k // g) // bk if g > 1 else 0)
+    partial = pl.pallas_call(
         kernel,
-        grid=(mp // bm, np_ // bn),
-        in_specs=[pl.BlockSpec((bm, kp // 2), lambda i, j: (i, 0)),
-                  pl.BlockSpec((bm, kp // 2), lambda i, j: (i, 0)),
-                  pl.BlockSpec((kp // 2, bn), lambda i, j: (0, j)),
-                  pl.BlockSpec((g, bn), lambda i, j: (0, j))],
-        out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
-        out_shape=jax.ShapeDtypeStruct((mp, np_), dtype),
+        grid=(mp // bm, n // bn, split),
+        in_specs=[pl.BlockSpec((bm, rows), lambda i, j, s: (i, s)),
+                  pl.BlockSpec((bm, rows), lambda i, j, s: (i, s)),
+                  pl.BlockSpec((rows, bn), lambda i, j, s: (s, j)),
+                  pl.BlockSpec((g // split if g > 1 else 1, bn), lambda i, j, s: (s if g > 1 else 0, j))],
+        out_specs=pl.BlockSpec((None, bm, bn), lambda i, j, s: (s, i, j)),
+        out_shape=jax.ShapeDtypeStruct((split, mp, n), jnp.float32),
+        compiler_params=pltriton.CompilerParams(num_warps=r.num_warps, num_stages=r.num_stages),
         interpret=interpret,
-    )(xe, xo, q, scale)
-    return out[:m, :n]
+    )(xe, xo, w.q, w.scale)
+    y = jnp.sum(partial, axis=0)[:m]
+    if g == 1:
+        if k_main < k:  # the K tail: a few rows, XLA
+            tail = QuantizedWeight(w.q[k_main // 2:], jnp.ones_like(w.scale), 4)
+            y = y + matmul(x[:m, k_main:], tail, dtype=jnp.float32).astype(jnp.float32)
+        y = y * w.scale[0].astype(jnp.float32)
+    return y.astype(dtype)
+
+
+def choose_matmul(impl: str, m: int, w: QuantizedWeight) -> str:
+    """The path for x [M, K] @ w: "pallas" or "xla". impl "auto" takes the Pallas kernel for
+    INT4 weights and decode-sized M on a process with one NVIDIA GPU: under a multi-device
+    mesh XLA's partitioner cannot split a custom call (it would gather the weight), so the
+    sharded model keeps the XLA path."""
+    if impl == "pallas":
+        return "pallas"
+    if (impl == "auto" and w.bits == 4 and m <= PALLAS_MAX_TOKENS and jax.default_backend() == "gpu"
+            and jax.device_count() == 1 and pallas_supports(m, *w.shape, w.scale.shape[0]) is None):
+        return "pallas"
+    return "xla"
+
+
+def dense(x, w: QuantizedWeight, impl: str = "auto", dtype=jnp.bfloat16) -> jax.Array:
+    """x [..., K] @ dequant(w) -> [..., N] by the path `choose_matmul` picks."""
+    lead = x.shape[:-1]
+    m = int(np.prod(lead)) if lead else 1
+    if choose_matmul(impl, m, w) == "xla":
+        return matmul(x, w, dtype=dtype)
+    return pallas_matmul(x.reshape(m, x.shape[-1]), w, dtype=dtype).reshape(lead + (w.shape[1],))

@@ -80,7 +80,8 @@ class Linear(nn.Module):
                            (groups,) + self.features, jnp.float16)
         n = int(np.prod(self.features))
         w = int4.QuantizedWeight(q.reshape(q.shape[0], n), scale.reshape(groups, n), bits)
-        y = int4.matmul(x.reshape(x.shape[: x.ndim - len(self.in_shape)] + (k,)), w, dtype=c.compute_dtype)
+        y = int4.dense(x.reshape(x.shape[: x.ndim - len(self.in_shape)] + (k,)), w, c.quantized_matmul,
+                       dtype=c.compute_dtype)
         return y.reshape(y.shape[:-1] + self.features)
 
 

@@ -87,6 +87,8 @@ def test_set_parsing():
     (dict(hidden_dropout=1.5), "hidden_dropout=1.5"),
     (dict(dtype="float8"), "dtype='float8'"),
     (dict(num_layers=0), "num_layers must be a positive integer"),
+    (dict(quantized_matmul="triton"), "quantized_matmul='triton'"),
+    (dict(quantization="int8", quantized_matmul="pallas"), "quantized_matmul=pallas is the INT4 kernel"),
 ])
 def test_validation_names_the_field(overrides, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):

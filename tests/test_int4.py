@@ -134,15 +134,56 @@ def test_quantized_checkpoint_saves_and_loads_identical_arrays(small_model, tmp_
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-@pytest.mark.parametrize("m,k,n,group,block_k", [(1, 96, 40, None, 32), (5, 300, 130, None, 64),
-                                                  (16, 512, 256, None, 128), (7, 512, 200, 128, 64)])
+@pytest.mark.parametrize("m,k,n,group,block_k", [(1, 96, 48, None, 32), (5, 300, 160, None, 64),
+                                                  (16, 512, 256, None, 128), (7, 512, 192, 128, 64)])
 def test_pallas_kernel_in_interpret_mode_equals_dequantize_then_matmul(m, k, n, group, block_k):
-    from glm_jax.int4 import pallas_matmul
+    from glm_jax.int4 import KernelBlocks, pallas_matmul
 
     rng = np.random.default_rng(4)
     x = rng.standard_normal((m, k)).astype(np.float32)
     qw = quantize(rng.standard_normal((k, n)).astype(np.float32), 4, group)
     want = x @ np.asarray(dequantize(qw))
-    got = np.asarray(pallas_matmul(x, qw, dtype=jnp.float32, block_k=block_k, interpret=True))
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+    for split in (0, 1):  # automatic split-K (2 here) and none; ragged K leaves a tail for XLA
+        got = np.asarray(pallas_matmul(x, qw, dtype=jnp.float32, blocks=KernelBlocks(block_k=block_k, split_k=split),
+                                       interpret=True))
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(np.asarray(matmul(x, qw, dtype=jnp.float32)), got, rtol=1e-5, atol=1e-4)
+
+
+def test_pallas_kernel_refuses_untileable_weights_and_auto_falls_back_to_xla():
+    from glm_jax.int4 import choose_matmul, dense, pallas_matmul, pallas_supports
+
+    qw = quantize(np.random.default_rng(0).standard_normal((64, 130)).astype(np.float32), 4)
+    assert "no power-of-two tile" in pallas_supports(1, 64, 130, 1)
+    with pytest.raises(ValueError, match="cannot tile"):
+        pallas_matmul(np.ones((1, 64), np.float32), qw, interpret=True)
+    x = np.ones((2, 3, 64), np.float32)
+    assert choose_matmul("auto", 6, qw) == "xla"  # CPU, and N=130 does not tile either
+    np.testing.assert_array_equal(np.asarray(dense(x, qw, "auto", jnp.float32)),
+                                  np.asarray(matmul(x, qw, dtype=jnp.float32)))
+
+
+@pytest.mark.parametrize("m", [1, 16, 64])
+def test_pallas_kernel_lowers_through_triton_for_glm130b_shapes(m):
+    """The real GPU path up to Triton IR, on CPU: jax.export for CUDA runs the Pallas Triton
+    lowering (power-of-two tiles, supported ops) for the decode shapes of the INT4 bench."""
+    from jax import export
+
+    from glm_jax.int4 import QuantizedWeight, pallas_matmul
+
+    for k, n in [(12288, 36864), (12288, 12288), (12288, 65536), (32768, 12288)]:
+        f = jax.jit(lambda x, q, s: pallas_matmul(x, QuantizedWeight(q, s, 4), interpret=False))
+        args = (jax.ShapeDtypeStruct((m, k), jnp.bfloat16), jax.ShapeDtypeStruct((k // 2, n), jnp.uint8),
+                jax.ShapeDtypeStruct((1, n), jnp.float16))
+        exported = export.export(f, platforms=["cuda"], disabled_checks=[
+            export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*args)
+        assert "__gpu$xla.gpu.triton" in exported.mlir_module()
+
+
+def test_quantized_model_with_the_pallas_kernel_equals_the_xla_path(small_model):
+    c, params = small_model
+    cq = c.override(quantization="int4")
+    pq = quantize_params(params, cq)
+    xla = np.asarray(GLM(cq.override(quantized_matmul="xla")).apply({"params": pq}, _batch()))
+    pallas = np.asarray(GLM(cq.override(quantized_matmul="pallas")).apply({"params": pq}, _batch()))
+    np.testing.assert_allclose(pallas, xla, rtol=1e-5, atol=1e-5)
