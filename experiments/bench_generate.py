@@ -14,19 +14,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchutil import emit, environment, time_fn
+from benchutil import emit, environment, hbm_bandwidth
 from glm_jax.config import config_from_args
 from glm_jax.generate import Generator, make_prompts
 from glm_jax.model import init_params
 from glm_jax.tokenizer import GMASK, SOP
-
-
-def hbm_bandwidth(gib: float = 2.0) -> float:
-    """Bytes/s of a device-to-device copy (bytes read + written)."""
-    x = jnp.ones((int(gib * 2**30) // 4,), jnp.float32)
-    copy = jax.jit(lambda a: a + 0)
-    t = time_fn(copy, x, iters=10)
-    return 2 * x.nbytes / t
 
 
 def main(argv=None):

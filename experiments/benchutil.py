@@ -37,6 +37,15 @@ def matmul_anchor(n: int = 8192, dtype=jnp.bfloat16) -> float:
     return 2 * n**3 / time_fn(f, a, b) / 1e12
 
 
+def hbm_bandwidth(gib: float = 2.0) -> float:
+    """Bytes/s of a device-to-device copy of `gib` GiB (bytes read + written): the memory
+    bandwidth every bytes floor is divided by."""
+    x = jnp.ones((int(gib * 2**30) // 4,), jnp.float32)
+    copy = jax.jit(lambda a: a + 0)
+    t = time_fn(copy, x, iters=10)
+    return 2 * x.nbytes / t
+
+
 def environment() -> dict:
     dev = jax.devices()[0]
     return {"device": getattr(dev, "device_kind", str(dev)), "backend": jax.default_backend(),
