@@ -68,7 +68,7 @@ def init_cache(config: GLMConfig, batch: int, max_len: int, dtype=None):
     return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
 
 
-@functools.partial(jax.jit, static_argnums=(0,))
+@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
 def prefill(config: GLMConfig, params, cache, tokens, lengths):
     """Write the context [B, T] into cache slots 0..T-1 (bidirectional over each row's context)."""
     b, t = tokens.shape

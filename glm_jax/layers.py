@@ -254,8 +254,10 @@ class SelfAttention(nn.Module):
     Parameters: query [E, H, D], key/value [E, K, D], dense [H, D, E] (whole heads per slice,
     so tensor parallelism over `heads` never splits one).
 
-    With a KV cache (k, v: [B, M, K, D]) the new keys/values (after rotary) are written at
-    `cache_index` and the queries attend over the whole cache: mask is then [B, 1, S, M].
+    With a KV cache (k, v: [B, M, K, D]) the queries attend over the cache with the new
+    keys/values (after rotary) placed at `cache_index` (mask [B, 1, S, M]), and the second
+    output is just those new entries (k, v: [B, S, K, D]): the caller writes them into its
+    stacked cache in place, rather than every layer emitting a whole updated copy.
     """
 
     config: GLMConfig
@@ -272,10 +274,10 @@ class SelfAttention(nn.Module):
         q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
         q, k = apply_rotary(q, tables, c), apply_rotary(k, tables, c)
         if cache is not None:
-            k = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), cache_index, axis=1)
-            v = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), cache_index, axis=1)
-            cache = (k, v)
-            k, v = k.astype(q.dtype), v.astype(q.dtype)
+            new = (k.astype(cache[0].dtype), v.astype(cache[1].dtype))
+            k, v = (jax.lax.dynamic_update_slice_in_dim(old, n, cache_index, axis=1).astype(q.dtype)
+                    for old, n in zip(cache, new))
+            cache = new
         dropout_active = c.attention_dropout > 0.0 and self.has_rng("dropout")
         if choose_attention(c, dropout_active) == "cudnn":
             out = cudnn_attention(q, k, v, mask)
@@ -329,7 +331,7 @@ class FeedForward(nn.Module):
 
 # ---- the block ----------------------------------------------------------------------------------
 class GLMBlock(nn.Module):
-    """One GLM layer. h: [B, S, E] -> ([B, S, E], new KV cache or None) (scan carry, scan output).
+    """One GLM layer. h: [B, S, E] -> ([B, S, E], new KV entries or None) (scan carry, scan output).
 
     DeepNorm (GLM-130B): x = LN_in(h); h = alpha*x + Attn(x); y = LN_post(h); out = alpha*y + FFN(y),
     alpha = sqrt(2N): the residual carries the LayerNorm output. Pre-LN: h + Attn(LN(h)), etc.

@@ -102,10 +102,14 @@ class GLM(nn.Module):
     def cached(self, tokens, position_ids, block_position_ids, mask, cache, cache_index):
         """Incremental forward with a KV cache (generation): tokens [B, S] at the given positions
         attend over the cache under `mask` [B, 1, S, M]; their keys/values are written at
-        cache_index. cache: (k, v) each [L, B, M, K, D]. -> (logits [B, S, vocab], new cache)."""
+        cache_index. cache: (k, v) each [L, B, M, K, D]. -> (logits [B, S, vocab], new cache).
+
+        The layers return only their new entries [L, B, S, K, D], written here with one
+        update-slice each, which a caller that donates the cache gets in place."""
         h = self.embed({"tokens": tokens})
         tables = rotary_tables(position_ids, block_position_ids, self.config)
-        h, cache = self.layers(h, mask, tables, cache, cache_index)
+        h, new = self.layers(h, mask, tables, cache, cache_index)
+        cache = tuple(jax.lax.dynamic_update_slice_in_dim(c, n, cache_index, axis=2) for c, n in zip(cache, new))
         return self.head(h), cache
 
     def head(self, h, return_hidden: bool = False):

@@ -1,0 +1,162 @@
+"""The exact GLM-130B with INT4 weights decoding on ONE GPU: peak memory and ms/token.
+
+    python experiments/bench_130b_int4.py [--preset glm-130b] [--cache 2048] [--new 32] [--dry-run]
+
+Random INT4 weights are generated on the device, one layer at a time into preallocated stacked
+buffers (no host copy of 130B parameters, no second copy on the device); embeddings, norms and
+biases are bf16, the KV cache bf16 with `--cache` slots, every one of which each decode step
+attends over (masked). Reports peak device memory and ms/token against the floor: (all weight
+bytes, INT4 layers plus the bf16 embedding the tied head reads, plus the KV cache bytes) over
+the HBM bandwidth measured in the same run. --dry-run compiles the decode step for abstract
+arrays and prints XLA's memory analysis without allocating anything (works on a laptop).
+"""
+
+import os
+
+# the weights take most of an 80 GB card: let JAX's allocator have nearly all of it
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.97")
+
+import argparse  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from benchutil import emit, environment, hbm_bandwidth  # noqa: E402
+from glm_jax.config import config_from_args  # noqa: E402
+from glm_jax.generate import BUCKET, decode_step, init_cache, make_prompts, prefill  # noqa: E402
+from glm_jax.int4 import tree_bytes  # noqa: E402
+from glm_jax.model import abstract_params  # noqa: E402
+from glm_jax.tokenizer import GMASK, SOP  # noqa: E402
+
+GB = 1e9
+
+
+def serving_config(preset: str, overrides: list[str]):
+    return config_from_args(preset, overrides + [
+        "quantization=int4", "dtype=bfloat16", "param_dtype=bfloat16", "hidden_dropout=0", "attention_dropout=0"])
+
+
+def _leaf(key, shape, dtype, name: str):
+    """Random INT4 bytes, fp16 quantization scales (dequantized weights of std ~0.02), unit
+    norm scales, zero biases, N(0, 0.02) embeddings."""
+    dtype = jnp.dtype(dtype)
+    if dtype == jnp.uint8:
+        return jax.random.bits(key, shape, jnp.uint8)
+    if dtype == jnp.float16:
+        return (jax.random.uniform(key, shape, jnp.float32, 0.5, 1.5) * 0.004).astype(dtype)
+    if name == "scale":
+        return jnp.ones(shape, dtype)
+    if name == "bias":
+        return jnp.zeros(shape, dtype)
+    return (0.02 * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+
+
+def random_params(config, key):
+    """The serving parameter tree of `config`, made on the default device; a leaf with a
+    leading layers axis is filled one layer at a time in place (a donated buffer)."""
+    abstract = nn.meta.unbox(abstract_params(config))
+    make = jax.jit(_leaf, static_argnums=(1, 2, 3))
+    fill = jax.jit(lambda buf, key, i, name: jax.lax.dynamic_update_index_in_dim(
+        buf, _leaf(key, buf.shape[1:], buf.dtype, name), i, 0), static_argnums=(3,), donate_argnums=(0,))
+    out = []
+    flat, treedef = jax.tree_util.tree_flatten_with_path(abstract)
+    for n, (path, sds) in enumerate(flat):
+        name = str(getattr(path[-1], "key", path[-1]))
+        leaf_key = jax.random.fold_in(key, n)
+        if getattr(path[0], "key", None) == "layers" and sds.size * sds.dtype.itemsize > 2**26:
+            buf = jnp.zeros(sds.shape, sds.dtype)
+            for i in range(sds.shape[0]):
+                buf = fill(buf, jax.random.fold_in(leaf_key, i), i, name)
+            out.append(buf)
+        else:
+            out.append(make(leaf_key, sds.shape, sds.dtype, name))
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def decode_args(batch: int):
+    """decode_step's arguments after the cache (token, step, lengths, mask_pos, cont, prompt_len)."""
+    return (jnp.zeros((batch,), jnp.int32), jnp.int32(0), jnp.ones((batch,), jnp.int32),
+            jnp.zeros((batch,), jnp.int32), jnp.ones((batch,), bool), jnp.int32(16))
+
+
+def dry_run(config, args):
+    """Compile the decode step for abstract arrays; print XLA's memory analysis (bytes)."""
+    params = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype),
+                                    nn.meta.unbox(abstract_params(config)))
+    shape = (config.num_layers, args.batch, args.cache, config.num_kv_heads, config.head_dim)
+    cache = (jax.ShapeDtypeStruct(shape, jnp.bfloat16),) * 2
+    extra = jax.eval_shape(lambda: decode_args(args.batch))
+    compiled = decode_step.lower(config, params, cache, *extra).compile()
+    mem = compiled.memory_analysis()
+    weights = sum(np.prod(s.shape) * s.dtype.itemsize for s in jax.tree_util.tree_leaves(params))
+    record = dict(environment(), bench="130b_int4_dry_run", preset=args.preset, weight_gb=round(weights / GB, 2),
+                  kv_cache_gb=round(2 * np.prod(shape) * 2 / GB, 2))
+    for field in ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes"):
+        record[field.replace("_size_in_bytes", "_gb")] = round(getattr(mem, field, 0) / GB, 3)
+    record["peak_estimate_gb"] = round(record["argument_gb"] + record["output_gb"] - record["alias_gb"]
+                                       + record["temp_gb"], 2)
+    emit(record)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="glm-130b")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--cache", type=int, default=2048, help="KV cache slots (each step attends over all)")
+    ap.add_argument("--prompt", type=int, default=16)
+    ap.add_argument("--new", type=int, default=32, help="decode steps timed (after one warm-up step)")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--dry-run", action="store_true")
+    args = ap.parse_args(argv)
+    prompt_slots = -(-args.prompt // BUCKET) * BUCKET
+    if args.prompt <= 0 or prompt_slots + args.new + 1 > args.cache:
+        ap.error(f"--prompt {args.prompt} (rounded up to {prompt_slots}) + --new {args.new} + 1 must fit in "
+                 f"--cache {args.cache}")
+    config = serving_config(args.preset, args.set)
+    if args.dry_run:
+        return dry_run(config, args)
+    env = environment()
+    bandwidth = hbm_bandwidth(2.0 if env["backend"] == "gpu" else 0.25)  # before the weights fill the card
+    t0 = time.perf_counter()
+    params = jax.block_until_ready(random_params(config, jax.random.key(0)))
+    build_s = time.perf_counter() - t0
+    weight_bytes = tree_bytes(params)
+    cache = init_cache(config, args.batch, args.cache, jnp.bfloat16)
+    cache_bytes = sum(c.nbytes for c in cache)
+    rng = np.random.default_rng(0)
+    prompts = make_prompts([list(rng.integers(16, config.vocab_size, args.prompt - 1)) + [GMASK]
+                            for _ in range(args.batch)], config)
+    lengths = jnp.asarray(prompts.lengths)
+    cache = prefill(config, params, cache, jnp.asarray(prompts.tokens), lengths)
+    state = (lengths, jnp.asarray(prompts.mask_pos), jnp.asarray(prompts.continue_positions),
+             jnp.int32(prompts.tokens.shape[1]))
+    token = jnp.full((args.batch,), SOP, jnp.int32)
+    logits, cache = decode_step(config, params, cache, token, jnp.int32(0), *state)  # compile + warm up
+    token = jnp.argmax(logits, -1).astype(jnp.int32)
+    jax.block_until_ready(token)
+    t0 = time.perf_counter()
+    for step in range(1, args.new + 1):
+        logits, cache = decode_step(config, params, cache, token, jnp.int32(step), *state)
+        token = jnp.argmax(logits, -1).astype(jnp.int32)  # a real decode loop: the next step needs it
+    jax.block_until_ready(token)
+    per_token = (time.perf_counter() - t0) / args.new
+    stats = jax.devices()[0].memory_stats() or {}
+    floor = (weight_bytes + cache_bytes) / bandwidth
+    record = dict(env, bench="130b_int4_decode", preset=args.preset, batch=args.batch, cache_slots=args.cache,
+                  weight_gb=round(weight_bytes / GB, 2), kv_cache_gb=round(cache_bytes / GB, 2),
+                  peak_memory_gb=round(stats.get("peak_bytes_in_use", 0) / GB, 2) or None,
+                  device_memory_gb=round(stats.get("bytes_limit", 0) / GB, 2) or None,
+                  build_s=round(build_s, 1), ms_per_token=round(1e3 * per_token, 2), floor_ms=round(1e3 * floor, 2),
+                  vs_floor=round(floor / per_token, 3), bandwidth_gb_s=round(bandwidth / GB, 1),
+                  finite=bool(jnp.isfinite(logits).all()))
+    emit(record)
+    print(f"{args.preset} INT4: {record['ms_per_token']} ms/token (floor {record['floor_ms']} ms), "
+          f"peak {record['peak_memory_gb']} GB", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
