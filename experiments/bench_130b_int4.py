@@ -2,9 +2,9 @@
 
     python experiments/bench_130b_int4.py [--preset glm-130b] [--cache 2048] [--new 32] [--dry-run]
 
-Random INT4 weights are generated on the device, one layer at a time into preallocated stacked
-buffers (no host copy of 130B parameters, no second copy on the device); embeddings, norms and
-biases are bf16, the KV cache bf16 with `--cache` slots, every one of which each decode step
+Random INT4 weights are generated on the device, leaf by leaf, straight into generation's
+per-layer layout (`generate.serving_params`; no host copy of 130B parameters, no second copy
+on the device); embeddings, norms and biases are bf16, the KV cache bf16 with `--cache` slots, every one of which each decode step
 attends over (masked). Reports peak device memory and ms/token against the floor: (all weight
 bytes, INT4 layers plus the bf16 embedding the tied head reads, plus the KV cache bytes) over
 the HBM bandwidth measured in the same run. --dry-run compiles the decode step for abstract
@@ -55,25 +55,22 @@ def _leaf(key, shape, dtype, name: str):
     return (0.02 * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
 
 
+def serving_abstract(config):
+    """ShapeDtypeStructs of the generation layout (`serving_params`): one tree per layer."""
+    stacked = nn.meta.unbox(abstract_params(config))
+    sds = lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype)
+    layer = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape[1:], s.dtype), stacked["layers"])
+    outer = {k: jax.tree_util.tree_map(sds, v) for k, v in stacked.items() if k != "layers"}
+    return {**outer, "layers": (layer,) * config.num_layers}
+
+
 def random_params(config, key):
-    """The serving parameter tree of `config`, made on the default device; a leaf with a
-    leading layers axis is filled one layer at a time in place (a donated buffer)."""
-    abstract = nn.meta.unbox(abstract_params(config))
+    """Random serving parameters of `config`, each leaf made by one jitted call on the default
+    device (the largest, a layer's h->4h INT4 bytes, is 0.4 GB for GLM-130B)."""
     make = jax.jit(_leaf, static_argnums=(1, 2, 3))
-    fill = jax.jit(lambda buf, key, i, name: jax.lax.dynamic_update_index_in_dim(
-        buf, _leaf(key, buf.shape[1:], buf.dtype, name), i, 0), static_argnums=(3,), donate_argnums=(0,))
-    out = []
-    flat, treedef = jax.tree_util.tree_flatten_with_path(abstract)
-    for n, (path, sds) in enumerate(flat):
-        name = str(getattr(path[-1], "key", path[-1]))
-        leaf_key = jax.random.fold_in(key, n)
-        if getattr(path[0], "key", None) == "layers" and sds.size * sds.dtype.itemsize > 2**26:
-            buf = jnp.zeros(sds.shape, sds.dtype)
-            for i in range(sds.shape[0]):
-                buf = fill(buf, jax.random.fold_in(leaf_key, i), i, name)
-            out.append(buf)
-        else:
-            out.append(make(leaf_key, sds.shape, sds.dtype, name))
+    flat, treedef = jax.tree_util.tree_flatten_with_path(serving_abstract(config))
+    out = [make(jax.random.fold_in(key, n), s.shape, s.dtype, str(getattr(path[-1], "key", path[-1])))
+           for n, (path, s) in enumerate(flat)]
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
@@ -85,16 +82,14 @@ def decode_args(batch: int):
 
 def dry_run(config, args):
     """Compile the decode step for abstract arrays; print XLA's memory analysis (bytes)."""
-    params = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype),
-                                    nn.meta.unbox(abstract_params(config)))
-    shape = (config.num_layers, args.batch, args.cache, config.num_kv_heads, config.head_dim)
-    cache = (jax.ShapeDtypeStruct(shape, jnp.bfloat16),) * 2
+    params = serving_abstract(config)
+    cache = jax.eval_shape(lambda: init_cache(config, args.batch, args.cache, jnp.bfloat16))
     extra = jax.eval_shape(lambda: decode_args(args.batch))
     compiled = decode_step.lower(config, params, cache, *extra).compile()
     mem = compiled.memory_analysis()
-    weights = sum(np.prod(s.shape) * s.dtype.itemsize for s in jax.tree_util.tree_leaves(params))
-    record = dict(environment(), bench="130b_int4_dry_run", preset=args.preset, weight_gb=round(weights / GB, 2),
-                  kv_cache_gb=round(2 * np.prod(shape) * 2 / GB, 2))
+    nbytes = lambda tree: sum(np.prod(s.shape) * s.dtype.itemsize for s in jax.tree_util.tree_leaves(tree))
+    record = dict(environment(), bench="130b_int4_dry_run", preset=args.preset, weight_gb=round(nbytes(params) / GB, 2),
+                  kv_cache_gb=round(nbytes(cache) / GB, 2))
     for field in ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes"):
         record[field.replace("_size_in_bytes", "_gb")] = round(getattr(mem, field, 0) / GB, 3)
     record["peak_estimate_gb"] = round(record["argument_gb"] + record["output_gb"] - record["alias_gb"]
@@ -126,7 +121,7 @@ def main(argv=None):
     build_s = time.perf_counter() - t0
     weight_bytes = tree_bytes(params)
     cache = init_cache(config, args.batch, args.cache, jnp.bfloat16)
-    cache_bytes = sum(c.nbytes for c in cache)
+    cache_bytes = tree_bytes(cache)
     rng = np.random.default_rng(0)
     prompts = make_prompts([list(rng.integers(16, config.vocab_size, args.prompt - 1)) + [GMASK]
                             for _ in range(args.batch)], config)

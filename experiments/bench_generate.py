@@ -16,7 +16,8 @@ import numpy as np
 
 from benchutil import emit, environment, hbm_bandwidth
 from glm_jax.config import config_from_args
-from glm_jax.generate import Generator, make_prompts
+from glm_jax.generate import Generator, make_prompts, serving_params
+from glm_jax.int4 import tree_bytes
 from glm_jax.model import init_params
 from glm_jax.tokenizer import GMASK, SOP
 
@@ -32,6 +33,7 @@ def main(argv=None):
     env = environment()
     config = config_from_args(args.preset, args.set + ["hidden_dropout=0", "attention_dropout=0"])
     params = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), init_params(config, jax.random.key(0)))
+    params = serving_params(params, config.num_layers)  # Generator's layout, made once here
     weight_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(params))
     bandwidth = hbm_bandwidth(2.0 if env["backend"] == "gpu" else 0.25)
     gen = Generator(config, params)
@@ -47,7 +49,7 @@ def main(argv=None):
             logits = gen.step(state, token, step)
         jax.block_until_ready(logits)
         per_token = (time.perf_counter() - t0) / (args.new - 1)
-        cache_bytes = sum(c.nbytes for c in state["cache"])
+        cache_bytes = tree_bytes(state["cache"])
         floor = (weight_bytes + cache_bytes) / bandwidth
         emit(dict(env, bench="decode", preset=args.preset, batch=b, prompt=args.prompt, new_tokens=args.new,
                   ms_per_token=round(1e3 * per_token, 3), tokens_per_s=round(b / per_token, 1),

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from glm_jax.config import GLMConfig
+from glm_jax.layers import GLMBlock, rotary_tables
 from glm_jax.model import GLM
 from glm_jax.tokenizer import EOP, EOS, GMASK, MASK, PAD, SMASK, SOP
 
@@ -61,51 +62,83 @@ def make_prompts(prompts: Sequence[Sequence[int]], config: GLMConfig) -> PromptB
     return PromptBatch(tokens, np.array(lengths, np.int32), np.array(mask_pos, np.int32), np.array(cont))
 
 
+def serving_params(params: dict, num_layers: int) -> dict:
+    """The generation layout: params["layers"] (stacked [L, ...]) -> a tuple of L per-layer
+    trees, so each layer's weights are their own buffers. Decoding reads every weight once per
+    token; a scan over stacked weights would slice (copy) each layer's weights first, tripling
+    the traffic that bounds decode speed (MaxText serves with scan_layers=False for this).
+    Returns params unchanged when already in this layout. Copies the layer weights once."""
+    layers = params["layers"]
+    if isinstance(layers, (list, tuple)):
+        return params
+    return {**params, "layers": tuple(jax.tree_util.tree_map(lambda x, i=i: x[i], layers)
+                                      for i in range(num_layers))}
+
+
 def init_cache(config: GLMConfig, batch: int, max_len: int, dtype=None):
-    """(k, v): zeros [L, B, M, K, D] in the compute dtype (bf16 by default)."""
-    shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
+    """One (k, v) pair per layer, each zeros [B, M, K, D] in the compute dtype (bf16 by default):
+    separate buffers that a donating decode step updates in place."""
+    shape = (batch, max_len, config.num_kv_heads, config.head_dim)
     dtype = dtype or config.compute_dtype
-    return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
+    return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.num_layers))
+
+
+def cache_length(cache) -> int:
+    return cache[0][0].shape[1]
+
+
+def cached_forward(config: GLMConfig, params, tokens, position_ids, block_position_ids, mask, cache, cache_index):
+    """tokens [B, S] at the given positions attend over the cache under mask [B, 1, S, M]; their
+    keys/values are written at cache_index. Unrolled over layers (params in `serving_params`
+    layout, cache from `init_cache`). -> (logits [B, S, vocab], new cache)."""
+    model, block = GLM(config), GLMBlock(config)
+    outer = {k: v for k, v in params.items() if k != "layers"}
+    h = model.apply({"params": outer}, {"tokens": tokens}, method=GLM.embed)
+    tables = rotary_tables(position_ids, block_position_ids, config)
+    new_cache = []
+    for layer, (k, v) in zip(params["layers"], cache):
+        h, (nk, nv) = block.apply({"params": layer}, h, mask, tables, (k, v), cache_index)
+        new_cache.append(tuple(jax.lax.dynamic_update_slice_in_dim(c, n, cache_index, axis=1)
+                               for c, n in ((k, nk), (v, nv))))
+    return model.apply({"params": outer}, h, method=GLM.head), tuple(new_cache)
 
 
 @functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
 def prefill(config: GLMConfig, params, cache, tokens, lengths):
     """Write the context [B, T] into cache slots 0..T-1 (bidirectional over each row's context)."""
     b, t = tokens.shape
-    m = cache[0].shape[2]
-    keys = jnp.arange(m)
+    keys = jnp.arange(cache_length(cache))
     mask = (keys[None, :] < lengths[:, None])[:, None, None, :] & jnp.ones((1, 1, t, 1), bool)
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    _, cache = GLM(config).apply({"params": params}, tokens, positions, jnp.zeros_like(positions), mask, cache,
-                                 0, method=GLM.cached)
-    return cache
+    return cached_forward(config, params, tokens, positions, jnp.zeros_like(positions), mask, cache, 0)[1]
 
 
 @functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
 def decode_step(config: GLMConfig, params, cache, token, step, lengths, mask_pos, cont, prompt_len):
     """Feed token [B] as generated token number `step` (sop is step 0) -> (fp32 logits [B, V], cache)."""
-    m = cache[0].shape[2]
     slot = prompt_len + step
     position = jnp.where(cont, lengths + step, mask_pos)[:, None]
     block = jnp.full_like(position, step + 1) if config.position_encoding_2d else jnp.zeros_like(position)
-    keys = jnp.arange(m)[None, :]
+    keys = jnp.arange(cache_length(cache))[None, :]
     visible = (keys < lengths[:, None]) | ((keys >= prompt_len) & (keys <= slot))
-    logits, cache = GLM(config).apply({"params": params}, token[:, None], position, block, visible[:, None, None, :],
-                                      cache, slot, method=GLM.cached)
+    logits, cache = cached_forward(config, params, token[:, None], position, block, visible[:, None, None, :],
+                                   cache, slot)
     return logits[:, 0].astype(jnp.float32), cache
 
 
 @jax.jit
 def reorder_cache(cache, rows):
     """Gather batch rows of the cache (beam search's parent beams)."""
-    return tuple(jnp.take(c, rows, axis=1) for c in cache)
+    return jax.tree_util.tree_map(lambda c: jnp.take(c, rows, axis=0), cache)
 
 
 class Generator:
-    """Prefill + cached decoding for one config and parameter tree."""
+    """Prefill + cached decoding for one config and parameter tree (copied once into the
+    `serving_params` layout unless already in it)."""
 
     def __init__(self, config: GLMConfig, params, cache_dtype=None):
-        self.config, self.params, self.cache_dtype = config, params, cache_dtype
+        self.config, self.cache_dtype = config, cache_dtype
+        self.params = serving_params(params, config.num_layers)
 
     def start(self, prompts: PromptBatch, max_new_tokens: int, repeat: int = 1):
         """Prefill; with repeat > 1 every prompt row is repeated (beams). Returns the decode state."""

@@ -40,7 +40,7 @@ def stacked_blocks(config: GLMConfig, name: str = "layers") -> nn.Module:
     if config.remat_policy != "none":
         block = nn.remat(GLMBlock, policy=REMAT_POLICIES[config.remat_policy], prevent_cse=False)
     scanned = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                      in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast), length=config.num_layers,
+                      in_axes=(nn.broadcast, nn.broadcast), length=config.num_layers,
                       metadata_params={nn.PARTITION_NAME: "layers"})
     return scanned(config, name=name)
 
@@ -97,20 +97,7 @@ class GLM(nn.Module):
     def blocks(self, h, batch):
         """[B, S, E] -> [B, S, E] through every layer."""
         mask, tables = attention_inputs(batch, self.config)
-        return self.layers(h, mask, tables, None, None)[0]
-
-    def cached(self, tokens, position_ids, block_position_ids, mask, cache, cache_index):
-        """Incremental forward with a KV cache (generation): tokens [B, S] at the given positions
-        attend over the cache under `mask` [B, 1, S, M]; their keys/values are written at
-        cache_index. cache: (k, v) each [L, B, M, K, D]. -> (logits [B, S, vocab], new cache).
-
-        The layers return only their new entries [L, B, S, K, D], written here with one
-        update-slice each, which a caller that donates the cache gets in place."""
-        h = self.embed({"tokens": tokens})
-        tables = rotary_tables(position_ids, block_position_ids, self.config)
-        h, new = self.layers(h, mask, tables, cache, cache_index)
-        cache = tuple(jax.lax.dynamic_update_slice_in_dim(c, n, cache_index, axis=2) for c, n in zip(cache, new))
-        return self.head(h), cache
+        return self.layers(h, mask, tables)[0]
 
     def head(self, h, return_hidden: bool = False):
         """[B, S, E] -> final norm -> logits [B, S, vocab_size] (or the normed hidden states)."""

@@ -144,3 +144,21 @@ def test_generation_on_a_tensor_sharded_model(model):
     assert placed["layers"]["attention"]["query"]["kernel"].sharding.spec[2] == "tensor"
     want = Generator(c, params).generate(PROMPTS, 4, stop_tokens=())
     assert Generator(c, placed).generate(PROMPTS, 4, stop_tokens=()) == want
+
+
+def test_decode_step_updates_the_cache_in_place_on_per_layer_weights(model):
+    """The serving layout: one weight tree and one (k, v) pair per layer, and a decode step whose
+    donated cache is aliased to its output (updated in place, not copied)."""
+    from glm_jax.generate import decode_step, init_cache, serving_params
+
+    c, params = model
+    served = serving_params(params, c.num_layers)
+    assert serving_params(served, c.num_layers) is served
+    np.testing.assert_array_equal(served["layers"][1]["attention"]["query"]["kernel"],
+                                  params["layers"]["attention"]["query"]["kernel"][1])
+    cache = init_cache(c, 2, 32)
+    assert len(cache) == c.num_layers and cache[0][0].shape == (2, 32, c.num_kv_heads, c.head_dim)
+    b = jnp.zeros((2,), jnp.int32)
+    compiled = decode_step.lower(c, served, cache, b, jnp.int32(0), b + 3, b, b > 0, jnp.int32(16)).compile()
+    cache_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(cache))
+    assert compiled.memory_analysis().alias_size_in_bytes == cache_bytes
