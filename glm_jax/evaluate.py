@@ -75,7 +75,11 @@ class ModelScorer:
 
     def __init__(self, config: GLMConfig, params, tokenizer: GLMTokenizer | None = None, batch_size: int = 16):
         self.config, self.params, self.tokenizer, self.batch_size = config, params, tokenizer, batch_size
-        self.generator = Generator(config, params)
+
+    @functools.cached_property
+    def generator(self) -> Generator:
+        """Made on first use: its per-layer copy of the weights is only needed for beam search."""
+        return Generator(self.config, self.params)
 
     def score(self, rows: Sequence[Row]) -> list[tuple[float, int, bool]]:
         out = []
