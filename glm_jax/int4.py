@@ -68,12 +68,17 @@ def pack_int4(q) -> jax.Array:
     return (q[0::2] << 4) | (q[1::2] & 0xF)
 
 
-def unpack_int4(packed) -> jax.Array:
-    """uint8 [K/2, N] -> int8 [K, N] with sign extension (arithmetic shifts of the signed byte)."""
+def nibbles(packed) -> tuple[jax.Array, jax.Array]:
+    """uint8 [K/2, N] -> (high, low) int8 [K/2, N], sign-extended by arithmetic shifts of the
+    signed byte: the values of the even and of the odd input rows."""
     b = jnp.asarray(packed, jnp.uint8).astype(jnp.int8)
-    high = b >> 4
-    low = (b << 4) >> 4
-    return jnp.stack([high, low], axis=1).reshape((-1,) + b.shape[1:])
+    return b >> 4, (b << 4) >> 4
+
+
+def unpack_int4(packed) -> jax.Array:
+    """uint8 [K/2, N] -> int8 [K, N] (rows interleaved back: 2j from the high nibble)."""
+    high, low = nibbles(packed)
+    return jnp.stack([high, low], axis=1).reshape((-1,) + high.shape[1:])
 
 
 def int_values(w: QuantizedWeight) -> jax.Array:
@@ -88,18 +93,24 @@ def dequantize(w: QuantizedWeight, dtype=jnp.float32) -> jax.Array:
 
 
 def matmul(x, w: QuantizedWeight, dtype=jnp.bfloat16) -> jax.Array:
-    """x [..., K] @ dequant(w) -> [..., N], the portable XLA path: integer weights converted in
-    the dot's operand (XLA fuses the convert into its GEMM), scales applied after the dot."""
-    q = int_values(w)
-    k, n = q.shape
-    g = w.scale.shape[0]
+    """x [..., K] @ dequant(w) -> [..., N], the portable XLA path. INT4 is two dots, the even
+    columns of x against the high nibbles and the odd against the low, so each weight operand
+    is a plain elementwise function of the packed bytes (shift, convert) that XLA can fuse into
+    its GEMM instead of materialising an interleaved [K, N] copy; scales apply after the dots."""
     x = x.astype(dtype)
+    if w.bits == 4:
+        high, low = nibbles(w.q)
+        parts = ((x[..., 0::2], high), (x[..., 1::2], low))
+    else:
+        parts = ((x, w.q),)
+    g, n = w.scale.shape
+    scale = w.scale.astype(jnp.float32)
     if g == 1:
-        y = jnp.dot(x, q.astype(dtype), preferred_element_type=jnp.float32)
-        return (y * w.scale[0].astype(jnp.float32)).astype(dtype)
-    xg = x.reshape(x.shape[:-1] + (g, k // g))
-    y = jnp.einsum("...gk,gkn->...gn", xg, q.reshape(g, k // g, n).astype(dtype), preferred_element_type=jnp.float32)
-    return jnp.sum(y * w.scale.astype(jnp.float32), axis=-2).astype(dtype)
+        y = sum(jnp.dot(xp, qp.astype(dtype), preferred_element_type=jnp.float32) for xp, qp in parts)
+        return (y * scale[0]).astype(dtype)
+    y = sum(jnp.einsum("...gk,gkn->...gn", xp.reshape(xp.shape[:-1] + (g, -1)), qp.reshape(g, -1, n).astype(dtype),
+                       preferred_element_type=jnp.float32) for xp, qp in parts)
+    return jnp.sum(y * scale, axis=-2).astype(dtype)
 
 
 # ---- GLM-130B's checkpoint format ------------------------------------------------------------------------
@@ -197,11 +208,9 @@ def _int4_kernel(xe_ref, xo_ref, q_ref, s_ref, o_ref, *, half: int, steps: int, 
 
     def body(i, acc):
         rows = pl.ds(pl.multiple_of(i * half, half), half)
-        b = q_ref[rows, :].astype(jnp.int8)
-        high = (b >> 4).astype(xe_ref.dtype)
-        low = ((b << 4) >> 4).astype(xe_ref.dtype)
-        part = jnp.dot(xe_ref[:, rows], high, preferred_element_type=jnp.float32)
-        part += jnp.dot(xo_ref[:, rows], low, preferred_element_type=jnp.float32)
+        high, low = nibbles(q_ref[rows, :])
+        part = jnp.dot(xe_ref[:, rows], high.astype(xe_ref.dtype), preferred_element_type=jnp.float32)
+        part += jnp.dot(xo_ref[:, rows], low.astype(xo_ref.dtype), preferred_element_type=jnp.float32)
         if group_steps:
             part = part * s_ref[pl.ds(i // group_steps, 1), :].astype(jnp.float32)
         return acc + part
