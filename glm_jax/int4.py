@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -257,6 +258,8 @@ def pallas_matmul(x, w: QuantizedWeight, dtype=jnp.bfloat16, blocks: KernelBlock
         raise ValueError(f"pallas_matmul cannot tile this weight: {why}")
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
+        if interpret:
+            _warn_interpret()
     r = _resolve(blocks, m, k, n, g)
     bm, bn, bk, split = r.block_m, r.block_n, r.block_k, r.split_k
     steps = k // (bk * split)  # per split
@@ -286,6 +289,12 @@ def pallas_matmul(x, w: QuantizedWeight, dtype=jnp.bfloat16, blocks: KernelBlock
             y = y + matmul(x[:m, k_main:], tail, dtype=jnp.float32).astype(jnp.float32)
         y = y * w.scale[0].astype(jnp.float32)
     return y.astype(dtype)
+
+
+@functools.cache
+def _warn_interpret():
+    warnings.warn("the Pallas INT4 kernel runs in interpret mode without an NVIDIA GPU: correct but slow; "
+                  "set quantized_matmul=xla (or auto) for speed here", stacklevel=3)
 
 
 def choose_matmul(impl: str, m: int, w: QuantizedWeight) -> str:
