@@ -76,6 +76,9 @@ class GLMConfig:
     # weight-only quantization of the four linear weights of every layer (int4.py)
     quantization: str = "none"  # none | int8 | int4
     quantization_group: int = 0  # input rows per scale; 0: one scale per output row
+    # or a fixed number of scale groups along every layer's input (GLM-130B's INT4 checkpoints:
+    # one scale per output row per tensor-parallel rank); 0: use quantization_group
+    quantization_groups: int = 0
     # INT4 dequant-matmul: xla (portable), pallas (fused Triton kernel), auto (pallas for
     # decode-sized token counts on a single NVIDIA GPU, else xla)
     quantized_matmul: str = "auto"
@@ -101,6 +104,17 @@ class GLMConfig:
         validate(self)
 
     # ---- derived quantities -------------------------------------------------------------
+    def scale_groups(self, k: int) -> int:
+        """Quantization scale groups along an input dimension of k rows."""
+        per_group = self.quantization_group or k // max(self.quantization_groups, 1)
+        if k % per_group or (self.quantization_groups and per_group * self.quantization_groups != k) \
+                or (self.quantization == "int4" and per_group % 2):
+            raise ConfigError(f"a linear weight with {k} input rows does not split into scale groups of "
+                              f"{'an even size' if self.quantization == 'int4' else 'equal size'} with "
+                              f"quantization_group={self.quantization_group}, quantization_groups="
+                              f"{self.quantization_groups}")
+        return k // per_group
+
     @property
     def padded_vocab_size(self) -> int:
         m = self.vocab_pad_multiple
@@ -211,6 +225,9 @@ def validate(c: GLMConfig) -> None:
     need(c.quantization in ("none", "int8", "int4"),
          f"quantization={c.quantization!r}; choose none, int8 or int4")
     need(c.quantization_group >= 0, f"quantization_group={c.quantization_group} must be >= 0")
+    need(c.quantization_groups >= 0, f"quantization_groups={c.quantization_groups} must be >= 0")
+    need(not (c.quantization_group and c.quantization_groups),
+         "set quantization_group (rows per scale) or quantization_groups (scales per row), not both")
     for name in ("hidden_dropout", "attention_dropout"):
         need(0.0 <= getattr(c, name) < 1.0, f"{name}={getattr(c, name)} must be in [0, 1)")
     need(0.0 <= c.embedding_shrink_alpha <= 1.0,

@@ -5,6 +5,9 @@
   `lm_head.weight`, so it loads here too when the config is untied.
 - `from_hf_glm`: the transformers `GlmForCausalLM` layout (GLM-4 family, ChatGLM2/3's block).
   `config_from_hf_glm` builds the matching GLMConfig from that checkpoint's config.
+- `from_glm130b_quantized`: GLM-130B's INT4/INT8 checkpoints (the reference's
+  `tools/convert_tp.py --quantization-bit-width 4|8`), one state dict per tensor-parallel rank,
+  loaded packed as they are: no dequantization, no re-quantization.
 
 A layout is a table of `Rule`s: one source tensor (name template, torch [out, in] shape) and a
 function that turns it into one or more of our leaves. Every name and shape is checked before
@@ -15,7 +18,7 @@ layout means writing its table.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -232,3 +235,112 @@ def from_glm130b_state_dict(tensors: Mapping[str, Any], config: GLMConfig) -> di
 def from_hf_glm(tensors: Mapping[str, Any], config: GLMConfig) -> dict:
     """transformers GlmForCausalLM state dict -> params (config from `config_from_hf_glm`)."""
     return convert_state_dict(tensors, config, hf_glm_rules(config))
+
+
+# ---- GLM-130B's quantized tensor-parallel checkpoints ---------------------------------------------------
+# Each rank's file holds its slice of every weight. The four layer linears are quantized per rank,
+# after the split: int8 values (INT4: two per byte, even input index in the high nibble) and an fp16
+# `weight_scale` per output row of the rank's slice. Column-parallel tensors split their output rows,
+# row-parallel ones (attention.dense, 4h->h) their inputs, the GeGLU h->4h each of its two halves.
+ROW_PARALLEL = ("attention.dense.weight", "mlp.dense_4h_to_h.weight")
+COLUMN_PARALLEL = ("attention.query_key_value.weight", "mlp.dense_h_to_4h.weight")
+QUANTIZED = COLUMN_PARALLEL + ROW_PARALLEL
+GLU = ("mlp.dense_h_to_4h.weight", "mlp.dense_h_to_4h.weight_scale", "mlp.dense_h_to_4h.bias")
+REPLICATED = ("layernorm.weight", "layernorm.bias", "attention.dense.bias", "mlp.dense_4h_to_h.bias", "inv_freq")
+
+
+def _raw(x) -> np.ndarray:
+    """A tensor as numpy in its own dtype (int8 stays int8)."""
+    if hasattr(x, "detach"):
+        x = x.detach().cpu()
+        x = x.float().numpy() if str(x.dtype) == "torch.bfloat16" else x.numpy()
+    return np.asarray(x)
+
+
+def merge_glm130b_ranks(ranks: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
+    """Tensor-parallel ranks -> one state dict of the merged layout. Packed weights are merged
+    as bytes; `weight_scale` becomes [tp, out] for row-parallel weights (one scale per row per
+    rank: tp groups along the input) and [1, out] for column-parallel ones."""
+    tp = len(ranks)
+    merged = {}
+    for key in ranks[0]:
+        parts = [_raw(r[key]) for r in ranks]
+        if key.endswith(REPLICATED):
+            merged[key] = parts[0]
+        elif key.endswith(tuple(w + "_scale" for w in ROW_PARALLEL)):
+            merged[key] = np.stack(parts)
+        elif key.endswith(ROW_PARALLEL):
+            merged[key] = np.concatenate(parts, axis=1)
+        elif key.endswith(GLU) and tp > 1:
+            halves = [np.split(x, 2, axis=0) for x in parts]
+            merged[key] = np.concatenate([h[0] for h in halves] + [h[1] for h in halves])
+        else:
+            merged[key] = np.concatenate(parts)
+        if key.endswith(tuple(w + "_scale" for w in COLUMN_PARALLEL)):
+            merged[key] = merged[key][None]
+    return merged
+
+
+def _quantized_leaf(c: GLMConfig, name: str, packed: np.ndarray, scale: np.ndarray) -> dict[Path, np.ndarray]:
+    """A merged torch-layout [out, in(/2)] weight and its [G, out] scales -> our q and scale leaves."""
+    h, d, f, e = c.num_attention_heads, c.head_dim, c.inner_hidden_size, c.hidden_size
+    q = packed.view(np.uint8) if c.quantization == "int4" else packed.view(np.int8)
+    if name == "attention.query_key_value.weight":
+        q = q.reshape(h, 3, d, -1).transpose(3, 0, 1, 2)  # [in, H, 3, D]: the fused per-head order
+        scale = scale.reshape(-1, h, 3, d)
+        return {("attention", n, leaf): x[:, :, j] for j, n in enumerate(("query", "key", "value"))
+                for leaf, x in (("q", q), ("scale", scale))}
+    if name == "mlp.dense_h_to_4h.weight" and c.gated_ffn:
+        return {("mlp", "dense_h_to_4h", "q"): q.reshape(2, f, -1).transpose(2, 0, 1),
+                ("mlp", "dense_h_to_4h", "scale"): scale.reshape(-1, 2, f)}
+    path = {"attention.dense.weight": ("attention", "dense"), "mlp.dense_h_to_4h.weight": ("mlp", "dense_h_to_4h"),
+            "mlp.dense_4h_to_h.weight": ("mlp", "dense_4h_to_h")}[name]
+    out = (e,) if path != ("mlp", "dense_h_to_4h") else (f,)
+    return {path + ("q",): q.T.reshape((q.shape[1],) + out), path + ("scale",): scale.reshape((-1,) + out)}
+
+
+def from_glm130b_quantized(ranks: Sequence[Mapping[str, Any]], config: GLMConfig) -> dict:
+    """GLM-130B's INT4/INT8 tensor-parallel checkpoint (a list of per-rank state dicts, rank
+    order) -> params for `config` (quantization int4/int8, quantization_groups = the number of
+    ranks). Packed bytes and fp16 scales are kept as they are; everything else converts as in
+    `from_glm130b_state_dict` (to config.param_dtype)."""
+    c = config
+    tp = len(ranks)
+    if c.quantization not in ("int4", "int8"):
+        raise ConversionError(f"a quantized checkpoint needs quantization=int4 or int8, not {c.quantization!r}")
+    if tp > 1 and c.quantization_groups != tp:
+        raise ConversionError(f"this checkpoint has {tp} tensor-parallel ranks, whose row-parallel weights carry "
+                              f"one scale per row per rank: set quantization_groups={tp}")
+    merged = merge_glm130b_ranks(ranks)
+    layer_rules, top_rules = glm130b_rules(c)
+    quantized = {r.source: r for r in layer_rules if r.source.endswith(".weight") and
+                 r.source.split("{i}.")[1] in QUANTIZED}
+    per_in = 2 if c.quantization == "int4" else 1
+    problems, layers = [], []
+    for i in range(c.num_layers):
+        leaves = {}
+        for template, rule in quantized.items():
+            name, key = template.split("{i}.")[1], template.format(i=i)
+            out, k = rule.shape
+            want = {key: ((out, k // per_in), "int8"), key + "_scale": ((c.scale_groups(k), out), "float16")}
+            got = {n: merged.pop(n, None) for n in want}
+            for n, (shape, dtype) in want.items():
+                x = got[n]
+                if x is None:
+                    problems.append(f"missing {n} (expected {dtype} {shape})")
+                elif x.shape != shape and not (n.endswith("_scale") and x.shape == (1, out)):
+                    problems.append(f"{n} has shape {x.shape}, expected {shape}")
+                elif x.dtype != np.dtype(dtype):
+                    problems.append(f"{n} is {x.dtype}, expected {dtype}")
+            if len(problems) == 0:
+                scale = np.broadcast_to(got[key + "_scale"], want[key + "_scale"][0])
+                leaves.update(_quantized_leaf(c, name, got[key], np.ascontiguousarray(scale)))
+        layers.append(leaves)
+    if problems:
+        raise ConversionError(f"{len(problems)} problem(s) loading this quantized checkpoint:\n  "
+                              + "\n  ".join(problems))
+    rest = [r for r in layer_rules if r.source not in quantized]
+    params = convert_state_dict(merged, c, (rest, top_rules))
+    for path in layers[0]:
+        _set(params, ("layers",) + path, np.stack([leaves[path] for leaves in layers]))
+    return params

@@ -145,7 +145,7 @@ def quantize_params(params: dict, config) -> dict:
         n_layers, in_shape, out_shape = kernel.shape[0], kernel.shape[1:1 + n_in], kernel.shape[1 + n_in:]
         k = int(np.prod(in_shape))
         flat = kernel.reshape(n_layers, k, -1)
-        group = config.quantization_group or None
+        group = k // config.scale_groups(k)
         qws = [quantize(flat[i], bits, group) for i in range(n_layers)]
         q = jnp.stack([w.q for w in qws]).reshape((n_layers, qws[0].q.shape[0]) + out_shape)
         scale = jnp.stack([w.scale for w in qws]).reshape((n_layers, qws[0].scale.shape[0]) + out_shape)

@@ -71,7 +71,7 @@ class Linear(nn.Module):
         c = self.config
         bits = 4 if c.quantization == "int4" else 8
         k = int(np.prod(self.in_shape))
-        groups = k // c.quantization_group if c.quantization_group else 1
+        groups = c.scale_groups(k)
         in_axis = self.kernel_axes[0]
         out_axes = self.kernel_axes[len(self.in_shape):]
         q = self.param("q", nn.with_logical_partitioning(nn.initializers.zeros_init(), (in_axis,) + out_axes),

@@ -106,3 +106,58 @@ def random_glm130b_state_dict(c, rng, scale=0.05):
         else:
             sd[name] = scale * rng.standard_normal(shape)
     return sd
+
+
+# ---- GLM-130B's quantized tensor-parallel checkpoints (tools/convert_tp.py --quantization-bit-width) ------
+_SEQUENTIAL = ("input_layernorm.weight", "input_layernorm.bias", "attention.dense.bias",
+               "post_attention_layernorm.weight", "post_attention_layernorm.bias", "mlp.dense_4h_to_h.bias",
+               "final_layernorm.weight", "final_layernorm.bias")
+_GLU = ("mlp.dense_h_to_4h.weight", "mlp.dense_h_to_4h.bias")
+_QUANTIZED = ("attention.dense.weight", "attention.query_key_value.weight", "mlp.dense_h_to_4h.weight",
+              "mlp.dense_4h_to_h.weight")
+_CONCAT_DIM = {"attention.dense.weight": 1, "mlp.dense_4h_to_h.weight": 1}
+
+
+def _quantize_rows(w, bits):
+    """The reference's per-rank quantization of a torch [out, in] weight: absmax per row, fp16
+    scales, round, INT4 packed two per byte (even column in the high nibble). -> (stored, values)."""
+    scale = (np.abs(w).max(axis=1) / (2 ** (bits - 1) - 1)).astype(np.float16)
+    q = np.round(w / scale.astype(np.float64)[:, None]).astype(np.int8)
+    values = q.astype(np.float64) * scale.astype(np.float64)[:, None]
+    if bits == 4:
+        q = ((q[:, 0::2].astype(np.uint8) << 4) | (q[:, 1::2].astype(np.uint8) & 0xF)).view(np.int8)
+    return q, scale, values
+
+
+def glm130b_quantized_ranks(sd, tp, bits=4):
+    """A merged float state dict -> (the `tp` per-rank state dicts the reference writes, the float
+    state dict those ranks compute with: every quantized weight replaced by its per-rank
+    dequantized values)."""
+    ranks = [{} for _ in range(tp)]
+    dequantized = dict(sd)
+    for key, w in sd.items():
+        name = ".".join(key.split(".")[3 if key.startswith("transformer.layers") else 1:])
+        if name in _SEQUENTIAL:
+            for r in ranks:
+                r[key] = w
+            continue
+        dim = _CONCAT_DIM.get(name, 0)
+        if name in _GLU:
+            chunks = np.split(w, 2 * tp, axis=dim)
+            pieces = [np.concatenate([chunks[i], chunks[tp + i]], axis=dim) for i in range(tp)]
+        else:
+            pieces = np.split(w, tp, axis=dim)
+        if name not in _QUANTIZED:
+            for r, p in zip(ranks, pieces):
+                r[key] = p
+            continue
+        values = []
+        for r, p in zip(ranks, pieces):
+            r[key], r[key + "_scale"], v = _quantize_rows(p, bits)
+            values.append(v)
+        if name in _GLU:
+            halves = [np.split(v, 2, axis=0) for v in values]
+            dequantized[key] = np.concatenate([h[0] for h in halves] + [h[1] for h in halves])
+        else:
+            dequantized[key] = np.concatenate(values, axis=dim)
+    return ranks, dequantized

@@ -89,6 +89,7 @@ def test_set_parsing():
     (dict(num_layers=0), "num_layers must be a positive integer"),
     (dict(quantized_matmul="triton"), "quantized_matmul='triton'"),
     (dict(quantization="int8", quantized_matmul="pallas"), "quantized_matmul=pallas is the INT4 kernel"),
+    (dict(quantization_group=64, quantization_groups=2), "not both"),
 ])
 def test_validation_names_the_field(overrides, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
