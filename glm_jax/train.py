@@ -585,8 +585,10 @@ def dry_run(trainer: Trainer, seq_len: int) -> dict:
 # ---- loading a trained model ------------------------------------------------------------------------
 def load_checkpoint(path: str, step: int | None = None, quantize: str | None = None) -> tuple[GLMConfig, dict, int]:
     """(config, params, step) from a run's checkpoint folder (its latest step, or `step`) or from
-    one step's folder, onto the first device. quantize "int4"/"int8": weight-only quantization of
-    the layers' linear weights (int4.py). Clear errors for a missing or empty folder."""
+    one step's folder, onto the first device: a training checkpoint, or a quantized serving one
+    written by `save_quantized`. quantize "int4"/"int8": weight-only quantization of a float
+    checkpoint's layer weights (int4.py) as it loads. Clear errors for a missing or empty
+    folder, or for re-quantizing quantized weights."""
     path = os.path.abspath(path)
     if not os.path.isdir(path):
         raise CheckpointError(f"checkpoint folder {path} not found; train one with "
@@ -600,15 +602,32 @@ def load_checkpoint(path: str, step: int | None = None, quantize: str | None = N
         if step is None:
             raise CheckpointError(f"{path} holds no complete checkpoint")
         config = GLMConfig.from_dict(ckpt.restore_meta(step)["config"])
-        mesh = sh.make_mesh("1x1", jax.devices()[:1])
-        trainer = Trainer(config, OptimConfig(), mesh, 1)
-        tree = ckpt.restore_state(step, trainer.canonical_target())
+        if config.quantization != "none":  # serving weights only
+            target = {"params": jax.tree_util.tree_map(lambda b: jax.ShapeDtypeStruct(b.value.shape, b.value.dtype),
+                                                       abstract_params(config), is_leaf=lambda x: hasattr(x, "value"))}
+        else:
+            mesh = sh.make_mesh("1x1", jax.devices()[:1])
+            target = Trainer(config, OptimConfig(), mesh, 1).canonical_target()
+        tree = ckpt.restore_state(step, target)
     finally:
         ckpt.close()
     params = tree["params"]
-    if quantize and quantize != "none":
+    if quantize and quantize not in ("none", config.quantization):
+        if config.quantization != "none":
+            raise CheckpointError(f"{path} holds {config.quantization} weights already; quantize the float "
+                                  f"checkpoint it came from to get {quantize}")
         from glm_jax.int4 import quantize_params
 
         config = config.override(quantization=quantize)
         params = quantize_params(params, config)
     return config, params, step
+
+
+def save_quantized(path: str, config: GLMConfig, params: dict, step: int, source: str) -> None:
+    """A serving checkpoint: quantized params (no optimizer state) and their config, in the
+    training checkpoints' folder layout, so `load_checkpoint` and the evaluation scripts take it."""
+    ckpt = Checkpoints(path, keep=1, async_save=False)
+    try:
+        ckpt.save(step, {"params": params}, {"config": config.to_dict(), "quantized_from": os.path.abspath(source)})
+    finally:
+        ckpt.close()

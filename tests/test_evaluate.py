@@ -146,20 +146,55 @@ def _load_script(name):
     return mod
 
 
-def test_lambada_eval_script_on_a_tiny_checkpoint(tmp_path, tiny_model, capsys):
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tiny_model, tmp_path_factory):
+    """A training checkpoint folder (step 7) of the tiny model."""
     c, _ = tiny_model
+    path = tmp_path_factory.mktemp("run") / "ck"
     t = Trainer(c, OptimConfig(), sh.make_mesh("1x1", jax.devices()[:1]), 1)
-    ckpt = Checkpoints(str(tmp_path / "ck"), async_save=False)
+    ckpt = Checkpoints(str(path), async_save=False)
     ckpt.save(7, t.to_canonical(t.init_state(0)), {"config": c.to_dict()})
     ckpt.close()
+    return path
+
+
+def test_lambada_eval_script_on_a_tiny_checkpoint(tmp_path, tiny_checkpoint, capsys):
+    ck = tiny_checkpoint
     script = _load_script("lambada_eval")
-    r = script.main(["--checkpoint", str(tmp_path / "ck"), "--limit", "4", "--protocol", "greedy", "--batch", "4"])
+    r = script.main(["--checkpoint", str(ck), "--limit", "4", "--protocol", "greedy", "--batch", "4"])
     assert r["n"] == 4 and 0.0 <= r["accuracy"] <= 1.0 and r["step"] == 7
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["n"] == 4
-    r = script.main(["--checkpoint", str(tmp_path / "ck" / "7"), "--limit", "2", "--protocol", "beam", "--beams", "2"])
+    r = script.main(["--checkpoint", str(ck / "7"), "--limit", "2", "--protocol", "beam", "--beams", "2"])
     assert r["n"] == 2
-    r = script.main(["--checkpoint", str(tmp_path / "ck"), "--limit", "4", "--quantize", "int4", "--batch", "4"])
+    r = script.main(["--checkpoint", str(ck), "--limit", "4", "--quantize", "int4", "--batch", "4"])
     assert r["n"] == 4
     with pytest.raises(SystemExit) as e:
         script.main(["--checkpoint", str(tmp_path / "nothing")])
+    assert e.value.code == 2
+
+
+def test_quantized_serving_checkpoint_round_trips_and_serves(tiny_checkpoint, tmp_path, capsys):
+    """experiments/quantize.py writes INT4 weights once; load_checkpoint gives exactly the arrays
+    quantizing on load gives, the evaluation scripts take the folder, and re-quantizing it is a
+    clear error."""
+    from glm_jax.int4 import quantize_params
+    from glm_jax.train import CheckpointError, load_checkpoint
+
+    out = tmp_path / "int4"
+    r = _load_script("quantize").main(["--checkpoint", str(tiny_checkpoint), "--out", str(out), "--groups", "2"])
+    assert r["step"] == 7 and r["layers_quantized_bytes"] < r["layers_bf16_bytes"] / 3.5
+    config, params, step = load_checkpoint(str(out))
+    assert (config.quantization, config.quantization_groups, step) == ("int4", 2, 7)
+    _, float_params, _ = load_checkpoint(str(tiny_checkpoint))
+    want = quantize_params(float_params, config)
+    for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(want)):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    capsys.readouterr()
+    lam = _load_script("lambada_eval").main(["--checkpoint", str(out), "--limit", "2", "--batch", "2"])
+    assert lam["n"] == 2 and lam["step"] == 7
+    with pytest.raises(CheckpointError, match="holds int4 weights already"):
+        load_checkpoint(str(out), quantize="int8")
+    with pytest.raises(SystemExit) as e:
+        _load_script("quantize").main(["--checkpoint", str(out), "--out", str(tmp_path / "again")])
     assert e.value.code == 2

@@ -1,0 +1,63 @@
+"""Quantize a trained checkpoint's layer weights once and save them for serving.
+
+    python experiments/quantize.py [--checkpoint DIR] [--quantize int4|int8] [--group N | --groups N] [--out DIR]
+
+GLM-130B's weight-only scheme (int4.py): the four linear weights of every layer become integers
+(INT4 packed two per byte) with fp16 scales per output row, or per `--group` input rows, or in
+`--groups` groups along each input; embeddings, norms and biases are stored in bf16; no optimizer
+state. The result is a checkpoint folder that `load_checkpoint` and every evaluation and
+generation script take as `--checkpoint` (default `--out`: `int4`/`int8` beside the source
+folder). Ends with a JSON line of the bytes saved.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", default=os.path.join("runs", "default", "checkpoints"))
+    ap.add_argument("--quantize", choices=("int4", "int8"), default="int4")
+    group = ap.add_mutually_exclusive_group()
+    group.add_argument("--group", type=int, default=0, help="input rows per scale (default: one scale per row)")
+    group.add_argument("--groups", type=int, default=0, help="scale groups along every weight's input")
+    ap.add_argument("--out", default=None, help="serving checkpoint folder (default: beside --checkpoint)")
+    args = ap.parse_args(argv)
+    if args.group < 0 or args.groups < 0:
+        ap.error("--group and --groups must be positive")
+
+    import jax
+
+    from glm_jax.config import ConfigError
+    from glm_jax.int4 import quantize_params, tree_bytes
+    from glm_jax.train import CheckpointError, load_checkpoint, save_quantized
+
+    try:
+        config, params, step = load_checkpoint(args.checkpoint)
+        if config.quantization != "none":
+            raise CheckpointError(f"{args.checkpoint} holds {config.quantization} weights already")
+        qconfig = config.override(quantization=args.quantize, quantization_group=args.group,
+                                  quantization_groups=args.groups, param_dtype="bfloat16")
+        quantized = quantize_params(params, qconfig)
+    except (CheckpointError, ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), args.quantize)
+    save_quantized(out, qconfig, quantized, step, args.checkpoint)
+    bf16 = jax.tree_util.tree_map(lambda x: x.astype("bfloat16"), params)
+    layers = lambda tree: tree_bytes(tree["layers"])
+    result = {"checkpoint": os.path.abspath(args.checkpoint), "out": os.path.abspath(out), "step": step,
+              "quantize": args.quantize, "fp32_bytes": tree_bytes(params), "bf16_bytes": tree_bytes(bf16),
+              "quantized_bytes": tree_bytes(quantized), "layers_bf16_bytes": layers(bf16),
+              "layers_quantized_bytes": layers(quantized)}
+    result["saved_vs_bf16"] = 1 - result["quantized_bytes"] / result["bf16_bytes"]
+    print(f"{args.quantize}: {result['quantized_bytes'] / 2**20:.2f} MiB vs {result['bf16_bytes'] / 2**20:.2f} MiB "
+          f"in bf16 ({100 * result['saved_vs_bf16']:.1f}% saved) -> {out}", file=sys.stderr)
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
