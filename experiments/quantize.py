@@ -32,7 +32,7 @@ def main(argv=None):
 
     from glm_jax.config import ConfigError
     from glm_jax.int4 import quantize_params, tree_bytes
-    from glm_jax.train import CheckpointError, load_checkpoint, save_quantized
+    from glm_jax.train import CheckpointError, load_checkpoint, save_serving
 
     try:
         config, params, step = load_checkpoint(args.checkpoint)
@@ -45,7 +45,7 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), args.quantize)
-    save_quantized(out, qconfig, quantized, step, args.checkpoint)
+    save_serving(out, qconfig, quantized, step, os.path.abspath(args.checkpoint))
     bf16 = jax.tree_util.tree_map(lambda x: x.astype("bfloat16"), params)
     layers = lambda tree: tree_bytes(tree["layers"])
     result = {"checkpoint": os.path.abspath(args.checkpoint), "out": os.path.abspath(out), "step": step,

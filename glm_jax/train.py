@@ -586,7 +586,7 @@ def dry_run(trainer: Trainer, seq_len: int) -> dict:
 def load_checkpoint(path: str, step: int | None = None, quantize: str | None = None) -> tuple[GLMConfig, dict, int]:
     """(config, params, step) from a run's checkpoint folder (its latest step, or `step`) or from
     one step's folder, onto the first device: a training checkpoint, or a quantized serving one
-    written by `save_quantized`. quantize "int4"/"int8": weight-only quantization of a float
+    written by `save_serving`. quantize "int4"/"int8": weight-only quantization of a float
     checkpoint's layer weights (int4.py) as it loads. Clear errors for a missing or empty
     folder, or for re-quantizing quantized weights."""
     path = os.path.abspath(path)
@@ -601,8 +601,9 @@ def load_checkpoint(path: str, step: int | None = None, quantize: str | None = N
         step = ckpt.latest_step() if step is None else step
         if step is None:
             raise CheckpointError(f"{path} holds no complete checkpoint")
-        config = GLMConfig.from_dict(ckpt.restore_meta(step)["config"])
-        if config.quantization != "none":  # serving weights only
+        meta = ckpt.restore_meta(step)
+        config = GLMConfig.from_dict(meta["config"])
+        if meta.get("serving"):  # parameters only
             target = {"params": jax.tree_util.tree_map(lambda b: jax.ShapeDtypeStruct(b.value.shape, b.value.dtype),
                                                        abstract_params(config), is_leaf=lambda x: hasattr(x, "value"))}
         else:
@@ -623,11 +624,12 @@ def load_checkpoint(path: str, step: int | None = None, quantize: str | None = N
     return config, params, step
 
 
-def save_quantized(path: str, config: GLMConfig, params: dict, step: int, source: str) -> None:
-    """A serving checkpoint: quantized params (no optimizer state) and their config, in the
-    training checkpoints' folder layout, so `load_checkpoint` and the evaluation scripts take it."""
+def save_serving(path: str, config: GLMConfig, params: dict, step: int, source: str) -> None:
+    """A serving checkpoint: parameters (float or quantized, no optimizer state) and their config,
+    in the training checkpoints' folder layout, so `load_checkpoint` and the evaluation scripts
+    take it."""
     ckpt = Checkpoints(path, keep=1, async_save=False)
     try:
-        ckpt.save(step, {"params": params}, {"config": config.to_dict(), "quantized_from": os.path.abspath(source)})
+        ckpt.save(step, {"params": params}, {"config": config.to_dict(), "serving": True, "source": source})
     finally:
         ckpt.close()

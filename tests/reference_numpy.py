@@ -132,7 +132,7 @@ def _quantize_rows(w, bits):
 def glm130b_quantized_ranks(sd, tp, bits=4):
     """A merged float state dict -> (the `tp` per-rank state dicts the reference writes, the float
     state dict those ranks compute with: every quantized weight replaced by its per-rank
-    dequantized values)."""
+    dequantized values). bits None: float ranks (the split alone)."""
     ranks = [{} for _ in range(tp)]
     dequantized = dict(sd)
     for key, w in sd.items():
@@ -147,7 +147,7 @@ def glm130b_quantized_ranks(sd, tp, bits=4):
             pieces = [np.concatenate([chunks[i], chunks[tp + i]], axis=dim) for i in range(tp)]
         else:
             pieces = np.split(w, tp, axis=dim)
-        if name not in _QUANTIZED:
+        if name not in _QUANTIZED or bits is None:
             for r, p in zip(ranks, pieces):
                 r[key] = p
             continue

@@ -154,3 +154,45 @@ def test_glm130b_quantized_checkpoint_errors_say_what_to_fix():
         del r["transformer.layers.1.mlp.dense_4h_to_h.weight_scale"]
     with pytest.raises(ConversionError, match=r"missing transformer.layers.1.mlp.dense_4h_to_h.weight_scale"):
         from_glm130b_quantized(ranks, c.override(quantization="int8", quantization_groups=2))
+
+
+@pytest.mark.parametrize("bits", [4, None])
+def test_convert_glm130b_script_turns_reference_rank_files_into_a_serving_checkpoint(bits, tmp_path):
+    """Rank files in the reference's folder layout (`latest`, <iteration>/mp_rank_XX_model_states.pt),
+    INT4 or float, become a checkpoint that load_checkpoint serves with the converter's weights."""
+    import importlib.util
+    import pathlib
+
+    import torch
+
+    from glm_jax.convert import from_glm130b_quantized
+    from glm_jax.train import load_checkpoint
+    from reference_numpy import glm130b_quantized_ranks
+
+    c = get_config("glm-130b", **SMALL_130B)
+    sd = random_glm130b_state_dict(c, np.random.default_rng(0))
+    sd = {k: v.astype(np.float16) for k, v in sd.items()}  # the reference stores fp16
+    ranks, _ = glm130b_quantized_ranks(sd, 2, bits)
+    (tmp_path / "sat" / "1000").mkdir(parents=True)
+    (tmp_path / "sat" / "latest").write_text("1000")
+    for i, r in enumerate(ranks):
+        torch.save({"module": {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in r.items()}, "iteration": 1000},
+                   tmp_path / "sat" / "1000" / f"mp_rank_{i:02}_model_states.pt")
+    script_path = pathlib.Path(__file__).parent.parent / "experiments" / "convert_glm130b.py"
+    spec = importlib.util.spec_from_file_location("convert_glm130b", script_path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    overrides = [f"--set={k}={v}" for k, v in SMALL_130B.items()]
+    r = script.main(["--input", str(tmp_path / "sat"), "--out", str(tmp_path / "serve")] + overrides)
+    assert r["ranks"] == 2 and r["iteration"] == 1000 and r["quantization"] == ("int4" if bits else "none")
+    config, params, step = load_checkpoint(str(tmp_path / "serve"))
+    assert step == 1000 and config.quantization_groups == (2 if bits else 0)
+    want_config = c.override(param_dtype="bfloat16", **(dict(quantization="int4", quantization_groups=2) if bits else {}))
+    want = (from_glm130b_quantized(ranks, want_config) if bits
+            else from_glm130b_state_dict({k: v.astype(np.float32) for k, v in sd.items()}, want_config))
+    assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(want)
+    for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(want)):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(SystemExit):
+        script.main(["--input", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")])
