@@ -35,7 +35,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from glm_jax import sharding as sh
-from glm_jax.config import GLMConfig
+from glm_jax.config import ConfigError, GLMConfig
 from glm_jax.data import DataIterator
 from glm_jax.model import GLM, abstract_params, dummy_batch
 from glm_jax.objectives import CONTRACT_KEYS
@@ -77,6 +77,9 @@ class Trainer:
 
     def __post_init__(self):
         c, mesh = self.config, self.mesh
+        if c.quantization != "none":
+            raise ConfigError(f"quantization={c.quantization} is weight-only quantization for serving: train in float "
+                              "(quantization=none), then `python experiments/quantize.py`")
         self.microbatches = sh.microbatch_count(self.microbatches, self.pass_batch, mesh)
         sh.check_splittable(c, mesh, self.pass_batch, self.microbatches)
         self.plan = sh.PipelinePlan(c.num_layers, sh.axis_size(mesh, "stage"))

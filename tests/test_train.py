@@ -133,6 +133,13 @@ def test_bad_flags_are_clear_errors(tmp_path):
     assert out.returncode == 2 and "not found" in out.stderr
 
 
+def test_training_a_quantized_config_is_a_clear_error():
+    from glm_jax.config import ConfigError
+
+    with pytest.raises(ConfigError, match="train in float"):
+        Trainer(case.config().override(quantization="int4"), OptimConfig(), sh.make_mesh("1x1", jax.devices()[:1]), 1)
+
+
 def test_restore_onto_other_meshes(tmp_path):
     c = case.config()
     optim = OptimConfig(peak_lr=1e-3)
