@@ -8,9 +8,9 @@ The prompt is continued after [gMASK] (put [MASK] in it to fill a blank instead)
 """
 
 import argparse
-import os
 import sys
 
+from glm_jax.cli import add_checkpoint_args
 from glm_jax.tokenizer import GMASK, MASK
 
 
@@ -48,9 +48,7 @@ def stream(gen, tok, ids, args, key) -> str:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", default=os.path.join("runs", "default", "checkpoints"))
-    ap.add_argument("--quantize", choices=("none", "int8", "int4"), default="none",
-                    help="weight-only quantization of the layers' linear weights (GLM-130B's scheme)")
+    add_checkpoint_args(ap)
     ap.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     ap.add_argument("--chat", action="store_true")
     ap.add_argument("--max-new", type=int, default=64)

@@ -15,15 +15,15 @@ import os
 import sys
 import time
 
+from glm_jax.cli import add_checkpoint_args
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 DATA = os.path.normpath(os.path.join(HERE, "..", "..", "shared", "data"))
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", default=os.path.join("runs", "default", "checkpoints"))
-    ap.add_argument("--quantize", choices=("none", "int8", "int4"), default="none",
-                    help="weight-only quantization of the layers' linear weights (GLM-130B's scheme)")
+    add_checkpoint_args(ap)
     ap.add_argument("--data", default=os.path.join(DATA, "lambada", "lambada_test.jsonl"))
     ap.add_argument("--protocol", choices=("beam", "greedy"), default="greedy")
     ap.add_argument("--limit", type=int, default=None, help="score only the first N passages")

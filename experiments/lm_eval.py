@@ -11,15 +11,15 @@ import json
 import os
 import sys
 
+from glm_jax.cli import add_checkpoint_args
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 DATA = os.path.normpath(os.path.join(HERE, "..", "..", "shared", "data", "corpus"))
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", default=os.path.join("runs", "default", "checkpoints"))
-    ap.add_argument("--quantize", choices=("none", "int8", "int4"), default="none",
-                    help="weight-only quantization of the layers' linear weights (GLM-130B's scheme)")
+    add_checkpoint_args(ap)
     ap.add_argument("--data", default=None, help="JSON-lines corpus (default: the shared corpus's held-out slice)")
     ap.add_argument("--window", type=int, default=None, help="window (default: the model's max sequence, <= 2048)")
     ap.add_argument("--tokens", type=int, default=100_000, help="held-out tokens to score (default data only)")

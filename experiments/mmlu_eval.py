@@ -10,15 +10,15 @@ import json
 import os
 import sys
 
+from glm_jax.cli import add_checkpoint_args
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 DATA = os.path.normpath(os.path.join(HERE, "..", "..", "shared", "data", "mmlu"))
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", default=os.path.join("runs", "default", "checkpoints"))
-    ap.add_argument("--quantize", choices=("none", "int8", "int4"), default="none",
-                    help="weight-only quantization of the layers' linear weights (GLM-130B's scheme)")
+    add_checkpoint_args(ap)
     ap.add_argument("--data", default=DATA)
     ap.add_argument("--shots", type=int, default=0, choices=range(0, 6))
     ap.add_argument("--subjects", default=None, help="comma-separated subset")

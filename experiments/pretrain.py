@@ -15,9 +15,10 @@ import json
 import os
 import sys
 
+from glm_jax.cli import DEFAULT_RUN
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 DATA = os.path.normpath(os.path.join(HERE, "..", "..", "shared", "data"))
-DEFAULT_RUN = os.path.join("runs", "default")
 
 
 def parse_args(argv=None):

@@ -15,10 +15,12 @@ import json
 import os
 import sys
 
+from glm_jax.cli import DEFAULT_CHECKPOINTS
+
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", default=os.path.join("runs", "default", "checkpoints"))
+    ap.add_argument("--checkpoint", default=DEFAULT_CHECKPOINTS)
     ap.add_argument("--quantize", choices=("int4", "int8"), default="int4")
     group = ap.add_mutually_exclusive_group()
     group.add_argument("--group", type=int, default=0, help="input rows per scale (default: one scale per row)")
