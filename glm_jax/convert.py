@@ -38,10 +38,17 @@ class Rule:
     convert: Callable[[np.ndarray], dict[Path, np.ndarray]]  # -> {our leaf path: array}
 
 
+def _raw(x) -> np.ndarray:
+    """A tensor (numpy, or torch of any dtype) as numpy in its own dtype (int8 stays int8; torch
+    bf16, which numpy lacks, becomes float32)."""
+    if hasattr(x, "detach"):
+        x = x.detach().cpu()
+        x = x.float().numpy() if str(x.dtype) == "torch.bfloat16" else x.numpy()
+    return np.asarray(x)
+
+
 def _to_numpy(x) -> np.ndarray:
-    if hasattr(x, "detach"):  # torch tensor, any dtype
-        x = x.detach().float().cpu().numpy()
-    return np.asarray(x, dtype=np.float32)
+    return _raw(x).astype(np.float32, copy=False)
 
 
 def _pad_rows(w: np.ndarray, rows: int) -> np.ndarray:
@@ -247,14 +254,8 @@ COLUMN_PARALLEL = ("attention.query_key_value.weight", "mlp.dense_h_to_4h.weight
 QUANTIZED = COLUMN_PARALLEL + ROW_PARALLEL
 GLU = ("mlp.dense_h_to_4h.weight", "mlp.dense_h_to_4h.weight_scale", "mlp.dense_h_to_4h.bias")
 REPLICATED = ("layernorm.weight", "layernorm.bias", "attention.dense.bias", "mlp.dense_4h_to_h.bias", "inv_freq")
-
-
-def _raw(x) -> np.ndarray:
-    """A tensor as numpy in its own dtype (int8 stays int8)."""
-    if hasattr(x, "detach"):
-        x = x.detach().cpu()
-        x = x.float().numpy() if str(x.dtype) == "torch.bfloat16" else x.numpy()
-    return np.asarray(x)
+ROW_PARALLEL_SCALES = tuple(w + "_scale" for w in ROW_PARALLEL)
+COLUMN_PARALLEL_SCALES = tuple(w + "_scale" for w in COLUMN_PARALLEL)
 
 
 def merge_glm130b_ranks(ranks: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
@@ -267,7 +268,7 @@ def merge_glm130b_ranks(ranks: Sequence[Mapping[str, Any]]) -> dict[str, np.ndar
         parts = [_raw(r[key]) for r in ranks]
         if key.endswith(REPLICATED):
             merged[key] = parts[0]
-        elif key.endswith(tuple(w + "_scale" for w in ROW_PARALLEL)):
+        elif key.endswith(ROW_PARALLEL_SCALES):
             merged[key] = np.stack(parts)
         elif key.endswith(ROW_PARALLEL):
             merged[key] = np.concatenate(parts, axis=1)
@@ -276,7 +277,7 @@ def merge_glm130b_ranks(ranks: Sequence[Mapping[str, Any]]) -> dict[str, np.ndar
             merged[key] = np.concatenate([h[0] for h in halves] + [h[1] for h in halves])
         else:
             merged[key] = np.concatenate(parts)
-        if key.endswith(tuple(w + "_scale" for w in COLUMN_PARALLEL)):
+        if key.endswith(COLUMN_PARALLEL_SCALES):
             merged[key] = merged[key][None]
     return merged
 
@@ -332,7 +333,7 @@ def from_glm130b_quantized(ranks: Sequence[Mapping[str, Any]], config: GLMConfig
                     problems.append(f"{n} has shape {x.shape}, expected {shape}")
                 elif x.dtype != np.dtype(dtype):
                     problems.append(f"{n} is {x.dtype}, expected {dtype}")
-            if len(problems) == 0:
+            if not problems:
                 scale = np.broadcast_to(got[key + "_scale"], want[key + "_scale"][0])
                 leaves.update(_quantized_leaf(c, name, got[key], np.ascontiguousarray(scale)))
         layers.append(leaves)
