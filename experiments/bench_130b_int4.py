@@ -58,10 +58,8 @@ def _leaf(key, shape, dtype, name: str):
 def serving_abstract(config):
     """ShapeDtypeStructs of the generation layout (`serving_params`): one tree per layer."""
     stacked = nn.meta.unbox(abstract_params(config))
-    sds = lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype)
-    layer = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape[1:], s.dtype), stacked["layers"])
-    outer = {k: jax.tree_util.tree_map(sds, v) for k, v in stacked.items() if k != "layers"}
-    return {**outer, "layers": (layer,) * config.num_layers}
+    layer = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape[1:], s.dtype), stacked.pop("layers"))
+    return {**stacked, "layers": (layer,) * config.num_layers}
 
 
 def random_params(config, key):

@@ -607,8 +607,7 @@ def load_checkpoint(path: str, step: int | None = None, quantize: str | None = N
         meta = ckpt.restore_meta(step)
         config = GLMConfig.from_dict(meta["config"])
         if meta.get("serving"):  # parameters only
-            target = {"params": jax.tree_util.tree_map(lambda b: jax.ShapeDtypeStruct(b.value.shape, b.value.dtype),
-                                                       abstract_params(config), is_leaf=lambda x: hasattr(x, "value"))}
+            target = {"params": nn.meta.unbox(abstract_params(config))}
         else:
             mesh = sh.make_mesh("1x1", jax.devices()[:1])
             target = Trainer(config, OptimConfig(), mesh, 1).canonical_target()
