@@ -52,12 +52,16 @@ class GLMConfig:
     norm_placement: str = "deepnorm"  # deepnorm: post-LN, residual carries LN output
     layernorm_epsilon: float = 1e-5
     final_norm: bool = True
+    deepnorm_alpha_layers: int = 0  # DeepNorm alpha = sqrt(2 x this); 0: num_layers (ChatGLM-6B: 28 always)
     # positions
     position_encoding_2d: bool = False  # 2D rotary: second half of each head by block position
     rotary_fraction: float = 1.0  # share of each head's dims that rotate (ChatGLM2: 0.5)
     rotary_interleaved: bool = False  # pairs (2i, 2i+1) (GLM-4 family) vs rotate-half (GLM-130B)
     rotary_base: float = 10000.0
     rotary_fp16_angles: bool = False  # the reference's fp16 runs compute angles in fp16
+    # inverse frequencies rounded to fp16 before the (fp32) angles are formed, as GLM-130B's pinned
+    # SwissArmyTransformer and ChatGLM-6B build them at any model dtype
+    rotary_fp16_inv_freq: bool = False
     # biases and head
     qkv_bias: bool = True
     attention_dense_bias: bool = True
@@ -123,7 +127,7 @@ class GLMConfig:
     @property
     def deepnorm_alpha(self) -> float:
         """Residual scale alpha = sqrt(2N) (DeepNorm, GLM-130B)."""
-        return math.sqrt(2 * self.num_layers)
+        return math.sqrt(2 * (self.deepnorm_alpha_layers or self.num_layers))
 
     @property
     def deepnorm_beta(self) -> float:
@@ -232,6 +236,8 @@ def validate(c: GLMConfig) -> None:
         need(0.0 <= getattr(c, name) < 1.0, f"{name}={getattr(c, name)} must be in [0, 1)")
     need(0.0 <= c.embedding_shrink_alpha <= 1.0,
          f"embedding_shrink_alpha={c.embedding_shrink_alpha} must be in [0, 1]")
+    need(isinstance(c.deepnorm_alpha_layers, int) and c.deepnorm_alpha_layers >= 0,
+         f"deepnorm_alpha_layers={c.deepnorm_alpha_layers!r} must be an integer >= 0 (0: num_layers)")
     need(c.layernorm_epsilon > 0, f"layernorm_epsilon={c.layernorm_epsilon} must be positive")
 
 
@@ -242,13 +248,13 @@ PRESETS: dict[str, dict[str, Any]] = {
         num_layers=70, hidden_size=12288, num_attention_heads=96, vocab_size=150528,
         vocab_pad_multiple=768, max_sequence_length=2048, ffn_kind="geglu",
         norm_kind="layernorm", norm_placement="deepnorm", embedding_shrink_alpha=0.1,
-        hidden_dropout=0.1, attention_dropout=0.1),
+        hidden_dropout=0.1, attention_dropout=0.1, rotary_fp16_inv_freq=True),
     # ChatGLM-6B (spec section 2): 2D rotary, GeLU(tanh) 16384, separate lm_head.
     "chatglm-6b": dict(
         num_layers=28, hidden_size=4096, num_attention_heads=32, vocab_size=130528,
         max_sequence_length=2048, ffn_kind="gelu_tanh", norm_kind="layernorm",
         norm_placement="deepnorm", position_encoding_2d=True, tie_word_embeddings=False,
-        hidden_dropout=0.0, attention_dropout=0.0),
+        hidden_dropout=0.0, attention_dropout=0.0, rotary_fp16_inv_freq=True, deepnorm_alpha_layers=28),
     # ChatGLM2-6B (spec section 2): pre-RMSNorm, MQA with 2 KV groups, SwiGLU 13696,
     # half-rotary with interleaved pairs, QKV bias only, causal decoder.
     "chatglm2-6b": dict(

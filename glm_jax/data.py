@@ -29,7 +29,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from glm_jax.objectives import SequenceBuilder
-from glm_jax.tokenizer import EOS, GLMTokenizer
+from glm_jax.tokenizer import Tokenizer
 
 DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "glm_jax", "tokens")
 
@@ -113,15 +113,15 @@ class Source:
     stats: ReadStats
 
 
-def _cache_key(path: str, tokenizer: GLMTokenizer) -> str:
+def _cache_key(path: str, tokenizer: Tokenizer) -> str:
     st = os.stat(path)
     with open(tokenizer.model_file, "rb") as f:
         tok_hash = hashlib.sha256(f.read()).hexdigest()[:16]
-    ident = f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|{tok_hash}|v1"
+    ident = f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|{tokenizer.kind}|{tok_hash}|v1"
     return hashlib.sha256(ident.encode()).hexdigest()[:24]
 
 
-def tokenize_file(path: str, tokenizer: GLMTokenizer, cache_dir: str | None = DEFAULT_CACHE,
+def tokenize_file(path: str, tokenizer: Tokenizer, cache_dir: str | None = DEFAULT_CACHE,
                   batch_docs: int = 256) -> tuple[np.ndarray, ReadStats]:
     """A corpus file as one int32 token stream, each document followed by eos (cached)."""
     if not os.path.exists(path):
@@ -134,7 +134,7 @@ def tokenize_file(path: str, tokenizer: GLMTokenizer, cache_dir: str | None = DE
                 return np.load(npy, mmap_mode="r"), ReadStats(**json.load(f))
     stats = ReadStats()
     chunks, batch = [], []
-    eos = np.array([EOS], np.int32)
+    eos = np.array([tokenizer.eos_id], np.int32)
 
     def flush():
         for ids in tokenizer.encode_batch(batch, num_threads=os.cpu_count() or 1):
@@ -211,7 +211,7 @@ class Corpus:
             self.spans.append({"train": (0, cut), "heldout": (cut, len(s.tokens)), "all": (0, len(s.tokens))}[split])
 
     @classmethod
-    def load(cls, spec, tokenizer: GLMTokenizer, cache_dir: str | None = DEFAULT_CACHE, split: str = "all",
+    def load(cls, spec, tokenizer: Tokenizer, cache_dir: str | None = DEFAULT_CACHE, split: str = "all",
              heldout_fraction: float = 0.01) -> "Corpus":
         sources = []
         for path, weight in parse_sources(spec):
@@ -243,7 +243,7 @@ class Corpus:
         return np.asarray(t[start:start + n], np.int32)
 
 
-def load_instructions(path: str, tokenizer: GLMTokenizer, stats: ReadStats | None = None,
+def load_instructions(path: str, tokenizer: Tokenizer, stats: ReadStats | None = None,
                       prompt_field: str = "content", target_field: str = "summary"):
     """(prompt ids, target ids) pairs from an AdvertiseGen-style JSON-lines file."""
     stats = stats if stats is not None else ReadStats()

@@ -2,9 +2,10 @@
 
 Protocol logic works on two narrow interfaces, so it is testable with hand-made models:
 
-- `score(rows) -> [(logprob_sum, tokens, all_argmax)]`: teacher forcing. A row is
-  (context tokens holding one mask token, continuation tokens); the continuation is fed after sop
-  and scored token by token (sop predicts its first token).
+- `score(rows) -> [(logprob_sum, tokens, all_argmax)]`: teacher forcing. A row is (a model-ready
+  prompt from `Family.prompt_ids`, continuation tokens); the continuation is fed after the
+  prompt's start id (sop for a prefix family, the prompt's last id for a causal one) and scored
+  token by token (the start id predicts its first token).
 - `beams(prompt tokens) -> [text, ...]`: beam-search outputs, best first.
 
 `ModelScorer` implements both for a GLM and its parameters.
@@ -26,10 +27,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from glm_jax.config import GLMConfig
+from glm_jax.families import Family, get_family
 from glm_jax.generate import Generator, make_prompts
 from glm_jax.model import GLM
 from glm_jax.objectives import CONTRACT_KEYS
-from glm_jax.tokenizer import GMASK, MASK, SOP, GLMTokenizer
+from glm_jax.tokenizer import GLM_IDS, SpecialIds, Tokenizer
 
 Row = tuple[Sequence[int], Sequence[int]]
 ScoreFn = Callable[[Sequence[Row]], list[tuple[float, int, bool]]]
@@ -48,18 +50,19 @@ def _token_logprobs(config: GLMConfig, params, batch):
     return gold, jnp.argmax(logits, axis=-1) == batch["targets"]
 
 
-def teacher_forcing_batch(rows: Sequence[Row], config: GLMConfig, length: int | None = None) -> dict:
+def teacher_forcing_batch(rows: Sequence[Row], config: GLMConfig, length: int | None = None,
+                          ids: SpecialIds = GLM_IDS, causal: bool = False) -> dict:
     """Rows -> a padded batch (contract arrays) whose loss_mask covers the continuations."""
-    prompts = make_prompts([list(c) for c, _ in rows], config)
-    s = length or _bucket(max(len(c) + len(x) for c, x in rows))  # context + sop + continuation[:-1]
+    prompts = make_prompts([list(c) for c, _ in rows], config, ids, causal)
+    s = length or _bucket(int(prompts.lengths.max()) + max(len(x) for _, x in rows))
     out = {k: np.zeros((len(rows), s), np.int32) for k in CONTRACT_KEYS}
-    for i, (ctx, cont) in enumerate(rows):
-        n, k = len(ctx), len(cont)
-        out["tokens"][i, :n + k] = list(ctx) + [SOP] + list(cont[:-1])
+    for i, (_, cont) in enumerate(rows):
+        n, k = int(prompts.lengths[i]), len(cont)
+        out["tokens"][i, :n + k] = list(prompts.tokens[i, :n]) + [prompts.start[i]] + list(cont[:-1])
         out["targets"][i, n:n + k] = cont
         out["loss_mask"][i, n:n + k] = 1
         out["segment_ids"][i, :n + k] = 1
-        out["prefix_mask"][i, :n] = 1
+        out["prefix_mask"][i, :n] = 0 if causal else 1
         out["position_ids"][i, :n] = np.arange(n)
         if prompts.continue_positions[i]:
             out["position_ids"][i, n:n + k] = np.arange(n, n + k)
@@ -71,23 +74,45 @@ def teacher_forcing_batch(rows: Sequence[Row], config: GLMConfig, length: int | 
 
 
 class ModelScorer:
-    """`score` and `beams` for a GLM: teacher-forced batches and KV-cached beam search."""
+    """`score` and `beams` for a GLM: teacher-forced batches and KV-cached beam search.
 
-    def __init__(self, config: GLMConfig, params, tokenizer: GLMTokenizer | None = None, batch_size: int = 16):
+    Rows longer than the model's max_sequence_length are cut from the left of their context
+    (after a causal prompt's [gMASK] sop), as the reference datasets cut; `cut_rows` counts them."""
+
+    def __init__(self, config: GLMConfig, params, tokenizer: Tokenizer | None = None, batch_size: int = 16,
+                 family: Family | None = None):
         self.config, self.params, self.tokenizer, self.batch_size = config, params, tokenizer, batch_size
+        self.family = family or get_family("glm")
+        self.ids = tokenizer.specials if tokenizer is not None else GLM_IDS
+        self.cut_rows = 0
 
     @functools.cached_property
     def generator(self) -> Generator:
         """Made on first use: its per-layer copy of the weights is only needed for beam search."""
-        return Generator(self.config, self.params)
+        return Generator(self.config, self.params, ids=self.ids, causal=self.family.causal)
+
+    def fit(self, row: Row) -> Row:
+        """A row cut from the left of its context to fit max_sequence_length."""
+        ctx, cont = list(row[0]), list(row[1])
+        start = 0 if self.family.causal or (ctx and ctx[-1] == self.ids.sop) else 1
+        over = len(ctx) + start + len(cont) - 1 - self.config.max_sequence_length
+        if over <= 0:
+            return ctx, cont
+        keep = 2 if self.family.causal else 0  # [gMASK] sop
+        if len(ctx) - keep - over < (0 if self.family.causal else 2):
+            raise ValueError(f"a continuation of {len(cont)} tokens does not fit max_sequence_length="
+                             f"{self.config.max_sequence_length}")
+        self.cut_rows += 1
+        return ctx[:keep] + ctx[keep + over:], cont
 
     def score(self, rows: Sequence[Row]) -> list[tuple[float, int, bool]]:
         out = []
+        rows = [self.fit(r) for r in rows]
         for i in range(0, len(rows), self.batch_size):
             chunk = list(rows[i:i + self.batch_size])
             n_real = len(chunk)
             chunk += [chunk[-1]] * (self.batch_size - n_real)  # one batch shape
-            batch = teacher_forcing_batch(chunk, self.config)
+            batch = teacher_forcing_batch(chunk, self.config, ids=self.ids, causal=self.family.causal)
             mask = batch["loss_mask"].astype(bool)
             gold, hit = _token_logprobs(self.config, self.params, {k: jnp.asarray(v) for k, v in batch.items()})
             gold, hit = np.asarray(gold, np.float64), np.asarray(hit)
@@ -143,32 +168,36 @@ def lambada_prediction(outputs: Sequence[str]) -> str:
     return words[0] if words else ""
 
 
-def banned_first_tokens(tokenizer: GLMTokenizer) -> list[int]:
+def banned_first_tokens(tokenizer: Tokenizer) -> list[int]:
     """Punctuation and quote-like pieces (', ``, ...) that may not open a LAMBADA answer."""
     banned = []
     for i in range(tokenizer.vocab_size):
+        if i in tokenizer.special_ids:
+            continue
         piece = tokenizer.id_to_piece(i).replace("▁", "")
         if piece and not piece.startswith("<") and (is_punctuation(piece) or piece in ("``", "''")):
             banned.append(i)
     return banned
 
 
-def lambada_beam(examples: Sequence[tuple[str, str]], tokenizer: GLMTokenizer, beams: Callable,
-                 progress: Callable = lambda it: it) -> list[bool]:
+def lambada_beam(examples: Sequence[tuple[str, str]], tokenizer: Tokenizer, beams: Callable,
+                 progress: Callable = lambda it: it, family: Family | None = None) -> list[bool]:
     """The GLM-130B protocol: [gMASK] after the context, beam search, the prediction rule, exact match."""
+    family = family or get_family("glm")
     banned = banned_first_tokens(tokenizer)
     results = []
     for context, target in progress(examples):
-        outputs = beams(tokenizer.encode(context) + [GMASK], banned_first=banned)
+        outputs = beams(family.prompt_ids(tokenizer, tokenizer.encode(context)), banned_first=banned)
         results.append(lambada_prediction(outputs).strip() == target.strip())
     return results
 
 
-def lambada_greedy(examples: Sequence[tuple[str, str]], tokenizer: GLMTokenizer, score: ScoreFn,
-                   progress: Callable = lambda it: it, batch: int = 64) -> list[bool]:
+def lambada_greedy(examples: Sequence[tuple[str, str]], tokenizer: Tokenizer, score: ScoreFn,
+                   progress: Callable = lambda it: it, batch: int = 64, family: Family | None = None) -> list[bool]:
     """The cheap protocol: every target token is the argmax under teacher forcing."""
+    family = family or get_family("glm")
     results = []
-    rows = [(tokenizer.encode(c) + [GMASK], tokenizer.encode(" " + t)) for c, t in examples]
+    rows = [(family.prompt_ids(tokenizer, tokenizer.encode(c)), tokenizer.encode(" " + t)) for c, t in examples]
     for i in progress(range(0, len(rows), batch)):
         results += [hit for _, _, hit in score(rows[i:i + batch])]
     return results
@@ -198,16 +227,17 @@ def mmlu_prompt(question: str, choices: Sequence[str], answer: int | None = None
     return body + (f" {LETTERS[answer]}\n\n" if answer is not None else "")
 
 
-def multiple_choice(subjects: dict, tokenizer: GLMTokenizer, score: ScoreFn, shots: dict | None = None,
-                    k: int = 0, progress: Callable = lambda it: it) -> dict:
+def multiple_choice(subjects: dict, tokenizer: Tokenizer, score: ScoreFn, shots: dict | None = None,
+                    k: int = 0, progress: Callable = lambda it: it, family: Family | None = None) -> dict:
     """[MASK] scoring: '<k examples> question A. .. D. .. Answer: [MASK]', each choice letter scored
     by its log-likelihood after sop; the highest wins. -> per-subject and size-weighted accuracy."""
+    family = family or get_family("glm")
     per_subject = {}
     for subject in progress(sorted(subjects)):
         prefix = "".join(mmlu_prompt(q, c, a) for q, c, a in (shots or {}).get(subject, [])[:k])
         rows, answers = [], []
         for q, choices, answer in subjects[subject]:
-            ctx = tokenizer.encode(prefix + mmlu_prompt(q, choices)) + [MASK]
+            ctx = family.prompt_ids(tokenizer, tokenizer.encode(prefix + mmlu_prompt(q, choices)), tokenizer.mask_id)
             rows += [(ctx, tokenizer.encode(" " + LETTERS[i])) for i in range(len(choices))]
             answers.append(answer)
         scores = [s for s, _, _ in score(rows)]
@@ -219,27 +249,31 @@ def multiple_choice(subjects: dict, tokenizer: GLMTokenizer, score: ScoreFn, sho
 
 
 # ---- language modelling --------------------------------------------------------------------------------------
-def sliding_window_rows(tokens: Sequence[int], window: int) -> list[Row]:
+def sliding_window_rows(tokens: Sequence[int], window: int,
+                        prompt: Callable[[list[int]], list[int]] = lambda ids: ids + [GLM_IDS.gmask, GLM_IDS.sop]
+                        ) -> list[Row]:
     """Spec section 7: windows of `window` inputs; each scores window/2 new tokens after the
-    window/2 - 1 tokens before them, [gMASK] and sop (the first window has no context)."""
+    window/2 - 1 tokens before them, [gMASK] and sop (the first window has no context).
+    prompt: context ids -> the model-ready prompt (`Family.prompt_ids`)."""
     stride = window // 2
     rows = []
     for start in range(0, len(tokens), stride):
         context = list(tokens[max(0, start - (stride - 1)):start])
-        rows.append((context + [GMASK], list(tokens[start:start + stride])))
+        rows.append((prompt(context), list(tokens[start:start + stride])))
     return rows
 
 
-def language_modelling(texts: Iterable[str], tokenizer: GLMTokenizer, score: ScoreFn, window: int = 2048,
-                       progress: Callable = lambda it: it) -> dict:
+def language_modelling(texts: Iterable[str], tokenizer: Tokenizer, score: ScoreFn, window: int = 2048,
+                       progress: Callable = lambda it: it, family: Family | None = None) -> dict:
     """Perplexity per token and bits per UTF-8 byte over documents."""
+    family = family or get_family("glm")
     nll = tokens = n_bytes = 0.0
     rows = []
     for text in texts:
         ids = tokenizer.encode(text)
         if not ids:
             continue
-        rows += sliding_window_rows(ids, window)
+        rows += sliding_window_rows(ids, window, lambda ctx: family.prompt_ids(tokenizer, ctx))
         n_bytes += len(text.encode("utf-8"))
     for i in progress(range(0, len(rows), 64)):
         for logp, n, _ in score(rows[i:i + 64]):

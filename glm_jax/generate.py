@@ -1,13 +1,15 @@
-"""KV-cached generation with GLM's bidirectional prefix: greedy, sampling, beam search.
+"""KV-cached generation for GLM's bidirectional prefix or a causal decoder: greedy, sampling, beam search.
 
-Prompts are token lists holding one mask token: [gMASK] at the end (continue the text) or
-[MASK]/[sMASK] in the middle (fill the blank). Ragged prompts are right-padded to T. Prefill
-writes the context's keys/values into cache slots 0..T-1 with every context token seeing every
-other (padding masked); decoding feeds sop, then each chosen token, into slot T + step; a new
-token sees its row's context and the generated slots so far. Positions (spec section 3): 1D
-[gMASK] continues the count (sop at the context length), 1D [MASK] and all 2D put generated
-tokens at the mask position (2D: block positions 1, 2, ...). One compiled decode step serves
-every token. The dense layers are whatever the config selects, so quantized layers plug in.
+Prompts are model-ready id lists (`families.py` builds them). The last id of a prompt is the first
+decoded input and everything before it is the context: for a prefix LM the prompt holds one mask
+token and ends with sop (appended when missing), and the context is bidirectional; for a causal
+decoder (`causal=True`: ChatGLM2/3, GLM-4) the context is causal. Ragged contexts are right-padded
+to T. Prefill writes the context's keys/values into cache slots 0..T-1; decoding feeds the start
+id, then each chosen token, into slot T + step; a new token sees its row's context and the
+generated slots so far. Positions (spec section 3): 1D [gMASK] and causal rows continue the count
+(the start id at the context length), 1D [MASK] and all 2D put generated tokens at the mask
+position (2D: block positions 1, 2, ...). One compiled decode step serves every token. The dense
+layers are whatever the config selects, so quantized layers plug in.
 """
 
 from __future__ import annotations
@@ -23,19 +25,23 @@ import numpy as np
 from glm_jax.config import GLMConfig
 from glm_jax.layers import GLMBlock, rotary_tables
 from glm_jax.model import GLM
-from glm_jax.tokenizer import EOP, EOS, GMASK, MASK, PAD, SMASK, SOP
+from glm_jax.tokenizer import GLM_IDS, SpecialIds
 
-MASK_TOKENS = (MASK, SMASK, GMASK)
+
+class GenerationError(ValueError):
+    """A prompt the model cannot take (no mask token, too long); the message says what to fix."""
 
 
 @dataclasses.dataclass(frozen=True)
 class PromptBatch:
-    """Right-padded prompts. tokens [B, T]; lengths, mask_pos, continue_positions: [B]."""
+    """Right-padded contexts. tokens [B, T]; lengths, start, mask_pos, continue_positions: [B]."""
 
     tokens: np.ndarray
     lengths: np.ndarray
+    start: np.ndarray  # the first decoded input of each row (sop, or a causal prompt's last id)
     mask_pos: np.ndarray
-    continue_positions: np.ndarray  # 1D [gMASK] rows: generated positions continue the count
+    continue_positions: np.ndarray  # 1D [gMASK] and causal rows: generated positions continue the count
+    causal: bool = False
 
 
 BUCKET = 16  # prompt and cache lengths are rounded up to this, so few shapes get compiled
@@ -45,21 +51,46 @@ def _round_up(n: int, m: int = BUCKET) -> int:
     return -(-n // m) * m
 
 
-def make_prompts(prompts: Sequence[Sequence[int]], config: GLMConfig) -> PromptBatch:
-    """Each prompt must hold a mask token ([gMASK] to continue, [MASK]/[sMASK] to fill in)."""
-    t = _round_up(max(len(p) for p in prompts))
-    tokens = np.full((len(prompts), t), PAD, np.int32)
-    lengths, mask_pos, cont = [], [], []
+def make_prompts(prompts: Sequence[Sequence[int]], config: GLMConfig, ids: SpecialIds = GLM_IDS,
+                 causal: bool = False) -> PromptBatch:
+    """Model-ready prompts -> a PromptBatch. Prefix LM: each must hold a mask token ([gMASK] to
+    continue, [MASK]/[sMASK] to fill in); a final sop is the start id (appended if absent)."""
+    contexts, start, mask_pos, cont = [], [], [], []
     for i, p in enumerate(prompts):
-        where = [j for j, tok in enumerate(p) if tok in MASK_TOKENS]
+        p = [int(t) for t in p]
+        if causal:
+            if not p:
+                raise GenerationError(f"prompt {i} is empty")
+            contexts.append(p[:-1])
+            start.append(p[-1])
+            mask_pos.append(0)
+            cont.append(True)
+            continue
+        if p and p[-1] == ids.sop:
+            p = p[:-1]
+        where = [j for j, tok in enumerate(p) if tok in ids.mask_tokens]
         if not where:
-            raise ValueError(f"prompt {i} holds no [MASK]/[sMASK]/[gMASK] token; append [gMASK] "
-                             f"(id {GMASK}) to continue a text")
-        tokens[i, : len(p)] = p
-        lengths.append(len(p))
+            raise GenerationError(f"prompt {i} holds no [MASK]/[sMASK]/[gMASK] token; append [gMASK] "
+                                  f"(id {ids.gmask}) to continue a text")
+        contexts.append(p)
+        start.append(ids.sop)
         mask_pos.append(where[0])
-        cont.append(p[where[0]] == GMASK and not config.position_encoding_2d)
-    return PromptBatch(tokens, np.array(lengths, np.int32), np.array(mask_pos, np.int32), np.array(cont))
+        cont.append(p[where[0]] == ids.gmask and not config.position_encoding_2d)
+    t = _round_up(max(1, max(len(c) for c in contexts)))
+    tokens = np.full((len(prompts), t), ids.pad, np.int32)
+    for i, c in enumerate(contexts):
+        tokens[i, : len(c)] = c
+    return PromptBatch(tokens, np.array([len(c) for c in contexts], np.int32), np.array(start, np.int32),
+                       np.array(mask_pos, np.int32), np.array(cont), causal)
+
+
+def check_length(batch: PromptBatch, max_new_tokens: int, config: GLMConfig) -> None:
+    """A clear error for a prompt that would run past the trained length."""
+    longest = int(batch.lengths.max()) + 1
+    if longest + max_new_tokens > config.max_sequence_length:
+        raise GenerationError(f"a prompt of {longest} tokens plus {max_new_tokens} new tokens exceeds "
+                              f"max_sequence_length={config.max_sequence_length}: shorten the prompt to at most "
+                              f"{config.max_sequence_length - max_new_tokens} tokens or lower the generation budget")
 
 
 def serving_params(params: dict, num_layers: int) -> dict:
@@ -103,12 +134,15 @@ def cached_forward(config: GLMConfig, params, tokens, position_ids, block_positi
     return model.apply({"params": outer}, h, method=GLM.head), tuple(new_cache)
 
 
-@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
-def prefill(config: GLMConfig, params, cache, tokens, lengths):
-    """Write the context [B, T] into cache slots 0..T-1 (bidirectional over each row's context)."""
+@functools.partial(jax.jit, static_argnums=(0, 5), donate_argnums=(2,))
+def prefill(config: GLMConfig, params, cache, tokens, lengths, causal: bool = False):
+    """Write the context [B, T] into cache slots 0..T-1 (bidirectional over each row's context,
+    or causal)."""
     b, t = tokens.shape
     keys = jnp.arange(cache_length(cache))
     mask = (keys[None, :] < lengths[:, None])[:, None, None, :] & jnp.ones((1, 1, t, 1), bool)
+    if causal:
+        mask = mask & (keys[None, None, None, :] <= jnp.arange(t)[None, None, :, None])
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     return cached_forward(config, params, tokens, positions, jnp.zeros_like(positions), mask, cache, 0)[1]
 
@@ -134,20 +168,26 @@ def reorder_cache(cache, rows):
 
 class Generator:
     """Prefill + cached decoding for one config and parameter tree (copied once into the
-    `serving_params` layout unless already in it)."""
+    `serving_params` layout unless already in it). ids: the tokenizer's special ids; causal: a
+    causal family (`families.Family.causal`)."""
 
-    def __init__(self, config: GLMConfig, params, cache_dtype=None):
-        self.config, self.cache_dtype = config, cache_dtype
+    def __init__(self, config: GLMConfig, params, cache_dtype=None, ids: SpecialIds = GLM_IDS,
+                 causal: bool = False):
+        self.config, self.cache_dtype, self.ids, self.causal = config, cache_dtype, ids, causal
         self.params = serving_params(params, config.num_layers)
+
+    def prompts(self, prompts: Sequence[Sequence[int]]) -> PromptBatch:
+        return make_prompts(prompts, self.config, self.ids, self.causal)
 
     def start(self, prompts: PromptBatch, max_new_tokens: int, repeat: int = 1):
         """Prefill; with repeat > 1 every prompt row is repeated (beams). Returns the decode state."""
+        check_length(prompts, max_new_tokens, self.config)
         tokens, lengths, mask_pos, cont = (np.repeat(a, repeat, axis=0) for a in
                                            (prompts.tokens, prompts.lengths, prompts.mask_pos,
                                             prompts.continue_positions))
         b, t = tokens.shape
         cache = init_cache(self.config, b, _round_up(t + max_new_tokens), self.cache_dtype)
-        cache = prefill(self.config, self.params, cache, jnp.asarray(tokens), jnp.asarray(lengths))
+        cache = prefill(self.config, self.params, cache, jnp.asarray(tokens), jnp.asarray(lengths), prompts.causal)
         return dict(cache=cache, lengths=jnp.asarray(lengths), mask_pos=jnp.asarray(mask_pos),
                     cont=jnp.asarray(cont), prompt_len=t)
 
@@ -160,14 +200,16 @@ class Generator:
     # ---- strategies -------------------------------------------------------------------------------
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, key=None, on_token=None,
-                 stop_tokens=(EOP, EOS)) -> list[list[int]]:
+                 stop_tokens: Sequence[int] | None = None) -> list[list[int]]:
         """Greedy (temperature 0) or sampled continuations, each up to its first stop token.
 
-        on_token(step, tokens [B]) is called as tokens are produced (streaming)."""
-        batch = make_prompts(prompts, self.config)
+        on_token(step, tokens [B]) is called as tokens are produced (streaming; finished rows get
+        pad). stop_tokens default to eop and eos."""
+        stop_tokens = (self.ids.eop, self.ids.eos) if stop_tokens is None else tuple(stop_tokens)
+        batch = self.prompts(prompts)
         state = self.start(batch, max_new_tokens)
         b = len(prompts)
-        token = np.full(b, SOP, np.int32)
+        token = batch.start.copy()
         out = [[] for _ in range(b)]
         done = np.zeros(b, bool)
         key = jax.random.key(0) if key is None else key
@@ -179,7 +221,7 @@ class Generator:
             else:
                 token = np.asarray(jnp.argmax(logits, axis=-1)).astype(np.int32)
             if on_token is not None:
-                on_token(step, np.where(done, PAD, token))
+                on_token(step, np.where(done, self.ids.pad, token))
             for i in range(b):
                 if not done[i]:
                     if token[i] in stop_tokens:
@@ -192,17 +234,18 @@ class Generator:
 
     def beam_search(self, prompt: Sequence[int], num_beams: int, max_new_tokens: int, *,
                     no_repeat_ngram: int = 0, banned_first: Sequence[int] = (), length_penalty: float = 1.0,
-                    stop_tokens=(EOP, EOS)) -> list[tuple[list[int], float]]:
+                    stop_tokens: Sequence[int] | None = None) -> list[tuple[list[int], float]]:
         """Beam search for one prompt -> [(tokens, score)] best first (score: summed log-prob /
         length ** length_penalty). Hypotheses end at a stop token or at max_new_tokens."""
-        batch = make_prompts([prompt], self.config)
+        stop_tokens = (self.ids.eop, self.ids.eos) if stop_tokens is None else tuple(stop_tokens)
+        batch = self.prompts([prompt])
         state = self.start(batch, max_new_tokens, repeat=num_beams)
-        context = list(prompt)
+        context = list(batch.tokens[0, : batch.lengths[0]]) + [int(batch.start[0])]
         beams = [[] for _ in range(num_beams)]
         scores = np.full(num_beams, -np.inf)
         scores[0] = 0.0
         finished: list[tuple[list[int], float]] = []
-        token = np.full(num_beams, SOP, np.int32)
+        token = np.repeat(batch.start, num_beams)
         for step in range(max_new_tokens):
             logp = np.asarray(jax.nn.log_softmax(self.step(state, token, step), axis=-1), np.float64)
             logp = logp[:, : self.config.vocab_size]
@@ -210,7 +253,7 @@ class Generator:
                 logp[:, list(banned_first)] = -np.inf
             if no_repeat_ngram:
                 for r, seq in enumerate(beams):
-                    for t in banned_by_ngrams(context + [SOP] + seq, no_repeat_ngram):
+                    for t in banned_by_ngrams(context + seq, no_repeat_ngram):
                         logp[r, t] = -np.inf
             total = scores[:, None] + logp
             flat = np.argsort(-total, axis=None)[: 2 * num_beams]

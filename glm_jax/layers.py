@@ -130,10 +130,13 @@ def rotary_table(positions, dim: int, config: GLMConfig):
     """cos, sin for `dim` rotated dims at integer `positions` [B, S] -> two [B, S, dim] fp32.
 
     Rotate-half layout (GLM-130B): frequencies [f0..f_{dim/2-1}] twice; interleaved (GLM-4):
-    each frequency twice in a row. With `rotary_fp16_angles` the angles are formed in fp16 as
-    the reference's fp16 runs do.
+    each frequency twice in a row. `rotary_fp16_inv_freq` rounds the inverse frequencies to fp16
+    first (GLM-130B, ChatGLM-6B); with `rotary_fp16_angles` the angles are formed in fp16 as the
+    reference's fp16 runs do.
     """
     inv_freq = 1.0 / (config.rotary_base ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+    if config.rotary_fp16_inv_freq:
+        inv_freq = inv_freq.astype(np.float16).astype(np.float32)
     angle_dtype = jnp.float16 if config.rotary_fp16_angles else jnp.float32
     angles = positions.astype(angle_dtype)[..., None] * jnp.asarray(inv_freq, angle_dtype)
     angles = angles.astype(jnp.float32)
@@ -348,12 +351,14 @@ class GLMBlock(nn.Module):
         mlp = FeedForward(c, name="mlp")
         norm_in, norm_post = make_norm(c, "input_layernorm"), make_norm(c, "post_attention_layernorm")
         if c.norm_placement == "deepnorm":
-            alpha = jnp.asarray(c.deepnorm_alpha, c.compute_dtype)
+            # alpha * x in fp32, then rounded: the reference scales by a Python float, never by
+            # alpha rounded to the compute dtype (sqrt(56) in bf16 is off by 0.2%)
+            scaled = lambda t: (t.astype(jnp.float32) * c.deepnorm_alpha).astype(c.compute_dtype)
             x = norm_in(h)
             attn, cache = attention(x, mask, tables, cache, cache_index)
-            h = alpha * x + drop(attn)
+            h = scaled(x) + drop(attn)
             y = norm_post(h)
-            out = alpha * y + drop(mlp(y))
+            out = scaled(y) + drop(mlp(y))
         else:
             attn, cache = attention(norm_in(h), mask, tables, cache, cache_index)
             h = h + drop(attn)

@@ -24,7 +24,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from glm_jax.tokenizer import EOP, GMASK, MASK, SOP
+from glm_jax.tokenizer import GLM_IDS, SpecialIds
 
 CONTRACT_KEYS = ("tokens", "targets", "loss_mask", "position_ids", "block_position_ids", "segment_ids",
                  "prefix_mask")
@@ -74,15 +74,15 @@ class ObjectiveConfig:
 
 # ---- one sample ---------------------------------------------------------------------------------
 def _assemble(part_a: np.ndarray, spans: Sequence[np.ndarray], mask_pos: Sequence[int], two_d: bool,
-              continue_positions: bool) -> dict[str, np.ndarray]:
+              continue_positions: bool, ids: SpecialIds) -> dict[str, np.ndarray]:
     """Part A + part B (spans in the given order) -> per-token arrays (no segment ids yet)."""
     a = len(part_a)
     toks, tgts, pos, blk = [part_a], [np.zeros(a, np.int32)], [np.arange(a, dtype=np.int32)], [np.zeros(a, np.int32)]
     next_pos = a
     for span, mp in zip(spans, mask_pos):
         k = len(span) + 1
-        toks.append(np.concatenate([[SOP], span]).astype(np.int32))
-        tgts.append(np.concatenate([span, [EOP]]).astype(np.int32))
+        toks.append(np.concatenate([[ids.sop], span]).astype(np.int32))
+        tgts.append(np.concatenate([span, [ids.eop]]).astype(np.int32))
         if continue_positions and not two_d:
             pos.append(np.arange(next_pos, next_pos + k, dtype=np.int32))
             next_pos += k
@@ -112,7 +112,8 @@ def draw_span_lengths(rng: np.random.Generator, cfg: ObjectiveConfig, sample_len
     return lengths[: int(np.argmax(done)) + 1] if done.any() else lengths
 
 
-def mask_sample(window: np.ndarray, lengths: np.ndarray, rng: np.random.Generator, two_d: bool):
+def mask_sample(window: np.ndarray, lengths: np.ndarray, rng: np.random.Generator, two_d: bool,
+                ids: SpecialIds = GLM_IDS):
     """[MASK]: spans of `lengths` placed at random (one unmasked token at least between two).
 
     window: [n] int -> (arrays of length n + 2m, the window).
@@ -123,7 +124,7 @@ def mask_sample(window: np.ndarray, lengths: np.ndarray, rng: np.random.Generato
         raise ValueError(f"window of {n} tokens cannot hold {m} spans of {covered} tokens")
     places = np.sort(rng.integers(0, free + 1, size=m))
     starts = places + np.concatenate([[0], np.cumsum(lengths[:-1] + 1)])
-    mask_token = np.array([MASK], np.int32)
+    mask_token = np.array([ids.mask], np.int32)
     pieces, spans, mask_pos = [], [], []
     prev = a_len = 0
     for s, ln in zip(starts, lengths):
@@ -136,20 +137,20 @@ def mask_sample(window: np.ndarray, lengths: np.ndarray, rng: np.random.Generato
     pieces.append(window[prev:])
     part_a = np.concatenate(pieces).astype(np.int32)
     order = rng.permutation(m)
-    return _assemble(part_a, [spans[j] for j in order], [mask_pos[j] for j in order], two_d, False)
+    return _assemble(part_a, [spans[j] for j in order], [mask_pos[j] for j in order], two_d, False, ids)
 
 
-def gmask_sample(window: np.ndarray, masked: int, two_d: bool):
+def gmask_sample(window: np.ndarray, masked: int, two_d: bool, ids: SpecialIds = GLM_IDS):
     """[gMASK]: keep the first n - masked tokens, then [gMASK]; part B generates the rest."""
     keep = len(window) - masked
-    part_a = np.concatenate([window[:keep], [GMASK]]).astype(np.int32)
-    return _assemble(part_a, [window[keep:]], [keep], two_d, True)
+    part_a = np.concatenate([window[:keep], [ids.gmask]]).astype(np.int32)
+    return _assemble(part_a, [window[keep:]], [keep], two_d, True, ids)
 
 
-def mip_sample(prompt: np.ndarray, target: np.ndarray, two_d: bool):
+def mip_sample(prompt: np.ndarray, target: np.ndarray, two_d: bool, ids: SpecialIds = GLM_IDS):
     """MIP: an instruction pair built like [gMASK]: prompt + [gMASK] | sop + target -> target + eop."""
-    part_a = np.concatenate([prompt, [GMASK]]).astype(np.int32)
-    return _assemble(part_a, [np.asarray(target, np.int32)], [len(prompt)], two_d, True)
+    part_a = np.concatenate([prompt, [ids.gmask]]).astype(np.int32)
+    return _assemble(part_a, [np.asarray(target, np.int32)], [len(prompt)], two_d, True, ids)
 
 
 def pack(samples: Sequence[dict], seq_len: int) -> dict[str, np.ndarray]:
@@ -183,6 +184,8 @@ class SequenceBuilder:
     seed: int
     cfg: ObjectiveConfig = ObjectiveConfig()
     instructions: Sequence[tuple[np.ndarray, np.ndarray]] | None = None
+    ids: SpecialIds = GLM_IDS  # the special ids of the tokenizer the corpus was encoded with
+    causal: bool = False  # a causal family: no bidirectional part A (prefix_mask all zero)
 
     def __post_init__(self):
         sample_len = self.seq_len // self.cfg.samples_per_sequence
@@ -207,8 +210,10 @@ class SequenceBuilder:
             lo = max(1, math.ceil(self.cfg.gmask_min_ratio * n))
             masked = int(rng.integers(lo, max(lo, int(self.cfg.gmask_max_ratio * n)) + 1))
             window = self.window(rng, n)
-            kind, samples, originals = KIND_GMASK, [gmask_sample(window, masked, two_d)], [window]
+            kind, samples, originals = KIND_GMASK, [gmask_sample(window, masked, two_d, self.ids)], [window]
         out = pack(samples, self.seq_len)
+        if self.causal:
+            out["prefix_mask"][:] = 0
         out["kind"] = np.int32(kind)
         if with_original:
             orig, orig_seg = np.zeros(self.seq_len, np.int32), np.zeros(self.seq_len, np.int32)
@@ -225,7 +230,7 @@ class SequenceBuilder:
         for _ in range(self.cfg.samples_per_sequence):
             lengths = draw_span_lengths(rng, self.cfg, sample_len)
             window = self.window(rng, sample_len - 2 * len(lengths))
-            samples.append(mask_sample(window, lengths, rng, two_d))
+            samples.append(mask_sample(window, lengths, rng, two_d, self.ids))
             originals.append(window)
         return samples, originals
 
@@ -237,7 +242,7 @@ class SequenceBuilder:
             n = len(prompt) + len(target) + 2
             if used + n > self.seq_len:
                 break
-            samples.append(mip_sample(prompt, target, two_d))
+            samples.append(mip_sample(prompt, target, two_d, self.ids))
             originals.append(np.concatenate([prompt, target]).astype(np.int32))
             used += n
         return samples, originals
@@ -254,7 +259,7 @@ def _fit_pair(prompt: np.ndarray, target: np.ndarray, budget: int):
     return prompt, target
 
 
-def mixture_statistics(seqs: dict[str, np.ndarray]) -> dict[str, float]:
+def mixture_statistics(seqs: dict[str, np.ndarray], ids: SpecialIds = GLM_IDS) -> dict[str, float]:
     """Measured statistics of built sequences (stacked [N, L] arrays with `kind` [N]).
 
     masked_fraction: span tokens / window tokens over [MASK] samples; mean_span_length;
@@ -264,7 +269,7 @@ def mixture_statistics(seqs: dict[str, np.ndarray]) -> dict[str, float]:
     kind, seg, prefix = seqs["kind"], seqs["segment_ids"], seqs["prefix_mask"]
     real = seg > 0
     part_b = real & (prefix == 0)
-    spans = (seqs["tokens"] == SOP) & part_b
+    spans = (seqs["tokens"] == ids.sop) & part_b
     is_mask = kind == KIND_MASK
     n_spans = spans[is_mask].sum()
     masked = part_b[is_mask].sum() - n_spans

@@ -1,72 +1,289 @@
-"""SentencePiece tokenizer with GLM's special tokens at fixed ids.
+"""The GLM family's tokenizers behind one interface, all on SentencePiece alone.
 
-The bilingual model (`glm_jax/assets/glm_sp32k.model`, ~32k pieces, byte fallback so no character
-is ever unknown, whitespace and newlines kept exactly) is built by `experiments/train_tokenizer.py`
-and loaded by default. Ids:
+    tok = load_tokenizer("chatglm2-6b", "/path/tokenizer.model")
+    ids = tok.encode("你好")            # text ids only: no special tokens are added
+    tok.gmask_id, tok.sop_id, tok.eop_id, tok.eos_id, tok.pad_id, tok.user_id, ...
+    text = tok.decode(ids)             # special ids (never text) are dropped
 
-    0 <pad>   1 <unk>   2 </s> (eos)   3 [MASK]   4 [gMASK]   5 [sMASK]   6 <sop>   7 <eop>   8 "\\n"
+Kinds (GLM_SPEC section 3, `../shared/data/tokenizers/README.md`):
 
-The special tokens are SentencePiece control symbols: text that spells "[MASK]" is encoded as
-ordinary characters, never as the special token.
+- `glm` (ours): the committed bilingual model `assets/glm_sp32k.model` (32k BPE, byte
+  fallback, `decode(encode(t)) == t`), specials at fixed ids
+  `0 <pad> 1 <unk> 2 </s> 3 [MASK] 4 [gMASK] 5 [sMASK] 6 <sop> 7 <eop> 8 "\\n"`;
+- `glm-130b`: icetk's text model (`ice_text.model`, 130,000 pieces); id = piece id + 20,000 (the
+  image tokens come first), raw text straight into SentencePiece (its normalizer folds whitespace
+  and full-width forms; unknown characters are 20000); [MASK] 150000 ... eop 150005, eos 20002;
+- `chatglm-6b`: the slim `ice_text.model` (130,344 pieces, specials inside, no offset);
+  `\\n` -> `<n>`, `\\t` -> `<|tab|>`, runs of 2-80 spaces -> `<|blank_N|>` before SentencePiece,
+  undone on decode, then transformers' `clean_up_tokenization_spaces` rule;
+- `chatglm2-6b` / `chatglm3-6b`: one `tokenizer.model` (64,789 BPE pieces) with [MASK] [gMASK]
+  [sMASK] sop eop appended after it (ChatGLM3: then `<|system|> <|user|> <|assistant|>
+  <|observation|>`); eos 2, pad = unk = 0.
+
+Text that spells a special token ("[gMASK]") is always encoded as text: prompt builders
+(`families.py`) place special ids themselves.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from typing import Iterable
+import re
+from typing import Iterable, Sequence
 
 import numpy as np
 import sentencepiece as spm
 
 DEFAULT_MODEL = os.path.join(os.path.dirname(__file__), "assets", "glm_sp32k.model")
+SHARED_TOKENIZERS = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
+                                                  "tokenizers"))
 
-PAD, UNK, EOS, MASK, GMASK, SMASK, SOP, EOP, NEWLINE = range(9)
+PAD, UNK, EOS, MASK, GMASK, SMASK, SOP, EOP, NEWLINE = range(9)  # ours (kind "glm")
 SPECIAL_PIECES = {"<pad>": PAD, "<unk>": UNK, "</s>": EOS, "[MASK]": MASK, "[gMASK]": GMASK,
                   "[sMASK]": SMASK, "<sop>": SOP, "<eop>": EOP, "\n": NEWLINE}
 CONTROL_SYMBOLS = ["[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>"]
 USER_SYMBOLS = ["\n"]
+ROLES = ("system", "user", "assistant", "observation")
 
 
 class TokenizerError(ValueError):
     pass
 
 
-class GLMTokenizer:
-    """encode/decode text <-> int ids; GLM's specials as attributes (`gmask_id`, `sop_id`, ...)."""
+@dataclasses.dataclass(frozen=True)
+class SpecialIds:
+    """The special token ids a tokenizer gives prompt builders, objectives and decoding.
 
-    pad_id, unk_id, eos_id = PAD, UNK, EOS
-    mask_id, gmask_id, smask_id, sop_id, eop_id = MASK, GMASK, SMASK, SOP, EOP
+    Role ids (ChatGLM3) are None where the tokenizer has none."""
 
-    def __init__(self, model_file: str | None = None):
-        path = model_file or DEFAULT_MODEL
-        if not os.path.exists(path):
-            raise TokenizerError(f"tokenizer model {path} not found; build it with "
-                                 "`python experiments/train_tokenizer.py`")
-        self.sp = spm.SentencePieceProcessor(model_file=path)
-        self.model_file = path
-        for piece, want in SPECIAL_PIECES.items():
-            got = self.sp.piece_to_id(piece)
-            if got != want:
-                raise TokenizerError(f"{path}: special piece {piece!r} has id {got}, expected {want}; "
-                                     "was it built by experiments/train_tokenizer.py?")
+    mask: int
+    gmask: int
+    smask: int
+    sop: int
+    eop: int
+    eos: int
+    pad: int
+    system: int | None = None
+    user: int | None = None
+    assistant: int | None = None
+    observation: int | None = None
+
+    @property
+    def mask_tokens(self) -> tuple[int, int, int]:
+        return (self.mask, self.smask, self.gmask)
+
+    def role(self, name: str) -> int:
+        got = getattr(self, name, None) if name in ROLES else None
+        if got is None:
+            raise TokenizerError(f"this tokenizer has no <|{name}|> role token")
+        return got
+
+
+GLM_IDS = SpecialIds(mask=MASK, gmask=GMASK, smask=SMASK, sop=SOP, eop=EOP, eos=EOS, pad=PAD)
+
+
+def _load_sp(path: str, hint: str) -> spm.SentencePieceProcessor:
+    if not os.path.isfile(path):
+        raise TokenizerError(f"tokenizer model {path} not found; {hint}")
+    try:
+        return spm.SentencePieceProcessor(model_file=path)
+    except (RuntimeError, OSError) as e:
+        raise TokenizerError(f"{path} is not a SentencePiece model file ({e})") from None
+
+
+class Tokenizer:
+    """encode/decode text <-> int ids over a SentencePiece model; the special ids as attributes
+    (`mask_id`, `gmask_id`, `smask_id`, `sop_id`, `eop_id`, `eos_id`, `pad_id`, `unk_id` and, for
+    ChatGLM3, `system_id`, `user_id`, `assistant_id`, `observation_id`).
+
+    Subclasses set `offset` (piece id -> token id), `specials` and may pre/post-process text."""
+
+    kind = "?"
+    offset = 0
+    specials: SpecialIds
+    unk_id: int
+
+    def __init__(self, model_file: str, hint: str = "pass the model's tokenizer file"):
+        self.model_file = os.path.abspath(model_file)
+        self.sp = _load_sp(self.model_file, hint)
+
+    mask_id = property(lambda self: self.specials.mask)
+    gmask_id = property(lambda self: self.specials.gmask)
+    smask_id = property(lambda self: self.specials.smask)
+    sop_id = property(lambda self: self.specials.sop)
+    eop_id = property(lambda self: self.specials.eop)
+    eos_id = property(lambda self: self.specials.eos)
+    pad_id = property(lambda self: self.specials.pad)
+    system_id = property(lambda self: self.specials.system)
+    user_id = property(lambda self: self.specials.user)
+    assistant_id = property(lambda self: self.specials.assistant)
+    observation_id = property(lambda self: self.specials.observation)
 
     @property
     def vocab_size(self) -> int:
-        return self.sp.get_piece_size()
+        """Every id this tokenizer can produce (text and special) is below this."""
+        return max(self.offset + self.sp.get_piece_size(),
+                   1 + max(v for v in dataclasses.asdict(self.specials).values() if v is not None))
 
     def padded_vocab_size(self, multiple: int = 128) -> int:
         return -(-self.vocab_size // multiple) * multiple
 
+    @property
+    def special_ids(self) -> frozenset[int]:
+        return frozenset(v for v in dataclasses.asdict(self.specials).values() if v is not None)
+
+    # ---- text <-> ids ---------------------------------------------------------------------
+    def preprocess(self, text: str) -> str:
+        return text
+
+    def postprocess(self, text: str) -> str:
+        return text
+
     def encode(self, text: str) -> list[int]:
-        return self.sp.encode(text)
+        return [i + self.offset for i in self.sp.encode(self.preprocess(text))]
 
     def encode_batch(self, texts: Iterable[str], num_threads: int = 1) -> list[list[int]]:
-        return self.sp.encode(list(texts), num_threads=num_threads)
+        texts = [self.preprocess(t) for t in texts]
+        return [[i + self.offset for i in ids] for ids in self.sp.encode(texts, num_threads=num_threads)]
 
     def decode(self, ids) -> str:
-        """Decode ids; GLM's special tokens (never text) are dropped, like SentencePiece's control ids."""
-        ids = [int(i) for i in np.asarray(ids).reshape(-1)]
-        return self.sp.decode(ids)
+        """Text of ids; special and padding ids are dropped, as the released decoders drop them."""
+        n = self.sp.get_piece_size()
+        drop = self.special_ids
+        pieces = [i - self.offset for i in (int(t) for t in np.asarray(ids).reshape(-1))
+                  if i not in drop and 0 <= i - self.offset < n]
+        return self.postprocess(self.sp.decode(pieces))
 
     def id_to_piece(self, i: int) -> str:
-        return self.sp.id_to_piece(int(i))
+        """The piece of a text id, or the name of a special id."""
+        i = int(i)
+        if 0 <= i - self.offset < self.sp.get_piece_size():
+            return self.sp.id_to_piece(i - self.offset)
+        names = [k for k, v in dataclasses.asdict(self.specials).items() if v == i]
+        return f"<{names[0]}>" if names else f"<id {i}>"
+
+    def __repr__(self):
+        return f"{type(self).__name__}(kind={self.kind!r}, model_file={self.model_file!r})"
+
+
+class GLMTokenizer(Tokenizer):
+    """Ours: the committed bilingual model with GLM's specials at fixed ids (control symbols)."""
+
+    kind = "glm"
+    specials = GLM_IDS
+    unk_id = UNK
+
+    def __init__(self, model_file: str | None = None):
+        super().__init__(model_file or DEFAULT_MODEL, "build it with `python experiments/train_tokenizer.py`")
+        for piece, want in SPECIAL_PIECES.items():
+            got = self.sp.piece_to_id(piece)
+            if got != want:
+                raise TokenizerError(f"{self.model_file}: special piece {piece!r} has id {got}, expected {want}; "
+                                     "was it built by experiments/train_tokenizer.py?")
+
+
+class IceTokenizer(Tokenizer):
+    """GLM-130B: icetk's text model, ids after its 20,000 image tokens, no text preprocessing."""
+
+    kind = "glm-130b"
+    offset = 20000
+    specials = SpecialIds(mask=150000, gmask=150001, smask=150002, sop=150004, eop=150005, eos=20002, pad=20003)
+    unk_id = 20000
+    eod_id = 150003
+    PIECES = 130000
+
+    def __init__(self, model_file: str):
+        super().__init__(model_file, "GLM-130B's is icetk's ice_text.model (130,000 pieces)")
+        if self.sp.get_piece_size() != self.PIECES:
+            raise TokenizerError(f"{self.model_file} has {self.sp.get_piece_size()} pieces; GLM-130B's icetk text "
+                                 f"model has {self.PIECES} (ChatGLM-6B's slim file is kind chatglm-6b)")
+
+    def postprocess(self, text: str) -> str:
+        return text.replace("<n>", "\n")
+
+
+_BLANKS = re.compile(" {2,80}")
+_CLEAN_UP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
+             (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
+
+
+class ChatGLMTokenizer(Tokenizer):
+    """ChatGLM-6B: the slim ice_text.model, specials inside it, whitespace encoded as pieces."""
+
+    kind = "chatglm-6b"
+    specials = SpecialIds(mask=130000, gmask=130001, smask=130002, sop=130004, eop=130005, eos=130005, pad=3)
+    unk_id = 0
+    end_id = 2  # </s>
+    PIECES = 130344
+
+    def __init__(self, model_file: str):
+        super().__init__(model_file, "ChatGLM-6B's is its ice_text.model (130,344 pieces)")
+        if self.sp.get_piece_size() != self.PIECES or self.sp.piece_to_id("[gMASK]") != self.specials.gmask:
+            raise TokenizerError(f"{self.model_file} is not ChatGLM-6B's slim ice_text.model "
+                                 f"({self.sp.get_piece_size()} pieces, want {self.PIECES} with [gMASK] at 130001)")
+
+    def preprocess(self, text: str) -> str:
+        text = text.replace("\n", "<n>").replace("\t", "<|tab|>")
+        # a run longer than 80 becomes <|blank_80|> then the rest, as the released longest-first replace does
+        return _BLANKS.sub(lambda m: f"<|blank_{len(m.group())}|>", text)
+
+    def postprocess(self, text: str) -> str:
+        text = text.replace("<n>", "\n").replace("<|tab|>", "\t")
+        text = re.sub(r"<\|blank_(\d+)\|>", lambda m: " " * int(m.group(1)), text)
+        for a, b in _CLEAN_UP:
+            text = text.replace(a, b)
+        return text
+
+
+class ChatGLM2Tokenizer(Tokenizer):
+    """ChatGLM2-6B / ChatGLM3-6B: BPE tokenizer.model, specials appended after its pieces."""
+
+    kind = "chatglm2-6b"
+    roles = False
+    PIECES = 64789
+
+    def __init__(self, model_file: str):
+        super().__init__(model_file, "ChatGLM2/3-6B's is tokenizer.model (64,789 pieces)")
+        n = self.sp.get_piece_size()
+        if n != self.PIECES:
+            raise TokenizerError(f"{self.model_file} has {n} pieces; ChatGLM2/3-6B's tokenizer.model has {self.PIECES}")
+        names = ("mask", "gmask", "smask", "sop", "eop") + (ROLES if self.roles else ())
+        self.specials = SpecialIds(eos=self.sp.eos_id(), pad=self.sp.unk_id(),
+                                   **{name: n + i for i, name in enumerate(names)})
+        self.unk_id = self.sp.unk_id()
+
+
+class ChatGLM3Tokenizer(ChatGLM2Tokenizer):
+    kind = "chatglm3-6b"
+    roles = True
+
+
+KINDS = {"glm": GLMTokenizer, "glm-130b": IceTokenizer, "chatglm-6b": ChatGLMTokenizer,
+         "chatglm2-6b": ChatGLM2Tokenizer, "chatglm3-6b": ChatGLM3Tokenizer}
+# where each kind's file lies in ../shared/data/tokenizers (the tests read them there)
+SHARED_FILES = {"glm-130b": "glm130b-icetk/ice_text.model", "chatglm-6b": "chatglm-6b/ice_text.model",
+                "chatglm2-6b": "chatglm2-6b/tokenizer.model", "chatglm3-6b": "chatglm3-6b/tokenizer.model"}
+
+
+def load_tokenizer(kind: str, model_file: str | None = None) -> Tokenizer:
+    """The tokenizer of `kind` ("glm", "glm-130b", "chatglm-6b", "chatglm2-6b", "chatglm3-6b") from
+    `model_file` (default: ours for "glm"; the released file in ../shared/data/tokenizers for the
+    others, when it is there)."""
+    if kind not in KINDS:
+        raise TokenizerError(f"unknown tokenizer kind {kind!r}; choose one of {sorted(KINDS)}")
+    if model_file is None and kind != "glm":
+        model_file = os.path.join(SHARED_TOKENIZERS, SHARED_FILES[kind])
+        if not os.path.isfile(model_file):
+            raise TokenizerError(f"the {kind} tokenizer needs its model file: pass it (--tokenizer FILE)")
+    return KINDS[kind](model_file)
+
+
+def check_fits(tokenizer: Tokenizer, rows: int, where: str = "the model") -> None:
+    """A clear error when the tokenizer can produce ids the embedding has no row for."""
+    if tokenizer.vocab_size > rows:
+        raise TokenizerError(f"the {tokenizer.kind} tokenizer ({tokenizer.model_file}) produces ids up to "
+                             f"{tokenizer.vocab_size - 1}, but {where} has only {rows} embedding rows")
+
+
+def as_ids(tokens: Sequence[int]) -> list[int]:
+    return [int(t) for t in np.asarray(tokens).reshape(-1)]

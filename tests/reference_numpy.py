@@ -22,10 +22,13 @@ def layernorm(x, w, b, eps):
     return (x - mu) / np.sqrt(var + eps) * w + b
 
 
-def rotate_half_rope(x, pos, base=10000.0):
-    """x [S, H, d], rotate-half pairing over all d dims at integer positions pos [S]."""
+def rotate_half_rope(x, pos, base=10000.0, fp16_inv_freq=False):
+    """x [S, H, d], rotate-half pairing over all d dims at integer positions pos [S]; with
+    fp16_inv_freq the inverse frequencies are rounded to fp16 first (SAT < 0.3, ChatGLM-6B)."""
     d = x.shape[-1]
     inv = 1.0 / base ** (np.arange(0, d, 2) / d)
+    if fp16_inv_freq:
+        inv = inv.astype(np.float16).astype(np.float64)
     ang = pos[:, None] * inv[None]  # [S, d/2]
     cos = np.cos(np.concatenate([ang, ang], -1))[:, None]
     sin = np.sin(np.concatenate([ang, ang], -1))[:, None]
@@ -33,11 +36,12 @@ def rotate_half_rope(x, pos, base=10000.0):
     return x * cos + rot * sin
 
 
-def rope(x, pos, block_pos, two_d):
+def rope(x, pos, block_pos, two_d, fp16_inv_freq=False):
     if not two_d:
-        return rotate_half_rope(x, pos)
+        return rotate_half_rope(x, pos, fp16_inv_freq=fp16_inv_freq)
     half = x.shape[-1] // 2
-    return np.concatenate([rotate_half_rope(x[..., :half], pos), rotate_half_rope(x[..., half:], block_pos)], -1)
+    return np.concatenate([rotate_half_rope(x[..., :half], pos, fp16_inv_freq=fp16_inv_freq),
+                           rotate_half_rope(x[..., half:], block_pos, fp16_inv_freq=fp16_inv_freq)], -1)
 
 
 def glm_mask(seg, prefix):
@@ -49,7 +53,7 @@ def glm_mask(seg, prefix):
 def glm_forward(sd, c, tokens, pos, block_pos, seg, prefix):
     """One sequence. sd: GLM-130B-layout float64 state dict; c: GLMConfig -> logits [S, vocab]."""
     n, h, d = c.num_layers, c.num_attention_heads, c.head_dim
-    alpha = sqrt(2 * n)
+    alpha = sqrt(2 * (c.deepnorm_alpha_layers or n))  # ChatGLM-6B: sqrt(2 x 28) whatever the depth
     eps = c.layernorm_epsilon
     act = gelu_exact if c.ffn_kind in ("geglu", "gelu") else gelu_tanh
     mask = glm_mask(seg, prefix)
@@ -59,8 +63,8 @@ def glm_forward(sd, c, tokens, pos, block_pos, seg, prefix):
         a = layernorm(x, p("input_layernorm.weight"), p("input_layernorm.bias"), eps)
         qkv = a @ p("attention.query_key_value.weight").T + p("attention.query_key_value.bias")
         qkv = qkv.reshape(len(tokens), h, 3, d)  # per head, then q/k/v
-        q = rope(qkv[:, :, 0], pos, block_pos, c.position_encoding_2d)
-        k = rope(qkv[:, :, 1], pos, block_pos, c.position_encoding_2d)
+        q = rope(qkv[:, :, 0], pos, block_pos, c.position_encoding_2d, c.rotary_fp16_inv_freq)
+        k = rope(qkv[:, :, 1], pos, block_pos, c.position_encoding_2d, c.rotary_fp16_inv_freq)
         v = qkv[:, :, 2]
         scores = np.einsum("qhd,khd->hqk", q, k) / sqrt(d)
         scores = np.where(mask[None], scores, -10000.0)

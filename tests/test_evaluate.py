@@ -63,8 +63,8 @@ def test_lambada_greedy_on_a_copy_model(tok):
 def test_lambada_beam_on_a_hand_made_model(tok):
     # beams repeat the context's last word: followed by punctuation in beam 1 only
     def beams(prompt, banned_first):
-        assert prompt[-1] == GMASK and banned_first
-        last = tok.decode(prompt[:-1]).split()[-1]
+        assert prompt[-2:] == [GMASK, SOP] and banned_first
+        last = tok.decode(prompt[:-2]).split()[-1]
         return [f" {last} {last}", f" {last}.", " other ,"]
 
     examples = [("I said hello hello", "hello"), ("see the sea", "sea"), ("red is red", "blue")]
@@ -80,8 +80,8 @@ def test_multiple_choice_on_hand_made_scores(tok):
     def score(rows):
         out = []
         for ctx, cont in rows:
-            text = tok.decode(ctx[:-1])
-            assert ctx[-1] == MASK and text.endswith("Answer:")
+            text = tok.decode(ctx[:-2])
+            assert ctx[-2:] == [MASK, SOP] and text.endswith("Answer:")
             q = text.split("\n")[-6] if "\n\n" in text else text.split("\n")[0]
             letter = tok.decode(cont).strip()
             right = answer_of[q]
@@ -103,8 +103,8 @@ def test_sliding_windows_score_every_token_once():
     rows = sliding_window_rows(tokens, 4)
     scored = [t for _, cont in rows for t in cont]
     assert scored == tokens
-    assert rows[0][0] == [GMASK] and all(len(ctx) <= 2 for ctx, _ in rows)
-    assert rows[2] == ([103, GMASK], [104, 105])
+    assert rows[0][0] == [GMASK, SOP] and all(len(ctx) <= 3 for ctx, _ in rows)
+    assert rows[2] == ([103, GMASK, SOP], [104, 105])
 
 
 def test_bits_per_byte_of_a_one_bit_per_token_model(tok):

@@ -103,7 +103,7 @@ def test_deepnorm_block_equals_spec_formula():
     alpha, d = np.sqrt(2.0), c.head_dim
     x = layernorm(h[0], p("input_layernorm.weight"), p("input_layernorm.bias"), 1e-5)
     qkv = (x @ p("attention.query_key_value.weight").T + p("attention.query_key_value.bias")).reshape(s, 2, 3, d)
-    q, k, v = rope(qkv[:, :, 0], pos[0], None, False), rope(qkv[:, :, 1], pos[0], None, False), qkv[:, :, 2]
+    q, k, v = rope(qkv[:, :, 0], pos[0], None, False, True), rope(qkv[:, :, 1], pos[0], None, False, True), qkv[:, :, 2]
     sc = np.where(glm_mask(seg[0], prefix[0])[None], np.einsum("qhd,khd->hqk", q, k) / np.sqrt(d), -1e4)
     pr = np.exp(sc - sc.max(-1, keepdims=True))
     pr /= pr.sum(-1, keepdims=True)
