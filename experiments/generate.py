@@ -1,49 +1,47 @@
-"""Text completion and an interactive chat loop from a checkpoint, streaming tokens as they come.
+"""Text completion and chat from a checkpoint, streaming tokens as they come.
 
     python experiments/generate.py --prompt "The meaning of life is" [--max-new 64] [--temperature 0.8]
-    python experiments/generate.py --chat          # ChatGLM-style [Round N] prompts, empty line quits
+    python experiments/generate.py --chat            # interactive; an empty line quits
+    python experiments/generate.py --chat --json < queries.txt   # one query a line -> one JSON line a turn
 
-The prompt is continued after [gMASK] (put [MASK] in it to fill a blank instead). Greedy when
---temperature is 0; otherwise temperature / top-k / top-p sampling with --seed.
+The checkpoint's family (recorded by pretrain/convert/quantize) builds the prompts exactly as the
+released code does: GLM-130B's and ours read literal [MASK]/[sMASK]/[gMASK] blanks (otherwise the
+text is continued after [gMASK]); ChatGLM-6B / ChatGLM2 / ChatGLM3 use their own chat formats and
+stop tokens, and replies are post-processed as their chat code does. A chat drops its oldest rounds
+when the prompt would not fit max_sequence_length minus --max-new (and says so on stderr); a
+completion prompt that does not fit is an error. Greedy when --temperature is 0; otherwise
+temperature / top-k / top-p sampling with --seed.
 """
 
 import argparse
+import json
 import sys
 
-from glm_jax.cli import add_checkpoint_args
-from glm_jax.tokenizer import GMASK, MASK
+from glm_jax.cli import add_checkpoint_args, load_model_or_exit
 
 
-def encode_prompt(tok, text: str) -> list[int]:
-    """Text with an optional literal [MASK] blank; otherwise continued after [gMASK]."""
-    if "[MASK]" in text:
-        before, after = text.split("[MASK]", 1)
-        return tok.encode(before) + [MASK] + tok.encode(after)
-    return tok.encode(text) + [GMASK]
-
-
-def chat_prompt(history: list[tuple[str, str]], query: str) -> str:
-    """ChatGLM's format: [Round i]\\n问：q\\n答：a\\n ... for each past round, then the new one."""
-    text = "".join(f"[Round {i}]\n问：{q}\n答：{a}\n" for i, (q, a) in enumerate(history))
-    return text + f"[Round {len(history)}]\n问：{query}\n答："
-
-
-def stream(gen, tok, ids, args, key) -> str:
-    """Generate for one prompt, printing text as tokens arrive; return the text."""
+def stream(gen, m, ids, args, key, show: bool) -> tuple[str, list[int]]:
+    """Generate for one prompt, printing text as tokens arrive (if show) -> (raw text, ids)."""
     out: list[int] = []
     shown = [""]
+    stops = set(m.family.stop_ids(m.tokenizer))
 
     def on_token(step, tokens):
-        out.append(int(tokens[0]))
-        text = tok.decode([t for t in out if t > 8])
-        sys.stdout.write(text[len(shown[0]):])
-        sys.stdout.flush()
-        shown[0] = text
+        t = int(tokens[0])
+        if t in stops:  # the last call: generation ends with it
+            return
+        out.append(t)
+        if show:
+            text = m.tokenizer.decode(out)
+            sys.stdout.write(text[len(shown[0]):])
+            sys.stdout.flush()
+            shown[0] = text
 
     result = gen.generate([ids], args.max_new, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                          key=key, on_token=on_token)[0]
-    print()
-    return tok.decode(result)
+                          key=key, on_token=on_token, stop_tokens=tuple(stops))[0]
+    if show:
+        print()
+    return m.tokenizer.decode(result), result
 
 
 def main(argv=None):
@@ -51,6 +49,8 @@ def main(argv=None):
     add_checkpoint_args(ap)
     ap.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     ap.add_argument("--chat", action="store_true")
+    ap.add_argument("--json", action="store_true", help="with --chat: queries from stdin, one JSON line per turn")
+    ap.add_argument("--system", default=None, help="a system prompt for --chat")
     ap.add_argument("--max-new", type=int, default=64)
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--top-k", type=int, default=0)
@@ -59,39 +59,65 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if not args.prompt and not args.chat:
         ap.error("give --prompt TEXT (repeatable) or --chat")
+    if args.json and not args.chat:
+        ap.error("--json goes with --chat")
+    if args.max_new <= 0:
+        ap.error("--max-new must be positive")
     import jax
 
-    from glm_jax.generate import Generator
-    from glm_jax.tokenizer import GLMTokenizer
-    from glm_jax.train import CheckpointError, load_checkpoint
+    from glm_jax.families import FamilyError
+    from glm_jax.generate import GenerationError, Generator
 
+    m = load_model_or_exit(args)
+    fam, tok = m.family, m.tokenizer
+    if args.max_new >= m.config.max_sequence_length:
+        ap.error(f"--max-new {args.max_new} leaves no room for a prompt (max_sequence_length="
+                 f"{m.config.max_sequence_length})")
+    gen = Generator(m.config, m.params, ids=tok.specials, causal=fam.causal)
+    key = jax.random.key(args.seed)
+    limit = m.config.max_sequence_length - args.max_new
+    outputs = []
     try:
-        config, params, step = load_checkpoint(args.checkpoint, quantize=args.quantize)
-    except CheckpointError as e:
+        for text in args.prompt:
+            print(f">>> {text}")
+            key, sub = jax.random.split(key)
+            outputs.append(stream(gen, m, fam.generation_prompt(tok, text), args, sub, show=True)[0])
+        if args.chat:
+            history: list[tuple[str, str]] = []
+            lines = sys.stdin if args.json else None
+            while True:
+                if lines is not None:
+                    query = next(lines, None)
+                    if query is None:
+                        break
+                    query = query.rstrip("\n")
+                    if not query.strip():
+                        continue
+                else:
+                    try:
+                        query = input("用户 / you: ").strip()
+                    except EOFError:
+                        break
+                    if not query:
+                        break
+                ids, dropped = fam.fit_chat(tok, history, query, limit, args.system)
+                if dropped:
+                    print(f"(the prompt would not fit {limit} tokens: dropped the oldest {dropped} round(s))",
+                          file=sys.stderr)
+                    history = history[dropped:]
+                key, sub = jax.random.split(key)
+                if not args.json:
+                    sys.stdout.write("GLM: ")
+                raw, generated = stream(gen, m, ids, args, sub, show=not args.json)
+                reply = fam.postprocess(raw)
+                history.append((query, reply))
+                outputs.append(reply)
+                if args.json:
+                    print(json.dumps({"query": query, "reply": reply, "ids": generated}, ensure_ascii=False),
+                          flush=True)
+    except (GenerationError, FamilyError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    tok = GLMTokenizer()
-    gen = Generator(config, params)
-    key = jax.random.key(args.seed)
-    outputs = []
-    for text in args.prompt:
-        print(f">>> {text}")
-        key, sub = jax.random.split(key)
-        outputs.append(stream(gen, tok, encode_prompt(tok, text), args, sub))
-    if args.chat:
-        history: list[tuple[str, str]] = []
-        while True:
-            try:
-                query = input("用户 / you: ").strip()
-            except EOFError:
-                break
-            if not query:
-                break
-            key, sub = jax.random.split(key)
-            sys.stdout.write("GLM: ")
-            answer = stream(gen, tok, encode_prompt(tok, chat_prompt(history, query)), args, sub)
-            history.append((query, answer))
-            outputs.append(answer)
     return outputs
 
 

@@ -15,7 +15,7 @@ import os
 import sys
 import time
 
-from glm_jax.cli import add_checkpoint_args
+from glm_jax.cli import add_checkpoint_args, load_model_or_exit
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DATA = os.path.normpath(os.path.join(HERE, "..", "..", "shared", "data"))
@@ -36,27 +36,27 @@ def main(argv=None):
     from tqdm import tqdm
 
     from glm_jax.evaluate import ModelScorer, lambada_beam, lambada_greedy, read_lambada
-    from glm_jax.tokenizer import GLMTokenizer
-    from glm_jax.train import CheckpointError, load_checkpoint
 
     try:
         examples = read_lambada(args.data, args.limit)
-        config, params, step = load_checkpoint(args.checkpoint, quantize=args.quantize)
-    except (FileNotFoundError, CheckpointError) as e:
+    except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    tok = GLMTokenizer()
-    scorer = ModelScorer(config, params, tok, batch_size=args.batch)
+    m = load_model_or_exit(args)
+    tok = m.tokenizer
+    scorer = ModelScorer(m.config, m.params, tok, batch_size=args.batch, family=m.family)
     t0 = time.perf_counter()
     if args.protocol == "beam":
         beams = lambda prompt, banned_first: scorer.beams(prompt, args.beams, 5, 3, banned_first)
-        hits = lambada_beam(examples, tok, beams, progress=lambda it: tqdm(it, desc="lambada", unit="ex"))
+        hits = lambada_beam(examples, tok, beams, progress=lambda it: tqdm(it, desc="lambada", unit="ex"),
+                            family=m.family)
     else:
         hits = lambada_greedy(examples, tok, scorer.score, batch=args.batch,
-                              progress=lambda it: tqdm(it, desc="lambada", unit="batch"))
+                              progress=lambda it: tqdm(it, desc="lambada", unit="batch"), family=m.family)
     dt = time.perf_counter() - t0
     result = {"accuracy": sum(hits) / max(len(hits), 1), "n": len(hits), "protocol": args.protocol,
-              "checkpoint": os.path.abspath(args.checkpoint), "step": step, "examples_per_s": len(hits) / dt}
+              "checkpoint": os.path.abspath(args.checkpoint), "step": m.step, "family": m.family.name,
+              "cut_rows": scorer.cut_rows, "examples_per_s": len(hits) / dt}
     print(f"LAMBADA ({args.protocol}): {result['accuracy']:.4f} on {len(hits)} passages, "
           f"{result['examples_per_s']:.1f} examples/s", file=sys.stderr)
     print(json.dumps(result))

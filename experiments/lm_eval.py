@@ -11,7 +11,7 @@ import json
 import os
 import sys
 
-from glm_jax.cli import add_checkpoint_args
+from glm_jax.cli import add_checkpoint_args, load_model_or_exit
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DATA = os.path.normpath(os.path.join(HERE, "..", "..", "shared", "data", "corpus"))
@@ -29,12 +29,10 @@ def main(argv=None):
 
     from glm_jax.data import Corpus, DataError, ReadStats, read_texts
     from glm_jax.evaluate import ModelScorer, language_modelling
-    from glm_jax.tokenizer import GLMTokenizer
-    from glm_jax.train import CheckpointError, load_checkpoint
 
-    tok = GLMTokenizer()
+    m = load_model_or_exit(args)
+    config, tok = m.config, m.tokenizer
     try:
-        config, params, step = load_checkpoint(args.checkpoint, quantize=args.quantize)
         if args.data:
             texts = []
             for text in read_texts(args.data, ReadStats()):
@@ -47,14 +45,14 @@ def main(argv=None):
             for src in corpus.sources:  # the held-out tail of every source, decoded back to text
                 stream = src.tokens[int(len(src.tokens) * 0.99):]
                 texts.append(tok.decode(stream[: args.tokens // len(corpus.sources)]))
-    except (FileNotFoundError, CheckpointError, DataError) as e:
+    except (FileNotFoundError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     window = args.window or min(config.max_sequence_length, 2048)
-    scorer = ModelScorer(config, params, tok)
+    scorer = ModelScorer(config, m.params, tok, family=m.family)
     r = language_modelling(texts, tok, scorer.score, window=window,
-                           progress=lambda it: tqdm(it, desc="lm", unit="batch"))
-    print(json.dumps({**r, "window": window, "step": step}))
+                           progress=lambda it: tqdm(it, desc="lm", unit="batch"), family=m.family)
+    print(json.dumps({**r, "window": window, "step": m.step, "family": m.family.name, "cut_rows": scorer.cut_rows}))
     return r
 
 

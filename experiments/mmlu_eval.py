@@ -10,7 +10,7 @@ import json
 import os
 import sys
 
-from glm_jax.cli import add_checkpoint_args
+from glm_jax.cli import add_checkpoint_args, load_model_or_exit
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DATA = os.path.normpath(os.path.join(HERE, "..", "..", "shared", "data", "mmlu"))
@@ -27,13 +27,10 @@ def main(argv=None):
     from tqdm import tqdm
 
     from glm_jax.evaluate import ModelScorer, multiple_choice, read_mmlu
-    from glm_jax.tokenizer import GLMTokenizer
-    from glm_jax.train import CheckpointError, load_checkpoint
 
     try:
         test, dev = read_mmlu(args.data, "test"), read_mmlu(args.data, "dev")
-        config, params, step = load_checkpoint(args.checkpoint, quantize=args.quantize)
-    except (FileNotFoundError, CheckpointError) as e:
+    except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     if args.subjects:
@@ -44,11 +41,12 @@ def main(argv=None):
         test = {s: test[s] for s in wanted}
     if args.limit:
         test = {s: rows[: args.limit] for s, rows in test.items()}
-    scorer = ModelScorer(config, params, GLMTokenizer())
+    m = load_model_or_exit(args)
+    scorer = ModelScorer(m.config, m.params, m.tokenizer, family=m.family)
     r = multiple_choice(test, scorer.tokenizer, scorer.score, shots=dev, k=args.shots,
-                        progress=lambda it: tqdm(it, desc="mmlu", unit="subject"))
-    print(json.dumps({"accuracy": r["accuracy"], "n": r["n"], "shots": args.shots, "step": step,
-                      "subjects": r["subjects"]}))
+                        progress=lambda it: tqdm(it, desc="mmlu", unit="subject"), family=m.family)
+    print(json.dumps({"accuracy": r["accuracy"], "n": r["n"], "shots": args.shots, "step": m.step,
+                      "family": m.family.name, "cut_rows": scorer.cut_rows, "subjects": r["subjects"]}))
     return r
 
 

@@ -48,6 +48,9 @@ def parse_args(argv=None):
     ap.add_argument("--max-skips", type=int, default=None, help="stop after this many non-finite steps in a row")
     ap.add_argument("--fsdp", action="store_true", help="also shard parameters over the data axis (FSDP)")
     ap.add_argument("--two-d", action="store_true", help="2D positions in the samples (GLM / ChatGLM-6B)")
+    ap.add_argument("--family", default="glm",
+                    help="model family: its tokenizer encodes the data, a causal family trains causally")
+    ap.add_argument("--tokenizer", default=None, metavar="FILE", help="the family's tokenizer file")
     ap.add_argument("--sync-checkpoints", action="store_true", help="write checkpoints synchronously")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--dry-run", action="store_true",
@@ -76,7 +79,8 @@ def main(argv=None):
     from glm_jax.data import Corpus, DataError, load_instructions
     from glm_jax.objectives import ObjectiveConfig, SequenceBuilder
     from glm_jax.optim import optim_for
-    from glm_jax.tokenizer import GLMTokenizer, TokenizerError
+    from glm_jax.families import FamilyError, get_family
+    from glm_jax.tokenizer import TokenizerError, bundled_file, check_fits
     from glm_jax.train import CheckpointError, RunConfig, Trainer, TrainingError, dry_run, train
 
     lead = jax.process_index() == 0
@@ -96,26 +100,28 @@ def main(argv=None):
                 log(f"{k:>28}: {v:,.3f}" if isinstance(v, float) else f"{k:>28}: {v}")
             print(json.dumps({"preset": args.preset, "mesh": args.mesh, "seq": args.seq, **report}))
             return report
-        tok = GLMTokenizer()
+        family = get_family(args.family)
+        tok = family.load_tokenizer(args.tokenizer)
         if tok.vocab_size > config.vocab_size:
-            ap.error(f"the tokenizer has {tok.vocab_size} pieces but the model's vocab_size is {config.vocab_size}; "
-                     f"use --set vocab_size={tok.vocab_size}")
+            check_fits(tok, config.vocab_size, f"--preset {args.preset} (use --set vocab_size={tok.vocab_size})")
         corpus = Corpus.load(args.data, tok)
         st = corpus.stats
         log(f"corpus: {st.documents:,} documents from {len(corpus.sources)} source(s); skipped {st.skipped} "
             f"(bad json {st.bad_json}, bad utf-8 {st.bad_utf8}, empty {st.empty_text}, no text {st.missing_text})")
         pairs = load_instructions(args.instructions, tok) if args.instructions else None
         objective = ObjectiveConfig(position_encoding_2d=args.two_d or config.position_encoding_2d)
-        builder = SequenceBuilder(corpus.with_split("train").window, args.seq, args.seed, objective, pairs)
+        builder = SequenceBuilder(corpus.with_split("train").window, args.seq, args.seed, objective, pairs,
+                                  tok.specials, family.causal)
         eval_builder = SequenceBuilder(corpus.with_split("heldout").window, args.seq, args.seed + 1,
-                                       dataclasses.replace(objective, multitask_ratio=0.0))
+                                       dataclasses.replace(objective, multitask_ratio=0.0), None, tok.specials,
+                                       family.causal)
         run = RunConfig(steps=args.steps, global_batch=args.batch, seq_len=args.seq, seed=args.seed,
                         ckpt_dir=args.ckpt_dir, ckpt_every=args.ckpt_every, keep=args.keep, log_dir=args.log_dir,
                         eval_every=args.eval_every, pass_batch=args.pass_batch, microbatches=args.microbatches,
                         async_checkpoints=not args.sync_checkpoints, progress=not args.no_progress,
-                        fsdp=args.fsdp)
+                        fsdp=args.fsdp, family=family.name, tokenizer_file=bundled_file(tok))
         summary = train(config, optim, run, mesh, builder, eval_builder, log=log)
-    except (ConfigError, sh.MeshError, DataError, CheckpointError, TokenizerError) as e:
+    except (ConfigError, sh.MeshError, DataError, CheckpointError, TokenizerError, FamilyError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except TrainingError as e:

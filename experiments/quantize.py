@@ -4,8 +4,8 @@
 
 GLM-130B's weight-only scheme (int4.py): the four linear weights of every layer become integers
 (INT4 packed two per byte) with fp16 scales per output row, or per `--group` input rows, or in
-`--groups` groups along each input; embeddings, norms and biases are stored in bf16; no optimizer
-state. The result is a checkpoint folder that `load_checkpoint` and every evaluation and
+`--groups` groups along each input; embeddings, norms and biases are stored in 16 bits (bf16, or
+the checkpoint's fp16); no optimizer state; the family and tokenizer go along. The result is a checkpoint folder that `load_checkpoint` and every evaluation and
 generation script take as `--checkpoint` (default `--out`: `int4`/`int8` beside the source
 folder). Ends with a JSON line of the bytes saved.
 """
@@ -15,7 +15,7 @@ import json
 import os
 import sys
 
-from glm_jax.cli import DEFAULT_CHECKPOINTS
+from glm_jax.cli import DEFAULT_CHECKPOINTS, load_model_or_exit
 
 
 def main(argv=None):
@@ -26,6 +26,8 @@ def main(argv=None):
     group.add_argument("--group", type=int, default=0, help="input rows per scale (default: one scale per row)")
     group.add_argument("--groups", type=int, default=0, help="scale groups along every weight's input")
     ap.add_argument("--out", default=None, help="serving checkpoint folder (default: beside --checkpoint)")
+    ap.add_argument("--tokenizer", default=None, help="tokenizer file (default: the checkpoint's)")
+    ap.add_argument("--family", default=None, help="model family (default: the checkpoint's)")
     args = ap.parse_args(argv)
     if args.group < 0 or args.groups < 0:
         ap.error("--group and --groups must be positive")
@@ -34,20 +36,24 @@ def main(argv=None):
 
     from glm_jax.config import ConfigError
     from glm_jax.int4 import quantize_params, tree_bytes
-    from glm_jax.train import CheckpointError, load_checkpoint, save_serving
+    from glm_jax.tokenizer import bundled_file
+    from glm_jax.train import CheckpointError, save_serving
 
+    m = load_model_or_exit(argparse.Namespace(**{**vars(args), "quantize": None}))
+    config, params, step = m.config, m.params, m.step
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), args.quantize)
     try:
-        config, params, step = load_checkpoint(args.checkpoint)
         if config.quantization != "none":
             raise CheckpointError(f"{args.checkpoint} holds {config.quantization} weights already")
         qconfig = config.override(quantization=args.quantize, quantization_group=args.group,
-                                  quantization_groups=args.groups, param_dtype="bfloat16")
+                                  quantization_groups=args.groups,
+                                  param_dtype=config.param_dtype if config.param_dtype != "float32" else "bfloat16")
         quantized = quantize_params(params, qconfig)
+        save_serving(out, qconfig, quantized, step, os.path.abspath(args.checkpoint), m.family.name,
+                     bundled_file(m.tokenizer))
     except (CheckpointError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), args.quantize)
-    save_serving(out, qconfig, quantized, step, os.path.abspath(args.checkpoint))
     bf16 = jax.tree_util.tree_map(lambda x: x.astype("bfloat16"), params)
     layers = lambda tree: tree_bytes(tree["layers"])
     result = {"checkpoint": os.path.abspath(args.checkpoint), "out": os.path.abspath(out), "step": step,

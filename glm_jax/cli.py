@@ -11,8 +11,26 @@ DEFAULT_CHECKPOINTS = os.path.join(DEFAULT_RUN, "checkpoints")
 
 def add_checkpoint_args(ap: argparse.ArgumentParser) -> None:
     """--checkpoint (default: pretrain.py's) and --quantize, as the evaluation and generation
-    scripts take them (for `train.load_checkpoint`)."""
+    scripts take them (for `train.load_model`)."""
     ap.add_argument("--checkpoint", default=DEFAULT_CHECKPOINTS,
                     help="a run's checkpoint folder (its latest step), one step's folder, or a serving checkpoint")
     ap.add_argument("--quantize", choices=("none", "int8", "int4"), default="none",
                     help="weight-only quantization of the layers' linear weights (GLM-130B's scheme)")
+    ap.add_argument("--tokenizer", default=None, metavar="FILE",
+                    help="tokenizer model file (default: the one the checkpoint carries)")
+    ap.add_argument("--family", default=None,
+                    help="model family (default: the one the checkpoint records): glm, glm-130b, chatglm-6b, "
+                         "chatglm2-6b, chatglm3-6b")
+
+
+def load_model_or_exit(args):
+    """train.load_model from the flags above; a user mistake prints `error: ...` and exits 2."""
+    import sys
+
+    from glm_jax.train import CheckpointError, load_model
+
+    try:
+        return load_model(args.checkpoint, quantize=args.quantize, tokenizer_file=args.tokenizer, family=args.family)
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

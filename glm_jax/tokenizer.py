@@ -29,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from typing import Iterable, Sequence
+from typing import Iterable
 
 import numpy as np
 import sentencepiece as spm
@@ -285,5 +285,6 @@ def check_fits(tokenizer: Tokenizer, rows: int, where: str = "the model") -> Non
                              f"{tokenizer.vocab_size - 1}, but {where} has only {rows} embedding rows")
 
 
-def as_ids(tokens: Sequence[int]) -> list[int]:
-    return [int(t) for t in np.asarray(tokens).reshape(-1)]
+def bundled_file(tokenizer: Tokenizer) -> str | None:
+    """The file a checkpoint should carry for this tokenizer (None: ours, shipped in the package)."""
+    return None if tokenizer.model_file == os.path.abspath(DEFAULT_MODEL) else tokenizer.model_file

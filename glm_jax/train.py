@@ -21,6 +21,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import time
 from typing import Any, Callable
@@ -416,6 +417,8 @@ class RunConfig:
     async_checkpoints: bool = True
     progress: bool = True
     fsdp: bool = False
+    family: str = "glm"  # recorded in every checkpoint (families.py), with the tokenizer file
+    tokenizer_file: str | None = None  # copied into ckpt_dir/tokenizer/ (None: ours, the package's)
 
 
 def train(config: GLMConfig, optim: OptimConfig, run: RunConfig, mesh, builder, eval_builder=None,
@@ -434,6 +437,7 @@ def train(config: GLMConfig, optim: OptimConfig, run: RunConfig, mesh, builder, 
     lead = jax.process_index() == 0
     data = DataIterator(builder, pass_batch, jax.process_index(), jax.process_count())
     ckpt = Checkpoints(run.ckpt_dir, run.keep, run.async_checkpoints)
+    tokenizer_meta = copy_tokenizer(run.tokenizer_file, ckpt.directory) if lead else None
     start = ckpt.latest_step()
     if start is not None:
         meta = ckpt.restore_meta(start)
@@ -447,7 +451,8 @@ def train(config: GLMConfig, optim: OptimConfig, run: RunConfig, mesh, builder, 
     metrics_out = MetricsWriter(run.log_dir, start, enabled=lead)
 
     def save(step):
-        meta = {"config": config.to_dict(), "data": data.state(), "step": step,
+        meta = {"config": config.to_dict(), "data": data.state(), "step": step, "family": run.family,
+                "tokenizer": tokenizer_meta,
                 "optim": dataclasses.asdict(optim) | {"embedding_alpha_schedule": list(optim.embedding_alpha_schedule)}}
         ckpt.save(step, trainer.to_canonical(state), meta)
 
@@ -586,12 +591,25 @@ def dry_run(trainer: Trainer, seq_len: int) -> dict:
 
 
 # ---- loading a trained model ------------------------------------------------------------------------
-def load_checkpoint(path: str, step: int | None = None, quantize: str | None = None) -> tuple[GLMConfig, dict, int]:
-    """(config, params, step) from a run's checkpoint folder (its latest step, or `step`) or from
-    one step's folder, onto the first device: a training checkpoint, or a quantized serving one
-    written by `save_serving`. quantize "int4"/"int8": weight-only quantization of a float
-    checkpoint's layer weights (int4.py) as it loads. Clear errors for a missing or empty
-    folder, or for re-quantizing quantized weights."""
+TOKENIZER_DIR = "tokenizer"
+
+
+def copy_tokenizer(model_file: str | None, directory: str) -> str | None:
+    """Copy a tokenizer file into directory/tokenizer/ (so the checkpoint is self-contained) ->
+    its path relative to directory, as checkpoint meta records it; None for ours (in the package)."""
+    if model_file is None:
+        return None
+    rel = os.path.join(TOKENIZER_DIR, os.path.basename(model_file))
+    dest = os.path.join(directory, rel)
+    if os.path.abspath(model_file) != os.path.abspath(dest):
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        shutil.copyfile(model_file, dest + ".tmp")
+        os.replace(dest + ".tmp", dest)
+    return rel
+
+
+def _restore(path: str, step: int | None) -> tuple[GLMConfig, dict, int, dict, str]:
+    """(config, params, step, meta, checkpoint folder) of a training or serving checkpoint."""
     path = os.path.abspath(path)
     if not os.path.isdir(path):
         raise CheckpointError(f"checkpoint folder {path} not found; train one with "
@@ -614,7 +632,10 @@ def load_checkpoint(path: str, step: int | None = None, quantize: str | None = N
         tree = ckpt.restore_state(step, target)
     finally:
         ckpt.close()
-    params = tree["params"]
+    return config, tree["params"], step, meta, path
+
+
+def _quantize_on_load(config: GLMConfig, params: dict, quantize: str | None, path: str):
     if quantize and quantize not in ("none", config.quantization):
         if config.quantization != "none":
             raise CheckpointError(f"{path} holds {config.quantization} weights already; quantize the float "
@@ -623,15 +644,75 @@ def load_checkpoint(path: str, step: int | None = None, quantize: str | None = N
 
         config = config.override(quantization=quantize)
         params = quantize_params(params, config)
+    return config, params
+
+
+def load_checkpoint(path: str, step: int | None = None, quantize: str | None = None) -> tuple[GLMConfig, dict, int]:
+    """(config, params, step) from a run's checkpoint folder (its latest step, or `step`) or from
+    one step's folder, onto the first device: a training checkpoint, or a quantized serving one
+    written by `save_serving`. quantize "int4"/"int8": weight-only quantization of a float
+    checkpoint's layer weights (int4.py) as it loads. Clear errors for a missing or empty
+    folder, or for re-quantizing quantized weights."""
+    config, params, step, _, path = _restore(path, step)
+    config, params = _quantize_on_load(config, params, quantize, path)
     return config, params, step
 
 
-def save_serving(path: str, config: GLMConfig, params: dict, step: int, source: str) -> None:
-    """A serving checkpoint: parameters (float or quantized, no optimizer state) and their config,
-    in the training checkpoints' folder layout, so `load_checkpoint` and the evaluation scripts
-    take it."""
-    ckpt = Checkpoints(path, keep=1, async_save=False)
+@dataclasses.dataclass
+class LoadedModel:
+    """A checkpoint with everything needed to prompt it: its family and tokenizer."""
+
+    config: GLMConfig
+    params: dict
+    step: int
+    family: Any  # families.Family
+    tokenizer: Any  # tokenizer.Tokenizer
+    path: str
+
+
+def load_model(path: str, quantize: str | None = None, tokenizer_file: str | None = None,
+               family: str | None = None, step: int | None = None) -> LoadedModel:
+    """`load_checkpoint` plus the family and tokenizer the checkpoint records (a checkpoint from
+    before families were recorded is ours, `glm`). tokenizer_file / family override them. A
+    tokenizer whose ids do not fit the embedding is a clear error."""
+    from glm_jax.families import FamilyError, get_family
+    from glm_jax.tokenizer import TokenizerError, check_fits
+
+    config, params, step, meta, path = _restore(path, step)
     try:
-        ckpt.save(step, {"params": params}, {"config": config.to_dict(), "serving": True, "source": source})
+        fam = get_family(family or meta.get("family") or "glm")
+        if tokenizer_file is None and meta.get("tokenizer"):
+            tokenizer_file = os.path.join(path, meta["tokenizer"])
+        tok = fam.load_tokenizer(tokenizer_file)
+        check_fits(tok, config.padded_vocab_size, f"the checkpoint {path}")
+    except (FamilyError, TokenizerError) as e:
+        raise CheckpointError(str(e)) from None
+    config, params = _quantize_on_load(config, params, quantize, path)
+    return LoadedModel(config, params, step, fam, tok, path)
+
+
+def save_serving(path: str, config: GLMConfig, params: dict, step: int, source: str, family: str = "glm",
+                 tokenizer_file: str | None = None) -> None:
+    """A serving checkpoint: parameters (float or quantized, no optimizer state), their config,
+    the family and a copy of the tokenizer file, in the training checkpoints' folder layout, so
+    `load_checkpoint` / `load_model` and every script take it. Written beside `path` and renamed
+    into place when complete: a failure leaves no half-written folder. `path` must not exist yet
+    (or be empty)."""
+    path = os.path.abspath(path)
+    if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
+        raise CheckpointError(f"{path} exists and is not empty; remove it or choose another output folder")
+    tmp = f"{path}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        rel = copy_tokenizer(tokenizer_file, tmp)
+        ckpt = Checkpoints(tmp, keep=1, async_save=False)
+        try:
+            ckpt.save(step, {"params": params}, {"config": config.to_dict(), "serving": True, "source": source,
+                                                 "family": family, "tokenizer": rel})
+        finally:
+            ckpt.close()
+        if os.path.isdir(path):
+            os.rmdir(path)
+        os.replace(tmp, path)
     finally:
-        ckpt.close()
+        shutil.rmtree(tmp, ignore_errors=True)
