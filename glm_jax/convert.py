@@ -1,8 +1,11 @@
 """Load weights from the layouts users hold into our parameter tree.
 
 - `from_glm130b_state_dict`: the GLM-130B reference (SwissArmyTransformer) layout, one merged
-  tensor-parallel shard as a name -> array dict. ChatGLM-6B's native names are the same plus an
-  `lm_head.weight`, so it loads here too when the config is untied.
+  tensor-parallel shard as a name -> array dict.
+- `from_chatglm_state_dict`: ChatGLM-6B's released names (GLM-130B's plus `lm_head.weight`),
+  `config_from_chatglm` for its config.json.
+- `from_chatglm2_state_dict`: ChatGLM2-6B / ChatGLM3-6B (`transformer.encoder.layers.N...`, fused
+  QKV as [all q | k groups | v groups] with a bias), `config_from_chatglm2` for its config.json.
 - `from_hf_glm`: the transformers `GlmForCausalLM` layout (GLM-4 family, ChatGLM2/3's block).
   `config_from_hf_glm` builds the matching GLMConfig from that checkpoint's config.
 - `from_glm130b_quantized`: GLM-130B's INT4/INT8 checkpoints (the reference's
@@ -164,6 +167,75 @@ def hf_glm_rules(c: GLMConfig) -> tuple[list[Rule], list[Rule]]:
     return layer, top
 
 
+def chatglm2_rules(c: GLMConfig) -> tuple[list[Rule], list[Rule]]:
+    """(per-layer rules, top-level rules) of ChatGLM2-6B / ChatGLM3-6B's released names."""
+    if c.norm_kind != "rmsnorm" or c.norm_placement != "pre" or c.ffn_kind != "swiglu" or c.tie_word_embeddings:
+        raise ConversionError("ChatGLM2/3 are pre-RMSNorm SwiGLU models with an output layer; build the config "
+                              "with config_from_chatglm2(config_json)")
+    e, h, kv, d, f = c.hidden_size, c.num_attention_heads, c.num_kv_heads, c.head_dim, c.inner_hidden_size
+    p = "transformer.encoder.layers.{i}."
+    splits = np.cumsum([h * d, kv * d])
+
+    def qkv(suffix):
+        def convert(w):
+            q, k, v = np.split(w, splits, axis=0)  # [all q | k groups | v groups] (spec section 2)
+            shape = (lambda n: (n, d)) if w.ndim == 1 else (lambda n: (n, d, e))
+            out = [x.reshape(shape(n)) for x, n in ((q, h), (k, kv), (v, kv))]
+            out = out if w.ndim == 1 else [x.transpose(2, 0, 1) for x in out]
+            return {("attention", name, suffix): x for name, x in zip(("query", "key", "value"), out)}
+        return convert
+
+    layer = [
+        Rule(p + "input_layernorm.weight", (e,), _leaf("input_layernorm", "scale")),
+        Rule(p + "self_attention.query_key_value.weight", ((h + 2 * kv) * d, e), qkv("kernel")),
+        Rule(p + "self_attention.dense.weight", (e, h * d), _linear_in(("attention", "dense", "kernel"), (h, d))),
+        Rule(p + "post_attention_layernorm.weight", (e,), _leaf("post_attention_layernorm", "scale")),
+        Rule(p + "mlp.dense_h_to_4h.weight", (2 * f, e), _halves(("mlp", "dense_h_to_4h", "kernel"), f)),
+        Rule(p + "mlp.dense_4h_to_h.weight", (e, f), _linear(("mlp", "dense_4h_to_h", "kernel"), (e,))),
+    ]
+    if c.qkv_bias:
+        layer.append(Rule(p + "self_attention.query_key_value.bias", ((h + 2 * kv) * d,), qkv("bias")))
+    if c.attention_dense_bias or c.ffn_bias:
+        raise ConversionError("ChatGLM2/3 checkpoints have no dense / FFN biases (add_bias_linear false)")
+    top = [Rule("transformer.embedding.word_embeddings.weight", (c.vocab_size, e),
+                lambda w: {("word_embeddings", "embedding"): _pad_rows(w, c.padded_vocab_size)}),
+           Rule("transformer.encoder.final_layernorm.weight", (e,), _leaf("final_layernorm", "scale")),
+           _output_layer_rule("transformer.output_layer.weight", c)]
+    return layer, top
+
+
+def config_from_chatglm(cfg: Mapping[str, Any], **overrides) -> GLMConfig:
+    """Our GLMConfig for ChatGLM-6B's config.json (sizes from it; the residual alpha stays
+    sqrt(2 x 28) and the rotary frequencies fp16-rounded, as its code does)."""
+    fields = dict(num_layers=cfg["num_layers"], hidden_size=cfg["hidden_size"],
+                  num_attention_heads=cfg["num_attention_heads"], vocab_size=cfg["vocab_size"],
+                  vocab_pad_multiple=1, inner_hidden_size=cfg.get("inner_hidden_size") or 4 * cfg["hidden_size"],
+                  layernorm_epsilon=cfg.get("layernorm_epsilon", 1e-5),
+                  max_sequence_length=cfg.get("max_sequence_length", 2048),
+                  position_encoding_2d=cfg.get("position_encoding_2d", True))
+    return get_config("chatglm-6b", **{**fields, **overrides})
+
+
+def config_from_chatglm2(cfg: Mapping[str, Any], **overrides) -> GLMConfig:
+    """Our GLMConfig for ChatGLM2-6B / ChatGLM3-6B's config.json (`rope_ratio` scales the base)."""
+    if not cfg.get("rmsnorm", True) or cfg.get("apply_residual_connection_post_layernorm", False) \
+            or not cfg.get("post_layer_norm", True):
+        raise ConversionError("only ChatGLM2/3's released block is supported: rmsnorm true, post_layer_norm true, "
+                              "apply_residual_connection_post_layernorm false")
+    heads = cfg["num_attention_heads"]
+    fields = dict(num_layers=cfg["num_layers"], hidden_size=cfg["hidden_size"], num_attention_heads=heads,
+                  num_kv_heads=cfg["multi_query_group_num"] if cfg.get("multi_query_attention", True) else heads,
+                  head_dim=cfg.get("kv_channels") or cfg["hidden_size"] // heads,
+                  vocab_size=cfg["padded_vocab_size"], vocab_pad_multiple=1,
+                  inner_hidden_size=cfg["ffn_hidden_size"], layernorm_epsilon=cfg.get("layernorm_epsilon", 1e-5),
+                  max_sequence_length=cfg.get("seq_length", 32768),
+                  rotary_base=10000.0 * float(cfg.get("rope_ratio", 1.0)),
+                  qkv_bias=cfg.get("add_qkv_bias", True))
+    if cfg.get("add_bias_linear", False):
+        raise ConversionError("ChatGLM2/3 configs with add_bias_linear true are not a released layout")
+    return get_config("chatglm2-6b", **{**fields, **overrides})
+
+
 def config_from_hf_glm(hf_config: Mapping[str, Any] | Any, **overrides) -> GLMConfig:
     """Our GLMConfig for a GlmForCausalLM checkpoint config (dict or transformers config).
 
@@ -195,36 +267,44 @@ IGNORED_SUFFIXES = ("inv_freq", "rotary_emb.inv_freq", "masked_bias", "attn.bias
 
 def convert_state_dict(tensors: Mapping[str, Any], config: GLMConfig,
                        rules: tuple[list[Rule], list[Rule]]) -> dict:
-    """Apply a layout's rules: check every name and shape first, then build the stacked tree."""
+    """Apply a layout's rules: check every name and shape first, then build the stacked tree.
+
+    `tensors` may be lazy (a `released.ShardedTensors`): each source tensor is read, converted and
+    written into its preallocated [layers, ...] slot one at a time, so the host holds one copy of
+    the model (in config.param_dtype) plus one tensor, never two copies."""
     layer_rules, top_rules = rules
     wanted = {r.source: r for r in top_rules}
     for i in range(config.num_layers):
         wanted.update({r.source.format(i=i): r for r in layer_rules})
+    shape_of = getattr(tensors, "shape_of", lambda n: tuple(tensors[n].shape))
+    where = getattr(tensors, "where", lambda n: "")
     problems = []
     for name, rule in wanted.items():
         if name not in tensors:
             problems.append(f"missing {name} (expected shape {rule.shape})")
-        elif tuple(tensors[name].shape) != rule.shape:
-            problems.append(f"{name} has shape {tuple(tensors[name].shape)}, expected {rule.shape}")
+        elif tuple(shape_of(name)) != rule.shape:
+            problems.append(f"{name}{where(name)} has shape {tuple(shape_of(name))}, expected {rule.shape}")
     tied_head = config.tie_word_embeddings and "lm_head.weight" in tensors
     extra = [n for n in tensors if n not in wanted and not n.endswith(IGNORED_SUFFIXES)
              and not (tied_head and n == "lm_head.weight")]
-    problems += [f"unexpected tensor {n} (shape {tuple(tensors[n].shape)})" for n in sorted(extra)]
+    problems += [f"unexpected tensor {n}{where(n)} (shape {tuple(shape_of(n))})" for n in sorted(extra)]
     if problems:
         raise ConversionError(f"{len(problems)} problem(s) converting to this config:\n  " + "\n  ".join(problems))
 
     params: dict = {}
-    per_layer: dict[Path, list[np.ndarray]] = {}
+    dtype = np.dtype(config.params_dtype)
+    stacked: dict[Path, np.ndarray] = {}
     for i in range(config.num_layers):
         for rule in layer_rules:
             for path, arr in rule.convert(_to_numpy(tensors[rule.source.format(i=i)])).items():
-                per_layer.setdefault(path, []).append(arr)
-    dtype = np.dtype(config.params_dtype)
-    for path, arrs in per_layer.items():
-        _set(params, ("layers",) + path, np.stack(arrs).astype(dtype))
+                if path not in stacked:
+                    stacked[path] = np.empty((config.num_layers,) + arr.shape, dtype)
+                stacked[path][i] = arr
+    for path, arr in stacked.items():
+        _set(params, ("layers",) + path, arr)
     for rule in top_rules:
         for path, arr in rule.convert(_to_numpy(tensors[rule.source])).items():
-            _set(params, path, np.ascontiguousarray(arr).astype(dtype))
+            _set(params, path, np.ascontiguousarray(arr, dtype))
     return params
 
 
@@ -237,6 +317,18 @@ def _set(tree: dict, path: Path, value) -> None:
 def from_glm130b_state_dict(tensors: Mapping[str, Any], config: GLMConfig) -> dict:
     """GLM-130B reference layout (one merged TP shard, torch [out, in] weights) -> params."""
     return convert_state_dict(tensors, config, glm130b_rules(config))
+
+
+def from_chatglm_state_dict(tensors: Mapping[str, Any], config: GLMConfig) -> dict:
+    """ChatGLM-6B's released state dict (name -> array) -> params (config from `config_from_chatglm`)."""
+    if config.tie_word_embeddings:
+        raise ConversionError("ChatGLM-6B has a separate lm_head: the config must have tie_word_embeddings false")
+    return convert_state_dict(tensors, config, glm130b_rules(config))
+
+
+def from_chatglm2_state_dict(tensors: Mapping[str, Any], config: GLMConfig) -> dict:
+    """ChatGLM2-6B / ChatGLM3-6B's released state dict -> params (config from `config_from_chatglm2`)."""
+    return convert_state_dict(tensors, config, chatglm2_rules(config))
 
 
 def from_hf_glm(tensors: Mapping[str, Any], config: GLMConfig) -> dict:

@@ -213,7 +213,16 @@ class ChatGLM3(ChatGLM2):
         return content.replace("[[训练时间]]", "2023年")
 
 
-FAMILIES = {f.name: f for f in (Family(), GLM130B(), ChatGLM6B(), ChatGLM2(), ChatGLM3())}
+@dataclasses.dataclass(frozen=True)
+class GLM4(ChatGLM3):
+    """GLM-4 (transformers' GlmForCausalLM): ChatGLM3's message format and stops on GLM-4's
+    tokenizer (its tokenizer.json comes with --tokenizer)."""
+
+    name: str = "glm-4"
+    tokenizer_kind: str = "glm-4"
+
+
+FAMILIES = {f.name: f for f in (Family(), GLM130B(), ChatGLM6B(), ChatGLM2(), ChatGLM3(), GLM4())}
 
 
 def get_family(name: str) -> Family:

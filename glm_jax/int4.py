@@ -136,9 +136,10 @@ LAYER_LINEARS = {("attention", "query"): 1, ("attention", "key"): 1, ("attention
 def quantize_params(params: dict, config) -> dict:
     """A float parameter tree -> the tree of `config` (quantization int4/int8): the four linear
     weights of every layer quantized (kernel -> q, scale); embeddings, norms and biases stay
-    16-bit (bf16)."""
+    16-bit (fp16 when config.param_dtype is float16, else bf16)."""
     bits = {"int4": 4, "int8": 8}[config.quantization]
-    out = jax.tree_util.tree_map(lambda x: jnp.asarray(x).astype(jnp.bfloat16), params)
+    rest = jnp.float16 if config.param_dtype == "float16" else jnp.bfloat16
+    out = jax.tree_util.tree_map(lambda x: jnp.asarray(x).astype(rest), params)
     layers = params["layers"]
     for (block, name), n_in in LAYER_LINEARS.items():
         kernel = jnp.asarray(layers[block][name]["kernel"], jnp.float32)  # [L, *in, *out]

@@ -18,7 +18,8 @@ Kinds (GLM_SPEC section 3, `../shared/data/tokenizers/README.md`):
   undone on decode, then transformers' `clean_up_tokenization_spaces` rule;
 - `chatglm2-6b` / `chatglm3-6b`: one `tokenizer.model` (64,789 BPE pieces) with [MASK] [gMASK]
   [sMASK] sop eop appended after it (ChatGLM3: then `<|system|> <|user|> <|assistant|>
-  <|observation|>`); eos 2, pad = unk = 0.
+  <|observation|>`); eos 2, pad = unk = 0;
+- `glm-4`: a GLM-4 folder's `tokenizer.json` (through the `tokenizers` package; not in ../shared).
 
 Text that spells a special token ("[gMASK]") is always encoded as text: prompt builders
 (`families.py`) place special ids themselves.
@@ -258,8 +259,56 @@ class ChatGLM3Tokenizer(ChatGLM2Tokenizer):
     roles = True
 
 
+class GLM4Tokenizer(Tokenizer):
+    """GLM-4 (transformers' GlmForCausalLM checkpoints): the folder's `tokenizer.json` through the
+    `tokenizers` package; special ids looked up by their names ([gMASK], <sop>, <|user|>, ...)."""
+
+    kind = "glm-4"
+    NAMES = dict(mask="[MASK]", gmask="[gMASK]", smask="[sMASK]", sop="<sop>", eop="<eop>", eos="<|endoftext|>",
+                 pad="<|endoftext|>", system="<|system|>", user="<|user|>", assistant="<|assistant|>",
+                 observation="<|observation|>")
+
+    def __init__(self, model_file: str):
+        self.model_file = os.path.abspath(model_file)
+        if not os.path.isfile(self.model_file):
+            raise TokenizerError(f"tokenizer file {self.model_file} not found; GLM-4's is its tokenizer.json")
+        try:
+            from tokenizers import Tokenizer as HFTokenizer
+
+            self.hf = HFTokenizer.from_file(self.model_file)
+        except ImportError:
+            raise TokenizerError("GLM-4's tokenizer.json needs the `tokenizers` package (pip install tokenizers)") from None
+        except Exception as e:
+            raise TokenizerError(f"{self.model_file} is not a tokenizer.json ({e})") from None
+        found = {k: self.hf.token_to_id(v) for k, v in self.NAMES.items()}
+        missing = [self.NAMES[k] for k in ("gmask", "sop", "eos", "user", "assistant") if found[k] is None]
+        if missing:
+            raise TokenizerError(f"{self.model_file} has no {', '.join(missing)}: not a GLM-4 tokenizer")
+        self.specials = SpecialIds(**{k: (v if v is not None else found["eos"]) if k in ("mask", "smask", "eop")
+                                      else v for k, v in found.items()})
+        self.unk_id = self.specials.pad
+
+    @property
+    def vocab_size(self) -> int:
+        return self.hf.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Iterable[str], num_threads: int = 1) -> list[list[int]]:
+        return [e.ids for e in self.hf.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids) -> str:
+        drop = self.special_ids
+        return self.hf.decode([i for i in (int(t) for t in np.asarray(ids).reshape(-1)) if i not in drop],
+                              skip_special_tokens=False)
+
+    def id_to_piece(self, i: int) -> str:
+        return self.hf.id_to_token(int(i)) or f"<id {int(i)}>"
+
+
 KINDS = {"glm": GLMTokenizer, "glm-130b": IceTokenizer, "chatglm-6b": ChatGLMTokenizer,
-         "chatglm2-6b": ChatGLM2Tokenizer, "chatglm3-6b": ChatGLM3Tokenizer}
+         "chatglm2-6b": ChatGLM2Tokenizer, "chatglm3-6b": ChatGLM3Tokenizer, "glm-4": GLM4Tokenizer}
 # where each kind's file lies in ../shared/data/tokenizers (the tests read them there)
 SHARED_FILES = {"glm-130b": "glm130b-icetk/ice_text.model", "chatglm-6b": "chatglm-6b/ice_text.model",
                 "chatglm2-6b": "chatglm2-6b/tokenizer.model", "chatglm3-6b": "chatglm3-6b/tokenizer.model"}
@@ -268,9 +317,11 @@ SHARED_FILES = {"glm-130b": "glm130b-icetk/ice_text.model", "chatglm-6b": "chatg
 def load_tokenizer(kind: str, model_file: str | None = None) -> Tokenizer:
     """The tokenizer of `kind` ("glm", "glm-130b", "chatglm-6b", "chatglm2-6b", "chatglm3-6b") from
     `model_file` (default: ours for "glm"; the released file in ../shared/data/tokenizers for the
-    others, when it is there)."""
+    others, when it is there; "glm-4" needs its tokenizer.json)."""
     if kind not in KINDS:
         raise TokenizerError(f"unknown tokenizer kind {kind!r}; choose one of {sorted(KINDS)}")
+    if model_file is None and kind == "glm-4":
+        raise TokenizerError("the glm-4 tokenizer is not in ../shared: pass its tokenizer.json (--tokenizer FILE)")
     if model_file is None and kind != "glm":
         model_file = os.path.join(SHARED_TOKENIZERS, SHARED_FILES[kind])
         if not os.path.isfile(model_file):

@@ -165,3 +165,70 @@ def glm130b_quantized_ranks(sd, tp, bits=4):
         else:
             dequantized[key] = np.concatenate(values, axis=dim)
     return ranks, dequantized
+
+
+# ---- ChatGLM2-6B / ChatGLM3-6B (spec section 2), on its released names -------------------------------
+def rmsnorm(x, w, eps):
+    return x / np.sqrt((x**2).mean(-1, keepdims=True) + eps) * w
+
+
+def interleaved_half_rope(x, pos, base=10000.0):
+    """x [S, H, D]: the first D/2 dims rotate in adjacent pairs (2i, 2i+1); the rest pass through."""
+    d = x.shape[-1]
+    r = d // 2
+    inv = 1.0 / base ** (np.arange(0, r, 2) / r)
+    ang = pos[:, None] * inv[None]  # [S, r/2]
+    cos, sin = np.cos(ang)[:, None], np.sin(ang)[:, None]
+    x0, x1 = x[..., 0:r:2], x[..., 1:r:2]
+    rot = np.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], -1).reshape(x.shape[:-1] + (r,))
+    return np.concatenate([rot, x[..., r:]], -1)
+
+
+def silu(x):
+    return x / (1.0 + np.exp(-x))
+
+
+def chatglm2_forward(sd, c, tokens):
+    """One causal sequence (positions 0..S-1). sd: ChatGLM2-layout float64 state dict -> logits [S, V]."""
+    s, h, kv, d = len(tokens), c.num_attention_heads, c.num_kv_heads, c.head_dim
+    eps = c.layernorm_epsilon
+    causal = np.tril(np.ones((s, s), bool))
+    pos = np.arange(s)
+    x = sd["transformer.embedding.word_embeddings.weight"][tokens]
+    for i in range(c.num_layers):
+        p = lambda name: sd[f"transformer.encoder.layers.{i}.{name}"]
+        a = rmsnorm(x, p("input_layernorm.weight"), eps)
+        qkv = a @ p("self_attention.query_key_value.weight").T + p("self_attention.query_key_value.bias")
+        q = qkv[:, : h * d].reshape(s, h, d)  # [all q | k groups | v groups]
+        k = qkv[:, h * d: (h + kv) * d].reshape(s, kv, d)
+        v = qkv[:, (h + kv) * d:].reshape(s, kv, d)
+        q, k = interleaved_half_rope(q, pos, c.rotary_base), interleaved_half_rope(k, pos, c.rotary_base)
+        group = np.arange(h) // (h // kv)  # head -> its KV group
+        scores = np.einsum("qhd,khd->hqk", q, k[:, group]) / sqrt(d)
+        scores = np.where(causal[None], scores, -np.inf)
+        probs = np.exp(scores - scores.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)
+        ctx = np.einsum("hqk,khd->qhd", probs, v[:, group]).reshape(s, h * d)
+        x = x + ctx @ p("self_attention.dense.weight").T
+        y = rmsnorm(x, p("post_attention_layernorm.weight"), eps)
+        u = y @ p("mlp.dense_h_to_4h.weight").T
+        gate, up = np.split(u, 2, -1)  # the FIRST half goes through SiLU
+        x = x + (silu(gate) * up) @ p("mlp.dense_4h_to_h.weight").T
+    x = rmsnorm(x, sd["transformer.encoder.final_layernorm.weight"], eps)
+    return x @ sd["transformer.output_layer.weight"].T
+
+
+def random_chatglm2_state_dict(c, rng, scale=0.05):
+    e, h, kv, d, f, v = (c.hidden_size, c.num_attention_heads, c.num_kv_heads, c.head_dim, c.inner_hidden_size,
+                         c.vocab_size)
+    shapes = {"transformer.embedding.word_embeddings.weight": (v, e), "transformer.output_layer.weight": (v, e),
+              "transformer.encoder.final_layernorm.weight": (e,)}
+    for i in range(c.num_layers):
+        p = f"transformer.encoder.layers.{i}."
+        shapes.update({p + "input_layernorm.weight": (e,), p + "post_attention_layernorm.weight": (e,),
+                       p + "self_attention.query_key_value.weight": ((h + 2 * kv) * d, e),
+                       p + "self_attention.query_key_value.bias": ((h + 2 * kv) * d,),
+                       p + "self_attention.dense.weight": (e, h * d), p + "mlp.dense_h_to_4h.weight": (2 * f, e),
+                       p + "mlp.dense_4h_to_h.weight": (e, f)})
+    return {n: (1.0 + 0.1 * rng.standard_normal(sh)) if n.endswith("layernorm.weight") else
+            scale * rng.standard_normal(sh) for n, sh in shapes.items()}
