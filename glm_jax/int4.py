@@ -155,6 +155,24 @@ def quantize_params(params: dict, config) -> dict:
     return out
 
 
+def dequantize_params(params: dict, config) -> dict:
+    """The inverse of `quantize_params` up to rounding: every q/scale pair back to a float32 kernel
+    [L, *in, *out] (for export, or to fine-tune a quantized model's dequantized weights)."""
+    bits = {"int4": 4, "int8": 8}[config.quantization]
+    out = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), params)
+    for (block, name), n_in in LAYER_LINEARS.items():
+        entry = out["layers"][block][name]
+        q, scale = np.asarray(params["layers"][block][name]["q"]), np.asarray(params["layers"][block][name]["scale"])
+        n_layers, out_shape = q.shape[0], q.shape[2:]
+        k = q.shape[1] * (2 if bits == 4 else 1)
+        in_shape = (k,) if n_in == 1 else (config.num_attention_heads, config.head_dim)
+        kernels = [np.asarray(dequantize(QuantizedWeight(q[i].reshape(q.shape[1], -1), scale[i].reshape(scale.shape[1], -1),
+                                                         bits))).reshape(in_shape + out_shape) for i in range(n_layers)]
+        out["layers"][block][name] = {**{k2: v for k2, v in entry.items() if k2 not in ("q", "scale")},
+                                      "kernel": np.stack(kernels)}
+    return out
+
+
 def tree_bytes(tree) -> int:
     return int(sum(np.asarray(x).nbytes if not hasattr(x, "nbytes") else x.nbytes for x in jax.tree_util.tree_leaves(tree)))
 

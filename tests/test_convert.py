@@ -169,7 +169,8 @@ def test_convert_glm130b_script_turns_reference_rank_files_into_a_serving_checkp
     from glm_jax.train import load_checkpoint
     from reference_numpy import glm130b_quantized_ranks
 
-    c = get_config("glm-130b", **SMALL_130B)
+    small = {**SMALL_130B, "vocab_size": 150528, "vocab_pad_multiple": 768}  # icetk's ids must fit
+    c = get_config("glm-130b", **small)
     sd = random_glm130b_state_dict(c, np.random.default_rng(0))
     sd = {k: v.astype(np.float16) for k, v in sd.items()}  # the reference stores fp16
     ranks, _ = glm130b_quantized_ranks(sd, 2, bits)
@@ -178,16 +179,18 @@ def test_convert_glm130b_script_turns_reference_rank_files_into_a_serving_checkp
     for i, r in enumerate(ranks):
         torch.save({"module": {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in r.items()}, "iteration": 1000},
                    tmp_path / "sat" / "1000" / f"mp_rank_{i:02}_model_states.pt")
-    script_path = pathlib.Path(__file__).parent.parent / "experiments" / "convert_glm130b.py"
-    spec = importlib.util.spec_from_file_location("convert_glm130b", script_path)
+    script_path = pathlib.Path(__file__).parent.parent / "experiments" / "convert.py"
+    spec = importlib.util.spec_from_file_location("convert_script", script_path)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    overrides = [f"--set={k}={v}" for k, v in SMALL_130B.items()]
+    overrides = [f"--set={k}={v}" for k, v in small.items()]
     r = script.main(["--input", str(tmp_path / "sat"), "--out", str(tmp_path / "serve")] + overrides)
-    assert r["ranks"] == 2 and r["iteration"] == 1000 and r["quantization"] == ("int4" if bits else "none")
+    assert r["ranks"] == 2 and r["step"] == 1000 and r["quantization"] == ("int4" if bits else "none")
+    assert r["layout"] == "glm130b-sat" and r["family"] == "glm-130b" and r["param_dtype"] == "float16"
     config, params, step = load_checkpoint(str(tmp_path / "serve"))
     assert step == 1000 and config.quantization_groups == (2 if bits else 0)
-    want_config = c.override(param_dtype="bfloat16", **(dict(quantization="int4", quantization_groups=2) if bits else {}))
+    want_config = c.override(param_dtype="float16", dtype="float16",
+                             **(dict(quantization="int4", quantization_groups=2) if bits else {}))
     want = (from_glm130b_quantized(ranks, want_config) if bits
             else from_glm130b_state_dict({k: v.astype(np.float32) for k, v in sd.items()}, want_config))
     assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(want)
