@@ -30,7 +30,7 @@ from glm_jax.config import config_from_args  # noqa: E402
 from glm_jax.generate import BUCKET, decode_step, init_cache, make_prompts, prefill  # noqa: E402
 from glm_jax.int4 import tree_bytes  # noqa: E402
 from glm_jax.model import abstract_params  # noqa: E402
-from glm_jax.tokenizer import GMASK, SOP  # noqa: E402
+from glm_jax.tokenizer import IceTokenizer  # noqa: E402
 
 GB = 1e9
 
@@ -121,13 +121,14 @@ def main(argv=None):
     cache = init_cache(config, args.batch, args.cache, jnp.bfloat16)
     cache_bytes = tree_bytes(cache)
     rng = np.random.default_rng(0)
-    prompts = make_prompts([list(rng.integers(16, config.vocab_size, args.prompt - 1)) + [GMASK]
-                            for _ in range(args.batch)], config)
+    ids = IceTokenizer.specials  # GLM-130B's special ids
+    prompts = make_prompts([list(rng.integers(20100, 150000, args.prompt - 1)) + [ids.gmask]
+                            for _ in range(args.batch)], config, ids)
     lengths = jnp.asarray(prompts.lengths)
     cache = prefill(config, params, cache, jnp.asarray(prompts.tokens), lengths)
     state = (lengths, jnp.asarray(prompts.mask_pos), jnp.asarray(prompts.continue_positions),
              jnp.int32(prompts.tokens.shape[1]))
-    token = jnp.full((args.batch,), SOP, jnp.int32)
+    token = jnp.asarray(prompts.start)
     logits, cache = decode_step(config, params, cache, token, jnp.int32(0), *state)  # compile + warm up
     token = jnp.argmax(logits, -1).astype(jnp.int32)
     jax.block_until_ready(token)

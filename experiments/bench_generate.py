@@ -19,7 +19,7 @@ from glm_jax.config import config_from_args
 from glm_jax.generate import Generator, make_prompts, serving_params
 from glm_jax.int4 import tree_bytes
 from glm_jax.model import init_params
-from glm_jax.tokenizer import GMASK, SOP
+from glm_jax.tokenizer import GLM_IDS
 
 
 def main(argv=None):
@@ -39,10 +39,10 @@ def main(argv=None):
     gen = Generator(config, params)
     rng = np.random.default_rng(0)
     for b in (int(x) for x in args.batch.split(",")):
-        prompts = [list(rng.integers(16, config.vocab_size, args.prompt - 1)) + [GMASK] for _ in range(b)]
+        prompts = [list(rng.integers(16, config.vocab_size, args.prompt - 1)) + [GLM_IDS.gmask] for _ in range(b)]
         batch = make_prompts(prompts, config)
         state = gen.start(batch, args.new)
-        token = np.full(b, SOP, np.int32)
+        token = batch.start
         jax.block_until_ready(gen.step(state, token, 0))  # compile
         t0 = time.perf_counter()
         for step in range(1, args.new):

@@ -26,6 +26,15 @@ import sys
 import time
 
 
+def peak_rss_bytes() -> int:
+    """This process's resident high-water mark (VmHWM: unlike ru_maxrss, not inherited over exec)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--input", required=True, help="the released folder")
@@ -44,14 +53,14 @@ def main(argv=None):
     from glm_jax.int4 import quantize_params, tree_bytes
     from glm_jax.released import convert_folder
     from glm_jax.tokenizer import TokenizerError, bundled_file, check_fits
-    from glm_jax.train import CheckpointError, save_serving
+    from glm_jax.train import CheckpointError, move_to_device, save_serving
 
     t0 = time.perf_counter()
     try:
         if os.path.exists(args.out) and (not os.path.isdir(args.out) or os.listdir(args.out)):
             raise CheckpointError(f"{os.path.abspath(args.out)} exists and is not empty; choose another --out")
         result = convert_folder(args.input, args.family, args.tokenizer, args.dtype, parse_overrides(args.set))
-        config, params = result.config, result.params
+        config, params = result.config, move_to_device(result.params)  # numpy leaves dropped as they move
         tok = get_family(result.family).load_tokenizer(result.tokenizer_file)
         check_fits(tok, config.padded_vocab_size, f"the converted model ({args.input})")
         if args.quantize != "none":
@@ -68,7 +77,7 @@ def main(argv=None):
            "family": result.family, "tokenizer": tok.kind, "source_dtype": result.source_dtype,
            "param_dtype": config.param_dtype, "quantization": config.quantization, "step": result.step,
            "ranks": result.ranks, "bytes": tree_bytes(params), "seconds": time.perf_counter() - t0,
-           "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+           "peak_rss_bytes": peak_rss_bytes()}
     print(f"{result.layout} ({result.family}) -> {args.out}: {out['bytes'] / 1e9:.3f} GB {config.param_dtype}"
           f"{', ' + config.quantization if config.quantization != 'none' else ''}", file=sys.stderr)
     print(json.dumps(out))

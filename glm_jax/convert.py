@@ -51,7 +51,10 @@ def _raw(x) -> np.ndarray:
 
 
 def _to_numpy(x) -> np.ndarray:
-    return _raw(x).astype(np.float32, copy=False)
+    """Float tensors keep their dtype (the cast to config.param_dtype happens once, into the
+    output); anything else becomes float32."""
+    x = _raw(x)
+    return x if x.dtype.name in ("float16", "bfloat16", "float32", "float64") else x.astype(np.float32)
 
 
 def _pad_rows(w: np.ndarray, rows: int) -> np.ndarray:
@@ -293,18 +296,20 @@ def convert_state_dict(tensors: Mapping[str, Any], config: GLMConfig,
 
     params: dict = {}
     dtype = np.dtype(config.params_dtype)
+    producers = {r.source: (r, None) for r in top_rules}
+    producers.update({r.source.format(i=i): (r, i) for i in range(config.num_layers) for r in layer_rules})
+    order = getattr(tensors, "read_order", lambda: list(tensors))()  # file by file for sharded folders
     stacked: dict[Path, np.ndarray] = {}
-    for i in range(config.num_layers):
-        for rule in layer_rules:
-            for path, arr in rule.convert(_to_numpy(tensors[rule.source.format(i=i)])).items():
-                if path not in stacked:
-                    stacked[path] = np.empty((config.num_layers,) + arr.shape, dtype)
-                stacked[path][i] = arr
-    for path, arr in stacked.items():
-        _set(params, ("layers",) + path, arr)
-    for rule in top_rules:
-        for path, arr in rule.convert(_to_numpy(tensors[rule.source])).items():
-            _set(params, path, np.ascontiguousarray(arr, dtype))
+    for name in (n for n in order if n in producers):
+        rule, i = producers[name]
+        for path, arr in rule.convert(_to_numpy(tensors[name])).items():
+            if i is None:
+                _set(params, path, np.ascontiguousarray(arr, dtype))
+                continue
+            if path not in stacked:
+                stacked[path] = np.empty((config.num_layers,) + arr.shape, dtype)
+                _set(params, ("layers",) + path, stacked[path])
+            stacked[path][i] = arr
     return params
 
 
@@ -350,28 +355,76 @@ ROW_PARALLEL_SCALES = tuple(w + "_scale" for w in ROW_PARALLEL)
 COLUMN_PARALLEL_SCALES = tuple(w + "_scale" for w in COLUMN_PARALLEL)
 
 
-def merge_glm130b_ranks(ranks: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
-    """Tensor-parallel ranks -> one state dict of the merged layout. Packed weights are merged
-    as bytes; `weight_scale` becomes [tp, out] for row-parallel weights (one scale per row per
-    rank: tp groups along the input) and [1, out] for column-parallel ones."""
-    tp = len(ranks)
-    merged = {}
-    for key in ranks[0]:
-        parts = [_raw(r[key]) for r in ranks]
+class MergedRanks(Mapping):
+    """Tensor-parallel ranks as one state dict of the merged layout, merged per tensor on access
+    (so a converter never holds a merged copy of the whole model). Packed weights are merged as
+    bytes; `weight_scale` becomes [tp, out] for row-parallel weights (one scale per row per rank:
+    tp groups along the input) and [1, out] for column-parallel ones. `pop` takes a tensor out."""
+
+    def __init__(self, ranks: Sequence[Mapping[str, Any]]):
+        self.ranks, self.tp = ranks, len(ranks)
+        self.names = list(ranks[0])
+
+    def _how(self, key: str) -> str:
         if key.endswith(REPLICATED):
-            merged[key] = parts[0]
-        elif key.endswith(ROW_PARALLEL_SCALES):
-            merged[key] = np.stack(parts)
-        elif key.endswith(ROW_PARALLEL):
-            merged[key] = np.concatenate(parts, axis=1)
-        elif key.endswith(GLU) and tp > 1:
-            halves = [np.split(x, 2, axis=0) for x in parts]
-            merged[key] = np.concatenate([h[0] for h in halves] + [h[1] for h in halves])
+            return "first"
+        if key.endswith(ROW_PARALLEL_SCALES):
+            return "stack"
+        if key.endswith(ROW_PARALLEL):
+            return "inputs"
+        if key.endswith(GLU) and self.tp > 1:
+            return "halves"
+        return "outputs"
+
+    def shape_of(self, key: str) -> tuple[int, ...]:
+        shapes = [tuple(r[key].shape) for r in self.ranks]
+        how, first = self._how(key), shapes[0]
+        if how == "first":
+            shape = first
+        elif how == "stack":
+            shape = (self.tp,) + first
+        elif how == "inputs":
+            shape = first[:1] + (sum(x[1] for x in shapes),) + first[2:]
         else:
-            merged[key] = np.concatenate(parts)
-        if key.endswith(COLUMN_PARALLEL_SCALES):
-            merged[key] = merged[key][None]
-    return merged
+            shape = (sum(x[0] for x in shapes),) + first[1:]
+        return (1,) + shape if key.endswith(COLUMN_PARALLEL_SCALES) else shape
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        parts = [_raw(r[key]) for r in self.ranks]
+        how = self._how(key)
+        if how == "first":
+            out = parts[0]
+        elif how == "stack":
+            out = np.stack(parts)
+        elif how == "inputs":
+            out = np.concatenate(parts, axis=1)
+        elif how == "halves":
+            halves = [np.split(x, 2, axis=0) for x in parts]
+            out = np.concatenate([h[0] for h in halves] + [h[1] for h in halves])
+        else:
+            out = np.concatenate(parts)
+        return out[None] if key.endswith(COLUMN_PARALLEL_SCALES) else out
+
+    def pop(self, key: str, default=None):
+        if key not in self.names:
+            return default
+        out = self[key]
+        self.names.remove(key)
+        return out
+
+    def __contains__(self, key) -> bool:
+        return key in self.names
+
+    def __iter__(self):
+        return iter(list(self.names))
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+def merge_glm130b_ranks(ranks: Sequence[Mapping[str, Any]]) -> MergedRanks:
+    """Tensor-parallel ranks -> the merged layout's state dict (lazy: `MergedRanks`)."""
+    return MergedRanks(ranks)
 
 
 def _quantized_leaf(c: GLMConfig, name: str, packed: np.ndarray, scale: np.ndarray) -> dict[Path, np.ndarray]:

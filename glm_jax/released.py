@@ -49,23 +49,26 @@ def _torch():
 
 class ShardedTensors(Mapping):
     """name -> numpy array (its stored dtype; bf16 via ml_dtypes) over a folder's weight files,
-    read on access. `shape_of(name)` and `dtype_of(name)` need no data; `where(name)` names the
-    file (for error messages)."""
+    read on access with one file open at a time. `shape_of(name)` / `dtype_of(name)` need no
+    data (the headers are read up front); `where(name)` names the file (for error messages);
+    `read_order()` lists the names file by file, so a converter walks the shards in turn."""
 
     def __init__(self, weight_map: dict[str, str], folder: str):
-        self.folder = folder
-        self.weight_map = weight_map
-        self._files: dict[str, Any] = {}
+        self.folder, self.weight_map = folder, dict(weight_map)
+        self._open_file, self._handle = None, None
         missing = sorted({f for f in weight_map.values() if not os.path.isfile(os.path.join(folder, f))})
         if missing:
             raise ConversionError(f"{folder}: the index names {len(missing)} missing shard file(s): "
                                   + ", ".join(missing))
-        for file in sorted(set(weight_map.values())):
-            handle = self._open(file)
-            for name in [n for n, f in weight_map.items() if f == file]:
-                if name not in handle:
+        self._shapes, self._dtypes = {}, {}
+        for file in sorted(set(self.weight_map.values())):
+            handle = self._read(file)
+            held = set(handle.keys())
+            for name in [n for n, f in self.weight_map.items() if f == file]:
+                if name not in held:
                     raise ConversionError(f"{os.path.join(folder, file)} does not hold {name}, which the index "
                                           "puts there")
+                self._shapes[name], self._dtypes[name] = self._header(file, handle, name)
 
     @classmethod
     def open(cls, folder: str) -> "ShardedTensors":
@@ -78,7 +81,7 @@ class ShardedTensors(Mapping):
                         weight_map = json.load(f)["weight_map"]
                 except (json.JSONDecodeError, KeyError, TypeError) as e:
                     raise ConversionError(f"{path} is not a weight index ({e})") from None
-                return cls(dict(weight_map), folder)
+                return cls(weight_map, folder)
         files = [f for f in SINGLE_FILES if os.path.isfile(os.path.join(folder, f))]
         files = files or sorted(os.path.basename(p) for p in glob.glob(os.path.join(folder, "*.safetensors"))) \
             or sorted(os.path.basename(p) for p in glob.glob(os.path.join(folder, "pytorch_model*.bin")))
@@ -86,55 +89,60 @@ class ShardedTensors(Mapping):
             raise ConversionError(f"{folder} holds no weights: expected {' or '.join(INDEX_FILES)} with its "
                                   "shards, or model.safetensors / pytorch_model.bin")
         self = cls.__new__(cls)
-        self.folder, self._files, self.weight_map = folder, {}, {}
-        for file in files:
-            self.weight_map.update({name: file for name in self._open(file)})
+        cls.__init__(self, {name: file for file in files for name in self._read_names(folder, file)}, folder)
         return self
 
-    def _open(self, file: str):
-        """The file's name -> lazy tensor handle (kept open)."""
-        if file in self._files:
-            return self._files[file]
+    def _read_names(self, folder: str, file: str) -> list[str]:
+        self.folder = folder
+        return list(self._read(file).keys())
+
+    def _read(self, file: str):
+        """The file as a name -> lazy tensor mapping (safetensors: a safe_open handle; .bin: torch's
+        memory-mapped state dict)."""
         path = os.path.join(self.folder, file)
         try:
             if file.endswith(".safetensors"):
                 from safetensors import safe_open
 
-                handle = safe_open(path, framework="np")
-                names = {n: handle for n in handle.keys()}
-            else:
-                torch = _torch()
-                try:
-                    names = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-                except RuntimeError:  # an old (non-zip) file cannot be memory-mapped: read it whole
-                    names = torch.load(path, map_location="cpu", weights_only=True)
+                return safe_open(path, framework="np")
+            torch = _torch()
+            try:
+                return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+            except RuntimeError:  # an old (non-zip) file cannot be memory-mapped: read it whole
+                return torch.load(path, map_location="cpu", weights_only=True)
         except ConversionError:
             raise
         except Exception as e:  # a truncated or foreign file: say which
             raise ConversionError(f"cannot read {path}: {type(e).__name__}: {e}") from None
-        self._files[file] = names
-        return names
 
-    def _entry(self, name: str):
-        file = self.weight_map[name]
-        return file, self._open(file)[name]
+    @staticmethod
+    def _header(file, handle, name) -> tuple[tuple[int, ...], str]:
+        if file.endswith(".safetensors"):
+            sl = handle.get_slice(name)
+            return tuple(sl.get_shape()), DTYPES.get(sl.get_dtype(), sl.get_dtype())
+        x = handle[name]
+        return tuple(x.shape), DTYPES.get(str(x.dtype), str(x.dtype))
 
     def shape_of(self, name: str) -> tuple[int, ...]:
-        file, x = self._entry(name)
-        return tuple(x.get_slice(name).get_shape()) if file.endswith(".safetensors") else tuple(x.shape)
+        return self._shapes[name]
 
     def dtype_of(self, name: str) -> str:
-        file, x = self._entry(name)
-        raw = x.get_slice(name).get_dtype() if file.endswith(".safetensors") else str(x.dtype)
-        return DTYPES.get(raw, raw)
+        return self._dtypes[name]
 
     def where(self, name: str) -> str:
         return f" (in {self.weight_map[name]})" if name in self.weight_map else ""
 
+    def read_order(self) -> list[str]:
+        return sorted(self.weight_map, key=lambda n: self.weight_map[n])
+
     def __getitem__(self, name: str) -> np.ndarray:
-        file, x = self._entry(name)
+        file = self.weight_map[name]
+        if file != self._open_file:  # drop the previous file's mapping before opening the next
+            self._open_file, self._handle = None, None
+            self._handle, self._open_file = self._read(file), file
         if file.endswith(".safetensors"):
-            return x.get_tensor(name)
+            return self._handle.get_tensor(name)
+        x = self._handle[name]
         if str(x.dtype) == "torch.bfloat16":
             import ml_dtypes
 

@@ -257,11 +257,16 @@ class Checkpoints:
     leaves the previous checkpoints intact and `latest_step` never names a partial one.
     """
 
-    def __init__(self, directory: str, keep: int = 3, async_save: bool = True):
+    def __init__(self, directory: str, keep: int = 3, async_save: bool = True, save_concurrent_gb: int | None = None):
         self.directory = os.path.abspath(directory)
         opts = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                             create=True)
-        self.manager = ocp.CheckpointManager(self.directory, options=opts, item_names=("state", "meta"))
+        handlers = None
+        if save_concurrent_gb:  # bound the host buffers a save holds at once (orbax default: 96 GB)
+            handlers = {"state": ocp.StandardCheckpointHandler(save_concurrent_gb=save_concurrent_gb),
+                        "meta": ocp.JsonCheckpointHandler()}
+        self.manager = ocp.CheckpointManager(self.directory, options=opts, item_names=None if handlers else
+                                             ("state", "meta"), item_handlers=handlers)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -691,13 +696,26 @@ def load_model(path: str, quantize: str | None = None, tokenizer_file: str | Non
     return LoadedModel(config, params, step, fam, tok, path)
 
 
+def move_to_device(tree: dict) -> dict:
+    """Replace a nested dict's numpy leaves by device arrays in place, one leaf at a time, each
+    numpy leaf dropped as soon as it is copied: one copy of the model at any moment (plus a leaf)."""
+    for key, value in list(tree.items()):
+        if isinstance(value, dict):
+            move_to_device(value)
+        elif isinstance(value, np.ndarray):
+            tree[key] = None
+            tree[key] = jnp.asarray(value)
+            del value
+    return tree
+
+
 def save_serving(path: str, config: GLMConfig, params: dict, step: int, source: str, family: str = "glm",
                  tokenizer_file: str | None = None) -> None:
     """A serving checkpoint: parameters (float or quantized, no optimizer state), their config,
     the family and a copy of the tokenizer file, in the training checkpoints' folder layout, so
     `load_checkpoint` / `load_model` and every script take it. Written beside `path` and renamed
     into place when complete: a failure leaves no half-written folder. `path` must not exist yet
-    (or be empty)."""
+    (or be empty). Pass jax arrays (`move_to_device`): orbax copies numpy leaves before writing."""
     path = os.path.abspath(path)
     if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
         raise CheckpointError(f"{path} exists and is not empty; remove it or choose another output folder")
