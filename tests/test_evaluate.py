@@ -15,6 +15,7 @@ from glm_jax.evaluate import (ModelScorer, lambada_beam, lambada_greedy, lambada
                               multiple_choice, output_words, read_lambada, sliding_window_rows)
 from glm_jax.generate import Generator, make_prompts
 from glm_jax.optim import OptimConfig
+from glm_jax.families import get_family
 from glm_jax.tokenizer import GMASK, MASK, SOP, GLMTokenizer
 from glm_jax.train import Checkpoints, Trainer
 import sharding_case as case
@@ -198,3 +199,18 @@ def test_quantized_serving_checkpoint_round_trips_and_serves(tiny_checkpoint, tm
     with pytest.raises(SystemExit) as e:
         _load_script("quantize").main(["--checkpoint", str(out), "--out", str(tmp_path / "again")])
     assert e.value.code == 2
+
+
+def test_over_long_rows_are_cut_from_the_left_and_counted(tiny_model):
+    c, params = tiny_model
+    short = c.override(max_sequence_length=16)
+    scorer = ModelScorer(short, params, batch_size=2)
+    long_ctx = list(range(100, 120)) + [GMASK]  # 21 + sop + 3 continuation > 16
+    fitted = scorer.fit((long_ctx, [40, 41, 42]))
+    assert fitted == (long_ctx[8:], [40, 41, 42]) and scorer.cut_rows == 1
+    assert scorer.fit(([11, GMASK], [40])) == ([11, GMASK], [40]) and scorer.cut_rows == 1
+    full = ModelScorer(c, params, batch_size=2).score([fitted])
+    assert scorer.score([(long_ctx, [40, 41, 42])])[0] == pytest.approx(full[0], abs=1e-5)
+    causal = ModelScorer(short, params, batch_size=2, family=get_family("chatglm2-6b"))
+    ctx = [GMASK, SOP] + list(range(100, 120))
+    assert causal.fit((ctx, [40, 41]))[0] == [GMASK, SOP] + list(range(107, 120))  # [gMASK] sop kept

@@ -162,3 +162,20 @@ def test_decode_step_updates_the_cache_in_place_on_per_layer_weights(model):
     compiled = decode_step.lower(c, served, cache, b, jnp.int32(0), b + 3, b, b > 0, jnp.int32(16)).compile()
     cache_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(cache))
     assert compiled.memory_analysis().alias_size_in_bytes == cache_bytes
+
+
+def test_prompt_past_the_trained_length_is_a_clear_error(model):
+    from glm_jax.generate import GenerationError
+
+    c, params = model
+    short = c.override(max_sequence_length=12)
+    gen = Generator(short, params)
+    gen.generate([PROMPTS[0]], 4)  # 7 + sop + 4 = 12 fits exactly
+    with pytest.raises(GenerationError, match=r"prompt of 8 tokens plus 5 new tokens exceeds max_sequence_length=12"):
+        gen.generate([PROMPTS[0]], 5)
+
+
+def test_prompt_ending_with_sop_is_the_same_prompt(model):
+    c, params = model
+    gen = Generator(c, params)
+    assert gen.generate([PROMPTS[0] + [SOP]], 4, stop_tokens=()) == gen.generate([PROMPTS[0]], 4, stop_tokens=())

@@ -167,3 +167,15 @@ def test_pack_rejects_overflow_and_seq_too_short():
         pack([s, s], 30)
     with pytest.raises(ValueError, match="too short"):
         builder(seq=32)
+
+
+def test_causal_families_train_without_a_bidirectional_part_and_with_their_ids():
+    from glm_jax.tokenizer import SpecialIds
+
+    ids = SpecialIds(mask=64789, gmask=64790, smask=64791, sop=64792, eop=64793, eos=2, pad=0)
+    b = SequenceBuilder(window, 256, 0, ObjectiveConfig(), PAIRS, ids, causal=True)
+    for i in range(20):
+        s = b.build(i)
+        assert not s["prefix_mask"].any()
+        assert not set(np.unique(s["tokens"]).tolist()) & {MASK, GMASK, SOP, EOP}  # our ids never appear
+        assert (s["tokens"] == 64792).any() and ((s["tokens"] == 64790) | (s["tokens"] == 64789)).any()
