@@ -5,8 +5,9 @@
 Writes a synthetic ChatGLM2-6B-layout folder (fp16 shards with their index, ChatGLM2's shapes
 scaled down), runs experiments/convert.py on it in a fresh process and takes that process's peak resident memory
 over a baseline process that makes the same imports and nothing else. Reports the peak over the
-model's fp16 bytes (the anchor: 1.0 = exactly one copy of the model), and extrapolates the peak to
-ChatGLM2-6B and GLM-130B as (copies x model bytes) + the largest tensor's float32 transient.
+model's fp16 bytes (the anchor: 1.0 = exactly one copy of the model), splits the rest into one
+memory-mapped shard plus a number of copies of the largest tensor, and extrapolates the peak to
+ChatGLM2-6B (7 shards) and GLM-130B (8 rank files) with that split.
 Ends with a JSON line.
 """
 
@@ -63,15 +64,17 @@ def main(argv=None):
             raise SystemExit(p.stderr)
         conv = json.loads(p.stdout.strip().splitlines()[-1])
     peak = conv["peak_rss_bytes"] - baseline
-    ratio = peak / model_bytes
+    shard = model_bytes / args.shards
+    # what the peak holds beyond one copy of the model and one mapped shard, in largest tensors
+    extra = (peak - model_bytes - shard) / (2 * largest)
     out = {**environment(), "format": args.format, "layers": args.layers, "hidden": args.hidden, "vocab": args.vocab,
-           "model_bytes": model_bytes, "largest_tensor_bytes": 2 * largest, "baseline_rss_bytes": baseline,
-           "peak_rss_bytes": conv["peak_rss_bytes"], "peak_over_model": ratio, "seconds": conv["seconds"],
-           "mb_per_s": model_bytes / 2**20 / conv["seconds"]}
-    # extrapolated: the measured copies of the model, plus a float32 pair of the largest tensor
-    transient = 8 * largest / model_bytes
-    for name, n in (("chatglm2-6b", SIX_B), ("glm-130b", HUNDRED_30B)):
-        out[f"{name}_peak_gb"] = (max(ratio - transient, 1.0) * 2 * n + 8 * LARGEST[name]) / 1e9
+           "shards": args.shards, "model_bytes": model_bytes, "largest_tensor_bytes": 2 * largest,
+           "baseline_rss_bytes": baseline, "peak_rss_bytes": conv["peak_rss_bytes"], "peak_over_model": peak / model_bytes,
+           "extra_largest_tensors": extra, "seconds": conv["seconds"], "mb_per_s": model_bytes / 2**20 / conv["seconds"]}
+    # extrapolated: one copy + one shard (ChatGLM2-6B ships 7) + the measured extra largest tensors
+    for name, n, shards in (("chatglm2-6b", SIX_B, 7), ("glm-130b", HUNDRED_30B, 8)):
+        fp16 = 2 * n
+        out[f"{name}_peak_gb"] = (fp16 + fp16 / shards + max(extra, 0) * 2 * LARGEST[name]) / 1e9
     emit(out)
     return out
 

@@ -52,7 +52,7 @@ def _float_params(params: dict, config: GLMConfig) -> dict:
 def _layers(params: dict, config: GLMConfig, name_of: Callable[[int, str], str], qkv_fused: bool, dtype):
     """Per-layer torch-layout tensors: {name: [out, in] array}."""
     c = config
-    e, h, kv, d, f = c.hidden_size, c.num_attention_heads, c.num_kv_heads, c.head_dim, c.inner_hidden_size
+    e, h, d, f = c.hidden_size, c.num_attention_heads, c.head_dim, c.inner_hidden_size
     lay = params["layers"]
     att, mlp = lay["attention"], lay["mlp"]
     out = {}

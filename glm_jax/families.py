@@ -22,7 +22,7 @@ import dataclasses
 import re
 from typing import Sequence
 
-from glm_jax.tokenizer import Tokenizer, TokenizerError, load_tokenizer
+from glm_jax.tokenizer import Tokenizer, load_tokenizer
 
 History = Sequence[tuple[str, str]]
 
@@ -38,7 +38,6 @@ class Family:
 
     name: str = "glm"
     tokenizer_kind: str = "glm"
-    preset: str = "glm-tiny"  # the config preset of the released model
     causal: bool = False  # a causal decoder: no bidirectional part anywhere
     append_eos: bool = False  # GLM-130B's generate.py: eos after a context that ends in text
 
@@ -125,7 +124,6 @@ class GLM130B(Family):
 
     name: str = "glm-130b"
     tokenizer_kind: str = "glm-130b"
-    preset: str = "glm-130b"
     append_eos: bool = True
 
 
@@ -135,7 +133,6 @@ class ChatGLM6B(Family):
 
     name: str = "chatglm-6b"
     tokenizer_kind: str = "chatglm-6b"
-    preset: str = "chatglm-6b"
 
     def stop_ids(self, tok):
         return (tok.eop_id,)
@@ -160,7 +157,6 @@ class ChatGLM2(Family):
 
     name: str = "chatglm2-6b"
     tokenizer_kind: str = "chatglm2-6b"
-    preset: str = "chatglm2-6b"
     causal: bool = True
 
     def stop_ids(self, tok):
@@ -231,7 +227,3 @@ def get_family(name: str) -> Family:
         raise FamilyError(f"unknown model family {name!r}; choose one of {sorted(FAMILIES)}")
     return FAMILIES[name]
 
-
-def check_tokenizer(family: Family, tok: Tokenizer) -> None:
-    if tok.kind != family.tokenizer_kind:
-        raise TokenizerError(f"family {family.name} uses the {family.tokenizer_kind} tokenizer, not {tok.kind}")

@@ -4,7 +4,6 @@ causal decoding; chat through the library and generate.py; convert -> quantize -
 round trips; bad folders."""
 
 import json
-import os
 import pathlib
 import shutil
 import subprocess
@@ -146,16 +145,20 @@ def _causal_logits(config, params, tokens):
         tokens=tokens, position_ids=np.arange(s), block_position_ids=z, segment_ids=z + 1, prefix_mask=z)))[0]
 
 
-@needs_tokenizer
-def test_causal_cached_decoding_equals_full_recomputation(chatglm2_tiny):
-    r = convert_folder(str(chatglm2_tiny[0]), dtype="float32", overrides={"dtype": "float32"})
-    gen = Generator(r.config, r.params, ids=get_family("chatglm2-6b").load_tokenizer().specials, causal=True)
-    prompts = [[64790, 64792, 30910, 101, 102, 103, 104], [64790, 64792, 7, 8]]  # ragged
+def test_causal_cached_decoding_equals_full_recomputation():
+    from glm_jax.convert import config_from_chatglm2, from_chatglm2_state_dict
+    from glm_jax.tokenizer import SpecialIds
+
+    c = config_from_chatglm2(chatglm2_json(), param_dtype="float32", dtype="float32")
+    params = from_chatglm2_state_dict(random_chatglm2_state_dict(c, np.random.default_rng(8), scale=0.3), c)
+    ids = SpecialIds(mask=290, gmask=291, smask=292, sop=293, eop=294, eos=2, pad=0)
+    gen = Generator(c, params, ids=ids, causal=True)
+    prompts = [[291, 293, 30, 101, 102, 103, 104], [291, 293, 7, 8]]  # ragged
     out = gen.generate(prompts, 8, stop_tokens=())
     for prompt, generated in zip(prompts, out):
         assert len(generated) == 8
         full = list(prompt) + generated
-        logits = _causal_logits(r.config, r.params, np.array(full))
+        logits = _causal_logits(c, params, np.array(full))
         assert list(np.argmax(logits[len(prompt) - 1:-1], -1)) == generated
 
 
@@ -174,9 +177,25 @@ def test_a_chatglm2_chat_turn_through_the_library(chatglm2_tiny):
 
 
 def _run(script, *args, stdin=None):
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "tests") + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    return subprocess.run([sys.executable, str(ROOT / "experiments" / f"{script}.py"), *map(str, args)],
-                          input=stdin, capture_output=True, text=True, env=env, timeout=600)
+    """A script's main() in this process (no new JAX start-up) -> (returncode, stdout, stderr)."""
+    import contextlib
+    import importlib.util
+    import io
+
+    spec = importlib.util.spec_from_file_location(f"script_{script}", ROOT / "experiments" / f"{script}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    old_stdin = sys.stdin
+    sys.stdin = io.StringIO(stdin or "")
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            mod.main([str(a) for a in args])
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 2
+    finally:
+        sys.stdin = old_stdin
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 @needs_tokenizer
