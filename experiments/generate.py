@@ -3,6 +3,7 @@
     python experiments/generate.py --prompt "The meaning of life is" [--max-new 64] [--temperature 0.8]
     python experiments/generate.py --chat            # interactive; an empty line quits
     python experiments/generate.py --chat --json < queries.txt   # one query a line -> one JSON line a turn
+    python experiments/generate.py --prompt "..." --num-beams 4 [--length-penalty 1 --no-repeat-ngram 3 --all-beams]
 
 The checkpoint's family (recorded by pretrain/convert/quantize) builds the prompts exactly as the
 released code does: GLM-130B's and ours read literal [MASK]/[sMASK]/[gMASK] blanks (otherwise the
@@ -10,7 +11,8 @@ text is continued after [gMASK]); ChatGLM-6B / ChatGLM2 / ChatGLM3 use their own
 stop tokens, and replies are post-processed as their chat code does. A chat drops its oldest rounds
 when the prompt would not fit max_sequence_length minus --max-new (and says so on stderr); a
 completion prompt that does not fit is an error. Greedy when --temperature is 0; otherwise
-temperature / top-k / top-p sampling with --seed.
+temperature / top-k / top-p sampling with --seed; --num-beams N runs GLM-130B's beam search
+(glm_jax/beam.py) on each --prompt and prints the best beam, or every final beam with --all-beams.
 """
 
 import argparse
@@ -44,12 +46,34 @@ def stream(gen, m, ids, args, key, show: bool) -> tuple[str, list[int]]:
     return m.tokenizer.decode(result), result
 
 
+def beams(gen, m, text, ids, args) -> list[dict]:
+    """Beam search on one prompt; prints the best beam (or all of them) -> [{"text", "ids", "score"}]."""
+    stops = m.family.stop_ids(m.tokenizer)
+    found = gen.beam_search(ids, args.num_beams, args.max_new, length_penalty=args.length_penalty,
+                            no_repeat_ngram=args.no_repeat_ngram, stop_tokens=stops)
+    out = [{"text": m.tokenizer.decode([t for t in toks if t not in stops]), "ids": toks, "score": score}
+           for toks, score in found]
+    shown = out if args.all_beams else out[:1]
+    if args.json:
+        print(json.dumps({"prompt": text, "beams": shown}, ensure_ascii=False), flush=True)
+    else:
+        print(f">>> {text}")
+        for b in shown:
+            print(f"[{b['score']:.4f}] {b['text']}")
+    return shown
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_checkpoint_args(ap)
     ap.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     ap.add_argument("--chat", action="store_true")
-    ap.add_argument("--json", action="store_true", help="with --chat: queries from stdin, one JSON line per turn")
+    ap.add_argument("--json", action="store_true",
+                    help="one JSON line per prompt (--prompt) or per turn (--chat, queries from stdin)")
+    ap.add_argument("--num-beams", type=int, default=1, help="beam search with N beams (--prompt)")
+    ap.add_argument("--length-penalty", type=float, default=1.0)
+    ap.add_argument("--no-repeat-ngram", type=int, default=0)
+    ap.add_argument("--all-beams", action="store_true", help="print every final beam, best first")
     ap.add_argument("--system", default=None, help="a system prompt for --chat")
     ap.add_argument("--max-new", type=int, default=64)
     ap.add_argument("--temperature", type=float, default=0.0)
@@ -59,8 +83,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if not args.prompt and not args.chat:
         ap.error("give --prompt TEXT (repeatable) or --chat")
-    if args.json and not args.chat:
-        ap.error("--json goes with --chat")
+    if args.num_beams < 1 or (args.num_beams > 1 and args.chat):
+        ap.error("--num-beams must be positive, and beam search is for --prompt (not --chat)")
     if args.max_new <= 0:
         ap.error("--max-new must be positive")
     import jax
@@ -79,9 +103,17 @@ def main(argv=None):
     outputs = []
     try:
         for text in args.prompt:
-            print(f">>> {text}")
+            ids = fam.generation_prompt(tok, text)
+            if args.num_beams > 1:
+                outputs.append(beams(gen, m, text, ids, args))
+                continue
+            if not args.json:
+                print(f">>> {text}")
             key, sub = jax.random.split(key)
-            outputs.append(stream(gen, m, fam.generation_prompt(tok, text), args, sub, show=True)[0])
+            raw, generated = stream(gen, m, ids, args, sub, show=not args.json)
+            outputs.append(raw)
+            if args.json:
+                print(json.dumps({"prompt": text, "text": raw, "ids": generated}, ensure_ascii=False), flush=True)
         if args.chat:
             history: list[tuple[str, str]] = []
             lines = sys.stdin if args.json else None

@@ -19,6 +19,7 @@ import json
 import math
 import os
 import re
+import string
 import unicodedata
 from typing import Callable, Iterable, Sequence
 
@@ -122,10 +123,14 @@ class ModelScorer:
         return out
 
     def beams(self, prompt: Sequence[int], num_beams: int = 16, max_new_tokens: int = 5, no_repeat_ngram: int = 3,
-              banned_first: Sequence[int] = ()) -> list[str]:
+              banned_ids: Sequence[int] = (), banned_prefixes: Sequence[Sequence[int]] = ()) -> list[str]:
+        """Beam-search outputs best first, decoded without their stop token (the reference's
+        `generate_text(return_all_beams=True)`)."""
+        stops = self.family.stop_ids(self.tokenizer) if self.tokenizer is not None else None
         found = self.generator.beam_search(prompt, num_beams, max_new_tokens, no_repeat_ngram=no_repeat_ngram,
-                                           banned_first=banned_first)
-        return [self.tokenizer.decode(tokens) for tokens, _ in found]
+                                           stop_tokens=stops, banned_ids=banned_ids, banned_prefixes=banned_prefixes)
+        stop = set(stops or (self.ids.eop, self.ids.eos))
+        return [self.tokenizer.decode(tokens[:-1] if tokens and tokens[-1] in stop else tokens) for tokens, _ in found]
 
 
 # ---- LAMBADA -------------------------------------------------------------------------------------------------
@@ -157,38 +162,60 @@ def output_words(text: str) -> list[str]:
     return re.sub(r"([^\w\s'’-])", r" \1 ", text).split()
 
 
-def lambada_prediction(outputs: Sequence[str]) -> str:
-    """GLM-130B's rule: the first beam whose second word is punctuation gives its first word;
-    if none does, beam 0's first word."""
+def lambada_prediction(outputs: Sequence[str], split_punctuation: bool = False,
+                       retokenize: Callable[[str], str] = lambda w: w) -> str:
+    """`tasks/lambada/task.py`: the first beam whose stripped text, split on " ", has a second
+    word that `in string.punctuation` (a substring test, as the reference writes it) gives its first
+    word; if none does, beam 0's; the word goes through the tokenizer and back (`retokenize`).
+    split_punctuation: split punctuation off the words it is glued to first, for our tokenizer,
+    which emits "word." where icetk's pieces put "word ." (our reading)."""
+    def words(text):
+        return output_words(text) if split_punctuation else text.strip().split(" ")
+
+    def qualifies(w):
+        return is_punctuation(w[1]) if split_punctuation else w[1] in string.punctuation
+
     for text in outputs:
-        words = output_words(text)
-        if len(words) >= 2 and is_punctuation(words[1]):
-            return words[0]
-    words = output_words(outputs[0]) if outputs else []
-    return words[0] if words else ""
+        w = words(text)
+        if len(w) >= 2 and qualifies(w):
+            return retokenize(w[0])
+    w = words(outputs[0]) if outputs else []
+    return retokenize(w[0]) if w else ""
 
 
-def banned_first_tokens(tokenizer: Tokenizer) -> list[int]:
-    """Punctuation and quote-like pieces (', ``, ...) that may not open a LAMBADA answer."""
-    banned = []
-    for i in range(tokenizer.vocab_size):
-        if i in tokenizer.special_ids:
-            continue
-        piece = tokenizer.id_to_piece(i).replace("▁", "")
-        if piece and not piece.startswith("<") and (is_punctuation(piece) or piece in ("``", "''")):
-            banned.append(i)
-    return banned
+GLM130B_QUOTES = dict(banned_ids=[20068, 146010, 146337], banned_prefixes=[[46010], [146337]])  # "'", "``"
+
+
+def lambada_bans(tokenizer: Tokenizer) -> tuple[list[int], list[list[int]]]:
+    """`tasks/lambada/task.py`'s bans with this tokenizer's ids: every ASCII punctuation character
+    that encodes to one id is banned at every step, and each one's id sequence is a banned prefix;
+    GLM-130B's tokenizer adds the reference's three quote-like ids and two prefixes; others ban
+    the encodings of "'" and "``" as prefixes."""
+    if tokenizer.kind == "glm-130b":
+        invalid, prefixes = list(GLM130B_QUOTES["banned_ids"]), [list(p) for p in GLM130B_QUOTES["banned_prefixes"]]
+    else:
+        invalid, prefixes = [], [tokenizer.encode("'"), tokenizer.encode("``")]
+    for p in string.punctuation:
+        ids = tokenizer.encode(p)
+        if len(ids) == 1:
+            invalid.append(ids[0])
+        prefixes.append(ids)
+    return invalid, [p for p in prefixes if p]
 
 
 def lambada_beam(examples: Sequence[tuple[str, str]], tokenizer: Tokenizer, beams: Callable,
                  progress: Callable = lambda it: it, family: Family | None = None) -> list[bool]:
-    """The GLM-130B protocol: [gMASK] after the context, beam search, the prediction rule, exact match."""
+    """The GLM-130B protocol: [gMASK] after the context, beam search with its bans, the prediction
+    rule (`lambada_prediction`; punctuation split off words only for our tokenizer), exact match.
+    beams(prompt, banned_ids, banned_prefixes) -> decoded outputs best first."""
     family = family or get_family("glm")
-    banned = banned_first_tokens(tokenizer)
+    banned_ids, banned_prefixes = lambada_bans(tokenizer)
+    split = tokenizer.kind == "glm"
+    retokenize = lambda w: tokenizer.decode(tokenizer.encode(w)).strip()
     results = []
     for context, target in progress(examples):
-        outputs = beams(family.prompt_ids(tokenizer, tokenizer.encode(context)), banned_first=banned)
-        results.append(lambada_prediction(outputs).strip() == target.strip())
+        outputs = beams(family.prompt_ids(tokenizer, tokenizer.encode(context)), banned_ids, banned_prefixes)
+        results.append(lambada_prediction(outputs, split, retokenize).strip() == target.strip())
     return results
 
 

@@ -232,66 +232,32 @@ class Generator:
                 break
         return out
 
-    def beam_search(self, prompt: Sequence[int], num_beams: int, max_new_tokens: int, *,
-                    no_repeat_ngram: int = 0, banned_first: Sequence[int] = (), length_penalty: float = 1.0,
-                    stop_tokens: Sequence[int] | None = None) -> list[tuple[list[int], float]]:
-        """Beam search for one prompt -> [(tokens, score)] best first (score: summed log-prob /
-        length ** length_penalty). Hypotheses end at a stop token or at max_new_tokens."""
+    def beam_search(self, prompt: Sequence[int], num_beams: int, max_new_tokens: int, *, length_penalty: float = 1.0,
+                    no_repeat_ngram: int = 0, stop_tokens: Sequence[int] | None = None, banned_ids: Sequence[int] = (),
+                    banned_prefixes: Sequence[Sequence[int]] = (), consider_end: bool = True, min_new_tokens: int = 0,
+                    length_norm: str = "opennmt") -> list[tuple[list[int], float]]:
+        """GLM-130B's beam search (`beam.BeamSearch`) for one prompt on the KV cache: the beams
+        are cache rows, reordered on device after each step. -> the final beams in the
+        reference's order: (generated ids after the start id, ending with the stop id when the
+        beam ended; penalized score)."""
+        from glm_jax.beam import BeamSearch
+
         stop_tokens = (self.ids.eop, self.ids.eos) if stop_tokens is None else tuple(stop_tokens)
         batch = self.prompts([prompt])
         state = self.start(batch, max_new_tokens, repeat=num_beams)
         context = list(batch.tokens[0, : batch.lengths[0]]) + [int(batch.start[0])]
-        beams = [[] for _ in range(num_beams)]
-        scores = np.full(num_beams, -np.inf)
-        scores[0] = 0.0
-        finished: list[tuple[list[int], float]] = []
-        token = np.repeat(batch.start, num_beams)
-        for step in range(max_new_tokens):
-            logp = np.asarray(jax.nn.log_softmax(self.step(state, token, step), axis=-1), np.float64)
-            logp = logp[:, : self.config.vocab_size]
-            if step == 0 and banned_first:
-                logp[:, list(banned_first)] = -np.inf
-            if no_repeat_ngram:
-                for r, seq in enumerate(beams):
-                    for t in banned_by_ngrams(context + seq, no_repeat_ngram):
-                        logp[r, t] = -np.inf
-            total = scores[:, None] + logp
-            flat = np.argsort(-total, axis=None)[: 2 * num_beams]
-            new_beams, new_scores, parents, next_tokens = [], [], [], []
-            for idx in flat:
-                r, t = divmod(int(idx), total.shape[1])
-                if not np.isfinite(total[r, t]):
-                    break
-                if t in stop_tokens:
-                    finished.append((beams[r], total[r, t] / max(len(beams[r]) + 1, 1) ** length_penalty))
-                    continue
-                new_beams.append(beams[r] + [t])
-                new_scores.append(total[r, t])
-                parents.append(r)
-                next_tokens.append(t)
-                if len(new_beams) == num_beams:
-                    break
-            if not new_beams:
-                break
-            while len(new_beams) < num_beams:  # keep the batch shape: dead rows
-                new_beams.append([])
-                new_scores.append(-np.inf)
-                parents.append(parents[0])
-                next_tokens.append(next_tokens[0])
-            beams, scores = new_beams, np.array(new_scores)
-            state["cache"] = reorder_cache(state["cache"], jnp.asarray(parents, jnp.int32))
-            token = np.array(next_tokens, np.int32)
-        finished += [(b, s / max(len(b), 1) ** length_penalty) for b, s in zip(beams, scores) if np.isfinite(s)]
-        finished.sort(key=lambda x: -x[1])
-        return finished[:num_beams]
+        vocab = self.config.vocab_size
 
+        def next_logits(parents, tokens, step):
+            rows = list(parents) + [parents[0]] * (num_beams - len(parents))  # dead rows copy beam 0
+            if step:  # step 0: every row is the prompt already
+                state["cache"] = reorder_cache(state["cache"], jnp.asarray(rows, jnp.int32))
+            token = np.asarray(list(tokens) + [tokens[0]] * (num_beams - len(tokens)), np.int32)
+            return np.asarray(self.step(state, token, step))[: len(parents), :vocab]
 
-def banned_by_ngrams(seq: Sequence[int], n: int) -> set[int]:
-    """Tokens that would repeat an n-gram already in seq (HF's no_repeat_ngram_size)."""
-    if len(seq) < n:
-        return set()
-    prefix = tuple(seq[len(seq) - n + 1:])
-    return {seq[i + n - 1] for i in range(len(seq) - n + 1) if tuple(seq[i:i + n - 1]) == prefix}
+        search = BeamSearch(num_beams, stop_tokens, length_penalty, no_repeat_ngram, banned_ids, banned_prefixes,
+                            min_new_tokens, consider_end, length_norm)
+        return search.run(context, next_logits, max_new_tokens)
 
 
 @functools.partial(jax.jit, static_argnums=(3,))

@@ -4,6 +4,7 @@ teacher forcing vs the KV cache, and lambada_eval.py end to end on a tiny checkp
 import importlib.util
 import json
 import math
+import os
 import pathlib
 
 import jax
@@ -31,10 +32,34 @@ def tok():
 def test_output_words_and_prediction_rule():
     assert output_words(" house, said Tom") == ["house", ",", "said", "Tom"]
     assert output_words("don't stop.") == ["don't", "stop", "."]
-    assert lambada_prediction([" the end of", " home. And", "garden ."]) == "home"  # beam 1 is the first qualifying
-    assert lambada_prediction([" house, said", " home."]) == "house"
-    assert lambada_prediction([" big red", " large blue"]) == "big"  # none qualifies: beam 0
-    assert lambada_prediction([""]) == ""
+    split = dict(split_punctuation=True)  # our tokenizer glues punctuation to words
+    assert lambada_prediction([" the end of", " home. And", "garden ."], **split) == "home"  # beam 1 qualifies first
+    assert lambada_prediction([" house, said", " home."], **split) == "house"
+    assert lambada_prediction([" big red", " large blue"], **split) == "big"  # none qualifies: beam 0
+    assert lambada_prediction([""], **split) == ""
+    # the reference's rule: split on " ", second word `in string.punctuation` (a substring test)
+    assert lambada_prediction([" home. And", " garden . x"]) == "garden"
+    assert lambada_prediction([" big red", " house !?"]) == "big"  # "!?" is no substring of punctuation
+    assert lambada_prediction(["sea  now"]) == "sea"  # "" (two spaces) is a substring: qualifies
+    assert lambada_prediction([" Tom ,"], retokenize=str.upper) == "TOM"
+
+
+def test_lambada_bans_use_the_tokenizers_ids():
+    import string
+
+    from glm_jax.evaluate import lambada_bans
+    from glm_jax.tokenizer import SHARED_TOKENIZERS, load_tokenizer
+
+    ours = GLMTokenizer()
+    ids, prefixes = lambada_bans(ours)
+    dot = ours.encode(".")
+    assert len(dot) == 1 and dot[0] in ids and ours.encode("'") in prefixes
+    assert len(prefixes) == len(string.punctuation) + 2
+    if os.path.isdir(SHARED_TOKENIZERS):
+        ice = load_tokenizer("glm-130b")
+        ids, prefixes = lambada_bans(ice)
+        assert ids[:3] == [20068, 146010, 146337] and prefixes[:2] == [[46010], [146337]]
+        assert all(ice.encode(p) in prefixes for p in string.punctuation)
 
 
 def test_read_lambada_splits_the_last_word(tmp_path):
@@ -63,8 +88,8 @@ def test_lambada_greedy_on_a_copy_model(tok):
 
 def test_lambada_beam_on_a_hand_made_model(tok):
     # beams repeat the context's last word: followed by punctuation in beam 1 only
-    def beams(prompt, banned_first):
-        assert prompt[-2:] == [GMASK, SOP] and banned_first
+    def beams(prompt, banned_ids, banned_prefixes):
+        assert prompt[-2:] == [GMASK, SOP] and banned_ids and banned_prefixes
         last = tok.decode(prompt[:-2]).split()[-1]
         return [f" {last} {last}", f" {last}.", " other ,"]
 
@@ -214,3 +239,13 @@ def test_over_long_rows_are_cut_from_the_left_and_counted(tiny_model):
     causal = ModelScorer(short, params, batch_size=2, family=get_family("chatglm2-6b"))
     ctx = [GMASK, SOP] + list(range(100, 120))
     assert causal.fit((ctx, [40, 41]))[0] == [GMASK, SOP] + list(range(107, 120))  # [gMASK] sop kept
+
+
+def test_generate_script_beam_search_json(tiny_checkpoint, capsys):
+    script = _load_script("generate")
+    script.main(["--checkpoint", str(tiny_checkpoint), "--prompt", "The sea", "--num-beams", "3", "--all-beams",
+                 "--json", "--max-new", "3", "--no-repeat-ngram", "2"])
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    scores = [b["score"] for b in line["beams"]]
+    assert line["prompt"] == "The sea" and 1 <= len(scores) <= 3 and scores == sorted(scores, reverse=True)
+    assert all(len(b["ids"]) <= 3 for b in line["beams"])
