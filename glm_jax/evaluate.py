@@ -308,3 +308,77 @@ def language_modelling(texts: Iterable[str], tokenizer: Tokenizer, score: ScoreF
             tokens += n
     return {"perplexity": math.exp(nll / max(tokens, 1)), "bits_per_byte": nll / max(n_bytes, 1) / math.log(2),
             "tokens": int(tokens), "bytes": int(n_bytes), "nll": nll}
+
+
+# ---- GLM-130B's language-modelling tasks (evaluation/dataset.py LanguageModelTaskDataset) -------------------
+def reference_lm_windows(tokens: Sequence[int], max_seq_length: int, generation_length: int
+                         ) -> list[tuple[list[int], list[int]]]:
+    """(context ids, scored ids) per window, as the reference cuts a tokenized file: windows of
+    max_seq_length - 1 tokens starting every generation_length; the first scores all but its
+    first token (which is its context), each later one scores its last generation_length tokens
+    with the rest as context. Every token but the file's first is scored exactly once."""
+    n, g, w = len(tokens), generation_length, max_seq_length - 1
+    if g <= 0 or w <= g:
+        raise ValueError(f"generation_length={g} must be positive and below max_seq_length - 1 = {w}")
+    count = max(math.ceil(max(n - w, 0) / g) + 1, 1)
+    rows = []
+    for idx in range(count):
+        window = list(tokens[idx * g: idx * g + w])
+        cut = 1 if idx == 0 else w - g
+        context, scored = window[:cut], window[cut:]
+        if scored:
+            rows.append((context, scored))
+    return rows
+
+
+def _exp(x: float) -> float:
+    return math.exp(x) if x < 700 else math.inf
+
+
+def words_in(raw_text: str) -> int:
+    """The reference's word count for per-word perplexity: len(raw_text.strip().split(" "))."""
+    return len(raw_text.strip().split(" "))
+
+
+def reference_perplexity(raw_text: str, tokenizer: Tokenizer, score: ScoreFn, max_seq_length: int = 2048,
+                         generation_length: int = 256, family: Family | None = None,
+                         progress: Callable = lambda it: it, batch: int = 16) -> dict:
+    """WikiText / PTB as GLM-130B reports them: the whole file tokenized at once, the reference's
+    windows, [gMASK] sop after each window's context, per-WORD perplexity
+    exp(min(20, summed token loss / words)) (`evaluation/metrics.py` caps the exponent at 20)."""
+    family = family or get_family("glm")
+    ids = tokenizer.encode(raw_text)
+    rows = [(family.prompt_ids(tokenizer, ctx), scored)
+            for ctx, scored in reference_lm_windows(ids, max_seq_length, generation_length)]
+    nll = n = 0.0
+    for i in progress(range(0, len(rows), batch)):
+        for logp, k, _ in score(rows[i:i + batch]):
+            nll -= logp
+            n += k
+    words = words_in(raw_text)
+    return {"perplexity": math.exp(min(20.0, nll / words)), "perplexity_uncapped": _exp(nll / words),
+            "token_perplexity": _exp(nll / max(n, 1)), "nll": nll, "tokens": int(n), "words": words,
+            "windows": len(rows)}
+
+
+def reference_bits_per_byte(docs: Iterable[tuple[str, str]], tokenizer: Tokenizer, score: ScoreFn,
+                            max_seq_length: int = 2048, generation_length: int = 1024,
+                            family: Family | None = None, progress: Callable = lambda it: it, batch: int = 16) -> dict:
+    """The Pile as the paper reports it: bits per UTF-8 byte per component (`pile_set_name`),
+    summed token loss over the component's bytes / ln 2, each document cut into the reference's
+    windows (generation_length 1024). docs: (component, text) pairs."""
+    family = family or get_family("glm")
+    per: dict[str, list[float]] = {}
+    for name, text in progress(list(docs)):
+        ids = tokenizer.encode(text)
+        rows = [(family.prompt_ids(tokenizer, c), x) for c, x in reference_lm_windows(ids, max_seq_length,
+                                                                                     generation_length)]
+        nll = -sum(logp for i in range(0, len(rows), batch) for logp, _, _ in score(rows[i:i + batch]))
+        acc = per.setdefault(name, [0.0, 0.0])
+        acc[0] += nll
+        acc[1] += len(text.encode("utf-8"))
+    components = {k: nll / max(b, 1) / math.log(2) for k, (nll, b) in per.items()}
+    total_nll, total_bytes = sum(v[0] for v in per.values()), sum(v[1] for v in per.values())
+    return {"bits_per_byte": components, "bits_per_byte_all": total_nll / max(total_bytes, 1) / math.log(2),
+            "bytes": int(total_bytes)}
+

@@ -249,3 +249,41 @@ def test_generate_script_beam_search_json(tiny_checkpoint, capsys):
     scores = [b["score"] for b in line["beams"]]
     assert line["prompt"] == "The sea" and 1 <= len(scores) <= 3 and scores == sorted(scores, reverse=True)
     assert all(len(b["ids"]) <= 3 for b in line["beams"])
+
+
+def test_reference_lm_windows_and_per_word_perplexity_by_hand():
+    from glm_jax.evaluate import reference_lm_windows, reference_perplexity
+
+    rows = reference_lm_windows(list(range(10)), max_seq_length=6, generation_length=2)
+    assert rows == [([0], [1, 2, 3, 4]), ([2, 3, 4], [5, 6]), ([4, 5, 6], [7, 8]), ([6, 7, 8], [9])]
+    assert reference_lm_windows([7], 6, 2) == []  # one token: nothing to score
+    with pytest.raises(ValueError, match="generation_length"):
+        reference_lm_windows(list(range(10)), 6, 5)
+
+    class OneNatPerToken:  # every scored token costs exactly 1 nat
+        def encode(self, text):
+            return [100 + i for i, _ in enumerate(text.split())]
+        gmask_id, sop_id, mask_id = GMASK, SOP, MASK
+
+    seen = []
+
+    def score(batch):
+        seen.extend(batch)
+        return [(-float(len(cont)), len(cont), False) for _, cont in batch]
+
+    text = " a b c d e f g h i j \n"  # 10 words; the first token is context only: 9 nats
+    r = reference_perplexity(text, OneNatPerToken(), score, max_seq_length=6, generation_length=2)
+    assert r["nll"] == 9 and r["words"] == 10 and r["perplexity"] == pytest.approx(math.exp(0.9))
+    assert seen[0] == ([100, GMASK, SOP], [101, 102, 103, 104])  # [gMASK] sop after each context
+    big = reference_perplexity(text, OneNatPerToken(), lambda b: [(-1000.0, 1, False) for _ in b], 6, 2)
+    assert big["perplexity"] == pytest.approx(math.exp(20)) and big["perplexity_uncapped"] > big["perplexity"]
+
+
+def test_ppl_eval_script_wikitext_task_on_a_small_file(tiny_checkpoint, tmp_path, capsys):
+    f = tmp_path / "wiki.test.tokens"
+    f.write_text(" = Robert = \n Robert is an English film , television and theatre actor . He had a guest role "
+                 "in the television series The Bill in 2000 . \n" * 3)
+    r = _load_script("ppl_eval").main(["--checkpoint", str(tiny_checkpoint), "--task", "wikitext", "--data", str(f),
+                                       "--generation-length", "16", "--window", "64"])
+    assert r["task"] == "wikitext" and r["words"] == len(f.read_text().strip().split(" ")) and r["windows"] >= 2
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["perplexity"] == r["perplexity"]
