@@ -1,8 +1,11 @@
 """MMLU by [MASK] scoring (spec section 7): each choice letter's log-likelihood after sop.
 
     python experiments/mmlu_eval.py [--checkpoint DIR] [--shots 0|5] [--subjects a,b] [--limit N]
+    python experiments/mmlu_eval.py --format cmmlu --data CMMLU_DIR        # Chinese, CMMLU's CSV layout
 
-Accuracy per subject and weighted by subject size; ends with a JSON line.
+Accuracy per subject, per category of GLM-130B's tasks/mmlu (STEM, social sciences, humanities,
+other; CMMLU subjects count as other) and weighted by subject size; over-long contexts are cut
+from the left and counted. Ends with a JSON line.
 """
 
 import argparse
@@ -20,6 +23,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_checkpoint_args(ap)
     ap.add_argument("--data", default=DATA)
+    ap.add_argument("--format", choices=("mmlu", "cmmlu"), default="mmlu")
     ap.add_argument("--shots", type=int, default=0, choices=range(0, 6))
     ap.add_argument("--subjects", default=None, help="comma-separated subset")
     ap.add_argument("--limit", type=int, default=None, help="questions per subject")
@@ -29,7 +33,7 @@ def main(argv=None):
     from glm_jax.evaluate import ModelScorer, multiple_choice, read_mmlu
 
     try:
-        test, dev = read_mmlu(args.data, "test"), read_mmlu(args.data, "dev")
+        test, dev = read_mmlu(args.data, "test", args.format), read_mmlu(args.data, "dev", args.format)
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -46,7 +50,8 @@ def main(argv=None):
     r = multiple_choice(test, scorer.tokenizer, scorer.score, shots=dev, k=args.shots,
                         progress=lambda it: tqdm(it, desc="mmlu", unit="subject"), family=m.family)
     print(json.dumps({"accuracy": r["accuracy"], "n": r["n"], "shots": args.shots, "step": m.step,
-                      "family": m.family.name, "cut_rows": scorer.cut_rows, "subjects": r["subjects"]}))
+                      "family": m.family.name, "cut_rows": scorer.cut_rows, "categories": r["categories"],
+                      "category_average": r["category_average"], "subjects": r["subjects"]}))
     return r
 
 

@@ -234,19 +234,58 @@ def lambada_greedy(examples: Sequence[tuple[str, str]], tokenizer: Tokenizer, sc
 LETTERS = "ABCD"
 
 
-def read_mmlu(folder: str, split: str) -> dict[str, list[tuple[str, list[str], int]]]:
-    """{subject: [(question, [4 choices], answer index)]} from folder/split/SUBJECT_split.csv."""
+def read_mmlu(folder: str, split: str, fmt: str = "mmlu") -> dict[str, list[tuple[str, list[str], int]]]:
+    """{subject: [(question, [4 choices], answer index)]} from folder/split/: MMLU's
+    SUBJECT_split.csv (question, choice0..3, answer index), or CMMLU's SUBJECT.csv (header
+    `,Question,A,B,C,D,Answer`, a letter answer)."""
     d = os.path.join(folder, split)
     if not os.path.isdir(d):
-        raise FileNotFoundError(f"MMLU folder {d} not found")
+        raise FileNotFoundError(f"{fmt.upper()} folder {d} not found")
     out = {}
     for name in sorted(os.listdir(d)):
-        if not name.endswith(f"_{split}.csv"):
-            continue
-        with open(os.path.join(d, name), encoding="utf-8") as f:
-            rows = [(r["question"], [r[f"choice{i}"] for i in range(4)], int(r["answer"])) for r in csv.DictReader(f)]
-        out[name[: -len(f"_{split}.csv")]] = rows
+        if fmt == "cmmlu" and name.endswith(".csv"):
+            with open(os.path.join(d, name), encoding="utf-8") as f:
+                rows = [(r["Question"], [r[x] for x in LETTERS], LETTERS.index(r["Answer"].strip()))
+                        for r in csv.DictReader(f) if r.get("Answer", "").strip() in tuple(LETTERS)]
+            out[name[:-4]] = rows
+        elif fmt == "mmlu" and name.endswith(f"_{split}.csv"):
+            with open(os.path.join(d, name), encoding="utf-8") as f:
+                rows = [(r["question"], [r[f"choice{i}"] for i in range(4)], int(r["answer"]))
+                        for r in csv.DictReader(f)]
+            out[name[: -len(f"_{split}.csv")]] = rows
     return out
+
+
+# tasks/mmlu/task.py's subject groups (subject names as the CSV files spell them)
+MMLU_CATEGORIES = {
+    "STEM": ["abstract algebra", "anatomy", "astronomy", "college biology", "college chemistry",
+             "college computer science", "college mathematics", "college physics", "computer security",
+             "conceptual physics", "electrical engineering", "elementary mathematics", "high school biology",
+             "high school chemistry", "high school computer science", "high school mathematics",
+             "high school physics", "high school statistics", "machine learning"],
+    "Other": ["business ethics", "clinical knowledge", "college medicine", "global facts", "human aging", "management",
+              "marketing", "medical genetics", "miscellaneous", "nutrition", "professional accounting",
+              "professional medicine", "virology"],
+    "Social Sciences": ["econometrics", "high school geography", "high school government and politics",
+                        "high school macroeconomics", "high school microeconomics", "high school psychology",
+                        "human sexuality", "professional psychology", "public relations", "security studies",
+                        "sociology", "us foreign policy"],
+    "Humanities": ["formal logic", "high school european history", "high school us history",
+                   "high school world history", "international law", "jurisprudence", "logical fallacies",
+                   "moral disputes", "moral scenarios", "philosophy", "prehistory", "professional law",
+                   "world religions"],
+}
+CATEGORY_OF = {name.replace(" ", "_"): cat for cat, names in MMLU_CATEGORIES.items() for name in names}
+
+
+def category_accuracy(per_subject: dict[str, tuple[float, int]]) -> dict[str, float]:
+    """Size-weighted accuracy of each MMLU category over the subjects present."""
+    totals: dict[str, list[float]] = {}
+    for subject, (acc, n) in per_subject.items():
+        t = totals.setdefault(CATEGORY_OF.get(subject, "Other"), [0.0, 0])
+        t[0] += acc * n
+        t[1] += n
+    return {cat: hit / n for cat, (hit, n) in totals.items() if n}
 
 
 def mmlu_prompt(question: str, choices: Sequence[str], answer: int | None = None) -> str:
@@ -272,7 +311,10 @@ def multiple_choice(subjects: dict, tokenizer: Tokenizer, score: ScoreFn, shots:
         per_subject[subject] = (float(np.mean(picks == np.asarray(answers))), len(answers))
     total = sum(n for _, n in per_subject.values())
     weighted = sum(acc * n for acc, n in per_subject.values()) / max(total, 1)
-    return {"accuracy": weighted, "n": total, "subjects": {s: a for s, (a, _) in per_subject.items()}}
+    categories = category_accuracy(per_subject)
+    return {"accuracy": weighted, "n": total, "categories": categories,
+            "category_average": sum(categories.values()) / max(len(categories), 1),
+            "subjects": {s: a for s, (a, _) in per_subject.items()}}
 
 
 # ---- language modelling --------------------------------------------------------------------------------------

@@ -287,3 +287,20 @@ def test_ppl_eval_script_wikitext_task_on_a_small_file(tiny_checkpoint, tmp_path
                                        "--generation-length", "16", "--window", "64"])
     assert r["task"] == "wikitext" and r["words"] == len(f.read_text().strip().split(" ")) and r["windows"] >= 2
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["perplexity"] == r["perplexity"]
+
+
+def test_cmmlu_layout_and_mmlu_categories(tmp_path, tok):
+    from glm_jax.evaluate import category_accuracy, read_mmlu
+
+    for split in ("test", "dev"):
+        (tmp_path / split).mkdir()
+        (tmp_path / split / "agronomy.csv").write_text(
+            ",Question,A,B,C,D,Answer\n0,水稻属于什么科？,禾本科,豆科,菊科,蔷薇科,A\n1,一加一,1,2,3,4,B\n2,bad,a,b,c,d,E\n",
+            encoding="utf-8")
+    rows = read_mmlu(str(tmp_path), "test", "cmmlu")
+    assert rows == {"agronomy": [("水稻属于什么科？", ["禾本科", "豆科", "菊科", "蔷薇科"], 0), ("一加一", ["1", "2", "3", "4"], 1)]}
+    # every choice scored: the letter scores are (A: 1, B: 0) for the first question, the right one wins
+    r = multiple_choice(rows, tok, lambda batch: [(1.0 if i % 4 == 0 else 0.0, 1, True) for i, _ in enumerate(batch)])
+    assert r["subjects"] == {"agronomy": 0.5} and r["categories"] == {"Other": 0.5}
+    cats = category_accuracy({"anatomy": (1.0, 10), "virology": (0.0, 5), "philosophy": (0.5, 4), "sociology": (0.25, 4)})
+    assert cats == {"STEM": 1.0, "Other": 0.0, "Humanities": 0.5, "Social Sciences": 0.25}
