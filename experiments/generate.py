@@ -7,7 +7,8 @@
 
 The checkpoint's family (recorded by pretrain/convert/quantize) builds the prompts exactly as the
 released code does: GLM-130B's and ours read literal [MASK]/[sMASK]/[gMASK] blanks (otherwise the
-text is continued after [gMASK]); ChatGLM-6B / ChatGLM2 / ChatGLM3 use their own chat formats and
+text is continued after [gMASK]) and fill several blanks of one kind first to last, as GLM-130B's
+generate.py does (`generate.fill_blanks`); ChatGLM-6B / ChatGLM2 / ChatGLM3 use their own chat formats and
 stop tokens, and replies are post-processed as their chat code does. A chat drops its oldest rounds
 when the prompt would not fit max_sequence_length minus --max-new (and says so on stderr); a
 completion prompt that does not fit is an error. Greedy when --temperature is 0; otherwise
@@ -90,7 +91,7 @@ def main(argv=None):
     import jax
 
     from glm_jax.families import FamilyError
-    from glm_jax.generate import GenerationError, Generator
+    from glm_jax.generate import GenerationError, Generator, fill_blanks
 
     m = load_model_or_exit(args)
     fam, tok = m.family, m.tokenizer
@@ -106,6 +107,14 @@ def main(argv=None):
             ids = fam.generation_prompt(tok, text)
             if args.num_beams > 1:
                 outputs.append(beams(gen, m, text, ids, args))
+                continue
+            if not fam.causal and sum(t in tok.specials.mask_tokens for t in ids) > 1:  # several blanks
+                key, sub = jax.random.split(key)
+                filled, blanks = fill_blanks(gen, ids, args.max_new, temperature=args.temperature, top_k=args.top_k,
+                                             top_p=args.top_p, key=sub, stop_tokens=fam.stop_ids(tok))
+                result = {"prompt": text, "text": tok.decode(filled), "blanks": [tok.decode(b) for b in blanks]}
+                print(json.dumps(result, ensure_ascii=False) if args.json else f">>> {text}\n{result['text']}", flush=True)
+                outputs.append(result["text"])
                 continue
             if not args.json:
                 print(f">>> {text}")

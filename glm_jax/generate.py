@@ -52,9 +52,10 @@ def _round_up(n: int, m: int = BUCKET) -> int:
 
 
 def make_prompts(prompts: Sequence[Sequence[int]], config: GLMConfig, ids: SpecialIds = GLM_IDS,
-                 causal: bool = False) -> PromptBatch:
+                 causal: bool = False, blank: int | None = None) -> PromptBatch:
     """Model-ready prompts -> a PromptBatch. Prefix LM: each must hold a mask token ([gMASK] to
-    continue, [MASK]/[sMASK] to fill in); a final sop is the start id (appended if absent)."""
+    continue, [MASK]/[sMASK] to fill in; the first one, or the first `blank` id when given); a
+    final sop is the start id (appended if absent)."""
     contexts, start, mask_pos, cont = [], [], [], []
     for i, p in enumerate(prompts):
         p = [int(t) for t in p]
@@ -68,7 +69,7 @@ def make_prompts(prompts: Sequence[Sequence[int]], config: GLMConfig, ids: Speci
             continue
         if p and p[-1] == ids.sop:
             p = p[:-1]
-        where = [j for j, tok in enumerate(p) if tok in ids.mask_tokens]
+        where = [j for j, tok in enumerate(p) if (tok == blank if blank is not None else tok in ids.mask_tokens)]
         if not where:
             raise GenerationError(f"prompt {i} holds no [MASK]/[sMASK]/[gMASK] token; append [gMASK] "
                                   f"(id {ids.gmask}) to continue a text")
@@ -176,8 +177,8 @@ class Generator:
         self.config, self.cache_dtype, self.ids, self.causal = config, cache_dtype, ids, causal
         self.params = serving_params(params, config.num_layers)
 
-    def prompts(self, prompts: Sequence[Sequence[int]]) -> PromptBatch:
-        return make_prompts(prompts, self.config, self.ids, self.causal)
+    def prompts(self, prompts: Sequence[Sequence[int]], blank: int | None = None) -> PromptBatch:
+        return make_prompts(prompts, self.config, self.ids, self.causal, blank)
 
     def start(self, prompts: PromptBatch, max_new_tokens: int, repeat: int = 1):
         """Prefill; with repeat > 1 every prompt row is repeated (beams). Returns the decode state."""
@@ -200,13 +201,13 @@ class Generator:
     # ---- strategies -------------------------------------------------------------------------------
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, key=None, on_token=None,
-                 stop_tokens: Sequence[int] | None = None) -> list[list[int]]:
+                 stop_tokens: Sequence[int] | None = None, blank: int | None = None) -> list[list[int]]:
         """Greedy (temperature 0) or sampled continuations, each up to its first stop token.
 
         on_token(step, tokens [B]) is called as tokens are produced (streaming; finished rows get
         pad). stop_tokens default to eop and eos."""
         stop_tokens = (self.ids.eop, self.ids.eos) if stop_tokens is None else tuple(stop_tokens)
-        batch = self.prompts(prompts)
+        batch = self.prompts(prompts, blank)
         state = self.start(batch, max_new_tokens)
         b = len(prompts)
         token = batch.start.copy()
@@ -258,6 +259,31 @@ class Generator:
         search = BeamSearch(num_beams, stop_tokens, length_penalty, no_repeat_ngram, banned_ids, banned_prefixes,
                             min_new_tokens, consider_end, length_norm)
         return search.run(context, next_logits, max_new_tokens)
+
+
+def fill_blanks(gen: Generator, prompt: Sequence[int], max_new_tokens: int, **sampling
+                ) -> tuple[list[int], list[list[int]]]:
+    """GLM-130B's generate.py on a prefix LM: the blanks of the prompt's mask kind ([MASK] if it
+    has one, else [sMASK], else [gMASK]) are filled first to last, each answer written back in
+    place of its mask token before the next blank is generated. A causal model continues the
+    prompt once. prompt: model-ready ids (a final sop is optional); sampling: `generate`'s
+    keywords. -> (the sequence with every blank filled, without sop; each blank's ids)."""
+    ids, seq = gen.ids, [int(t) for t in prompt]
+    if gen.causal:
+        out = gen.generate([seq], max_new_tokens, **sampling)[0]
+        return seq + out, [out]
+    if seq and seq[-1] == ids.sop:
+        seq = seq[:-1]
+    kind = next((k for k in (ids.mask, ids.smask, ids.gmask) if k in seq), None)
+    if kind is None:
+        raise GenerationError(f"the prompt holds no [MASK]/[sMASK]/[gMASK] token; append [gMASK] (id {ids.gmask})")
+    blanks = []
+    while kind in seq:
+        at = seq.index(kind)
+        out = gen.generate([seq], max_new_tokens, blank=kind, **sampling)[0]
+        blanks.append(out)
+        seq = seq[:at] + out + seq[at + 1:]
+    return seq, blanks
 
 
 @functools.partial(jax.jit, static_argnums=(3,))

@@ -174,3 +174,18 @@ def test_prompt_ending_with_sop_is_the_same_prompt(model):
     c, params = model
     gen = Generator(c, params)
     assert gen.generate([PROMPTS[0] + [SOP]], 4, stop_tokens=()) == gen.generate([PROMPTS[0]], 4, stop_tokens=())
+
+
+def test_fill_blanks_in_order_writes_each_answer_back(model):
+    from glm_jax.generate import fill_blanks
+
+    c, params = model
+    gen = Generator(c, params)
+    prompt = [31, MASK, 33, GMASK, 34, MASK, 35]  # [MASK] is the kind: the [gMASK] stays
+    filled, blanks = fill_blanks(gen, prompt + [SOP], 3, stop_tokens=())
+    assert len(blanks) == 2 and all(len(b) == 3 for b in blanks)
+    first = gen.generate([prompt], 3, stop_tokens=())[0]  # the first [MASK] of the prompt
+    assert blanks[0] == first
+    after_first = [31] + first + [33, GMASK, 34, MASK, 35]
+    assert blanks[1] == gen.generate([after_first], 3, stop_tokens=(), blank=MASK)[0]
+    assert filled == [31] + blanks[0] + [33, GMASK, 34] + blanks[1] + [35]
