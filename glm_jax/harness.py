@@ -1,0 +1,82 @@
+"""An lm-evaluation-harness model over our scorer and generator, registered as `glm_jax`.
+
+    import glm_jax.harness, lm_eval
+    lm_eval.simple_evaluate(model="glm_jax", model_args="checkpoint=runs/chatglm3", tasks=[...])
+    python experiments/harness_eval.py --model glm_jax --model_args checkpoint=DIR --tasks lambada_openai
+
+Requests follow the checkpoint's family: a context becomes the family's prompt ([gMASK] sop after
+it for a prefix LM, bidirectional over the context; [gMASK] sop before it for a causal one) and the
+continuation is teacher-forced after sop. Context and continuation are encoded separately, as
+`evaluate.lambada_greedy` does, so the harness scores the same tokens as our scripts.
+
+- `loglikelihood`: (sum of log-probs, whether every continuation token is the argmax), batched;
+- `loglikelihood_rolling`: the whole text's log-likelihood over [gMASK] windows of the model's
+  length (`evaluate.sliding_window_rows`, every token scored once);
+- `generate_until`: greedy (or sampled with `do_sample`) continuations, batched per generation
+  settings, cut at the family's stop ids, `max_gen_toks` and the first `until` string.
+
+Requires the `lm-eval` package (`pip install lm-eval`); importing this module registers the model.
+"""
+
+from __future__ import annotations
+
+from lm_eval.api.model import LM
+from lm_eval.api.registry import register_model
+
+from glm_jax.evaluate import ModelScorer, sliding_window_rows
+
+
+@register_model("glm_jax")
+class GLMJaxLM(LM):
+    def __init__(self, checkpoint: str, quantize: str | None = None, tokenizer: str | None = None,
+                 family: str | None = None, batch_size: int | str = 16, max_gen_toks: int = 256,
+                 window: int | None = None, **_):
+        super().__init__()
+        from glm_jax.train import load_model
+
+        m = load_model(checkpoint, quantize=quantize, tokenizer_file=tokenizer, family=family)
+        self.model, self.tok, self.family = m, m.tokenizer, m.family
+        self.batch = int(batch_size) if str(batch_size).isdigit() else 16
+        self.scorer = ModelScorer(m.config, m.params, m.tokenizer, batch_size=self.batch, family=m.family)
+        self.max_gen_toks = int(max_gen_toks)
+        self.window = int(window or min(m.config.max_sequence_length, 2048))
+
+    def _prompt(self, text: str) -> list[int]:
+        return self.family.prompt_ids(self.tok, self.tok.encode(text) if text else [])
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        rows = [(self._prompt(r.args[0]), self.tok.encode(r.args[1])) for r in requests]
+        return [(logp, hit) for logp, _, hit in self.scorer.score(rows)]
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        out = []
+        for r in requests:
+            rows = sliding_window_rows(self.tok.encode(r.args[0]), self.window,
+                                       lambda ctx: self.family.prompt_ids(self.tok, ctx))
+            out.append(sum(logp for logp, _, _ in self.scorer.score(rows)))
+        return out
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        import jax
+
+        stops = self.family.stop_ids(self.tok)
+        groups: dict[str, list[int]] = {}
+        for i, r in enumerate(requests):
+            groups.setdefault(repr(sorted((r.args[1] or {}).items())), []).append(i)
+        out: list[str] = [""] * len(requests)
+        for members in groups.values():
+            kwargs = dict(requests[members[0]].args[1] or {})
+            until = kwargs.get("until") or []
+            until = [until] if isinstance(until, str) else list(until)
+            budget = int(kwargs.get("max_gen_toks", self.max_gen_toks))
+            temperature = float(kwargs.get("temperature", 0.0)) if kwargs.get("do_sample") else 0.0
+            for at in range(0, len(members), self.batch):
+                chunk = members[at:at + self.batch]
+                prompts = [self._prompt(requests[i].args[0]) for i in chunk]
+                gen = self.scorer.generator.generate(prompts, budget, temperature=temperature, stop_tokens=stops,
+                                                     key=jax.random.key(at))
+                for i, ids in zip(chunk, gen):
+                    text = self.tok.decode(ids)
+                    cuts = [text.index(u) for u in until if u and u in text]
+                    out[i] = text[:min(cuts)] if cuts else text
+        return out
