@@ -4,8 +4,8 @@
 
 --checkpoint takes a run's checkpoint folder (its latest step) or one step's folder; it defaults
 to pretrain.py's default, so the two scripts run one after the other with no flags. beam: the
-GLM-130B protocol ([gMASK], 16 beams, at most 5 new tokens, no-repeat-ngram 3, punctuation and
-quotes banned as a first token, the first-word rule, exact match). greedy: every target token is
+GLM-130B protocol ([gMASK] sop, its beam search with 16 beams, at most 5 new tokens, no-repeat-ngram
+3, the punctuation bans of tasks/lambada/task.py, its first-word rule, exact match). greedy: every target token is
 the argmax under teacher forcing. Ends with a JSON line {"accuracy", "n", ...}.
 """
 
