@@ -5,21 +5,18 @@ import json
 import os
 import pathlib
 
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # before lm-eval imports datasets: never the hub
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import jax
+import pytest
 
-import jax  # noqa: E402
-import pytest  # noqa: E402
+import sharding_case as case
+from glm_jax import sharding as sh
+from glm_jax.evaluate import ModelScorer, lambada_greedy, read_lambada
+from glm_jax.optim import OptimConfig
+from glm_jax.tokenizer import GLMTokenizer
+from glm_jax.train import Checkpoints, Trainer
 
+assert os.environ.get("HF_DATASETS_OFFLINE") == "1"  # conftest: lm-eval's datasets never reach the hub
 lm_eval = pytest.importorskip("lm_eval")
-
-from glm_jax import sharding as sh  # noqa: E402
-from glm_jax.evaluate import ModelScorer, lambada_greedy, read_lambada  # noqa: E402
-from glm_jax.optim import OptimConfig  # noqa: E402
-from glm_jax.tokenizer import GLMTokenizer  # noqa: E402
-from glm_jax.train import Checkpoints, Trainer  # noqa: E402
-
-import sharding_case as case  # noqa: E402
 
 LAMBADA = pathlib.Path(__file__).parents[2] / "shared" / "data" / "lambada" / "lambada_test.jsonl"
 
