@@ -106,6 +106,15 @@ class ModelScorer:
         self.cut_rows += 1
         return ctx[:keep] + ctx[keep + over:], cont
 
+    def fit_prompt(self, prompt: Sequence[int], max_new_tokens: int) -> list[int]:
+        """A generation prompt cut from the left of its context to leave room for max_new_tokens."""
+        prompt = list(prompt)
+        ends_with_start = self.family.causal or (prompt and prompt[-1] == self.ids.sop)
+        need = len(prompt) + (0 if ends_with_start else 1) + max_new_tokens
+        if need <= self.config.max_sequence_length:
+            return prompt
+        return self.fit((prompt, [0] * (max_new_tokens + 1)))[0]
+
     def score(self, rows: Sequence[Row]) -> list[tuple[float, int, bool]]:
         out = []
         rows = [self.fit(r) for r in rows]
@@ -127,6 +136,7 @@ class ModelScorer:
         """Beam-search outputs best first, decoded without their stop token (the reference's
         `generate_text(return_all_beams=True)`)."""
         stops = self.family.stop_ids(self.tokenizer) if self.tokenizer is not None else None
+        prompt = self.fit_prompt(prompt, max_new_tokens)
         found = self.generator.beam_search(prompt, num_beams, max_new_tokens, no_repeat_ngram=no_repeat_ngram,
                                            stop_tokens=stops, banned_ids=banned_ids, banned_prefixes=banned_prefixes)
         stop = set(stops or (self.ids.eop, self.ids.eos))

@@ -13,7 +13,8 @@ continuation is teacher-forced after sop. Context and continuation are encoded s
 - `loglikelihood_rolling`: the whole text's log-likelihood over [gMASK] windows of the model's
   length (`evaluate.sliding_window_rows`, every token scored once);
 - `generate_until`: greedy (or sampled with `do_sample`) continuations, batched per generation
-  settings, cut at the family's stop ids, `max_gen_toks` and the first `until` string.
+  settings, cut at the family's stop ids, `max_gen_toks` and the first `until` string; a context
+  too long for the model is cut from the left (counted in `scorer.cut_rows`).
 
 Requires the `lm-eval` package (`pip install lm-eval`); importing this module registers the model.
 """
@@ -72,7 +73,7 @@ class GLMJaxLM(LM):
             temperature = float(kwargs.get("temperature", 0.0)) if kwargs.get("do_sample") else 0.0
             for at in range(0, len(members), self.batch):
                 chunk = members[at:at + self.batch]
-                prompts = [self._prompt(requests[i].args[0]) for i in chunk]
+                prompts = [self.scorer.fit_prompt(self._prompt(requests[i].args[0]), budget) for i in chunk]
                 gen = self.scorer.generator.generate(prompts, budget, temperature=temperature, stop_tokens=stops,
                                                      key=jax.random.key(at))
                 for i, ids in zip(chunk, gen):

@@ -304,3 +304,12 @@ def test_cmmlu_layout_and_mmlu_categories(tmp_path, tok):
     assert r["subjects"] == {"agronomy": 0.5} and r["categories"] == {"Other": 0.5}
     cats = category_accuracy({"anatomy": (1.0, 10), "virology": (0.0, 5), "philosophy": (0.5, 4), "sociology": (0.25, 4)})
     assert cats == {"STEM": 1.0, "Other": 0.0, "Humanities": 0.5, "Social Sciences": 0.25}
+
+
+def test_generation_prompts_are_cut_to_leave_room(tiny_model):
+    c, params = tiny_model
+    scorer = ModelScorer(c.override(max_sequence_length=16), params, batch_size=2)
+    prompt = list(range(100, 120)) + [GMASK, SOP]
+    cut = scorer.fit_prompt(prompt, 5)
+    assert len(cut) + 5 <= 16 and cut[-2:] == [GMASK, SOP] and cut[:-2] == prompt[-len(cut):-2]
+    assert scorer.cut_rows == 1 and scorer.fit_prompt([11, GMASK, SOP], 5) == [11, GMASK, SOP]
