@@ -257,16 +257,11 @@ class Checkpoints:
     leaves the previous checkpoints intact and `latest_step` never names a partial one.
     """
 
-    def __init__(self, directory: str, keep: int = 3, async_save: bool = True, save_concurrent_gb: int | None = None):
+    def __init__(self, directory: str, keep: int = 3, async_save: bool = True):
         self.directory = os.path.abspath(directory)
         opts = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                             create=True)
-        handlers = None
-        if save_concurrent_gb:  # bound the host buffers a save holds at once (orbax default: 96 GB)
-            handlers = {"state": ocp.StandardCheckpointHandler(save_concurrent_gb=save_concurrent_gb),
-                        "meta": ocp.JsonCheckpointHandler()}
-        self.manager = ocp.CheckpointManager(self.directory, options=opts, item_names=None if handlers else
-                                             ("state", "meta"), item_handlers=handlers)
+        self.manager = ocp.CheckpointManager(self.directory, options=opts, item_names=("state", "meta"))
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
