@@ -328,6 +328,17 @@ def multiple_choice(subjects: dict, tokenizer: Tokenizer, score: ScoreFn, shots:
 
 
 # ---- language modelling --------------------------------------------------------------------------------------
+def summed_loss(rows: Sequence[Row], score: ScoreFn, batch: int, progress: Callable = lambda it: it
+                ) -> tuple[float, int]:
+    """(summed negative log-likelihood, scored tokens) of rows, scored `batch` at a time."""
+    nll, tokens = 0.0, 0
+    for i in progress(range(0, len(rows), batch)):
+        for logp, n, _ in score(rows[i:i + batch]):
+            nll -= logp
+            tokens += n
+    return nll, tokens
+
+
 def sliding_window_rows(tokens: Sequence[int], window: int,
                         prompt: Callable[[list[int]], list[int]] = lambda ids: ids + [GLM_IDS.gmask, GLM_IDS.sop]
                         ) -> list[Row]:
@@ -346,7 +357,7 @@ def language_modelling(texts: Iterable[str], tokenizer: Tokenizer, score: ScoreF
                        progress: Callable = lambda it: it, family: Family | None = None) -> dict:
     """Perplexity per token and bits per UTF-8 byte over documents."""
     family = family or get_family("glm")
-    nll = tokens = n_bytes = 0.0
+    n_bytes = 0.0
     rows = []
     for text in texts:
         ids = tokenizer.encode(text)
@@ -354,10 +365,7 @@ def language_modelling(texts: Iterable[str], tokenizer: Tokenizer, score: ScoreF
             continue
         rows += sliding_window_rows(ids, window, lambda ctx: family.prompt_ids(tokenizer, ctx))
         n_bytes += len(text.encode("utf-8"))
-    for i in progress(range(0, len(rows), 64)):
-        for logp, n, _ in score(rows[i:i + 64]):
-            nll -= logp
-            tokens += n
+    nll, tokens = summed_loss(rows, score, 64, progress)
     return {"perplexity": math.exp(nll / max(tokens, 1)), "bits_per_byte": nll / max(n_bytes, 1) / math.log(2),
             "tokens": int(tokens), "bytes": int(n_bytes), "nll": nll}
 
@@ -402,11 +410,7 @@ def reference_perplexity(raw_text: str, tokenizer: Tokenizer, score: ScoreFn, ma
     ids = tokenizer.encode(raw_text)
     rows = [(family.prompt_ids(tokenizer, ctx), scored)
             for ctx, scored in reference_lm_windows(ids, max_seq_length, generation_length)]
-    nll = n = 0.0
-    for i in progress(range(0, len(rows), batch)):
-        for logp, k, _ in score(rows[i:i + batch]):
-            nll -= logp
-            n += k
+    nll, n = summed_loss(rows, score, batch, progress)
     words = words_in(raw_text)
     return {"perplexity": math.exp(min(20.0, nll / words)), "perplexity_uncapped": _exp(nll / words),
             "token_perplexity": _exp(nll / max(n, 1)), "nll": nll, "tokens": int(n), "words": words,
@@ -425,7 +429,7 @@ def reference_bits_per_byte(docs: Iterable[tuple[str, str]], tokenizer: Tokenize
         ids = tokenizer.encode(text)
         rows = [(family.prompt_ids(tokenizer, c), x) for c, x in reference_lm_windows(ids, max_seq_length,
                                                                                      generation_length)]
-        nll = -sum(logp for i in range(0, len(rows), batch) for logp, _, _ in score(rows[i:i + batch]))
+        nll, _ = summed_loss(rows, score, batch)
         acc = per.setdefault(name, [0.0, 0.0])
         acc[0] += nll
         acc[1] += len(text.encode("utf-8"))

@@ -47,6 +47,26 @@ def _torch():
     return torch
 
 
+def _read_file(folder: str, file: str):
+    """A weight file as a name -> lazy tensor mapping (safetensors: a safe_open handle; .bin:
+    torch's memory-mapped state dict)."""
+    path = os.path.join(folder, file)
+    try:
+        if file.endswith(".safetensors"):
+            from safetensors import safe_open
+
+            return safe_open(path, framework="np")
+        torch = _torch()
+        try:
+            return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        except RuntimeError:  # an old (non-zip) file cannot be memory-mapped: read it whole
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except ConversionError:
+        raise
+    except Exception as e:  # a truncated or foreign file: say which
+        raise ConversionError(f"cannot read {path}: {type(e).__name__}: {e}") from None
+
+
 class ShardedTensors(Mapping):
     """name -> numpy array (its stored dtype; bf16 via ml_dtypes) over a folder's weight files,
     read on access with one file open at a time. `shape_of(name)` / `dtype_of(name)` need no
@@ -88,32 +108,10 @@ class ShardedTensors(Mapping):
         if not files:
             raise ConversionError(f"{folder} holds no weights: expected {' or '.join(INDEX_FILES)} with its "
                                   "shards, or model.safetensors / pytorch_model.bin")
-        self = cls.__new__(cls)
-        cls.__init__(self, {name: file for file in files for name in self._read_names(folder, file)}, folder)
-        return self
-
-    def _read_names(self, folder: str, file: str) -> list[str]:
-        self.folder = folder
-        return list(self._read(file).keys())
+        return cls({name: file for file in files for name in _read_file(folder, file).keys()}, folder)
 
     def _read(self, file: str):
-        """The file as a name -> lazy tensor mapping (safetensors: a safe_open handle; .bin: torch's
-        memory-mapped state dict)."""
-        path = os.path.join(self.folder, file)
-        try:
-            if file.endswith(".safetensors"):
-                from safetensors import safe_open
-
-                return safe_open(path, framework="np")
-            torch = _torch()
-            try:
-                return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-            except RuntimeError:  # an old (non-zip) file cannot be memory-mapped: read it whole
-                return torch.load(path, map_location="cpu", weights_only=True)
-        except ConversionError:
-            raise
-        except Exception as e:  # a truncated or foreign file: say which
-            raise ConversionError(f"cannot read {path}: {type(e).__name__}: {e}") from None
+        return _read_file(self.folder, file)
 
     @staticmethod
     def _header(file, handle, name) -> tuple[tuple[int, ...], str]:
@@ -227,6 +225,11 @@ def _config_for(layout: str, cfg: dict | None, overrides: dict) -> GLMConfig:
         raise ConversionError(f"config.json lacks the field {e.args[0]!r}") from None
 
 
+def _dtype_fields(stored: str) -> dict[str, str]:
+    """Config fields for weights stored in `stored`: a 16-bit dtype is also the compute dtype."""
+    return {"param_dtype": stored, **({"dtype": stored} if stored != "float32" else {})}
+
+
 def tokenizer_in(folder: str) -> str | None:
     return next((os.path.join(folder, f) for f in TOKENIZER_FILES if os.path.isfile(os.path.join(folder, f))), None)
 
@@ -251,7 +254,7 @@ def convert_folder(folder: str, family: str | None = None, tokenizer_file: str |
     first = next(n for n in tensors if "layers" in n and n.endswith("weight") and "norm" not in n)
     source_dtype = tensors.dtype_of(first)
     stored = dtype or (source_dtype if source_dtype in ("float16", "bfloat16", "float32") else "float32")
-    fields = {"param_dtype": stored, **({"dtype": stored} if stored != "float32" else {}), **(overrides or {})}
+    fields = {**_dtype_fields(stored), **(overrides or {})}
     try:
         config = _config_for(layout, cfg, fields)
     except ConfigError as e:
@@ -293,8 +296,7 @@ def _convert_sat(folder, family, tokenizer_file, dtype, overrides) -> Converted:
     norm = next((v for k, v in ranks[0].items() if k.endswith("layernorm.weight")), None)
     source_dtype = DTYPES.get(str(norm.dtype), "float32") if norm is not None else "float16"
     stored = dtype or source_dtype
-    config = get_config("glm-130b", **{"param_dtype": stored, **({"dtype": stored} if stored != "float32" else {}),
-                                       **overrides})
+    config = get_config("glm-130b", **{**_dtype_fields(stored), **overrides})
     if any(k.endswith("weight_scale") for k in ranks[0]):
         bits = 4 if qkv is not None and qkv.shape[1] * 2 == config.hidden_size else 8
         config = config.override(quantization=f"int{bits}", quantization_groups=len(files) if len(files) > 1 else 0)
