@@ -28,6 +28,7 @@ Text that spells a special token ("[gMASK]") is always encoded as text: prompt b
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import re
 from typing import Iterable
@@ -129,8 +130,8 @@ class Tokenizer:
     def padded_vocab_size(self, multiple: int = 128) -> int:
         return -(-self.vocab_size // multiple) * multiple
 
-    @property
-    def special_ids(self) -> frozenset[int]:
+    @functools.cached_property
+    def special_ids(self) -> frozenset[int]:  # decode (called per streamed token) reads it
         return frozenset(v for v in dataclasses.asdict(self.specials).values() if v is not None)
 
     # ---- text <-> ids ---------------------------------------------------------------------
