@@ -21,6 +21,8 @@ def add_checkpoint_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--family", default=None,
                     help="model family (default: the one the checkpoint records): glm, glm-130b, chatglm-6b, "
                          "chatglm2-6b, chatglm3-6b")
+    ap.add_argument("--adapter", default=None, metavar="DIR",
+                    help="a fine-tuned adapter (finetune.py's --out folder) to put on the checkpoint")
 
 
 def load_model_or_exit(args):
@@ -30,7 +32,8 @@ def load_model_or_exit(args):
     from glm_jax.train import CheckpointError, load_model
 
     try:
-        return load_model(args.checkpoint, quantize=args.quantize, tokenizer_file=args.tokenizer, family=args.family)
+        return load_model(args.checkpoint, quantize=args.quantize, tokenizer_file=args.tokenizer, family=args.family,
+                          adapter=getattr(args, "adapter", None))
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

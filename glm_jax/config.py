@@ -24,6 +24,7 @@ NORM_KINDS = ("layernorm", "rmsnorm")
 NORM_PLACEMENTS = ("deepnorm", "pre")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 QUANTIZED_MATMULS = ("auto", "xla", "pallas")
+LORA_TARGETS = ("query", "key", "value", "dense", "dense_h_to_4h", "dense_4h_to_h")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attention")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -86,6 +87,16 @@ class GLMConfig:
     # INT4 dequant-matmul: xla (portable), pallas (fused Triton kernel), auto (pallas for
     # decode-sized token counts on a single NVIDIA GPU, else xla)
     quantized_matmul: str = "auto"
+    # parameter-efficient adapters (peft.py): LoRA on the named linear layers of every block
+    lora_rank: int = 0  # 0: no LoRA
+    lora_alpha: float = 32.0  # the update is (lora_alpha / lora_rank) * B(A(dropout(x)))
+    lora_dropout: float = 0.0
+    lora_targets: str = "query,key,value"  # comma-separated: query,key,value,dense,dense_h_to_4h,dense_4h_to_h
+    # P-tuning v2: pre_seq_len virtual key/value positions in every layer, seen by every real token
+    pre_seq_len: int = 0  # 0: no prefix
+    prefix_projection: bool = False  # embedding -> Linear -> tanh -> Linear, else one embedding
+    prefix_hidden_size: int = 0  # the projection's width; 0: hidden_size
+    prefix_dropout: float = 0.1
     # sizes that were derived rather than set; re-derived by override()
     _derived: tuple = dataclasses.field(default=(), repr=False, compare=False)
 
@@ -143,6 +154,12 @@ class GLMConfig:
     @property
     def gated_ffn(self) -> bool:
         return self.ffn_kind in ("geglu", "swiglu")
+
+    @property
+    def lora_target_names(self) -> tuple[str, ...]:
+        """The layers LoRA adapts; `query_key_value` (peft's name for ChatGLM's fused QKV) is all three."""
+        names = [t.strip() for t in self.lora_targets.split(",") if t.strip()]
+        return tuple(n2 for n in names for n2 in (("query", "key", "value") if n == "query_key_value" else (n,)))
 
     @property
     def compute_dtype(self):
@@ -238,6 +255,12 @@ def validate(c: GLMConfig) -> None:
          f"embedding_shrink_alpha={c.embedding_shrink_alpha} must be in [0, 1]")
     need(isinstance(c.deepnorm_alpha_layers, int) and c.deepnorm_alpha_layers >= 0,
          f"deepnorm_alpha_layers={c.deepnorm_alpha_layers!r} must be an integer >= 0 (0: num_layers)")
+    bad = sorted(set(c.lora_target_names) - set(LORA_TARGETS))
+    need(not bad, f"lora_targets={c.lora_targets!r}: unknown layer(s) {bad}; choose from {LORA_TARGETS}")
+    for name in ("lora_rank", "pre_seq_len", "prefix_hidden_size"):
+        need(isinstance(getattr(c, name), int) and getattr(c, name) >= 0, f"{name} must be an integer >= 0")
+    for name in ("lora_dropout", "prefix_dropout"):
+        need(0.0 <= getattr(c, name) < 1.0, f"{name}={getattr(c, name)} must be in [0, 1)")
     need(c.layernorm_epsilon > 0, f"layernorm_epsilon={c.layernorm_epsilon} must be positive")
 
 

@@ -438,3 +438,23 @@ def reference_bits_per_byte(docs: Iterable[tuple[str, str]], tokenizer: Tokenize
     return {"bits_per_byte": components, "bits_per_byte_all": total_nll / max(total_bytes, 1) / math.log(2),
             "bytes": int(total_bytes)}
 
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _sft_loss_sum(config: GLMConfig, params, batch):
+    from glm_jax.sharding import token_loss
+
+    loss, n = token_loss(GLM(config).apply({"params": params}, batch), batch)
+    return loss * n, n
+
+
+def sft_loss(config: GLMConfig, params, sequences: Sequence[dict], batch: int) -> float:
+    """Mean teacher-forced NLL per learned token (replies and their end ids) over packed SFT
+    sequences (`sft.SFTBuilder.sequences`), as training's held-out loss counts it."""
+    total = count = 0.0
+    for i in range(0, len(sequences), batch):
+        rows = list(sequences[i:i + batch])
+        rows += [{k: np.zeros_like(v) for k, v in rows[0].items()}] * (batch - len(rows))  # one compiled shape
+        s, n = _sft_loss_sum(config, params, {k: jnp.asarray(np.stack([r[k] for r in rows])) for k in CONTRACT_KEYS})
+        total, count = total + float(s), count + float(n)
+    return total / max(count, 1.0)

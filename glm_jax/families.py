@@ -40,6 +40,7 @@ class Family:
     tokenizer_kind: str = "glm"
     causal: bool = False  # a causal decoder: no bidirectional part anywhere
     append_eos: bool = False  # GLM-130B's generate.py: eos after a context that ends in text
+    prompt_tail: int = 2  # special ids that end a chat prompt ([gMASK] sop), kept when it is cut
 
     def load_tokenizer(self, model_file: str | None = None) -> Tokenizer:
         return load_tokenizer(self.tokenizer_kind, model_file)
@@ -97,6 +98,21 @@ class Family:
         prompt = self.chat_prompt(tok, history, query)
         target = tok.encode(answer) + [self.end_id(tok)]
         return prompt + target, [0] * len(prompt) + [1] * len(target)
+
+    def conversation_examples(self, tok: Tokenizer, rounds: History, system: str | None = None,
+                              last_only: bool = False) -> list[tuple[list[int], list[int]]]:
+        """(ids, loss_mask) samples that train every reply of a conversation (`rounds`: (query,
+        reply) pairs; the system text goes before the first query). A prefix LM makes one sample
+        per reply, its history and query as part A; a causal family one sequence with every
+        reply learned (`conversation_example`). last_only: only the last reply (ChatGLM2's script)."""
+        rounds = [(system + q if system and i == 0 else q, a) for i, (q, a) in enumerate(rounds)]
+        if self.causal and not last_only and len(rounds) > 1:
+            return [self.conversation_example(tok, rounds)]
+        first = len(rounds) - 1 if last_only else 0
+        return [self.training_example(tok, rounds[:i], *rounds[i]) for i in range(first, len(rounds))]
+
+    def conversation_example(self, tok: Tokenizer, rounds: History) -> tuple[list[int], list[int]]:
+        raise FamilyError(f"{self.name} is a prefix LM: it trains one sample per reply (conversation_examples)")
 
     def fit_chat(self, tok: Tokenizer, history: History, query: str, limit: int, system: str | None = None
                  ) -> tuple[list[int], int]:
@@ -158,6 +174,7 @@ class ChatGLM2(Family):
     name: str = "chatglm2-6b"
     tokenizer_kind: str = "chatglm2-6b"
     causal: bool = True
+    prompt_tail: int = 0
 
     def stop_ids(self, tok):
         return (tok.eos_id,)
@@ -168,6 +185,18 @@ class ChatGLM2(Family):
     def chat_text(self, history, query):
         return "".join(f"[Round {i}]\n\n问：{q}\n\n答：{a}\n\n" for i, (q, a) in enumerate(history, start=1)) + \
             f"[Round {len(history) + 1}]\n\n问：{query}\n\n答："
+
+    def conversation_example(self, tok, rounds):
+        """The whole chat in one sequence, each reply learned (the last one with eos; the
+        separator after an earlier reply is context, since at inference a reply ends with eos)."""
+        ids, mask = [tok.gmask_id, tok.sop_id], [0, 0]
+        for i, (q, a) in enumerate(rounds, start=1):
+            context = tok.encode(f"[Round {i}]\n\n问：{q}\n\n答：")
+            reply = tok.encode(a) + ([tok.eos_id] if i == len(rounds) else [])
+            sep = [] if i == len(rounds) else tok.encode("\n\n")
+            ids += context + reply + sep
+            mask += [0] * len(context) + [1] * len(reply) + [0] * len(sep)
+        return ids, mask
 
     def postprocess(self, reply):
         return reply.strip().replace("[[训练时间]]", "2023年")
@@ -180,6 +209,7 @@ class ChatGLM3(ChatGLM2):
 
     name: str = "chatglm3-6b"
     tokenizer_kind: str = "chatglm3-6b"
+    prompt_tail: int = 1  # <|assistant|>
 
     def stop_ids(self, tok):
         return (tok.eos_id, tok.user_id, tok.observation_id)
@@ -200,6 +230,17 @@ class ChatGLM3(ChatGLM2):
         prompt = self.chat_prompt(tok, history, query)
         target = tok.encode("\n") + tok.encode(answer) + [tok.eos_id]
         return prompt + target, [0] * len(prompt) + [1] * len(target)
+
+    def conversation_example(self, tok, rounds):
+        """ChatGLM3's finetune_demo: each assistant message ("\n" + reply) is learned together with
+        the id after it: the next <|user|> (where generation stops) or the final eos."""
+        ids, mask = [tok.gmask_id, tok.sop_id], [0, 0]
+        for q, a in rounds:
+            user = self.message(tok, "user", q) + [tok.assistant_id]
+            reply = tok.encode("\n") + tok.encode(a)
+            ids += user + reply
+            mask += [1 if len(mask) > 2 else 0] + [0] * (len(user) - 1) + [1] * len(reply)
+        return ids + [tok.eos_id], mask + [1]
 
     def postprocess(self, reply):
         """The reply's first line is its metadata (empty for a plain answer, a tool name for a call)."""

@@ -6,7 +6,8 @@ token and ends with sop (appended when missing), and the context is bidirectiona
 decoder (`causal=True`: ChatGLM2/3, GLM-4) the context is causal. Ragged contexts are right-padded
 to T. Prefill writes the context's keys/values into cache slots 0..T-1; decoding feeds the start
 id, then each chosen token, into slot T + step; a new token sees its row's context and the
-generated slots so far. Positions (spec section 3): 1D [gMASK] and causal rows continue the count
+generated slots so far. A P-tuning v2 prefix (`config.pre_seq_len` = P) takes cache slots 0..P-1,
+seen by every token, and shifts the slots above by P (not the positions). Positions (spec section 3): 1D [gMASK] and causal rows continue the count
 (the start id at the context length), 1D [MASK] and all 2D put generated tokens at the mask
 position (2D: block positions 1, 2, ...). One compiled decode step serves every token. The dense
 layers are whatever the config selects, so quantized layers plug in.
@@ -135,27 +136,38 @@ def cached_forward(config: GLMConfig, params, tokens, position_ids, block_positi
     return model.apply({"params": outer}, h, method=GLM.head), tuple(new_cache)
 
 
+@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
+def write_prefix(config: GLMConfig, params, cache):
+    """Put the P-tuning prefix's keys/values (`GLM.prefix`) in cache slots 0..P-1 of every row."""
+    outer = {k: v for k, v in params.items() if k != "layers"}
+    prefix = GLM(config).apply({"params": outer}, method=GLM.prefix)  # [L, P, 2, K, D]
+    return tuple(tuple(c.at[:, : config.pre_seq_len].set(prefix[layer, None, :, i].astype(c.dtype)) for i, c in
+                       enumerate(pair)) for layer, pair in enumerate(cache))
+
+
 @functools.partial(jax.jit, static_argnums=(0, 5), donate_argnums=(2,))
 def prefill(config: GLMConfig, params, cache, tokens, lengths, causal: bool = False):
-    """Write the context [B, T] into cache slots 0..T-1 (bidirectional over each row's context,
-    or causal)."""
+    """Write the context [B, T] into cache slots P..P+T-1 (bidirectional over each row's context
+    and the prefix, or causal)."""
     b, t = tokens.shape
+    p = config.pre_seq_len
     keys = jnp.arange(cache_length(cache))
-    mask = (keys[None, :] < lengths[:, None])[:, None, None, :] & jnp.ones((1, 1, t, 1), bool)
+    mask = (keys[None, :] < p + lengths[:, None])[:, None, None, :] & jnp.ones((1, 1, t, 1), bool)
     if causal:
-        mask = mask & (keys[None, None, None, :] <= jnp.arange(t)[None, None, :, None])
+        mask = mask & (keys[None, None, None, :] <= p + jnp.arange(t)[None, None, :, None])
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    return cached_forward(config, params, tokens, positions, jnp.zeros_like(positions), mask, cache, 0)[1]
+    return cached_forward(config, params, tokens, positions, jnp.zeros_like(positions), mask, cache, p)[1]
 
 
 @functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
 def decode_step(config: GLMConfig, params, cache, token, step, lengths, mask_pos, cont, prompt_len):
     """Feed token [B] as generated token number `step` (sop is step 0) -> (fp32 logits [B, V], cache)."""
-    slot = prompt_len + step
+    p = config.pre_seq_len
+    slot = p + prompt_len + step
     position = jnp.where(cont, lengths + step, mask_pos)[:, None]
     block = jnp.full_like(position, step + 1) if config.position_encoding_2d else jnp.zeros_like(position)
     keys = jnp.arange(cache_length(cache))[None, :]
-    visible = (keys < lengths[:, None]) | ((keys >= prompt_len) & (keys <= slot))
+    visible = (keys < p + lengths[:, None]) | ((keys >= p + prompt_len) & (keys <= slot))
     logits, cache = cached_forward(config, params, token[:, None], position, block, visible[:, None, None, :],
                                    cache, slot)
     return logits[:, 0].astype(jnp.float32), cache
@@ -187,7 +199,9 @@ class Generator:
                                            (prompts.tokens, prompts.lengths, prompts.mask_pos,
                                             prompts.continue_positions))
         b, t = tokens.shape
-        cache = init_cache(self.config, b, _round_up(t + max_new_tokens), self.cache_dtype)
+        cache = init_cache(self.config, b, _round_up(self.config.pre_seq_len + t + max_new_tokens), self.cache_dtype)
+        if self.config.pre_seq_len:
+            cache = write_prefix(self.config, self.params, cache)
         cache = prefill(self.config, self.params, cache, jnp.asarray(tokens), jnp.asarray(lengths), prompts.causal)
         return dict(cache=cache, lengths=jnp.asarray(lengths), mask_pos=jnp.asarray(mask_pos),
                     cont=jnp.asarray(cont), prompt_len=t)

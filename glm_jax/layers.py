@@ -63,7 +63,27 @@ class Linear(nn.Module):
             bias = self.param("bias", nn.with_logical_partitioning(
                 nn.initializers.zeros_init(), self.kernel_axes[n_in:]), self.features, c.params_dtype)
             y = y + bias.astype(c.compute_dtype)
+        if c.lora_rank and self.quantizable and self.name in c.lora_target_names:
+            y = y + self._lora(x)
         return y
+
+    def _lora(self, x):
+        """LoRA (peft.py): (alpha / r) * B(A(dropout(x))). A: `in_shape + (r,)`, Gaussian (std 1/r,
+        peft's `init_lora_weights="gaussian"`); B: `(r,) + features`, zeros, so a new adapter
+        leaves the layer unchanged. The frozen weight beside it may be float or quantized."""
+        c = self.config
+        n_in, r = len(self.in_shape), c.lora_rank
+        a = self.param("lora_a", nn.with_logical_partitioning(nn.initializers.normal(1.0 / r),
+                                                              self.kernel_axes[:n_in] + (None,)),
+                       self.in_shape + (r,), c.params_dtype)
+        b = self.param("lora_b", nn.with_logical_partitioning(nn.initializers.zeros_init(),
+                                                              (None,) + self.kernel_axes[n_in:]),
+                       (r,) + self.features, c.params_dtype)
+        x = nn.Dropout(c.lora_dropout, deterministic=not self.has_rng("dropout"))(x)
+        contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+        low = jax.lax.dot_general(x, a.astype(c.compute_dtype), (contract, ((), ())))
+        up = jnp.tensordot(low, b.astype(c.compute_dtype), axes=1)
+        return up * jnp.asarray(c.lora_alpha / r, c.compute_dtype)
 
     def _quantized(self, x):
         """Weight-only INT4/INT8: q [K(/2), *features] (the input dims flattened to K, INT4 packed
@@ -257,6 +277,9 @@ class SelfAttention(nn.Module):
     Parameters: query [E, H, D], key/value [E, K, D], dense [H, D, E] (whole heads per slice,
     so tensor parallelism over `heads` never splits one).
 
+    prefix: P-tuning v2 keys/values [P, 2, K, D] (`PrefixEncoder`, not rotated) put before this
+    sequence's keys; every query sees all of them. Generation puts them in the cache instead.
+
     With a KV cache (k, v: [B, M, K, D]) the queries attend over the cache with the new
     keys/values (after rotary) placed at `cache_index` (mask [B, 1, S, M]), and the second
     output is just those new entries (k, v: [B, S, K, D]): the caller writes them into its
@@ -266,7 +289,7 @@ class SelfAttention(nn.Module):
     config: GLMConfig
 
     @nn.compact
-    def __call__(self, x, mask, tables, cache=None, cache_index=None):
+    def __call__(self, x, mask, tables, cache=None, cache_index=None, prefix=None):
         c = self.config
         e, h, kv, d = x.shape[-1], c.num_attention_heads, c.num_kv_heads, c.head_dim
         plain = xavier_normal(1.0, 0, (1, 2))
@@ -281,6 +304,11 @@ class SelfAttention(nn.Module):
             k, v = (jax.lax.dynamic_update_slice_in_dim(old, n, cache_index, axis=1).astype(q.dtype)
                     for old, n in zip(cache, new))
             cache = new
+        if prefix is not None:
+            b, p = k.shape[0], prefix.shape[0]
+            k, v = (jnp.concatenate([jnp.broadcast_to(prefix[None, :, i].astype(k.dtype), (b,) + prefix[:, i].shape),
+                                     t], axis=1) for i, t in enumerate((k, v)))
+            mask = jnp.concatenate([jnp.ones(mask.shape[:3] + (p,), bool), mask], axis=-1)
         dropout_active = c.attention_dropout > 0.0 and self.has_rng("dropout")
         if choose_attention(c, dropout_active) == "cudnn":
             out = cudnn_attention(q, k, v, mask)
@@ -332,6 +360,37 @@ class FeedForward(nn.Module):
                       xavier_normal(c.deepnorm_beta, 0, 1), name="dense_4h_to_h")(hh)
 
 
+# ---- P-tuning v2 ---------------------------------------------------------------------------------
+class PrefixEncoder(nn.Module):
+    """P-tuning v2's prefix: keys/values of `pre_seq_len` virtual tokens for every layer.
+
+    () -> [L, P, 2, K, D] in the compute dtype. Without projection one embedding [P, L, 2, K, D]
+    (ChatGLM's [P, layers x 2 x kv_heads x head_dim], torch's N(0, 1) init); with
+    `prefix_projection` an embedding [P, E] -> Linear -> tanh -> Linear (ChatGLM-6B's
+    `trans`). Dropout `prefix_dropout` on the result when a 'dropout' rng is given.
+    """
+
+    config: GLMConfig
+
+    @nn.compact
+    def __call__(self):
+        c = self.config
+        p, kv_shape = c.pre_seq_len, (c.num_layers, 2, c.num_kv_heads, c.head_dim)
+        kv_axes = (None, None, "kv_heads", "head_dim")
+        if c.prefix_projection:
+            width = c.prefix_hidden_size or c.hidden_size
+            emb = self.param("embedding", nn.with_logical_partitioning(nn.initializers.normal(1.0), (None, "embed")),
+                             (p, c.hidden_size), c.params_dtype)
+            h = jnp.tanh(Linear((c.hidden_size,), (width,), ("embed", "mlp"), True, c, name="trans_in",
+                                quantizable=False)(emb))
+            kv = Linear((width,), kv_shape, ("mlp",) + kv_axes, True, c, name="trans_out", quantizable=False)(h)
+        else:
+            kv = self.param("embedding", nn.with_logical_partitioning(nn.initializers.normal(1.0), (None,) + kv_axes),
+                            (p,) + kv_shape, c.params_dtype)
+        kv = nn.Dropout(c.prefix_dropout, deterministic=not self.has_rng("dropout"))(kv)
+        return jnp.moveaxis(kv, 1, 0).astype(c.compute_dtype)
+
+
 # ---- the block ----------------------------------------------------------------------------------
 class GLMBlock(nn.Module):
     """One GLM layer. h: [B, S, E] -> ([B, S, E], new KV entries or None) (scan carry, scan output).
@@ -344,7 +403,7 @@ class GLMBlock(nn.Module):
     config: GLMConfig
 
     @nn.compact
-    def __call__(self, h, mask, tables, cache=None, cache_index=None):
+    def __call__(self, h, mask, tables, cache=None, cache_index=None, prefix=None):
         c = self.config
         drop = nn.Dropout(c.hidden_dropout, deterministic=not self.has_rng("dropout"))
         attention = SelfAttention(c, name="attention")
@@ -355,12 +414,12 @@ class GLMBlock(nn.Module):
             # alpha rounded to the compute dtype (sqrt(56) in bf16 is off by 0.2%)
             scaled = lambda t: (t.astype(jnp.float32) * c.deepnorm_alpha).astype(c.compute_dtype)
             x = norm_in(h)
-            attn, cache = attention(x, mask, tables, cache, cache_index)
+            attn, cache = attention(x, mask, tables, cache, cache_index, prefix)
             h = scaled(x) + drop(attn)
             y = norm_post(h)
             out = scaled(y) + drop(mlp(y))
         else:
-            attn, cache = attention(norm_in(h), mask, tables, cache, cache_index)
+            attn, cache = attention(norm_in(h), mask, tables, cache, cache_index, prefix)
             h = h + drop(attn)
             out = h + drop(mlp(norm_post(h)))
         out = nn.with_logical_constraint(out.astype(c.compute_dtype), ("batch", "length", "embed"))

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from glm_jax.config import GLMConfig
-from glm_jax.layers import GLMBlock, Linear, glm_attention_mask, make_norm, rotary_tables, xavier_normal
+from glm_jax.layers import GLMBlock, Linear, PrefixEncoder, glm_attention_mask, make_norm, rotary_tables, xavier_normal
 
 REMAT_POLICIES = {
     "full": None,  # save nothing: recompute the whole layer
@@ -40,7 +40,7 @@ def stacked_blocks(config: GLMConfig, name: str = "layers") -> nn.Module:
     if config.remat_policy != "none":
         block = nn.remat(GLMBlock, policy=REMAT_POLICIES[config.remat_policy], prevent_cse=False)
     scanned = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                      in_axes=(nn.broadcast, nn.broadcast), length=config.num_layers,
+                      in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0), length=config.num_layers,
                       metadata_params={nn.PARTITION_NAME: "layers"})
     return scanned(config, name=name)
 
@@ -73,6 +73,8 @@ class GLM(nn.Module):
         self.layers = stacked_blocks(c)
         if c.final_norm:
             self.final_layernorm = make_norm(c, None)
+        if c.pre_seq_len:
+            self.prefix_encoder = PrefixEncoder(c)
         if not c.tie_word_embeddings:
             self.output_layer = Linear((c.hidden_size,), (c.padded_vocab_size,), ("embed", "vocab"), False, c,
                                        xavier_normal(), quantizable=False)
@@ -97,7 +99,11 @@ class GLM(nn.Module):
     def blocks(self, h, batch):
         """[B, S, E] -> [B, S, E] through every layer."""
         mask, tables = attention_inputs(batch, self.config)
-        return self.layers(h, mask, tables)[0]
+        return self.layers(h, mask, tables, None, None, self.prefix())[0]
+
+    def prefix(self):
+        """P-tuning v2 keys/values [L, P, 2, K, D], or None without a prefix encoder."""
+        return self.prefix_encoder() if self.config.pre_seq_len else None
 
     def head(self, h, return_hidden: bool = False):
         """[B, S, E] -> final norm -> logits [B, S, vocab_size] (or the normed hidden states)."""

@@ -238,11 +238,12 @@ def from_slots(slots, plan: PipelinePlan):
 
 
 def params_to_slots(params: dict, plan: PipelinePlan) -> dict:
-    return {**params, "layers": to_slots(params["layers"], plan)}
+    """The tree with its `layers` (if it has them: an adapter may not) in slot layout."""
+    return {**params, "layers": to_slots(params["layers"], plan)} if "layers" in params else params
 
 
 def params_from_slots(params: dict, plan: PipelinePlan) -> dict:
-    return {**params, "layers": from_slots(params["layers"], plan)}
+    return {**params, "layers": from_slots(params["layers"], plan)} if "layers" in params else params
 
 
 # ---- the forward pass on a mesh -------------------------------------------------------------------
@@ -262,38 +263,41 @@ BATCH_FIELDS = ("position_ids", "block_position_ids", "segment_ids", "prefix_mas
 
 
 def pipeline_blocks(config: GLMConfig, plan: PipelinePlan, layer_slots, h, batch, microbatches: int,
-                    dropout_rng=None, bubble_value: float = 0.0):
+                    dropout_rng=None, bubble_value: float = 0.0, prefix=None):
     """Run the blocks as a GPipe schedule. h: [B, S, E] -> [B, S, E].
 
     layer_slots: layer params in slot layout [stages * slots, ...]. Bubble ticks (a stage with
     no microbatch) compute on zeros (`bubble_value` fills the idle buffer, NaN in tests) and
-    their results are never read, so they reach neither outputs nor gradients.
+    their results are never read, so they reach neither outputs nor gradients. prefix: P-tuning
+    keys/values [L, P, 2, K, D] (`GLM.prefix`), split over the stages like the layers.
     """
     n_st, k, m = plan.stages, plan.slots, microbatches
     xs = _split_microbatches(h, m)  # [M, mb, S, E]
     fields = {f: _split_microbatches(batch.get(f, jnp.zeros_like(batch["position_ids"])), m) for f in BATCH_FIELDS}
-    stage_params = jax.tree_util.tree_map(lambda x: x.reshape((n_st, k) + x.shape[1:]), layer_slots)
+    by_stage = lambda tree: jax.tree_util.tree_map(lambda x: x.reshape((n_st, k) + x.shape[1:]), tree)
+    stage_params = by_stage(layer_slots)
+    stage_prefix = None if prefix is None else by_stage(to_slots(prefix, plan))
     active = jnp.asarray(plan.active.reshape(n_st, k))
     block = GLMBlock(config)
     policy = REMAT_POLICIES.get(config.remat_policy, None)
 
-    def layer(p, x, mask, tables, rng):
+    def layer(p, x, mask, tables, rng, pre):
         rngs = {"dropout": rng} if rng is not None else None
-        return block.apply({"params": p}, x, mask, tables, rngs=rngs)[0]
+        return block.apply({"params": p}, x, mask, tables, None, None, pre, rngs=rngs)[0]
 
     if config.remat_policy != "none":
         layer = jax.checkpoint(layer, policy=policy, prevent_cse=False)
 
-    def stage_fn(params, act, x, stage_fields, valid, rng):
+    def stage_fn(params, act, x, stage_fields, valid, rng, pre):
         x = jnp.where(valid, x, jnp.zeros_like(x))
         mask, tables = attention_inputs(stage_fields, config)
 
         def slot(x, inp):
-            p, on, j = inp
+            p, on, j, pr = inp
             r = None if rng is None else jax.random.fold_in(rng, j)
-            return jnp.where(on, layer(p, x, mask, tables, r), x), None
+            return jnp.where(on, layer(p, x, mask, tables, r, pr), x), None
 
-        return jax.lax.scan(slot, x, (params, act, jnp.arange(k)))[0]
+        return jax.lax.scan(slot, x, (params, act, jnp.arange(k), pre))[0]
 
     stages = jnp.arange(n_st)
     act_spec = P("stage", "data", None, None)
@@ -309,7 +313,7 @@ def pipeline_blocks(config: GLMConfig, plan: PipelinePlan, layer_slots, h, batch
         rngs = None if dropout_rng is None else jax.vmap(
             lambda s, mi: jax.random.fold_in(jax.random.fold_in(dropout_rng, mi), s))(stages, take)
         out = jax.vmap(stage_fn, spmd_axis_name="stage")(stage_params, active, state, stage_fields,
-                                                         valid, rngs)
+                                                         valid, rngs, stage_prefix)
         done = t - (n_st - 1)
         last = jnp.where(done >= 0, out[n_st - 1], outputs[jnp.clip(done, 0, m - 1)])
         outputs = jax.lax.dynamic_update_index_in_dim(outputs, last, jnp.clip(done, 0, m - 1), 0)
@@ -338,8 +342,9 @@ def forward(params, batch, config: GLMConfig, plan: PipelinePlan, microbatches: 
         embed_key, layers_rng = jax.random.split(dropout_rng)
         embed_rngs = {"dropout": embed_key}
     h = model.apply({"params": params}, batch, embedding_alpha, method=GLM.embed, rngs=embed_rngs)
+    prefix = model.apply({"params": params}, method=GLM.prefix, rngs=embed_rngs)
     h = pipeline_blocks(config, plan, params["layers"], h, batch, microbatches,
-                        dropout_rng=layers_rng, bubble_value=bubble_value)
+                        dropout_rng=layers_rng, bubble_value=bubble_value, prefix=prefix)
     return model.apply({"params": params}, h, method=GLM.head)
 
 

@@ -40,6 +40,7 @@ from glm_jax.config import ConfigError, GLMConfig
 from glm_jax.data import DataIterator
 from glm_jax.model import GLM, abstract_params, dummy_batch
 from glm_jax.objectives import CONTRACT_KEYS
+from glm_jax.peft import PeftConfig, combine, split
 from glm_jax.optim import (BatchSchedule, LossScale, OptimConfig, all_finite, embedding_alpha, learning_rate,
                            make_optimizer)
 from glm_jax.summary import flops_per_token
@@ -75,23 +76,33 @@ class Trainer:
     pass_batch: int  # sequences per gradient pass (the global micro-batch of the pipeline)
     microbatches: int | None = None
     fsdp: bool = False
+    # which parameters train (peft.py); the rest are `frozen`, an argument of every step
+    peft: PeftConfig = PeftConfig("full")
 
     def __post_init__(self):
-        c, mesh = self.config, self.mesh
-        if c.quantization != "none":
+        c, mesh, peft = self.config, self.mesh, self.peft
+        if c.quantization != "none" and not peft.is_adapter:
             raise ConfigError(f"quantization={c.quantization} is weight-only quantization for serving: train in float "
-                              "(quantization=none), then `python experiments/quantize.py`")
+                              "(quantization=none), then `python experiments/quantize.py`; a quantized base trains "
+                              "LoRA or P-tuning adapters only")
         self.microbatches = sh.microbatch_count(self.microbatches, self.pass_batch, mesh)
         sh.check_splittable(c, mesh, self.pass_batch, self.microbatches)
         self.plan = sh.PipelinePlan(c.num_layers, sh.axis_size(mesh, "stage"))
+        if peft.method == "freeze" and self.plan.stages > 1:
+            raise ConfigError("freeze splits the layer stack at a layer; run it on a mesh without pipeline stages "
+                              "(--mesh DATAx1xTENSOR), or use lora / ptuning / full on this mesh")
         self.rules = sh.rules_for(c, mesh, fsdp=self.fsdp)
         self.tx = make_optimizer(self.optim)
         self.dynamic_scale = c.dtype == "float16"
         boxed = abstract_params(c)
-        self.param_shardings = sh.named_shardings(boxed, mesh, self.rules)
+        same = lambda s, rows: s
+        self.param_shardings, self.frozen_shardings = split(sh.named_shardings(boxed, mesh, self.rules), peft, c,
+                                                            take=same)
         canonical_rules = tuple((k, None if k == "layers" else v) for k, v in self.rules)
-        self.canonical_shardings = sh.named_shardings(boxed, mesh, canonical_rules)
-        self.param_shapes = jax.eval_shape(lambda p: sh.params_to_slots(p, self.plan), nn.meta.unbox(boxed))
+        self.canonical_shardings = split(sh.named_shardings(boxed, mesh, canonical_rules), peft, c, take=same)[0]
+        slotted = lambda p: tuple(sh.params_to_slots(t, self.plan) for t in split(p, peft, c))
+        self.param_shapes, self.frozen_shapes = jax.eval_shape(slotted, nn.meta.unbox(boxed))
+        self.frozen = {}
         self.replicated = NamedSharding(mesh, P())
         self.batch_sharding = sh.batch_sharding(mesh)
         opt_shapes = jax.eval_shape(self.tx.init, self.param_shapes)
@@ -126,16 +137,16 @@ class Trainer:
         c, plan, m = self.config, self.plan, self.microbatches
         rep = self.replicated
 
-        def scaled_mean_loss(params, batch, rng, alpha, scale):
-            logits = sh.forward(params, batch, c, plan, m, embedding_alpha=alpha,
+        def scaled_mean_loss(params, frozen, batch, rng, alpha, scale):
+            logits = sh.forward(combine(params, frozen, self.peft), batch, c, plan, m, embedding_alpha=alpha,
                                 dropout_rng=rng if (c.hidden_dropout or c.attention_dropout) else None)
             loss, n = sh.token_loss(logits, batch)
             return loss * scale, (loss * n, n)
 
-        def grad_pass(params, batch, rng, alpha, scale):
+        def grad_pass(params, frozen, batch, rng, alpha, scale):
             """Gradients of scale x (summed loss): the backward sees scale x mean loss (what fp16
             loss scaling expects), the fp32 parameter gradients are then multiplied by n."""
-            grads, (loss_sum, n) = jax.grad(scaled_mean_loss, has_aux=True)(params, batch, rng, alpha, scale)
+            grads, (loss_sum, n) = jax.grad(scaled_mean_loss, has_aux=True)(params, frozen, batch, rng, alpha, scale)
             return jax.tree_util.tree_map(lambda g: g * n, grads), loss_sum, n
 
         def update(state: TrainState, grads, loss_sum, n, lr):
@@ -151,7 +162,7 @@ class Trainer:
                 step=state.step + 1, params=keep(new_params, state.params), opt_state=keep(new_opt, state.opt_state),
                 loss_scale=state.loss_scale.update(finite, self.optim, self.dynamic_scale), rng=state.rng,
                 skipped=state.skipped + (~finite).astype(jnp.int32), consecutive_skips=skips)
-            embed_norm = optax.global_norm(grads["word_embeddings"])
+            embed_norm = optax.global_norm(grads.get("word_embeddings", {}))
             rest = {k: v for k, v in grads.items() if k != "word_embeddings"}
             metrics = dict(loss=loss_sum / jnp.maximum(n, 1.0), tokens=n, learning_rate=lr,
                            grad_norm=optax.global_norm(grads), embedding_grad_norm=embed_norm,
@@ -162,41 +173,61 @@ class Trainer:
         def step_rng(state):
             return jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
 
-        def fused(state, batch, lr, alpha):
-            grads, loss_sum, n = grad_pass(state.params, batch, step_rng(state), alpha, state.loss_scale.scale)
+        def fused(state, frozen, batch, lr, alpha):
+            grads, loss_sum, n = grad_pass(state.params, frozen, batch, step_rng(state), alpha, state.loss_scale.scale)
             return update(state, grads, loss_sum, n, lr)
 
-        def eval_loss(params, batch):
-            logits = sh.forward(params, batch, c, plan, m)
+        def eval_loss(params, frozen, batch):
+            logits = sh.forward(combine(params, frozen, self.peft), batch, c, plan, m)
             return sh.token_loss(logits, batch)
 
-        ss, ps, bs = self.state_shardings, self.param_shardings, self.batch_sharding
+        ss, ps, bs, fs = self.state_shardings, self.param_shardings, self.batch_sharding, self.frozen_shardings
         with self.context():
-            self.grad_pass = jax.jit(grad_pass, in_shardings=(ps, bs, rep, rep, rep), out_shardings=(ps, rep, rep))
+            self._grad_pass = jax.jit(grad_pass, in_shardings=(ps, fs, bs, rep, rep, rep), out_shardings=(ps, rep, rep))
             self.accumulate = jax.jit(lambda a, b: jax.tree_util.tree_map(jnp.add, a, b), donate_argnums=0,
                                       in_shardings=(ps, ps), out_shardings=ps)
             self.update = jax.jit(update, in_shardings=(ss, ps, rep, rep, rep), out_shardings=(ss, rep),
                                   donate_argnums=(0, 1))
-            self.fused_step = jax.jit(fused, in_shardings=(ss, bs, rep, rep), out_shardings=(ss, rep),
-                                      donate_argnums=0)
-            self.eval_loss = jax.jit(eval_loss, in_shardings=(ps, bs), out_shardings=(rep, rep))
+            self._fused_step = jax.jit(fused, in_shardings=(ss, fs, bs, rep, rep), out_shardings=(ss, rep),
+                                       donate_argnums=0)
+            self._eval_loss = jax.jit(eval_loss, in_shardings=(ps, fs, bs), out_shardings=(rep, rep))
         self.step_rng = step_rng
 
+    # the steps with this trainer's frozen parameters (`set_frozen`) as their second argument
+    def grad_pass(self, params, batch, rng, alpha, scale):
+        return self._grad_pass(params, self.frozen, batch, rng, alpha, scale)
+
+    def fused_step(self, state, batch, lr, alpha):
+        return self._fused_step(state, self.frozen, batch, lr, alpha)
+
+    def eval_loss(self, params, batch):
+        return self._eval_loss(params, self.frozen, batch)
+
+    def set_frozen(self, frozen: dict) -> None:
+        """Place the frozen parameters (plain stacked layout, `peft.split`) in their shardings."""
+        with jax.set_mesh(self.mesh):
+            self.frozen = jax.jit(lambda f: sh.params_to_slots(f, self.plan), out_shardings=self.frozen_shardings)(frozen)
+
     # ---- state ----------------------------------------------------------------------------------
-    def fresh_state(self, key) -> TrainState:
-        """A new state from `key` (traceable: jit it with shardings, or eval_shape it)."""
-        variables = GLM(self.config).init(key, dummy_batch(1, 8))
-        params = sh.params_to_slots(nn.meta.unbox(variables["params"]), self.plan)
+    def fresh_state(self, key, trainable: dict | None = None) -> TrainState:
+        """A new state from `key` (traceable: jit it with shardings, or eval_shape it); its
+        parameters are `trainable` (plain stacked layout) or, without, freshly initialised ones
+        (for an adapter: the adapter's, the base's random init is dead code XLA drops)."""
+        if trainable is None:
+            variables = GLM(self.config).init(key, dummy_batch(1, 8))
+            trainable = split(nn.meta.unbox(variables["params"]), self.peft, self.config)[0]
+        params = sh.params_to_slots(trainable, self.plan)
         return TrainState(step=jnp.int32(0), params=params, opt_state=self.tx.init(params),
                           loss_scale=LossScale.create(self.optim, self.dynamic_scale),
                           rng=jax.random.key_data(jax.random.fold_in(key, 1)),
                           skipped=jnp.int32(0), consecutive_skips=jnp.int32(0))
 
-    def init_state(self, seed: int) -> TrainState:
-        """Fresh parameters (placed directly in their shardings) and optimizer state."""
+    def init_state(self, seed: int, trainable: dict | None = None) -> TrainState:
+        """Fresh (or the given `trainable`) parameters, placed directly in their shardings, and
+        optimizer state."""
         # outside the rules context: init must not constrain the unpadded layer axis to `stage`
         with jax.set_mesh(self.mesh):
-            return jax.jit(self.fresh_state, out_shardings=self.state_shardings)(jax.random.key(seed))
+            return jax.jit(self.fresh_state, out_shardings=self.state_shardings)(jax.random.key(seed), trainable)
 
     def place_batch(self, local: dict) -> dict:
         """This process's rows -> global arrays sharded over `data` (one process: plain put)."""
@@ -422,15 +453,28 @@ class RunConfig:
 
 
 def train(config: GLMConfig, optim: OptimConfig, run: RunConfig, mesh, builder, eval_builder=None,
-          log: Callable[[str], None] = print) -> dict:
-    """Train on `mesh` from `builder` (objectives.SequenceBuilder); resume from run.ckpt_dir.
+          log: Callable[[str], None] = print, peft: PeftConfig = PeftConfig("full"), base: dict | None = None,
+          meta: dict | None = None, on_done: Callable[[dict, int], None] | None = None) -> dict:
+    """Train on `mesh` from `builder` (objectives.SequenceBuilder, or sft.SFTBuilder); resume from
+    run.ckpt_dir.
 
+    Fine-tuning: `base` is the base model's parameters (plain stacked layout) and `peft` says
+    which of them train (peft.py); checkpoints then hold the trainable part only, with `meta`
+    added to their metadata. With eval_every set, held-out loss is also measured before step 1.
+    on_done(params, step): called on the lead process with the final trainable parameters (plain
+    stacked layout) when the run reaches run.steps.
     Returns the summary (also written to log_dir/summary.json): final loss, steps, tokens/s, MFU.
     """
     from tqdm import tqdm
 
     pass_batch = run.pass_batch or run.global_batch
-    trainer = Trainer(config, optim, mesh, pass_batch, run.microbatches, fsdp=run.fsdp)
+    trainer = Trainer(config, optim, mesh, pass_batch, run.microbatches, fsdp=run.fsdp, peft=peft)
+    base_trainable = None
+    if base is not None:
+        base_trainable, frozen = split(base, peft, config)
+        trainer.set_frozen(frozen)
+        del frozen
+        base_trainable = None if peft.is_adapter else base_trainable
     schedule = BatchSchedule(run.global_batch, pass_batch, run.steps, optim.ramp_start, optim.ramp_fraction,
                              optim.ramp_increment)
     log(sh.describe(mesh, trainer.plan, trainer.microbatches))
@@ -447,14 +491,15 @@ def train(config: GLMConfig, optim: OptimConfig, run: RunConfig, mesh, builder, 
         log(f"resumed from {ckpt.directory} at step {start}")
     else:
         start = 0
-        state = trainer.init_state(run.seed)
+        state = trainer.init_state(run.seed, base_trainable)
+    del base_trainable
     metrics_out = MetricsWriter(run.log_dir, start, enabled=lead)
 
     def save(step):
-        meta = {"config": config.to_dict(), "data": data.state(), "step": step, "family": run.family,
-                "tokenizer": tokenizer_meta,
-                "optim": dataclasses.asdict(optim) | {"embedding_alpha_schedule": list(optim.embedding_alpha_schedule)}}
-        ckpt.save(step, trainer.to_canonical(state), meta)
+        record = {"config": config.to_dict(), "data": data.state(), "step": step, "family": run.family,
+                  "tokenizer": tokenizer_meta, **(meta or {}),
+                  "optim": dataclasses.asdict(optim) | {"embedding_alpha_schedule": list(optim.embedding_alpha_schedule)}}
+        ckpt.save(step, trainer.to_canonical(state), record)
 
     def evaluate():
         if eval_builder is None:
@@ -468,6 +513,11 @@ def train(config: GLMConfig, optim: OptimConfig, run: RunConfig, mesh, builder, 
         return total / max(count, 1.0)
 
     peak = peak_flops(jax.devices()[0])
+    initial_eval = None
+    if run.eval_every and start == 0:
+        initial_eval = evaluate()
+        if initial_eval is not None:
+            metrics_out.write({"step": 0, "eval_loss": initial_eval})
     first_loss = last = None
     timed, timed_tokens, timed_flops = 0.0, 0, 0.0
     try:
@@ -525,12 +575,14 @@ def train(config: GLMConfig, optim: OptimConfig, run: RunConfig, mesh, builder, 
         eval_loss = evaluate() if last is not None and not stop.received else None
         if eval_loss is not None and lead:
             metrics_out.write({"step": last["step"], "eval_loss": eval_loss})
+        if on_done is not None and lead and not stop.received:
+            on_done(trainer.to_canonical(state)["params"], int(state.step))
     finally:  # a finished or failed run never leaves a checkpoint half-written
         ckpt.close()
         metrics_out.close()
         data.close()
     summary = {"steps": last["step"] if last else start, "first_loss": first_loss,
-               "final_loss": last["loss"] if last else None, "eval_loss": eval_loss,
+               "final_loss": last["loss"] if last else None, "initial_eval_loss": initial_eval, "eval_loss": eval_loss,
                "tokens_per_s": timed_tokens / timed if timed else None,
                "mfu": timed_flops / (timed * peak * jax.device_count()) if timed and peak else None,
                "skipped_steps": int(last["skipped"]) if last else 0, "checkpoint_dir": ckpt.directory,
@@ -563,8 +615,10 @@ def dry_run(trainer: Trainer, seq_len: int) -> dict:
     batch = {k: jax.ShapeDtypeStruct((trainer.pass_batch, seq_len), jnp.int32, sharding=trainer.batch_sharding)
              for k in CONTRACT_KEYS}
     scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=trainer.replicated)
+    frozen = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                    trainer.frozen_shapes, trainer.frozen_shardings)
     with trainer.context():
-        compiled = trainer.fused_step.lower(abstract, batch, scalar, scalar).compile()
+        compiled = trainer._fused_step.lower(abstract, frozen, batch, scalar, scalar).compile()
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis() or {}
     if isinstance(cost, list):
@@ -624,7 +678,11 @@ def _restore(path: str, step: int | None) -> tuple[GLMConfig, dict, int, dict, s
             raise CheckpointError(f"{path} holds no complete checkpoint")
         meta = ckpt.restore_meta(step)
         config = GLMConfig.from_dict(meta["config"])
-        if meta.get("serving"):  # parameters only
+        if meta.get("adapter"):  # a fine-tuned adapter's parameters only (adapters.py)
+            peft = PeftConfig.from_dict(meta["peft"])
+            target = {"params": jax.eval_shape(lambda p: split(p, peft, config)[0],
+                                               nn.meta.unbox(abstract_params(config)))}
+        elif meta.get("serving"):  # parameters only
             target = {"params": nn.meta.unbox(abstract_params(config))}
         else:
             mesh = sh.make_mesh("1x1", jax.devices()[:1])
@@ -671,10 +729,11 @@ class LoadedModel:
 
 
 def load_model(path: str, quantize: str | None = None, tokenizer_file: str | None = None,
-               family: str | None = None, step: int | None = None) -> LoadedModel:
+               family: str | None = None, step: int | None = None, adapter: str | None = None) -> LoadedModel:
     """`load_checkpoint` plus the family and tokenizer the checkpoint records (a checkpoint from
     before families were recorded is ours, `glm`). tokenizer_file / family override them. A
-    tokenizer whose ids do not fit the embedding is a clear error."""
+    tokenizer whose ids do not fit the embedding is a clear error. adapter: a fine-tuned
+    adapter folder (adapters.py) put on the (quantized) base, after checking it is its base."""
     from glm_jax.families import FamilyError, get_family
     from glm_jax.tokenizer import TokenizerError, check_fits
 
@@ -687,7 +746,18 @@ def load_model(path: str, quantize: str | None = None, tokenizer_file: str | Non
         check_fits(tok, config.padded_vocab_size, f"the checkpoint {path}")
     except (FamilyError, TokenizerError) as e:
         raise CheckpointError(str(e)) from None
+    if adapter is not None:
+        from glm_jax.adapters import attach, load_adapter
+        from glm_jax.peft import check_base
+
+        ad = load_adapter(adapter)
+        try:
+            check_base(ad.base, config, params, step, ad.path)
+        except ConfigError as e:
+            raise CheckpointError(str(e)) from None
     config, params = _quantize_on_load(config, params, quantize, path)
+    if adapter is not None:
+        config, params = attach(ad, config, params)
     return LoadedModel(config, params, step, fam, tok, path)
 
 
@@ -705,7 +775,7 @@ def move_to_device(tree: dict) -> dict:
 
 
 def save_serving(path: str, config: GLMConfig, params: dict, step: int, source: str, family: str = "glm",
-                 tokenizer_file: str | None = None) -> None:
+                 tokenizer_file: str | None = None, extra: dict | None = None) -> None:
     """A serving checkpoint: parameters (float or quantized, no optimizer state), their config,
     the family and a copy of the tokenizer file, in the training checkpoints' folder layout, so
     `load_checkpoint` / `load_model` and every script take it. Written beside `path` and renamed
@@ -721,7 +791,7 @@ def save_serving(path: str, config: GLMConfig, params: dict, step: int, source: 
         ckpt = Checkpoints(tmp, keep=1, async_save=False)
         try:
             ckpt.save(step, {"params": params}, {"config": config.to_dict(), "serving": True, "source": source,
-                                                 "family": family, "tokenizer": rel})
+                                                 "family": family, "tokenizer": rel, **(extra or {})})
         finally:
             ckpt.close()
         if os.path.isdir(path):

@@ -1,0 +1,241 @@
+"""Fine-tune a checkpoint on instruction or dialogue data: LoRA, P-tuning v2, freeze, or full SFT.
+
+    python experiments/finetune.py --method lora --checkpoint runs/default/checkpoints \\
+        --data ../shared/data/advertisegen/train.json --eval-data ../shared/data/advertisegen/dev.json \\
+        --out runs/lora --steps 300
+    python experiments/finetune.py --method ptuning --quantize int4 ...   # adapters on an INT4 base
+    python experiments/finetune.py ... --merge                           # also OUT/merged (serving)
+
+Data: AdvertiseGen {content, summary}, Alpaca {instruction, input, output}, ChatGLM2 {prompt,
+response, history} and ChatGLM3 {conversations} files, JSON lines or one JSON array, format per
+row from its keys; prompts in the checkpoint's family format (glm_jax/sft.py). Defaults per
+method are the reference recipes (GLM_SPEC section 8): P-tuning v2 pre_seq_len 128, lr 2e-2;
+LoRA r 8, alpha 32, dropout 0.1 on query/key/value, lr 5e-4; freeze (last 2 layers) and full
+lr 1e-4; batch 16. `--set` takes method knobs (lora_rank=16, lora_targets=query,value,
+pre_seq_len=64, prefix_projection=true, trainable_layers=4, train_head=true) and model config
+fields (hidden_dropout=0.1).
+
+Writes OUT/checkpoints (trainable parameters + optimizer state: a killed run resumes exactly
+with the same command), OUT/logs (metrics.jsonl, TensorBoard, metrics.png), OUT/adapter (the
+trainable parameters alone, with the method and the base's identity; `--adapter OUT` on
+generate.py, the *_eval.py scripts and serve), and with --merge OUT/merged (a full serving
+checkpoint: LoRA merged into the float weights, a P-tuning prefix carried inside). Ends with a
+one-line JSON summary.
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import sys
+
+from glm_jax.cli import DEFAULT_CHECKPOINTS
+
+METHOD_LR = {"ptuning": 2e-2, "lora": 5e-4, "freeze": 1e-4, "full": 1e-4}
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--method", choices=tuple(METHOD_LR), required=True)
+    ap.add_argument("--checkpoint", default=DEFAULT_CHECKPOINTS, help="the base model (any checkpoint folder)")
+    ap.add_argument("--data", action="append", required=True, metavar="FILE", help="training file (repeatable)")
+    ap.add_argument("--eval-data", action="append", default=[], metavar="FILE", help="held-out file(s)")
+    ap.add_argument("--eval-limit", type=int, default=256, help="held-out rows used (0: all)")
+    ap.add_argument("--out", required=True, help="output folder (resumed if it holds checkpoints)")
+    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--batch", type=int, default=16, help="global batch (packed sequences)")
+    ap.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the method's)")
+    ap.add_argument("--warmup", type=float, default=0.0, help="warm-up fraction of the steps")
+    ap.add_argument("--max-source", type=int, default=64, help="prompt ids kept (max_source_length)")
+    ap.add_argument("--max-target", type=int, default=128, help="reply ids kept (max_target_length)")
+    ap.add_argument("--seq-len", type=int, default=None, help="packed sequence length (default: max-source + "
+                                                               "max-target + 4)")
+    ap.add_argument("--last-turn-only", action="store_true",
+                    help="train only the last reply of a conversation (ChatGLM2's script)")
+    ap.add_argument("--mesh", default="1x1", help="PxT or DxPxT, as pretrain.py")
+    ap.add_argument("--quantize", choices=("none", "int8", "int4"), default="none",
+                    help="run the frozen base quantized (lora / ptuning)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a method knob (lora_rank, pre_seq_len, ...) or a model config field")
+    ap.add_argument("--tokenizer", default=None, metavar="FILE")
+    ap.add_argument("--family", default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--eval-every", type=int, default=100, help="held-out loss every N steps (and before step 1)")
+    ap.add_argument("--ckpt-every", type=int, default=100)
+    ap.add_argument("--merge", action="store_true", help="also write OUT/merged, a full serving checkpoint")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    for name in ("steps", "batch", "max_source", "max_target", "ckpt_every"):
+        if getattr(args, name) <= 0:
+            ap.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    return ap, args
+
+
+def split_sets(items, peft_cls):
+    """--set items -> (method knobs, model config overrides), each typed."""
+    from glm_jax.config import ConfigError, parse_overrides
+
+    knobs = {f.name: f for f in dataclasses.fields(peft_cls)}
+    method, model = {}, []
+    for item in items:
+        key, _, raw = item.partition("=")
+        key = key.strip()
+        if key in knobs and key != "method":
+            kind = type(knobs[key].default)
+            try:
+                method[key] = raw.strip().lower() in ("1", "true", "yes", "on") if kind is bool else kind(raw.strip())
+            except ValueError:
+                raise ConfigError(f"--set {item!r}: expected {kind.__name__}") from None
+        else:
+            model.append(item)
+    return method, parse_overrides(model)
+
+
+def main(argv=None):
+    ap, args = parse_args(argv)
+    from glm_jax import sharding as sh
+
+    try:
+        needed = sh.devices_needed(args.mesh)
+    except sh.MeshError as e:
+        ap.error(str(e))
+    sh.simulate_cpu_devices(needed)
+    sh.initialize_distributed()
+
+    import jax
+
+    from glm_jax.adapters import attach, save_adapter
+    from glm_jax.config import ConfigError
+    from glm_jax.data import DataError
+    from glm_jax.optim import OptimConfig
+    from glm_jax.peft import PeftConfig, base_identity, count, merge_lora, nbytes, split
+    from glm_jax.sft import SFTBuilder
+    from glm_jax.tokenizer import bundled_file
+    from glm_jax.train import (CheckpointError, Checkpoints, RunConfig, TrainingError, _quantize_on_load, load_model,
+                               move_to_device, save_serving, train)
+
+    lead = jax.process_index() == 0
+    log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if lead else (lambda msg: None)
+    out = os.path.abspath(args.out)
+    try:
+        knobs, model_overrides = split_sets(args.set, PeftConfig)
+        peft = PeftConfig(method=args.method, **knobs)
+        m = load_model(args.checkpoint, tokenizer_file=args.tokenizer, family=args.family)
+        identity = base_identity(m.config, m.params, m.step)
+        quantize = None if args.quantize == "none" else args.quantize
+        if quantize and not peft.is_adapter:
+            raise ConfigError(f"--quantize {quantize} runs a frozen base quantized: it takes --method lora or ptuning")
+        base_config, base = _quantize_on_load(m.config, m.params, quantize, m.path)
+        config = peft.model_config(base_config).override(**model_overrides)
+        seq_len = args.seq_len or args.max_source + args.max_target + 4
+        if seq_len > config.max_sequence_length:
+            raise ConfigError(f"--seq-len {seq_len} exceeds the model's max_sequence_length={config.max_sequence_length}")
+        ckpt_dir = os.path.join(out, "checkpoints")
+        _check_resume(ckpt_dir, peft, identity, Checkpoints)
+        common = dict(family=m.family, tok=m.tokenizer, two_d=config.position_encoding_2d, seq_len=seq_len,
+                      max_source=args.max_source, max_target=args.max_target, last_only=args.last_turn_only)
+        builder = SFTBuilder.from_files(args.data, seed=args.seed, **common)
+        log(f"train data: {json.dumps(builder.stats.summary())}")
+        eval_builder = None
+        if args.eval_data:
+            eval_builder = SFTBuilder.from_files(args.eval_data, seed=args.seed, shuffle=False,
+                                                 limit=args.eval_limit or None, **common)
+            log(f"held-out data: {json.dumps(eval_builder.stats.summary())}")
+        lr = args.lr or METHOD_LR[args.method]
+        # the reference trainers (transformers' Trainer): AdamW, no weight decay, b2 0.999, clip 1.0
+        optim = OptimConfig(peak_lr=lr, init_lr=lr if args.warmup == 0 else lr * 1e-3, warmup_fraction=args.warmup,
+                            min_lr_ratio=0.0, weight_decay=0.0, b2=0.999)
+        run = RunConfig(steps=args.steps, global_batch=args.batch, seq_len=seq_len, seed=args.seed, ckpt_dir=ckpt_dir,
+                        ckpt_every=args.ckpt_every, keep=2, log_dir=os.path.join(out, "logs"),
+                        eval_every=args.eval_every if eval_builder else 0,
+                        eval_batches=eval_builder.batches_to_cover(args.batch) if eval_builder else 0,
+                        progress=not args.no_progress, family=m.family.name, tokenizer_file=bundled_file(m.tokenizer))
+        mesh = sh.make_mesh(args.mesh)
+        shapes = jax.eval_shape(lambda p: split(p, peft, config), _full_shapes(config))
+        saved = {}
+
+        def on_done(params, step):
+            saved["adapter"] = _replace(out, "adapter", lambda tmp: save_adapter(
+                tmp, config, peft, params, step, identity, m.family.name, bundled_file(m.tokenizer)))
+            if args.merge:
+                merged_config, merged = attach(_Adapter(peft, jax.device_get(params)), m.config, m.params)
+                if peft.method == "lora":
+                    merged, merged_config = merge_lora(merged, merged_config)
+                saved["merged"] = _replace(out, "merged", lambda tmp: save_serving(
+                    os.path.join(tmp, "merged"), merged_config, move_to_device(dict(merged)), step,
+                    f"finetune {peft.method} merged onto {m.path}", m.family.name, bundled_file(m.tokenizer)))
+
+        summary = train(config, optim, run, mesh, builder, eval_builder, log=log, peft=peft, base=base,
+                        meta={"peft": peft.to_dict(), "base": identity, "base_checkpoint": m.path}, on_done=on_done)
+    except (ConfigError, sh.MeshError, DataError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except TrainingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(3)
+    trainable, frozen = shapes
+    report = {"method": args.method, "quantize": args.quantize, "trainable_params": count(trainable),
+              "frozen_params": count(frozen), "trainable_fraction": count(trainable) / max(1, count(trainable) + count(frozen)),
+              "optimizer_bytes": 2 * nbytes(trainable), "adapter_bytes": _folder_bytes(saved.get("adapter")),
+              "adapter_dir": saved.get("adapter"), "merged_dir": saved.get("merged"), "lr": lr, "seq_len": seq_len,
+              "train_data": builder.stats.summary(), **summary}
+    if lead:
+        print(json.dumps(report))
+    return report
+
+
+@dataclasses.dataclass
+class _Adapter:  # what adapters.attach reads
+    peft: object
+    params: dict
+
+
+def _full_shapes(config):
+    import flax.linen as nn
+
+    from glm_jax.model import abstract_params
+
+    return nn.meta.unbox(abstract_params(config))
+
+
+def _check_resume(ckpt_dir, peft, identity, checkpoints_cls):
+    """A run folder from another method or base is an error, not a silent mix."""
+    from glm_jax.train import CheckpointError
+
+    if not os.path.isdir(ckpt_dir):
+        return
+    ckpt = checkpoints_cls(ckpt_dir, async_save=False)
+    try:
+        step = ckpt.latest_step()
+        meta = ckpt.restore_meta(step) if step is not None else None
+    finally:
+        ckpt.close()
+    if meta is None:
+        return
+    if meta.get("peft") != peft.to_dict() or meta.get("base") != identity:
+        raise CheckpointError(f"{ckpt_dir} holds a run of another method or base ({meta.get('peft', {}).get('method')} "
+                              f"on {meta.get('base_checkpoint')}); choose another --out or the same flags")
+
+
+def _replace(out, name, write):
+    """Write OUT/name through write(tmp_parent) into a fresh folder, then swap it in."""
+    tmp = os.path.join(out, f".{name}.new")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    write(tmp)
+    final = os.path.join(out, name)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(os.path.join(tmp, name), final)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _folder_bytes(path):
+    if not path:
+        return None
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+
+
+if __name__ == "__main__":
+    main()
