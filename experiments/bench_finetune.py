@@ -48,6 +48,7 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--eval-rows", type=int, default=256)
     ap.add_argument("--gen-rows", type=int, default=64)
+    ap.add_argument("--gen-tokens", type=int, default=64, help="generation budget per row")
     ap.add_argument("--eval-every", type=int, default=25)
     args = ap.parse_args(argv)
 
@@ -68,7 +69,8 @@ def main(argv=None):
                                "--ckpt-every", str(args.steps), "--quantize", quantize, "--no-progress"])
         gen = finetune_eval.main(["--checkpoint", args.checkpoint, "--adapter", out, "--quantize", quantize,
                                   "--data", os.path.join(DATA, "dev.json"), "--limit", str(args.gen_rows),
-                                  "--out", os.path.join(out, "predictions.jsonl"), "--no-progress"])
+                                  "--out", os.path.join(out, "predictions.jsonl"), "--max-target", str(args.gen_tokens),
+                                  "--no-progress"])
         row = {"method": method, "quantize": quantize, **{k: train[k] for k in (
             "trainable_params", "frozen_params", "optimizer_bytes", "adapter_bytes", "initial_eval_loss", "eval_loss",
             "first_loss", "final_loss", "tokens_per_s", "lr")}, **{k: gen[k] for k in ("bleu-4", "rouge-1", "rouge-2",

@@ -151,7 +151,8 @@ def main(argv=None):
                         eval_every=args.eval_every if eval_builder else 0,
                         eval_batches=eval_builder.batches_to_cover(args.batch) if eval_builder else 0,
                         progress=not args.no_progress, family=m.family.name, tokenizer_file=bundled_file(m.tokenizer))
-        mesh = sh.make_mesh(args.mesh)
+        # DxPxT names every axis: exactly that many devices (PxT: data parallel over the rest)
+        mesh = sh.make_mesh(args.mesh, jax.devices()[:needed] if args.mesh.count("x") == 2 else None)
         shapes = jax.eval_shape(lambda p: split(p, peft, config), _full_shapes(config))
         saved = {}
 

@@ -220,7 +220,10 @@ class PipelinePlan:
 
 
 def to_slots(layers, plan: PipelinePlan):
-    """Stacked layer params [L, ...] -> slot layout [S*K, ...] (padding slots zero)."""
+    """Stacked layer params [L, ...] -> slot layout [S*K, ...] (padding slots zero). One stage:
+    the same arrays (also for a slice of the layers, as freeze trains)."""
+    if plan.stages == 1:
+        return layers
     idx = np.maximum(plan.layer_of_slot, 0)
     active = plan.active
 
@@ -233,6 +236,8 @@ def to_slots(layers, plan: PipelinePlan):
 
 def from_slots(slots, plan: PipelinePlan):
     """Slot layout [S*K, ...] -> stacked layers [L, ...]."""
+    if plan.stages == 1:
+        return slots
     idx = np.flatnonzero(plan.active)
     return jax.tree_util.tree_map(lambda x: jnp.take(x, idx, axis=0), slots)
 

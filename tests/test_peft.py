@@ -1,0 +1,183 @@
+"""LoRA, P-tuning v2 and freezing (peft.py) against the plain model, and training with a frozen base."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from glm_jax import sharding as sh
+from glm_jax.config import get_config
+from glm_jax.generate import Generator, cached_forward, init_cache, make_prompts, serving_params, write_prefix
+from glm_jax.int4 import quantize_params
+from glm_jax.model import GLM, init_params
+from glm_jax.optim import OptimConfig
+from glm_jax.peft import PeftConfig, combine, merge_lora, split, unmerge_lora
+from glm_jax.tokenizer import GMASK, MASK, SOP
+from glm_jax.train import Trainer
+from test_generate import full_logits
+
+ALL_TARGETS = "query,key,value,dense,dense_h_to_4h,dense_4h_to_h"
+
+
+def base_config(**kw):
+    return get_config("glm-tiny", **{"dtype": "float32", "num_layers": 2, "vocab_size": 256, **kw})
+
+
+@pytest.fixture(scope="module")
+def base():
+    c = base_config()
+    return c, init_params(c, jax.random.key(0))
+
+
+def batch_of(seq=12, rows=2, seed=0):
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(5, 200, (rows, seq))
+    prefix = (np.arange(seq)[None] < 5).repeat(rows, 0)
+    b = dict(tokens=tokens, targets=rng.integers(5, 200, (rows, seq)), loss_mask=1 - prefix,
+             position_ids=np.broadcast_to(np.arange(seq), (rows, seq)), block_position_ids=np.zeros((rows, seq)),
+             segment_ids=np.ones((rows, seq)), prefix_mask=prefix)
+    return {k: jnp.asarray(v, jnp.int32) for k, v in b.items()}
+
+
+def with_adapter(peft, c, params, key=1, b_scale=0.0):
+    """The base plus fresh adapter leaves (B scaled up from zero when b_scale > 0)."""
+    config = peft.model_config(c)
+    adapter = split(init_params(config, jax.random.key(key)), peft, config)[0]
+    if b_scale:
+        adapter = jax.tree_util.tree_map_with_path(
+            lambda p, x: x + b_scale * jax.random.normal(jax.random.key(7), x.shape) if "lora_b" in str(p) else x,
+            adapter)
+    return config, adapter, combine(adapter, split(params, peft, config)[1], peft)
+
+
+def logits(config, params, batch):
+    return np.asarray(GLM(config).apply({"params": params}, batch))
+
+
+def test_lora_with_zero_b_is_the_base_model_exactly(base):
+    c, params = base
+    config, _, full = with_adapter(PeftConfig("lora", lora_targets=ALL_TARGETS), c, params)
+    b = batch_of()
+    np.testing.assert_array_equal(logits(config, full, b), logits(c, params, b))
+
+
+def test_lora_merged_equals_unmerged_and_unmerge_restores_the_base(base):
+    c, params = base
+    config, adapter, full = with_adapter(PeftConfig("lora", lora_targets=ALL_TARGETS), c, params, b_scale=0.05)
+    b = batch_of()
+    unmerged = logits(config, full, b)
+    assert np.abs(unmerged - logits(c, params, b)).max() > 1e-3  # the adapter does something
+    merged, plain = merge_lora(full, config)
+    assert plain.lora_rank == 0 and "lora_a" not in merged["layers"]["attention"]["query"]
+    np.testing.assert_allclose(logits(plain, merged, b), unmerged, atol=2e-5, rtol=1e-5)
+    restored = unmerge_lora(merged, adapter, config)
+    for x, y in zip(jax.tree_util.tree_leaves(restored), jax.tree_util.tree_leaves(params)):
+        np.testing.assert_allclose(x, y, atol=1e-6)
+
+
+def test_split_and_combine_are_inverse_for_every_method(base):
+    c, params = base
+    for peft in (PeftConfig("lora"), PeftConfig("ptuning", pre_seq_len=3), PeftConfig("freeze", trainable_layers=1,
+                                                                                         train_head=True),
+                 PeftConfig("full")):
+        config = peft.model_config(c)
+        p = init_params(config, jax.random.key(2))
+        trainable, frozen = split(p, peft, config)
+        back = combine(trainable, frozen, peft)
+        assert jax.tree_util.tree_structure(back) == jax.tree_util.tree_structure(p)
+        assert all(bool((x == y).all()) for x, y in zip(jax.tree_util.tree_leaves(back), jax.tree_util.tree_leaves(p)))
+    trainable, _ = split(params, PeftConfig("freeze", trainable_layers=1), c)
+    assert trainable["layers"]["attention"]["query"]["kernel"].shape[0] == 1 and set(trainable) == {"layers"}
+
+
+@pytest.mark.parametrize("projection", [False, True], ids=["embedding", "projection"])
+def test_prefix_equals_the_same_keys_values_as_an_explicit_cache(base, projection):
+    c, params = base
+    config, _, full = with_adapter(PeftConfig("ptuning", pre_seq_len=4, prefix_projection=projection), c, params)
+    b = batch_of(seq=8, rows=1)
+    b["prefix_mask"] = jnp.ones_like(b["prefix_mask"])  # all bidirectional: the cached prefill's mask
+    want = logits(config, full, b)
+    served = serving_params(full, config.num_layers)
+    cache = write_prefix(config, served, init_cache(config, 1, 16, jnp.float32))
+    mask = (jnp.arange(16) < 4 + 8)[None, None, None, :] & jnp.ones((1, 1, 8, 1), bool)
+    got, _ = cached_forward(config, served, b["tokens"], b["position_ids"], b["block_position_ids"], mask, cache, 4)
+    np.testing.assert_allclose(np.asarray(got), want, atol=1e-5, rtol=1e-5)
+    # and the prefix is seen: without it the logits differ
+    assert np.abs(want - logits(c, params, b)).max() > 1e-3
+
+
+@pytest.mark.parametrize("two_d", [False, True], ids=["1d", "2d"])
+def test_cached_generation_with_a_prefix_equals_full_recomputation(two_d):
+    c = base_config(position_encoding_2d=two_d)
+    params = init_params(c, jax.random.key(3))
+    config, _, full = with_adapter(PeftConfig("ptuning", pre_seq_len=5), c, params)
+    prompts = [[11, 12, 13, 14, GMASK], [31, 32, MASK, 33]]
+    gen = Generator(config, full)
+    state = gen.start(make_prompts(prompts, config), max_new_tokens=4)
+    token = np.full(len(prompts), SOP, np.int32)
+    generated = [[] for _ in prompts]
+    for step in range(4):
+        out = np.asarray(gen.step(state, token, step))
+        for i, p in enumerate(prompts):
+            np.testing.assert_allclose(out[i], full_logits(config, full, p, generated[i]), atol=1e-5, rtol=1e-5)
+        token = out.argmax(-1).astype(np.int32)
+        for i in range(len(prompts)):
+            generated[i].append(int(token[i]))
+    best = gen.beam_search(prompts[0], 1, 4)[0][0]  # beam search runs on the same prefixed cache
+    assert best and best == generated[0][:len(best)]  # one beam is greedy
+
+
+def test_pipelined_prefix_equals_the_plain_model():
+    c = base_config(num_layers=3)
+    params = init_params(c, jax.random.key(4))
+    config, _, full = with_adapter(PeftConfig("ptuning", pre_seq_len=3), c, params)
+    b = batch_of(rows=4)
+    plan = sh.PipelinePlan(3, 2)
+    mesh = sh.make_mesh("1x2x1", jax.devices()[:2])
+    with jax.set_mesh(mesh):
+        got = jax.jit(lambda p, x: sh.forward(sh.params_to_slots(p, plan), x, config, plan, 2))(full, b)
+    np.testing.assert_allclose(np.asarray(got), logits(config, full, b), atol=2e-5, rtol=1e-5)
+
+
+def _train(config, peft, base_params, steps=4, lr=1e-2):
+    mesh = sh.make_mesh("1x1", jax.devices()[:1])
+    trainer = Trainer(config, OptimConfig(peak_lr=lr, init_lr=lr, warmup_fraction=0.0), mesh, 2, peft=peft)
+    trainable, frozen = split(base_params, peft, config)
+    trainer.set_frozen(frozen)
+    state = trainer.init_state(0, None if peft.is_adapter else trainable)
+    b = batch_of()
+    losses = []
+    with trainer.context():
+        for _ in range(steps):
+            state, m = trainer.fused_step(state, b, jnp.float32(lr), jnp.float32(1.0))
+            losses.append(float(m["loss"]))
+    return trainer, state, losses
+
+
+@pytest.mark.parametrize("method", ["lora", "ptuning", "freeze"])
+def test_training_leaves_the_frozen_base_bitwise_unchanged(base, method):
+    c, params = base
+    peft = PeftConfig(method, pre_seq_len=4, trainable_layers=1)
+    config = peft.model_config(c)
+    frozen_before = jax.device_get(split(params, peft, config)[1])
+    trainer, state, losses = _train(config, peft, params)
+    assert losses[-1] < losses[0]
+    after = jax.device_get(trainer.frozen)
+    assert all(bool((x == y).all()) for x, y in zip(jax.tree_util.tree_leaves(after),
+                                                    jax.tree_util.tree_leaves(frozen_before)))
+    # optimizer state exists for the trainable leaves only
+    mu = state.opt_state.inner_state[1].mu
+    assert jax.tree_util.tree_structure(mu) == jax.tree_util.tree_structure(state.params)
+    names = {str(p[-1].key) for p, _ in jax.tree_util.tree_flatten_with_path(mu)[0]}
+    expected = {"lora": {"lora_a", "lora_b"}, "ptuning": {"embedding"}}.get(method)
+    assert expected is None or names == expected
+    if method == "freeze":
+        assert jax.tree_util.tree_leaves(mu)[0].shape[0] == 1  # one trainable layer's moments
+
+
+def test_lora_trains_on_an_int4_base(base):
+    c, params = base
+    q = c.override(quantization="int4")
+    qparams = quantize_params(params, q)
+    _, _, losses = _train(PeftConfig("lora").model_config(q), PeftConfig("lora"), qparams, steps=5, lr=2e-2)
+    assert np.isfinite(losses).all() and losses[-1] < losses[0] - 0.05
