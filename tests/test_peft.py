@@ -77,11 +77,11 @@ def test_lora_merged_equals_unmerged_and_unmerge_restores_the_base(base):
 
 def test_split_and_combine_are_inverse_for_every_method(base):
     c, params = base
-    for peft in (PeftConfig("lora"), PeftConfig("ptuning", pre_seq_len=3), PeftConfig("freeze", trainable_layers=1,
-                                                                                         train_head=True),
-                 PeftConfig("full")):
+    adapters = PeftConfig("lora"), PeftConfig("ptuning", pre_seq_len=3)
+    with_both = adapters[1].model_config(adapters[0].model_config(c))
+    p = init_params(with_both, jax.random.key(2))
+    for peft in adapters + (PeftConfig("freeze", trainable_layers=1, train_head=True), PeftConfig("full")):
         config = peft.model_config(c)
-        p = init_params(config, jax.random.key(2))
         trainable, frozen = split(p, peft, config)
         back = combine(trainable, frozen, peft)
         assert jax.tree_util.tree_structure(back) == jax.tree_util.tree_structure(p)
