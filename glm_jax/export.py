@@ -31,7 +31,7 @@ class ExportError(ValueError):
 def check_exportable(config: GLMConfig, fmt: str) -> None:
     want = dict(norm_kind="rmsnorm", norm_placement="pre", ffn_kind="swiglu", rotary_interleaved=True,
                 position_encoding_2d=False, attention_dense_bias=False, ffn_bias=False, rotary_fp16_inv_freq=False,
-                rotary_fp16_angles=False, final_norm=True)
+                rotary_fp16_angles=False, final_norm=True, pre_seq_len=0)  # no released layout holds a prefix
     if fmt == "chatglm2":
         want.update(tie_word_embeddings=False, qkv_bias=True, rotary_fraction=0.5)
     bad = [f"{k}={getattr(config, k)!r} (needs {v!r})" for k, v in want.items() if getattr(config, k) != v]
@@ -96,6 +96,10 @@ def export_tensors(params: dict, config: GLMConfig, fmt: str, dtype: str = "floa
     check_exportable(config, fmt)
     c, np_dtype = config, _np_dtype(dtype)
     params = _float_params(params, config)
+    if c.lora_rank:  # an adapter on load (--adapter): folded into the exported weights
+        from glm_jax.peft import merge_lora
+
+        params, c = merge_lora(params, c.override(quantization="none"))
     v = c.vocab_size
     embed = np.asarray(params["word_embeddings"]["embedding"])[:v]
     head = None if c.tie_word_embeddings else np.asarray(params["output_layer"]["kernel"])[:, :v].T
