@@ -105,7 +105,7 @@ def main(argv=None):
 
     import jax
 
-    from glm_jax.adapters import attach, save_adapter
+    from glm_jax.adapters import Adapter, attach, save_adapter
     from glm_jax.config import ConfigError
     from glm_jax.data import DataError
     from glm_jax.optim import OptimConfig
@@ -160,7 +160,8 @@ def main(argv=None):
             saved["adapter"] = _replace(out, "adapter", lambda tmp: save_adapter(
                 tmp, config, peft, params, step, identity, m.family.name, bundled_file(m.tokenizer)))
             if args.merge:
-                merged_config, merged = attach(_Adapter(peft, jax.device_get(params)), m.config, m.params)
+                adapter = Adapter(config, peft, jax.device_get(params), step, identity, saved["adapter"])
+                merged_config, merged = attach(adapter, m.config, m.params)
                 if peft.method == "lora":
                     merged, merged_config = merge_lora(merged, merged_config)
                 saved["merged"] = _replace(out, "merged", lambda tmp: save_serving(
@@ -184,12 +185,6 @@ def main(argv=None):
     if lead:
         print(json.dumps(report))
     return report
-
-
-@dataclasses.dataclass
-class _Adapter:  # what adapters.attach reads
-    peft: object
-    params: dict
 
 
 def _full_shapes(config):

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 from typing import Any, Callable
 
 import jax
@@ -198,7 +197,3 @@ def check_base(recorded: dict, config: GLMConfig, params: dict, step: int, where
         raise ConfigError(f"the adapter {where} was trained on another base checkpoint (step {recorded['step']}, "
                           f"parameter hash {recorded['params_sha256'][:12]}; this base: step {mine['step']}, "
                           f"{mine['params_sha256'][:12]}); pass the --checkpoint it was trained from")
-
-
-def describe(peft: PeftConfig) -> str:
-    return json.dumps(peft.to_dict())
