@@ -9,3 +9,16 @@ if "xla_force_host_platform_device_count" not in flags:
 # tests never reach a model hub or dataset hub (lm-eval's local task YAMLs read local files)
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# One persistent XLA compilation cache for the whole run, shared with the scripts the tests start
+# in subprocesses (they inherit the environment): the same model compiled again -- a resumed run,
+# a second process, another test on the same shapes -- is read back instead of recompiled. A fresh
+# temporary folder per run, removed at exit: nothing outlives the session.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    _cache = tempfile.mkdtemp(prefix="glm_jax_xla_cache_")
+    atexit.register(shutil.rmtree, _cache, True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")

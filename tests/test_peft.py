@@ -1,5 +1,7 @@
 """LoRA, P-tuning v2 and freezing (peft.py) against the plain model, and training with a frozen base."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -39,32 +41,31 @@ def batch_of(seq=12, rows=2, seed=0):
     return {k: jnp.asarray(v, jnp.int32) for k, v in b.items()}
 
 
-def with_adapter(peft, c, params, key=1, b_scale=0.0):
-    """The base plus fresh adapter leaves (B scaled up from zero when b_scale > 0)."""
+def with_adapter(peft, c, params, key=1):
+    """The base plus fresh adapter leaves."""
     config = peft.model_config(c)
     adapter = split(init_params(config, jax.random.key(key)), peft, config)[0]
-    if b_scale:
-        adapter = jax.tree_util.tree_map_with_path(
-            lambda p, x: x + b_scale * jax.random.normal(jax.random.key(7), x.shape) if "lora_b" in str(p) else x,
-            adapter)
     return config, adapter, combine(adapter, split(params, peft, config)[1], peft)
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _logits(config, params, batch):
+    return GLM(config).apply({"params": params}, batch)
+
+
 def logits(config, params, batch):
-    return np.asarray(GLM(config).apply({"params": params}, batch))
+    return np.asarray(_logits(config, params, batch))
 
 
-def test_lora_with_zero_b_is_the_base_model_exactly(base):
+def test_lora_zero_b_is_the_base_exactly_and_merged_equals_unmerged(base):
     c, params = base
-    config, _, full = with_adapter(PeftConfig("lora", lora_targets=ALL_TARGETS), c, params)
+    peft = PeftConfig("lora", lora_targets=ALL_TARGETS)
+    config, adapter, full = with_adapter(peft, c, params)
     b = batch_of()
     np.testing.assert_array_equal(logits(config, full, b), logits(c, params, b))
-
-
-def test_lora_merged_equals_unmerged_and_unmerge_restores_the_base(base):
-    c, params = base
-    config, adapter, full = with_adapter(PeftConfig("lora", lora_targets=ALL_TARGETS), c, params, b_scale=0.05)
-    b = batch_of()
+    adapter = jax.tree_util.tree_map_with_path(  # B away from zero
+        lambda p, x: x + 0.05 * jax.random.normal(jax.random.key(7), x.shape) if "lora_b" in str(p) else x, adapter)
+    full = combine(adapter, params, peft)
     unmerged = logits(config, full, b)
     assert np.abs(unmerged - logits(c, params, b)).max() > 1e-3  # the adapter does something
     merged, plain = merge_lora(full, config)
@@ -90,10 +91,9 @@ def test_split_and_combine_are_inverse_for_every_method(base):
     assert trainable["layers"]["attention"]["query"]["kernel"].shape[0] == 1 and set(trainable) == {"layers"}
 
 
-@pytest.mark.parametrize("projection", [False, True], ids=["embedding", "projection"])
-def test_prefix_equals_the_same_keys_values_as_an_explicit_cache(base, projection):
+def test_prefix_equals_the_same_keys_values_as_an_explicit_cache(base):
     c, params = base
-    config, _, full = with_adapter(PeftConfig("ptuning", pre_seq_len=4, prefix_projection=projection), c, params)
+    config, _, full = with_adapter(PeftConfig("ptuning", pre_seq_len=4), c, params)
     b = batch_of(seq=8, rows=1)
     b["prefix_mask"] = jnp.ones_like(b["prefix_mask"])  # all bidirectional: the cached prefill's mask
     want = logits(config, full, b)
@@ -106,31 +106,27 @@ def test_prefix_equals_the_same_keys_values_as_an_explicit_cache(base, projectio
     assert np.abs(want - logits(c, params, b)).max() > 1e-3
 
 
-@pytest.mark.parametrize("two_d", [False, True], ids=["1d", "2d"])
-def test_cached_generation_with_a_prefix_equals_full_recomputation(two_d):
-    c = base_config(position_encoding_2d=two_d)
-    params = init_params(c, jax.random.key(3))
+def test_cached_generation_with_a_prefix_equals_full_recomputation(base):
+    c, params = base
     config, _, full = with_adapter(PeftConfig("ptuning", pre_seq_len=5), c, params)
     prompts = [[11, 12, 13, 14, GMASK], [31, 32, MASK, 33]]
     gen = Generator(config, full)
     state = gen.start(make_prompts(prompts, config), max_new_tokens=4)
     token = np.full(len(prompts), SOP, np.int32)
     generated = [[] for _ in prompts]
-    for step in range(4):
+    for step in range(3):
         out = np.asarray(gen.step(state, token, step))
         for i, p in enumerate(prompts):
             np.testing.assert_allclose(out[i], full_logits(config, full, p, generated[i]), atol=1e-5, rtol=1e-5)
         token = out.argmax(-1).astype(np.int32)
         for i in range(len(prompts)):
             generated[i].append(int(token[i]))
-    best = gen.beam_search(prompts[0], 1, 4)[0][0]  # beam search runs on the same prefixed cache
-    assert best and best == generated[0][:len(best)]  # one beam is greedy
 
 
 def test_pipelined_prefix_equals_the_plain_model():
     c = base_config(num_layers=3)
     params = init_params(c, jax.random.key(4))
-    config, _, full = with_adapter(PeftConfig("ptuning", pre_seq_len=3), c, params)
+    config, _, full = with_adapter(PeftConfig("ptuning", pre_seq_len=3, prefix_projection=True), c, params)
     b = batch_of(rows=4)
     plan = sh.PipelinePlan(3, 2)
     mesh = sh.make_mesh("1x2x1", jax.devices()[:2])
