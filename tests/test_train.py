@@ -48,13 +48,13 @@ def losses(run_dir) -> dict:
 
 
 def test_pretrain_8x4_trains_and_the_loss_falls(tmp_path):
-    out = pretrain(tmp_path, "--mesh", "8x4", "--steps", "20", "--seq", "64", "--batch", "4", "--no-progress",
+    out = pretrain(tmp_path, "--mesh", "8x4", "--steps", "10", "--seq", "64", "--batch", "4", "--no-progress",
                    timeout=900)
     assert "simulating 32 CPU devices" in out.stderr
     summary = json.loads(out.stdout.strip().splitlines()[-1])
     loss = losses(tmp_path)
-    assert sorted(loss) == list(range(1, 21))
-    assert loss[20] < loss[1] and summary["final_loss"] == loss[20]
+    assert sorted(loss) == list(range(1, 11))
+    assert loss[10] < loss[1] and summary["final_loss"] == loss[10]
     assert (tmp_path / "log" / "metrics.png").exists() and (tmp_path / "log" / "summary.json").exists()
     assert any((tmp_path / "log" / "tensorboard").iterdir())
 
