@@ -91,11 +91,11 @@ class Family:
             query = system + query
         return self.prompt_ids(tok, tok.encode(self.chat_text(history, query)))
 
-    def training_example(self, tok: Tokenizer, history: History, query: str, answer: str
-                         ) -> tuple[list[int], list[int]]:
+    def training_example(self, tok: Tokenizer, history: History, query: str, answer: str,
+                         system: str | None = None) -> tuple[list[int], list[int]]:
         """(ids, loss_mask) of one supervised example: the chat prompt, then answer + end id, of
         which only the answer and the end id are learned."""
-        prompt = self.chat_prompt(tok, history, query)
+        prompt = self.chat_prompt(tok, history, query, system)
         target = tok.encode(answer) + [self.end_id(tok)]
         return prompt + target, [0] * len(prompt) + [1] * len(target)
 
@@ -104,14 +104,15 @@ class Family:
         """(ids, loss_mask) samples that train every reply of a conversation (`rounds`: (query,
         reply) pairs; the system text goes before the first query). A prefix LM makes one sample
         per reply, its history and query as part A; a causal family one sequence with every
-        reply learned (`conversation_example`). last_only: only the last reply (ChatGLM2's script)."""
-        rounds = [(system + q if system and i == 0 else q, a) for i, (q, a) in enumerate(rounds)]
+        reply learned (`conversation_example`). last_only: only the last reply (ChatGLM2's script).
+        The system text goes where `chat_prompt` puts it, so training prompts are the chat's."""
         if self.causal and not last_only and len(rounds) > 1:
-            return [self.conversation_example(tok, rounds)]
+            return [self.conversation_example(tok, rounds, system)]
         first = len(rounds) - 1 if last_only else 0
-        return [self.training_example(tok, rounds[:i], *rounds[i]) for i in range(first, len(rounds))]
+        return [self.training_example(tok, rounds[:i], *rounds[i], system) for i in range(first, len(rounds))]
 
-    def conversation_example(self, tok: Tokenizer, rounds: History) -> tuple[list[int], list[int]]:
+    def conversation_example(self, tok: Tokenizer, rounds: History, system: str | None = None
+                             ) -> tuple[list[int], list[int]]:
         raise FamilyError(f"{self.name} is a prefix LM: it trains one sample per reply (conversation_examples)")
 
     def fit_chat(self, tok: Tokenizer, history: History, query: str, limit: int, system: str | None = None
@@ -186,10 +187,12 @@ class ChatGLM2(Family):
         return "".join(f"[Round {i}]\n\n问：{q}\n\n答：{a}\n\n" for i, (q, a) in enumerate(history, start=1)) + \
             f"[Round {len(history) + 1}]\n\n问：{query}\n\n答："
 
-    def conversation_example(self, tok, rounds):
+    def conversation_example(self, tok, rounds, system=None):
         """The whole chat in one sequence, each reply learned (the last one with eos; the
-        separator after an earlier reply is context, since at inference a reply ends with eos)."""
+        separator after an earlier reply is context, since at inference a reply ends with eos).
+        A system text goes before the first query."""
         ids, mask = [tok.gmask_id, tok.sop_id], [0, 0]
+        rounds = [(system + q if system and i == 0 else q, a) for i, (q, a) in enumerate(rounds)]
         for i, (q, a) in enumerate(rounds, start=1):
             context = tok.encode(f"[Round {i}]\n\n问：{q}\n\n答：")
             reply = tok.encode(a) + ([tok.eos_id] if i == len(rounds) else [])
@@ -226,20 +229,22 @@ class ChatGLM3(ChatGLM2):
             ids += self.message(tok, "user", q) + self.message(tok, "assistant", a)
         return ids + self.message(tok, "user", query) + [tok.assistant_id]
 
-    def training_example(self, tok, history, query, answer):
-        prompt = self.chat_prompt(tok, history, query)
+    def training_example(self, tok, history, query, answer, system=None):
+        prompt = self.chat_prompt(tok, history, query, system)
         target = tok.encode("\n") + tok.encode(answer) + [tok.eos_id]
         return prompt + target, [0] * len(prompt) + [1] * len(target)
 
-    def conversation_example(self, tok, rounds):
+    def conversation_example(self, tok, rounds, system=None):
         """ChatGLM3's finetune_demo: each assistant message ("\n" + reply) is learned together with
-        the id after it: the next <|user|> (where generation stops) or the final eos."""
-        ids, mask = [tok.gmask_id, tok.sop_id], [0, 0]
-        for q, a in rounds:
+        the id after it: the next <|user|> (where generation stops) or the final eos. A system
+        text is a <|system|> message first, as in `chat_prompt`."""
+        ids = [tok.gmask_id, tok.sop_id] + (self.message(tok, "system", system) if system else [])
+        mask = [0] * len(ids)
+        for i, (q, a) in enumerate(rounds):
             user = self.message(tok, "user", q) + [tok.assistant_id]
             reply = tok.encode("\n") + tok.encode(a)
             ids += user + reply
-            mask += [1 if len(mask) > 2 else 0] + [0] * (len(user) - 1) + [1] * len(reply)
+            mask += [int(i > 0)] + [0] * (len(user) - 1) + [1] * len(reply)  # <|user|> after a reply is learned
         return ids + [tok.eos_id], mask + [1]
 
     def postprocess(self, reply):

@@ -75,6 +75,9 @@ def test_chatglm3_learns_the_id_after_each_reply(tmp_path):
     learned_ids = [int(t) for t, m in zip(s["targets"], s["loss_mask"]) if m]
     assert tok.user_id in learned_ids and learned_ids[-1] == tok.eos_id
     assert tok.assistant_id not in learned_ids
+    # the system text is a <|system|> message first, as the chat prompt puts it
+    system = fam.message(tok, "system", "Be brief.")
+    assert s["tokens"][2:2 + len(system)].tolist() == system
 
 
 def test_long_examples_are_cut_as_the_reference_and_counted(tmp_path):
