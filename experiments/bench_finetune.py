@@ -25,16 +25,11 @@ RUNS = (("lora", "none"), ("ptuning", "none"), ("freeze", "none"), ("full", "non
 
 def computed_costs(preset: str, method: str) -> dict:
     """Parameter counts of a method on a preset's config, from shapes alone (nothing allocated)."""
-    import flax.linen as nn
-    import jax
-
     from glm_jax.config import get_config
-    from glm_jax.model import abstract_params
-    from glm_jax.peft import PeftConfig, count, split
+    from glm_jax.peft import PeftConfig, count, split_shapes
 
     peft = PeftConfig(method)
-    config = peft.model_config(get_config(preset))
-    trainable, frozen = jax.eval_shape(lambda p: split(p, peft, config), nn.meta.unbox(abstract_params(config)))
+    trainable, frozen = split_shapes(peft, peft.model_config(get_config(preset)))
     n = count(trainable)
     return {"trainable_params": n, "optimizer_bytes": 8 * n, "adapter_bytes_fp32": 4 * n,
             "trainable_fraction": n / (n + count(frozen))}

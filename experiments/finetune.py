@@ -30,7 +30,7 @@ import os
 import shutil
 import sys
 
-from glm_jax.cli import DEFAULT_CHECKPOINTS
+from glm_jax.cli import DEFAULT_CHECKPOINTS, prepare_devices
 
 METHOD_LR = {"ptuning": 2e-2, "lora": 5e-4, "freeze": 1e-4, "full": 1e-4}
 
@@ -94,14 +94,8 @@ def split_sets(items, peft_cls):
 
 def main(argv=None):
     ap, args = parse_args(argv)
+    needed, _ = prepare_devices(ap, args.mesh)
     from glm_jax import sharding as sh
-
-    try:
-        needed = sh.devices_needed(args.mesh)
-    except sh.MeshError as e:
-        ap.error(str(e))
-    sh.simulate_cpu_devices(needed)
-    sh.initialize_distributed()
 
     import jax
 
@@ -109,11 +103,11 @@ def main(argv=None):
     from glm_jax.config import ConfigError
     from glm_jax.data import DataError
     from glm_jax.optim import OptimConfig
-    from glm_jax.peft import PeftConfig, base_identity, count, merge_lora, nbytes, split
+    from glm_jax.peft import PeftConfig, base_identity, count, merge_lora, nbytes, split_shapes
     from glm_jax.sft import SFTBuilder
     from glm_jax.tokenizer import bundled_file
-    from glm_jax.train import (CheckpointError, Checkpoints, RunConfig, TrainingError, _quantize_on_load, load_model,
-                               move_to_device, save_serving, train)
+    from glm_jax.train import (CheckpointError, RunConfig, TrainingError, _quantize_on_load, load_model, move_to_device,
+                               save_serving, train)
 
     lead = jax.process_index() == 0
     log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if lead else (lambda msg: None)
@@ -132,7 +126,7 @@ def main(argv=None):
         if seq_len > config.max_sequence_length:
             raise ConfigError(f"--seq-len {seq_len} exceeds the model's max_sequence_length={config.max_sequence_length}")
         ckpt_dir = os.path.join(out, "checkpoints")
-        _check_resume(ckpt_dir, peft, identity, Checkpoints)
+        _check_resume(ckpt_dir, peft, identity)
         common = dict(family=m.family, tok=m.tokenizer, two_d=config.position_encoding_2d, seq_len=seq_len,
                       max_source=args.max_source, max_target=args.max_target, last_only=args.last_turn_only)
         builder = SFTBuilder.from_files(args.data, seed=args.seed, **common)
@@ -153,7 +147,7 @@ def main(argv=None):
                         progress=not args.no_progress, family=m.family.name, tokenizer_file=bundled_file(m.tokenizer))
         # DxPxT names every axis: exactly that many devices (PxT: data parallel over the rest)
         mesh = sh.make_mesh(args.mesh, jax.devices()[:needed] if args.mesh.count("x") == 2 else None)
-        shapes = jax.eval_shape(lambda p: split(p, peft, config), _full_shapes(config))
+        shapes = split_shapes(peft, config)
         saved = {}
 
         def on_done(params, step):
@@ -187,21 +181,13 @@ def main(argv=None):
     return report
 
 
-def _full_shapes(config):
-    import flax.linen as nn
-
-    from glm_jax.model import abstract_params
-
-    return nn.meta.unbox(abstract_params(config))
-
-
-def _check_resume(ckpt_dir, peft, identity, checkpoints_cls):
+def _check_resume(ckpt_dir, peft, identity):
     """A run folder from another method or base is an error, not a silent mix."""
-    from glm_jax.train import CheckpointError
+    from glm_jax.train import CheckpointError, Checkpoints
 
     if not os.path.isdir(ckpt_dir):
         return
-    ckpt = checkpoints_cls(ckpt_dir, async_save=False)
+    ckpt = Checkpoints(ckpt_dir, async_save=False)
     try:
         step = ckpt.latest_step()
         meta = ckpt.restore_meta(step) if step is not None else None

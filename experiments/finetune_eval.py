@@ -48,7 +48,7 @@ def main(argv=None):
     from glm_jax.evaluate import sft_loss
     from glm_jax.generate import Generator
     from glm_jax.metrics import corpus_scores
-    from glm_jax.sft import BadRow, SFTBuilder, SFTStats, conversation, read_rows
+    from glm_jax.sft import BadRow, SFTBuilder, SFTStats, conversation, cut_prompt, read_rows
 
     m = load_model_or_exit(args)
     fam, tok = m.family, m.tokenizer
@@ -74,14 +74,10 @@ def main(argv=None):
     loss = sft_loss(m.config, m.params, scored.sequences, args.batch)
 
     gen = Generator(m.config, m.params, ids=tok.specials, causal=fam.causal)
-    prompts = []
-    for system, rounds in rows:
-        ids = fam.chat_prompt(tok, rounds[:-1], rounds[-1][0], system)
-        tail = ids[len(ids) - fam.prompt_tail:] if fam.prompt_tail else []
-        prompts.append(ids[: args.max_source - len(tail)] + tail if len(ids) > args.max_source else ids)
+    prompts = [cut_prompt(fam.chat_prompt(tok, rounds[:-1], rounds[-1][0], system), fam, args.max_source)
+               for system, rounds in rows]
     sampling = dict(temperature=0.95, top_p=0.7) if args.sample else {}
     key = jax.random.key(args.seed)
-    predictions = []
     order = np.argsort([len(p) for p in prompts], kind="stable")  # similar lengths together
     outs = [None] * len(prompts)
     for i in tqdm(range(0, len(order), args.batch), disable=args.no_progress, desc="generate", file=sys.stderr):

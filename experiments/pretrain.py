@@ -15,7 +15,7 @@ import json
 import os
 import sys
 
-from glm_jax.cli import DEFAULT_RUN
+from glm_jax.cli import DEFAULT_RUN, prepare_devices
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DATA = os.path.normpath(os.path.join(HERE, "..", "..", "shared", "data"))
@@ -64,14 +64,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     ap, args = parse_args(argv)
+    _, simulated = prepare_devices(ap, args.mesh)
     from glm_jax import sharding as sh
-
-    try:
-        needed = sh.devices_needed(args.mesh)
-    except sh.MeshError as e:
-        ap.error(str(e))
-    simulated = sh.simulate_cpu_devices(needed)
-    sh.initialize_distributed()
 
     import jax
 

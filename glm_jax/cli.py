@@ -25,6 +25,21 @@ def add_checkpoint_args(ap: argparse.ArgumentParser) -> None:
                     help="a fine-tuned adapter (finetune.py's --out folder) to put on the checkpoint")
 
 
+def prepare_devices(ap: argparse.ArgumentParser, mesh_spec: str) -> tuple[int, bool]:
+    """Before JAX starts its backends: the devices `--mesh` needs (a bad spec is `ap.error`), CPU
+    devices simulated when there are fewer, the multi-process runtime started when configured.
+    -> (devices needed, whether CPU devices were simulated)."""
+    from glm_jax import sharding as sh
+
+    try:
+        needed = sh.devices_needed(mesh_spec)
+    except sh.MeshError as e:
+        ap.error(str(e))
+    simulated = sh.simulate_cpu_devices(needed)
+    sh.initialize_distributed()
+    return needed, simulated
+
+
 def load_model_or_exit(args):
     """train.load_model from the flags above; a user mistake prints `error: ...` and exits 2."""
     import sys

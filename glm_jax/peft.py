@@ -129,6 +129,16 @@ def combine(trainable: dict, frozen: dict, peft: PeftConfig) -> dict:
     return _unflat(flat)
 
 
+def split_shapes(peft: PeftConfig, config: GLMConfig) -> tuple[dict, dict]:
+    """`split` of the model's abstract parameters: (trainable, frozen) ShapeDtypeStructs, nothing
+    allocated. config: the model config (`peft.model_config(base)`)."""
+    import flax.linen as nn
+
+    from glm_jax.model import abstract_params
+
+    return jax.eval_shape(lambda p: split(p, peft, config), nn.meta.unbox(abstract_params(config)))
+
+
 def count(tree) -> int:
     """Number of parameters in a tree (arrays or ShapeDtypeStructs)."""
     return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))
@@ -177,12 +187,13 @@ def base_identity(config: GLMConfig, params: dict, step: int) -> dict:
     """What an adapter records of its base: the config, step, and a hash of the parameter
     metadata (paths, shapes, dtypes) and of a few values, so an adapter on another base fails."""
     h = hashlib.sha256()
-    for path, leaf in sorted(_flat(params).items()):
+    leaves = sorted(_flat(params).items())
+    for path, leaf in leaves:
         h.update(f"{'/'.join(map(str, path))}:{tuple(leaf.shape)}:{jnp.dtype(leaf.dtype).name};".encode())
     # a fingerprint of the values too: two random inits of one config share all metadata
-    for path in sorted(_flat(params))[:4]:
-        leaf = np.asarray(jax.device_get(jnp.ravel(_flat(params)[path])[:64]))
-        h.update(np.ascontiguousarray(leaf).view(np.uint8).tobytes())
+    for _, leaf in leaves[:4]:
+        first = np.asarray(jax.device_get(jnp.ravel(leaf)[:64]))
+        h.update(np.ascontiguousarray(first).view(np.uint8).tobytes())
     base = config.override(lora_rank=0, pre_seq_len=0)
     return {"config": base.to_dict(), "step": int(step), "params_sha256": h.hexdigest()}
 

@@ -163,17 +163,24 @@ def conversation(row: dict) -> tuple[str | None, list[tuple[str, str]], str]:
 
 
 # ---- conversations -> samples ----------------------------------------------------------------------
+def cut_prompt(prompt: list[int], family: Family, max_source: int) -> list[int]:
+    """A chat prompt cut as the reference cuts its source: its first max_source ids, keeping the
+    family's `prompt_tail` final specials."""
+    if len(prompt) <= max_source:
+        return prompt
+    tail = family.prompt_tail
+    return prompt[: max_source - tail] + (prompt[len(prompt) - tail:] if tail else [])
+
+
 def cut(ids: list[int], mask: list[int], family: Family, max_source: int, max_target: int
         ) -> tuple[list[int], list[int], bool, bool]:
     """The reference's truncation of a one-reply sample: the prompt (ids before the first learned
-    id) keeps its first max_source ids and its `prompt_tail` final specials; the reply keeps its
-    first max_target ids and its end id. -> (ids, mask, source cut, target cut)."""
+    id) by `cut_prompt`; the reply keeps its first max_target ids and its end id.
+    -> (ids, mask, source cut, target cut)."""
     first = mask.index(1)
     prompt, target = ids[:first], ids[first:]
-    tail = family.prompt_tail
     cut_s, cut_t = len(prompt) > max_source, len(target) - 1 > max_target
-    if cut_s:
-        prompt = prompt[: max_source - tail] + (prompt[len(prompt) - tail:] if tail else [])
+    prompt = cut_prompt(prompt, family, max_source)
     if cut_t:
         target = target[:max_target] + target[-1:]
     return prompt + target, [0] * len(prompt) + [1] * len(target), cut_s, cut_t

@@ -40,7 +40,7 @@ from glm_jax.config import ConfigError, GLMConfig
 from glm_jax.data import DataIterator
 from glm_jax.model import GLM, abstract_params, dummy_batch
 from glm_jax.objectives import CONTRACT_KEYS
-from glm_jax.peft import PeftConfig, combine, split
+from glm_jax.peft import PeftConfig, combine, split, split_shapes
 from glm_jax.optim import (BatchSchedule, LossScale, OptimConfig, all_finite, embedding_alpha, learning_rate,
                            make_optimizer)
 from glm_jax.summary import flops_per_token
@@ -680,8 +680,7 @@ def _restore(path: str, step: int | None) -> tuple[GLMConfig, dict, int, dict, s
         config = GLMConfig.from_dict(meta["config"])
         if meta.get("adapter"):  # a fine-tuned adapter's parameters only (adapters.py)
             peft = PeftConfig.from_dict(meta["peft"])
-            target = {"params": jax.eval_shape(lambda p: split(p, peft, config)[0],
-                                               nn.meta.unbox(abstract_params(config)))}
+            target = {"params": split_shapes(peft, config)[0]}
         elif meta.get("serving"):  # parameters only
             target = {"params": nn.meta.unbox(abstract_params(config))}
         else:

@@ -46,19 +46,23 @@ def _forward(c, params, batch):
     return GLM(c).apply({"params": params}, batch)
 
 
-def test_cached_decoding_equals_full_recomputation(model):
-    c, params = model
+def assert_cached_decoding_is_full_recomputation(c, params, prompts, steps):
+    """Greedy cached decoding of `prompts`: at every step each row's logits equal a full forward's."""
     gen = Generator(c, params)
-    state = gen.start(make_prompts(PROMPTS, c), max_new_tokens=5)
-    token = np.full(len(PROMPTS), SOP, np.int32)
-    generated = [[] for _ in PROMPTS]
-    for step in range(5):
+    state = gen.start(make_prompts(prompts, c), max_new_tokens=steps)
+    token = np.full(len(prompts), SOP, np.int32)
+    generated = [[] for _ in prompts]
+    for step in range(steps):
         logits = np.asarray(gen.step(state, token, step))
-        for i, prompt in enumerate(PROMPTS):
+        for i, prompt in enumerate(prompts):
             np.testing.assert_allclose(logits[i], full_logits(c, params, prompt, generated[i]), atol=1e-5, rtol=1e-5)
         token = logits.argmax(-1).astype(np.int32)
-        for i in range(len(PROMPTS)):
+        for i in range(len(prompts)):
             generated[i].append(int(token[i]))
+
+
+def test_cached_decoding_equals_full_recomputation(model):
+    assert_cached_decoding_is_full_recomputation(*model, PROMPTS, 5)
 
 
 def test_greedy_is_repeated_argmax_and_beam_1_is_greedy(model):

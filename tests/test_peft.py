@@ -9,14 +9,14 @@ import pytest
 
 from glm_jax import sharding as sh
 from glm_jax.config import get_config
-from glm_jax.generate import Generator, cached_forward, init_cache, make_prompts, serving_params, write_prefix
+from glm_jax.generate import cached_forward, init_cache, serving_params, write_prefix
 from glm_jax.int4 import quantize_params
 from glm_jax.model import GLM, init_params
 from glm_jax.optim import OptimConfig
 from glm_jax.peft import PeftConfig, combine, merge_lora, split, unmerge_lora
-from glm_jax.tokenizer import GMASK, MASK, SOP
+from glm_jax.tokenizer import GMASK, MASK
 from glm_jax.train import Trainer
-from test_generate import full_logits
+from test_generate import assert_cached_decoding_is_full_recomputation
 
 ALL_TARGETS = "query,key,value,dense,dense_h_to_4h,dense_4h_to_h"
 
@@ -109,18 +109,7 @@ def test_prefix_equals_the_same_keys_values_as_an_explicit_cache(base):
 def test_cached_generation_with_a_prefix_equals_full_recomputation(base):
     c, params = base
     config, _, full = with_adapter(PeftConfig("ptuning", pre_seq_len=5), c, params)
-    prompts = [[11, 12, 13, 14, GMASK], [31, 32, MASK, 33]]
-    gen = Generator(config, full)
-    state = gen.start(make_prompts(prompts, config), max_new_tokens=4)
-    token = np.full(len(prompts), SOP, np.int32)
-    generated = [[] for _ in prompts]
-    for step in range(3):
-        out = np.asarray(gen.step(state, token, step))
-        for i, p in enumerate(prompts):
-            np.testing.assert_allclose(out[i], full_logits(config, full, p, generated[i]), atol=1e-5, rtol=1e-5)
-        token = out.argmax(-1).astype(np.int32)
-        for i in range(len(prompts)):
-            generated[i].append(int(token[i]))
+    assert_cached_decoding_is_full_recomputation(config, full, [[11, 12, 13, 14, GMASK], [31, 32, MASK, 33]], 3)
 
 
 def test_pipelined_prefix_equals_the_plain_model():
