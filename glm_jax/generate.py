@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from glm_jax.config import GLMConfig
-from glm_jax.layers import GLMBlock, rotary_tables
+from glm_jax.layers import GLMBlock, rotary_tables, write_cache
 from glm_jax.model import GLM
 from glm_jax.tokenizer import GLM_IDS, SpecialIds
 
@@ -122,7 +122,7 @@ def cache_length(cache) -> int:
 
 def cached_forward(config: GLMConfig, params, tokens, position_ids, block_position_ids, mask, cache, cache_index):
     """tokens [B, S] at the given positions attend over the cache under mask [B, 1, S, M]; their
-    keys/values are written at cache_index. Unrolled over layers (params in `serving_params`
+    keys/values are written at cache_index (a scalar, or [B]: one slot per row). Unrolled over layers (params in `serving_params`
     layout, cache from `init_cache`). -> (logits [B, S, vocab], new cache)."""
     model, block = GLM(config), GLMBlock(config)
     outer = {k: v for k, v in params.items() if k != "layers"}
@@ -131,8 +131,7 @@ def cached_forward(config: GLMConfig, params, tokens, position_ids, block_positi
     new_cache = []
     for layer, (k, v) in zip(params["layers"], cache):
         h, (nk, nv) = block.apply({"params": layer}, h, mask, tables, (k, v), cache_index)
-        new_cache.append(tuple(jax.lax.dynamic_update_slice_in_dim(c, n, cache_index, axis=1)
-                               for c, n in ((k, nk), (v, nv))))
+        new_cache.append((write_cache(k, nk, cache_index), write_cache(v, nv, cache_index)))
     return model.apply({"params": outer}, h, method=GLM.head), tuple(new_cache)
 
 

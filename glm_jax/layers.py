@@ -270,6 +270,14 @@ def choose_attention(config: GLMConfig, dropout_active: bool) -> str:
     return "xla"
 
 
+def write_cache(cache, new, index):
+    """cache [B, M, ...] with new [B, S, ...] written at slot `index`: a scalar (every row at the
+    same slot) or [B] (row b at index[b]: continuous batching's slots, each at its own length)."""
+    if jnp.ndim(index) == 0:
+        return jax.lax.dynamic_update_slice_in_dim(cache, new, index, axis=1)
+    return jax.vmap(lambda c, n, i: jax.lax.dynamic_update_slice_in_dim(c, n, i, axis=0))(cache, new, index)
+
+
 class SelfAttention(nn.Module):
     """Multi-head / grouped / multi-query self-attention with rotary positions.
 
@@ -301,8 +309,7 @@ class SelfAttention(nn.Module):
         q, k = apply_rotary(q, tables, c), apply_rotary(k, tables, c)
         if cache is not None:
             new = (k.astype(cache[0].dtype), v.astype(cache[1].dtype))
-            k, v = (jax.lax.dynamic_update_slice_in_dim(old, n, cache_index, axis=1).astype(q.dtype)
-                    for old, n in zip(cache, new))
+            k, v = (write_cache(old, n, cache_index).astype(q.dtype) for old, n in zip(cache, new))
             cache = new
         if prefix is not None:
             b, p = k.shape[0], prefix.shape[0]
