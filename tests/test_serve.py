@@ -368,13 +368,14 @@ def test_full_queue_answers_429_and_disconnects_free_slots(server):
     assert r.status_code == 200
 
 
-def test_schemathesis_fuzz_finds_no_server_error(server):
+def test_schemathesis_fuzz_finds_no_server_error(server, tmp_path):
     exe = shutil.which("schemathesis") or shutil.which("st")
     assert exe, "schemathesis is a test dependency"
     url = server["url"]
     r = subprocess.run([exe, "run", url + "/openapi.json", "--checks", "not_a_server_error", "--phases", "fuzzing",
                         "--max-examples", "12", "--seed", "1", "--workers", "4", "--request-timeout", "30",
-                        "-H", f"Authorization: Bearer {KEY}"], capture_output=True, text=True, timeout=90)
+                        "-H", f"Authorization: Bearer {KEY}"], capture_output=True, text=True, timeout=90,
+                       cwd=tmp_path)  # its cache folder goes there
     assert r.returncode == 0, r.stdout[-3000:]
     assert httpx.get(url + "/health", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
 

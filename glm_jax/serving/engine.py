@@ -298,8 +298,13 @@ class Engine:
                 t = int(next_token[i])
                 req.generated += 1
                 stop = t in req.stop_ids
-                if req.on_token is not None and req.on_token(t):
-                    stop = True
+                try:
+                    if req.on_token is not None and req.on_token(t):
+                        stop = True
+                except Exception:  # a broken consumer ends its own request, not the engine
+                    self._finish(req, "error")
+                    self.active[i] = None
+                    continue
                 if stop or req.generated >= req.max_tokens:
                     self._finish(req, "stop" if stop else "length")
                     self.active[i] = None
