@@ -180,6 +180,35 @@ def test_text_stream_stop_strings_and_postprocessing():
     assert deltas[:2] == ["", ""] and "".join(deltas) == text.final() == fam.postprocess(decode([1, 2, 6, 3]))
 
 
+def test_a_causal_family_answers_400_to_a_blank():
+    """The HTTP layer alone (an engine stand-in that must not be reached): ChatGLM2 is causal."""
+    from types import SimpleNamespace
+
+    from fastapi.testclient import TestClient
+
+    from glm_jax.families import get_family
+    from glm_jax.serving.api import make_app
+
+    class Unreachable:
+        error = None
+
+        def start(self):
+            pass
+
+        def stop(self, drain_s=0.0):
+            pass
+
+        def submit(self, req):
+            raise AssertionError("a blank for a causal family reached the engine")
+
+    fam = get_family("chatglm2-6b")
+    model = SimpleNamespace(config=tiny(vocab_size=65024), family=fam, tokenizer=fam.load_tokenizer())
+    with TestClient(make_app(model, Unreachable(), name="chatglm2-6b")) as http:
+        r = http.post("/v1/completions", json={"prompt": "Paris is the [MASK] of France.", "max_tokens": 4})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+        assert "causal" in r.json()["error"]["message"]
+
+
 # ---- the server ---------------------------------------------------------------------------------
 def free_port() -> int:
     with socket.socket() as s:
@@ -227,8 +256,9 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(checkpoint):
+    """The shared server: INT8 weights (quantized on load), 4 slots, an API key."""
     proc, url, started = start_server(checkpoint, "--slots", "4", "--max-queue", "16", "--api-key", KEY,
-                                         "--drain", "20")
+                                      "--quantize", "int8", "--drain", "20")
     yield dict(proc=proc, url=url, started=started)
     stop_server(proc)
 
