@@ -1,6 +1,7 @@
 """The exact GLM-130B with INT4 weights decoding on ONE GPU: peak memory and ms/token.
 
     python experiments/bench_130b_int4.py [--preset glm-130b] [--cache 2048] [--new 32] [--dry-run]
+    python experiments/bench_130b_int4.py --dry-run --topology v5p-8 [--quantize none]   # one TPU v5p chip
 
 Random INT4 weights are generated on the device, leaf by leaf, straight into generation's
 per-layer layout (`generate.serving_params`; no host copy of 130B parameters, no second copy
@@ -30,14 +31,15 @@ from glm_jax.config import config_from_args  # noqa: E402
 from glm_jax.generate import BUCKET, decode_step, init_cache, make_prompts, prefill  # noqa: E402
 from glm_jax.int4 import tree_bytes  # noqa: E402
 from glm_jax.model import abstract_params  # noqa: E402
+from glm_jax.platform import targeting  # noqa: E402
 from glm_jax.tokenizer import IceTokenizer  # noqa: E402
 
 GB = 1e9
 
 
-def serving_config(preset: str, overrides: list[str]):
+def serving_config(preset: str, overrides: list[str], quantization: str = "int4"):
     return config_from_args(preset, overrides + [
-        "quantization=int4", "dtype=bfloat16", "param_dtype=bfloat16", "hidden_dropout=0", "attention_dropout=0"])
+        f"quantization={quantization}", "dtype=bfloat16", "param_dtype=bfloat16", "hidden_dropout=0", "attention_dropout=0"])
 
 
 def _leaf(key, shape, dtype, name: str):
@@ -79,19 +81,43 @@ def decode_args(batch: int):
 
 
 def dry_run(config, args):
-    """Compile the decode step for abstract arrays; print XLA's memory analysis (bytes)."""
+    """Compile the decode step for abstract arrays; print XLA's memory analysis (bytes). With
+    --topology, for the first chip of that TPU topology (libtpu): a refusal for memory is
+    reported as fits false with the compiler's message."""
     params = serving_abstract(config)
     cache = jax.eval_shape(lambda: init_cache(config, args.batch, args.cache, jnp.bfloat16))
     extra = jax.eval_shape(lambda: decode_args(args.batch))
-    compiled = decode_step.lower(config, params, cache, *extra).compile()
-    mem = compiled.memory_analysis()
     nbytes = lambda tree: sum(np.prod(s.shape) * s.dtype.itemsize for s in jax.tree_util.tree_leaves(tree))
-    record = dict(environment(), bench="130b_int4_dry_run", preset=args.preset, weight_gb=round(nbytes(params) / GB, 2),
-                  kv_cache_gb=round(nbytes(cache) / GB, 2))
+    record = dict(environment(), bench="130b_int4_dry_run", preset=args.preset, quantization=config.quantization,
+                  weight_gb=round(nbytes(params) / GB, 2), kv_cache_gb=round(nbytes(cache) / GB, 2))
+    if args.topology:
+        from glm_jax.topology import compiler_hbm_gib, out_of_memory, parse_topology, topology_devices
+
+        topo = parse_topology(args.topology)
+        device = topology_devices(topo)[0]
+        on = jax.sharding.SingleDeviceSharding(device)
+        params, cache, extra = jax.tree_util.tree_map(
+            lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=on), (params, cache, extra))
+        record.update(platform="tpu", device_kind=device.device_kind, topology=topo.name,
+                      hbm_gib_per_chip=compiler_hbm_gib(device))
+    t0 = time.perf_counter()
+    try:
+        with targeting(device if args.topology else jax.devices()[0]):  # kernels for the chip compiled for
+            compiled = decode_step.lower(config, params, cache, *extra).compile()
+    except Exception as e:
+        message = out_of_memory(e) if args.topology else None
+        if message is None:
+            raise
+        emit(dict(record, fits=False, compiler_message=message, compile_seconds=round(time.perf_counter() - t0, 1)))
+        return
+    mem = compiled.memory_analysis()
+    record["compile_seconds"] = round(time.perf_counter() - t0, 1)
     for field in ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes"):
         record[field.replace("_size_in_bytes", "_gb")] = round(getattr(mem, field, 0) / GB, 3)
     record["peak_estimate_gb"] = round(record["argument_gb"] + record["output_gb"] - record["alias_gb"]
                                        + record["temp_gb"], 2)
+    if args.topology:  # accepted by the compiler; the peak must fit the chip too (GB here, GiB there)
+        record["fits"] = record["peak_estimate_gb"] * GB / 2**30 <= record["hbm_gib_per_chip"]
     emit(record)
 
 
@@ -104,12 +130,20 @@ def main(argv=None):
     ap.add_argument("--new", type=int, default=32, help="decode steps timed (after one warm-up step)")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--dry-run", action="store_true")
+    ap.add_argument("--topology", default=None, metavar="NAME",
+                    help="with --dry-run: compile for one chip of this TPU topology (e.g. v5p-8, v4-8)")
+    ap.add_argument("--quantize", choices=("int4", "none"), default="int4",
+                    help="none: the bf16 serving step (the dry run's comparison)")
     args = ap.parse_args(argv)
     prompt_slots = -(-args.prompt // BUCKET) * BUCKET
     if args.prompt <= 0 or prompt_slots + args.new + 1 > args.cache:
         ap.error(f"--prompt {args.prompt} (rounded up to {prompt_slots}) + --new {args.new} + 1 must fit in "
                  f"--cache {args.cache}")
-    config = serving_config(args.preset, args.set)
+    if args.topology and not args.dry_run:
+        ap.error("--topology needs --dry-run (nothing runs on a described topology)")
+    if args.quantize == "none" and not args.dry_run:
+        ap.error("--quantize none is for --dry-run (the run itself is the INT4 benchmark)")
+    config = serving_config(args.preset, args.set, args.quantize)
     if args.dry_run:
         return dry_run(config, args)
     env = environment()

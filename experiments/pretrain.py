@@ -3,10 +3,13 @@
     python experiments/pretrain.py                     # glm-tiny on the shared corpus, one device
     python experiments/pretrain.py --mesh 8x4          # 8 stages x 4 tensor shards (+ data parallel)
     python experiments/pretrain.py --preset glm-130b --mesh 24x8x4 --dry-run
+    python experiments/pretrain.py --preset glm-130b --mesh 24x8x4 --batch 192 --dry-run --topology v5p-1536
 
 Resumes from the latest complete checkpoint in --ckpt-dir (same flags finish the same job: --steps
 is the step to train up to). On a CPU-only machine with fewer devices than the mesh needs, CPU
-devices are simulated. Ends with a one-line JSON summary.
+devices are simulated. --dry-run --topology NAME [--slices N] compiles the step ahead of time for a
+described TPU pod (libtpu, on any machine): per-chip memory from the TPU compiler, whether it fits
+its HBM, and the step time the model FLOPs imply. Ends with a one-line JSON summary.
 """
 
 import argparse
@@ -55,16 +58,31 @@ def parse_args(argv=None):
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--dry-run", action="store_true",
                     help="compile one step against the mesh without allocating; print per-device memory")
+    ap.add_argument("--topology", default=None, metavar="NAME",
+                    help="with --dry-run: compile for this TPU topology (v4-8, v5e-16, v5p-1536, v6e-256, v5p:8x8x12)")
+    ap.add_argument("--slices", type=int, default=1, help="with --topology: slices over the data-center network")
     args = ap.parse_args(argv)
     for name in ("steps", "batch", "seq", "ckpt_every", "keep"):
         if getattr(args, name) <= 0:
             ap.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.topology and not args.dry_run:
+        ap.error("--topology plans a TPU pod: it needs --dry-run (nothing runs on a described topology)")
     return ap, args
 
 
 def main(argv=None):
     ap, args = parse_args(argv)
-    _, simulated = prepare_devices(ap, args.mesh)
+    simulated = False
+    if args.topology:  # described TPU devices: nothing to simulate, but the mesh spec is still checked
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+        from glm_jax import sharding as sh
+
+        try:
+            sh.parse_mesh(args.mesh)
+        except sh.MeshError as e:
+            ap.error(str(e))
+    else:
+        _, simulated = prepare_devices(ap, args.mesh)
     from glm_jax import sharding as sh
 
     import jax
@@ -75,6 +93,7 @@ def main(argv=None):
     from glm_jax.optim import optim_for
     from glm_jax.families import FamilyError, get_family
     from glm_jax.tokenizer import TokenizerError, bundled_file, check_fits
+    from glm_jax.topology import TopologyError
     from glm_jax.train import CheckpointError, RunConfig, Trainer, TrainingError, dry_run, train
 
     lead = jax.process_index() == 0
@@ -86,10 +105,18 @@ def main(argv=None):
         optim_kw = {k: v for k, v in dict(peak_lr=args.lr, warmup_fraction=args.warmup, ramp_start=args.ramp_start,
                                           max_consecutive_skips=args.max_skips).items() if v is not None}
         optim = optim_for(args.preset, **optim_kw)
-        mesh = sh.make_mesh(args.mesh)
+        topo = devices = None
+        if args.topology:
+            from glm_jax.topology import parse_topology, plan_fields, topology_devices
+
+            topo = parse_topology(args.topology, args.slices)
+            devices = topology_devices(topo)
+        mesh = sh.make_mesh(args.mesh, devices)
         if args.dry_run:
             trainer = Trainer(config, optim, mesh, args.pass_batch or args.batch, args.microbatches, fsdp=args.fsdp)
             report = dry_run(trainer, args.seq)
+            if topo is not None:
+                report = {**report, **plan_fields(topo, devices, report)}
             for k, v in report.items():
                 log(f"{k:>28}: {v:,.3f}" if isinstance(v, float) else f"{k:>28}: {v}")
             print(json.dumps({"preset": args.preset, "mesh": args.mesh, "seq": args.seq, **report}))
@@ -115,7 +142,7 @@ def main(argv=None):
                         async_checkpoints=not args.sync_checkpoints, progress=not args.no_progress,
                         fsdp=args.fsdp, family=family.name, tokenizer_file=bundled_file(tok))
         summary = train(config, optim, run, mesh, builder, eval_builder, log=log)
-    except (ConfigError, sh.MeshError, DataError, CheckpointError, TokenizerError, FamilyError) as e:
+    except (ConfigError, sh.MeshError, DataError, CheckpointError, TokenizerError, FamilyError, TopologyError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except TrainingError as e:

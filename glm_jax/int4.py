@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from glm_jax.platform import target_platform
+
 QMAX = {4: 7, 8: 127}
 
 
@@ -276,7 +278,7 @@ def pallas_matmul(x, w: QuantizedWeight, dtype=jnp.bfloat16, blocks: KernelBlock
     if (why := pallas_supports(m, k, n, g, blocks)) is not None:
         raise ValueError(f"pallas_matmul cannot tile this weight: {why}")
     if interpret is None:
-        interpret = jax.default_backend() != "gpu"
+        interpret = target_platform() != "gpu"
         if interpret:
             _warn_interpret()
     r = _resolve(blocks, m, k, n, g)
@@ -323,7 +325,7 @@ def choose_matmul(impl: str, m: int, w: QuantizedWeight) -> str:
     sharded model keeps the XLA path."""
     if impl == "pallas":
         return "pallas"
-    if (impl == "auto" and w.bits == 4 and m <= PALLAS_MAX_TOKENS and jax.default_backend() == "gpu"
+    if (impl == "auto" and w.bits == 4 and m <= PALLAS_MAX_TOKENS and target_platform() == "gpu"
             and jax.device_count() == 1 and pallas_supports(m, *w.shape, w.scale.shape[0]) is None):
         return "pallas"
     return "xla"

@@ -19,6 +19,7 @@ import numpy as np
 
 from glm_jax import int4
 from glm_jax.config import GLMConfig
+from glm_jax.platform import target_platform
 
 MASK_VALUE = -10000.0  # the reference's additive mask value (spec section 1)
 
@@ -252,13 +253,14 @@ def _warn_fallback(reason: str):
 
 
 def choose_attention(config: GLMConfig, dropout_active: bool) -> str:
-    """'xla' or 'cudnn' for this config on this backend (cuDNN needs a GPU, 16-bit, no dropout)."""
+    """'xla' or 'cudnn' for this config on the platform being compiled for (`platform.py`;
+    cuDNN needs a GPU, 16-bit, no dropout)."""
     impl = config.attention_impl
     if impl == "xla":
         return "xla"
     reason = None
-    if jax.default_backend() != "gpu":
-        reason = f"backend is {jax.default_backend()}, not gpu"
+    if target_platform() != "gpu":
+        reason = f"the target platform is {target_platform()}, not gpu"
     elif config.dtype not in ("bfloat16", "float16"):
         reason = f"dtype={config.dtype}; cuDNN flash attention takes bfloat16/float16"
     elif dropout_active:

@@ -44,8 +44,13 @@ from glm_jax.peft import PeftConfig, combine, split, split_shapes
 from glm_jax.optim import (BatchSchedule, LossScale, OptimConfig, all_finite, embedding_alpha, learning_rate,
                            make_optimizer)
 from glm_jax.summary import flops_per_token
+from glm_jax.platform import targeting
 
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v5": 459e12, "TPU v4": 275e12}
+# dense bf16 FLOP/s per device, by device_kind. TPU kinds are matched exactly ("TPU v5 lite" is
+# v5e, "TPU v5" is v5p; glm_jax/topology.py has the sources); GPU kinds by the longest name inside
+# the reported kind ("NVIDIA H100 80GB HBM3").
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12,
+              "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5": 459e12, "TPU v6 lite": 918e12}
 
 
 class CheckpointError(ValueError):
@@ -65,7 +70,10 @@ class TrainState:
 
 def peak_flops(device) -> float | None:
     kind = getattr(device, "device_kind", "")
-    return next((v for k, v in PEAK_FLOPS.items() if k.lower() in kind.lower()), None)
+    if kind.startswith("TPU"):
+        return PEAK_FLOPS.get(kind)
+    found = [k for k in PEAK_FLOPS if not k.startswith("TPU") and k.lower() in kind.lower()]
+    return PEAK_FLOPS[max(found, key=len)] if found else None
 
 
 @dataclasses.dataclass
@@ -129,7 +137,7 @@ class Trainer:
     @contextlib.contextmanager
     def context(self):
         """The mesh and logical rules every trace runs under."""
-        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules), targeting(self.mesh):
             yield
 
     # ---- the jitted functions -----------------------------------------------------------------------
@@ -607,7 +615,8 @@ def _per_device_bytes(shapes, shardings) -> float:
 def dry_run(trainer: Trainer, seq_len: int) -> dict:
     """Lower and compile one training step against the mesh without allocating anything; report
     per-device memory (weights, optimizer state, the rest XLA needs: activations at this
-    microbatch size) and FLOPs per step."""
+    microbatch size) and FLOPs per step. A compile refused for memory (an accelerator's
+    compiler, e.g. an AOT TPU plan) is reported with `fits` false and the compiler's message."""
     t0 = time.perf_counter()
     state_shapes = jax.eval_shape(trainer.fresh_state, jax.random.key(0))
     abstract = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
@@ -617,30 +626,41 @@ def dry_run(trainer: Trainer, seq_len: int) -> dict:
     scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=trainer.replicated)
     frozen = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                     trainer.frozen_shapes, trainer.frozen_shardings)
-    with trainer.context():
-        compiled = trainer._fused_step.lower(abstract, frozen, batch, scalar, scalar).compile()
-    mem = compiled.memory_analysis()
-    cost = compiled.cost_analysis() or {}
-    if isinstance(cost, list):
-        cost = cost[0] if cost else {}
     weights = _per_device_bytes(state_shapes.params, trainer.param_shardings)
     optimizer = _per_device_bytes(state_shapes.opt_state, trainer.opt_shardings)
     tokens = trainer.pass_batch * seq_len
     gib = 2.0**30
-    return {
+    head = {
         "devices": int(np.prod(list(trainer.mesh.shape.values()))),
         "mesh": dict(trainer.mesh.shape), "layers_per_stage": trainer.plan.layers_per_stage,
         "microbatches": trainer.microbatches,
         "micro_batch_per_replica": trainer.pass_batch // trainer.microbatches // sh.axis_size(trainer.mesh, "data"),
         "bubble_fraction": trainer.plan.bubble_fraction(trainer.microbatches),
-        "weights_gib_per_device": weights / gib, "optimizer_gib_per_device": optimizer / gib,
+        "weights_gib_per_device": weights / gib, "optimizer_gib_per_device": optimizer / gib}
+    flops = {"model_flops_per_step": trainer.model_flops_per_step(tokens, seq_len), "tokens_per_step": tokens}
+    try:
+        with trainer.context():
+            compiled = trainer._fused_step.lower(abstract, frozen, batch, scalar, scalar).compile()
+    except Exception as e:  # an accelerator's compiler refuses a plan over its memory: report it
+        from glm_jax.topology import out_of_memory
+
+        message = out_of_memory(e)
+        if message is None:
+            raise
+        return {**head, "fits": False, "compiler_message": message, **flops,
+                "compile_seconds": time.perf_counter() - t0}
+    mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis() or {}
+    if isinstance(cost, list):
+        cost = cost[0] if cost else {}
+    return {
+        **head,
         "arguments_gib_per_device": mem.argument_size_in_bytes / gib,
         "temp_gib_per_device": mem.temp_size_in_bytes / gib,
         "peak_gib_per_device": (mem.argument_size_in_bytes + mem.temp_size_in_bytes
                                 + mem.output_size_in_bytes - mem.alias_size_in_bytes) / gib,
         "compiled_flops_per_device": float(cost.get("flops", float("nan"))),
-        "model_flops_per_step": trainer.model_flops_per_step(tokens, seq_len),
-        "tokens_per_step": tokens, "compile_seconds": time.perf_counter() - t0,
+        **flops, "compile_seconds": time.perf_counter() - t0,
     }
 
 
