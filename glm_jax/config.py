@@ -22,7 +22,7 @@ import jax.numpy as jnp
 FFN_KINDS = ("geglu", "swiglu", "gelu", "gelu_tanh")
 NORM_KINDS = ("layernorm", "rmsnorm")
 NORM_PLACEMENTS = ("deepnorm", "pre")
-ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "pallas_tpu")
 QUANTIZED_MATMULS = ("auto", "xla", "pallas")
 LORA_TARGETS = ("query", "key", "value", "dense", "dense_h_to_4h", "dense_4h_to_h")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attention")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import math
 import warnings
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -17,7 +18,7 @@ from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 import numpy as np
 
-from glm_jax import int4
+from glm_jax import int4, tpu_attention
 from glm_jax.config import GLMConfig
 from glm_jax.platform import target_platform
 
@@ -206,6 +207,22 @@ def apply_rotary(x, tables, config: GLMConfig):
 
 
 # ---- the GLM attention mask ---------------------------------------------------------------------
+class GLMMask(NamedTuple):
+    """GLM's mask as its per-position data, segment_ids and prefix_mask [B, S]: what the TPU flash
+    kernel reads (`tpu_attention.py`); `dense()` is `glm_attention_mask`."""
+
+    segment_ids: jax.Array
+    prefix_mask: jax.Array
+
+    def dense(self):
+        return glm_attention_mask(self.segment_ids, self.prefix_mask)
+
+
+def wants_flash(config: GLMConfig) -> bool:
+    """Whether the layers get a `GLMMask` (the TPU kernel) rather than the dense mask."""
+    return config.attention_impl == "pallas_tpu" or (config.attention_impl == "auto" and target_platform() == "tpu")
+
+
 def glm_attention_mask(segment_ids, prefix_mask):
     """GLM's rule (DESIGN.md): q sees k iff same nonzero segment and (k in part A or k <= q).
 
@@ -248,15 +265,15 @@ def cudnn_attention(q, k, v, mask):
 
 
 @functools.cache
-def _warn_fallback(reason: str):
-    warnings.warn(f"attention_impl='cudnn' falls back to the XLA reference: {reason}", stacklevel=3)
+def _warn_fallback(reason: str, impl: str = "cudnn"):
+    warnings.warn(f"attention_impl={impl!r} falls back to the XLA reference: {reason}", stacklevel=3)
 
 
 def choose_attention(config: GLMConfig, dropout_active: bool) -> str:
     """'xla' or 'cudnn' for this config on the platform being compiled for (`platform.py`;
     cuDNN needs a GPU, 16-bit, no dropout)."""
     impl = config.attention_impl
-    if impl == "xla":
+    if impl in ("xla", "pallas_tpu"):  # pallas_tpu here: the dense mask was needed (cache, prefix, dropout)
         return "xla"
     reason = None
     if target_platform() != "gpu":
@@ -309,6 +326,21 @@ class SelfAttention(nn.Module):
         v = Linear((e,), (kv, d), ("embed", "kv_heads", "head_dim"), c.qkv_bias, c, scaled, name="value")(x)
         q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
         q, k = apply_rotary(q, tables, c), apply_rotary(k, tables, c)
+
+        def project(out):
+            out = checkpoint_name(out, "attention_context")
+            return Linear((h, d), (e,), ("heads", "head_dim", "embed"), c.attention_dense_bias, c,
+                          xavier_normal(c.deepnorm_beta, (0, 1), 2), name="dense")(out)
+
+        dropout_active = c.attention_dropout > 0.0 and self.has_rng("dropout")
+        if isinstance(mask, GLMMask):
+            why = tpu_attention.unsupported(q.shape, k.shape, cache is not None or prefix is not None, dropout_active)
+            if why is None:
+                out = tpu_attention.on_mesh(q, k, v, mask.segment_ids, mask.prefix_mask)
+                return project(out), cache
+            if c.attention_impl == "pallas_tpu":
+                _warn_fallback(why, "pallas_tpu")
+            mask = mask.dense()
         if cache is not None:
             new = (k.astype(cache[0].dtype), v.astype(cache[1].dtype))
             k, v = (write_cache(old, n, cache_index).astype(q.dtype) for old, n in zip(cache, new))
@@ -318,16 +350,12 @@ class SelfAttention(nn.Module):
             k, v = (jnp.concatenate([jnp.broadcast_to(prefix[None, :, i].astype(k.dtype), (b,) + prefix[:, i].shape),
                                      t], axis=1) for i, t in enumerate((k, v)))
             mask = jnp.concatenate([jnp.ones(mask.shape[:3] + (p,), bool), mask], axis=-1)
-        dropout_active = c.attention_dropout > 0.0 and self.has_rng("dropout")
         if choose_attention(c, dropout_active) == "cudnn":
             out = cudnn_attention(q, k, v, mask)
         else:
             rng = self.make_rng("dropout") if dropout_active else None
             out = xla_attention(q, k, v, mask, dropout_rate=c.attention_dropout, dropout_rng=rng)
-        out = checkpoint_name(out, "attention_context")
-        out = Linear((h, d), (e,), ("heads", "head_dim", "embed"), c.attention_dense_bias, c,
-                     xavier_normal(c.deepnorm_beta, (0, 1), 2), name="dense")(out)
-        return out, cache
+        return project(out), cache
 
 
 # ---- feed-forward -------------------------------------------------------------------------------

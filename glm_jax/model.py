@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 
 from glm_jax.config import GLMConfig
-from glm_jax.layers import GLMBlock, Linear, PrefixEncoder, glm_attention_mask, make_norm, rotary_tables, xavier_normal
+from glm_jax.layers import (GLMBlock, GLMMask, Linear, PrefixEncoder, glm_attention_mask, make_norm, rotary_tables,
+                            wants_flash, xavier_normal)
 
 REMAT_POLICIES = {
     "full": None,  # save nothing: recompute the whole layer
@@ -46,8 +47,10 @@ def stacked_blocks(config: GLMConfig, name: str = "layers") -> nn.Module:
 
 
 def attention_inputs(batch: dict, config: GLMConfig):
-    """What every layer needs from the batch: the GLM mask [B, 1, S, S] and the rotary tables."""
-    mask = glm_attention_mask(batch["segment_ids"], batch["prefix_mask"])
+    """What every layer needs from the batch: the GLM mask (dense bool [B, 1, S, S], or its
+    per-position data `GLMMask` for the TPU kernel) and the rotary tables."""
+    mask = (GLMMask(batch["segment_ids"], batch["prefix_mask"]) if wants_flash(config)
+            else glm_attention_mask(batch["segment_ids"], batch["prefix_mask"]))
     block_positions = batch.get("block_position_ids")
     if block_positions is None:
         block_positions = jnp.zeros_like(batch["position_ids"])

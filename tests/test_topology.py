@@ -102,15 +102,15 @@ def test_train_and_decode_steps_compile_for_v4_and_v5e():
 
 
 def test_kernel_choice_follows_the_platform_compiled_for():
-    """A plan traced on this CPU process for GPU devices picks cuDNN attention; for TPU devices
-    (or none) the XLA path; outside a target, the default backend decides."""
+    """A plan traced on this CPU process for GPU devices picks cuDNN attention, for TPU devices the
+    Pallas TPU kernel; outside a target, the default backend decides (here: XLA)."""
     from glm_jax.config import get_config
-    from glm_jax.layers import choose_attention
+    from glm_jax.layers import choose_attention, wants_flash
     from glm_jax.platform import target_platform, targeting
 
     c = get_config("glm-tiny", dtype="bfloat16", attention_impl="auto")
     with targeting(SimpleNamespace(platform="gpu")):
         assert target_platform() == "gpu" and choose_attention(c, dropout_active=False) == "cudnn"
-    with targeting([SimpleNamespace(platform="tpu")]):
-        assert target_platform() == "tpu" and choose_attention(c, dropout_active=False) == "xla"
-    assert target_platform() == "cpu" and choose_attention(c, dropout_active=False) == "xla"
+    with targeting([SimpleNamespace(platform="tpu")]):  # the layers get GLMMask: the Pallas TPU kernel
+        assert target_platform() == "tpu" and wants_flash(c)
+    assert target_platform() == "cpu" and not wants_flash(c) and choose_attention(c, dropout_active=False) == "xla"

@@ -1,0 +1,308 @@
+"""Flash attention for GLM's mask on TPU (Pallas / Mosaic), forward and backward.
+
+    out = glm_flash_attention(q, k, v, segment_ids, prefix_mask)   # == xla_attention(q, k, v, glm mask)
+
+q: [B, S, H, D]; k, v: [B, S, K, D] (K divides H: grouped KV); segment_ids, prefix_mask: [B, S]
+int -> [B, S, H, D]. The mask is GLM's rule from per-position data (`layers.glm_attention_mask`):
+query i sees key j iff they share a nonzero segment and (j is in part A, or j <= i), so packed
+[MASK] samples, [gMASK] prefixes and padding all come from the batch, not a static pattern.
+
+Blocks of bq queries x bk keys run as an online softmax (running max, sum, accumulator in VMEM).
+A block that cannot hold a visible pair is skipped: per-block summaries (segment range of the
+queries and of the keys; whether the keys hold part-A positions) are scalar-prefetched, and a
+key block wholly after the query block with no part-A key, or whose segments cannot meet the
+queries', does no work. The backward pass is the standard recomputation scheme: the forward
+saves the row log-sum-exp; one kernel accumulates dq over key blocks, another dk / dv over query
+blocks (per query head; a group's heads are summed outside). Rows that see no key at all
+(padding, segment 0) give zeros where the reference gives an average; nothing reads them.
+On CPU the kernels run in Pallas interpret mode (the tests); on TPU they compile with Mosaic.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+LANES, SUBLANES = 128, 8
+NEG = -1e30  # finite: a fully masked block keeps the running max finite (no inf - inf)
+
+
+def _summaries(segment_ids, prefix_mask, block: int):
+    """Per block of `block` positions: min / max segment id and whether any position is part A.
+    -> three [B, S // block] int32."""
+    b, s = segment_ids.shape
+    seg = segment_ids.reshape(b, s // block, block)
+    return (seg.min(-1).astype(jnp.int32), seg.max(-1).astype(jnp.int32),
+            (prefix_mask.reshape(b, s // block, block) != 0).any(-1).astype(jnp.int32))
+
+
+def _may_see(qmin, qmax, kmin, kmax, kpre, b, i, j, bq: int, bk: int):
+    """Whether query block i and key block j can hold a visible pair (conservative)."""
+    meet = (kmin[b, j] <= qmax[b, i]) & (qmin[b, i] <= kmax[b, j]) & (qmax[b, i] > 0) & (kmax[b, j] > 0)
+    return meet & ((j * bk <= i * bq + bq - 1) | (kpre[b, j] > 0))
+
+
+def _mask(qseg_ref, kseg_ref, kpfx_ref, i, j, bq: int, bk: int):
+    qs = qseg_ref[:, :1]  # [bq, 1]
+    ks, kp = kseg_ref[:1, :], kpfx_ref[:1, :]  # [1, bk]
+    rows = i * bq + jax.lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
+    cols = j * bk + jax.lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
+    return (qs == ks) & (qs != 0) & ((cols <= rows) | (kp != 0))
+
+
+def _scores(q, k, scale):
+    return jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * scale
+
+
+# ---- forward ------------------------------------------------------------------------------------
+def _forward_kernel(qmin, qmax, kmin, kmax, kpre, q_ref, k_ref, v_ref, qseg_ref, kseg_ref, kpfx_ref,
+                    o_ref, lse_ref, m_scr, l_scr, acc_scr, *, scale, bq, bk):
+    b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
+
+    @pl.when(j == 0)
+    def _():
+        m_scr[...] = jnp.full(m_scr.shape, NEG, jnp.float32)
+        l_scr[...] = jnp.zeros(l_scr.shape, jnp.float32)
+        acc_scr[...] = jnp.zeros(acc_scr.shape, jnp.float32)
+
+    @pl.when(_may_see(qmin, qmax, kmin, kmax, kpre, b, i, j, bq, bk))
+    def _():
+        mask = _mask(qseg_ref, kseg_ref, kpfx_ref, i, j, bq, bk)
+        s = jnp.where(mask, _scores(q_ref[...], k_ref[...], scale), NEG)
+        m_prev, l_prev = m_scr[:, :1], l_scr[:, :1]
+        m_new = jnp.maximum(m_prev, s.max(axis=1, keepdims=True))
+        p = jnp.where(mask, jnp.exp(s - m_new), 0.0)
+        alpha = jnp.exp(m_prev - m_new)
+        l_scr[...] = jnp.broadcast_to(alpha * l_prev + p.sum(axis=1, keepdims=True), l_scr.shape)
+        m_scr[...] = jnp.broadcast_to(m_new, m_scr.shape)
+        acc_scr[...] = alpha * acc_scr[...] + jnp.dot(p.astype(v_ref.dtype), v_ref[...],
+                                                       preferred_element_type=jnp.float32)
+
+    @pl.when(j == pl.num_programs(3) - 1)
+    def _():
+        l = l_scr[:, :1]
+        seen = l > 0
+        o_ref[...] = (acc_scr[...] / jnp.where(seen, l, 1.0)).astype(o_ref.dtype)
+        lse_ref[...] = jnp.broadcast_to(jnp.where(seen, m_scr[:, :1] + jnp.log(jnp.where(seen, l, 1.0)), 0.0),
+                                        lse_ref.shape)
+
+
+def _specs(bq, bk, d, group, kv_major: bool):
+    """BlockSpecs of (q-like [B,H,S,D], k-like [B,K,S,D], row stats [B,H,S,128], q segments
+    [B,S,128], key rows [B,8,S]) for a grid (b, h, outer, inner); kv_major: outer walks keys."""
+    def qi(b, h, o, n, *_):
+        return (b, h, n if kv_major else o, 0)
+
+    def kj(b, h, o, n, *_):
+        return (b, h // group, o if kv_major else n, 0)
+
+    def qseg(b, h, o, n, *_):
+        return (b, n if kv_major else o, 0)
+
+    def krow(b, h, o, n, *_):
+        return (b, 0, o if kv_major else n)
+
+    return dict(q=pl.BlockSpec((None, None, bq, d), qi), k=pl.BlockSpec((None, None, bk, d), kj),
+                stat=pl.BlockSpec((None, None, bq, LANES), qi), qseg=pl.BlockSpec((None, bq, LANES), qseg),
+                krow=pl.BlockSpec((None, SUBLANES, bk), krow),
+                kout=pl.BlockSpec((None, None, bk, d), lambda b, h, o, n, *_: (b, h, o if kv_major else n, 0)))
+
+
+def _layout(segment_ids, prefix_mask):
+    b, s = segment_ids.shape
+    qseg = jax.lax.broadcast_in_dim(segment_ids.astype(jnp.int32), (b, s, LANES), (0, 1))
+    kseg = jax.lax.broadcast_in_dim(segment_ids.astype(jnp.int32), (b, SUBLANES, s), (0, 2))
+    kpfx = jax.lax.broadcast_in_dim(prefix_mask.astype(jnp.int32), (b, SUBLANES, s), (0, 2))
+    return qseg, kseg, kpfx
+
+
+def _params(interpret):
+    return {} if interpret else dict(compiler_params=pltpu.CompilerParams(
+        dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")))
+
+
+def _forward(q, k, v, segment_ids, prefix_mask, bq, bk, interpret):
+    """q [B,H,S,D], k/v [B,K,S,D] -> (out [B,H,S,D], lse [B,H,S,128])."""
+    b, h, s, d = q.shape
+    group = h // k.shape[1]
+    sp = _specs(bq, bk, d, group, kv_major=False)
+    qsum, ksum = _summaries(segment_ids, prefix_mask, bq), _summaries(segment_ids, prefix_mask, bk)
+    kernel = functools.partial(_forward_kernel, scale=1.0 / math.sqrt(d), bq=bq, bk=bk)
+    return pl.pallas_call(
+        kernel,
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=5, grid=(b, h, s // bq, s // bk),
+            in_specs=[sp["q"], sp["k"], sp["k"], sp["qseg"], sp["krow"], sp["krow"]],
+            out_specs=[sp["q"], sp["stat"]],
+            scratch_shapes=[pltpu.VMEM((bq, LANES), jnp.float32), pltpu.VMEM((bq, LANES), jnp.float32),
+                            pltpu.VMEM((bq, d), jnp.float32)]),
+        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, s, LANES), jnp.float32)],
+        interpret=interpret, **_params(interpret),
+    )(qsum[0], qsum[1], ksum[0], ksum[1], ksum[2], q, k, v, *_layout(segment_ids, prefix_mask))
+
+
+# ---- backward -----------------------------------------------------------------------------------
+def _dq_kernel(qmin, qmax, kmin, kmax, kpre, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, qseg_ref, kseg_ref,
+               kpfx_ref, dq_ref, acc_scr, *, scale, bq, bk):
+    b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
+
+    @pl.when(j == 0)
+    def _():
+        acc_scr[...] = jnp.zeros(acc_scr.shape, jnp.float32)
+
+    @pl.when(_may_see(qmin, qmax, kmin, kmax, kpre, b, i, j, bq, bk))
+    def _():
+        mask = _mask(qseg_ref, kseg_ref, kpfx_ref, i, j, bq, bk)
+        p = jnp.where(mask, jnp.exp(_scores(q_ref[...], k_ref[...], scale) - lse_ref[:, :1]), 0.0)
+        dp = _scores(do_ref[...], v_ref[...], 1.0)
+        ds = (p * (dp - di_ref[:, :1])).astype(k_ref.dtype)
+        acc_scr[...] += jnp.dot(ds, k_ref[...], preferred_element_type=jnp.float32) * scale
+
+    @pl.when(j == pl.num_programs(3) - 1)
+    def _():
+        dq_ref[...] = acc_scr[...].astype(dq_ref.dtype)
+
+
+def _dkv_kernel(qmin, qmax, kmin, kmax, kpre, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, qseg_ref, kseg_ref,
+                kpfx_ref, dk_ref, dv_ref, dk_scr, dv_scr, *, scale, bq, bk):
+    b, j, i = pl.program_id(0), pl.program_id(2), pl.program_id(3)
+
+    @pl.when(i == 0)
+    def _():
+        dk_scr[...] = jnp.zeros(dk_scr.shape, jnp.float32)
+        dv_scr[...] = jnp.zeros(dv_scr.shape, jnp.float32)
+
+    @pl.when(_may_see(qmin, qmax, kmin, kmax, kpre, b, i, j, bq, bk))
+    def _():
+        mask = _mask(qseg_ref, kseg_ref, kpfx_ref, i, j, bq, bk)
+        q, do = q_ref[...], do_ref[...]
+        p = jnp.where(mask, jnp.exp(_scores(q, k_ref[...], scale) - lse_ref[:, :1]), 0.0)  # [bq, bk]
+        tn = (((0,), (0,)), ((), ()))  # contract the query axis: A^T B
+        dv_scr[...] += jax.lax.dot_general(p.astype(do.dtype), do, tn, preferred_element_type=jnp.float32)
+        dp = _scores(do, v_ref[...], 1.0)
+        ds = (p * (dp - di_ref[:, :1])).astype(q.dtype)
+        dk_scr[...] += jax.lax.dot_general(ds, q, tn, preferred_element_type=jnp.float32) * scale
+
+    @pl.when(i == pl.num_programs(3) - 1)
+    def _():
+        dk_ref[...] = dk_scr[...].astype(dk_ref.dtype)
+        dv_ref[...] = dv_scr[...].astype(dv_ref.dtype)
+
+
+def _backward(q, k, v, segment_ids, prefix_mask, out, lse, do, bq, bk, interpret):
+    b, h, s, d = q.shape
+    group = h // k.shape[1]
+    scale = 1.0 / math.sqrt(d)
+    di = jnp.broadcast_to((do.astype(jnp.float32) * out.astype(jnp.float32)).sum(-1, keepdims=True), lse.shape)
+    qsum, ksum = _summaries(segment_ids, prefix_mask, bq), _summaries(segment_ids, prefix_mask, bk)
+    prefetch = (qsum[0], qsum[1], ksum[0], ksum[1], ksum[2])
+    layout = _layout(segment_ids, prefix_mask)
+    sp = _specs(bq, bk, d, group, kv_major=False)
+    dq = pl.pallas_call(
+        functools.partial(_dq_kernel, scale=scale, bq=bq, bk=bk),
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=5, grid=(b, h, s // bq, s // bk),
+            in_specs=[sp["q"], sp["k"], sp["k"], sp["q"], sp["stat"], sp["stat"], sp["qseg"], sp["krow"],
+                      sp["krow"]],
+            out_specs=sp["q"], scratch_shapes=[pltpu.VMEM((bq, d), jnp.float32)]),
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype), interpret=interpret, **_params(interpret),
+    )(*prefetch, q, k, v, do, lse, di, *layout)
+    sp = _specs(bq, bk, d, group, kv_major=True)
+    dk, dv = pl.pallas_call(
+        functools.partial(_dkv_kernel, scale=scale, bq=bq, bk=bk),
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=5, grid=(b, h, s // bk, s // bq),
+            in_specs=[sp["q"], sp["k"], sp["k"], sp["q"], sp["stat"], sp["stat"], sp["qseg"], sp["krow"],
+                      sp["krow"]],
+            out_specs=[sp["kout"], sp["kout"]],
+            scratch_shapes=[pltpu.VMEM((bk, d), jnp.float32), pltpu.VMEM((bk, d), jnp.float32)]),
+        out_shape=[jax.ShapeDtypeStruct((b, h, s, d), jnp.float32)] * 2, interpret=interpret, **_params(interpret),
+    )(*prefetch, q, k, v, do, lse, di, *layout)
+    kv = k.shape[1]
+    fold = lambda x, like: x.reshape(b, kv, group, s, d).sum(2).astype(like.dtype)  # noqa: E731
+    return dq, fold(dk, k), fold(dv, v)
+
+
+# ---- the public function ------------------------------------------------------------------------
+def supports(seq_len: int, block_q: int, block_k: int) -> str | None:
+    """None when the kernel takes this length with these blocks, else why not."""
+    bq, bk = min(block_q, seq_len), min(block_k, seq_len)
+    if seq_len % bq or seq_len % bk:
+        return f"sequence length {seq_len} is not a multiple of the blocks ({bq}, {bk})"
+    return None
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _attention(q, k, v, segment_ids, prefix_mask, bq, bk, interpret):
+    return _forward(q, k, v, segment_ids, prefix_mask, bq, bk, interpret)[0]
+
+
+def _attention_fwd(q, k, v, segment_ids, prefix_mask, bq, bk, interpret):
+    out, lse = _forward(q, k, v, segment_ids, prefix_mask, bq, bk, interpret)
+    return out, (q, k, v, segment_ids, prefix_mask, out, lse)
+
+
+def _attention_bwd(bq, bk, interpret, res, do):
+    q, k, v, segment_ids, prefix_mask, out, lse = res
+    dq, dk, dv = _backward(q, k, v, segment_ids, prefix_mask, out, lse, do, bq, bk, interpret)
+    return dq, dk, dv, None, None
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def glm_flash_attention(q, k, v, segment_ids, prefix_mask, *, block_q: int = 128, block_k: int = 128,
+                        interpret: bool | None = None):
+    """GLM-masked attention, q [B,S,H,D], k/v [B,S,K,D], segment_ids / prefix_mask [B,S] ->
+    [B,S,H,D] (differentiable in q, k, v). interpret: default on anything but a TPU."""
+    s = q.shape[1]
+    why = supports(s, block_q, block_k)
+    if why:
+        raise ValueError(f"glm_flash_attention: {why}")
+    if interpret is None:
+        from glm_jax.platform import target_platform
+
+        interpret = target_platform() != "tpu"
+    t = lambda x: jnp.swapaxes(x, 1, 2)  # noqa: E731  [B,S,H,D] <-> [B,H,S,D]
+    out = _attention(t(q), t(k), t(v), segment_ids, prefix_mask, min(block_q, s), min(block_k, s), interpret)
+    return t(out)
+
+
+BLOCK = 512  # default query / key block (the compile sweep in BENCHMARKS.md)
+
+
+def unsupported(q_shape, k_shape, needs_dense: bool, dropout_active: bool) -> str | None:
+    """Why a layer cannot use the kernel (None: it can). q [B,S,H,D], k [B,T,K,D]."""
+    if needs_dense:
+        return "a KV cache or a P-tuning prefix needs the dense mask"
+    if dropout_active:
+        return "attention dropout is active (the kernel has none)"
+    if q_shape[1] != k_shape[1]:
+        return "queries and keys differ in length"
+    mesh = jax.sharding.get_abstract_mesh()
+    t = 1 if mesh.empty or "tensor" not in mesh.axis_names else mesh.shape["tensor"]
+    if t > 1 and k_shape[2] % t:
+        return f"{k_shape[2]} KV heads do not split over a tensor axis of {t}"
+    return supports(q_shape[1], BLOCK, BLOCK)
+
+
+def on_mesh(q, k, v, segment_ids, prefix_mask, block: int = BLOCK):
+    """`glm_flash_attention` under the current mesh: a custom call is not split by XLA's
+    partitioner, so the kernel runs per shard in `shard_map`, batch over `data`, heads (and KV
+    heads with them) over `tensor`; other axes (a vmapped pipeline's `stage`) pass through."""
+    run = functools.partial(glm_flash_attention, block_q=block, block_k=block)
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or all(n == 1 for n in mesh.shape.values()):
+        return run(q, k, v, segment_ids, prefix_mask)
+    from jax.sharding import PartitionSpec as P
+
+    batch = "data" if "data" in mesh.axis_names else None
+    heads = "tensor" if "tensor" in mesh.axis_names and mesh.shape["tensor"] > 1 else None
+    spec, rows = P(batch, None, heads, None), P(batch, None)
+    return jax.shard_map(run, mesh=mesh, in_specs=(spec, spec, spec, rows, rows), out_specs=spec,
+                         check_vma=False)(q, k, v, segment_ids, prefix_mask)
