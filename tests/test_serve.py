@@ -124,7 +124,7 @@ def test_engine_stops_frees_slots_and_bounds_its_queue(engine):
     assert run(engine, req) == (first[:5], "stop")
     # a prompt past the length limit is refused before it queues
     from glm_jax.generate import GenerationError
-    with pytest.raises(GenerationError, match="length limit"):
+    with pytest.raises(GenerationError, match="exceeds max_sequence_length=96"):
         engine.submit(Request([7] * 90 + [I.gmask], 10))
     assert bucket(1, 96) == 16 and bucket(17, 96) == 32 and bucket(90, 96) == 96
     # cancelled requests free their slots; past max_queue waiting requests, QueueFull

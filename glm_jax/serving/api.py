@@ -208,6 +208,16 @@ def make_app(model, engine, name: str = "glm", api_key: str | None = None, max_b
                            code="context_length_exceeded")
         return requested
 
+    @contextlib.contextmanager
+    def engine_errors(param: str):
+        """The engine's refusals as HTTP errors: a full queue 429, a prompt it cannot take 400."""
+        try:
+            yield
+        except QueueFull as e:
+            raise APIError(429, str(e), kind="rate_limit_error", code="queue_full") from None
+        except GenerationError as e:
+            raise APIError(400, str(e), param, code="context_length_exceeded") from None
+
     def usage(prompt: int, completion: int) -> dict:
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
@@ -216,11 +226,9 @@ def make_app(model, engine, name: str = "glm", api_key: str | None = None, max_b
         and final(text, finish_reason, usage) build the protocol's objects."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        lock_free = text  # touched on the engine thread only until the request is done
-
-        def on_token(t):
-            stopped = lock_free.push(t)
-            delta = lock_free.delta()
+        def on_token(t):  # on the engine thread; `text` is touched nowhere else until the request is done
+            stopped = text.push(t)
+            delta = text.delta()
             if delta:
                 loop.call_soon_threadsafe(events.put_nowait, ("delta", delta))
             return stopped
@@ -229,13 +237,8 @@ def make_app(model, engine, name: str = "glm", api_key: str | None = None, max_b
             loop.call_soon_threadsafe(events.put_nowait, ("done", reason, n))
 
         req = EngineRequest(ids, max_tokens, sampling_of(body), stop_ids, on_token=on_token, on_done=on_done)
-        try:
+        with engine_errors("messages" if hasattr(body, "messages") else "prompt"):
             engine.submit(req)
-        except QueueFull as e:
-            raise APIError(429, str(e), kind="rate_limit_error", code="queue_full") from None
-        except GenerationError as e:
-            raise APIError(400, str(e), "messages" if hasattr(body, "messages") else "prompt",
-                           code="context_length_exceeded") from None
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
         if not body.stream:
@@ -362,14 +365,10 @@ def make_app(model, engine, name: str = "glm", api_key: str | None = None, max_b
             raise APIError(400, "stop strings apply to a continuation, not to [MASK] blanks: drop stop", "stop")
         max_tokens = budget(ids, body.max_tokens, "max_tokens")
         gen = EngineGenerator(engine, body.seed)
-        try:
+        with engine_errors("prompt"):
             filled, answers = await run_in_threadpool(
                 fill_blanks, gen, ids, max_tokens, temperature=body.temperature, top_k=body.top_k,
                 top_p=body.top_p, stop_tokens=stop_ids)
-        except QueueFull as e:
-            raise APIError(429, str(e), kind="rate_limit_error", code="queue_full") from None
-        except GenerationError as e:
-            raise APIError(400, str(e), "prompt", code="context_length_exceeded") from None
         reason = "length" if "length" in gen.reasons else "stop"
         result = final(tok.decode(filled), reason, usage(len(ids), gen.generated),
                        blanks=[tok.decode(a) for a in answers])

@@ -36,8 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from glm_jax.config import GLMConfig
-from glm_jax.generate import (GenerationError, cache_length, cached_forward, init_cache, make_prompts,
-                              serving_params, write_prefix)
+from glm_jax.generate import (GenerationError, _round_up, cache_length, cached_forward, check_length, init_cache,
+                              make_prompts, serving_params, write_prefix)
 from glm_jax.tokenizer import GLM_IDS, SpecialIds
 
 MIN_BUCKET = 16
@@ -165,7 +165,7 @@ class Engine:
         self.max_queue = 4 * slots if max_queue is None else max_queue
         self.params = serving_params(params, config.num_layers)
         self.max_len = config.max_sequence_length
-        cache = init_cache(config, slots, -(-(config.pre_seq_len + self.max_len) // 16) * 16, cache_dtype)
+        cache = init_cache(config, slots, _round_up(config.pre_seq_len + self.max_len), cache_dtype)
         if config.pre_seq_len:
             cache = write_prefix(config, self.params, cache)
         self.cache = cache
@@ -190,11 +190,7 @@ class Engine:
         if req.max_tokens < 1:
             raise GenerationError("max_tokens must be at least 1")
         batch = make_prompts([req.prompt], self.config, self.ids, self.causal, req.blank)
-        context = int(batch.lengths[0]) + 1
-        if context + req.max_tokens > self.max_len:
-            raise GenerationError(f"a prompt of {context} tokens plus max_tokens={req.max_tokens} exceeds the model's "
-                                  f"length limit of {self.max_len} tokens: shorten the prompt to at most "
-                                  f"{self.max_len - req.max_tokens} tokens or lower max_tokens")
+        check_length(batch, req.max_tokens, self.config)
         return batch
 
     def submit(self, req: Request) -> Request:
@@ -230,7 +226,7 @@ class Engine:
     def stop(self, drain_s: float = 0.0) -> None:
         """Stop: let requests in flight finish for up to drain_s seconds, cancel the rest, join."""
         deadline = time.monotonic() + drain_s
-        while drain_s and time.monotonic() < deadline and self.load()["active"] + self.load()["waiting"]:
+        while time.monotonic() < deadline and (any(self.active) or self.waiting):
             time.sleep(0.02)
         with self.lock:
             self.running = False
