@@ -42,12 +42,20 @@ def parse_args(argv=None):
     ap.add_argument("--keep", type=int, default=3, help="checkpoints kept")
     ap.add_argument("--log-dir", default=os.path.join(DEFAULT_RUN, "logs"))
     ap.add_argument("--eval-every", type=int, default=0, help="held-out loss every N steps (0: at the end)")
-    ap.add_argument("--microbatches", type=int, default=None, help="pipeline microbatches per pass")
+    ap.add_argument("--microbatches", type=int, default=None,
+                    help="pipeline microbatches per pass (default: one sequence per data replica each)")
     ap.add_argument("--pass-batch", type=int, default=None,
-                    help="sequences per gradient pass (batch ramp-up granularity; default: --batch)")
+                    help="sequences per gradient pass (default: --batch); with 1f1b a step is one schedule of "
+                         "microbatches of pass-batch / microbatches sequences (the batch ramp-up's unit)")
+    ap.add_argument("--schedule", choices=("1f1b", "gpipe"), default=None,
+                    help="pipeline schedule on a pipelined mesh (default 1f1b)")
     ap.add_argument("--lr", type=float, default=None, help="peak learning rate")
     ap.add_argument("--warmup", type=float, default=None, help="warm-up fraction of the samples")
-    ap.add_argument("--ramp-start", type=int, default=None, help="batch ramp-up start (sequences)")
+    ap.add_argument("--ramp-start", type=int, default=None,
+                    help="batch ramp-up start (sequences; glm-130b: 192); --no-ramp turns a preset's off")
+    ap.add_argument("--ramp-fraction", type=float, default=None, help="share of the samples the ramp-up lasts")
+    ap.add_argument("--ramp-increment", type=int, default=None, help="batch increment of the ramp-up (sequences)")
+    ap.add_argument("--no-ramp", action="store_true", help="no batch ramp-up")
     ap.add_argument("--max-skips", type=int, default=None, help="stop after this many non-finite steps in a row")
     ap.add_argument("--fsdp", action="store_true", help="also shard parameters over the data axis (FSDP)")
     ap.add_argument("--two-d", action="store_true", help="2D positions in the samples (GLM / ChatGLM-6B)")
@@ -94,7 +102,9 @@ def main(argv=None):
     from glm_jax.families import FamilyError, get_family
     from glm_jax.tokenizer import TokenizerError, bundled_file, check_fits
     from glm_jax.topology import TopologyError
-    from glm_jax.train import CheckpointError, RunConfig, Trainer, TrainingError, dry_run, train
+    from glm_jax.checkpoint import CheckpointError
+    from glm_jax.train import RunConfig, TrainingError, make_trainer, train
+    from glm_jax.dry_run import dry_run
 
     lead = jax.process_index() == 0
     log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if lead else (lambda msg: None)
@@ -103,8 +113,11 @@ def main(argv=None):
     try:
         config = config_from_args(args.preset, args.set)
         optim_kw = {k: v for k, v in dict(peak_lr=args.lr, warmup_fraction=args.warmup, ramp_start=args.ramp_start,
+                                          ramp_fraction=args.ramp_fraction, ramp_increment=args.ramp_increment,
                                           max_consecutive_skips=args.max_skips).items() if v is not None}
         optim = optim_for(args.preset, **optim_kw)
+        if args.no_ramp:
+            optim = dataclasses.replace(optim, ramp_start=None)
         topo = devices = None
         if args.topology:
             from glm_jax.topology import parse_topology, plan_fields, topology_devices
@@ -112,8 +125,15 @@ def main(argv=None):
             topo = parse_topology(args.topology, args.slices)
             devices = topology_devices(topo)
         mesh = sh.make_mesh(args.mesh, devices)
+        run = RunConfig(steps=args.steps, global_batch=args.batch, seq_len=args.seq, seed=args.seed,
+                        ckpt_dir=args.ckpt_dir, ckpt_every=args.ckpt_every, keep=args.keep, log_dir=args.log_dir,
+                        eval_every=args.eval_every, pass_batch=args.pass_batch, microbatches=args.microbatches,
+                        schedule=args.schedule, async_checkpoints=not args.sync_checkpoints,
+                        progress=not args.no_progress, fsdp=args.fsdp, family=args.family)
         if args.dry_run:
-            trainer = Trainer(config, optim, mesh, args.pass_batch or args.batch, args.microbatches, fsdp=args.fsdp)
+            trainer, batches = make_trainer(config, optim, run, mesh)
+            if batches.ramp_note:
+                log(f"warning: {batches.ramp_note}")
             report = dry_run(trainer, args.seq)
             if topo is not None:
                 report = {**report, **plan_fields(topo, devices, report)}
@@ -136,11 +156,7 @@ def main(argv=None):
         eval_builder = SequenceBuilder(corpus.with_split("heldout").window, args.seq, args.seed + 1,
                                        dataclasses.replace(objective, multitask_ratio=0.0), None, tok.specials,
                                        family.causal)
-        run = RunConfig(steps=args.steps, global_batch=args.batch, seq_len=args.seq, seed=args.seed,
-                        ckpt_dir=args.ckpt_dir, ckpt_every=args.ckpt_every, keep=args.keep, log_dir=args.log_dir,
-                        eval_every=args.eval_every, pass_batch=args.pass_batch, microbatches=args.microbatches,
-                        async_checkpoints=not args.sync_checkpoints, progress=not args.no_progress,
-                        fsdp=args.fsdp, family=family.name, tokenizer_file=bundled_file(tok))
+        run = dataclasses.replace(run, family=family.name, tokenizer_file=bundled_file(tok))
         summary = train(config, optim, run, mesh, builder, eval_builder, log=log)
     except (ConfigError, sh.MeshError, DataError, CheckpointError, TokenizerError, FamilyError, TopologyError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -39,7 +39,7 @@ def adapter_path(path: str) -> str:
 
 def save_adapter(out_dir: str, config: GLMConfig, peft: PeftConfig, trainable: dict, step: int, base: dict,
                  family: str, tokenizer_file: str | None) -> str:
-    from glm_jax.train import move_to_device, save_serving
+    from glm_jax.checkpoint import move_to_device, save_serving
 
     path = os.path.join(out_dir, ADAPTER_DIR)
     save_serving(path, config, move_to_device(dict(trainable)), step, f"finetune {peft.method}", family,
@@ -48,7 +48,7 @@ def save_adapter(out_dir: str, config: GLMConfig, peft: PeftConfig, trainable: d
 
 
 def load_adapter(path: str) -> Adapter:
-    from glm_jax.train import CheckpointError, _restore
+    from glm_jax.checkpoint import CheckpointError, _restore
 
     config, params, step, meta, folder = _restore(adapter_path(path), None)
     if not meta.get("adapter"):

@@ -44,7 +44,7 @@ def load_model_or_exit(args):
     """train.load_model from the flags above; a user mistake prints `error: ...` and exits 2."""
     import sys
 
-    from glm_jax.train import CheckpointError, load_model
+    from glm_jax.checkpoint import CheckpointError, load_model
 
     try:
         return load_model(args.checkpoint, quantize=args.quantize, tokenizer_file=args.tokenizer, family=args.family,

@@ -442,7 +442,7 @@ def reference_bits_per_byte(docs: Iterable[tuple[str, str]], tokenizer: Tokenize
 
 @functools.partial(jax.jit, static_argnums=(0,))
 def _sft_loss_sum(config: GLMConfig, params, batch):
-    from glm_jax.sharding import token_loss
+    from glm_jax.pipeline import token_loss
 
     loss, n = token_loss(GLM(config).apply({"params": params}, batch), batch)
     return loss * n, n

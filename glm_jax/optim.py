@@ -5,8 +5,9 @@
 - Learning rate by samples seen: linear warm-up from 1e-7 to the peak over `warmup_fraction` of
   the run's samples, then cosine decay to `min_lr_ratio` x peak at the end.
 - Batch ramp-up (192 -> 4224 over the first 2.5% of samples in steps of 24 for GLM-130B): the
-  batch is a whole number of fixed-size passes, so one compiled gradient pass serves every
-  batch size; the ramp's granularity is one pass.
+  batch is a whole number of fixed-size units, 1F1B microbatches on a pipelined mesh (one
+  compiled step, its schedule as long as the step's batch) or passes otherwise (one compiled
+  gradient pass, accumulated); the ramp's granularity is one unit (`pass_batch` here).
 - Dynamic loss scaling for fp16 as Megatron does it (initial 2^16, growth window 2000, growth x2,
   hysteresis 2: the scale halves after that many overflows).
 - The embedding gradient shrink alpha on a schedule: piecewise-constant (step, alpha) pairs.
@@ -99,6 +100,20 @@ class BatchSchedule:
                 seen += n * self.pass_batch
         object.__setattr__(self, "_ramp", tuple(passes))
         object.__setattr__(self, "_ramp_samples", seen)
+
+    @property
+    def ramp_note(self) -> str | None:
+        """Why a requested ramp-up does not happen with these flags (None: it does, or none asked)."""
+        if self.ramp_start is None or self._ramp:
+            return None
+        if self.ramp_start >= self.global_batch:
+            return (f"batch ramp-up from {self.ramp_start} is off: the global batch {self.global_batch} is not "
+                    "larger; every step has the full batch")
+        if self.pass_batch >= self.global_batch:
+            return (f"batch ramp-up from {self.ramp_start} is off: a step is one pass of {self.pass_batch} "
+                    "sequences; ramp in passes (--pass-batch) or microbatches (the 1f1b schedule of a pipelined mesh)")
+        return (f"batch ramp-up from {self.ramp_start} is off: {self.total_steps} steps leave no ramp at "
+                f"{self.pass_batch}-sequence granularity")
 
     def passes(self, step: int) -> int:
         """Gradient passes accumulated at `step`."""

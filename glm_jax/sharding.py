@@ -3,10 +3,7 @@
 Mesh specs: "8x4" is 8 pipeline stages x 4 tensor shards with data parallel over the remaining
 devices; "DxPxT" names all three. The model names logical axes only; `LOGICAL_RULES` below is
 the one table that maps them onto the mesh. Pipeline parallelism splits the stacked layers over
-`stage` in slots (`PipelinePlan`), runs a GPipe schedule of microbatches (a scan over
-M + S - 1 ticks; at each tick every stage runs its slots on its microbatch, vmapped over stages
-with the stage axis sharded, then activations rotate one stage on), and is differentiated by
-autodiff through the schedule.
+`stage` in slots (`PipelinePlan`); the schedules that run them are in `pipeline.py`.
 """
 
 from __future__ import annotations
@@ -24,8 +21,6 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from glm_jax.config import GLMConfig
-from glm_jax.layers import GLMBlock
-from glm_jax.model import GLM, REMAT_POLICIES, attention_inputs
 
 AXES = ("data", "stage", "tensor")
 
@@ -219,6 +214,19 @@ def zero1_sharding(sharding: NamedSharding, shape: tuple[int, ...]) -> NamedShar
     return NamedSharding(mesh, P(*spec))
 
 
+def per_device_bytes(shapes, shardings) -> float:
+    """Bytes one device holds of a tree of ShapeDtypeStructs under these NamedShardings."""
+    total = 0.0
+    for a, s in zip(jax.tree_util.tree_leaves(shapes), jax.tree_util.tree_leaves(shardings)):
+        total += float(np.prod(s.shard_shape(a.shape))) * np.dtype(a.dtype).itemsize
+    return total
+
+
+def abstract_tree(shapes, shardings):
+    """ShapeDtypeStructs carrying these shardings (compile or restore targets, nothing allocated)."""
+    return jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings)
+
+
 def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
     """[B, S] batch arrays: rows over `data`."""
     return NamedSharding(mesh, P("data", None))
@@ -263,10 +271,6 @@ class PipelinePlan:
     def active(self) -> np.ndarray:
         return self.layer_of_slot >= 0
 
-    def bubble_fraction(self, microbatches: int) -> float:
-        """Idle share of the GPipe schedule: (S - 1) / (M + S - 1)."""
-        return (self.stages - 1) / (microbatches + self.stages - 1)
-
 
 def to_slots(layers, plan: PipelinePlan):
     """Stacked layer params [L, ...] -> slot layout [S*K, ...] (padding slots zero). One stage:
@@ -300,127 +304,15 @@ def params_from_slots(params: dict, plan: PipelinePlan) -> dict:
     return {**params, "layers": from_slots(params["layers"], plan)} if "layers" in params else params
 
 
-# ---- the forward pass on a mesh -------------------------------------------------------------------
-def _split_microbatches(x, m: int):
-    """[B, ...] -> [M, B/M, ...], microbatch i = rows i, M + i, 2M + i, ...: each data shard's
-    contiguous rows stay on that shard."""
-    b = x.shape[0]
-    return jnp.swapaxes(x.reshape((b // m, m) + x.shape[1:]), 0, 1)
+def describe(mesh: jax.sharding.Mesh, plan: PipelinePlan, microbatches: int, schedule: str = "gpipe") -> str:
+    from glm_jax.pipeline import bubble_fraction
 
-
-def _merge_microbatches(x):
-    m, mb = x.shape[:2]
-    return jnp.swapaxes(x, 0, 1).reshape((m * mb,) + x.shape[2:])
-
-
-BATCH_FIELDS = ("position_ids", "block_position_ids", "segment_ids", "prefix_mask")
-
-
-def pipeline_blocks(config: GLMConfig, plan: PipelinePlan, layer_slots, h, batch, microbatches: int,
-                    dropout_rng=None, bubble_value: float = 0.0, prefix=None):
-    """Run the blocks as a GPipe schedule. h: [B, S, E] -> [B, S, E].
-
-    layer_slots: layer params in slot layout [stages * slots, ...]. Bubble ticks (a stage with
-    no microbatch) compute on zeros (`bubble_value` fills the idle buffer, NaN in tests) and
-    their results are never read, so they reach neither outputs nor gradients. prefix: P-tuning
-    keys/values [L, P, 2, K, D] (`GLM.prefix`), split over the stages like the layers.
-    """
-    n_st, k, m = plan.stages, plan.slots, microbatches
-    xs = _split_microbatches(h, m)  # [M, mb, S, E]
-    fields = {f: _split_microbatches(batch.get(f, jnp.zeros_like(batch["position_ids"])), m) for f in BATCH_FIELDS}
-    by_stage = lambda tree: jax.tree_util.tree_map(lambda x: x.reshape((n_st, k) + x.shape[1:]), tree)
-    stage_params = by_stage(layer_slots)
-    stage_prefix = None if prefix is None else by_stage(to_slots(prefix, plan))
-    active = jnp.asarray(plan.active.reshape(n_st, k))
-    block = GLMBlock(config)
-    policy = REMAT_POLICIES.get(config.remat_policy, None)
-
-    def layer(p, x, mask, tables, rng, pre):
-        rngs = {"dropout": rng} if rng is not None else None
-        return block.apply({"params": p}, x, mask, tables, None, None, pre, rngs=rngs)[0]
-
-    if config.remat_policy != "none":
-        layer = jax.checkpoint(layer, policy=policy, prevent_cse=False)
-
-    def stage_fn(params, act, x, stage_fields, valid, rng, pre):
-        x = jnp.where(valid, x, jnp.zeros_like(x))
-        mask, tables = attention_inputs(stage_fields, config)
-
-        def slot(x, inp):
-            p, on, j, pr = inp
-            r = None if rng is None else jax.random.fold_in(rng, j)
-            return jnp.where(on, layer(p, x, mask, tables, r, pr), x), None
-
-        return jax.lax.scan(slot, x, (params, act, jnp.arange(k), pre))[0]
-
-    stages = jnp.arange(n_st)
-    act_spec = P("stage", "data", None, None)
-
-    def tick(carry, t):
-        state, outputs = carry
-        micro = t - stages  # the microbatch each stage works on
-        valid = (micro >= 0) & (micro < m)
-        take = jnp.clip(micro, 0, m - 1)
-        state = jnp.where((stages == 0)[:, None, None, None], xs[jnp.minimum(t, m - 1)][None], state)
-        state = jax.lax.with_sharding_constraint(state, act_spec)
-        stage_fields = {f: v[take] for f, v in fields.items()}
-        rngs = None if dropout_rng is None else jax.vmap(
-            lambda s, mi: jax.random.fold_in(jax.random.fold_in(dropout_rng, mi), s))(stages, take)
-        out = jax.vmap(stage_fn, spmd_axis_name="stage")(stage_params, active, state, stage_fields,
-                                                         valid, rngs, stage_prefix)
-        done = t - (n_st - 1)
-        last = jnp.where(done >= 0, out[n_st - 1], outputs[jnp.clip(done, 0, m - 1)])
-        outputs = jax.lax.dynamic_update_index_in_dim(outputs, last, jnp.clip(done, 0, m - 1), 0)
-        state = jnp.roll(out, 1, axis=0)  # stage s's output becomes stage s+1's input
-        return (state, outputs), None
-
-    state = jnp.full((n_st,) + xs.shape[1:], bubble_value, xs.dtype)
-    outputs = jnp.zeros_like(xs)
-    (_, outputs), _ = jax.lax.scan(tick, (state, outputs), jnp.arange(m + n_st - 1))
-    return _merge_microbatches(outputs)
-
-
-def forward(params, batch, config: GLMConfig, plan: PipelinePlan, microbatches: int = 1, *,
-            embedding_alpha=None, dropout_rng=None, bubble_value: float = 0.0):
-    """Logits [B, S, vocab] on whatever mesh the caller's jit places things on.
-
-    params: the model tree with `layers` in `plan`'s slot layout (identical to the plain stacked
-    layout when plan.stages == 1, which runs the plain model).
-    """
-    model = GLM(config)
-    rngs = {"dropout": dropout_rng} if dropout_rng is not None else None
-    if plan.stages == 1:
-        return model.apply({"params": params}, batch, embedding_alpha=embedding_alpha, rngs=rngs)
-    embed_rngs = layers_rng = None
-    if dropout_rng is not None:
-        embed_key, layers_rng = jax.random.split(dropout_rng)
-        embed_rngs = {"dropout": embed_key}
-    h = model.apply({"params": params}, batch, embedding_alpha, method=GLM.embed, rngs=embed_rngs)
-    prefix = model.apply({"params": params}, method=GLM.prefix, rngs=embed_rngs)
-    h = pipeline_blocks(config, plan, params["layers"], h, batch, microbatches,
-                        dropout_rng=layers_rng, bubble_value=bubble_value, prefix=prefix)
-    return model.apply({"params": params}, h, method=GLM.head)
-
-
-def token_loss(logits, batch):
-    """Cross-entropy summed over loss tokens / their global count (not a mean of means).
-
-    Returns (loss, number of loss tokens)."""
-    logits = logits.astype(jnp.float32)
-    logz = jax.nn.logsumexp(logits, axis=-1)
-    gold = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]
-    mask = batch["loss_mask"].astype(jnp.float32)
-    n = mask.sum()
-    return jnp.sum((logz - gold) * mask) / jnp.maximum(n, 1.0), n
-
-
-def describe(mesh: jax.sharding.Mesh, plan: PipelinePlan, microbatches: int) -> str:
     head = (f"mesh data={axis_size(mesh, 'data')} x stage={axis_size(mesh, 'stage')} x "
             f"tensor={axis_size(mesh, 'tensor')}")
     if plan.stages == 1:
         return head + "; no pipeline"
-    return (head + f"; layers per stage {plan.layers_per_stage} ({plan.slots} slots); {microbatches} "
-            f"microbatches, bubble {plan.bubble_fraction(microbatches):.1%}")
+    return (head + f"; layers per stage {plan.layers_per_stage} ({plan.slots} slots); {schedule}, {microbatches} "
+            f"microbatches a step, bubble {bubble_fraction(schedule, plan.stages, microbatches):.1%}")
 
 
 def microbatch_count(requested: int | None, global_batch: int, mesh: jax.sharding.Mesh) -> int:

@@ -1,13 +1,19 @@
 """One process of the two-process test (tests/test_sharding.py starts two of these).
 
 Env: JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID, XLA_FLAGS (4 fake CPU devices).
-argv: output .npz path. Computes the loss and every gradient of the shared test model on a
-2x2x2 mesh over both processes' devices, each process loading only its rows of the batch, then
-the losses of a few training steps.
+argv: output .npz path, a run folder. Computes the loss and every gradient of the shared test
+model on a 2x2x2 mesh over both processes' devices, each process loading only its rows of the
+batch, then the losses of a few training steps; then trains in the run folder until process 1
+alone gets SIGTERM (once step 2 is saved): every process must save the same step and stop. Each
+writes its run summary to RUN/summary-<process>.json.
 """
 
+import json
 import os
+import signal
 import sys
+import threading
+import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -28,4 +34,25 @@ train_losses = sharding_case.train_losses(mesh, jax.process_index(), jax.process
 if jax.process_index() == 0:
     flat = {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(grads)}
     np.savez(sys.argv[1], loss=np.asarray(loss), train_losses=np.asarray(train_losses), **flat)
+
+from glm_jax.optim import OptimConfig  # noqa: E402
+from glm_jax.train import RunConfig, train  # noqa: E402
+
+run_dir = sys.argv[2]
+
+
+def _sigterm_once_step_2_is_saved():
+    while not os.path.isdir(os.path.join(run_dir, "ck", "2")):
+        time.sleep(0.01)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+if jax.process_index() == 1:
+    threading.Thread(target=_sigterm_once_step_2_is_saved, daemon=True).start()
+run = RunConfig(steps=40, global_batch=sharding_case.BATCH, seq_len=sharding_case.SEQ, ckpt_dir=f"{run_dir}/ck",
+                log_dir=f"{run_dir}/log", ckpt_every=2, async_checkpoints=False, progress=False)
+summary = train(sharding_case.config(), OptimConfig(peak_lr=1e-3), run, mesh, sharding_case.builder(),
+                log=lambda m: None)
+with open(os.path.join(run_dir, f"summary-{jax.process_index()}.json"), "w") as f:
+    json.dump(summary, f)
 jax.distributed.shutdown()

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from glm_jax import pipeline as pl
 from glm_jax import sharding as sh
 from glm_jax.config import get_config
 from glm_jax.data import DataIterator
@@ -37,8 +38,13 @@ def local_rows(process_index=0, process_count=1):
     return {k: v for k, v in next(it).items() if k != "kind"}
 
 
-def sharded_loss_and_grads(mesh, batch, c=None, microbatches=None, bubble_value=0.0, with_logits=False):
-    """Loss, gradients (plain stacked layout, fully replicated numpy-ready) [and logits] on `mesh`."""
+def sharded_loss_and_grads(mesh, batch, c=None, microbatches=None, bubble_value=0.0, with_logits=False,
+                           schedule=None):
+    """Loss, gradients (plain stacked layout, fully replicated numpy-ready) [and logits] on `mesh`.
+    schedule None: the logits of `pipeline.forward` and their loss; "gpipe" / "1f1b": the training
+    losses of those schedules (head and loss per microbatch on the last stage, no logits)."""
+    from glm_jax.peft import PeftConfig, combine
+
     c = c or config()
     plan = sh.PipelinePlan(c.num_layers, sh.axis_size(mesh, "stage"))
     m = sh.microbatch_count(microbatches, BATCH, mesh)
@@ -49,10 +55,17 @@ def sharded_loss_and_grads(mesh, batch, c=None, microbatches=None, bubble_value=
     place = jax.jit(lambda p: sh.params_to_slots(p, plan), out_shardings=shardings)
 
     def loss_fn(p, b):
-        logits = sh.forward(p, b, c, plan, m, bubble_value=bubble_value)
-        return sh.token_loss(logits, b)[0], logits
+        if schedule == "gpipe":
+            loss_sum, n = pl.gpipe_loss(p, b, c, plan, m, bubble_value=bubble_value)
+            return loss_sum / n, None
+        logits = pl.forward(p, b, c, plan, m, bubble_value=bubble_value)
+        return pl.token_loss(logits, b)[0], logits
 
     def step(p, b):
+        if schedule == "1f1b":
+            g, loss_sum, n = pl.one_f_one_b(p, {}, lambda t, f: combine(t, f, PeftConfig("full")), b, m, c, plan, m,
+                                             bubble_value=bubble_value)
+            return loss_sum / n, sh.params_from_slots(g, plan), None
         (loss, logits), g = jax.value_and_grad(loss_fn, has_aux=True)(p, b)
         return loss, sh.params_from_slots(g, plan), logits
 
@@ -72,7 +85,7 @@ def single_device(c=None):
         from glm_jax.model import GLM
 
         logits = GLM(c).apply({"params": p}, batch)
-        return sh.token_loss(logits, batch)[0], logits
+        return pl.token_loss(logits, batch)[0], logits
 
     (loss, logits), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params(c))
     return loss, grads, logits

@@ -13,7 +13,8 @@ from glm_jax import sharding as sh
 from glm_jax.evaluate import ModelScorer, lambada_greedy, read_lambada
 from glm_jax.optim import OptimConfig
 from glm_jax.tokenizer import GLMTokenizer
-from glm_jax.train import Checkpoints, Trainer
+from glm_jax.checkpoint import Checkpoints, save_state
+from glm_jax.train import Trainer
 
 assert os.environ.get("HF_DATASETS_OFFLINE") == "1"  # conftest: lm-eval's datasets never reach the hub
 lm_eval = pytest.importorskip("lm_eval")
@@ -34,7 +35,7 @@ def harness_model(tmp_path_factory):
     path = tmp_path_factory.mktemp("h") / "ck"
     t = Trainer(c, OptimConfig(), sh.make_mesh("1x1", jax.devices()[:1]), 1)
     ckpt = Checkpoints(str(path), async_save=False)
-    ckpt.save(3, t.to_canonical(t.init_state(0)), {"config": c.to_dict()})
+    save_state(ckpt, t, 3, t.init_state(0), {"config": c.to_dict()})
     ckpt.close()
     return harness.GLMJaxLM(checkpoint=str(path), batch_size=4, max_gen_toks=4)
 

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from glm_jax import pipeline as pl
 from glm_jax import sharding as sh
 from glm_jax.config import get_config
 from glm_jax.generate import cached_forward, init_cache, serving_params, write_prefix
@@ -120,7 +121,7 @@ def test_pipelined_prefix_equals_the_plain_model():
     plan = sh.PipelinePlan(3, 2)
     mesh = sh.make_mesh("1x2x1", jax.devices()[:2])
     with jax.set_mesh(mesh):
-        got = jax.jit(lambda p, x: sh.forward(sh.params_to_slots(p, plan), x, config, plan, 2))(full, b)
+        got = jax.jit(lambda p, x: pl.forward(sh.params_to_slots(p, plan), x, config, plan, 2))(full, b)
     np.testing.assert_allclose(np.asarray(got), logits(config, full, b), atol=2e-5, rtol=1e-5)
 
 

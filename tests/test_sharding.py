@@ -1,5 +1,6 @@
 """Sharding: meshes, rules, the pipeline (uneven stages, NaN bubbles), placement, two processes."""
 
+import json
 import os
 import pathlib
 import socket
@@ -13,6 +14,7 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from glm_jax import pipeline as pl
 from glm_jax import sharding as sh
 from glm_jax.model import abstract_params
 import sharding_case as case
@@ -43,14 +45,19 @@ def test_sharded_equals_single_device(spec, n_devices, reference):
     assert_same(case.sharded_loss_and_grads(mesh, batch, with_logits=True), reference)
 
 
-@pytest.mark.parametrize("layers,stages", [(7, 4), (10, 4)])  # 10 on 4: the 9x8-2 layout scaled down (3x4-2)
-def test_uneven_pipeline_with_nan_bubbles_equals_plain_scan(layers, stages):
+# 10 on 4: the 9x8-2 layout scaled down (3x4-2). The training schedules: the head and loss of each
+# microbatch on the last stage (GPipe by autodiff, 1F1B by a backward per tick); the logits path
+# is the evaluation forward.
+@pytest.mark.parametrize("layers,stages,schedule", [(7, 4, None), (7, 4, "gpipe"), (10, 4, "1f1b")])
+def test_uneven_pipeline_with_nan_bubbles_equals_plain_scan(layers, stages, schedule):
     c = case.config(num_layers=layers)
     mesh = sh.make_mesh(f"{stages}x2", jax.devices()[: 2 * stages])
     batch = sh.global_batch(case.local_rows(), mesh)
-    got = case.sharded_loss_and_grads(mesh, batch, c=c, bubble_value=float("nan"), with_logits=True)
-    assert all(np.isfinite(g).all() for g in jax.tree_util.tree_leaves(got[1]))
-    assert_same(got, case.single_device(c))
+    loss, grads, logits = case.sharded_loss_and_grads(mesh, batch, c=c, bubble_value=float("nan"), with_logits=True,
+                                                      schedule=schedule)
+    assert all(np.isfinite(g).all() for g in jax.tree_util.tree_leaves(grads))
+    ref = case.single_device(c)
+    assert_same((loss, grads, ref[2] if logits is None else logits), ref)
 
 
 def test_microbatch_count_does_not_change_the_loss(reference):
@@ -66,7 +73,8 @@ def test_pipeline_plan():
     assert sh.PipelinePlan(10, 4).layers_per_stage == [2, 3, 3, 2]
     plan = sh.PipelinePlan(10, 4)
     assert list(plan.layer_of_slot) == [0, 1, -1, 2, 3, 4, 5, 6, 7, 8, 9, -1]
-    assert plan.bubble_fraction(8) == pytest.approx(3 / 11)
+    assert pl.bubble_fraction("gpipe", 4, 8) == pytest.approx(3 / 11)
+    assert pl.bubble_fraction("1f1b", 8, 176) == pytest.approx(14 / 190)
     layers = {"w": jnp.arange(10.0)[:, None] * jnp.ones((10, 3))}
     slots = sh.to_slots(layers, plan)
     assert slots["w"].shape == (12, 3) and not slots["w"][2].any()
@@ -157,7 +165,8 @@ def test_two_processes_equal_one(tmp_path, reference):
                JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
                PYTHONPATH=os.pathsep.join([str(HERE.parent), env.get("PYTHONPATH", "")]))
     out = tmp_path / "grads.npz"
-    procs = [subprocess.Popen([sys.executable, str(HERE / "multihost_worker.py"), str(out)],
+    run_dir = tmp_path / "run"
+    procs = [subprocess.Popen([sys.executable, str(HERE / "multihost_worker.py"), str(out), str(run_dir)],
                               env={**env, "JAX_PROCESS_ID": str(i)}, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for i in range(2)]
     try:
@@ -174,3 +183,10 @@ def test_two_processes_equal_one(tmp_path, reference):
     np.testing.assert_allclose(got["train_losses"], one_process, rtol=1e-6)
     for key, ref in _flat(reference[1]).items():
         np.testing.assert_allclose(got[key], ref, atol=2e-6, rtol=1e-5, err_msg=key)
+    # SIGTERM on process 1 only: both processes agreed on one step, saved it and stopped
+    summaries = [json.loads((run_dir / f"summary-{i}.json").read_text()) for i in range(2)]
+    assert all(s["interrupted"] for s in summaries)
+    assert summaries[0]["steps"] == summaries[1]["steps"] < 40
+    from glm_jax.checkpoint import Checkpoints
+
+    assert Checkpoints(str(run_dir / "ck")).latest_step() == summaries[0]["steps"]

@@ -1,0 +1,298 @@
+"""Checkpoints: training state in its training layout, serving checkpoints, and loading models.
+
+A step folder holds four orbax items:
+- `params`: the trainable parameters as the run holds them (layers in the slot layout of its
+  pipeline, `meta.layout`), every array in its training sharding: each process writes its own
+  shards, nothing is gathered;
+- `opt_state`: the optimizer state (ZeRO-1 moments sharded over `data`), likewise;
+- `train`: step, loss scale, rng, skip counters;
+- `meta` (JSON): config, data iterator state, layout, family, tokenizer, optimizer settings.
+
+`restore_state` reads them straight into the trainer's shardings (each device reads its own
+shards) when the pipeline has the same stage count; onto another stage count it reads the saved
+slots sharded over the new mesh and re-slots them in one jitted function on the devices. A
+serving load (`load_checkpoint`, `load_model`) reads `params` and `meta` only, never the
+optimizer state. A serving checkpoint (`save_serving`: float or quantized parameters, no
+optimizer state) has the same folder layout, so every loader takes both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from glm_jax import sharding as sh
+from glm_jax.config import ConfigError, GLMConfig
+from glm_jax.peft import PeftConfig, split_shapes
+
+TRAIN_ITEMS = ("params", "opt_state", "train")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit this run (another config, a damaged folder); says what."""
+
+
+class Checkpoints:
+    """orbax CheckpointManager over a run folder: async saves, keep the last K, atomic steps.
+
+    A save is written to a temporary folder and renamed when complete, so a crash mid-save
+    leaves the previous checkpoints intact and `latest_step` never names a partial one.
+    """
+
+    def __init__(self, directory: str, keep: int = 3, async_save: bool = True):
+        self.directory = os.path.abspath(directory)
+        opts = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
+                                            create=True)
+        self.manager = ocp.CheckpointManager(self.directory, options=opts, item_names=TRAIN_ITEMS + ("meta",))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, items: dict, meta: dict) -> None:
+        """items: some of TRAIN_ITEMS -> pytrees of jax arrays (written in their shardings)."""
+        args = {k: ocp.args.StandardSave(v) for k, v in items.items()}
+        self.manager.save(step, args=ocp.args.Composite(meta=ocp.args.JsonSave(meta), **args), force=True)
+
+    def restore_meta(self, step: int) -> dict:
+        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+    def restore(self, step: int, targets: dict) -> dict:
+        """targets: item name -> abstract tree (ShapeDtypeStructs with shardings); reads only those."""
+        args = {k: ocp.args.StandardRestore(v) for k, v in targets.items()}
+        restored = self.manager.restore(step, args=ocp.args.Composite(**args))
+        return {k: restored[k] for k in targets}
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def check_config_matches(saved: dict, config: GLMConfig, where: str) -> None:
+    """A clear error naming every field where a checkpoint's config differs from this run's."""
+    mine = config.to_dict()
+    diff = {k: (saved.get(k), v) for k, v in mine.items() if saved.get(k) != v}
+    structural = {k: d for k, d in diff.items() if k not in ("hidden_dropout", "attention_dropout", "remat_policy",
+                                                              "attention_impl", "embedding_shrink_alpha")}
+    if structural:
+        lines = ", ".join(f"{k}: checkpoint {a!r} vs run {b!r}" for k, (a, b) in sorted(structural.items()))
+        raise CheckpointError(f"checkpoint {where} was trained with another model config ({lines}); "
+                              "use the same --preset/--set or another --ckpt-dir")
+
+
+# ---- training state ---------------------------------------------------------------------------------
+def layout(plan: sh.PipelinePlan) -> dict:
+    """What `meta.layout` records: the pipeline whose slot layout the saved layers are in."""
+    return {"stages": plan.stages, "num_layers": plan.num_layers}
+
+
+def _saved_plan(meta: dict, config: GLMConfig) -> sh.PipelinePlan:
+    return sh.PipelinePlan(config.num_layers, int(meta.get("layout", {}).get("stages", 1)))
+
+
+def save_state(ckpt: Checkpoints, trainer, step: int, state, meta: dict) -> None:
+    """Write `state` (a train.TrainState) as it lies on the mesh: no conversion, nothing compiled."""
+    scalars = {"step": state.step, "loss_scale": state.loss_scale, "rng": state.rng, "skipped": state.skipped,
+               "consecutive_skips": state.consecutive_skips}
+    ckpt.save(step, {"params": state.params, "opt_state": state.opt_state, "train": scalars},
+              {**meta, "layout": layout(trainer.plan)})
+
+
+def restore_state(ckpt: Checkpoints, trainer, step: int, meta: dict):
+    """The train.TrainState of `step` in `trainer`'s shardings. Same stage count: every device
+    reads its own shards. Another stage count: the saved slots are read sharded over the new mesh
+    (layers over `stage` where it divides them) and re-slotted on the devices."""
+    from glm_jax.train import TrainState
+
+    saved = _saved_plan(meta, trainer.config)
+    same = saved.stages == trainer.plan.stages
+    shapes = trainer.state_shapes(saved)
+    shardings = trainer.state_shardings if same else trainer.shardings_for(shapes)
+    target = sh.abstract_tree(shapes, shardings)
+    scalars = {"step": target.step, "loss_scale": target.loss_scale, "rng": target.rng, "skipped": target.skipped,
+               "consecutive_skips": target.consecutive_skips}
+    items = ckpt.restore(step, {"params": target.params, "opt_state": target.opt_state, "train": scalars})
+    state = TrainState(params=items["params"], opt_state=items["opt_state"], **items["train"])
+    if same:
+        return state
+    reslot = lambda t: sh.params_to_slots(sh.params_from_slots(t, saved), trainer.plan)
+    with jax.set_mesh(trainer.mesh):
+        return jax.jit(lambda s: s.replace(params=reslot(s.params),
+                                           opt_state=trainer.param_like(s.opt_state, reslot, lambda x: x)),
+                       out_shardings=trainer.state_shardings)(state)
+
+
+def state_bytes_per_device(trainer) -> float:
+    """Bytes of the training state on one device: what it holds in a restore target and, at
+    most (replicated shards are written once), what it writes in a save."""
+    return sh.per_device_bytes(trainer.state_shapes(trainer.plan), trainer.state_shardings)
+
+
+# ---- serving checkpoints and loading a trained model ------------------------------------------------------------------------
+TOKENIZER_DIR = "tokenizer"
+
+
+def copy_tokenizer(model_file: str | None, directory: str) -> str | None:
+    """Copy a tokenizer file into directory/tokenizer/ (so the checkpoint is self-contained) ->
+    its path relative to directory, as checkpoint meta records it; None for ours (in the package)."""
+    if model_file is None:
+        return None
+    rel = os.path.join(TOKENIZER_DIR, os.path.basename(model_file))
+    dest = os.path.join(directory, rel)
+    if os.path.abspath(model_file) != os.path.abspath(dest):
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        shutil.copyfile(model_file, dest + ".tmp")
+        os.replace(dest + ".tmp", dest)
+    return rel
+
+
+def _restore(path: str, step: int | None) -> tuple[GLMConfig, dict, int, dict, str]:
+    """(config, params, step, meta, checkpoint folder) of a training or serving checkpoint; the
+    parameters only (a training checkpoint's optimizer state is never read)."""
+    path = os.path.abspath(path)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"checkpoint folder {path} not found; train one with "
+                              "`python experiments/pretrain.py` or pass --checkpoint DIR")
+    base = os.path.basename(path)
+    if base.isdigit() and step is None and os.path.isdir(os.path.join(path, "params")):
+        path, step = os.path.dirname(path), int(base)
+    ckpt = Checkpoints(path, async_save=False)
+    try:
+        step = ckpt.latest_step() if step is None else step
+        if step is None:
+            raise CheckpointError(f"{path} holds no complete checkpoint")
+        meta = ckpt.restore_meta(step)
+        config = GLMConfig.from_dict(meta["config"])
+        params = read_params(ckpt, step, meta, config)
+    finally:
+        ckpt.close()
+    return config, params, step, meta, path
+
+
+def read_params(ckpt: Checkpoints, step: int, meta: dict, config: GLMConfig) -> dict:
+    """A step's `params` item on the first device, in the plain stacked layout. They are the run's
+    trainable parameters: all of them, or a fine-tuning method's (meta.peft)."""
+    peft = PeftConfig.from_dict(meta["peft"]) if meta.get("peft") else PeftConfig("full")
+    plan = _saved_plan(meta, config)
+    shapes = jax.eval_shape(lambda t: sh.params_to_slots(t, plan), split_shapes(peft, config)[0])
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one), shapes)
+    return sh.params_from_slots(ckpt.restore(step, {"params": target})["params"], plan)
+
+
+def _quantize_on_load(config: GLMConfig, params: dict, quantize: str | None, path: str):
+    if quantize and quantize not in ("none", config.quantization):
+        if config.quantization != "none":
+            raise CheckpointError(f"{path} holds {config.quantization} weights already; quantize the float "
+                                  f"checkpoint it came from to get {quantize}")
+        from glm_jax.int4 import quantize_params
+
+        config = config.override(quantization=quantize)
+        params = quantize_params(params, config)
+    return config, params
+
+
+def load_checkpoint(path: str, step: int | None = None, quantize: str | None = None) -> tuple[GLMConfig, dict, int]:
+    """(config, params, step) from a run's checkpoint folder (its latest step, or `step`) or from
+    one step's folder, onto the first device: a training checkpoint, or a quantized serving one
+    written by `save_serving`. quantize "int4"/"int8": weight-only quantization of a float
+    checkpoint's layer weights (int4.py) as it loads. Clear errors for a missing or empty
+    folder, or for re-quantizing quantized weights."""
+    config, params, step, _, path = _restore(path, step)
+    config, params = _quantize_on_load(config, params, quantize, path)
+    return config, params, step
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """A checkpoint with everything needed to prompt it: its family and tokenizer."""
+
+    config: GLMConfig
+    params: dict
+    step: int
+    family: Any  # families.Family
+    tokenizer: Any  # tokenizer.Tokenizer
+    path: str
+
+
+def load_model(path: str, quantize: str | None = None, tokenizer_file: str | None = None,
+               family: str | None = None, step: int | None = None, adapter: str | None = None) -> LoadedModel:
+    """`load_checkpoint` plus the family and tokenizer the checkpoint records (a checkpoint from
+    before families were recorded is ours, `glm`). tokenizer_file / family override them. A
+    tokenizer whose ids do not fit the embedding is a clear error. adapter: a fine-tuned
+    adapter folder (adapters.py) put on the (quantized) base, after checking it is its base."""
+    from glm_jax.families import FamilyError, get_family
+    from glm_jax.tokenizer import TokenizerError, check_fits
+
+    config, params, step, meta, path = _restore(path, step)
+    try:
+        fam = get_family(family or meta.get("family") or "glm")
+        if tokenizer_file is None and meta.get("tokenizer"):
+            tokenizer_file = os.path.join(path, meta["tokenizer"])
+        tok = fam.load_tokenizer(tokenizer_file)
+        check_fits(tok, config.padded_vocab_size, f"the checkpoint {path}")
+    except (FamilyError, TokenizerError) as e:
+        raise CheckpointError(str(e)) from None
+    if adapter is not None:
+        from glm_jax.adapters import attach, load_adapter
+        from glm_jax.peft import check_base
+
+        ad = load_adapter(adapter)
+        try:
+            check_base(ad.base, config, params, step, ad.path)
+        except ConfigError as e:
+            raise CheckpointError(str(e)) from None
+    config, params = _quantize_on_load(config, params, quantize, path)
+    if adapter is not None:
+        config, params = attach(ad, config, params)
+    return LoadedModel(config, params, step, fam, tok, path)
+
+
+def move_to_device(tree: dict) -> dict:
+    """Replace a nested dict's numpy leaves by device arrays in place, one leaf at a time, each
+    numpy leaf dropped as soon as it is copied: one copy of the model at any moment (plus a leaf)."""
+    for key, value in list(tree.items()):
+        if isinstance(value, dict):
+            move_to_device(value)
+        elif isinstance(value, np.ndarray):
+            tree[key] = None
+            tree[key] = jnp.asarray(value)
+            del value
+    return tree
+
+
+def save_serving(path: str, config: GLMConfig, params: dict, step: int, source: str, family: str = "glm",
+                 tokenizer_file: str | None = None, extra: dict | None = None) -> None:
+    """A serving checkpoint: parameters (float or quantized, no optimizer state), their config,
+    the family and a copy of the tokenizer file, in the training checkpoints' folder layout, so
+    `load_checkpoint` / `load_model` and every script take it. Written beside `path` and renamed
+    into place when complete: a failure leaves no half-written folder. `path` must not exist yet
+    (or be empty). Pass jax arrays (`move_to_device`): orbax copies numpy leaves before writing."""
+    path = os.path.abspath(path)
+    if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
+        raise CheckpointError(f"{path} exists and is not empty; remove it or choose another output folder")
+    tmp = f"{path}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        rel = copy_tokenizer(tokenizer_file, tmp)
+        ckpt = Checkpoints(tmp, keep=1, async_save=False)
+        try:
+            ckpt.save(step, {"params": params}, {"config": config.to_dict(), "serving": True, "source": source,
+                                                 "family": family, "tokenizer": rel, "layout": {"stages": 1},
+                                                 **(extra or {})})
+        finally:
+            ckpt.close()
+        if os.path.isdir(path):
+            os.rmdir(path)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
