@@ -125,6 +125,35 @@ def test_pipelined_prefix_equals_the_plain_model():
     np.testing.assert_allclose(np.asarray(got), logits(config, full, b), atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("method", ["lora", "ptuning"])
+def test_adapter_gradients_through_1f1b_equal_the_plain_model(method):
+    """The adapter's gradients on 2 pipeline stages (1F1B: trainable leaves beside frozen ones,
+    a P-tuning prefix recomputed per tick) equal jax.grad of the plain model's mean loss."""
+    c = base_config(num_layers=2)
+    peft = PeftConfig(method, pre_seq_len=3, prefix_projection=True, lora_dropout=0.0, prefix_dropout=0.0)
+    config, adapter, full = with_adapter(peft, c, init_params(c, jax.random.key(4)))
+    adapter = jax.tree_util.tree_map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(7), x.shape), adapter)
+    b = batch_of(rows=4)
+    frozen = split(full, peft, config)[1]
+    trainer = Trainer(config, OptimConfig(), sh.make_mesh("1x2x1", jax.devices()[:2]), 4, peft=peft)
+    assert trainer.schedule == "1f1b"
+    trainer.set_frozen(frozen)
+    with trainer.context():
+        slots = jax.jit(lambda a: sh.params_to_slots(a, trainer.plan),
+                        out_shardings=trainer.state_shardings.params)(adapter)
+        grads, loss_sum, n = trainer.grad_pass(slots, trainer.place_batch(b), jax.random.key(0), jnp.float32(1.0),
+                                               jnp.float32(1.0))
+        grads = jax.device_get(trainer.plain_params(grads))
+
+    def mean_loss(a):
+        return pl.token_loss(GLM(config).apply({"params": combine(a, frozen, peft)}, b), b)[0]
+
+    loss, want = jax.value_and_grad(mean_loss)(adapter)
+    np.testing.assert_allclose(float(loss_sum / n), float(loss), rtol=1e-6)
+    for (path, g), r in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree_util.tree_leaves(want)):
+        np.testing.assert_allclose(g / float(n), r, atol=1e-6, rtol=1e-4, err_msg=jax.tree_util.keystr(path))
+
+
 def _train(config, peft, base_params, steps=4, lr=1e-2):
     mesh = sh.make_mesh("1x1", jax.devices()[:1])
     trainer = Trainer(config, OptimConfig(peak_lr=lr, init_lr=lr, warmup_fraction=0.0), mesh, 2, peft=peft)

@@ -64,33 +64,34 @@ def test_checkpoints_are_written_and_read_in_the_training_layout(tmp_path, spec,
 
 def test_restore_onto_other_meshes_is_exact_and_serving_reads_parameters_only(tmp_path):
     c = case.config(num_layers=4)
-    batch = case.local_rows()
     big = Trainer(c, OPTIM, sh.make_mesh("4x2", jax.devices()[:8]), 8)
     with big.context():
-        state, _ = big.fused_step(big.init_state(0), big.place_batch(batch), LR, ALPHA)
+        state, _ = big.fused_step(big.init_state(0), big.place_batch(case.local_rows()), LR, ALPHA)
     ckpt = Checkpoints(str(tmp_path), async_save=False)
     save_state(ckpt, big, 1, state, {"config": c.to_dict()})
     ckpt.close()
-    saved = jax.device_get(big.plain_params(state.params))
-    with big.context():
-        _, m_ref = big.fused_step(state, big.place_batch(batch), LR, ALPHA)
+
+    def plain(t, s):  # parameters and moments in the plain stacked layout, on the host
+        unslot = lambda p: sh.params_from_slots(p, t.plan)
+        with jax.set_mesh(t.mesh):
+            return jax.device_get(jax.jit(lambda s: (unslot(s.params), t.param_like(s.opt_state, unslot, lambda x: x),
+                                                     s.step, s.rng))(s))
+
+    saved = plain(big, state)
     # one device; 2 stages (the saved 4 slots split over them); 3 stages (they do not divide 4)
     for spec, n in (("1x1", 1), ("2x2x2", 8), ("3x1", 3)):
         t = Trainer(c, OPTIM, sh.make_mesh(spec, jax.devices()[:n]), 8)
         ck = Checkpoints(str(tmp_path), async_save=False)
         restored = restore_state(ck, t, 1, ck.restore_meta(1))
         ck.close()
-        for a, b in zip(jax.tree_util.tree_leaves(jax.device_get(t.plain_params(restored.params))),
-                        jax.tree_util.tree_leaves(saved)):
-            np.testing.assert_array_equal(a, b)
-        with t.context():
-            _, m = t.fused_step(restored, t.place_batch(batch), LR, ALPHA)
-        assert float(m["loss"]) == pytest.approx(float(m_ref["loss"]), rel=1e-6), spec
-        assert float(m["grad_norm"]) == pytest.approx(float(m_ref["grad_norm"]), rel=1e-4), spec
+        assert all(a.sharding == s for a, s in zip(jax.tree_util.tree_leaves(restored),
+                                                    jax.tree_util.tree_leaves(t.state_shardings))), spec
+        for a, b in zip(jax.tree_util.tree_leaves(plain(t, restored)), jax.tree_util.tree_leaves(saved)):
+            np.testing.assert_array_equal(a, b, err_msg=spec)
     shutil.rmtree(tmp_path / "1" / "opt_state")  # a serving load never reads it
     config, params, step = load_checkpoint(str(tmp_path))
     assert step == 1
-    for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(saved)):
+    for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(saved[0])):
         np.testing.assert_array_equal(np.asarray(a), b)
 
 

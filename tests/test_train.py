@@ -22,7 +22,7 @@ import sharding_case as case
 ROOT = pathlib.Path(__file__).parents[1]
 PRETRAIN = str(ROOT / "experiments" / "pretrain.py")
 SMALL = ["--set", "num_layers=2", "--seq", "64", "--batch", "4", "--no-progress"]
-# 2 pipeline stages (1F1B), the batch ramping 1 -> 4 over steps 1-11 of 14
+# 2 pipeline stages (1F1B), the batch ramping 1 -> 4 over steps 1-8 of 10
 RAMPED = [*SMALL, "--mesh", "2x1", "--ramp-start", "1", "--ramp-increment", "1", "--ramp-fraction", "0.3"]
 
 
@@ -50,13 +50,14 @@ def losses(run_dir) -> dict:
 
 
 def test_pretrain_8x4_trains_and_the_loss_falls(tmp_path):
-    out = pretrain(tmp_path, "--mesh", "8x4", "--steps", "10", "--seq", "64", "--batch", "4", "--no-progress",
-                   timeout=900)
-    assert "simulating 32 CPU devices" in out.stderr
+    out = pretrain(tmp_path, "--mesh", "8x4", "--steps", "5", "--seq", "64", "--batch", "4", "--no-progress",
+                   "--lr", "1e-2", "--warmup", "0", "--eval-every", "5", timeout=900)
+    assert "simulating 32 CPU devices" in out.stderr and "1f1b" in out.stderr
     summary = json.loads(out.stdout.strip().splitlines()[-1])
     loss = losses(tmp_path)
-    assert sorted(loss) == list(range(1, 11))
-    assert loss[10] < loss[1] and summary["final_loss"] == loss[10]
+    assert sorted(loss) == list(range(1, 6)) and summary["final_loss"] == loss[5]
+    # the held-out loss on the same batches, before step 1 and after step 5
+    assert summary["eval_loss"] < summary["initial_eval_loss"]
     assert (tmp_path / "log" / "metrics.png").exists() and (tmp_path / "log" / "summary.json").exists()
     assert any((tmp_path / "log" / "tensorboard").iterdir())
 
@@ -99,30 +100,29 @@ def _saving(run_dir):
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("full")
-    pretrain(run_dir, "--steps", "14", "--ckpt-every", "3", *RAMPED)
+    pretrain(run_dir, "--steps", "10", "--ckpt-every", "3", *RAMPED)
     with open(f"{run_dir}/log/metrics.jsonl") as f:
         batches = [r["batch"] for r in map(json.loads, f) if "batch" in r]
-    assert batches == [1, 1, 1, 1, 1, 1, 2, 2, 2, 3, 3, 4, 4, 4]
-    return losses(run_dir)
+    assert batches == [1, 1, 1, 1, 2, 2, 3, 3, 4, 4]
+    return run_dir, losses(run_dir)
 
 
 def test_kill_and_resume_gives_the_uninterrupted_losses(tmp_path, uninterrupted):
-    at = random.Random(os.getpid()).randint(4, 11)
-    assert _kill_when(tmp_path, lambda d: _steps_logged(d) >= at, 14), "the run ended before the kill"
-    pretrain(tmp_path, "--steps", "14", "--ckpt-every", "3", *RAMPED)
-    assert losses(tmp_path) == uninterrupted  # bitwise: JSON floats round-trip exactly
+    at = random.Random(os.getpid()).randint(3, 8)  # mid-ramp
+    assert _kill_when(tmp_path, lambda d: _steps_logged(d) >= at, 10), "the run ended before the kill"
+    pretrain(tmp_path, "--steps", "10", "--ckpt-every", "3", *RAMPED)
+    assert losses(tmp_path) == uninterrupted[1]  # bitwise: JSON floats round-trip exactly
 
 
 def test_kill_during_a_checkpoint_write_leaves_the_previous_one(tmp_path, uninterrupted):
-    killed = _kill_when(tmp_path, _saving, 14)
+    killed = _kill_when(tmp_path, _saving, 10)
     assert killed, "never saw a checkpoint being written"
-    pretrain(tmp_path, "--steps", "14", "--ckpt-every", "3", *RAMPED)
-    assert losses(tmp_path) == uninterrupted
+    pretrain(tmp_path, "--steps", "10", "--ckpt-every", "3", *RAMPED)
+    assert losses(tmp_path) == uninterrupted[1]
 
 
-def test_checkpoint_from_another_config_is_a_clear_error(tmp_path):
-    pretrain(tmp_path, "--steps", "2", *SMALL)
-    out = pretrain(tmp_path, "--steps", "4", *SMALL, "--set", "hidden_size=64", check=False)
+def test_checkpoint_from_another_config_is_a_clear_error(uninterrupted):
+    out = pretrain(uninterrupted[0], "--steps", "12", *SMALL, "--set", "hidden_size=64", check=False)
     assert out.returncode == 2
     assert "trained with another model config" in out.stderr and "hidden_size: checkpoint 128 vs run 64" in out.stderr
 
