@@ -56,7 +56,7 @@ def main(argv=None):
         # the same imports and nothing else: the baseline resident memory of a converting process
         baseline = json.loads(subprocess.run(
             [sys.executable, "-c", "import json, sys; sys.path.insert(0, sys.argv[1]); import jax, torch, safetensors, "
-             "glm_jax.released, glm_jax.checkpoint, glm_jax.int4, convert; print(json.dumps(convert.peak_rss_bytes()))",
+             "glm_jax.released, glm_jax.checkpoints, glm_jax.int4, convert; print(json.dumps(convert.peak_rss_bytes()))",
              here], capture_output=True, text=True, check=True).stdout)
         p = subprocess.run([sys.executable, os.path.join(here, "convert.py"), "--input", str(folder),
                             "--out", os.path.join(tmp, "out")], capture_output=True, text=True)

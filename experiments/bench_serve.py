@@ -49,7 +49,7 @@ def build(out: str, layers: int, hidden: int) -> tuple[str, str]:
 
     from glm_jax.config import get_config
     from glm_jax.model import init_params
-    from glm_jax.checkpoint import move_to_device, save_serving
+    from glm_jax.checkpoints import move_to_device, save_serving
 
     ck, hf = os.path.join(out, "checkpoint"), os.path.join(out, "hf-glm")
     if not os.path.isdir(ck):

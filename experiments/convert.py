@@ -53,7 +53,7 @@ def main(argv=None):
     from glm_jax.int4 import quantize_params, tree_bytes
     from glm_jax.released import convert_folder
     from glm_jax.tokenizer import TokenizerError, bundled_file, check_fits
-    from glm_jax.checkpoint import CheckpointError, move_to_device, save_serving
+    from glm_jax.checkpoints import CheckpointError, move_to_device, save_serving
 
     t0 = time.perf_counter()
     try:

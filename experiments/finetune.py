@@ -106,7 +106,7 @@ def main(argv=None):
     from glm_jax.peft import PeftConfig, base_identity, count, merge_lora, nbytes, split_shapes
     from glm_jax.sft import SFTBuilder
     from glm_jax.tokenizer import bundled_file
-    from glm_jax.checkpoint import CheckpointError, _quantize_on_load, load_model, move_to_device, save_serving
+    from glm_jax.checkpoints import CheckpointError, _quantize_on_load, load_model, move_to_device, save_serving
     from glm_jax.train import RunConfig, TrainingError, train
 
     lead = jax.process_index() == 0
@@ -183,7 +183,7 @@ def main(argv=None):
 
 def _check_resume(ckpt_dir, peft, identity):
     """A run folder from another method or base is an error, not a silent mix."""
-    from glm_jax.checkpoint import CheckpointError, Checkpoints
+    from glm_jax.checkpoints import CheckpointError, Checkpoints
 
     if not os.path.isdir(ckpt_dir):
         return

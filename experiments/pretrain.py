@@ -102,7 +102,7 @@ def main(argv=None):
     from glm_jax.families import FamilyError, get_family
     from glm_jax.tokenizer import TokenizerError, bundled_file, check_fits
     from glm_jax.topology import TopologyError
-    from glm_jax.checkpoint import CheckpointError
+    from glm_jax.checkpoints import CheckpointError
     from glm_jax.train import RunConfig, TrainingError, make_trainer, train
     from glm_jax.dry_run import dry_run
 

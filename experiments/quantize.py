@@ -37,7 +37,7 @@ def main(argv=None):
     from glm_jax.config import ConfigError
     from glm_jax.int4 import quantize_params, tree_bytes
     from glm_jax.tokenizer import bundled_file
-    from glm_jax.checkpoint import CheckpointError, save_serving
+    from glm_jax.checkpoints import CheckpointError, save_serving
 
     m = load_model_or_exit(argparse.Namespace(**{**vars(args), "quantize": None}))
     config, params, step = m.config, m.params, m.step

@@ -4,7 +4,7 @@
     adapter = load_adapter(out_dir)                          # OUT_DIR or OUT_DIR/adapter
     config, params = attach(adapter, base_config, base_params)
 
-An adapter folder is a serving checkpoint (`train.save_serving`) of the trainable parameters
+An adapter folder is a serving checkpoint (`checkpoints.save_serving`) of the trainable parameters
 (`peft.split`: LoRA pairs, the prefix encoder, the last layers, or everything for full SFT),
 whose metadata adds the method (`peft`) and the base's identity (`peft.base_identity`), checked
 when it is loaded onto a base.
@@ -39,7 +39,7 @@ def adapter_path(path: str) -> str:
 
 def save_adapter(out_dir: str, config: GLMConfig, peft: PeftConfig, trainable: dict, step: int, base: dict,
                  family: str, tokenizer_file: str | None) -> str:
-    from glm_jax.checkpoint import move_to_device, save_serving
+    from glm_jax.checkpoints import move_to_device, save_serving
 
     path = os.path.join(out_dir, ADAPTER_DIR)
     save_serving(path, config, move_to_device(dict(trainable)), step, f"finetune {peft.method}", family,
@@ -48,7 +48,7 @@ def save_adapter(out_dir: str, config: GLMConfig, peft: PeftConfig, trainable: d
 
 
 def load_adapter(path: str) -> Adapter:
-    from glm_jax.checkpoint import CheckpointError, _restore
+    from glm_jax.checkpoints import CheckpointError, _restore
 
     config, params, step, meta, folder = _restore(adapter_path(path), None)
     if not meta.get("adapter"):

@@ -11,7 +11,7 @@ DEFAULT_CHECKPOINTS = os.path.join(DEFAULT_RUN, "checkpoints")
 
 def add_checkpoint_args(ap: argparse.ArgumentParser) -> None:
     """--checkpoint (default: pretrain.py's) and --quantize, as the evaluation and generation
-    scripts take them (for `train.load_model`)."""
+    scripts take them (for `checkpoints.load_model`)."""
     ap.add_argument("--checkpoint", default=DEFAULT_CHECKPOINTS,
                     help="a run's checkpoint folder (its latest step), one step's folder, or a serving checkpoint")
     ap.add_argument("--quantize", choices=("none", "int8", "int4"), default="none",
@@ -41,10 +41,10 @@ def prepare_devices(ap: argparse.ArgumentParser, mesh_spec: str) -> tuple[int, b
 
 
 def load_model_or_exit(args):
-    """train.load_model from the flags above; a user mistake prints `error: ...` and exits 2."""
+    """checkpoints.load_model from the flags above; a user mistake prints `error: ...` and exits 2."""
     import sys
 
-    from glm_jax.checkpoint import CheckpointError, load_model
+    from glm_jax.checkpoints import CheckpointError, load_model
 
     try:
         return load_model(args.checkpoint, quantize=args.quantize, tokenizer_file=args.tokenizer, family=args.family,

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from glm_jax import pipeline as pl
 from glm_jax import sharding as sh
-from glm_jax.checkpoint import state_bytes_per_device
+from glm_jax.checkpoints import state_bytes_per_device
 from glm_jax.objectives import CONTRACT_KEYS
 
 GIB = 2.0**30

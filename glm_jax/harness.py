@@ -33,7 +33,7 @@ class GLMJaxLM(LM):
                  family: str | None = None, batch_size: int | str = 16, max_gen_toks: int = 256,
                  window: int | None = None, **_):
         super().__init__()
-        from glm_jax.checkpoint import load_model
+        from glm_jax.checkpoints import load_model
 
         m = load_model(checkpoint, quantize=quantize, tokenizer_file=tokenizer, family=family)
         self.model, self.tok, self.family = m, m.tokenizer, m.family

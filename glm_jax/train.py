@@ -14,7 +14,7 @@ logical rules and the shardings of parameters (slot layout, `sharding.py`), opti
 Schedules (`pipeline.py`): on a pipelined mesh "1f1b" (the default) runs every microbatch of a
 step, a ramped batch included, through one schedule, one compiled step for every batch size;
 "gpipe" runs a step as passes of `pass_batch` sequences, accumulated. Without stages the plain
-model runs, in passes. Checkpoints: `checkpoint.py`; stop signals and metrics files: `runlog.py`.
+model runs, in passes. Checkpoints: `checkpoints.py`; stop signals and metrics files: `runlog.py`.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from glm_jax import pipeline as pl
 from glm_jax import sharding as sh
-from glm_jax.checkpoint import Checkpoints, check_config_matches, copy_tokenizer, restore_state, save_state
+from glm_jax.checkpoints import Checkpoints, check_config_matches, copy_tokenizer, restore_state, save_state
 from glm_jax.config import ConfigError, GLMConfig
 from glm_jax.data import DataIterator
 from glm_jax.model import GLM, abstract_params, dummy_batch

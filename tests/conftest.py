@@ -22,3 +22,14 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     atexit.register(shutil.rmtree, _cache, True)
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+
+# The heaviest files first: `pytest -n 2 --dist loadfile` hands files to the two workers in this
+# order, so the long ones start at once and the short ones fill in around them.
+HEAVY_FIRST = ("test_sharding.py", "test_train.py", "test_peft.py", "test_serve.py", "test_released.py",
+               "test_scale.py", "test_finetune.py", "test_tpu_attention.py", "test_topology.py", "test_int4.py",
+               "test_optim.py", "test_evaluate.py", "test_harness.py", "test_model.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(HEAVY_FIRST)))

@@ -13,6 +13,7 @@ from glm_jax.model import abstract_params, init_params
 from glm_jax.objectives import ObjectiveConfig, SequenceBuilder
 
 BATCH, SEQ = 8, 64
+MULTIHOST_LAYERS = 4  # the two-process test's model (2 layers a stage on 2x2x2)
 
 
 def config(num_layers=8, **kw):
@@ -91,12 +92,12 @@ def single_device(c=None):
     return loss, grads, logits
 
 
-def train_losses(mesh, process_index=0, process_count=1, steps=3):
+def train_losses(mesh, process_index=0, process_count=1, steps=3, c=None):
     """Losses of `steps` training steps (AdamW) on `mesh`, each process feeding its rows."""
     from glm_jax.optim import OptimConfig
     from glm_jax.train import Trainer
 
-    trainer = Trainer(config(), OptimConfig(peak_lr=1e-3), mesh, BATCH)
+    trainer = Trainer(c or config(), OptimConfig(peak_lr=1e-3), mesh, BATCH)
     state = trainer.init_state(0)
     data = DataIterator(builder(), BATCH, process_index, process_count, prefetch=0)
     losses = []

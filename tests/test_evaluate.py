@@ -18,7 +18,7 @@ from glm_jax.generate import Generator, make_prompts
 from glm_jax.optim import OptimConfig
 from glm_jax.families import get_family
 from glm_jax.tokenizer import GMASK, MASK, SOP, GLMTokenizer
-from glm_jax.checkpoint import Checkpoints, save_state
+from glm_jax.checkpoints import Checkpoints, save_state
 from glm_jax.train import Trainer
 import sharding_case as case
 
@@ -205,7 +205,7 @@ def test_quantized_serving_checkpoint_round_trips_and_serves(tiny_checkpoint, tm
     quantizing on load gives, the evaluation scripts take the folder, and re-quantizing it is a
     clear error."""
     from glm_jax.int4 import quantize_params
-    from glm_jax.checkpoint import CheckpointError, load_checkpoint
+    from glm_jax.checkpoints import CheckpointError, load_checkpoint
 
     out = tmp_path / "int4"
     r = _load_script("quantize").main(["--checkpoint", str(tiny_checkpoint), "--out", str(out), "--groups", "2"])

@@ -14,7 +14,7 @@ import pytest
 
 from glm_jax.config import get_config
 from glm_jax.model import GLM, init_params
-from glm_jax.checkpoint import CheckpointError, load_model, move_to_device, save_serving
+from glm_jax.checkpoints import CheckpointError, load_model, move_to_device, save_serving
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "experiments"))
 import finetune  # noqa: E402

@@ -36,6 +36,23 @@ def test_batch_ramp_up():
     assert [BatchSchedule(8, 2, 10).passes(i) for i in (0, 9)] == [4, 4]
     with pytest.raises(ValueError, match="whole number of passes"):
         BatchSchedule(10, 4, 5)
+    assert s.ramp_note is None and BatchSchedule(8, 2, 10).ramp_note is None  # a ramp, or none asked
+    # a ramp the flags cannot give is said, not silent (and not an error)
+    assert "not larger" in BatchSchedule(192, 24, 100, ramp_start=192).ramp_note
+    assert "one pass" in BatchSchedule(4224, 4224, 100, ramp_start=192).ramp_note
+
+
+def test_a_pipelined_mesh_ramps_in_microbatches_without_flags():
+    from glm_jax.config import get_config
+    from glm_jax.optim import optim_for
+    from glm_jax.train import RunConfig, make_trainer
+
+    # glm-130b's optimizer (ramp over 2.5% of the samples, increments of 24) on a small model and
+    # 8 stages: 1F1B steps of 8 -> 176 one-sequence microbatches, no --pass-batch needed
+    c = get_config("glm-tiny", num_layers=8)
+    run = RunConfig(steps=1000, global_batch=4224 // 24, seq_len=64)
+    _, batches = make_trainer(c, optim_for("glm-130b", ramp_start=8), run, sh.make_mesh("8x1", jax.devices()[:8]))
+    assert batches.passes(0) == 8 and batches.passes(999) == 176 and batches.ramp_note is None
 
 
 def test_embedding_alpha_schedule():

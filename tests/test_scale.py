@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from glm_jax import sharding as sh
-from glm_jax.checkpoint import Checkpoints, load_checkpoint, restore_state, save_state, state_bytes_per_device
+from glm_jax.checkpoints import Checkpoints, load_checkpoint, restore_state, save_state, state_bytes_per_device
 from glm_jax.optim import OptimConfig
 from glm_jax.train import Trainer
 import sharding_case as case

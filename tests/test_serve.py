@@ -27,7 +27,7 @@ from glm_jax.peft import PeftConfig
 from glm_jax.serving.engine import Engine, QueueFull, Request, Sampling, bucket, filter_logits, run
 from glm_jax.serving.text import TextStream
 from glm_jax.tokenizer import GLM_IDS as I
-from glm_jax.checkpoint import move_to_device, save_serving
+from glm_jax.checkpoints import move_to_device, save_serving
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "test-key"

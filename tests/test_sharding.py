@@ -158,7 +158,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_equal_one(tmp_path, reference):
+def test_two_processes_equal_one(tmp_path):
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
     env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4",
@@ -178,8 +178,10 @@ def test_two_processes_equal_one(tmp_path, reference):
                 p.wait()
     assert all(p.returncode == 0 for p in procs), "\n".join(logs)[-4000:]
     got = np.load(out)
+    c = case.config(num_layers=case.MULTIHOST_LAYERS)
+    reference = case.single_device(c)
     np.testing.assert_allclose(got["loss"], reference[0], rtol=1e-6)
-    one_process = case.train_losses(sh.make_mesh("2x2x2", jax.devices()[:8]))
+    one_process = case.train_losses(sh.make_mesh("2x2x2", jax.devices()[:8]), c=c)
     np.testing.assert_allclose(got["train_losses"], one_process, rtol=1e-6)
     for key, ref in _flat(reference[1]).items():
         np.testing.assert_allclose(got[key], ref, atol=2e-6, rtol=1e-5, err_msg=key)
@@ -187,6 +189,6 @@ def test_two_processes_equal_one(tmp_path, reference):
     summaries = [json.loads((run_dir / f"summary-{i}.json").read_text()) for i in range(2)]
     assert all(s["interrupted"] for s in summaries)
     assert summaries[0]["steps"] == summaries[1]["steps"] < 40
-    from glm_jax.checkpoint import Checkpoints
+    from glm_jax.checkpoints import Checkpoints
 
     assert Checkpoints(str(run_dir / "ck")).latest_step() == summaries[0]["steps"]

@@ -15,7 +15,7 @@ import pytest
 
 from glm_jax import sharding as sh
 from glm_jax.optim import OptimConfig
-from glm_jax.checkpoint import Checkpoints
+from glm_jax.checkpoints import Checkpoints
 from glm_jax.train import Trainer, TrainingError, RunConfig, train
 import sharding_case as case
 

@@ -155,7 +155,7 @@ def decode_slots(config: GLMConfig, params, cache, token, step, lengths, mask_po
 
 class Engine:
     """The slots, their cache and the decode loop. params: float, INT8/INT4 or with adapters
-    (whatever `train.load_model` gives); copied once into `generate.serving_params` layout."""
+    (whatever `checkpoints.load_model` gives); copied once into `generate.serving_params` layout."""
 
     def __init__(self, config: GLMConfig, params, ids: SpecialIds = GLM_IDS, causal: bool = False,
                  slots: int = 8, max_queue: int | None = None, cache_dtype=None):
