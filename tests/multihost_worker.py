@@ -4,7 +4,7 @@ Env: JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID, XLA_FLAGS (4 fa
 argv: output .npz path, a run folder. Computes the loss and every gradient of the shared test
 model on a 2x2x2 mesh over both processes' devices, each process loading only its rows of the
 batch, then the losses of a few training steps; then trains in the run folder until process 1
-alone gets SIGTERM (once step 1 is saved): every process must save the same step and stop. Each
+alone gets SIGTERM (once process 0 has logged a step): every process must save the same step and stop. Each
 writes its run summary to RUN/summary-<process>.json.
 """
 
@@ -42,16 +42,17 @@ from glm_jax.train import RunConfig, train  # noqa: E402
 run_dir = sys.argv[2]
 
 
-def _sigterm_once_step_1_is_saved():
-    while not os.path.isdir(os.path.join(run_dir, "ck", "1")):
+def _sigterm_once_a_step_is_logged():
+    metrics = os.path.join(run_dir, "log", "metrics.jsonl")  # process 0 writes it
+    while not (os.path.exists(metrics) and os.path.getsize(metrics)):
         time.sleep(0.01)
     os.kill(os.getpid(), signal.SIGTERM)
 
 
 if jax.process_index() == 1:
-    threading.Thread(target=_sigterm_once_step_1_is_saved, daemon=True).start()
+    threading.Thread(target=_sigterm_once_a_step_is_logged, daemon=True).start()
 run = RunConfig(steps=40, global_batch=sharding_case.BATCH, seq_len=sharding_case.SEQ, ckpt_dir=f"{run_dir}/ck",
-                log_dir=f"{run_dir}/log", ckpt_every=1, async_checkpoints=False, progress=False)
+                log_dir=f"{run_dir}/log", ckpt_every=100, async_checkpoints=False, progress=False)
 summary = train(config, OptimConfig(peak_lr=1e-3), run, mesh, sharding_case.builder(),
                 log=lambda m: None)
 with open(os.path.join(run_dir, f"summary-{jax.process_index()}.json"), "w") as f:

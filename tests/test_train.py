@@ -21,7 +21,7 @@ import sharding_case as case
 
 ROOT = pathlib.Path(__file__).parents[1]
 PRETRAIN = str(ROOT / "experiments" / "pretrain.py")
-SMALL = ["--set", "num_layers=2", "--seq", "64", "--batch", "4", "--no-progress"]
+SMALL = ["--set", "num_layers=2", "--seq", "32", "--batch", "4", "--no-progress"]
 # 2 pipeline stages (1F1B), the batch ramping 1 -> 4 over steps 1-8 of 10
 RAMPED = [*SMALL, "--mesh", "2x1", "--ramp-start", "1", "--ramp-increment", "1", "--ramp-fraction", "0.3"]
 
