@@ -151,11 +151,14 @@ def main(argv=None):
             f"(bad json {st.bad_json}, bad utf-8 {st.bad_utf8}, empty {st.empty_text}, no text {st.missing_text})")
         pairs = load_instructions(args.instructions, tok) if args.instructions else None
         objective = ObjectiveConfig(position_encoding_2d=args.two_d or config.position_encoding_2d)
-        builder = SequenceBuilder(corpus.with_split("train").window, args.seq, args.seed, objective, pairs,
-                                  tok.specials, family.causal)
-        eval_builder = SequenceBuilder(corpus.with_split("heldout").window, args.seq, args.seed + 1,
-                                       dataclasses.replace(objective, multitask_ratio=0.0), None, tok.specials,
-                                       family.causal)
+        try:
+            builder = SequenceBuilder(corpus.with_split("train").window, args.seq, args.seed, objective, pairs,
+                                      tok.specials, family.causal)
+            eval_builder = SequenceBuilder(corpus.with_split("heldout").window, args.seq, args.seed + 1,
+                                           dataclasses.replace(objective, multitask_ratio=0.0), None, tok.specials,
+                                           family.causal)
+        except ValueError as e:  # the objective's own checks: a sequence too short for its samples
+            raise ConfigError(f"{e}; pass a longer --seq") from None
         run = dataclasses.replace(run, family=family.name, tokenizer_file=bundled_file(tok))
         summary = train(config, optim, run, mesh, builder, eval_builder, log=log)
     except (ConfigError, sh.MeshError, DataError, CheckpointError, TokenizerError, FamilyError, TopologyError) as e:

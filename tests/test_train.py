@@ -21,7 +21,7 @@ import sharding_case as case
 
 ROOT = pathlib.Path(__file__).parents[1]
 PRETRAIN = str(ROOT / "experiments" / "pretrain.py")
-SMALL = ["--set", "num_layers=2", "--seq", "32", "--batch", "4", "--no-progress"]
+SMALL = ["--set", "num_layers=2", "--seq", "64", "--batch", "4", "--no-progress"]
 # 2 pipeline stages (1F1B), the batch ramping 1 -> 4 over steps 1-8 of 10
 RAMPED = [*SMALL, "--mesh", "2x1", "--ramp-start", "1", "--ramp-increment", "1", "--ramp-fraction", "0.3"]
 
@@ -136,6 +136,8 @@ def test_bad_flags_are_clear_errors(tmp_path):
     assert out.returncode == 2 and "unknown config field" in out.stderr
     out = pretrain(tmp_path, "--data", str(tmp_path / "missing.jsonl"), check=False)
     assert out.returncode == 2 and "not found" in out.stderr
+    out = pretrain(tmp_path, "--seq", "32", "--steps", "1", check=False)
+    assert out.returncode == 2 and "too short" in out.stderr and "longer --seq" in out.stderr
 
 
 def test_training_a_quantized_config_is_a_clear_error():
