@@ -99,11 +99,15 @@ def _saved_plan(meta: dict, config: GLMConfig) -> sh.PipelinePlan:
     return sh.PipelinePlan(config.num_layers, int(meta.get("layout", {}).get("stages", 1)))
 
 
+def _train_item(state) -> dict:
+    """The `train` item of a train.TrainState (arrays, or ShapeDtypeStructs as a restore target)."""
+    return {"step": state.step, "loss_scale": state.loss_scale, "rng": state.rng, "skipped": state.skipped,
+            "consecutive_skips": state.consecutive_skips}
+
+
 def save_state(ckpt: Checkpoints, trainer, step: int, state, meta: dict) -> None:
     """Write `state` (a train.TrainState) as it lies on the mesh: no conversion, nothing compiled."""
-    scalars = {"step": state.step, "loss_scale": state.loss_scale, "rng": state.rng, "skipped": state.skipped,
-               "consecutive_skips": state.consecutive_skips}
-    ckpt.save(step, {"params": state.params, "opt_state": state.opt_state, "train": scalars},
+    ckpt.save(step, {"params": state.params, "opt_state": state.opt_state, "train": _train_item(state)},
               {**meta, "layout": layout(trainer.plan)})
 
 
@@ -118,9 +122,7 @@ def restore_state(ckpt: Checkpoints, trainer, step: int, meta: dict):
     shapes = trainer.state_shapes(saved)
     shardings = trainer.state_shardings if same else trainer.shardings_for(shapes)
     target = sh.abstract_tree(shapes, shardings)
-    scalars = {"step": target.step, "loss_scale": target.loss_scale, "rng": target.rng, "skipped": target.skipped,
-               "consecutive_skips": target.consecutive_skips}
-    items = ckpt.restore(step, {"params": target.params, "opt_state": target.opt_state, "train": scalars})
+    items = ckpt.restore(step, {"params": target.params, "opt_state": target.opt_state, "train": _train_item(target)})
     state = TrainState(params=items["params"], opt_state=items["opt_state"], **items["train"])
     if same:
         return state
@@ -137,7 +139,7 @@ def state_bytes_per_device(trainer) -> float:
     return sh.per_device_bytes(trainer.state_shapes(trainer.plan), trainer.state_shardings)
 
 
-# ---- serving checkpoints and loading a trained model ------------------------------------------------------------------------
+# ---- serving checkpoints and loading a trained model -------------------------------------------
 TOKENIZER_DIR = "tokenizer"
 
 

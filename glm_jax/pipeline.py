@@ -146,7 +146,8 @@ def _gpipe(params, batch, config: GLMConfig, plan: PipelinePlan, m: int, alpha, 
     n_st = plan.stages
     fields = _microbatch_fields(batch, m, with_loss)
     layers, rest = _split_layers(params)
-    rest_s = _per_stage(rest, n_st)
+    rest_s, layers_s = _per_stage(rest, n_st), _by_stage(layers, plan)
+    active = jnp.asarray(plan.active.reshape(n_st, plan.slots))
     embed_key = layers_key = None
     if dropout_rng is not None:
         embed_key, layers_key = jax.random.split(dropout_rng)
@@ -180,9 +181,8 @@ def _gpipe(params, batch, config: GLMConfig, plan: PipelinePlan, m: int, alpha, 
         keys = None if layers_key is None else jax.vmap(
             lambda s, mi: jax.random.fold_in(jax.random.fold_in(layers_key, mi), s))(stages, take)
         state = jax.lax.with_sharding_constraint(state, act_spec)
-        out, ls, n = jax.vmap(run_stage, spmd_axis_name="stage")(
-            rest_s, _by_stage(layers, plan), jnp.asarray(plan.active.reshape(n_st, plan.slots)), state, mb, valid,
-            stages, keys, prefix)
+        out, ls, n = jax.vmap(run_stage, spmd_axis_name="stage")(rest_s, layers_s, active, state, mb, valid, stages,
+                                                                 keys, prefix)
         if not with_loss:
             done = t - (n_st - 1)
             last = jnp.where(done >= 0, out[n_st - 1], outputs[jnp.clip(done, 0, m - 1)])

@@ -41,6 +41,13 @@ def _summaries(segment_ids, prefix_mask, block: int):
             (prefix_mask.reshape(b, s // block, block) != 0).any(-1).astype(jnp.int32))
 
 
+def _prefetch(segment_ids, prefix_mask, bq: int, bk: int):
+    """The kernels' scalar-prefetched block summaries: (query blocks' min / max segment, key
+    blocks' min / max segment, key blocks' part-A flag)."""
+    qsum, ksum = _summaries(segment_ids, prefix_mask, bq), _summaries(segment_ids, prefix_mask, bk)
+    return qsum[0], qsum[1], ksum[0], ksum[1], ksum[2]
+
+
 def _may_see(qmin, qmax, kmin, kmax, kpre, b, i, j, bq: int, bk: int):
     """Whether query block i and key block j can hold a visible pair (conservative)."""
     meet = (kmin[b, j] <= qmax[b, i]) & (qmin[b, i] <= kmax[b, j]) & (qmax[b, i] > 0) & (kmax[b, j] > 0)
@@ -131,7 +138,6 @@ def _forward(q, k, v, segment_ids, prefix_mask, bq, bk, interpret):
     b, h, s, d = q.shape
     group = h // k.shape[1]
     sp = _specs(bq, bk, d, group, kv_major=False)
-    qsum, ksum = _summaries(segment_ids, prefix_mask, bq), _summaries(segment_ids, prefix_mask, bk)
     kernel = functools.partial(_forward_kernel, scale=1.0 / math.sqrt(d), bq=bq, bk=bk)
     return pl.pallas_call(
         kernel,
@@ -143,7 +149,7 @@ def _forward(q, k, v, segment_ids, prefix_mask, bq, bk, interpret):
                             pltpu.VMEM((bq, d), jnp.float32)]),
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, s, LANES), jnp.float32)],
         interpret=interpret, **_params(interpret),
-    )(qsum[0], qsum[1], ksum[0], ksum[1], ksum[2], q, k, v, *_layout(segment_ids, prefix_mask))
+    )(*_prefetch(segment_ids, prefix_mask, bq, bk), q, k, v, *_layout(segment_ids, prefix_mask))
 
 
 # ---- backward -----------------------------------------------------------------------------------
@@ -199,8 +205,7 @@ def _backward(q, k, v, segment_ids, prefix_mask, out, lse, do, bq, bk, interpret
     group = h // k.shape[1]
     scale = 1.0 / math.sqrt(d)
     di = jnp.broadcast_to((do.astype(jnp.float32) * out.astype(jnp.float32)).sum(-1, keepdims=True), lse.shape)
-    qsum, ksum = _summaries(segment_ids, prefix_mask, bq), _summaries(segment_ids, prefix_mask, bk)
-    prefetch = (qsum[0], qsum[1], ksum[0], ksum[1], ksum[2])
+    prefetch = _prefetch(segment_ids, prefix_mask, bq, bk)
     layout = _layout(segment_ids, prefix_mask)
     sp = _specs(bq, bk, d, group, kv_major=False)
     dq = pl.pallas_call(

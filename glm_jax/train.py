@@ -331,16 +331,18 @@ def make_trainer(config: GLMConfig, optim: OptimConfig, run: RunConfig, mesh,
                  peft: PeftConfig = PeftConfig("full")) -> tuple[Trainer, BatchSchedule]:
     """The trainer of a run and its batch schedule (in 1F1B microbatches, or in passes). A 1F1B
     trainer holds the whole global batch, in microbatches of pass_batch / microbatches rows."""
-    pass_batch = run.pass_batch or run.global_batch
-    trainer = Trainer(config, optim, mesh, pass_batch, run.microbatches, fsdp=run.fsdp, peft=peft,
-                      schedule=run.schedule)
-    if trainer.schedule == "1f1b" and pass_batch != run.global_batch:
-        if run.global_batch % trainer.microbatch_rows:
+    pass_batch, microbatches = run.pass_batch or run.global_batch, run.microbatches
+    one_schedule = sh.axis_size(mesh, "stage") > 1 and (run.schedule or "1f1b") == "1f1b"
+    if one_schedule and pass_batch != run.global_batch:  # the microbatches of a pass, over the global batch
+        microbatches = sh.microbatch_count(microbatches, pass_batch, mesh)
+        sh.check_splittable(config, mesh, pass_batch, microbatches)
+        rows = pass_batch // microbatches
+        if run.global_batch % rows:
             raise ConfigError(f"global batch {run.global_batch} is not a whole number of microbatches of "
-                              f"{trainer.microbatch_rows} sequences")
-        trainer = Trainer(config, optim, mesh, run.global_batch, run.global_batch // trainer.microbatch_rows,
-                          fsdp=run.fsdp, peft=peft, schedule=run.schedule)
-    unit = trainer.microbatch_rows if trainer.schedule == "1f1b" else pass_batch
+                              f"{rows} sequences")
+        pass_batch, microbatches = run.global_batch, run.global_batch // rows
+    trainer = Trainer(config, optim, mesh, pass_batch, microbatches, fsdp=run.fsdp, peft=peft, schedule=run.schedule)
+    unit = trainer.microbatch_rows if trainer.schedule == "1f1b" else trainer.pass_batch
     return trainer, BatchSchedule(run.global_batch, unit, run.steps, optim.ramp_start, optim.ramp_fraction,
                                   optim.ramp_increment)
 
