@@ -5,7 +5,14 @@ import os
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in flags:
-    os.environ["XLA_FLAGS"] = (flags + " --xla_force_host_platform_device_count=32").strip()
+    flags += " --xla_force_host_platform_device_count=32"
+# The suite's programs are tiny and mostly run once or twice each: its time is XLA:CPU compiles,
+# of which LLVM's optimisation passes are about a third. The tests check values, never speed, and
+# -O0 changes no arithmetic (XLA:CPU's fast-math is off either way). The scripts the tests start
+# inherit the flag, except test_train.py's training runs (many steps: faster at the default).
+if "xla_backend_optimization_level" not in flags:
+    flags += " --xla_backend_optimization_level=0"
+os.environ["XLA_FLAGS"] = flags.strip()
 # tests never reach a model hub or dataset hub (lm-eval's local task YAMLs read local files)
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -3,9 +3,9 @@
 Env: JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID, XLA_FLAGS (4 fake CPU devices).
 argv: output .npz path, a run folder. Computes the loss and every gradient of the shared test
 model on a 2x2x2 mesh over both processes' devices, each process loading only its rows of the
-batch, then the losses of a few training steps; then trains in the run folder until process 1
-alone gets SIGTERM (once process 0 has logged a step): every process must save the same step and stop. Each
-writes its run summary to RUN/summary-<process>.json.
+batch; then trains in the run folder (losses in RUN/log/metrics.jsonl) until process 1 alone gets
+SIGTERM, once process 0 has logged LOGGED steps: every process must save the same step and stop.
+Each writes its run summary to RUN/summary-<process>.json.
 """
 
 import json
@@ -31,30 +31,34 @@ mesh = sh.make_mesh("2x2x2")
 local = sharding_case.local_rows(jax.process_index(), jax.process_count())
 config = sharding_case.config(num_layers=sharding_case.MULTIHOST_LAYERS)
 loss, grads = sharding_case.sharded_loss_and_grads(mesh, sh.global_batch(local, mesh), c=config)
-train_losses = sharding_case.train_losses(mesh, jax.process_index(), jax.process_count(), c=config)
 if jax.process_index() == 0:
     flat = {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(grads)}
-    np.savez(sys.argv[1], loss=np.asarray(loss), train_losses=np.asarray(train_losses), **flat)
+    np.savez(sys.argv[1], loss=np.asarray(loss), **flat)
 
-from glm_jax.optim import OptimConfig  # noqa: E402
 from glm_jax.train import RunConfig, train  # noqa: E402
 
 run_dir = sys.argv[2]
+LOGGED = 2
 
 
-def _sigterm_once_a_step_is_logged():
+def _sigterm_once_steps_are_logged():
     metrics = os.path.join(run_dir, "log", "metrics.jsonl")  # process 0 writes it
-    while not (os.path.exists(metrics) and os.path.getsize(metrics)):
+    while True:
+        try:
+            with open(metrics) as f:
+                if sum(line.endswith("\n") for line in f) >= LOGGED:
+                    break
+        except FileNotFoundError:
+            pass
         time.sleep(0.01)
     os.kill(os.getpid(), signal.SIGTERM)
 
 
 if jax.process_index() == 1:
-    threading.Thread(target=_sigterm_once_a_step_is_logged, daemon=True).start()
+    threading.Thread(target=_sigterm_once_steps_are_logged, daemon=True).start()
 run = RunConfig(steps=40, global_batch=sharding_case.BATCH, seq_len=sharding_case.SEQ, ckpt_dir=f"{run_dir}/ck",
                 log_dir=f"{run_dir}/log", ckpt_every=100, async_checkpoints=False, progress=False)
-summary = train(config, OptimConfig(peak_lr=1e-3), run, mesh, sharding_case.builder(),
-                log=lambda m: None)
+summary = train(config, sharding_case.optim(), run, mesh, sharding_case.builder(), log=lambda m: None)
 with open(os.path.join(run_dir, f"summary-{jax.process_index()}.json"), "w") as f:
     json.dump(summary, f)
 jax.distributed.shutdown()

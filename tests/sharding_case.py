@@ -14,6 +14,7 @@ from glm_jax.objectives import ObjectiveConfig, SequenceBuilder
 
 BATCH, SEQ = 8, 64
 MULTIHOST_LAYERS = 4  # the two-process test's model (2 layers a stage on 2x2x2)
+LR = 1e-3  # train_losses' learning rate; OPTIM holds it constant in a `train()` run
 
 
 def config(num_layers=8, **kw):
@@ -92,17 +93,26 @@ def single_device(c=None):
     return loss, grads, logits
 
 
-def train_losses(mesh, process_index=0, process_count=1, steps=3, c=None):
-    """Losses of `steps` training steps (AdamW) on `mesh`, each process feeding its rows."""
+def optim():
+    """AdamW at a constant learning rate LR: what `train_losses` steps with."""
     from glm_jax.optim import OptimConfig
+
+    return OptimConfig(peak_lr=LR, init_lr=LR, min_lr_ratio=1.0)
+
+
+def train_losses(mesh, process_index=0, process_count=1, steps=3, c=None):
+    """Losses of `steps` training steps (AdamW) on `mesh`, each process feeding its rows: those of
+    `train.train` with optim() and seed 0 on this builder, batch and mesh."""
     from glm_jax.train import Trainer
 
-    trainer = Trainer(c or config(), OptimConfig(peak_lr=1e-3), mesh, BATCH)
+    c = c or config()
+    trainer = Trainer(c, optim(), mesh, BATCH)
     state = trainer.init_state(0)
     data = DataIterator(builder(), BATCH, process_index, process_count, prefetch=0)
     losses = []
     with trainer.context():
         for _ in range(steps):
-            state, m = trainer.fused_step(state, trainer.place_batch(next(data)), jnp.float32(1e-3), jnp.float32(1.0))
+            state, m = trainer.fused_step(state, trainer.place_batch(next(data)), jnp.float32(LR),
+                                           jnp.float32(c.embedding_shrink_alpha))
             losses.append(float(jax.device_get(m["loss"])))
     return losses
