@@ -7,9 +7,9 @@ flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in flags:
     flags += " --xla_force_host_platform_device_count=32"
 # The suite's programs are tiny and mostly run once or twice each: its time is XLA:CPU compiles,
-# of which LLVM's optimisation passes are about a third. The tests check values, never speed, and
-# -O0 changes no arithmetic (XLA:CPU's fast-math is off either way). The scripts the tests start
-# inherit the flag, except test_train.py's training runs (many steps: faster at the default).
+# of which LLVM's optimisation passes are about a third. The tests check values, never speed (at
+# the same tolerances; XLA:CPU's fast-math is off either way). The scripts the tests start for
+# many steps or requests drop it (script_runs.py): those run faster at XLA's default level.
 if "xla_backend_optimization_level" not in flags:
     flags += " --xla_backend_optimization_level=0"
 os.environ["XLA_FLAGS"] = flags.strip()
@@ -31,10 +31,16 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 # The heaviest files first: `pytest -n 2 --dist loadfile` hands files to the two workers in this
-# order, so the long ones start at once and the short ones fill in around them.
-HEAVY_FIRST = ("test_sharding.py", "test_train.py", "test_peft.py", "test_serve.py", "test_released.py",
-               "test_scale.py", "test_finetune.py", "test_tpu_attention.py", "test_topology.py", "test_int4.py",
-               "test_optim.py", "test_evaluate.py", "test_harness.py", "test_model.py")
+# order (pytest_configure turns off xdist's own reordering, by test count), so the long ones start
+# at once and the short ones fill in around them.
+HEAVY_FIRST = ("test_sharding.py", "test_train.py", "test_peft.py", "test_serve.py", "test_scale.py",
+               "test_finetune.py", "test_tpu_attention.py", "test_int4.py", "test_topology.py", "test_optim.py",
+               "test_model.py", "test_released.py", "test_harness.py", "test_evaluate.py", "test_layers.py")
+
+
+def pytest_configure(config):
+    if hasattr(config.option, "loadscopereorder"):  # pytest-xdist >= 3.7
+        config.option.loadscopereorder = False
 
 
 def pytest_collection_modifyitems(items):

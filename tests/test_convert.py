@@ -7,8 +7,9 @@ import pytest
 
 from glm_jax.config import get_config
 from glm_jax.convert import ConversionError, config_from_hf_glm, from_glm130b_state_dict, from_hf_glm
-from glm_jax.model import GLM, abstract_params
+from glm_jax.model import abstract_params
 from reference_numpy import glm_forward, random_glm130b_state_dict
+from jit_forward import forward
 
 SMALL_130B = dict(num_layers=3, hidden_size=64, num_attention_heads=4, vocab_size=200, vocab_pad_multiple=128,
                   dtype="float32", hidden_dropout=0.0, attention_dropout=0.0)
@@ -41,7 +42,7 @@ def test_glm130b_layout_matches_numpy_float64_forward(preset, extra):
     assert _tree_shapes(params) == _tree_shapes(jax.tree_util.tree_map(lambda b: b.value, abstract_params(c),
                                                                        is_leaf=lambda x: hasattr(x, "value")))
     batch = _glm_batch()
-    logits = np.asarray(GLM(c).apply({"params": params}, batch))
+    logits = np.asarray(forward(c, params, batch))
     assert logits.shape == (2, 12, c.vocab_size)
     for i in range(2):
         nb = {k: np.asarray(v[i]) for k, v in batch.items()}
@@ -105,7 +106,7 @@ def test_hf_glm_parity(hf_glm):
     batch = dict(tokens=tokens, position_ids=np.broadcast_to(np.arange(s), tokens.shape),
                  segment_ids=np.ones_like(tokens), prefix_mask=np.zeros_like(tokens))
     batch = {k: jnp.asarray(v, jnp.int32) for k, v in batch.items()}
-    ours = np.asarray(GLM(c).apply({"params": params}, batch))
+    ours = np.asarray(forward(c, params, batch))
     np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=1e-4)
 
 
@@ -133,7 +134,7 @@ def test_glm130b_quantized_checkpoint_loads_packed_and_computes_what_the_referen
     dense = params["layers"]["attention"]["dense"]
     assert dense["q"].dtype == (np.uint8 if bits == 4 else np.int8) and dense["scale"].shape[1] == tp
     batch = _glm_batch()
-    logits = np.asarray(GLM(cq).apply({"params": params}, batch))
+    logits = np.asarray(forward(cq, params, batch))
     nb = {k: np.asarray(v[0]) for k, v in batch.items()}
     ref = glm_forward(dequantized, c, nb["tokens"], nb["position_ids"], nb["block_position_ids"],
                       nb["segment_ids"], nb["prefix_mask"])

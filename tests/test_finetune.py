@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 
 from glm_jax.config import get_config
-from glm_jax.model import GLM, init_params
+from glm_jax.model import init_params
 from glm_jax.checkpoints import CheckpointError, load_model, move_to_device, save_serving
+from jit_forward import forward
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "experiments"))
 import finetune  # noqa: E402
@@ -63,7 +64,7 @@ def probe_logits(model):
     b = {k: jnp.asarray(v, jnp.int32)[None] for k, v in dict(
         tokens=np.arange(10, 22), position_ids=np.arange(12), block_position_ids=np.zeros(12),
         segment_ids=np.ones(12), prefix_mask=np.arange(12) < 6).items()}
-    return np.asarray(GLM(model.config).apply({"params": model.params}, b))
+    return np.asarray(forward(model.config, model.params, b))
 
 
 def test_lora_resumes_exactly_merges_and_checks_its_base(setup):

@@ -1,7 +1,5 @@
 """Generation: cached decoding equals full recomputation; greedy, beam and sampling behave."""
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,8 +7,9 @@ import pytest
 
 from glm_jax.config import get_config
 from glm_jax.generate import Generator, make_prompts, sample
-from glm_jax.model import GLM, init_params
+from glm_jax.model import init_params
 from glm_jax.tokenizer import EOP, EOS, GMASK, MASK, SOP
+from jit_forward import forward
 
 PROMPTS = [[11, 12, 13, 14, 15, 16, GMASK],  # continue a text
            [21, 22, GMASK],  # a short one: ragged batch
@@ -35,15 +34,10 @@ def full_logits(c, params, prompt, generated):
     b = dict(tokens=[tokens + pad], position_ids=[pos + pad], block_position_ids=[block + pad],
              segment_ids=[[1] * (n + k) + pad], prefix_mask=[[1] * n + [0] * k + pad])
     b = {key: jnp.asarray(v, jnp.int32) for key, v in b.items()}
-    return np.asarray(_forward(c, params, b)[0, n + k - 1], np.float64)
+    return np.asarray(forward(c, params, b)[0, n + k - 1], np.float64)
 
 
 PADDED = 16
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _forward(c, params, batch):
-    return GLM(c).apply({"params": params}, batch)
 
 
 def assert_cached_decoding_is_full_recomputation(c, params, prompts, steps):

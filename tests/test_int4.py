@@ -6,6 +6,7 @@ import pytest
 
 from glm_jax.int4 import (dequantize, from_glm130b_int4, matmul, pack_int4, quantize, to_glm130b_int4,
                           unpack_int4)
+from jit_forward import forward
 
 
 def test_pack_unpack_round_trips_every_pair():
@@ -87,7 +88,7 @@ import jax  # noqa: E402
 
 from glm_jax.config import get_config  # noqa: E402
 from glm_jax.int4 import quantize_params, tree_bytes  # noqa: E402
-from glm_jax.model import GLM, abstract_params, init_params  # noqa: E402
+from glm_jax.model import abstract_params, init_params  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -113,8 +114,8 @@ def test_quantized_model_logits_stay_close(small_model, mode, tol):
     assert jax.tree_util.tree_map(lambda x: x.shape, pq) == same
     assert pq["layers"]["attention"]["query"]["q"].dtype == (jnp.uint8 if mode == "int4" else jnp.int8)
     assert pq["word_embeddings"]["embedding"].dtype == jnp.bfloat16  # embeddings, norms, biases stay 16-bit
-    ref = np.asarray(GLM(c).apply({"params": params}, _batch()))
-    got = np.asarray(GLM(cq).apply({"params": pq}, _batch()))
+    ref = np.asarray(forward(c, params, _batch()))
+    got = np.asarray(forward(cq, pq, _batch()))
     assert np.abs(got - ref).max() <= tol * np.abs(ref).max()
     assert tree_bytes(pq) < tree_bytes(params) / (3 if mode == "int8" else 5)
 
@@ -184,12 +185,12 @@ def test_quantized_model_with_the_pallas_kernel_equals_the_xla_path(small_model)
     c, params = small_model
     cq = c.override(quantization="int4")
     pq = quantize_params(params, cq)
-    xla = np.asarray(GLM(cq.override(quantized_matmul="xla")).apply({"params": pq}, _batch()))
+    xla = np.asarray(forward(cq.override(quantized_matmul="xla"), pq, _batch()))
     from glm_jax import int4
 
     int4._warn_interpret.cache_clear()
     with pytest.warns(UserWarning, match="interpret mode"):  # no GPU here: said once, then it runs
-        pallas = np.asarray(GLM(cq.override(quantized_matmul="pallas")).apply({"params": pq}, _batch()))
+        pallas = np.asarray(forward(cq.override(quantized_matmul="pallas"), pq, _batch()))
     np.testing.assert_allclose(pallas, xla, rtol=1e-5, atol=1e-5)
 
 
@@ -211,8 +212,8 @@ def test_tensor_parallel_quantized_model_equals_one_device(small_model):
     assert layers["attention"]["dense"]["q"].sharding.spec[1] == "tensor"  # [L, H*D/2, E]: packed K split
     assert layers["mlp"]["dense_4h_to_h"]["q"].sharding.spec[1] == "tensor"
     assert layers["mlp"]["dense_h_to_4h"]["scale"].sharding.spec[-1] == "tensor"  # scales follow N
-    want = np.asarray(GLM(cq).apply({"params": pq}, _batch()))
-    got = np.asarray(jax.jit(lambda p, b: GLM(cq).apply({"params": p}, b))(placed, _batch()))
+    want = np.asarray(forward(cq, pq, _batch()))
+    got = np.asarray(forward(cq, placed, _batch()))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     prompts = [[11, 12, 13, GMASK], [21, 22, 23, 24, 25, GMASK]]
     assert Generator(cq, placed).generate(prompts, 3, stop_tokens=()) == Generator(cq, pq).generate(

@@ -10,6 +10,7 @@ import pytest
 
 from glm_jax.config import get_config
 from glm_jax.model import GLM, init_params
+from jit_forward import forward
 
 S = 10
 SMALL = dict(num_layers=2, vocab_size=512)  # glm-tiny, cut further so each test compiles in seconds
@@ -73,7 +74,7 @@ def test_logits_shape_and_bf16_default():
     c = get_config("glm-tiny", **SMALL)
     params = init_params(c, jax.random.key(0))
     assert jax.tree_util.tree_leaves(params)[0].dtype == jnp.float32
-    logits = GLM(c).apply({"params": params}, _batch(np.arange(S)))
+    logits = forward(c, params, _batch(np.arange(S)))
     assert logits.shape == (1, S, c.vocab_size) and logits.dtype == jnp.bfloat16
 
 

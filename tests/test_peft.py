@@ -1,7 +1,5 @@
 """LoRA, P-tuning v2 and freezing (peft.py) against the plain model, and training with a frozen base."""
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,6 +16,7 @@ from glm_jax.peft import PeftConfig, combine, merge_lora, split, unmerge_lora
 from glm_jax.tokenizer import GMASK, MASK
 from glm_jax.train import Trainer
 from test_generate import assert_cached_decoding_is_full_recomputation
+from jit_forward import forward
 
 ALL_TARGETS = "query,key,value,dense,dense_h_to_4h,dense_4h_to_h"
 
@@ -49,13 +48,8 @@ def with_adapter(peft, c, params, key=1):
     return config, adapter, combine(adapter, split(params, peft, config)[1], peft)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _logits(config, params, batch):
-    return GLM(config).apply({"params": params}, batch)
-
-
 def logits(config, params, batch):
-    return np.asarray(_logits(config, params, batch))
+    return np.asarray(forward(config, params, batch))
 
 
 def test_lora_zero_b_is_the_base_exactly_and_merged_equals_unmerged(base):
@@ -148,7 +142,7 @@ def test_adapter_gradients_through_1f1b_equal_the_plain_model(method):
     def mean_loss(a):
         return pl.token_loss(GLM(config).apply({"params": combine(a, frozen, peft)}, b), b)[0]
 
-    loss, want = jax.value_and_grad(mean_loss)(adapter)
+    loss, want = jax.jit(jax.value_and_grad(mean_loss))(adapter)
     np.testing.assert_allclose(float(loss_sum / n), float(loss), rtol=1e-6)
     for (path, g), r in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree_util.tree_leaves(want)):
         np.testing.assert_allclose(g / float(n), r, atol=1e-6, rtol=1e-4, err_msg=jax.tree_util.keystr(path))

@@ -16,10 +16,10 @@ import pytest
 from glm_jax.convert import ConversionError
 from glm_jax.families import get_family
 from glm_jax.generate import Generator
-from glm_jax.model import GLM
 from glm_jax.released import ShardedTensors, convert_folder, detect
 from glm_jax.tokenizer import SHARED_TOKENIZERS
 from reference_numpy import chatglm2_forward, glm_forward, random_chatglm2_state_dict, random_glm130b_state_dict
+from jit_forward import forward
 
 ROOT = pathlib.Path(__file__).parents[1]
 C2_TOKENIZER = pathlib.Path(SHARED_TOKENIZERS) / "chatglm2-6b" / "tokenizer.model"
@@ -96,7 +96,7 @@ def test_chatglm6b_bin_shards_match_the_numpy_forward(tmp_path):
     pos = np.concatenate([np.arange(n), np.full(10, n - 1)])
     block = np.concatenate([np.zeros(n, int), np.arange(1, 11)])
     seg, prefix = np.ones(s, int), (np.arange(s) < n).astype(int)
-    logits = np.asarray(GLM(r.config).apply({"params": r.params}, _batch(
+    logits = np.asarray(forward(r.config, r.params, _batch(
         tokens=tokens, position_ids=pos, block_position_ids=block, segment_ids=seg, prefix_mask=prefix)))[0]
     ref = glm_forward(_f64(sd), r.config, tokens, pos, block, seg, prefix)
     scale = np.abs(ref).max()
@@ -121,7 +121,7 @@ def test_chatglm2_shards_match_the_numpy_forward(tmp_path, fmt, name, family):
     s = 40
     tokens = np.random.default_rng(2).integers(0, 300, s)
     z = np.zeros(s, int)
-    logits = np.asarray(GLM(r.config).apply({"params": r.params}, _batch(
+    logits = np.asarray(forward(r.config, r.params, _batch(
         tokens=tokens, position_ids=np.arange(s), block_position_ids=z, segment_ids=z + 1, prefix_mask=z)))[0]
     np.testing.assert_allclose(logits, chatglm2_forward(_f64(sd), r.config, tokens), atol=2e-5, rtol=1e-5)
 
@@ -141,7 +141,7 @@ def chatglm2_tiny(tmp_path_factory):
 def _causal_logits(config, params, tokens):
     s = len(tokens)
     z = np.zeros(s, int)
-    return np.asarray(GLM(config).apply({"params": params}, _batch(
+    return np.asarray(forward(config, params, _batch(
         tokens=tokens, position_ids=np.arange(s), block_position_ids=z, segment_ids=z + 1, prefix_mask=z)))[0]
 
 

@@ -28,6 +28,7 @@ from glm_jax.serving.engine import Engine, QueueFull, Request, Sampling, bucket,
 from glm_jax.serving.text import TextStream
 from glm_jax.tokenizer import GLM_IDS as I
 from glm_jax.checkpoints import move_to_device, save_serving
+from script_runs import script_env
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "test-key"
@@ -220,7 +221,7 @@ def start_server(checkpoint, *extra, timeout=60.0):
     port = free_port()
     cmd = [sys.executable, str(ROOT / "experiments" / "serve.py"), "--checkpoint", str(checkpoint), "--port",
            str(port), "--log-level", "warning", *extra]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=script_env())
     url, t0 = f"http://127.0.0.1:{port}", time.monotonic()
     headers = {"Authorization": f"Bearer {KEY}"}
     while time.monotonic() - t0 < timeout:

@@ -14,6 +14,7 @@ import pytest
 from glm_jax import sharding as sh
 from glm_jax.topology import CHIPS, TopologyError, parse_topology
 from glm_jax.train import peak_flops
+from script_runs import script_env
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
@@ -69,7 +70,7 @@ def test_meshes_over_split_physical_axes_and_slices():
 
 def _script(name, *args):
     return subprocess.run([sys.executable, str(ROOT / "experiments" / f"{name}.py"), *args], capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=300, env=script_env())
 
 
 @needs_libtpu

@@ -14,6 +14,7 @@ import sharding_case as case
 from glm_jax import sharding as sh
 from glm_jax.layers import glm_attention_mask, xla_attention
 from glm_jax.tpu_attention import glm_flash_attention
+from jit_forward import forward
 
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu absent")
 
@@ -65,7 +66,7 @@ def test_the_sharded_pipelined_model_with_the_kernel_equals_one_device():
 
 
 def test_unsupported_lengths_fall_back_to_the_dense_mask():
-    from glm_jax.model import GLM, dummy_batch, init_params
+    from glm_jax.model import dummy_batch, init_params
     from glm_jax.tpu_attention import unsupported
 
     c = case.config(num_layers=1)
@@ -74,10 +75,10 @@ def test_unsupported_lengths_fall_back_to_the_dense_mask():
     assert "not a multiple of the blocks" in unsupported((2, 600, 4, 32), (2, 600, 4, 32), False, False)
     assert unsupported((2, 60, 4, 32), (2, 60, 4, 32), False, False) is None  # one block of 60
     assert "dropout" in unsupported((8, 64, 4, 32), (8, 64, 4, 32), False, True)
-    ref = GLM(c).apply({"params": params}, rows)
+    ref = forward(c, params, rows)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the fallback's warning (once per reason)
-        out = GLM(c.override(attention_impl="pallas_tpu")).apply({"params": params}, rows)
+        out = forward(c.override(attention_impl="pallas_tpu"), params, rows)
     np.testing.assert_allclose(out, ref, atol=1e-6)  # the XLA path, traced apart
 
 

@@ -1,8 +1,7 @@
-"""Training end to end: pretrain.py on 8x4, kill -9 mid-ramp on a pipeline and resume, errors."""
+"""Training end to end: pretrain.py on 8x4, kill -9 mid-save and mid-ramp on a pipeline and resume, errors."""
 
 import json
 import os
-import pathlib
 import random
 import re
 import signal
@@ -18,26 +17,21 @@ from glm_jax.optim import OptimConfig
 from glm_jax.checkpoints import Checkpoints
 from glm_jax.train import Trainer, TrainingError, RunConfig, train
 import sharding_case as case
+from script_runs import ROOT, script_env
 
-ROOT = pathlib.Path(__file__).parents[1]
 PRETRAIN = str(ROOT / "experiments" / "pretrain.py")
+sys.path.insert(0, str(ROOT / "experiments"))
+import pretrain as pretrain_script  # noqa: E402
 SMALL = ["--set", "num_layers=2", "--seq", "64", "--batch", "4", "--no-progress"]
 # 2 pipeline stages (1F1B), the batch ramping 1 -> 4 over steps 1-8 of 10
 RAMPED = [*SMALL, "--mesh", "2x1", "--ramp-start", "1", "--ramp-increment", "1", "--ramp-fraction", "0.3"]
 
 
-def _env():
-    # no XLA_FLAGS: the script sets its own device count (--mesh), and its runs of many steps are
-    # faster compiled at XLA's default optimisation level than at the suite's -O0
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    return {**env, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
-
-
-def pretrain(run_dir, *extra, check=True, timeout=600):
+def pretrain(run_dir, *extra, timeout=600):
+    """pretrain.py run to the end in a subprocess (its own devices, as a user runs it)."""
     args = [sys.executable, PRETRAIN, "--ckpt-dir", f"{run_dir}/ck", "--log-dir", f"{run_dir}/log", *extra]
-    out = subprocess.run(args, env=_env(), capture_output=True, text=True, timeout=timeout)
-    if check:
-        assert out.returncode == 0, out.stderr[-3000:]
+    out = subprocess.run(args, env=script_env(), capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, out.stderr[-3000:]
     return out
 
 
@@ -68,7 +62,7 @@ def _kill_when(run_dir, ready, steps, timeout=300):
     """Start a run, SIGKILL it once ready(run_dir) is true; return whether it was killed."""
     args = [sys.executable, PRETRAIN, "--ckpt-dir", f"{run_dir}/ck", "--log-dir", f"{run_dir}/log",
             "--steps", str(steps), "--ckpt-every", "3", *RAMPED]
-    proc = subprocess.Popen(args, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(args, env=script_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + timeout
     try:
         while proc.poll() is None and time.time() < deadline:
@@ -84,12 +78,23 @@ def _kill_when(run_dir, ready, steps, timeout=300):
             proc.wait()
 
 
-def _steps_logged(run_dir):
+def _metrics_file(run_dir):
+    """metrics.jsonl's inode (a resumed run rewrites the file: a new one), or None."""
+    try:
+        return os.stat(f"{run_dir}/log/metrics.jsonl").st_ino
+    except FileNotFoundError:
+        return None
+
+
+def _logged(run_dir, step, stale):
+    """A run whose metrics file is not the `stale` one has logged `step`."""
+    if _metrics_file(run_dir) in (None, stale):
+        return False
     try:
         with open(f"{run_dir}/log/metrics.jsonl") as f:
-            return sum(1 for _ in f)
-    except FileNotFoundError:
-        return 0
+            return any(json.loads(line).get("step", 0) >= step for line in f if line.endswith("\n"))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return False
 
 
 def _saving(run_dir):
@@ -109,37 +114,42 @@ def uninterrupted(tmp_path_factory):
     return run_dir, losses(run_dir)
 
 
-def test_kill_and_resume_gives_the_uninterrupted_losses(tmp_path, uninterrupted):
-    at = random.Random(os.getpid()).randint(3, 8)  # mid-ramp
-    assert _kill_when(tmp_path, lambda d: _steps_logged(d) >= at, 10), "the run ended before the kill"
-    pretrain(tmp_path, "--steps", "10", "--ckpt-every", "3", *RAMPED)
-    assert losses(tmp_path) == uninterrupted[1]  # bitwise: JSON floats round-trip exactly
-
-
-def test_kill_during_a_checkpoint_write_leaves_the_previous_one(tmp_path, uninterrupted):
-    killed = _kill_when(tmp_path, _saving, 10)
-    assert killed, "never saw a checkpoint being written"
+def test_kill_9_mid_save_then_mid_ramp_resumes_to_the_uninterrupted_losses(tmp_path, uninterrupted):
+    """SIGKILL while a checkpoint is written (the one before stays the latest), then again in the
+    resumed run between checkpoints, mid-ramp (its lost steps are redone): the run then finishes
+    with the uninterrupted run's losses, bitwise (JSON floats round-trip exactly)."""
+    assert _kill_when(tmp_path, _saving, 10), "never saw a checkpoint being written"
+    resumed_from = Checkpoints(str(tmp_path / "ck")).latest_step() or 0
+    assert resumed_from <= 6  # checkpoints every 3 steps; the last (10) is not written mid-run
+    at = random.Random(os.getpid()).randint(resumed_from + 2, 8)  # mid-ramp, past the resumed step
+    stale = _metrics_file(tmp_path)
+    assert _kill_when(tmp_path, lambda d: _logged(d, at, stale), 10), "the run ended before the kill"
     pretrain(tmp_path, "--steps", "10", "--ckpt-every", "3", *RAMPED)
     assert losses(tmp_path) == uninterrupted[1]
 
 
-def test_checkpoint_from_another_config_is_a_clear_error(uninterrupted):
-    out = pretrain(uninterrupted[0], "--steps", "12", *SMALL, "--set", "hidden_size=64", check=False)
-    assert out.returncode == 2
-    assert "trained with another model config" in out.stderr and "hidden_size: checkpoint 128 vs run 64" in out.stderr
+def refused(capsys, run_dir, *flags) -> str:
+    """pretrain.py's main in this process (its checks come before any compile), on flags it must
+    refuse: it exits 2. -> what it printed to stderr. The mesh spans this process's 32 devices."""
+    with pytest.raises(SystemExit) as exit_:
+        pretrain_script.main(["--ckpt-dir", f"{run_dir}/ck", "--log-dir", f"{run_dir}/log", *flags])
+    assert exit_.value.code == 2
+    return capsys.readouterr().err
 
 
-def test_bad_flags_are_clear_errors(tmp_path):
-    out = pretrain(tmp_path, "--mesh", "8by4", check=False)
-    assert out.returncode == 2 and "expected PxT" in out.stderr
-    out = pretrain(tmp_path, "--mesh", "1x3", "--steps", "1", check=False)
-    assert out.returncode == 2 and "tensor axis of 3 does not divide num_attention_heads=4" in out.stderr
-    out = pretrain(tmp_path, "--set", "num_layer=3", check=False)
-    assert out.returncode == 2 and "unknown config field" in out.stderr
-    out = pretrain(tmp_path, "--data", str(tmp_path / "missing.jsonl"), check=False)
-    assert out.returncode == 2 and "not found" in out.stderr
-    out = pretrain(tmp_path, "--seq", "32", "--steps", "1", check=False)
-    assert out.returncode == 2 and "too short" in out.stderr and "longer --seq" in out.stderr
+def test_checkpoint_from_another_config_is_a_clear_error(uninterrupted, capsys):
+    err = refused(capsys, uninterrupted[0], "--steps", "12", *SMALL, "--batch", "32", "--set", "hidden_size=64")
+    assert "trained with another model config" in err and "hidden_size: checkpoint 128 vs run 64" in err
+
+
+def test_bad_flags_are_clear_errors(tmp_path, capsys):
+    assert "expected PxT" in refused(capsys, tmp_path, "--mesh", "8by4")
+    assert "tensor axis of 8 does not divide num_attention_heads=4" in refused(capsys, tmp_path, "--mesh", "1x8",
+                                                                               "--steps", "1", "--batch", "4")
+    assert "unknown config field" in refused(capsys, tmp_path, "--set", "num_layer=3")
+    assert "not found" in refused(capsys, tmp_path, "--data", str(tmp_path / "missing.jsonl"))
+    err = refused(capsys, tmp_path, "--seq", "32", "--steps", "1")
+    assert "too short" in err and "longer --seq" in err
 
 
 def test_training_a_quantized_config_is_a_clear_error():
