@@ -14,7 +14,7 @@ from glm_jax.objectives import ObjectiveConfig, SequenceBuilder
 
 BATCH, SEQ = 8, 64
 MULTIHOST_LAYERS = 4  # the two-process test's model (2 layers a stage on 2x2x2)
-LR = 1e-3  # train_losses' learning rate; OPTIM holds it constant in a `train()` run
+LR = 1e-3  # train_losses' learning rate; optim() holds it constant in a `train()` run
 
 
 def config(num_layers=8, **kw):

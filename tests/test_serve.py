@@ -11,7 +11,6 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import jax
@@ -28,9 +27,8 @@ from glm_jax.serving.engine import Engine, QueueFull, Request, Sampling, bucket,
 from glm_jax.serving.text import TextStream
 from glm_jax.tokenizer import GLM_IDS as I
 from glm_jax.checkpoints import move_to_device, save_serving
-from script_runs import script_env
+from script_runs import ROOT, script_env
 
-ROOT = Path(__file__).resolve().parents[1]
 KEY = "test-key"
 PROMPTS = [[11, 12, 13, I.gmask], [21, I.mask, 22, 23, 24], [5] * 10 + [I.gmask], [30, 31, I.smask, 32]]
 

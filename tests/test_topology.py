@@ -5,7 +5,6 @@ v4-8 and v5e-16 with libtpu (the test extra)."""
 import importlib.util
 import subprocess
 import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -14,9 +13,8 @@ import pytest
 from glm_jax import sharding as sh
 from glm_jax.topology import CHIPS, TopologyError, parse_topology
 from glm_jax.train import peak_flops
-from script_runs import script_env
+from script_runs import ROOT, script_env
 
-ROOT = Path(__file__).resolve().parents[1]
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                                   reason="libtpu absent (pip install 'jax[tpu]', the test extra)")
 
