@@ -5,8 +5,9 @@
 
 Random INT4 weights are generated on the device, leaf by leaf, straight into generation's
 per-layer layout (`generate.serving_params`; no host copy of 130B parameters, no second copy
-on the device); embeddings, norms and biases are bf16, the KV cache bf16 with `--cache` slots, every one of which each decode step
-attends over (masked). Reports peak device memory and ms/token against the floor: (all weight
+on the device); embeddings, norms and biases are bf16, the KV cache bf16 with `--cache` slots,
+every one of which each decode step attends over (masked). Reports peak device memory and
+ms/token against the floor: (all weight
 bytes, INT4 layers plus the bf16 embedding the tied head reads, plus the KV cache bytes) over
 the HBM bandwidth measured in the same run. --dry-run compiles the decode step for abstract
 arrays and prints XLA's memory analysis without allocating anything (works on a laptop).
@@ -25,8 +26,8 @@ import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-
 from benchutil import emit, environment, hbm_bandwidth  # noqa: E402
+
 from glm_jax.config import config_from_args  # noqa: E402
 from glm_jax.generate import BUCKET, decode_step, init_cache, make_prompts, prefill  # noqa: E402
 from glm_jax.int4 import tree_bytes  # noqa: E402
@@ -38,8 +39,17 @@ GB = 1e9
 
 
 def serving_config(preset: str, overrides: list[str], quantization: str = "int4"):
-    return config_from_args(preset, overrides + [
-        f"quantization={quantization}", "dtype=bfloat16", "param_dtype=bfloat16", "hidden_dropout=0", "attention_dropout=0"])
+    return config_from_args(
+        preset,
+        overrides
+        + [
+            f"quantization={quantization}",
+            "dtype=bfloat16",
+            "param_dtype=bfloat16",
+            "hidden_dropout=0",
+            "attention_dropout=0",
+        ],
+    )
 
 
 def _leaf(key, shape, dtype, name: str):
@@ -69,15 +79,23 @@ def random_params(config, key):
     device (the largest, a layer's h->4h INT4 bytes, is 0.4 GB for GLM-130B)."""
     make = jax.jit(_leaf, static_argnums=(1, 2, 3))
     flat, treedef = jax.tree_util.tree_flatten_with_path(serving_abstract(config))
-    out = [make(jax.random.fold_in(key, n), s.shape, s.dtype, str(getattr(path[-1], "key", path[-1])))
-           for n, (path, s) in enumerate(flat)]
+    out = [
+        make(jax.random.fold_in(key, n), s.shape, s.dtype, str(getattr(path[-1], "key", path[-1])))
+        for n, (path, s) in enumerate(flat)
+    ]
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
 def decode_args(batch: int):
     """decode_step's arguments after the cache (token, step, lengths, mask_pos, cont, prompt_len)."""
-    return (jnp.zeros((batch,), jnp.int32), jnp.int32(0), jnp.ones((batch,), jnp.int32),
-            jnp.zeros((batch,), jnp.int32), jnp.ones((batch,), bool), jnp.int32(16))
+    return (
+        jnp.zeros((batch,), jnp.int32),
+        jnp.int32(0),
+        jnp.ones((batch,), jnp.int32),
+        jnp.zeros((batch,), jnp.int32),
+        jnp.ones((batch,), bool),
+        jnp.int32(16),
+    )
 
 
 def dry_run(config, args):
@@ -88,8 +106,14 @@ def dry_run(config, args):
     cache = jax.eval_shape(lambda: init_cache(config, args.batch, args.cache, jnp.bfloat16))
     extra = jax.eval_shape(lambda: decode_args(args.batch))
     nbytes = lambda tree: sum(np.prod(s.shape) * s.dtype.itemsize for s in jax.tree_util.tree_leaves(tree))
-    record = dict(environment(), bench="130b_int4_dry_run", preset=args.preset, quantization=config.quantization,
-                  weight_gb=round(nbytes(params) / GB, 2), kv_cache_gb=round(nbytes(cache) / GB, 2))
+    record = dict(
+        environment(),
+        bench="130b_int4_dry_run",
+        preset=args.preset,
+        quantization=config.quantization,
+        weight_gb=round(nbytes(params) / GB, 2),
+        kv_cache_gb=round(nbytes(cache) / GB, 2),
+    )
     if args.topology:
         from glm_jax.topology import compiler_hbm_gib, out_of_memory, parse_topology, topology_devices
 
@@ -97,9 +121,14 @@ def dry_run(config, args):
         device = topology_devices(topo)[0]
         on = jax.sharding.SingleDeviceSharding(device)
         params, cache, extra = jax.tree_util.tree_map(
-            lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=on), (params, cache, extra))
-        record.update(platform="tpu", device_kind=device.device_kind, topology=topo.name,
-                      hbm_gib_per_chip=compiler_hbm_gib(device))
+            lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=on), (params, cache, extra)
+        )
+        record.update(
+            platform="tpu",
+            device_kind=device.device_kind,
+            topology=topo.name,
+            hbm_gib_per_chip=compiler_hbm_gib(device),
+        )
     t0 = time.perf_counter()
     try:
         with targeting(device if args.topology else jax.devices()[0]):  # kernels for the chip compiled for
@@ -114,8 +143,9 @@ def dry_run(config, args):
     record["compile_seconds"] = round(time.perf_counter() - t0, 1)
     for field in ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes"):
         record[field.replace("_size_in_bytes", "_gb")] = round(getattr(mem, field, 0) / GB, 3)
-    record["peak_estimate_gb"] = round(record["argument_gb"] + record["output_gb"] - record["alias_gb"]
-                                       + record["temp_gb"], 2)
+    record["peak_estimate_gb"] = round(
+        record["argument_gb"] + record["output_gb"] - record["alias_gb"] + record["temp_gb"], 2
+    )
     if args.topology:  # accepted by the compiler; the peak must fit the chip too (GB here, GiB there)
         record["fits"] = record["peak_estimate_gb"] * GB / 2**30 <= record["hbm_gib_per_chip"]
     emit(record)
@@ -130,15 +160,25 @@ def main(argv=None):
     ap.add_argument("--new", type=int, default=32, help="decode steps timed (after one warm-up step)")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--dry-run", action="store_true")
-    ap.add_argument("--topology", default=None, metavar="NAME",
-                    help="with --dry-run: compile for one chip of this TPU topology (e.g. v5p-8, v4-8)")
-    ap.add_argument("--quantize", choices=("int4", "none"), default="int4",
-                    help="none: the bf16 serving step (the dry run's comparison)")
+    ap.add_argument(
+        "--topology",
+        default=None,
+        metavar="NAME",
+        help="with --dry-run: compile for one chip of this TPU topology (e.g. v5p-8, v4-8)",
+    )
+    ap.add_argument(
+        "--quantize",
+        choices=("int4", "none"),
+        default="int4",
+        help="none: the bf16 serving step (the dry run's comparison)",
+    )
     args = ap.parse_args(argv)
     prompt_slots = -(-args.prompt // BUCKET) * BUCKET
     if args.prompt <= 0 or prompt_slots + args.new + 1 > args.cache:
-        ap.error(f"--prompt {args.prompt} (rounded up to {prompt_slots}) + --new {args.new} + 1 must fit in "
-                 f"--cache {args.cache}")
+        ap.error(
+            f"--prompt {args.prompt} (rounded up to {prompt_slots}) + --new {args.new} + 1 must fit in "
+            f"--cache {args.cache}"
+        )
     if args.topology and not args.dry_run:
         ap.error("--topology needs --dry-run (nothing runs on a described topology)")
     if args.quantize == "none" and not args.dry_run:
@@ -156,12 +196,17 @@ def main(argv=None):
     cache_bytes = tree_bytes(cache)
     rng = np.random.default_rng(0)
     ids = IceTokenizer.specials  # GLM-130B's special ids
-    prompts = make_prompts([list(rng.integers(20100, 150000, args.prompt - 1)) + [ids.gmask]
-                            for _ in range(args.batch)], config, ids)
+    prompts = make_prompts(
+        [list(rng.integers(20100, 150000, args.prompt - 1)) + [ids.gmask] for _ in range(args.batch)], config, ids
+    )
     lengths = jnp.asarray(prompts.lengths)
     cache = prefill(config, params, cache, jnp.asarray(prompts.tokens), lengths)
-    state = (lengths, jnp.asarray(prompts.mask_pos), jnp.asarray(prompts.continue_positions),
-             jnp.int32(prompts.tokens.shape[1]))
+    state = (
+        lengths,
+        jnp.asarray(prompts.mask_pos),
+        jnp.asarray(prompts.continue_positions),
+        jnp.int32(prompts.tokens.shape[1]),
+    )
     token = jnp.asarray(prompts.start)
     logits, cache = decode_step(config, params, cache, token, jnp.int32(0), *state)  # compile + warm up
     token = jnp.argmax(logits, -1).astype(jnp.int32)
@@ -174,16 +219,29 @@ def main(argv=None):
     per_token = (time.perf_counter() - t0) / args.new
     stats = jax.devices()[0].memory_stats() or {}
     floor = (weight_bytes + cache_bytes) / bandwidth
-    record = dict(env, bench="130b_int4_decode", preset=args.preset, batch=args.batch, cache_slots=args.cache,
-                  weight_gb=round(weight_bytes / GB, 2), kv_cache_gb=round(cache_bytes / GB, 2),
-                  peak_memory_gb=round(stats.get("peak_bytes_in_use", 0) / GB, 2) or None,
-                  device_memory_gb=round(stats.get("bytes_limit", 0) / GB, 2) or None,
-                  build_s=round(build_s, 1), ms_per_token=round(1e3 * per_token, 2), floor_ms=round(1e3 * floor, 2),
-                  vs_floor=round(floor / per_token, 3), bandwidth_gb_s=round(bandwidth / GB, 1),
-                  finite=bool(jnp.isfinite(logits).all()))
+    record = dict(
+        env,
+        bench="130b_int4_decode",
+        preset=args.preset,
+        batch=args.batch,
+        cache_slots=args.cache,
+        weight_gb=round(weight_bytes / GB, 2),
+        kv_cache_gb=round(cache_bytes / GB, 2),
+        peak_memory_gb=round(stats.get("peak_bytes_in_use", 0) / GB, 2) or None,
+        device_memory_gb=round(stats.get("bytes_limit", 0) / GB, 2) or None,
+        build_s=round(build_s, 1),
+        ms_per_token=round(1e3 * per_token, 2),
+        floor_ms=round(1e3 * floor, 2),
+        vs_floor=round(floor / per_token, 3),
+        bandwidth_gb_s=round(bandwidth / GB, 1),
+        finite=bool(jnp.isfinite(logits).all()),
+    )
     emit(record)
-    print(f"{args.preset} INT4: {record['ms_per_token']} ms/token (floor {record['floor_ms']} ms), "
-          f"peak {record['peak_memory_gb']} GB", file=sys.stderr)
+    print(
+        f"{args.preset} INT4: {record['ms_per_token']} ms/token (floor {record['floor_ms']} ms), "
+        f"peak {record['peak_memory_gb']} GB",
+        file=sys.stderr,
+    )
 
 
 if __name__ == "__main__":

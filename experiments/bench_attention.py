@@ -14,8 +14,8 @@ import argparse
 import jax
 import jax.numpy as jnp
 import numpy as np
-
 from benchutil import emit, environment, matmul_anchor, time_fn
+
 from glm_jax.layers import cudnn_attention, glm_attention_mask, xla_attention
 
 
@@ -24,10 +24,14 @@ def glm_masks(batch: int, seq: int) -> dict:
     gmask = dict(segment_ids=np.ones((batch, seq)), prefix_mask=np.broadcast_to(s < seq // 2, (batch, seq)))
     quarter = seq // 4
     packed_prefix = (s % quarter) < int(0.85 * quarter)  # ~15% of each sample is part B
-    packed = dict(segment_ids=np.broadcast_to(1 + s // quarter, (batch, seq)),
-                  prefix_mask=np.broadcast_to(packed_prefix, (batch, seq)))
-    return {name: glm_attention_mask(jnp.asarray(m["segment_ids"], jnp.int32), jnp.asarray(m["prefix_mask"], jnp.int32))
-            for name, m in (("gmask", gmask), ("packed4", packed))}
+    packed = dict(
+        segment_ids=np.broadcast_to(1 + s // quarter, (batch, seq)),
+        prefix_mask=np.broadcast_to(packed_prefix, (batch, seq)),
+    )
+    return {
+        name: glm_attention_mask(jnp.asarray(m["segment_ids"], jnp.int32), jnp.asarray(m["prefix_mask"], jnp.int32))
+        for name, m in (("gmask", gmask), ("packed4", packed))
+    }
 
 
 def main(argv=None):
@@ -53,11 +57,25 @@ def main(argv=None):
     for mask_name, mask in glm_masks(b, s).items():
         outs = {}
         for name, attn in impls.items():
-            rec = dict(env, bench="attention", impl=name, mask=mask_name, batch=b, seq=s, heads=h, kv_heads=kv,
-                       head_dim=d, anchor_tflops=round(anchor, 1))
+            rec = dict(
+                env,
+                bench="attention",
+                impl=name,
+                mask=mask_name,
+                batch=b,
+                seq=s,
+                heads=h,
+                kv_heads=kv,
+                head_dim=d,
+                anchor_tflops=round(anchor, 1),
+            )
             fwd = jax.jit(lambda q, k, v, m, attn=attn: attn(q, k, v, m))
-            bwd = jax.jit(jax.grad(lambda q, k, v, m, attn=attn: jnp.vdot(attn(q, k, v, m).astype(jnp.float32),
-                                                                           g.astype(jnp.float32)), argnums=(0, 1, 2)))
+            bwd = jax.jit(
+                jax.grad(
+                    lambda q, k, v, m, attn=attn: jnp.vdot(attn(q, k, v, m).astype(jnp.float32), g.astype(jnp.float32)),
+                    argnums=(0, 1, 2),
+                )
+            )
             try:
                 outs[name] = np.asarray(fwd(q, k, v, mask), np.float32)
                 t_fwd = time_fn(fwd, q, k, v, mask, iters=args.iters)
@@ -66,12 +84,26 @@ def main(argv=None):
                 emit(dict(rec, skipped=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"))
                 continue
             tf_fwd, tf_all = flops_fwd / t_fwd / 1e12, 3 * flops_fwd / t_all / 1e12
-            emit(dict(rec, fwd_ms=round(1e3 * t_fwd, 3), fwd_bwd_ms=round(1e3 * t_all, 3),
-                      fwd_tflops=round(tf_fwd, 2), fwd_bwd_tflops=round(tf_all, 2),
-                      fwd_vs_anchor=round(tf_fwd / anchor, 3), fwd_bwd_vs_anchor=round(tf_all / anchor, 3)))
+            emit(
+                dict(
+                    rec,
+                    fwd_ms=round(1e3 * t_fwd, 3),
+                    fwd_bwd_ms=round(1e3 * t_all, 3),
+                    fwd_tflops=round(tf_fwd, 2),
+                    fwd_bwd_tflops=round(tf_all, 2),
+                    fwd_vs_anchor=round(tf_fwd / anchor, 3),
+                    fwd_bwd_vs_anchor=round(tf_all / anchor, 3),
+                )
+            )
         if len(outs) == 2:
-            emit(dict(env, bench="attention_agreement", mask=mask_name,
-                      max_abs_diff=float(np.abs(outs["xla"] - outs["cudnn"]).max())))
+            emit(
+                dict(
+                    env,
+                    bench="attention_agreement",
+                    mask=mask_name,
+                    max_abs_diff=float(np.abs(outs["xla"] - outs["cudnn"]).max()),
+                )
+            )
 
 
 if __name__ == "__main__":

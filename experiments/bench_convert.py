@@ -19,7 +19,6 @@ import sys
 import tempfile
 
 import numpy as np
-
 from benchutil import emit, environment
 
 SIX_B = 6_243_584_000  # ChatGLM2-6B parameters (28 x 4096, FFN 13696, MQA 2, vocab 65024, untied)
@@ -37,14 +36,20 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-    from glm_jax.convert import config_from_chatglm2
     from reference_numpy import random_chatglm2_state_dict
     from test_released import chatglm2_json, write_folder
 
+    from glm_jax.convert import config_from_chatglm2
+
     heads = args.hidden // 128 * 4 or 4
-    cfg = chatglm2_json(num_layers=args.layers, hidden_size=args.hidden, num_attention_heads=heads,
-                        kv_channels=args.hidden // heads, ffn_hidden_size=args.hidden * 27 // 8,
-                        padded_vocab_size=args.vocab)
+    cfg = chatglm2_json(
+        num_layers=args.layers,
+        hidden_size=args.hidden,
+        num_attention_heads=heads,
+        kv_channels=args.hidden // heads,
+        ffn_hidden_size=args.hidden * 27 // 8,
+        padded_vocab_size=args.vocab,
+    )
     config = config_from_chatglm2(cfg)
     sd = {k: v.astype(np.float16) for k, v in random_chatglm2_state_dict(config, np.random.default_rng(0)).items()}
     model_bytes = sum(x.nbytes for x in sd.values())
@@ -54,12 +59,33 @@ def main(argv=None):
         del sd
         here = os.path.dirname(os.path.abspath(__file__))
         # the same imports and nothing else: the baseline resident memory of a converting process
-        baseline = json.loads(subprocess.run(
-            [sys.executable, "-c", "import json, sys; sys.path.insert(0, sys.argv[1]); import jax, torch, safetensors, "
-             "glm_jax.released, glm_jax.checkpoints, glm_jax.int4, convert; print(json.dumps(convert.peak_rss_bytes()))",
-             here], capture_output=True, text=True, check=True).stdout)
-        p = subprocess.run([sys.executable, os.path.join(here, "convert.py"), "--input", str(folder),
-                            "--out", os.path.join(tmp, "out")], capture_output=True, text=True)
+        baseline = json.loads(
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-c",
+                    "import json, sys; sys.path.insert(0, sys.argv[1]); import jax, torch, safetensors, "
+                    "glm_jax.released, glm_jax.checkpoints, glm_jax.int4, convert; "
+                    "print(json.dumps(convert.peak_rss_bytes()))",
+                    here,
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+        )
+        p = subprocess.run(
+            [
+                sys.executable,
+                os.path.join(here, "convert.py"),
+                "--input",
+                str(folder),
+                "--out",
+                os.path.join(tmp, "out"),
+            ],
+            capture_output=True,
+            text=True,
+        )
         if p.returncode:
             raise SystemExit(p.stderr)
         conv = json.loads(p.stdout.strip().splitlines()[-1])
@@ -67,10 +93,22 @@ def main(argv=None):
     shard = model_bytes / args.shards
     # what the peak holds beyond one copy of the model and one mapped shard, in largest tensors
     extra = (peak - model_bytes - shard) / (2 * largest)
-    out = {**environment(), "format": args.format, "layers": args.layers, "hidden": args.hidden, "vocab": args.vocab,
-           "shards": args.shards, "model_bytes": model_bytes, "largest_tensor_bytes": 2 * largest,
-           "baseline_rss_bytes": baseline, "peak_rss_bytes": conv["peak_rss_bytes"], "peak_over_model": peak / model_bytes,
-           "extra_largest_tensors": extra, "seconds": conv["seconds"], "mb_per_s": model_bytes / 2**20 / conv["seconds"]}
+    out = {
+        **environment(),
+        "format": args.format,
+        "layers": args.layers,
+        "hidden": args.hidden,
+        "vocab": args.vocab,
+        "shards": args.shards,
+        "model_bytes": model_bytes,
+        "largest_tensor_bytes": 2 * largest,
+        "baseline_rss_bytes": baseline,
+        "peak_rss_bytes": conv["peak_rss_bytes"],
+        "peak_over_model": peak / model_bytes,
+        "extra_largest_tensors": extra,
+        "seconds": conv["seconds"],
+        "mb_per_s": model_bytes / 2**20 / conv["seconds"],
+    }
     # extrapolated: one copy + one shard (ChatGLM2-6B ships 7) + the measured extra largest tensors
     for name, n, shards in (("chatglm2-6b", SIX_B, 7), ("glm-130b", HUNDRED_30B, 8)):
         fp16 = 2 * n

@@ -31,8 +31,12 @@ def computed_costs(preset: str, method: str) -> dict:
     peft = PeftConfig(method)
     trainable, frozen = split_shapes(peft, peft.model_config(get_config(preset)))
     n = count(trainable)
-    return {"trainable_params": n, "optimizer_bytes": 8 * n, "adapter_bytes_fp32": 4 * n,
-            "trainable_fraction": n / (n + count(frozen))}
+    return {
+        "trainable_params": n,
+        "optimizer_bytes": 8 * n,
+        "adapter_bytes_fp32": 4 * n,
+        "trainable_fraction": n / (n + count(frozen)),
+    }
 
 
 def main(argv=None):
@@ -47,30 +51,83 @@ def main(argv=None):
     ap.add_argument("--eval-every", type=int, default=25)
     args = ap.parse_args(argv)
 
+    import shutil
+
     import finetune
     import finetune_eval
     from benchutil import environment
-
-    import shutil
 
     shutil.rmtree(args.out, ignore_errors=True)  # fresh runs: a resumed one would time nothing
     results = {"environment": environment(), "args": vars(args), "runs": [], "computed": []}
     for method, quantize in RUNS:
         out = os.path.join(args.out, f"{method}-{quantize}")
-        train = finetune.main(["--method", method, "--checkpoint", args.checkpoint, "--data",
-                               os.path.join(DATA, "train.json"), "--eval-data", os.path.join(DATA, "dev.json"),
-                               "--eval-limit", str(args.eval_rows), "--out", out, "--steps", str(args.steps),
-                               "--batch", str(args.batch), "--eval-every", str(args.eval_every),
-                               "--ckpt-every", str(args.steps), "--quantize", quantize, "--no-progress"])
-        gen = finetune_eval.main(["--checkpoint", args.checkpoint, "--adapter", out, "--quantize", quantize,
-                                  "--data", os.path.join(DATA, "dev.json"), "--limit", str(args.gen_rows),
-                                  "--out", os.path.join(out, "predictions.jsonl"), "--max-target", str(args.gen_tokens),
-                                  "--no-progress"])
-        row = {"method": method, "quantize": quantize, **{k: train[k] for k in (
-            "trainable_params", "frozen_params", "optimizer_bytes", "adapter_bytes", "initial_eval_loss", "eval_loss",
-            "first_loss", "final_loss", "tokens_per_s", "lr")}, **{k: gen[k] for k in ("bleu-4", "rouge-1", "rouge-2",
-                                                                                      "rouge-l")},
-               "metrics": os.path.join(out, "logs", "metrics.jsonl")}
+        train = finetune.main(
+            [
+                "--method",
+                method,
+                "--checkpoint",
+                args.checkpoint,
+                "--data",
+                os.path.join(DATA, "train.json"),
+                "--eval-data",
+                os.path.join(DATA, "dev.json"),
+                "--eval-limit",
+                str(args.eval_rows),
+                "--out",
+                out,
+                "--steps",
+                str(args.steps),
+                "--batch",
+                str(args.batch),
+                "--eval-every",
+                str(args.eval_every),
+                "--ckpt-every",
+                str(args.steps),
+                "--quantize",
+                quantize,
+                "--no-progress",
+            ]
+        )
+        gen = finetune_eval.main(
+            [
+                "--checkpoint",
+                args.checkpoint,
+                "--adapter",
+                out,
+                "--quantize",
+                quantize,
+                "--data",
+                os.path.join(DATA, "dev.json"),
+                "--limit",
+                str(args.gen_rows),
+                "--out",
+                os.path.join(out, "predictions.jsonl"),
+                "--max-target",
+                str(args.gen_tokens),
+                "--no-progress",
+            ]
+        )
+        row = {
+            "method": method,
+            "quantize": quantize,
+            **{
+                k: train[k]
+                for k in (
+                    "trainable_params",
+                    "frozen_params",
+                    "optimizer_bytes",
+                    "adapter_bytes",
+                    "initial_eval_loss",
+                    "eval_loss",
+                    "first_loss",
+                    "final_loss",
+                    "tokens_per_s",
+                    "lr",
+                )
+            },
+            **{k: gen[k] for k in ("bleu-4", "rouge-1", "rouge-2", "rouge-l")},
+            "metrics": os.path.join(out, "logs", "metrics.jsonl"),
+        }
         results["runs"].append(row)
         print(json.dumps(row), flush=True)
     full = next(r for r in results["runs"] if r["method"] == "full")
@@ -96,7 +153,12 @@ def plot(runs, path):
     for r in runs:
         points = [json.loads(line) for line in open(r["metrics"])]
         points = [(p["step"], p["eval_loss"]) for p in points if "eval_loss" in p and set(p) == {"step", "eval_loss"}]
-        ax.plot(*zip(*points), marker="o", ms=3, label=f"{r['method']}" + (" (INT4 base)" if r["quantize"] != "none" else ""))
+        ax.plot(
+            *zip(*points),
+            marker="o",
+            ms=3,
+            label=f"{r['method']}" + (" (INT4 base)" if r["quantize"] != "none" else ""),
+        )
     ax.set_xlabel("step")
     ax.set_ylabel("held-out answer loss (nats/token)")
     ax.set_title("AdvertiseGen dev, glm-tiny base")

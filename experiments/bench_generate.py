@@ -13,8 +13,8 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-
 from benchutil import emit, environment, hbm_bandwidth
+
 from glm_jax.config import config_from_args
 from glm_jax.generate import Generator, make_prompts, serving_params
 from glm_jax.int4 import tree_bytes
@@ -51,10 +51,22 @@ def main(argv=None):
         per_token = (time.perf_counter() - t0) / (args.new - 1)
         cache_bytes = tree_bytes(state["cache"])
         floor = (weight_bytes + cache_bytes) / bandwidth
-        emit(dict(env, bench="decode", preset=args.preset, batch=b, prompt=args.prompt, new_tokens=args.new,
-                  ms_per_token=round(1e3 * per_token, 3), tokens_per_s=round(b / per_token, 1),
-                  floor_ms=round(1e3 * floor, 3), vs_floor=round(floor / per_token, 3),
-                  bandwidth_gb_s=round(bandwidth / 1e9, 1), weight_gb=round(weight_bytes / 1e9, 3)))
+        emit(
+            dict(
+                env,
+                bench="decode",
+                preset=args.preset,
+                batch=b,
+                prompt=args.prompt,
+                new_tokens=args.new,
+                ms_per_token=round(1e3 * per_token, 3),
+                tokens_per_s=round(b / per_token, 1),
+                floor_ms=round(1e3 * floor, 3),
+                vs_floor=round(floor / per_token, 3),
+                bandwidth_gb_s=round(bandwidth / 1e9, 1),
+                weight_gb=round(weight_bytes / 1e9, 3),
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -19,8 +19,8 @@ import sys
 
 import jax
 import jax.numpy as jnp
-
 from benchutil import emit, environment, hbm_bandwidth, time_fn
+
 from glm_jax import int4
 
 GLM130B_SHAPES = "12288x36864,12288x12288,12288x65536,32768x12288"  # QKV, dense, h->4h (GeGLU), 4h->h
@@ -68,8 +68,15 @@ def main(argv=None):
         dense = int4.dequantize(w, jnp.bfloat16)
         t_bf16 = time_fn(bf16_dot, x, dense, iters=args.iters)
         io_bytes = x.nbytes + m * n * 2
-        row = dict(env, bench="int4_matmul", m=m, k=k, n=n, bf16_us=round(1e6 * t_bf16, 1),
-                   bf16_bw_pct=round(100 * (dense.nbytes + io_bytes) / t_bf16 / bandwidth, 1))
+        row = dict(
+            env,
+            bench="int4_matmul",
+            m=m,
+            k=k,
+            n=n,
+            bf16_us=round(1e6 * t_bf16, 1),
+            bf16_bw_pct=round(100 * (dense.nbytes + io_bytes) / t_bf16 / bandwidth, 1),
+        )
         del dense
         paths = {"xla": xla, "auto": auto}
         interpretable = k * n <= INTERPRET_MAX_WEIGHT  # off-GPU the kernel is interpreted: small weights only
@@ -97,9 +104,13 @@ def main(argv=None):
             row["sweep_best_us"] = round(1e6 * best[0], 1)
             row["sweep_best"] = {f: getattr(best[1], f) for f in SWEEP}
         emit(row)
-        print(f"M={m:5d} K={k:6d} N={n:6d}  bf16 {row['bf16_us']:9.1f} us  "
-              + "  ".join(f"{p} {row[p + '_us']:9.1f} us x{row[p + '_speedup']:.2f} ({row[p + '_bw_pct']}% BW)"
-                          for p in paths), file=sys.stderr)
+        print(
+            f"M={m:5d} K={k:6d} N={n:6d}  bf16 {row['bf16_us']:9.1f} us  "
+            + "  ".join(
+                f"{p} {row[p + '_us']:9.1f} us x{row[p + '_speedup']:.2f} ({row[p + '_bw_pct']}% BW)" for p in paths
+            ),
+            file=sys.stderr,
+        )
 
 
 if __name__ == "__main__":

@@ -52,16 +52,22 @@ def main(argv=None):
     dt = time.perf_counter() - t0
     encode = {"encode_tokens_per_s": n_tok / dt, "encode_chars_per_s": sum(map(len, sample_text)) / dt}
 
-    builder = SequenceBuilder(corpus.window, args.seq, args.seed,
-                              ObjectiveConfig(position_encoding_2d=args.two_d), pairs)
+    builder = SequenceBuilder(
+        corpus.window, args.seq, args.seed, ObjectiveConfig(position_encoding_2d=args.two_d), pairs
+    )
     builder.build(0)
     t0 = time.perf_counter()
     seqs = [builder.build(i, with_original=bool(args.dump)) for i in range(args.n)]
     dt = time.perf_counter() - t0
     stacked = {k: np.stack([s[k] for s in seqs]) for k in seqs[0]}
     stats = mixture_statistics(stacked)
-    result = {"seq": args.seq, "build_tokens_per_s": args.n * args.seq / dt, **encode, **stats,
-              "corpus_read": {s.path: vars(s.stats) for s in corpus.sources}}
+    result = {
+        "seq": args.seq,
+        "build_tokens_per_s": args.n * args.seq / dt,
+        **encode,
+        **stats,
+        "corpus_read": {s.path: vars(s.stats) for s in corpus.sources},
+    }
     for k, v in result.items():
         if not isinstance(v, dict):
             print(f"{k:>22}: {v:,.4f}" if isinstance(v, float) else f"{k:>22}: {v}")

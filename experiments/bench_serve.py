@@ -25,13 +25,20 @@ import sys
 import time
 
 import numpy as np
-
 from benchutil import emit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKENIZER = os.path.join(ROOT, "..", "shared", "data", "tokenizers", "chatglm2-6b", "tokenizer.model")
-TOPICS = ["the weather in Beijing", "类型#上衣*材质#牛仔布*颜色#白色", "how a KV cache works", "写一首关于春天的诗",
-          "the GLM pre-training objective", "推荐三本科幻小说", "continuous batching", "如何学习 JAX"]
+TOPICS = [
+    "the weather in Beijing",
+    "类型#上衣*材质#牛仔布*颜色#白色",
+    "how a KV cache works",
+    "写一首关于春天的诗",
+    "the GLM pre-training objective",
+    "推荐三本科幻小说",
+    "continuous batching",
+    "如何学习 JAX",
+]
 
 
 def prompts(n: int) -> list[str]:
@@ -47,20 +54,49 @@ def build(out: str, layers: int, hidden: int) -> tuple[str, str]:
     """The serving checkpoint and its hf-glm export -> (checkpoint dir, export dir)."""
     import jax
 
+    from glm_jax.checkpoints import move_to_device, save_serving
     from glm_jax.config import get_config
     from glm_jax.model import init_params
-    from glm_jax.checkpoints import move_to_device, save_serving
 
     ck, hf = os.path.join(out, "checkpoint"), os.path.join(out, "hf-glm")
     if not os.path.isdir(ck):
-        c = get_config("chatglm2-6b", num_layers=layers, hidden_size=hidden, num_attention_heads=hidden // 32,
-                       num_kv_heads=2, inner_hidden_size=hidden * 8 // 3 // 8 * 8, max_sequence_length=1024,
-                       dtype="float32", param_dtype="float32")
-        save_serving(ck, c, move_to_device(init_params(c, jax.random.key(0))), 0, "bench_serve (random weights)",
-                     family="chatglm2-6b", tokenizer_file=TOKENIZER)
+        c = get_config(
+            "chatglm2-6b",
+            num_layers=layers,
+            hidden_size=hidden,
+            num_attention_heads=hidden // 32,
+            num_kv_heads=2,
+            inner_hidden_size=hidden * 8 // 3 // 8 * 8,
+            max_sequence_length=1024,
+            dtype="float32",
+            param_dtype="float32",
+        )
+        save_serving(
+            ck,
+            c,
+            move_to_device(init_params(c, jax.random.key(0))),
+            0,
+            "bench_serve (random weights)",
+            family="chatglm2-6b",
+            tokenizer_file=TOKENIZER,
+        )
     if not os.path.isdir(hf):
-        subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "export.py"), "--checkpoint", ck,
-                        "--out", hf, "--format", "hf-glm", "--dtype", "float32"], check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [
+                sys.executable,
+                os.path.join(ROOT, "experiments", "export.py"),
+                "--checkpoint",
+                ck,
+                "--out",
+                hf,
+                "--format",
+                "hf-glm",
+                "--dtype",
+                "float32",
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
     return ck, hf
 
 
@@ -71,9 +107,22 @@ def start_server(ck: str, slots: int) -> tuple[subprocess.Popen, str, float]:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "experiments", "serve.py"), "--checkpoint", ck,
-                             "--port", str(port), "--slots", str(slots), "--max-queue", str(8 * slots),
-                             "--log-level", "warning"])
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            os.path.join(ROOT, "experiments", "serve.py"),
+            "--checkpoint",
+            ck,
+            "--port",
+            str(port),
+            "--slots",
+            str(slots),
+            "--max-queue",
+            str(8 * slots),
+            "--log-level",
+            "warning",
+        ]
+    )
     url = f"http://127.0.0.1:{port}"
     while True:
         if proc.poll() is not None:
@@ -89,8 +138,13 @@ def one_request(url: str, query: str, max_tokens: int) -> dict:
     """A streamed greedy chat completion -> its timings (seconds) and token count."""
     import httpx
 
-    body = {"messages": [{"role": "user", "content": query}], "max_tokens": max_tokens, "temperature": 0,
-            "stream": True, "stream_options": {"include_usage": True}}
+    body = {
+        "messages": [{"role": "user", "content": query}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     t0 = time.perf_counter()
     first, tokens = None, 0
     with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=600) as r:
@@ -114,10 +168,19 @@ def drive(url: str, queries: list[str], max_tokens: int, concurrency: int) -> di
         rows = list(pool.map(lambda q: one_request(url, q, max_tokens), queries))
     wall = time.perf_counter() - t0
     tokens = sum(r["tokens"] for r in rows)
-    return dict(concurrency=concurrency, requests=len(rows), wall_s=round(wall, 3),
-                requests_per_s=round(len(rows) / wall, 3), output_tokens_per_s=round(tokens / wall, 1),
-                output_tokens=tokens, **{f"{k}_{name}_ms": round(1e3 * percentile([r[k] for r in rows], q), 1)
-                                         for k in ("ttft", "tpot", "latency") for name, q in (("p50", 50), ("p99", 99))})
+    return dict(
+        concurrency=concurrency,
+        requests=len(rows),
+        wall_s=round(wall, 3),
+        requests_per_s=round(len(rows) / wall, 3),
+        output_tokens_per_s=round(tokens / wall, 1),
+        output_tokens=tokens,
+        **{
+            f"{k}_{name}_ms": round(1e3 * percentile([r[k] for r in rows], q), 1)
+            for k in ("ttft", "tpot", "latency")
+            for name, q in (("p50", 50), ("p99", 99))
+        },
+    )
 
 
 def transformers_peer(hf: str, ids: list[list[int]], max_tokens: int, one_at_a_time: int) -> list[dict]:
@@ -137,19 +200,33 @@ def transformers_peer(hf: str, ids: list[list[int]], max_tokens: int, one_at_a_t
             model.generate(torch.tensor([row]), **greedy)
             lat.append(time.perf_counter() - t)
         wall = time.perf_counter() - t0
-        out.append(dict(peer="transformers", mode="one at a time", requests=len(lat), wall_s=round(wall, 3),
-                        requests_per_s=round(len(lat) / wall, 3),
-                        output_tokens_per_s=round(len(lat) * max_tokens / wall, 1),
-                        latency_p50_ms=round(1e3 * percentile(lat, 50), 1)))
+        out.append(
+            dict(
+                peer="transformers",
+                mode="one at a time",
+                requests=len(lat),
+                wall_s=round(wall, 3),
+                requests_per_s=round(len(lat) / wall, 3),
+                output_tokens_per_s=round(len(lat) * max_tokens / wall, 1),
+                latency_p50_ms=round(1e3 * percentile(lat, 50), 1),
+            )
+        )
         width = max(len(r) for r in ids)  # one left-padded batch of every request
         batch = torch.tensor([[0] * (width - len(r)) + r for r in ids])
         mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in ids])
         t0 = time.perf_counter()
         model.generate(batch, attention_mask=mask, **greedy)
         wall = time.perf_counter() - t0
-        out.append(dict(peer="transformers", mode=f"one batch of {len(ids)}", requests=len(ids), wall_s=round(wall, 3),
-                        requests_per_s=round(len(ids) / wall, 3),
-                        output_tokens_per_s=round(len(ids) * max_tokens / wall, 1)))
+        out.append(
+            dict(
+                peer="transformers",
+                mode=f"one batch of {len(ids)}",
+                requests=len(ids),
+                wall_s=round(wall, 3),
+                requests_per_s=round(len(ids) / wall, 3),
+                output_tokens_per_s=round(len(ids) * max_tokens / wall, 1),
+            )
+        )
     return out
 
 
@@ -184,8 +261,16 @@ def main(argv=None):
         emit(dict(env, bench="serve_startup", health_s=round(startup, 2)))
         drive(url, queries, 2, max(levels))  # compile every prompt bucket first
         for c in levels:
-            r = dict(env, bench="serve", peer="glm_jax", layers=args.layers, hidden=args.hidden,
-                     max_tokens=args.max_tokens, slots=args.slots, **drive(url, queries, args.max_tokens, c))
+            r = dict(
+                env,
+                bench="serve",
+                peer="glm_jax",
+                layers=args.layers,
+                hidden=args.hidden,
+                max_tokens=args.max_tokens,
+                slots=args.slots,
+                **drive(url, queries, args.max_tokens, c),
+            )
             results.append(r)
             emit(r)
     finally:
@@ -198,7 +283,9 @@ def main(argv=None):
     summary = dict(env, bench="serve_summary", prompt_tokens_mean=round(float(np.mean([len(i) for i in ids])), 1))
     for r in results:
         if alone:
-            summary[f"c{r['concurrency']}_vs_one_at_a_time"] = round(r["output_tokens_per_s"] / alone["output_tokens_per_s"], 2)
+            summary[f"c{r['concurrency']}_vs_one_at_a_time"] = round(
+                r["output_tokens_per_s"] / alone["output_tokens_per_s"], 2
+            )
         for p in peers:
             key = "hf_one" if p["mode"] == "one at a time" else "hf_batch"
             summary[f"c{r['concurrency']}_vs_{key}"] = round(r["output_tokens_per_s"] / p["output_tokens_per_s"], 2)

@@ -19,8 +19,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-
 from benchutil import emit, environment  # noqa: E402
+
 from glm_jax.topology import parse_topology, topology_devices  # noqa: E402
 from glm_jax.tpu_attention import glm_flash_attention  # noqa: E402
 
@@ -28,19 +28,24 @@ BLOCKS = ((128, 128), (128, 256), (256, 256), (256, 512), (512, 512), (512, 1024
 
 
 def compile_once(device, seq, heads, kv_heads, head_dim, bq, bk):
-    from jax.sharding import Mesh, PartitionSpec as P
+    from jax.sharding import Mesh
+    from jax.sharding import PartitionSpec as P
 
     mesh = Mesh(np.array([device]), ("x",))
-    args = [jax.ShapeDtypeStruct(s, jnp.bfloat16) for s in ((1, seq, heads, head_dim), (1, seq, kv_heads, head_dim),
-                                                            (1, seq, kv_heads, head_dim))]
+    args = [
+        jax.ShapeDtypeStruct(s, jnp.bfloat16)
+        for s in ((1, seq, heads, head_dim), (1, seq, kv_heads, head_dim), (1, seq, kv_heads, head_dim))
+    ]
     args += [jax.ShapeDtypeStruct((1, seq), jnp.int32)] * 2
 
     def loss(q, k, v, seg, pre):
         return glm_flash_attention(q, k, v, seg, pre, block_q=bq, block_k=bk, interpret=False).astype(jnp.float32).sum()
 
     out = {}
-    for name, fn in (("forward", lambda *a: glm_flash_attention(*a, block_q=bq, block_k=bk, interpret=False)),
-                     ("forward_backward", jax.grad(loss, argnums=(0, 1, 2)))):
+    for name, fn in (
+        ("forward", lambda *a: glm_flash_attention(*a, block_q=bq, block_k=bk, interpret=False)),
+        ("forward_backward", jax.grad(loss, argnums=(0, 1, 2))),
+    ):
         step = jax.shard_map(fn, mesh=mesh, in_specs=(P(),) * 5, out_specs=P(), check_vma=False)
         t0 = time.perf_counter()
         try:
@@ -50,9 +55,12 @@ def compile_once(device, seq, heads, kv_heads, head_dim, bq, bk):
             continue
         cost = compiled.cost_analysis() or {}
         cost = cost[0] if isinstance(cost, list) else cost
-        out[name] = {"compiles": True, "compile_s": round(time.perf_counter() - t0, 2),
-                     "bytes_accessed_mb": round(float(cost.get("bytes accessed", 0)) / 1e6, 2),
-                     "temp_mb": round(compiled.memory_analysis().temp_size_in_bytes / 1e6, 2)}
+        out[name] = {
+            "compiles": True,
+            "compile_s": round(time.perf_counter() - t0, 2),
+            "bytes_accessed_mb": round(float(cost.get("bytes accessed", 0)) / 1e6, 2),
+            "temp_mb": round(compiled.memory_analysis().temp_size_in_bytes / 1e6, 2),
+        }
     return out
 
 
@@ -72,8 +80,21 @@ def main(argv=None):
             if args.seq % bq or args.seq % bk:
                 continue
             r = compile_once(device, args.seq, args.heads, args.kv_heads, args.head_dim, bq, bk)
-            emit(dict(env, bench="tpu_attention_compile", topology=name, device_kind=device.device_kind, seq=args.seq,
-                      heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim, block_q=bq, block_k=bk, **r))
+            emit(
+                dict(
+                    env,
+                    bench="tpu_attention_compile",
+                    topology=name,
+                    device_kind=device.device_kind,
+                    seq=args.seq,
+                    heads=args.heads,
+                    kv_heads=args.kv_heads,
+                    head_dim=args.head_dim,
+                    block_q=bq,
+                    block_k=bk,
+                    **r,
+                )
+            )
 
 
 if __name__ == "__main__":

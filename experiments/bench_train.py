@@ -15,8 +15,8 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-
 from benchutil import emit, environment, matmul_anchor
+
 from glm_jax import sharding as sh
 from glm_jax.config import config_from_args
 from glm_jax.objectives import SequenceBuilder
@@ -30,7 +30,7 @@ def synthetic_builder(vocab: int, seq: int) -> SequenceBuilder:
 
     def window(rng, n):
         s = int(rng.integers(0, len(corpus) - n + 1))
-        return corpus[s:s + n]
+        return corpus[s : s + n]
 
     return SequenceBuilder(window, seq, 0)
 
@@ -51,13 +51,30 @@ def main(argv=None):
     peak = peak_flops(jax.devices()[0])
     mesh = sh.make_mesh("1x1", jax.devices()[:1])
     for policy in args.remat.split(","):
-        config = config_from_args(args.preset, args.set + [f"remat_policy={policy}", f"attention_impl={args.attention}"])
+        config = config_from_args(
+            args.preset, args.set + [f"remat_policy={policy}", f"attention_impl={args.attention}"]
+        )
         builder = synthetic_builder(config.vocab_size, args.seq)
-        batches = [{k: v for k, v in b.items() if k != "kind"} for b in
-                   ({k: np.stack([builder.build(i * args.batch + r)[k] for r in range(args.batch)])
-                     for k in builder.build(0)} for i in range(2))]
-        rec = dict(env, bench="train_step", preset=args.preset, batch=args.batch, seq=args.seq, remat=policy,
-                   attention=args.attention, anchor_tflops=round(anchor, 1))
+        batches = [
+            {k: v for k, v in b.items() if k != "kind"}
+            for b in (
+                {
+                    k: np.stack([builder.build(i * args.batch + r)[k] for r in range(args.batch)])
+                    for k in builder.build(0)
+                }
+                for i in range(2)
+            )
+        ]
+        rec = dict(
+            env,
+            bench="train_step",
+            preset=args.preset,
+            batch=args.batch,
+            seq=args.seq,
+            remat=policy,
+            attention=args.attention,
+            anchor_tflops=round(anchor, 1),
+        )
         try:
             trainer = Trainer(config, optim_for(args.preset), mesh, args.batch)
             state = trainer.init_state(0)
@@ -81,9 +98,18 @@ def main(argv=None):
         tokens = args.batch * args.seq
         flops = flops_per_token(config, args.seq)["train"] * tokens
         tflops = flops / step / 1e12
-        emit(dict(rec, step_s=round(step, 4), compile_s=round(compile_s, 1), tokens_per_s=round(tokens / step),
-                  model_tflops=round(tflops, 1), mfu=round(flops / step / peak, 4) if peak else None,
-                  vs_anchor=round(tflops / anchor, 3), loss=float(m["loss"])))
+        emit(
+            dict(
+                rec,
+                step_s=round(step, 4),
+                compile_s=round(compile_s, 1),
+                tokens_per_s=round(tokens / step),
+                model_tflops=round(tflops, 1),
+                mfu=round(flops / step / peak, 4) if peak else None,
+                vs_anchor=round(tflops / anchor, 3),
+                loss=float(m["loss"]),
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -48,9 +48,13 @@ def hbm_bandwidth(gib: float = 2.0) -> float:
 
 def environment() -> dict:
     dev = jax.devices()[0]
-    return {"device": getattr(dev, "device_kind", str(dev)), "backend": jax.default_backend(),
-            "jax": jax.__version__, "python": platform.python_version(),
-            "date": datetime.date.today().isoformat()}
+    return {
+        "device": getattr(dev, "device_kind", str(dev)),
+        "backend": jax.default_backend(),
+        "jax": jax.__version__,
+        "python": platform.python_version(),
+        "date": datetime.date.today().isoformat(),
+    }
 
 
 def emit(record: dict) -> None:

@@ -41,19 +41,23 @@ def main(argv=None):
     ap.add_argument("--out", required=True, help="the serving checkpoint folder to write (must not exist)")
     ap.add_argument("--family", default=None, help="override the detected family")
     ap.add_argument("--tokenizer", default=None, metavar="FILE", help="tokenizer file (default: the folder's)")
-    ap.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default=None,
-                    help="stored parameter dtype (default: the checkpoint's own)")
+    ap.add_argument(
+        "--dtype",
+        choices=("float16", "bfloat16", "float32"),
+        default=None,
+        help="stored parameter dtype (default: the checkpoint's own)",
+    )
     ap.add_argument("--quantize", choices=("none", "int4", "int8"), default="none")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     args = ap.parse_args(argv)
 
+    from glm_jax.checkpoints import CheckpointError, move_to_device, save_serving
     from glm_jax.config import ConfigError, parse_overrides
     from glm_jax.convert import ConversionError
     from glm_jax.families import FamilyError, get_family
     from glm_jax.int4 import quantize_params, tree_bytes
     from glm_jax.released import convert_folder
     from glm_jax.tokenizer import TokenizerError, bundled_file, check_fits
-    from glm_jax.checkpoints import CheckpointError, move_to_device, save_serving
 
     t0 = time.perf_counter()
     try:
@@ -68,18 +72,32 @@ def main(argv=None):
                 raise ConversionError(f"{args.input} holds {config.quantization} weights already")
             config = config.override(quantization=args.quantize)
             params = quantize_params(params, config)
-        save_serving(args.out, config, params, result.step, os.path.abspath(args.input), result.family,
-                     bundled_file(tok))
+        save_serving(
+            args.out, config, params, result.step, os.path.abspath(args.input), result.family, bundled_file(tok)
+        )
     except (ConversionError, ConfigError, FamilyError, TokenizerError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    out = {"input": os.path.abspath(args.input), "out": os.path.abspath(args.out), "layout": result.layout,
-           "family": result.family, "tokenizer": tok.kind, "source_dtype": result.source_dtype,
-           "param_dtype": config.param_dtype, "quantization": config.quantization, "step": result.step,
-           "ranks": result.ranks, "bytes": tree_bytes(params), "seconds": time.perf_counter() - t0,
-           "peak_rss_bytes": peak_rss_bytes()}
-    print(f"{result.layout} ({result.family}) -> {args.out}: {out['bytes'] / 1e9:.3f} GB {config.param_dtype}"
-          f"{', ' + config.quantization if config.quantization != 'none' else ''}", file=sys.stderr)
+    out = {
+        "input": os.path.abspath(args.input),
+        "out": os.path.abspath(args.out),
+        "layout": result.layout,
+        "family": result.family,
+        "tokenizer": tok.kind,
+        "source_dtype": result.source_dtype,
+        "param_dtype": config.param_dtype,
+        "quantization": config.quantization,
+        "step": result.step,
+        "ranks": result.ranks,
+        "bytes": tree_bytes(params),
+        "seconds": time.perf_counter() - t0,
+        "peak_rss_bytes": peak_rss_bytes(),
+    }
+    print(
+        f"{result.layout} ({result.family}) -> {args.out}: {out['bytes'] / 1e9:.3f} GB {config.param_dtype}"
+        f"{', ' + config.quantization if config.quantization != 'none' else ''}",
+        file=sys.stderr,
+    )
     print(json.dumps(out))
     return out
 

@@ -35,9 +35,16 @@ def main(argv=None):
     except ExportError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    result = {"checkpoint": os.path.abspath(args.checkpoint), "out": os.path.abspath(args.out), "format": args.format,
-              "family": m.family.name, "dtype": args.dtype, "tensors": len(tensors), "shards": len(files),
-              "bytes": int(sum(x.nbytes for x in tensors.values()))}
+    result = {
+        "checkpoint": os.path.abspath(args.checkpoint),
+        "out": os.path.abspath(args.out),
+        "format": args.format,
+        "family": m.family.name,
+        "dtype": args.dtype,
+        "tensors": len(tensors),
+        "shards": len(files),
+        "bytes": int(sum(x.nbytes for x in tensors.values())),
+    }
     print(json.dumps(result))
     return result
 

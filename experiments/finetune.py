@@ -49,15 +49,26 @@ def parse_args(argv=None):
     ap.add_argument("--warmup", type=float, default=0.0, help="warm-up fraction of the steps")
     ap.add_argument("--max-source", type=int, default=64, help="prompt ids kept (max_source_length)")
     ap.add_argument("--max-target", type=int, default=128, help="reply ids kept (max_target_length)")
-    ap.add_argument("--seq-len", type=int, default=None, help="packed sequence length (default: max-source + "
-                                                               "max-target + 4)")
-    ap.add_argument("--last-turn-only", action="store_true",
-                    help="train only the last reply of a conversation (ChatGLM2's script)")
+    ap.add_argument(
+        "--seq-len", type=int, default=None, help="packed sequence length (default: max-source + max-target + 4)"
+    )
+    ap.add_argument(
+        "--last-turn-only", action="store_true", help="train only the last reply of a conversation (ChatGLM2's script)"
+    )
     ap.add_argument("--mesh", default="1x1", help="PxT or DxPxT, as pretrain.py")
-    ap.add_argument("--quantize", choices=("none", "int8", "int4"), default="none",
-                    help="run the frozen base quantized (lora / ptuning)")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="a method knob (lora_rank, pre_seq_len, ...) or a model config field")
+    ap.add_argument(
+        "--quantize",
+        choices=("none", "int8", "int4"),
+        default="none",
+        help="run the frozen base quantized (lora / ptuning)",
+    )
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a method knob (lora_rank, pre_seq_len, ...) or a model config field",
+    )
     ap.add_argument("--tokenizer", default=None, metavar="FILE")
     ap.add_argument("--family", default=None)
     ap.add_argument("--seed", type=int, default=0)
@@ -95,18 +106,17 @@ def split_sets(items, peft_cls):
 def main(argv=None):
     ap, args = parse_args(argv)
     needed, _ = prepare_devices(ap, args.mesh)
-    from glm_jax import sharding as sh
-
     import jax
 
+    from glm_jax import sharding as sh
     from glm_jax.adapters import Adapter, attach, save_adapter
+    from glm_jax.checkpoints import CheckpointError, _quantize_on_load, load_model, move_to_device, save_serving
     from glm_jax.config import ConfigError
     from glm_jax.data import DataError
     from glm_jax.optim import OptimConfig
     from glm_jax.peft import PeftConfig, base_identity, count, merge_lora, nbytes, split_shapes
     from glm_jax.sft import SFTBuilder
     from glm_jax.tokenizer import bundled_file
-    from glm_jax.checkpoints import CheckpointError, _quantize_on_load, load_model, move_to_device, save_serving
     from glm_jax.train import RunConfig, TrainingError, train
 
     lead = jax.process_index() == 0
@@ -124,46 +134,98 @@ def main(argv=None):
         config = peft.model_config(base_config).override(**model_overrides)
         seq_len = args.seq_len or args.max_source + args.max_target + 4
         if seq_len > config.max_sequence_length:
-            raise ConfigError(f"--seq-len {seq_len} exceeds the model's max_sequence_length={config.max_sequence_length}")
+            raise ConfigError(
+                f"--seq-len {seq_len} exceeds the model's max_sequence_length={config.max_sequence_length}"
+            )
         ckpt_dir = os.path.join(out, "checkpoints")
         _check_resume(ckpt_dir, peft, identity)
-        common = dict(family=m.family, tok=m.tokenizer, two_d=config.position_encoding_2d, seq_len=seq_len,
-                      max_source=args.max_source, max_target=args.max_target, last_only=args.last_turn_only)
+        common = dict(
+            family=m.family,
+            tok=m.tokenizer,
+            two_d=config.position_encoding_2d,
+            seq_len=seq_len,
+            max_source=args.max_source,
+            max_target=args.max_target,
+            last_only=args.last_turn_only,
+        )
         builder = SFTBuilder.from_files(args.data, seed=args.seed, **common)
         log(f"train data: {json.dumps(builder.stats.summary())}")
         eval_builder = None
         if args.eval_data:
-            eval_builder = SFTBuilder.from_files(args.eval_data, seed=args.seed, shuffle=False,
-                                                 limit=args.eval_limit or None, **common)
+            eval_builder = SFTBuilder.from_files(
+                args.eval_data, seed=args.seed, shuffle=False, limit=args.eval_limit or None, **common
+            )
             log(f"held-out data: {json.dumps(eval_builder.stats.summary())}")
         lr = args.lr or METHOD_LR[args.method]
         # the reference trainers (transformers' Trainer): AdamW, no weight decay, b2 0.999, clip 1.0
-        optim = OptimConfig(peak_lr=lr, init_lr=lr if args.warmup == 0 else lr * 1e-3, warmup_fraction=args.warmup,
-                            min_lr_ratio=0.0, weight_decay=0.0, b2=0.999)
-        run = RunConfig(steps=args.steps, global_batch=args.batch, seq_len=seq_len, seed=args.seed, ckpt_dir=ckpt_dir,
-                        ckpt_every=args.ckpt_every, keep=2, log_dir=os.path.join(out, "logs"),
-                        eval_every=args.eval_every if eval_builder else 0,
-                        eval_batches=eval_builder.batches_to_cover(args.batch) if eval_builder else 0,
-                        progress=not args.no_progress, family=m.family.name, tokenizer_file=bundled_file(m.tokenizer))
+        optim = OptimConfig(
+            peak_lr=lr,
+            init_lr=lr if args.warmup == 0 else lr * 1e-3,
+            warmup_fraction=args.warmup,
+            min_lr_ratio=0.0,
+            weight_decay=0.0,
+            b2=0.999,
+        )
+        run = RunConfig(
+            steps=args.steps,
+            global_batch=args.batch,
+            seq_len=seq_len,
+            seed=args.seed,
+            ckpt_dir=ckpt_dir,
+            ckpt_every=args.ckpt_every,
+            keep=2,
+            log_dir=os.path.join(out, "logs"),
+            eval_every=args.eval_every if eval_builder else 0,
+            eval_batches=eval_builder.batches_to_cover(args.batch) if eval_builder else 0,
+            progress=not args.no_progress,
+            family=m.family.name,
+            tokenizer_file=bundled_file(m.tokenizer),
+        )
         # DxPxT names every axis: exactly that many devices (PxT: data parallel over the rest)
         mesh = sh.make_mesh(args.mesh, jax.devices()[:needed] if args.mesh.count("x") == 2 else None)
         shapes = split_shapes(peft, config)
         saved = {}
 
         def on_done(params, step):
-            saved["adapter"] = _replace(out, "adapter", lambda tmp: save_adapter(
-                tmp, config, peft, params, step, identity, m.family.name, bundled_file(m.tokenizer)))
+            saved["adapter"] = _replace(
+                out,
+                "adapter",
+                lambda tmp: save_adapter(
+                    tmp, config, peft, params, step, identity, m.family.name, bundled_file(m.tokenizer)
+                ),
+            )
             if args.merge:
                 adapter = Adapter(config, peft, jax.device_get(params), step, identity, saved["adapter"])
                 merged_config, merged = attach(adapter, m.config, m.params)
                 if peft.method == "lora":
                     merged, merged_config = merge_lora(merged, merged_config)
-                saved["merged"] = _replace(out, "merged", lambda tmp: save_serving(
-                    os.path.join(tmp, "merged"), merged_config, move_to_device(dict(merged)), step,
-                    f"finetune {peft.method} merged onto {m.path}", m.family.name, bundled_file(m.tokenizer)))
+                saved["merged"] = _replace(
+                    out,
+                    "merged",
+                    lambda tmp: save_serving(
+                        os.path.join(tmp, "merged"),
+                        merged_config,
+                        move_to_device(dict(merged)),
+                        step,
+                        f"finetune {peft.method} merged onto {m.path}",
+                        m.family.name,
+                        bundled_file(m.tokenizer),
+                    ),
+                )
 
-        summary = train(config, optim, run, mesh, builder, eval_builder, log=log, peft=peft, base=base,
-                        meta={"peft": peft.to_dict(), "base": identity, "base_checkpoint": m.path}, on_done=on_done)
+        summary = train(
+            config,
+            optim,
+            run,
+            mesh,
+            builder,
+            eval_builder,
+            log=log,
+            peft=peft,
+            base=base,
+            meta={"peft": peft.to_dict(), "base": identity, "base_checkpoint": m.path},
+            on_done=on_done,
+        )
     except (ConfigError, sh.MeshError, DataError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -171,11 +233,21 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(3)
     trainable, frozen = shapes
-    report = {"method": args.method, "quantize": args.quantize, "trainable_params": count(trainable),
-              "frozen_params": count(frozen), "trainable_fraction": count(trainable) / max(1, count(trainable) + count(frozen)),
-              "optimizer_bytes": 2 * nbytes(trainable), "adapter_bytes": _folder_bytes(saved.get("adapter")),
-              "adapter_dir": saved.get("adapter"), "merged_dir": saved.get("merged"), "lr": lr, "seq_len": seq_len,
-              "train_data": builder.stats.summary(), **summary}
+    report = {
+        "method": args.method,
+        "quantize": args.quantize,
+        "trainable_params": count(trainable),
+        "frozen_params": count(frozen),
+        "trainable_fraction": count(trainable) / max(1, count(trainable) + count(frozen)),
+        "optimizer_bytes": 2 * nbytes(trainable),
+        "adapter_bytes": _folder_bytes(saved.get("adapter")),
+        "adapter_dir": saved.get("adapter"),
+        "merged_dir": saved.get("merged"),
+        "lr": lr,
+        "seq_len": seq_len,
+        "train_data": builder.stats.summary(),
+        **summary,
+    }
     if lead:
         print(json.dumps(report))
     return report
@@ -196,8 +268,10 @@ def _check_resume(ckpt_dir, peft, identity):
     if meta is None:
         return
     if meta.get("peft") != peft.to_dict() or meta.get("base") != identity:
-        raise CheckpointError(f"{ckpt_dir} holds a run of another method or base ({meta.get('peft', {}).get('method')} "
-                              f"on {meta.get('base_checkpoint')}); choose another --out or the same flags")
+        raise CheckpointError(
+            f"{ckpt_dir} holds a run of another method or base ({meta.get('peft', {}).get('method')} "
+            f"on {meta.get('base_checkpoint')}); choose another --out or the same flags"
+        )
 
 
 def _replace(out, name, write):

@@ -66,25 +66,38 @@ def main(argv=None):
         if not rows:
             raise DataError(f"no usable rows in {args.data}")
         seq_len = args.max_source + args.max_target + 4
-        scored = SFTBuilder.from_files([args.data], fam, tok, m.config.position_encoding_2d, seq_len, args.max_source,
-                                       args.max_target, last_only=True, shuffle=False, limit=args.limit)
+        scored = SFTBuilder.from_files(
+            [args.data],
+            fam,
+            tok,
+            m.config.position_encoding_2d,
+            seq_len,
+            args.max_source,
+            args.max_target,
+            last_only=True,
+            shuffle=False,
+            limit=args.limit,
+        )
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     loss = sft_loss(m.config, m.params, scored.sequences, args.batch)
 
     gen = Generator(m.config, m.params, ids=tok.specials, causal=fam.causal)
-    prompts = [cut_prompt(fam.chat_prompt(tok, rounds[:-1], rounds[-1][0], system), fam, args.max_source)
-               for system, rounds in rows]
+    prompts = [
+        cut_prompt(fam.chat_prompt(tok, rounds[:-1], rounds[-1][0], system), fam, args.max_source)
+        for system, rounds in rows
+    ]
     sampling = dict(temperature=0.95, top_p=0.7) if args.sample else {}
     key = jax.random.key(args.seed)
     order = np.argsort([len(p) for p in prompts], kind="stable")  # similar lengths together
     outs = [None] * len(prompts)
     for i in tqdm(range(0, len(order), args.batch), disable=args.no_progress, desc="generate", file=sys.stderr):
-        idx = order[i:i + args.batch]
+        idx = order[i : i + args.batch]
         key, sub = jax.random.split(key)
-        got = gen.generate([prompts[j] for j in idx], args.max_target, key=sub, stop_tokens=fam.stop_ids(tok),
-                           **sampling)
+        got = gen.generate(
+            [prompts[j] for j in idx], args.max_target, key=sub, stop_tokens=fam.stop_ids(tok), **sampling
+        )
         for j, ids in zip(idx, got):
             outs[j] = ids
     predictions = [fam.postprocess(tok.decode(o)) for o in outs]
@@ -93,11 +106,23 @@ def main(argv=None):
     tmp = f"{args.out}.partial-{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:
         for i, ((system, rounds), pred) in enumerate(zip(rows, predictions)):
-            f.write(json.dumps({"index": i, "prompt": rounds[-1][0], "reference": rounds[-1][1], "prediction": pred},
-                               ensure_ascii=False) + "\n")
+            f.write(
+                json.dumps(
+                    {"index": i, "prompt": rounds[-1][0], "reference": rounds[-1][1], "prediction": pred},
+                    ensure_ascii=False,
+                )
+                + "\n"
+            )
     os.replace(tmp, args.out)
-    report = {"n": len(rows), "loss": loss, **scores, "sample": args.sample, "checkpoint": m.path,
-              "adapter": args.adapter, "predictions": os.path.abspath(args.out)}
+    report = {
+        "n": len(rows),
+        "loss": loss,
+        **scores,
+        "sample": args.sample,
+        "checkpoint": m.path,
+        "adapter": args.adapter,
+        "predictions": os.path.abspath(args.out),
+    }
     print(json.dumps(report))
     return report
 

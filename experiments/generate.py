@@ -36,12 +36,20 @@ def stream(gen, m, ids, args, key, show: bool) -> tuple[str, list[int]]:
         out.append(t)
         if show:
             text = m.tokenizer.decode(out)
-            sys.stdout.write(text[len(shown[0]):])
+            sys.stdout.write(text[len(shown[0]) :])
             sys.stdout.flush()
             shown[0] = text
 
-    result = gen.generate([ids], args.max_new, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                          key=key, on_token=on_token, stop_tokens=tuple(stops))[0]
+    result = gen.generate(
+        [ids],
+        args.max_new,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        key=key,
+        on_token=on_token,
+        stop_tokens=tuple(stops),
+    )[0]
     if show:
         print()
     return m.tokenizer.decode(result), result
@@ -50,10 +58,18 @@ def stream(gen, m, ids, args, key, show: bool) -> tuple[str, list[int]]:
 def beams(gen, m, text, ids, args) -> list[dict]:
     """Beam search on one prompt; prints the best beam (or all of them) -> [{"text", "ids", "score"}]."""
     stops = m.family.stop_ids(m.tokenizer)
-    found = gen.beam_search(ids, args.num_beams, args.max_new, length_penalty=args.length_penalty,
-                            no_repeat_ngram=args.no_repeat_ngram, stop_tokens=stops)
-    out = [{"text": m.tokenizer.decode([t for t in toks if t not in stops]), "ids": toks, "score": score}
-           for toks, score in found]
+    found = gen.beam_search(
+        ids,
+        args.num_beams,
+        args.max_new,
+        length_penalty=args.length_penalty,
+        no_repeat_ngram=args.no_repeat_ngram,
+        stop_tokens=stops,
+    )
+    out = [
+        {"text": m.tokenizer.decode([t for t in toks if t not in stops]), "ids": toks, "score": score}
+        for toks, score in found
+    ]
     shown = out if args.all_beams else out[:1]
     if args.json:
         print(json.dumps({"prompt": text, "beams": shown}, ensure_ascii=False), flush=True)
@@ -69,8 +85,11 @@ def main(argv=None):
     add_checkpoint_args(ap)
     ap.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     ap.add_argument("--chat", action="store_true")
-    ap.add_argument("--json", action="store_true",
-                    help="one JSON line per prompt (--prompt) or per turn (--chat, queries from stdin)")
+    ap.add_argument(
+        "--json",
+        action="store_true",
+        help="one JSON line per prompt (--prompt) or per turn (--chat, queries from stdin)",
+    )
     ap.add_argument("--num-beams", type=int, default=1, help="beam search with N beams (--prompt)")
     ap.add_argument("--length-penalty", type=float, default=1.0)
     ap.add_argument("--no-repeat-ngram", type=int, default=0)
@@ -96,8 +115,9 @@ def main(argv=None):
     m = load_model_or_exit(args)
     fam, tok = m.family, m.tokenizer
     if args.max_new >= m.config.max_sequence_length:
-        ap.error(f"--max-new {args.max_new} leaves no room for a prompt (max_sequence_length="
-                 f"{m.config.max_sequence_length})")
+        ap.error(
+            f"--max-new {args.max_new} leaves no room for a prompt (max_sequence_length={m.config.max_sequence_length})"
+        )
     gen = Generator(m.config, m.params, ids=tok.specials, causal=fam.causal)
     key = jax.random.key(args.seed)
     limit = m.config.max_sequence_length - args.max_new
@@ -110,10 +130,20 @@ def main(argv=None):
                 continue
             if not fam.causal and sum(t in tok.specials.mask_tokens for t in ids) > 1:  # several blanks
                 key, sub = jax.random.split(key)
-                filled, blanks = fill_blanks(gen, ids, args.max_new, temperature=args.temperature, top_k=args.top_k,
-                                             top_p=args.top_p, key=sub, stop_tokens=fam.stop_ids(tok))
+                filled, blanks = fill_blanks(
+                    gen,
+                    ids,
+                    args.max_new,
+                    temperature=args.temperature,
+                    top_k=args.top_k,
+                    top_p=args.top_p,
+                    key=sub,
+                    stop_tokens=fam.stop_ids(tok),
+                )
                 result = {"prompt": text, "text": tok.decode(filled), "blanks": [tok.decode(b) for b in blanks]}
-                print(json.dumps(result, ensure_ascii=False) if args.json else f">>> {text}\n{result['text']}", flush=True)
+                print(
+                    json.dumps(result, ensure_ascii=False) if args.json else f">>> {text}\n{result['text']}", flush=True
+                )
                 outputs.append(result["text"])
                 continue
             if not args.json:
@@ -143,8 +173,10 @@ def main(argv=None):
                         break
                 ids, dropped = fam.fit_chat(tok, history, query, limit, args.system)
                 if dropped:
-                    print(f"(the prompt would not fit {limit} tokens: dropped the oldest {dropped} round(s))",
-                          file=sys.stderr)
+                    print(
+                        f"(the prompt would not fit {limit} tokens: dropped the oldest {dropped} round(s))",
+                        file=sys.stderr,
+                    )
                     history = history[dropped:]
                 key, sub = jax.random.split(key)
                 if not args.json:
@@ -154,8 +186,9 @@ def main(argv=None):
                 history.append((query, reply))
                 outputs.append(reply)
                 if args.json:
-                    print(json.dumps({"query": query, "reply": reply, "ids": generated}, ensure_ascii=False),
-                          flush=True)
+                    print(
+                        json.dumps({"query": query, "reply": reply, "ids": generated}, ensure_ascii=False), flush=True
+                    )
     except (GenerationError, FamilyError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -15,8 +15,9 @@ import sys
 
 
 def main(argv=None):
-    import glm_jax.harness  # noqa: F401  (registers "glm_jax")
     from lm_eval.__main__ import cli_evaluate
+
+    import glm_jax.harness  # noqa: F401  (registers "glm_jax")
 
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]

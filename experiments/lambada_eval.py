@@ -48,19 +48,37 @@ def main(argv=None):
     t0 = time.perf_counter()
     if args.protocol == "beam":
         beams = lambda prompt, ids, prefixes: scorer.beams(prompt, args.beams, 5, 3, ids, prefixes)
-        hits = lambada_beam(examples, tok, beams, progress=lambda it: tqdm(it, desc="lambada", unit="ex"),
-                            family=m.family)
+        hits = lambada_beam(
+            examples, tok, beams, progress=lambda it: tqdm(it, desc="lambada", unit="ex"), family=m.family
+        )
     else:
-        hits = lambada_greedy(examples, tok, scorer.score, batch=args.batch,
-                              progress=lambda it: tqdm(it, desc="lambada", unit="batch"), family=m.family)
+        hits = lambada_greedy(
+            examples,
+            tok,
+            scorer.score,
+            batch=args.batch,
+            progress=lambda it: tqdm(it, desc="lambada", unit="batch"),
+            family=m.family,
+        )
     dt = time.perf_counter() - t0
-    result = {"accuracy": sum(hits) / max(len(hits), 1), "n": len(hits), "protocol": args.protocol,
-              "checkpoint": os.path.abspath(args.checkpoint), "step": m.step, "family": m.family.name,
-              "cut_rows": scorer.cut_rows, "examples_per_s": len(hits) / dt,
-              "prediction_rule": ("reference, punctuation split off words" if tok.kind == "glm" else "reference")
-              if args.protocol == "beam" else "greedy: every target token the argmax"}
-    print(f"LAMBADA ({args.protocol}): {result['accuracy']:.4f} on {len(hits)} passages, "
-          f"{result['examples_per_s']:.1f} examples/s", file=sys.stderr)
+    result = {
+        "accuracy": sum(hits) / max(len(hits), 1),
+        "n": len(hits),
+        "protocol": args.protocol,
+        "checkpoint": os.path.abspath(args.checkpoint),
+        "step": m.step,
+        "family": m.family.name,
+        "cut_rows": scorer.cut_rows,
+        "examples_per_s": len(hits) / dt,
+        "prediction_rule": ("reference, punctuation split off words" if tok.kind == "glm" else "reference")
+        if args.protocol == "beam"
+        else "greedy: every target token the argmax",
+    }
+    print(
+        f"LAMBADA ({args.protocol}): {result['accuracy']:.4f} on {len(hits)} passages, "
+        f"{result['examples_per_s']:.1f} examples/s",
+        file=sys.stderr,
+    )
     print(json.dumps(result))
     return result
 

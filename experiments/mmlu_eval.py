@@ -47,11 +47,30 @@ def main(argv=None):
         test = {s: rows[: args.limit] for s, rows in test.items()}
     m = load_model_or_exit(args)
     scorer = ModelScorer(m.config, m.params, m.tokenizer, family=m.family)
-    r = multiple_choice(test, scorer.tokenizer, scorer.score, shots=dev, k=args.shots,
-                        progress=lambda it: tqdm(it, desc="mmlu", unit="subject"), family=m.family)
-    print(json.dumps({"accuracy": r["accuracy"], "n": r["n"], "shots": args.shots, "step": m.step,
-                      "family": m.family.name, "cut_rows": scorer.cut_rows, "categories": r["categories"],
-                      "category_average": r["category_average"], "subjects": r["subjects"]}))
+    r = multiple_choice(
+        test,
+        scorer.tokenizer,
+        scorer.score,
+        shots=dev,
+        k=args.shots,
+        progress=lambda it: tqdm(it, desc="mmlu", unit="subject"),
+        family=m.family,
+    )
+    print(
+        json.dumps(
+            {
+                "accuracy": r["accuracy"],
+                "n": r["n"],
+                "shots": args.shots,
+                "step": m.step,
+                "family": m.family.name,
+                "cut_rows": scorer.cut_rows,
+                "categories": r["categories"],
+                "category_average": r["category_average"],
+                "subjects": r["subjects"],
+            }
+        )
+    )
     return r
 
 

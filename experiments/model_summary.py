@@ -32,15 +32,22 @@ def main(argv=None) -> dict:
         ap.error(str(e))
     s = parameter_summary(config)
     print(f"{args.preset}: {s['params']:,} parameters ({_human(s['params'])})")
-    print(f"  {config.num_layers} layers, hidden {config.hidden_size}, {config.num_attention_heads} heads x "
-          f"{config.head_dim} ({config.num_kv_heads} kv), {config.ffn_kind} {config.inner_hidden_size}, "
-          f"vocab {config.vocab_size} (padded {config.padded_vocab_size}), {config.norm_placement} {config.norm_kind}")
+    print(
+        f"  {config.num_layers} layers, hidden {config.hidden_size}, {config.num_attention_heads} heads x "
+        f"{config.head_dim} ({config.num_kv_heads} kv), {config.ffn_kind} {config.inner_hidden_size}, "
+        f"vocab {config.vocab_size} (padded {config.padded_vocab_size}), {config.norm_placement} {config.norm_kind}"
+    )
     for name, n in s["components"].items():
         print(f"  {name:<16} {n:>18,}  {100 * n / s['params']:6.2f}%")
     for kind, b in s["bytes"].items():
         print(f"  weights at {kind:<5} {_human(b, 'B'):>10}  ({b / 2**30:,.2f} GiB)")
-    summary = {"preset": args.preset, "params": s["params"], "components": s["components"],
-               "bytes": s["bytes"], "overrides": args.set}
+    summary = {
+        "preset": args.preset,
+        "params": s["params"],
+        "components": s["components"],
+        "bytes": s["bytes"],
+        "overrides": args.set,
+    }
     print(json.dumps(summary))
     return summary
 

@@ -25,8 +25,10 @@ from glm_jax.cli import add_checkpoint_args, load_model_or_exit
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHARED = os.path.normpath(os.path.join(HERE, "..", "..", "shared", "data"))
-DEFAULT_DATA = {"wikitext": os.path.join(SHARED, "wikitext-2", "wiki.test.tokens"),
-                "jsonl": os.path.join(SHARED, "corpus")}
+DEFAULT_DATA = {
+    "wikitext": os.path.join(SHARED, "wikitext-2", "wiki.test.tokens"),
+    "jsonl": os.path.join(SHARED, "corpus"),
+}
 GENERATION_LENGTH = {"wikitext": 256, "ptb": 256, "pile": 1024}
 
 
@@ -82,14 +84,21 @@ def main(argv=None):
                 corpus = Corpus.load(data, tok)
                 texts = []
                 for src in corpus.sources:  # the held-out tail of every source, decoded back to text
-                    stream = src.tokens[int(len(src.tokens) * 0.99):]
+                    stream = src.tokens[int(len(src.tokens) * 0.99) :]
                     texts.append(tok.decode(stream[: args.tokens // len(corpus.sources)]))
             r = language_modelling(texts, tok, scorer.score, window=window, progress=progress, family=m.family)
     except (FileNotFoundError, DataError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    out = {"task": args.task, **r, "window": window, "generation_length": g or None, "step": m.step,
-           "family": m.family.name, "cut_rows": scorer.cut_rows}
+    out = {
+        "task": args.task,
+        **r,
+        "window": window,
+        "generation_length": g or None,
+        "step": m.step,
+        "family": m.family.name,
+        "cut_rows": scorer.cut_rows,
+    }
     print(json.dumps(out))
     return out
 

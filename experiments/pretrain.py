@@ -29,10 +29,16 @@ def parse_args(argv=None):
     ap.add_argument("--preset", default="glm-tiny")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a model config field")
     ap.add_argument("--mesh", default="1x1", help="PxT (stages x tensor, data over the rest) or DxPxT")
-    ap.add_argument("--data", default=os.path.join(DATA, "corpus"),
-                    help="corpus files/folders, comma separated, optional :weight each")
-    ap.add_argument("--instructions", default=os.path.join(DATA, "advertisegen", "train.json"),
-                    help="MIP pairs ({content, summary} JSON lines); '' for none")
+    ap.add_argument(
+        "--data",
+        default=os.path.join(DATA, "corpus"),
+        help="corpus files/folders, comma separated, optional :weight each",
+    )
+    ap.add_argument(
+        "--instructions",
+        default=os.path.join(DATA, "advertisegen", "train.json"),
+        help="MIP pairs ({content, summary} JSON lines); '' for none",
+    )
     ap.add_argument("--steps", type=int, default=300, help="train up to this step")
     ap.add_argument("--batch", type=int, default=8, help="global batch (sequences)")
     ap.add_argument("--seq", type=int, default=256, help="sequence length")
@@ -42,32 +48,56 @@ def parse_args(argv=None):
     ap.add_argument("--keep", type=int, default=3, help="checkpoints kept")
     ap.add_argument("--log-dir", default=os.path.join(DEFAULT_RUN, "logs"))
     ap.add_argument("--eval-every", type=int, default=0, help="held-out loss every N steps (0: at the end)")
-    ap.add_argument("--microbatches", type=int, default=None,
-                    help="pipeline microbatches per pass (default: one sequence per data replica each)")
-    ap.add_argument("--pass-batch", type=int, default=None,
-                    help="sequences per gradient pass (default: --batch); with 1f1b a step is one schedule of "
-                         "microbatches of pass-batch / microbatches sequences (the batch ramp-up's unit)")
-    ap.add_argument("--schedule", choices=("1f1b", "gpipe"), default=None,
-                    help="pipeline schedule on a pipelined mesh (default 1f1b)")
+    ap.add_argument(
+        "--microbatches",
+        type=int,
+        default=None,
+        help="pipeline microbatches per pass (default: one sequence per data replica each)",
+    )
+    ap.add_argument(
+        "--pass-batch",
+        type=int,
+        default=None,
+        help="sequences per gradient pass (default: --batch); with 1f1b a step is one schedule of "
+        "microbatches of pass-batch / microbatches sequences (the batch ramp-up's unit)",
+    )
+    ap.add_argument(
+        "--schedule",
+        choices=("1f1b", "gpipe"),
+        default=None,
+        help="pipeline schedule on a pipelined mesh (default 1f1b)",
+    )
     ap.add_argument("--lr", type=float, default=None, help="peak learning rate")
     ap.add_argument("--warmup", type=float, default=None, help="warm-up fraction of the samples")
-    ap.add_argument("--ramp-start", type=int, default=None,
-                    help="batch ramp-up start (sequences; glm-130b: 192); --no-ramp turns a preset's off")
+    ap.add_argument(
+        "--ramp-start",
+        type=int,
+        default=None,
+        help="batch ramp-up start (sequences; glm-130b: 192); --no-ramp turns a preset's off",
+    )
     ap.add_argument("--ramp-fraction", type=float, default=None, help="share of the samples the ramp-up lasts")
     ap.add_argument("--ramp-increment", type=int, default=None, help="batch increment of the ramp-up (sequences)")
     ap.add_argument("--no-ramp", action="store_true", help="no batch ramp-up")
     ap.add_argument("--max-skips", type=int, default=None, help="stop after this many non-finite steps in a row")
     ap.add_argument("--fsdp", action="store_true", help="also shard parameters over the data axis (FSDP)")
     ap.add_argument("--two-d", action="store_true", help="2D positions in the samples (GLM / ChatGLM-6B)")
-    ap.add_argument("--family", default="glm",
-                    help="model family: its tokenizer encodes the data, a causal family trains causally")
+    ap.add_argument(
+        "--family", default="glm", help="model family: its tokenizer encodes the data, a causal family trains causally"
+    )
     ap.add_argument("--tokenizer", default=None, metavar="FILE", help="the family's tokenizer file")
     ap.add_argument("--sync-checkpoints", action="store_true", help="write checkpoints synchronously")
     ap.add_argument("--no-progress", action="store_true")
-    ap.add_argument("--dry-run", action="store_true",
-                    help="compile one step against the mesh without allocating; print per-device memory")
-    ap.add_argument("--topology", default=None, metavar="NAME",
-                    help="with --dry-run: compile for this TPU topology (v4-8, v5e-16, v5p-1536, v6e-256, v5p:8x8x12)")
+    ap.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="compile one step against the mesh without allocating; print per-device memory",
+    )
+    ap.add_argument(
+        "--topology",
+        default=None,
+        metavar="NAME",
+        help="with --dry-run: compile for this TPU topology (v4-8, v5e-16, v5p-1536, v6e-256, v5p:8x8x12)",
+    )
     ap.add_argument("--slices", type=int, default=1, help="with --topology: slices over the data-center network")
     args = ap.parse_args(argv)
     for name in ("steps", "batch", "seq", "ckpt_every", "keep"):
@@ -91,20 +121,19 @@ def main(argv=None):
             ap.error(str(e))
     else:
         _, simulated = prepare_devices(ap, args.mesh)
-    from glm_jax import sharding as sh
-
     import jax
 
+    from glm_jax import sharding as sh
+    from glm_jax.checkpoints import CheckpointError
     from glm_jax.config import ConfigError, config_from_args
     from glm_jax.data import Corpus, DataError, load_instructions
+    from glm_jax.dry_run import dry_run
+    from glm_jax.families import FamilyError, get_family
     from glm_jax.objectives import ObjectiveConfig, SequenceBuilder
     from glm_jax.optim import optim_for
-    from glm_jax.families import FamilyError, get_family
     from glm_jax.tokenizer import TokenizerError, bundled_file, check_fits
     from glm_jax.topology import TopologyError
-    from glm_jax.checkpoints import CheckpointError
     from glm_jax.train import RunConfig, TrainingError, make_trainer, train
-    from glm_jax.dry_run import dry_run
 
     lead = jax.process_index() == 0
     log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if lead else (lambda msg: None)
@@ -112,9 +141,18 @@ def main(argv=None):
         log(f"no accelerator: simulating {len(jax.devices())} CPU devices for --mesh {args.mesh}")
     try:
         config = config_from_args(args.preset, args.set)
-        optim_kw = {k: v for k, v in dict(peak_lr=args.lr, warmup_fraction=args.warmup, ramp_start=args.ramp_start,
-                                          ramp_fraction=args.ramp_fraction, ramp_increment=args.ramp_increment,
-                                          max_consecutive_skips=args.max_skips).items() if v is not None}
+        optim_kw = {
+            k: v
+            for k, v in dict(
+                peak_lr=args.lr,
+                warmup_fraction=args.warmup,
+                ramp_start=args.ramp_start,
+                ramp_fraction=args.ramp_fraction,
+                ramp_increment=args.ramp_increment,
+                max_consecutive_skips=args.max_skips,
+            ).items()
+            if v is not None
+        }
         optim = optim_for(args.preset, **optim_kw)
         if args.no_ramp:
             optim = dataclasses.replace(optim, ramp_start=None)
@@ -125,11 +163,24 @@ def main(argv=None):
             topo = parse_topology(args.topology, args.slices)
             devices = topology_devices(topo)
         mesh = sh.make_mesh(args.mesh, devices)
-        run = RunConfig(steps=args.steps, global_batch=args.batch, seq_len=args.seq, seed=args.seed,
-                        ckpt_dir=args.ckpt_dir, ckpt_every=args.ckpt_every, keep=args.keep, log_dir=args.log_dir,
-                        eval_every=args.eval_every, pass_batch=args.pass_batch, microbatches=args.microbatches,
-                        schedule=args.schedule, async_checkpoints=not args.sync_checkpoints,
-                        progress=not args.no_progress, fsdp=args.fsdp, family=args.family)
+        run = RunConfig(
+            steps=args.steps,
+            global_batch=args.batch,
+            seq_len=args.seq,
+            seed=args.seed,
+            ckpt_dir=args.ckpt_dir,
+            ckpt_every=args.ckpt_every,
+            keep=args.keep,
+            log_dir=args.log_dir,
+            eval_every=args.eval_every,
+            pass_batch=args.pass_batch,
+            microbatches=args.microbatches,
+            schedule=args.schedule,
+            async_checkpoints=not args.sync_checkpoints,
+            progress=not args.no_progress,
+            fsdp=args.fsdp,
+            family=args.family,
+        )
         if args.dry_run:
             trainer, batches = make_trainer(config, optim, run, mesh)
             if batches.ramp_note:
@@ -147,16 +198,25 @@ def main(argv=None):
             check_fits(tok, config.vocab_size, f"--preset {args.preset} (use --set vocab_size={tok.vocab_size})")
         corpus = Corpus.load(args.data, tok)
         st = corpus.stats
-        log(f"corpus: {st.documents:,} documents from {len(corpus.sources)} source(s); skipped {st.skipped} "
-            f"(bad json {st.bad_json}, bad utf-8 {st.bad_utf8}, empty {st.empty_text}, no text {st.missing_text})")
+        log(
+            f"corpus: {st.documents:,} documents from {len(corpus.sources)} source(s); skipped {st.skipped} "
+            f"(bad json {st.bad_json}, bad utf-8 {st.bad_utf8}, empty {st.empty_text}, no text {st.missing_text})"
+        )
         pairs = load_instructions(args.instructions, tok) if args.instructions else None
         objective = ObjectiveConfig(position_encoding_2d=args.two_d or config.position_encoding_2d)
         try:
-            builder = SequenceBuilder(corpus.with_split("train").window, args.seq, args.seed, objective, pairs,
-                                      tok.specials, family.causal)
-            eval_builder = SequenceBuilder(corpus.with_split("heldout").window, args.seq, args.seed + 1,
-                                           dataclasses.replace(objective, multitask_ratio=0.0), None, tok.specials,
-                                           family.causal)
+            builder = SequenceBuilder(
+                corpus.with_split("train").window, args.seq, args.seed, objective, pairs, tok.specials, family.causal
+            )
+            eval_builder = SequenceBuilder(
+                corpus.with_split("heldout").window,
+                args.seq,
+                args.seed + 1,
+                dataclasses.replace(objective, multitask_ratio=0.0),
+                None,
+                tok.specials,
+                family.causal,
+            )
         except ValueError as e:  # the objective's own checks: a sequence too short for its samples
             raise ConfigError(f"{e}; pass a longer --seq") from None
         run = dataclasses.replace(run, family=family.name, tokenizer_file=bundled_file(tok))

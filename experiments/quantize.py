@@ -5,8 +5,9 @@
 GLM-130B's weight-only scheme (int4.py): the four linear weights of every layer become integers
 (INT4 packed two per byte) with fp16 scales per output row, or per `--group` input rows, or in
 `--groups` groups along each input; embeddings, norms and biases are stored in 16 bits (bf16, or
-the checkpoint's fp16); no optimizer state; the family and tokenizer go along. The result is a checkpoint folder that `load_checkpoint` and every evaluation and
-generation script take as `--checkpoint` (default `--out`: `int4`/`int8` beside the source
+the checkpoint's fp16); no optimizer state; the family and tokenizer go along. The result is a checkpoint folder that
+`load_checkpoint` and every evaluation and generation script take as `--checkpoint`
+(default `--out`: `int4`/`int8` beside the source
 folder). Ends with a JSON line of the bytes saved.
 """
 
@@ -34,10 +35,10 @@ def main(argv=None):
 
     import jax
 
+    from glm_jax.checkpoints import CheckpointError, save_serving
     from glm_jax.config import ConfigError
     from glm_jax.int4 import quantize_params, tree_bytes
     from glm_jax.tokenizer import bundled_file
-    from glm_jax.checkpoints import CheckpointError, save_serving
 
     m = load_model_or_exit(argparse.Namespace(**{**vars(args), "quantize": None}))
     config, params, step = m.config, m.params, m.step
@@ -45,24 +46,38 @@ def main(argv=None):
     try:
         if config.quantization != "none":
             raise CheckpointError(f"{args.checkpoint} holds {config.quantization} weights already")
-        qconfig = config.override(quantization=args.quantize, quantization_group=args.group,
-                                  quantization_groups=args.groups,
-                                  param_dtype=config.param_dtype if config.param_dtype != "float32" else "bfloat16")
+        qconfig = config.override(
+            quantization=args.quantize,
+            quantization_group=args.group,
+            quantization_groups=args.groups,
+            param_dtype=config.param_dtype if config.param_dtype != "float32" else "bfloat16",
+        )
         quantized = quantize_params(params, qconfig)
-        save_serving(out, qconfig, quantized, step, os.path.abspath(args.checkpoint), m.family.name,
-                     bundled_file(m.tokenizer))
+        save_serving(
+            out, qconfig, quantized, step, os.path.abspath(args.checkpoint), m.family.name, bundled_file(m.tokenizer)
+        )
     except (CheckpointError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     bf16 = jax.tree_util.tree_map(lambda x: x.astype("bfloat16"), params)
     layers = lambda tree: tree_bytes(tree["layers"])
-    result = {"checkpoint": os.path.abspath(args.checkpoint), "out": os.path.abspath(out), "step": step,
-              "quantize": args.quantize, "fp32_bytes": tree_bytes(params), "bf16_bytes": tree_bytes(bf16),
-              "quantized_bytes": tree_bytes(quantized), "layers_bf16_bytes": layers(bf16),
-              "layers_quantized_bytes": layers(quantized)}
+    result = {
+        "checkpoint": os.path.abspath(args.checkpoint),
+        "out": os.path.abspath(out),
+        "step": step,
+        "quantize": args.quantize,
+        "fp32_bytes": tree_bytes(params),
+        "bf16_bytes": tree_bytes(bf16),
+        "quantized_bytes": tree_bytes(quantized),
+        "layers_bf16_bytes": layers(bf16),
+        "layers_quantized_bytes": layers(quantized),
+    }
     result["saved_vs_bf16"] = 1 - result["quantized_bytes"] / result["bf16_bytes"]
-    print(f"{args.quantize}: {result['quantized_bytes'] / 2**20:.2f} MiB vs {result['bf16_bytes'] / 2**20:.2f} MiB "
-          f"in bf16 ({100 * result['saved_vs_bf16']:.1f}% saved) -> {out}", file=sys.stderr)
+    print(
+        f"{args.quantize}: {result['quantized_bytes'] / 2**20:.2f} MiB vs {result['bf16_bytes'] / 2**20:.2f} MiB "
+        f"in bf16 ({100 * result['saved_vs_bf16']:.1f}% saved) -> {out}",
+        file=sys.stderr,
+    )
     print(json.dumps(result))
     return result
 

@@ -26,8 +26,11 @@ def main(argv=None):
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("--slots", type=int, default=8, help="requests decoded together")
     ap.add_argument("--max-queue", type=int, default=None, help="requests that may wait for a slot (default 4 x slots)")
-    ap.add_argument("--api-key", default=os.environ.get("GLM_JAX_API_KEY"),
-                    help="require 'Authorization: Bearer KEY' on every API route (default $GLM_JAX_API_KEY)")
+    ap.add_argument(
+        "--api-key",
+        default=os.environ.get("GLM_JAX_API_KEY"),
+        help="require 'Authorization: Bearer KEY' on every API route (default $GLM_JAX_API_KEY)",
+    )
     ap.add_argument("--name", default=None, help="the model id in the API (default: the checkpoint's family)")
     ap.add_argument("--max-body", type=int, default=1 << 20, help="the largest request body in bytes")
     ap.add_argument("--drain", type=float, default=10.0, help="seconds requests in flight get at SIGTERM")
@@ -48,17 +51,22 @@ def main(argv=None):
     from glm_jax.serving.engine import Engine
 
     m = load_model_or_exit(args)
-    engine = Engine(m.config, m.params, ids=m.tokenizer.specials, causal=m.family.causal, slots=args.slots,
-                    max_queue=args.max_queue)
+    engine = Engine(
+        m.config, m.params, ids=m.tokenizer.specials, causal=m.family.causal, slots=args.slots, max_queue=args.max_queue
+    )
     engine.warmup()
     name = args.name or m.family.name
     app = make_app(m, engine, name=name, api_key=args.api_key, max_body=args.max_body, drain_s=args.drain)
-    print(f"serving {name} ({m.path}, step {m.step}) on http://{args.host}:{args.port} with {args.slots} slots",
-          file=sys.stderr, flush=True)
+    print(
+        f"serving {name} ({m.path}, step {m.step}) on http://{args.host}:{args.port} with {args.slots} slots",
+        file=sys.stderr,
+        flush=True,
+    )
     # uvicorn handles SIGTERM (graceful shutdown), then raises it again once done: exit 0 then
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
-                timeout_graceful_shutdown=max(1, int(args.drain)))
+    uvicorn.run(
+        app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=max(1, int(args.drain))
+    )
 
 
 if __name__ == "__main__":

@@ -45,13 +45,32 @@ def train(text_file: str, vocab: int) -> bytes:
     os.chdir(os.path.dirname(text_file))
     try:
         spm.SentencePieceTrainer.train(
-            input=os.path.basename(text_file), model_prefix="sp", vocab_size=vocab, model_type="bpe",
-            character_coverage=0.9995, byte_fallback=True, split_digits=True,
-            normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
-            allow_whitespace_only_pieces=True, max_sentence_length=16384, input_sentence_size=0,
-            shuffle_input_sentence=False, num_threads=1,
-            pad_id=0, unk_id=1, eos_id=2, bos_id=-1, pad_piece="<pad>", unk_piece="<unk>", eos_piece="</s>",
-            control_symbols=CONTROL_SYMBOLS, user_defined_symbols=USER_SYMBOLS, minloglevel=2)
+            input=os.path.basename(text_file),
+            model_prefix="sp",
+            vocab_size=vocab,
+            model_type="bpe",
+            character_coverage=0.9995,
+            byte_fallback=True,
+            split_digits=True,
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            add_dummy_prefix=False,
+            allow_whitespace_only_pieces=True,
+            max_sentence_length=16384,
+            input_sentence_size=0,
+            shuffle_input_sentence=False,
+            num_threads=1,
+            pad_id=0,
+            unk_id=1,
+            eos_id=2,
+            bos_id=-1,
+            pad_piece="<pad>",
+            unk_piece="<unk>",
+            eos_piece="</s>",
+            control_symbols=CONTROL_SYMBOLS,
+            user_defined_symbols=USER_SYMBOLS,
+            minloglevel=2,
+        )
         with open("sp.model", "rb") as f:
             return f.read()
     finally:
@@ -82,8 +101,18 @@ def main(argv=None):
     with open(args.out, "wb") as f:
         f.write(data)
     tok = GLMTokenizer(args.out)  # checks the special ids
-    print(json.dumps({"model": args.out, "vocab_size": tok.vocab_size, "lines": n, "bytes": len(data),
-                      "sha256": hashlib.sha256(data).hexdigest(), "seconds": round(time.time() - t0, 1)}))
+    print(
+        json.dumps(
+            {
+                "model": args.out,
+                "vocab_size": tok.vocab_size,
+                "lines": n,
+                "bytes": len(data),
+                "sha256": hashlib.sha256(data).hexdigest(),
+                "seconds": round(time.time() - t0, 1),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -37,13 +37,29 @@ def adapter_path(path: str) -> str:
     return inner if os.path.isdir(inner) else path
 
 
-def save_adapter(out_dir: str, config: GLMConfig, peft: PeftConfig, trainable: dict, step: int, base: dict,
-                 family: str, tokenizer_file: str | None) -> str:
+def save_adapter(
+    out_dir: str,
+    config: GLMConfig,
+    peft: PeftConfig,
+    trainable: dict,
+    step: int,
+    base: dict,
+    family: str,
+    tokenizer_file: str | None,
+) -> str:
     from glm_jax.checkpoints import move_to_device, save_serving
 
     path = os.path.join(out_dir, ADAPTER_DIR)
-    save_serving(path, config, move_to_device(dict(trainable)), step, f"finetune {peft.method}", family,
-                 tokenizer_file, extra={"adapter": True, "peft": peft.to_dict(), "base": base})
+    save_serving(
+        path,
+        config,
+        move_to_device(dict(trainable)),
+        step,
+        f"finetune {peft.method}",
+        family,
+        tokenizer_file,
+        extra={"adapter": True, "peft": peft.to_dict(), "base": base},
+    )
     return path
 
 

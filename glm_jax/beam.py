@@ -25,7 +25,7 @@ stop early (the reference's finalize adds `batch_size` open beams, one with its 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -67,7 +67,7 @@ class BeamSearch:
             if step != len(prefix) - 1:
                 continue
             for r, seq in enumerate(beams):
-                if len(prefix) == 1 or seq[len(seq) - len(prefix) + 1:] == list(prefix[:-1]):
+                if len(prefix) == 1 or seq[len(seq) - len(prefix) + 1 :] == list(prefix[:-1]):
                     logits[r, prefix[-1]] = BANNED
         n = self.no_repeat_ngram
         if n and len(beams[0]) > n:
@@ -75,8 +75,9 @@ class BeamSearch:
                 for t in self._bans[r].get(_key(seq, n), ()):
                     logits[r, t] = BANNED
 
-    def run(self, context: Sequence[int], next_logits: NextLogits, max_new_tokens: int
-            ) -> list[tuple[list[int], float]]:
+    def run(
+        self, context: Sequence[int], next_logits: NextLogits, max_new_tokens: int
+    ) -> list[tuple[list[int], float]]:
         """context: the model-ready prompt up to and including its start id (sop). -> finished
         beams best first as (generated ids, ending with the stop id when the beam ended; score)."""
         context = [int(t) for t in context]
@@ -120,8 +121,9 @@ class BeamSearch:
                 done = True
                 break
             beams, scores, self._bans = new_beams, np.array(new_scores, np.float32), new_bans
-            if len(finished) == self.num_beams and finished[-1][0] >= \
-                    self._penalized(float(scores.max()), length + 1, n_ctx):
+            if len(finished) == self.num_beams and finished[-1][0] >= self._penalized(
+                float(scores.max()), length + 1, n_ctx
+            ):
                 done = True
                 break
         if self.consider_end and not done:
@@ -134,9 +136,9 @@ class BeamSearch:
         while at > 0 and score >= finished[at - 1][0]:  # before equal scores, as the reference inserts
             at -= 1
         finished.insert(at, (score, seq))
-        del finished[self.num_beams:]
+        del finished[self.num_beams :]
 
 
 def _key(seq: Sequence[int], n: int) -> tuple[int, ...]:
     """The n-1 tokens before a new token (the reference's ngram_prefix)."""
-    return tuple(seq[len(seq) - n + 1:]) if n > 1 else tuple(seq)
+    return tuple(seq[len(seq) - n + 1 :]) if n > 1 else tuple(seq)

@@ -48,8 +48,7 @@ class Checkpoints:
 
     def __init__(self, directory: str, keep: int = 3, async_save: bool = True):
         self.directory = os.path.abspath(directory)
-        opts = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
-                                            create=True)
+        opts = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
         self.manager = ocp.CheckpointManager(self.directory, options=opts, item_names=TRAIN_ITEMS + ("meta",))
 
     def latest_step(self) -> int | None:
@@ -81,12 +80,17 @@ def check_config_matches(saved: dict, config: GLMConfig, where: str) -> None:
     """A clear error naming every field where a checkpoint's config differs from this run's."""
     mine = config.to_dict()
     diff = {k: (saved.get(k), v) for k, v in mine.items() if saved.get(k) != v}
-    structural = {k: d for k, d in diff.items() if k not in ("hidden_dropout", "attention_dropout", "remat_policy",
-                                                              "attention_impl", "embedding_shrink_alpha")}
+    structural = {
+        k: d
+        for k, d in diff.items()
+        if k not in ("hidden_dropout", "attention_dropout", "remat_policy", "attention_impl", "embedding_shrink_alpha")
+    }
     if structural:
         lines = ", ".join(f"{k}: checkpoint {a!r} vs run {b!r}" for k, (a, b) in sorted(structural.items()))
-        raise CheckpointError(f"checkpoint {where} was trained with another model config ({lines}); "
-                              "use the same --preset/--set or another --ckpt-dir")
+        raise CheckpointError(
+            f"checkpoint {where} was trained with another model config ({lines}); "
+            "use the same --preset/--set or another --ckpt-dir"
+        )
 
 
 # ---- training state ---------------------------------------------------------------------------------
@@ -101,14 +105,22 @@ def _saved_plan(meta: dict, config: GLMConfig) -> sh.PipelinePlan:
 
 def _train_item(state) -> dict:
     """The `train` item of a train.TrainState (arrays, or ShapeDtypeStructs as a restore target)."""
-    return {"step": state.step, "loss_scale": state.loss_scale, "rng": state.rng, "skipped": state.skipped,
-            "consecutive_skips": state.consecutive_skips}
+    return {
+        "step": state.step,
+        "loss_scale": state.loss_scale,
+        "rng": state.rng,
+        "skipped": state.skipped,
+        "consecutive_skips": state.consecutive_skips,
+    }
 
 
 def save_state(ckpt: Checkpoints, trainer, step: int, state, meta: dict) -> None:
     """Write `state` (a train.TrainState) as it lies on the mesh: no conversion, nothing compiled."""
-    ckpt.save(step, {"params": state.params, "opt_state": state.opt_state, "train": _train_item(state)},
-              {**meta, "layout": layout(trainer.plan)})
+    ckpt.save(
+        step,
+        {"params": state.params, "opt_state": state.opt_state, "train": _train_item(state)},
+        {**meta, "layout": layout(trainer.plan)},
+    )
 
 
 def restore_state(ckpt: Checkpoints, trainer, step: int, meta: dict):
@@ -128,9 +140,12 @@ def restore_state(ckpt: Checkpoints, trainer, step: int, meta: dict):
         return state
     reslot = lambda t: sh.params_to_slots(sh.params_from_slots(t, saved), trainer.plan)
     with jax.set_mesh(trainer.mesh):
-        return jax.jit(lambda s: s.replace(params=reslot(s.params),
-                                           opt_state=trainer.param_like(s.opt_state, reslot, lambda x: x)),
-                       out_shardings=trainer.state_shardings)(state)
+        return jax.jit(
+            lambda s: s.replace(
+                params=reslot(s.params), opt_state=trainer.param_like(s.opt_state, reslot, lambda x: x)
+            ),
+            out_shardings=trainer.state_shardings,
+        )(state)
 
 
 def state_bytes_per_device(trainer) -> float:
@@ -162,8 +177,10 @@ def _restore(path: str, step: int | None) -> tuple[GLMConfig, dict, int, dict, s
     parameters only (a training checkpoint's optimizer state is never read)."""
     path = os.path.abspath(path)
     if not os.path.isdir(path):
-        raise CheckpointError(f"checkpoint folder {path} not found; train one with "
-                              "`python experiments/pretrain.py` or pass --checkpoint DIR")
+        raise CheckpointError(
+            f"checkpoint folder {path} not found; train one with "
+            "`python experiments/pretrain.py` or pass --checkpoint DIR"
+        )
     base = os.path.basename(path)
     if base.isdigit() and step is None and os.path.isdir(os.path.join(path, "params")):
         path, step = os.path.dirname(path), int(base)
@@ -194,8 +211,10 @@ def read_params(ckpt: Checkpoints, step: int, meta: dict, config: GLMConfig) -> 
 def _quantize_on_load(config: GLMConfig, params: dict, quantize: str | None, path: str):
     if quantize and quantize not in ("none", config.quantization):
         if config.quantization != "none":
-            raise CheckpointError(f"{path} holds {config.quantization} weights already; quantize the float "
-                                  f"checkpoint it came from to get {quantize}")
+            raise CheckpointError(
+                f"{path} holds {config.quantization} weights already; quantize the float "
+                f"checkpoint it came from to get {quantize}"
+            )
         from glm_jax.int4 import quantize_params
 
         config = config.override(quantization=quantize)
@@ -226,8 +245,14 @@ class LoadedModel:
     path: str
 
 
-def load_model(path: str, quantize: str | None = None, tokenizer_file: str | None = None,
-               family: str | None = None, step: int | None = None, adapter: str | None = None) -> LoadedModel:
+def load_model(
+    path: str,
+    quantize: str | None = None,
+    tokenizer_file: str | None = None,
+    family: str | None = None,
+    step: int | None = None,
+    adapter: str | None = None,
+) -> LoadedModel:
     """`load_checkpoint` plus the family and tokenizer the checkpoint records (a checkpoint from
     before families were recorded is ours, `glm`). tokenizer_file / family override them. A
     tokenizer whose ids do not fit the embedding is a clear error. adapter: a fine-tuned
@@ -272,8 +297,16 @@ def move_to_device(tree: dict) -> dict:
     return tree
 
 
-def save_serving(path: str, config: GLMConfig, params: dict, step: int, source: str, family: str = "glm",
-                 tokenizer_file: str | None = None, extra: dict | None = None) -> None:
+def save_serving(
+    path: str,
+    config: GLMConfig,
+    params: dict,
+    step: int,
+    source: str,
+    family: str = "glm",
+    tokenizer_file: str | None = None,
+    extra: dict | None = None,
+) -> None:
     """A serving checkpoint: parameters (float or quantized, no optimizer state), their config,
     the family and a copy of the tokenizer file, in the training checkpoints' folder layout, so
     `load_checkpoint` / `load_model` and every script take it. Written beside `path` and renamed
@@ -288,9 +321,19 @@ def save_serving(path: str, config: GLMConfig, params: dict, step: int, source: 
         rel = copy_tokenizer(tokenizer_file, tmp)
         ckpt = Checkpoints(tmp, keep=1, async_save=False)
         try:
-            ckpt.save(step, {"params": params}, {"config": config.to_dict(), "serving": True, "source": source,
-                                                 "family": family, "tokenizer": rel, "layout": {"stages": 1},
-                                                 **(extra or {})})
+            ckpt.save(
+                step,
+                {"params": params},
+                {
+                    "config": config.to_dict(),
+                    "serving": True,
+                    "source": source,
+                    "family": family,
+                    "tokenizer": rel,
+                    "layout": {"stages": 1},
+                    **(extra or {}),
+                },
+            )
         finally:
             ckpt.close()
         if os.path.isdir(path):

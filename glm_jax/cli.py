@@ -12,17 +12,35 @@ DEFAULT_CHECKPOINTS = os.path.join(DEFAULT_RUN, "checkpoints")
 def add_checkpoint_args(ap: argparse.ArgumentParser) -> None:
     """--checkpoint (default: pretrain.py's) and --quantize, as the evaluation and generation
     scripts take them (for `checkpoints.load_model`)."""
-    ap.add_argument("--checkpoint", default=DEFAULT_CHECKPOINTS,
-                    help="a run's checkpoint folder (its latest step), one step's folder, or a serving checkpoint")
-    ap.add_argument("--quantize", choices=("none", "int8", "int4"), default="none",
-                    help="weight-only quantization of the layers' linear weights (GLM-130B's scheme)")
-    ap.add_argument("--tokenizer", default=None, metavar="FILE",
-                    help="tokenizer model file (default: the one the checkpoint carries)")
-    ap.add_argument("--family", default=None,
-                    help="model family (default: the one the checkpoint records): glm, glm-130b, chatglm-6b, "
-                         "chatglm2-6b, chatglm3-6b")
-    ap.add_argument("--adapter", default=None, metavar="DIR",
-                    help="a fine-tuned adapter (finetune.py's --out folder) to put on the checkpoint")
+    ap.add_argument(
+        "--checkpoint",
+        default=DEFAULT_CHECKPOINTS,
+        help="a run's checkpoint folder (its latest step), one step's folder, or a serving checkpoint",
+    )
+    ap.add_argument(
+        "--quantize",
+        choices=("none", "int8", "int4"),
+        default="none",
+        help="weight-only quantization of the layers' linear weights (GLM-130B's scheme)",
+    )
+    ap.add_argument(
+        "--tokenizer",
+        default=None,
+        metavar="FILE",
+        help="tokenizer model file (default: the one the checkpoint carries)",
+    )
+    ap.add_argument(
+        "--family",
+        default=None,
+        help="model family (default: the one the checkpoint records): glm, glm-130b, chatglm-6b, "
+        "chatglm2-6b, chatglm3-6b",
+    )
+    ap.add_argument(
+        "--adapter",
+        default=None,
+        metavar="DIR",
+        help="a fine-tuned adapter (finetune.py's --out folder) to put on the checkpoint",
+    )
 
 
 def prepare_devices(ap: argparse.ArgumentParser, mesh_spec: str) -> tuple[int, bool]:
@@ -47,8 +65,13 @@ def load_model_or_exit(args):
     from glm_jax.checkpoints import CheckpointError, load_model
 
     try:
-        return load_model(args.checkpoint, quantize=args.quantize, tokenizer_file=args.tokenizer, family=args.family,
-                          adapter=getattr(args, "adapter", None))
+        return load_model(
+            args.checkpoint,
+            quantize=args.quantize,
+            tokenizer_file=args.tokenizer,
+            family=args.family,
+            adapter=getattr(args, "adapter", None),
+        )
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import typing
-from typing import Any, Optional
+from typing import Any
 
 import jax.numpy as jnp
 
@@ -39,14 +39,14 @@ class GLMConfig:
     num_layers: int = 8
     hidden_size: int = 128
     num_attention_heads: int = 4
-    num_kv_heads: Optional[int] = None  # None: = num_attention_heads (multi-head)
-    head_dim: Optional[int] = None  # None: hidden_size // num_attention_heads
+    num_kv_heads: int | None = None  # None: = num_attention_heads (multi-head)
+    head_dim: int | None = None  # None: hidden_size // num_attention_heads
     vocab_size: int = 32000  # the tokenizer's vocabulary
     vocab_pad_multiple: int = 128  # embedding rows padded up to a multiple of this
     max_sequence_length: int = 2048
     # feed-forward
     ffn_kind: str = "geglu"  # geglu: a*gelu(b); swiglu: silu(a)*b; gelu / gelu_tanh: plain
-    inner_hidden_size: Optional[int] = None
+    inner_hidden_size: int | None = None
     ffn_multiple_of: int = 128  # rounding of the derived gated-FFN width
     # normalisation
     norm_kind: str = "layernorm"
@@ -109,7 +109,8 @@ class GLMConfig:
             if self.num_attention_heads <= 0 or self.hidden_size % self.num_attention_heads:
                 raise ConfigError(
                     f"hidden_size={self.hidden_size} is not divisible by num_attention_heads="
-                    f"{self.num_attention_heads}; set head_dim explicitly or change one of them")
+                    f"{self.num_attention_heads}; set head_dim explicitly or change one of them"
+                )
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
             derived.append("head_dim")
         if self.inner_hidden_size is None:
@@ -122,12 +123,17 @@ class GLMConfig:
     def scale_groups(self, k: int) -> int:
         """Quantization scale groups along an input dimension of k rows."""
         per_group = self.quantization_group or k // max(self.quantization_groups, 1)
-        if k % per_group or (self.quantization_groups and per_group * self.quantization_groups != k) \
-                or (self.quantization == "int4" and per_group % 2):
-            raise ConfigError(f"a linear weight with {k} input rows does not split into scale groups of "
-                              f"{'an even size' if self.quantization == 'int4' else 'equal size'} with "
-                              f"quantization_group={self.quantization_group}, quantization_groups="
-                              f"{self.quantization_groups}")
+        if (
+            k % per_group
+            or (self.quantization_groups and per_group * self.quantization_groups != k)
+            or (self.quantization == "int4" and per_group % 2)
+        ):
+            raise ConfigError(
+                f"a linear weight with {k} input rows does not split into scale groups of "
+                f"{'an even size' if self.quantization == 'int4' else 'equal size'} with "
+                f"quantization_group={self.quantization_group}, quantization_groups="
+                f"{self.quantization_groups}"
+            )
         return k // per_group
 
     @property
@@ -175,14 +181,14 @@ class GLMConfig:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "_derived"}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "GLMConfig":
+    def from_dict(cls, d: dict[str, Any]) -> GLMConfig:
         known = {f.name for f in dataclasses.fields(cls)} - {"_derived"}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ConfigError(f"unknown config field(s) {unknown}; known fields: {sorted(known)}")
         return cls(**d)
 
-    def override(self, **overrides) -> "GLMConfig":
+    def override(self, **overrides) -> GLMConfig:
         """A new config with `overrides` applied; derived sizes follow them unless set too."""
         known = {f.name for f in dataclasses.fields(self)} - {"_derived"}
         unknown = sorted(set(overrides) - known)
@@ -210,51 +216,73 @@ def validate(c: GLMConfig) -> None:
         if not ok:
             raise ConfigError(msg)
 
-    for name in ("num_layers", "hidden_size", "num_attention_heads", "num_kv_heads", "head_dim",
-                 "vocab_size", "vocab_pad_multiple", "max_sequence_length", "inner_hidden_size",
-                 "ffn_multiple_of"):
-        need(isinstance(getattr(c, name), int) and getattr(c, name) > 0,
-             f"{name} must be a positive integer, got {getattr(c, name)!r}")
+    for name in (
+        "num_layers",
+        "hidden_size",
+        "num_attention_heads",
+        "num_kv_heads",
+        "head_dim",
+        "vocab_size",
+        "vocab_pad_multiple",
+        "max_sequence_length",
+        "inner_hidden_size",
+        "ffn_multiple_of",
+    ):
+        need(
+            isinstance(getattr(c, name), int) and getattr(c, name) > 0,
+            f"{name} must be a positive integer, got {getattr(c, name)!r}",
+        )
     need(c.ffn_kind in FFN_KINDS, f"ffn_kind={c.ffn_kind!r}; choose one of {FFN_KINDS}")
     need(c.norm_kind in NORM_KINDS, f"norm_kind={c.norm_kind!r}; choose one of {NORM_KINDS}")
-    need(c.norm_placement in NORM_PLACEMENTS,
-         f"norm_placement={c.norm_placement!r}; choose one of {NORM_PLACEMENTS}")
-    need(c.attention_impl in ATTENTION_IMPLS,
-         f"attention_impl={c.attention_impl!r}; choose one of {ATTENTION_IMPLS}")
-    need(c.quantized_matmul in QUANTIZED_MATMULS,
-         f"quantized_matmul={c.quantized_matmul!r}; choose one of {QUANTIZED_MATMULS}")
-    need(c.quantized_matmul != "pallas" or c.quantization == "int4",
-         f"quantized_matmul=pallas is the INT4 kernel; quantization={c.quantization!r} needs xla or auto")
-    need(c.remat_policy in REMAT_POLICIES,
-         f"remat_policy={c.remat_policy!r}; choose one of {REMAT_POLICIES}")
+    need(c.norm_placement in NORM_PLACEMENTS, f"norm_placement={c.norm_placement!r}; choose one of {NORM_PLACEMENTS}")
+    need(c.attention_impl in ATTENTION_IMPLS, f"attention_impl={c.attention_impl!r}; choose one of {ATTENTION_IMPLS}")
+    need(
+        c.quantized_matmul in QUANTIZED_MATMULS,
+        f"quantized_matmul={c.quantized_matmul!r}; choose one of {QUANTIZED_MATMULS}",
+    )
+    need(
+        c.quantized_matmul != "pallas" or c.quantization == "int4",
+        f"quantized_matmul=pallas is the INT4 kernel; quantization={c.quantization!r} needs xla or auto",
+    )
+    need(c.remat_policy in REMAT_POLICIES, f"remat_policy={c.remat_policy!r}; choose one of {REMAT_POLICIES}")
     for name in ("dtype", "param_dtype"):
         need(getattr(c, name) in DTYPES, f"{name}={getattr(c, name)!r}; choose one of {tuple(DTYPES)}")
-    need(c.num_attention_heads % c.num_kv_heads == 0,
-         f"num_attention_heads={c.num_attention_heads} is not divisible by num_kv_heads="
-         f"{c.num_kv_heads} (grouped attention needs whole groups)")
+    need(
+        c.num_attention_heads % c.num_kv_heads == 0,
+        f"num_attention_heads={c.num_attention_heads} is not divisible by num_kv_heads="
+        f"{c.num_kv_heads} (grouped attention needs whole groups)",
+    )
     need(0.0 < c.rotary_fraction <= 1.0, f"rotary_fraction={c.rotary_fraction} must be in (0, 1]")
     if c.position_encoding_2d:
-        need(c.rotary_fraction == 1.0,
-             "position_encoding_2d rotates both halves of each head fully; set rotary_fraction=1.0")
-        need(c.head_dim % 4 == 0,
-             f"position_encoding_2d splits head_dim={c.head_dim} into two rotary halves of even "
-             "size: head_dim must be a multiple of 4")
+        need(
+            c.rotary_fraction == 1.0,
+            "position_encoding_2d rotates both halves of each head fully; set rotary_fraction=1.0",
+        )
+        need(
+            c.head_dim % 4 == 0,
+            f"position_encoding_2d splits head_dim={c.head_dim} into two rotary halves of even "
+            "size: head_dim must be a multiple of 4",
+        )
     rot = (c.head_dim // 2 if c.position_encoding_2d else c.head_dim) * c.rotary_fraction
-    need(rot == int(rot) and int(rot) % 2 == 0 and rot > 0,
-         f"rotary_fraction={c.rotary_fraction} of head_dim={c.head_dim} gives {rot} rotary dims; "
-         "it must be a positive even integer")
-    need(c.quantization in ("none", "int8", "int4"),
-         f"quantization={c.quantization!r}; choose none, int8 or int4")
+    need(
+        rot == int(rot) and int(rot) % 2 == 0 and rot > 0,
+        f"rotary_fraction={c.rotary_fraction} of head_dim={c.head_dim} gives {rot} rotary dims; "
+        "it must be a positive even integer",
+    )
+    need(c.quantization in ("none", "int8", "int4"), f"quantization={c.quantization!r}; choose none, int8 or int4")
     need(c.quantization_group >= 0, f"quantization_group={c.quantization_group} must be >= 0")
     need(c.quantization_groups >= 0, f"quantization_groups={c.quantization_groups} must be >= 0")
-    need(not (c.quantization_group and c.quantization_groups),
-         "set quantization_group (rows per scale) or quantization_groups (scales per row), not both")
+    need(
+        not (c.quantization_group and c.quantization_groups),
+        "set quantization_group (rows per scale) or quantization_groups (scales per row), not both",
+    )
     for name in ("hidden_dropout", "attention_dropout"):
         need(0.0 <= getattr(c, name) < 1.0, f"{name}={getattr(c, name)} must be in [0, 1)")
-    need(0.0 <= c.embedding_shrink_alpha <= 1.0,
-         f"embedding_shrink_alpha={c.embedding_shrink_alpha} must be in [0, 1]")
-    need(isinstance(c.deepnorm_alpha_layers, int) and c.deepnorm_alpha_layers >= 0,
-         f"deepnorm_alpha_layers={c.deepnorm_alpha_layers!r} must be an integer >= 0 (0: num_layers)")
+    need(0.0 <= c.embedding_shrink_alpha <= 1.0, f"embedding_shrink_alpha={c.embedding_shrink_alpha} must be in [0, 1]")
+    need(
+        isinstance(c.deepnorm_alpha_layers, int) and c.deepnorm_alpha_layers >= 0,
+        f"deepnorm_alpha_layers={c.deepnorm_alpha_layers!r} must be an integer >= 0 (0: num_layers)",
+    )
     bad = sorted(set(c.lora_target_names) - set(LORA_TARGETS))
     need(not bad, f"lora_targets={c.lora_targets!r}: unknown layer(s) {bad}; choose from {LORA_TARGETS}")
     for name in ("lora_rank", "pre_seq_len", "prefix_hidden_size"):
@@ -268,34 +296,85 @@ def validate(c: GLMConfig) -> None:
 PRESETS: dict[str, dict[str, Any]] = {
     # GLM-130B exactly (spec section 1): 70 DeepNorm post-LN layers, GeGLU 32768, tied 150528 vocab.
     "glm-130b": dict(
-        num_layers=70, hidden_size=12288, num_attention_heads=96, vocab_size=150528,
-        vocab_pad_multiple=768, max_sequence_length=2048, ffn_kind="geglu",
-        norm_kind="layernorm", norm_placement="deepnorm", embedding_shrink_alpha=0.1,
-        hidden_dropout=0.1, attention_dropout=0.1, rotary_fp16_inv_freq=True),
+        num_layers=70,
+        hidden_size=12288,
+        num_attention_heads=96,
+        vocab_size=150528,
+        vocab_pad_multiple=768,
+        max_sequence_length=2048,
+        ffn_kind="geglu",
+        norm_kind="layernorm",
+        norm_placement="deepnorm",
+        embedding_shrink_alpha=0.1,
+        hidden_dropout=0.1,
+        attention_dropout=0.1,
+        rotary_fp16_inv_freq=True,
+    ),
     # ChatGLM-6B (spec section 2): 2D rotary, GeLU(tanh) 16384, separate lm_head.
     "chatglm-6b": dict(
-        num_layers=28, hidden_size=4096, num_attention_heads=32, vocab_size=130528,
-        max_sequence_length=2048, ffn_kind="gelu_tanh", norm_kind="layernorm",
-        norm_placement="deepnorm", position_encoding_2d=True, tie_word_embeddings=False,
-        hidden_dropout=0.0, attention_dropout=0.0, rotary_fp16_inv_freq=True, deepnorm_alpha_layers=28),
+        num_layers=28,
+        hidden_size=4096,
+        num_attention_heads=32,
+        vocab_size=130528,
+        max_sequence_length=2048,
+        ffn_kind="gelu_tanh",
+        norm_kind="layernorm",
+        norm_placement="deepnorm",
+        position_encoding_2d=True,
+        tie_word_embeddings=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        rotary_fp16_inv_freq=True,
+        deepnorm_alpha_layers=28,
+    ),
     # ChatGLM2-6B (spec section 2): pre-RMSNorm, MQA with 2 KV groups, SwiGLU 13696,
     # half-rotary with interleaved pairs, QKV bias only, causal decoder.
     "chatglm2-6b": dict(
-        num_layers=28, hidden_size=4096, num_attention_heads=32, num_kv_heads=2,
-        vocab_size=65024, max_sequence_length=32768, ffn_kind="swiglu", inner_hidden_size=13696,
-        norm_kind="rmsnorm", norm_placement="pre", rotary_fraction=0.5, rotary_interleaved=True,
-        qkv_bias=True, attention_dense_bias=False, ffn_bias=False, tie_word_embeddings=False,
-        hidden_dropout=0.0, attention_dropout=0.0),
+        num_layers=28,
+        hidden_size=4096,
+        num_attention_heads=32,
+        num_kv_heads=2,
+        vocab_size=65024,
+        max_sequence_length=32768,
+        ffn_kind="swiglu",
+        inner_hidden_size=13696,
+        norm_kind="rmsnorm",
+        norm_placement="pre",
+        rotary_fraction=0.5,
+        rotary_interleaved=True,
+        qkv_bias=True,
+        attention_dense_bias=False,
+        ffn_bias=False,
+        tie_word_embeddings=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+    ),
     # GLM-130B's block at ~1.3 B parameters: the GPU benchmark model.
     "glm-1b": dict(
-        num_layers=24, hidden_size=2048, num_attention_heads=16, vocab_size=32000,
-        max_sequence_length=2048, ffn_kind="geglu", norm_placement="deepnorm",
-        embedding_shrink_alpha=0.1, hidden_dropout=0.0, attention_dropout=0.0),
+        num_layers=24,
+        hidden_size=2048,
+        num_attention_heads=16,
+        vocab_size=32000,
+        max_sequence_length=2048,
+        ffn_kind="geglu",
+        norm_placement="deepnorm",
+        embedding_shrink_alpha=0.1,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+    ),
     # Tests and the CPU default run: splits on --mesh 8x4 (8 layers; heads, FFN, vocab % 4 == 0).
     "glm-tiny": dict(
-        num_layers=8, hidden_size=128, num_attention_heads=4, vocab_size=32000,
-        max_sequence_length=1024, ffn_kind="geglu", norm_placement="deepnorm",
-        embedding_shrink_alpha=0.1, hidden_dropout=0.0, attention_dropout=0.0),
+        num_layers=8,
+        hidden_size=128,
+        num_attention_heads=4,
+        vocab_size=32000,
+        max_sequence_length=1024,
+        ffn_kind="geglu",
+        norm_placement="deepnorm",
+        embedding_shrink_alpha=0.1,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+    ),
 }
 
 
@@ -309,8 +388,9 @@ def get_config(name: str, **overrides) -> GLMConfig:
 def _parse_value(name: str, raw: str) -> Any:
     hints = typing.get_type_hints(GLMConfig)
     if name not in hints or name == "_derived":
-        raise ConfigError(f"--set {name}=...: unknown config field; known fields: "
-                          f"{sorted(h for h in hints if h != '_derived')}")
+        raise ConfigError(
+            f"--set {name}=...: unknown config field; known fields: {sorted(h for h in hints if h != '_derived')}"
+        )
     hint = hints[name]
     args = typing.get_args(hint)
     optional = type(None) in args

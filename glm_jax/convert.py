@@ -21,7 +21,8 @@ layout means writing its table.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -100,8 +101,10 @@ def _glm130b_qkv(c: GLMConfig, suffix: str):
 def glm130b_rules(c: GLMConfig) -> tuple[list[Rule], list[Rule]]:
     """(per-layer rules, top-level rules) of the GLM-130B reference layout for config `c`."""
     if c.num_kv_heads != c.num_attention_heads or c.norm_kind != "layernorm":
-        raise ConversionError("the GLM-130B layout has multi-head attention and LayerNorm; this config has "
-                              f"num_kv_heads={c.num_kv_heads}, norm_kind={c.norm_kind!r}")
+        raise ConversionError(
+            "the GLM-130B layout has multi-head attention and LayerNorm; this config has "
+            f"num_kv_heads={c.num_kv_heads}, norm_kind={c.norm_kind!r}"
+        )
     e, h, d, f = c.hidden_size, c.num_attention_heads, c.head_dim, c.inner_hidden_size
     p = "transformer.layers.{i}."
     ffn_out = 2 * f if c.gated_ffn else f
@@ -112,9 +115,13 @@ def glm130b_rules(c: GLMConfig) -> tuple[list[Rule], list[Rule]]:
         Rule(p + "attention.dense.weight", (e, h * d), _linear_in(("attention", "dense", "kernel"), (h, d))),
         Rule(p + "post_attention_layernorm.weight", (e,), _leaf("post_attention_layernorm", "scale")),
         Rule(p + "post_attention_layernorm.bias", (e,), _leaf("post_attention_layernorm", "bias")),
-        Rule(p + "mlp.dense_h_to_4h.weight", (ffn_out, e),
-             _halves(("mlp", "dense_h_to_4h", "kernel"), f) if c.gated_ffn
-             else _linear(("mlp", "dense_h_to_4h", "kernel"), (f,))),
+        Rule(
+            p + "mlp.dense_h_to_4h.weight",
+            (ffn_out, e),
+            _halves(("mlp", "dense_h_to_4h", "kernel"), f)
+            if c.gated_ffn
+            else _linear(("mlp", "dense_h_to_4h", "kernel"), (f,)),
+        ),
         Rule(p + "mlp.dense_4h_to_h.weight", (e, f), _linear(("mlp", "dense_4h_to_h", "kernel"), (e,))),
     ]
     if c.qkv_bias:
@@ -122,30 +129,43 @@ def glm130b_rules(c: GLMConfig) -> tuple[list[Rule], list[Rule]]:
     if c.attention_dense_bias:
         layer.append(Rule(p + "attention.dense.bias", (e,), _leaf("attention", "dense", "bias")))
     if c.ffn_bias:
-        layer.append(Rule(p + "mlp.dense_h_to_4h.bias", (ffn_out,),
-                          _halves(("mlp", "dense_h_to_4h", "bias"), f) if c.gated_ffn
-                          else _leaf("mlp", "dense_h_to_4h", "bias")))
+        layer.append(
+            Rule(
+                p + "mlp.dense_h_to_4h.bias",
+                (ffn_out,),
+                _halves(("mlp", "dense_h_to_4h", "bias"), f) if c.gated_ffn else _leaf("mlp", "dense_h_to_4h", "bias"),
+            )
+        )
         layer.append(Rule(p + "mlp.dense_4h_to_h.bias", (e,), _leaf("mlp", "dense_4h_to_h", "bias")))
-    top = [Rule("transformer.word_embeddings.weight", (c.vocab_size, e),
-                lambda w: {("word_embeddings", "embedding"): _pad_rows(w, c.padded_vocab_size)})]
+    top = [
+        Rule(
+            "transformer.word_embeddings.weight",
+            (c.vocab_size, e),
+            lambda w: {("word_embeddings", "embedding"): _pad_rows(w, c.padded_vocab_size)},
+        )
+    ]
     if c.final_norm:
-        top += [Rule("transformer.final_layernorm.weight", (e,), _leaf("final_layernorm", "scale")),
-                Rule("transformer.final_layernorm.bias", (e,), _leaf("final_layernorm", "bias"))]
+        top += [
+            Rule("transformer.final_layernorm.weight", (e,), _leaf("final_layernorm", "scale")),
+            Rule("transformer.final_layernorm.bias", (e,), _leaf("final_layernorm", "bias")),
+        ]
     if not c.tie_word_embeddings:
         top.append(_output_layer_rule("lm_head.weight", c))
     return layer, top
 
 
 def _output_layer_rule(name: str, c: GLMConfig) -> Rule:
-    return Rule(name, (c.vocab_size, c.hidden_size),
-                lambda w: {("output_layer", "kernel"): _pad_rows(w, c.padded_vocab_size).T})
+    return Rule(
+        name, (c.vocab_size, c.hidden_size), lambda w: {("output_layer", "kernel"): _pad_rows(w, c.padded_vocab_size).T}
+    )
 
 
 def hf_glm_rules(c: GLMConfig) -> tuple[list[Rule], list[Rule]]:
     """(per-layer rules, top-level rules) of transformers' GlmForCausalLM for config `c`."""
     if c.norm_kind != "rmsnorm" or c.norm_placement != "pre" or c.ffn_kind != "swiglu":
-        raise ConversionError("GlmForCausalLM is a pre-RMSNorm SwiGLU model; build the config with "
-                              "config_from_hf_glm(hf_config)")
+        raise ConversionError(
+            "GlmForCausalLM is a pre-RMSNorm SwiGLU model; build the config with config_from_hf_glm(hf_config)"
+        )
     e, h, kv, d, f = c.hidden_size, c.num_attention_heads, c.num_kv_heads, c.head_dim, c.inner_hidden_size
     p = "model.layers.{i}."
     layer = [
@@ -160,11 +180,21 @@ def hf_glm_rules(c: GLMConfig) -> tuple[list[Rule], list[Rule]]:
     ]
     if c.qkv_bias:
         for name, n in (("query", h), ("key", kv), ("value", kv)):
-            layer.append(Rule(p + f"self_attn.{name[0]}_proj.bias", (n * d,),
-                              (lambda path, n: lambda w: {path: w.reshape(n, d)})(("attention", name, "bias"), n)))
-    top = [Rule("model.embed_tokens.weight", (c.vocab_size, e),
-                lambda w: {("word_embeddings", "embedding"): _pad_rows(w, c.padded_vocab_size)}),
-           Rule("model.norm.weight", (e,), _leaf("final_layernorm", "scale"))]
+            layer.append(
+                Rule(
+                    p + f"self_attn.{name[0]}_proj.bias",
+                    (n * d,),
+                    (lambda path, n: lambda w: {path: w.reshape(n, d)})(("attention", name, "bias"), n),
+                )
+            )
+    top = [
+        Rule(
+            "model.embed_tokens.weight",
+            (c.vocab_size, e),
+            lambda w: {("word_embeddings", "embedding"): _pad_rows(w, c.padded_vocab_size)},
+        ),
+        Rule("model.norm.weight", (e,), _leaf("final_layernorm", "scale")),
+    ]
     if not c.tie_word_embeddings:
         top.append(_output_layer_rule("lm_head.weight", c))
     return layer, top
@@ -173,8 +203,10 @@ def hf_glm_rules(c: GLMConfig) -> tuple[list[Rule], list[Rule]]:
 def chatglm2_rules(c: GLMConfig) -> tuple[list[Rule], list[Rule]]:
     """(per-layer rules, top-level rules) of ChatGLM2-6B / ChatGLM3-6B's released names."""
     if c.norm_kind != "rmsnorm" or c.norm_placement != "pre" or c.ffn_kind != "swiglu" or c.tie_word_embeddings:
-        raise ConversionError("ChatGLM2/3 are pre-RMSNorm SwiGLU models with an output layer; build the config "
-                              "with config_from_chatglm2(config_json)")
+        raise ConversionError(
+            "ChatGLM2/3 are pre-RMSNorm SwiGLU models with an output layer; build the config "
+            "with config_from_chatglm2(config_json)"
+        )
     e, h, kv, d, f = c.hidden_size, c.num_attention_heads, c.num_kv_heads, c.head_dim, c.inner_hidden_size
     p = "transformer.encoder.layers.{i}."
     splits = np.cumsum([h * d, kv * d])
@@ -186,6 +218,7 @@ def chatglm2_rules(c: GLMConfig) -> tuple[list[Rule], list[Rule]]:
             out = [x.reshape(shape(n)) for x, n in ((q, h), (k, kv), (v, kv))]
             out = out if w.ndim == 1 else [x.transpose(2, 0, 1) for x in out]
             return {("attention", name, suffix): x for name, x in zip(("query", "key", "value"), out)}
+
         return convert
 
     layer = [
@@ -200,40 +233,61 @@ def chatglm2_rules(c: GLMConfig) -> tuple[list[Rule], list[Rule]]:
         layer.append(Rule(p + "self_attention.query_key_value.bias", ((h + 2 * kv) * d,), qkv("bias")))
     if c.attention_dense_bias or c.ffn_bias:
         raise ConversionError("ChatGLM2/3 checkpoints have no dense / FFN biases (add_bias_linear false)")
-    top = [Rule("transformer.embedding.word_embeddings.weight", (c.vocab_size, e),
-                lambda w: {("word_embeddings", "embedding"): _pad_rows(w, c.padded_vocab_size)}),
-           Rule("transformer.encoder.final_layernorm.weight", (e,), _leaf("final_layernorm", "scale")),
-           _output_layer_rule("transformer.output_layer.weight", c)]
+    top = [
+        Rule(
+            "transformer.embedding.word_embeddings.weight",
+            (c.vocab_size, e),
+            lambda w: {("word_embeddings", "embedding"): _pad_rows(w, c.padded_vocab_size)},
+        ),
+        Rule("transformer.encoder.final_layernorm.weight", (e,), _leaf("final_layernorm", "scale")),
+        _output_layer_rule("transformer.output_layer.weight", c),
+    ]
     return layer, top
 
 
 def config_from_chatglm(cfg: Mapping[str, Any], **overrides) -> GLMConfig:
     """Our GLMConfig for ChatGLM-6B's config.json (sizes from it; the residual alpha stays
     sqrt(2 x 28) and the rotary frequencies fp16-rounded, as its code does)."""
-    fields = dict(num_layers=cfg["num_layers"], hidden_size=cfg["hidden_size"],
-                  num_attention_heads=cfg["num_attention_heads"], vocab_size=cfg["vocab_size"],
-                  vocab_pad_multiple=1, inner_hidden_size=cfg.get("inner_hidden_size") or 4 * cfg["hidden_size"],
-                  layernorm_epsilon=cfg.get("layernorm_epsilon", 1e-5),
-                  max_sequence_length=cfg.get("max_sequence_length", 2048),
-                  position_encoding_2d=cfg.get("position_encoding_2d", True))
+    fields = dict(
+        num_layers=cfg["num_layers"],
+        hidden_size=cfg["hidden_size"],
+        num_attention_heads=cfg["num_attention_heads"],
+        vocab_size=cfg["vocab_size"],
+        vocab_pad_multiple=1,
+        inner_hidden_size=cfg.get("inner_hidden_size") or 4 * cfg["hidden_size"],
+        layernorm_epsilon=cfg.get("layernorm_epsilon", 1e-5),
+        max_sequence_length=cfg.get("max_sequence_length", 2048),
+        position_encoding_2d=cfg.get("position_encoding_2d", True),
+    )
     return get_config("chatglm-6b", **{**fields, **overrides})
 
 
 def config_from_chatglm2(cfg: Mapping[str, Any], **overrides) -> GLMConfig:
     """Our GLMConfig for ChatGLM2-6B / ChatGLM3-6B's config.json (`rope_ratio` scales the base)."""
-    if not cfg.get("rmsnorm", True) or cfg.get("apply_residual_connection_post_layernorm", False) \
-            or not cfg.get("post_layer_norm", True):
-        raise ConversionError("only ChatGLM2/3's released block is supported: rmsnorm true, post_layer_norm true, "
-                              "apply_residual_connection_post_layernorm false")
+    if (
+        not cfg.get("rmsnorm", True)
+        or cfg.get("apply_residual_connection_post_layernorm", False)
+        or not cfg.get("post_layer_norm", True)
+    ):
+        raise ConversionError(
+            "only ChatGLM2/3's released block is supported: rmsnorm true, post_layer_norm true, "
+            "apply_residual_connection_post_layernorm false"
+        )
     heads = cfg["num_attention_heads"]
-    fields = dict(num_layers=cfg["num_layers"], hidden_size=cfg["hidden_size"], num_attention_heads=heads,
-                  num_kv_heads=cfg["multi_query_group_num"] if cfg.get("multi_query_attention", True) else heads,
-                  head_dim=cfg.get("kv_channels") or cfg["hidden_size"] // heads,
-                  vocab_size=cfg["padded_vocab_size"], vocab_pad_multiple=1,
-                  inner_hidden_size=cfg["ffn_hidden_size"], layernorm_epsilon=cfg.get("layernorm_epsilon", 1e-5),
-                  max_sequence_length=cfg.get("seq_length", 32768),
-                  rotary_base=10000.0 * float(cfg.get("rope_ratio", 1.0)),
-                  qkv_bias=cfg.get("add_qkv_bias", True))
+    fields = dict(
+        num_layers=cfg["num_layers"],
+        hidden_size=cfg["hidden_size"],
+        num_attention_heads=heads,
+        num_kv_heads=cfg["multi_query_group_num"] if cfg.get("multi_query_attention", True) else heads,
+        head_dim=cfg.get("kv_channels") or cfg["hidden_size"] // heads,
+        vocab_size=cfg["padded_vocab_size"],
+        vocab_pad_multiple=1,
+        inner_hidden_size=cfg["ffn_hidden_size"],
+        layernorm_epsilon=cfg.get("layernorm_epsilon", 1e-5),
+        max_sequence_length=cfg.get("seq_length", 32768),
+        rotary_base=10000.0 * float(cfg.get("rope_ratio", 1.0)),
+        qkv_bias=cfg.get("add_qkv_bias", True),
+    )
     if cfg.get("add_bias_linear", False):
         raise ConversionError("ChatGLM2/3 configs with add_bias_linear true are not a released layout")
     return get_config("chatglm2-6b", **{**fields, **overrides})
@@ -247,19 +301,30 @@ def config_from_hf_glm(hf_config: Mapping[str, Any] | Any, **overrides) -> GLMCo
     g = hf_config if isinstance(hf_config, Mapping) else hf_config.to_dict()
     rope = g.get("rope_parameters") or {}
     fields = dict(
-        num_layers=g["num_hidden_layers"], hidden_size=g["hidden_size"],
+        num_layers=g["num_hidden_layers"],
+        hidden_size=g["hidden_size"],
         num_attention_heads=g["num_attention_heads"],
         num_kv_heads=g.get("num_key_value_heads") or g["num_attention_heads"],
         head_dim=g.get("head_dim") or g["hidden_size"] // g["num_attention_heads"],
-        vocab_size=g["vocab_size"], vocab_pad_multiple=1,
+        vocab_size=g["vocab_size"],
+        vocab_pad_multiple=1,
         max_sequence_length=g.get("max_position_embeddings", 2048),
-        inner_hidden_size=g["intermediate_size"], ffn_kind="swiglu",
-        norm_kind="rmsnorm", norm_placement="pre", layernorm_epsilon=g.get("rms_norm_eps", 1.5625e-07),
+        inner_hidden_size=g["intermediate_size"],
+        ffn_kind="swiglu",
+        norm_kind="rmsnorm",
+        norm_placement="pre",
+        layernorm_epsilon=g.get("rms_norm_eps", 1.5625e-07),
         rotary_fraction=rope.get("partial_rotary_factor", g.get("partial_rotary_factor", 0.5)),
-        rotary_interleaved=True, rotary_base=rope.get("rope_theta", g.get("rope_theta", 10000.0)),
-        qkv_bias=g.get("attention_bias", True), attention_dense_bias=False, ffn_bias=False,
-        tie_word_embeddings=g.get("tie_word_embeddings", False), embedding_shrink_alpha=1.0,
-        hidden_dropout=0.0, attention_dropout=float(g.get("attention_dropout", 0.0)))
+        rotary_interleaved=True,
+        rotary_base=rope.get("rope_theta", g.get("rope_theta", 10000.0)),
+        qkv_bias=g.get("attention_bias", True),
+        attention_dense_bias=False,
+        ffn_bias=False,
+        tie_word_embeddings=g.get("tie_word_embeddings", False),
+        embedding_shrink_alpha=1.0,
+        hidden_dropout=0.0,
+        attention_dropout=float(g.get("attention_dropout", 0.0)),
+    )
     if g.get("hidden_act", "silu") != "silu":
         raise ConversionError(f"GlmForCausalLM with hidden_act={g['hidden_act']!r} is not supported (silu only)")
     return get_config("chatglm2-6b", **{**fields, **overrides})
@@ -268,8 +333,7 @@ def config_from_hf_glm(hf_config: Mapping[str, Any] | Any, **overrides) -> GLMCo
 IGNORED_SUFFIXES = ("inv_freq", "rotary_emb.inv_freq", "masked_bias", "attn.bias")
 
 
-def convert_state_dict(tensors: Mapping[str, Any], config: GLMConfig,
-                       rules: tuple[list[Rule], list[Rule]]) -> dict:
+def convert_state_dict(tensors: Mapping[str, Any], config: GLMConfig, rules: tuple[list[Rule], list[Rule]]) -> dict:
     """Apply a layout's rules: check every name and shape first, then build the stacked tree.
 
     `tensors` may be lazy (a `released.ShardedTensors`): each source tensor is read, converted and
@@ -288,8 +352,11 @@ def convert_state_dict(tensors: Mapping[str, Any], config: GLMConfig,
         elif tuple(shape_of(name)) != rule.shape:
             problems.append(f"{name}{where(name)} has shape {tuple(shape_of(name))}, expected {rule.shape}")
     tied_head = config.tie_word_embeddings and "lm_head.weight" in tensors
-    extra = [n for n in tensors if n not in wanted and not n.endswith(IGNORED_SUFFIXES)
-             and not (tied_head and n == "lm_head.weight")]
+    extra = [
+        n
+        for n in tensors
+        if n not in wanted and not n.endswith(IGNORED_SUFFIXES) and not (tied_head and n == "lm_head.weight")
+    ]
     problems += [f"unexpected tensor {n}{where(n)} (shape {tuple(shape_of(n))})" for n in sorted(extra)]
     if problems:
         raise ConversionError(f"{len(problems)} problem(s) converting to this config:\n  " + "\n  ".join(problems))
@@ -434,13 +501,21 @@ def _quantized_leaf(c: GLMConfig, name: str, packed: np.ndarray, scale: np.ndarr
     if name == "attention.query_key_value.weight":
         q = q.reshape(h, 3, d, -1).transpose(3, 0, 1, 2)  # [in, H, 3, D]: the fused per-head order
         scale = scale.reshape(-1, h, 3, d)
-        return {("attention", n, leaf): x[:, :, j] for j, n in enumerate(("query", "key", "value"))
-                for leaf, x in (("q", q), ("scale", scale))}
+        return {
+            ("attention", n, leaf): x[:, :, j]
+            for j, n in enumerate(("query", "key", "value"))
+            for leaf, x in (("q", q), ("scale", scale))
+        }
     if name == "mlp.dense_h_to_4h.weight" and c.gated_ffn:
-        return {("mlp", "dense_h_to_4h", "q"): q.reshape(2, f, -1).transpose(2, 0, 1),
-                ("mlp", "dense_h_to_4h", "scale"): scale.reshape(-1, 2, f)}
-    path = {"attention.dense.weight": ("attention", "dense"), "mlp.dense_h_to_4h.weight": ("mlp", "dense_h_to_4h"),
-            "mlp.dense_4h_to_h.weight": ("mlp", "dense_4h_to_h")}[name]
+        return {
+            ("mlp", "dense_h_to_4h", "q"): q.reshape(2, f, -1).transpose(2, 0, 1),
+            ("mlp", "dense_h_to_4h", "scale"): scale.reshape(-1, 2, f),
+        }
+    path = {
+        "attention.dense.weight": ("attention", "dense"),
+        "mlp.dense_h_to_4h.weight": ("mlp", "dense_h_to_4h"),
+        "mlp.dense_4h_to_h.weight": ("mlp", "dense_4h_to_h"),
+    }[name]
     out = (e,) if path != ("mlp", "dense_h_to_4h") else (f,)
     return {path + ("q",): q.T.reshape((q.shape[1],) + out), path + ("scale",): scale.reshape((-1,) + out)}
 
@@ -455,12 +530,15 @@ def from_glm130b_quantized(ranks: Sequence[Mapping[str, Any]], config: GLMConfig
     if c.quantization not in ("int4", "int8"):
         raise ConversionError(f"a quantized checkpoint needs quantization=int4 or int8, not {c.quantization!r}")
     if tp > 1 and c.quantization_groups != tp:
-        raise ConversionError(f"this checkpoint has {tp} tensor-parallel ranks, whose row-parallel weights carry "
-                              f"one scale per row per rank: set quantization_groups={tp}")
+        raise ConversionError(
+            f"this checkpoint has {tp} tensor-parallel ranks, whose row-parallel weights carry "
+            f"one scale per row per rank: set quantization_groups={tp}"
+        )
     merged = merge_glm130b_ranks(ranks)
     layer_rules, top_rules = glm130b_rules(c)
-    quantized = {r.source: r for r in layer_rules if r.source.endswith(".weight") and
-                 r.source.split("{i}.")[1] in QUANTIZED}
+    quantized = {
+        r.source: r for r in layer_rules if r.source.endswith(".weight") and r.source.split("{i}.")[1] in QUANTIZED
+    }
     per_in = 2 if c.quantization == "int4" else 1
     problems, layers = [], []
     for i in range(c.num_layers):
@@ -483,8 +561,9 @@ def from_glm130b_quantized(ranks: Sequence[Mapping[str, Any]], config: GLMConfig
                 leaves.update(_quantized_leaf(c, name, got[key], np.ascontiguousarray(scale)))
         layers.append(leaves)
     if problems:
-        raise ConversionError(f"{len(problems)} problem(s) loading this quantized checkpoint:\n  "
-                              + "\n  ".join(problems))
+        raise ConversionError(
+            f"{len(problems)} problem(s) loading this quantized checkpoint:\n  " + "\n  ".join(problems)
+        )
     rest = [r for r in layer_rules if r.source not in quantized]
     params = convert_state_dict(merged, c, (rest, top_rules))
     for path in layers[0]:

@@ -24,7 +24,7 @@ import json
 import os
 import queue
 import threading
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
@@ -53,7 +53,7 @@ class ReadStats:
     def skipped(self) -> int:
         return self.bad_json + self.bad_utf8 + self.empty_text + self.missing_text
 
-    def add(self, other: "ReadStats") -> "ReadStats":
+    def add(self, other: ReadStats) -> ReadStats:
         return ReadStats(*(getattr(self, f.name) + getattr(other, f.name) for f in dataclasses.fields(self)))
 
 
@@ -121,8 +121,9 @@ def _cache_key(path: str, tokenizer: Tokenizer) -> str:
     return hashlib.sha256(ident.encode()).hexdigest()[:24]
 
 
-def tokenize_file(path: str, tokenizer: Tokenizer, cache_dir: str | None = DEFAULT_CACHE,
-                  batch_docs: int = 256) -> tuple[np.ndarray, ReadStats]:
+def tokenize_file(
+    path: str, tokenizer: Tokenizer, cache_dir: str | None = DEFAULT_CACHE, batch_docs: int = 256
+) -> tuple[np.ndarray, ReadStats]:
     """A corpus file as one int32 token stream, each document followed by eos (cached)."""
     if not os.path.exists(path):
         raise DataError(f"corpus file {path} not found")
@@ -198,8 +199,7 @@ class Corpus:
     def __init__(self, sources: list[Source], split: str = "all", heldout_fraction: float = 0.01):
         usable = [s for s in sources if len(s.tokens) > 0]
         if not usable:
-            raise DataError("no source holds any readable text: " +
-                            "; ".join(f"{s.path}: {s.stats}" for s in sources))
+            raise DataError("no source holds any readable text: " + "; ".join(f"{s.path}: {s.stats}" for s in sources))
         if split not in ("train", "heldout", "all"):
             raise DataError(f"split={split!r}; choose train, heldout or all")
         self.sources, self.split = usable, split
@@ -211,15 +211,21 @@ class Corpus:
             self.spans.append({"train": (0, cut), "heldout": (cut, len(s.tokens)), "all": (0, len(s.tokens))}[split])
 
     @classmethod
-    def load(cls, spec, tokenizer: Tokenizer, cache_dir: str | None = DEFAULT_CACHE, split: str = "all",
-             heldout_fraction: float = 0.01) -> "Corpus":
+    def load(
+        cls,
+        spec,
+        tokenizer: Tokenizer,
+        cache_dir: str | None = DEFAULT_CACHE,
+        split: str = "all",
+        heldout_fraction: float = 0.01,
+    ) -> Corpus:
         sources = []
         for path, weight in parse_sources(spec):
             tokens, stats = tokenize_file(path, tokenizer, cache_dir)
             sources.append(Source(path, weight, tokens, stats))
         return cls(sources, split, heldout_fraction)
 
-    def with_split(self, split: str, heldout_fraction: float = 0.01) -> "Corpus":
+    def with_split(self, split: str, heldout_fraction: float = 0.01) -> Corpus:
         return Corpus(self.sources, split, heldout_fraction)
 
     @property
@@ -240,11 +246,16 @@ class Corpus:
         if len(t) < n:  # a tiny source: repeat it rather than fail
             return np.resize(np.asarray(t), n).astype(np.int32)
         start = int(rng.integers(0, len(t) - n + 1))
-        return np.asarray(t[start:start + n], np.int32)
+        return np.asarray(t[start : start + n], np.int32)
 
 
-def load_instructions(path: str, tokenizer: Tokenizer, stats: ReadStats | None = None,
-                      prompt_field: str = "content", target_field: str = "summary"):
+def load_instructions(
+    path: str,
+    tokenizer: Tokenizer,
+    stats: ReadStats | None = None,
+    prompt_field: str = "content",
+    target_field: str = "summary",
+):
     """(prompt ids, target ids) pairs from an AdvertiseGen-style JSON-lines file."""
     stats = stats if stats is not None else ReadStats()
     pairs = []
@@ -256,7 +267,9 @@ def load_instructions(path: str, tokenizer: Tokenizer, stats: ReadStats | None =
             stats.empty_text += 1
         else:
             stats.documents += 1
-            pairs.append((np.asarray(tokenizer.encode(prompt), np.int32), np.asarray(tokenizer.encode(target), np.int32)))
+            pairs.append(
+                (np.asarray(tokenizer.encode(prompt), np.int32), np.asarray(tokenizer.encode(target), np.int32))
+            )
     return pairs
 
 
@@ -267,8 +280,15 @@ class DataIterator:
     Each batch is a dict of int32 numpy arrays [G / process_count, seq_len] (plus `kind` [rows]).
     """
 
-    def __init__(self, builder: SequenceBuilder, global_batch: int, process_index: int = 0,
-                 process_count: int = 1, step: int = 0, prefetch: int = 2):
+    def __init__(
+        self,
+        builder: SequenceBuilder,
+        global_batch: int,
+        process_index: int = 0,
+        process_count: int = 1,
+        step: int = 0,
+        prefetch: int = 2,
+    ):
         if global_batch % process_count:
             raise DataError(f"global batch {global_batch} is not divisible by {process_count} processes")
         self.builder, self.global_batch = builder, global_batch
@@ -287,8 +307,12 @@ class DataIterator:
 
     def state(self) -> dict:
         """What a checkpoint stores: the next step (plus what must match on restore)."""
-        return {"step": self.step, "seed": self.builder.seed, "global_batch": self.global_batch,
-                "seq_len": self.builder.seq_len}
+        return {
+            "step": self.step,
+            "seed": self.builder.seed,
+            "global_batch": self.global_batch,
+            "seq_len": self.builder.seq_len,
+        }
 
     def restore(self, state: dict) -> None:
         for key in ("seed", "global_batch", "seq_len"):

@@ -29,24 +29,36 @@ def dry_run(trainer, seq_len: int) -> dict:
     plan) is reported with `fits` false and the compiler's message."""
     t0 = time.perf_counter()
     shapes = trainer.state_shapes(trainer.plan)
-    batch = {k: jax.ShapeDtypeStruct((trainer.pass_batch, seq_len), jnp.int32, sharding=trainer.batch_sharding)
-             for k in CONTRACT_KEYS}
+    batch = {
+        k: jax.ShapeDtypeStruct((trainer.pass_batch, seq_len), jnp.int32, sharding=trainer.batch_sharding)
+        for k in CONTRACT_KEYS
+    }
     scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=trainer.replicated)
     used = jax.ShapeDtypeStruct((), jnp.int32, sharding=trainer.replicated)
     votes = jax.ShapeDtypeStruct((trainer.mesh.size,), jnp.int32, sharding=trainer.vote_sharding)
     tokens = trainer.pass_batch * seq_len
     head = {
-        "devices": int(trainer.mesh.size), "mesh": dict(trainer.mesh.shape),
-        "layers_per_stage": trainer.plan.layers_per_stage, "schedule": trainer.schedule,
+        "devices": int(trainer.mesh.size),
+        "mesh": dict(trainer.mesh.shape),
+        "layers_per_stage": trainer.plan.layers_per_stage,
+        "schedule": trainer.schedule,
         "microbatches": trainer.microbatches,
         "micro_batch_per_replica": trainer.microbatch_rows // sh.axis_size(trainer.mesh, "data"),
         "bubble_fraction": pl.bubble_fraction(trainer.schedule, trainer.plan.stages, trainer.microbatches),
         "weights_gib_per_device": sh.per_device_bytes(shapes.params, trainer.state_shardings.params) / GIB,
         "optimizer_gib_per_device": sh.per_device_bytes(shapes.opt_state, trainer.state_shardings.opt_state) / GIB,
-        "checkpoint_gib_per_device": state_bytes_per_device(trainer) / GIB}
+        "checkpoint_gib_per_device": state_bytes_per_device(trainer) / GIB,
+    }
     flops = {"model_flops_per_step": trainer.model_flops_per_step(tokens, seq_len), "tokens_per_step": tokens}
-    args = (sh.abstract_tree(shapes, trainer.state_shardings), sh.abstract_tree(trainer.frozen_shapes, trainer.frozen_shardings),
-            batch, used, votes, scalar, scalar)
+    args = (
+        sh.abstract_tree(shapes, trainer.state_shardings),
+        sh.abstract_tree(trainer.frozen_shapes, trainer.frozen_shardings),
+        batch,
+        used,
+        votes,
+        scalar,
+        scalar,
+    )
     try:
         with trainer.context():
             compiled = trainer._fused_step.lower(*args).compile()
@@ -56,8 +68,13 @@ def dry_run(trainer, seq_len: int) -> dict:
         message = out_of_memory(e)
         if message is None:
             raise
-        return {**head, "fits": False, "compiler_message": message, **flops,
-                "compile_seconds": time.perf_counter() - t0}
+        return {
+            **head,
+            "fits": False,
+            "compiler_message": message,
+            **flops,
+            "compile_seconds": time.perf_counter() - t0,
+        }
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis() or {}
     if isinstance(cost, list):
@@ -66,8 +83,11 @@ def dry_run(trainer, seq_len: int) -> dict:
         **head,
         "arguments_gib_per_device": mem.argument_size_in_bytes / GIB,
         "temp_gib_per_device": mem.temp_size_in_bytes / GIB,
-        "peak_gib_per_device": (mem.argument_size_in_bytes + mem.temp_size_in_bytes
-                                + mem.output_size_in_bytes - mem.alias_size_in_bytes) / GIB,
+        "peak_gib_per_device": (
+            mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+        )
+        / GIB,
         "compiled_flops_per_device": float(cost.get("flops", float("nan"))),
-        **flops, "compile_seconds": time.perf_counter() - t0,
+        **flops,
+        "compile_seconds": time.perf_counter() - t0,
     }

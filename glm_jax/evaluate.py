@@ -21,7 +21,7 @@ import os
 import re
 import string
 import unicodedata
-from typing import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -51,26 +51,27 @@ def _token_logprobs(config: GLMConfig, params, batch):
     return gold, jnp.argmax(logits, axis=-1) == batch["targets"]
 
 
-def teacher_forcing_batch(rows: Sequence[Row], config: GLMConfig, length: int | None = None,
-                          ids: SpecialIds = GLM_IDS, causal: bool = False) -> dict:
+def teacher_forcing_batch(
+    rows: Sequence[Row], config: GLMConfig, length: int | None = None, ids: SpecialIds = GLM_IDS, causal: bool = False
+) -> dict:
     """Rows -> a padded batch (contract arrays) whose loss_mask covers the continuations."""
     prompts = make_prompts([list(c) for c, _ in rows], config, ids, causal)
     s = length or _bucket(int(prompts.lengths.max()) + max(len(x) for _, x in rows))
     out = {k: np.zeros((len(rows), s), np.int32) for k in CONTRACT_KEYS}
     for i, (_, cont) in enumerate(rows):
         n, k = int(prompts.lengths[i]), len(cont)
-        out["tokens"][i, :n + k] = list(prompts.tokens[i, :n]) + [prompts.start[i]] + list(cont[:-1])
-        out["targets"][i, n:n + k] = cont
-        out["loss_mask"][i, n:n + k] = 1
-        out["segment_ids"][i, :n + k] = 1
+        out["tokens"][i, : n + k] = list(prompts.tokens[i, :n]) + [prompts.start[i]] + list(cont[:-1])
+        out["targets"][i, n : n + k] = cont
+        out["loss_mask"][i, n : n + k] = 1
+        out["segment_ids"][i, : n + k] = 1
         out["prefix_mask"][i, :n] = 0 if causal else 1
         out["position_ids"][i, :n] = np.arange(n)
         if prompts.continue_positions[i]:
-            out["position_ids"][i, n:n + k] = np.arange(n, n + k)
+            out["position_ids"][i, n : n + k] = np.arange(n, n + k)
         else:
-            out["position_ids"][i, n:n + k] = prompts.mask_pos[i]
+            out["position_ids"][i, n : n + k] = prompts.mask_pos[i]
         if config.position_encoding_2d:
-            out["block_position_ids"][i, n:n + k] = np.arange(1, k + 1)
+            out["block_position_ids"][i, n : n + k] = np.arange(1, k + 1)
     return out
 
 
@@ -80,8 +81,14 @@ class ModelScorer:
     Rows longer than the model's max_sequence_length are cut from the left of their context
     (after a causal prompt's [gMASK] sop), as the reference datasets cut; `cut_rows` counts them."""
 
-    def __init__(self, config: GLMConfig, params, tokenizer: Tokenizer | None = None, batch_size: int = 16,
-                 family: Family | None = None):
+    def __init__(
+        self,
+        config: GLMConfig,
+        params,
+        tokenizer: Tokenizer | None = None,
+        batch_size: int = 16,
+        family: Family | None = None,
+    ):
         self.config, self.params, self.tokenizer, self.batch_size = config, params, tokenizer, batch_size
         self.family = family or get_family("glm")
         self.ids = tokenizer.specials if tokenizer is not None else GLM_IDS
@@ -101,10 +108,12 @@ class ModelScorer:
             return ctx, cont
         keep = 2 if self.family.causal else 0  # [gMASK] sop
         if len(ctx) - keep - over < (0 if self.family.causal else 2):
-            raise ValueError(f"a continuation of {len(cont)} tokens does not fit max_sequence_length="
-                             f"{self.config.max_sequence_length}")
+            raise ValueError(
+                f"a continuation of {len(cont)} tokens does not fit max_sequence_length="
+                f"{self.config.max_sequence_length}"
+            )
         self.cut_rows += 1
-        return ctx[:keep] + ctx[keep + over:], cont
+        return ctx[:keep] + ctx[keep + over :], cont
 
     def fit_prompt(self, prompt: Sequence[int], max_new_tokens: int) -> list[int]:
         """A generation prompt cut from the left of its context to leave room for max_new_tokens."""
@@ -119,7 +128,7 @@ class ModelScorer:
         out = []
         rows = [self.fit(r) for r in rows]
         for i in range(0, len(rows), self.batch_size):
-            chunk = list(rows[i:i + self.batch_size])
+            chunk = list(rows[i : i + self.batch_size])
             n_real = len(chunk)
             chunk += [chunk[-1]] * (self.batch_size - n_real)  # one batch shape
             batch = teacher_forcing_batch(chunk, self.config, ids=self.ids, causal=self.family.causal)
@@ -131,14 +140,28 @@ class ModelScorer:
                 out.append((float(gold[r][m].sum()), int(m.sum()), bool(hit[r][m].all())))
         return out
 
-    def beams(self, prompt: Sequence[int], num_beams: int = 16, max_new_tokens: int = 5, no_repeat_ngram: int = 3,
-              banned_ids: Sequence[int] = (), banned_prefixes: Sequence[Sequence[int]] = ()) -> list[str]:
+    def beams(
+        self,
+        prompt: Sequence[int],
+        num_beams: int = 16,
+        max_new_tokens: int = 5,
+        no_repeat_ngram: int = 3,
+        banned_ids: Sequence[int] = (),
+        banned_prefixes: Sequence[Sequence[int]] = (),
+    ) -> list[str]:
         """Beam-search outputs best first, decoded without their stop token (the reference's
         `generate_text(return_all_beams=True)`)."""
         stops = self.family.stop_ids(self.tokenizer) if self.tokenizer is not None else None
         prompt = self.fit_prompt(prompt, max_new_tokens)
-        found = self.generator.beam_search(prompt, num_beams, max_new_tokens, no_repeat_ngram=no_repeat_ngram,
-                                           stop_tokens=stops, banned_ids=banned_ids, banned_prefixes=banned_prefixes)
+        found = self.generator.beam_search(
+            prompt,
+            num_beams,
+            max_new_tokens,
+            no_repeat_ngram=no_repeat_ngram,
+            stop_tokens=stops,
+            banned_ids=banned_ids,
+            banned_prefixes=banned_prefixes,
+        )
         stop = set(stops or (self.ids.eop, self.ids.eos))
         return [self.tokenizer.decode(tokens[:-1] if tokens and tokens[-1] in stop else tokens) for tokens, _ in found]
 
@@ -172,13 +195,15 @@ def output_words(text: str) -> list[str]:
     return re.sub(r"([^\w\s'’-])", r" \1 ", text).split()
 
 
-def lambada_prediction(outputs: Sequence[str], split_punctuation: bool = False,
-                       retokenize: Callable[[str], str] = lambda w: w) -> str:
+def lambada_prediction(
+    outputs: Sequence[str], split_punctuation: bool = False, retokenize: Callable[[str], str] = lambda w: w
+) -> str:
     """`tasks/lambada/task.py`: the first beam whose stripped text, split on " ", has a second
     word that `in string.punctuation` (a substring test, as the reference writes it) gives its first
     word; if none does, beam 0's; the word goes through the tokenizer and back (`retokenize`).
     split_punctuation: split punctuation off the words it is glued to first, for our tokenizer,
     which emits "word." where icetk's pieces put "word ." (our reading)."""
+
     def words(text):
         return output_words(text) if split_punctuation else text.strip().split(" ")
 
@@ -213,8 +238,13 @@ def lambada_bans(tokenizer: Tokenizer) -> tuple[list[int], list[list[int]]]:
     return invalid, [p for p in prefixes if p]
 
 
-def lambada_beam(examples: Sequence[tuple[str, str]], tokenizer: Tokenizer, beams: Callable,
-                 progress: Callable = lambda it: it, family: Family | None = None) -> list[bool]:
+def lambada_beam(
+    examples: Sequence[tuple[str, str]],
+    tokenizer: Tokenizer,
+    beams: Callable,
+    progress: Callable = lambda it: it,
+    family: Family | None = None,
+) -> list[bool]:
     """The GLM-130B protocol: [gMASK] after the context, beam search with its bans, the prediction
     rule (`lambada_prediction`; punctuation split off words only for our tokenizer), exact match.
     beams(prompt, banned_ids, banned_prefixes) -> decoded outputs best first."""
@@ -229,14 +259,20 @@ def lambada_beam(examples: Sequence[tuple[str, str]], tokenizer: Tokenizer, beam
     return results
 
 
-def lambada_greedy(examples: Sequence[tuple[str, str]], tokenizer: Tokenizer, score: ScoreFn,
-                   progress: Callable = lambda it: it, batch: int = 64, family: Family | None = None) -> list[bool]:
+def lambada_greedy(
+    examples: Sequence[tuple[str, str]],
+    tokenizer: Tokenizer,
+    score: ScoreFn,
+    progress: Callable = lambda it: it,
+    batch: int = 64,
+    family: Family | None = None,
+) -> list[bool]:
     """The cheap protocol: every target token is the argmax under teacher forcing."""
     family = family or get_family("glm")
     results = []
     rows = [(family.prompt_ids(tokenizer, tokenizer.encode(c)), tokenizer.encode(" " + t)) for c, t in examples]
     for i in progress(range(0, len(rows), batch)):
-        results += [hit for _, _, hit in score(rows[i:i + batch])]
+        results += [hit for _, _, hit in score(rows[i : i + batch])]
     return results
 
 
@@ -255,35 +291,88 @@ def read_mmlu(folder: str, split: str, fmt: str = "mmlu") -> dict[str, list[tupl
     for name in sorted(os.listdir(d)):
         if fmt == "cmmlu" and name.endswith(".csv"):
             with open(os.path.join(d, name), encoding="utf-8") as f:
-                rows = [(r["Question"], [r[x] for x in LETTERS], LETTERS.index(r["Answer"].strip()))
-                        for r in csv.DictReader(f) if r.get("Answer", "").strip() in tuple(LETTERS)]
+                rows = [
+                    (r["Question"], [r[x] for x in LETTERS], LETTERS.index(r["Answer"].strip()))
+                    for r in csv.DictReader(f)
+                    if r.get("Answer", "").strip() in tuple(LETTERS)
+                ]
             out[name[:-4]] = rows
         elif fmt == "mmlu" and name.endswith(f"_{split}.csv"):
             with open(os.path.join(d, name), encoding="utf-8") as f:
-                rows = [(r["question"], [r[f"choice{i}"] for i in range(4)], int(r["answer"]))
-                        for r in csv.DictReader(f)]
+                rows = [
+                    (r["question"], [r[f"choice{i}"] for i in range(4)], int(r["answer"])) for r in csv.DictReader(f)
+                ]
             out[name[: -len(f"_{split}.csv")]] = rows
     return out
 
 
 # tasks/mmlu/task.py's subject groups (subject names as the CSV files spell them)
 MMLU_CATEGORIES = {
-    "STEM": ["abstract algebra", "anatomy", "astronomy", "college biology", "college chemistry",
-             "college computer science", "college mathematics", "college physics", "computer security",
-             "conceptual physics", "electrical engineering", "elementary mathematics", "high school biology",
-             "high school chemistry", "high school computer science", "high school mathematics",
-             "high school physics", "high school statistics", "machine learning"],
-    "Other": ["business ethics", "clinical knowledge", "college medicine", "global facts", "human aging", "management",
-              "marketing", "medical genetics", "miscellaneous", "nutrition", "professional accounting",
-              "professional medicine", "virology"],
-    "Social Sciences": ["econometrics", "high school geography", "high school government and politics",
-                        "high school macroeconomics", "high school microeconomics", "high school psychology",
-                        "human sexuality", "professional psychology", "public relations", "security studies",
-                        "sociology", "us foreign policy"],
-    "Humanities": ["formal logic", "high school european history", "high school us history",
-                   "high school world history", "international law", "jurisprudence", "logical fallacies",
-                   "moral disputes", "moral scenarios", "philosophy", "prehistory", "professional law",
-                   "world religions"],
+    "STEM": [
+        "abstract algebra",
+        "anatomy",
+        "astronomy",
+        "college biology",
+        "college chemistry",
+        "college computer science",
+        "college mathematics",
+        "college physics",
+        "computer security",
+        "conceptual physics",
+        "electrical engineering",
+        "elementary mathematics",
+        "high school biology",
+        "high school chemistry",
+        "high school computer science",
+        "high school mathematics",
+        "high school physics",
+        "high school statistics",
+        "machine learning",
+    ],
+    "Other": [
+        "business ethics",
+        "clinical knowledge",
+        "college medicine",
+        "global facts",
+        "human aging",
+        "management",
+        "marketing",
+        "medical genetics",
+        "miscellaneous",
+        "nutrition",
+        "professional accounting",
+        "professional medicine",
+        "virology",
+    ],
+    "Social Sciences": [
+        "econometrics",
+        "high school geography",
+        "high school government and politics",
+        "high school macroeconomics",
+        "high school microeconomics",
+        "high school psychology",
+        "human sexuality",
+        "professional psychology",
+        "public relations",
+        "security studies",
+        "sociology",
+        "us foreign policy",
+    ],
+    "Humanities": [
+        "formal logic",
+        "high school european history",
+        "high school us history",
+        "high school world history",
+        "international law",
+        "jurisprudence",
+        "logical fallacies",
+        "moral disputes",
+        "moral scenarios",
+        "philosophy",
+        "prehistory",
+        "professional law",
+        "world religions",
+    ],
 }
 CATEGORY_OF = {name.replace(" ", "_"): cat for cat, names in MMLU_CATEGORIES.items() for name in names}
 
@@ -303,8 +392,15 @@ def mmlu_prompt(question: str, choices: Sequence[str], answer: int | None = None
     return body + (f" {LETTERS[answer]}\n\n" if answer is not None else "")
 
 
-def multiple_choice(subjects: dict, tokenizer: Tokenizer, score: ScoreFn, shots: dict | None = None,
-                    k: int = 0, progress: Callable = lambda it: it, family: Family | None = None) -> dict:
+def multiple_choice(
+    subjects: dict,
+    tokenizer: Tokenizer,
+    score: ScoreFn,
+    shots: dict | None = None,
+    k: int = 0,
+    progress: Callable = lambda it: it,
+    family: Family | None = None,
+) -> dict:
     """[MASK] scoring: '<k examples> question A. .. D. .. Answer: [MASK]', each choice letter scored
     by its log-likelihood after sop; the highest wins. -> per-subject and size-weighted accuracy."""
     family = family or get_family("glm")
@@ -322,39 +418,52 @@ def multiple_choice(subjects: dict, tokenizer: Tokenizer, score: ScoreFn, shots:
     total = sum(n for _, n in per_subject.values())
     weighted = sum(acc * n for acc, n in per_subject.values()) / max(total, 1)
     categories = category_accuracy(per_subject)
-    return {"accuracy": weighted, "n": total, "categories": categories,
-            "category_average": sum(categories.values()) / max(len(categories), 1),
-            "subjects": {s: a for s, (a, _) in per_subject.items()}}
+    return {
+        "accuracy": weighted,
+        "n": total,
+        "categories": categories,
+        "category_average": sum(categories.values()) / max(len(categories), 1),
+        "subjects": {s: a for s, (a, _) in per_subject.items()},
+    }
 
 
 # ---- language modelling --------------------------------------------------------------------------------------
-def summed_loss(rows: Sequence[Row], score: ScoreFn, batch: int, progress: Callable = lambda it: it
-                ) -> tuple[float, int]:
+def summed_loss(
+    rows: Sequence[Row], score: ScoreFn, batch: int, progress: Callable = lambda it: it
+) -> tuple[float, int]:
     """(summed negative log-likelihood, scored tokens) of rows, scored `batch` at a time."""
     nll, tokens = 0.0, 0
     for i in progress(range(0, len(rows), batch)):
-        for logp, n, _ in score(rows[i:i + batch]):
+        for logp, n, _ in score(rows[i : i + batch]):
             nll -= logp
             tokens += n
     return nll, tokens
 
 
-def sliding_window_rows(tokens: Sequence[int], window: int,
-                        prompt: Callable[[list[int]], list[int]] = lambda ids: ids + [GLM_IDS.gmask, GLM_IDS.sop]
-                        ) -> list[Row]:
+def sliding_window_rows(
+    tokens: Sequence[int],
+    window: int,
+    prompt: Callable[[list[int]], list[int]] = lambda ids: ids + [GLM_IDS.gmask, GLM_IDS.sop],
+) -> list[Row]:
     """Spec section 7: windows of `window` inputs; each scores window/2 new tokens after the
     window/2 - 1 tokens before them, [gMASK] and sop (the first window has no context).
     prompt: context ids -> the model-ready prompt (`Family.prompt_ids`)."""
     stride = window // 2
     rows = []
     for start in range(0, len(tokens), stride):
-        context = list(tokens[max(0, start - (stride - 1)):start])
-        rows.append((prompt(context), list(tokens[start:start + stride])))
+        context = list(tokens[max(0, start - (stride - 1)) : start])
+        rows.append((prompt(context), list(tokens[start : start + stride])))
     return rows
 
 
-def language_modelling(texts: Iterable[str], tokenizer: Tokenizer, score: ScoreFn, window: int = 2048,
-                       progress: Callable = lambda it: it, family: Family | None = None) -> dict:
+def language_modelling(
+    texts: Iterable[str],
+    tokenizer: Tokenizer,
+    score: ScoreFn,
+    window: int = 2048,
+    progress: Callable = lambda it: it,
+    family: Family | None = None,
+) -> dict:
     """Perplexity per token and bits per UTF-8 byte over documents."""
     family = family or get_family("glm")
     n_bytes = 0.0
@@ -366,13 +475,19 @@ def language_modelling(texts: Iterable[str], tokenizer: Tokenizer, score: ScoreF
         rows += sliding_window_rows(ids, window, lambda ctx: family.prompt_ids(tokenizer, ctx))
         n_bytes += len(text.encode("utf-8"))
     nll, tokens = summed_loss(rows, score, 64, progress)
-    return {"perplexity": math.exp(nll / max(tokens, 1)), "bits_per_byte": nll / max(n_bytes, 1) / math.log(2),
-            "tokens": int(tokens), "bytes": int(n_bytes), "nll": nll}
+    return {
+        "perplexity": math.exp(nll / max(tokens, 1)),
+        "bits_per_byte": nll / max(n_bytes, 1) / math.log(2),
+        "tokens": int(tokens),
+        "bytes": int(n_bytes),
+        "nll": nll,
+    }
 
 
 # ---- GLM-130B's language-modelling tasks (evaluation/dataset.py LanguageModelTaskDataset) -------------------
-def reference_lm_windows(tokens: Sequence[int], max_seq_length: int, generation_length: int
-                         ) -> list[tuple[list[int], list[int]]]:
+def reference_lm_windows(
+    tokens: Sequence[int], max_seq_length: int, generation_length: int
+) -> list[tuple[list[int], list[int]]]:
     """(context ids, scored ids) per window, as the reference cuts a tokenized file: windows of
     max_seq_length - 1 tokens starting every generation_length; the first scores all but its
     first token (which is its context), each later one scores its last generation_length tokens
@@ -383,7 +498,7 @@ def reference_lm_windows(tokens: Sequence[int], max_seq_length: int, generation_
     count = max(math.ceil(max(n - w, 0) / g) + 1, 1)
     rows = []
     for idx in range(count):
-        window = list(tokens[idx * g: idx * g + w])
+        window = list(tokens[idx * g : idx * g + w])
         cut = 1 if idx == 0 else w - g
         context, scored = window[:cut], window[cut:]
         if scored:
@@ -400,26 +515,48 @@ def words_in(raw_text: str) -> int:
     return len(raw_text.strip().split(" "))
 
 
-def reference_perplexity(raw_text: str, tokenizer: Tokenizer, score: ScoreFn, max_seq_length: int = 2048,
-                         generation_length: int = 256, family: Family | None = None,
-                         progress: Callable = lambda it: it, batch: int = 16) -> dict:
+def reference_perplexity(
+    raw_text: str,
+    tokenizer: Tokenizer,
+    score: ScoreFn,
+    max_seq_length: int = 2048,
+    generation_length: int = 256,
+    family: Family | None = None,
+    progress: Callable = lambda it: it,
+    batch: int = 16,
+) -> dict:
     """WikiText / PTB as GLM-130B reports them: the whole file tokenized at once, the reference's
     windows, [gMASK] sop after each window's context, per-WORD perplexity
     exp(min(20, summed token loss / words)) (`evaluation/metrics.py` caps the exponent at 20)."""
     family = family or get_family("glm")
     ids = tokenizer.encode(raw_text)
-    rows = [(family.prompt_ids(tokenizer, ctx), scored)
-            for ctx, scored in reference_lm_windows(ids, max_seq_length, generation_length)]
+    rows = [
+        (family.prompt_ids(tokenizer, ctx), scored)
+        for ctx, scored in reference_lm_windows(ids, max_seq_length, generation_length)
+    ]
     nll, n = summed_loss(rows, score, batch, progress)
     words = words_in(raw_text)
-    return {"perplexity": math.exp(min(20.0, nll / words)), "perplexity_uncapped": _exp(nll / words),
-            "token_perplexity": _exp(nll / max(n, 1)), "nll": nll, "tokens": int(n), "words": words,
-            "windows": len(rows)}
+    return {
+        "perplexity": math.exp(min(20.0, nll / words)),
+        "perplexity_uncapped": _exp(nll / words),
+        "token_perplexity": _exp(nll / max(n, 1)),
+        "nll": nll,
+        "tokens": int(n),
+        "words": words,
+        "windows": len(rows),
+    }
 
 
-def reference_bits_per_byte(docs: Iterable[tuple[str, str]], tokenizer: Tokenizer, score: ScoreFn,
-                            max_seq_length: int = 2048, generation_length: int = 1024,
-                            family: Family | None = None, progress: Callable = lambda it: it, batch: int = 16) -> dict:
+def reference_bits_per_byte(
+    docs: Iterable[tuple[str, str]],
+    tokenizer: Tokenizer,
+    score: ScoreFn,
+    max_seq_length: int = 2048,
+    generation_length: int = 1024,
+    family: Family | None = None,
+    progress: Callable = lambda it: it,
+    batch: int = 16,
+) -> dict:
     """The Pile as the paper reports it: bits per UTF-8 byte per component (`pile_set_name`),
     summed token loss over the component's bytes / ln 2, each document cut into the reference's
     windows (generation_length 1024). docs: (component, text) pairs."""
@@ -427,17 +564,21 @@ def reference_bits_per_byte(docs: Iterable[tuple[str, str]], tokenizer: Tokenize
     per: dict[str, list[float]] = {}
     for name, text in progress(list(docs)):
         ids = tokenizer.encode(text)
-        rows = [(family.prompt_ids(tokenizer, c), x) for c, x in reference_lm_windows(ids, max_seq_length,
-                                                                                     generation_length)]
+        rows = [
+            (family.prompt_ids(tokenizer, c), x)
+            for c, x in reference_lm_windows(ids, max_seq_length, generation_length)
+        ]
         nll, _ = summed_loss(rows, score, batch)
         acc = per.setdefault(name, [0.0, 0.0])
         acc[0] += nll
         acc[1] += len(text.encode("utf-8"))
     components = {k: nll / max(b, 1) / math.log(2) for k, (nll, b) in per.items()}
     total_nll, total_bytes = sum(v[0] for v in per.values()), sum(v[1] for v in per.values())
-    return {"bits_per_byte": components, "bits_per_byte_all": total_nll / max(total_bytes, 1) / math.log(2),
-            "bytes": int(total_bytes)}
-
+    return {
+        "bits_per_byte": components,
+        "bits_per_byte_all": total_nll / max(total_bytes, 1) / math.log(2),
+        "bytes": int(total_bytes),
+    }
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
@@ -453,7 +594,7 @@ def sft_loss(config: GLMConfig, params, sequences: Sequence[dict], batch: int) -
     sequences (`sft.SFTBuilder.sequences`), as training's held-out loss counts it."""
     total = count = 0.0
     for i in range(0, len(sequences), batch):
-        rows = list(sequences[i:i + batch])
+        rows = list(sequences[i : i + batch])
         rows += [{k: np.zeros_like(v) for k, v in rows[0].items()}] * (batch - len(rows))  # one compiled shape
         s, n = _sft_loss_sum(config, params, {k: jnp.asarray(np.stack([r[k] for r in rows])) for k in CONTRACT_KEYS})
         total, count = total + float(s), count + float(n)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -29,9 +29,19 @@ class ExportError(ValueError):
 
 
 def check_exportable(config: GLMConfig, fmt: str) -> None:
-    want = dict(norm_kind="rmsnorm", norm_placement="pre", ffn_kind="swiglu", rotary_interleaved=True,
-                position_encoding_2d=False, attention_dense_bias=False, ffn_bias=False, rotary_fp16_inv_freq=False,
-                rotary_fp16_angles=False, final_norm=True, pre_seq_len=0)  # no released layout holds a prefix
+    want = dict(
+        norm_kind="rmsnorm",
+        norm_placement="pre",
+        ffn_kind="swiglu",
+        rotary_interleaved=True,
+        position_encoding_2d=False,
+        attention_dense_bias=False,
+        ffn_bias=False,
+        rotary_fp16_inv_freq=False,
+        rotary_fp16_angles=False,
+        final_norm=True,
+        pre_seq_len=0,
+    )  # no released layout holds a prefix
     if fmt == "chatglm2":
         want.update(tie_word_embeddings=False, qkv_bias=True, rotary_fraction=0.5)
     bad = [f"{k}={getattr(config, k)!r} (needs {v!r})" for k, v in want.items() if getattr(config, k) != v]
@@ -59,11 +69,15 @@ def _layers(params: dict, config: GLMConfig, name_of: Callable[[int, str], str],
     for i in range(c.num_layers):
         a = lambda n, leaf: np.asarray(att[n][leaf][i], np.float32)
         q, k, v = (a(n, "kernel").reshape(e, -1).T for n in ("query", "key", "value"))
-        t = {"input_layernorm.weight": lay["input_layernorm"]["scale"][i],
-             "post_attention_layernorm.weight": lay["post_attention_layernorm"]["scale"][i],
-             "attention.dense.weight": a("dense", "kernel").reshape(h * d, e).T,
-             "mlp.dense_h_to_4h.weight": np.asarray(mlp["dense_h_to_4h"]["kernel"][i]).transpose(1, 2, 0).reshape(2 * f, e),
-             "mlp.dense_4h_to_h.weight": np.asarray(mlp["dense_4h_to_h"]["kernel"][i]).T}
+        t = {
+            "input_layernorm.weight": lay["input_layernorm"]["scale"][i],
+            "post_attention_layernorm.weight": lay["post_attention_layernorm"]["scale"][i],
+            "attention.dense.weight": a("dense", "kernel").reshape(h * d, e).T,
+            "mlp.dense_h_to_4h.weight": np.asarray(mlp["dense_h_to_4h"]["kernel"][i])
+            .transpose(1, 2, 0)
+            .reshape(2 * f, e),
+            "mlp.dense_4h_to_h.weight": np.asarray(mlp["dense_4h_to_h"]["kernel"][i]).T,
+        }
         if qkv_fused:
             t["attention.qkv.weight"] = np.concatenate([q, k, v])
         else:
@@ -78,20 +92,28 @@ def _layers(params: dict, config: GLMConfig, name_of: Callable[[int, str], str],
     return out
 
 
-HF_NAMES = {"input_layernorm.weight": "input_layernorm.weight", "post_attention_layernorm.weight":
-            "post_attention_layernorm.weight", "attention.dense.weight": "self_attn.o_proj.weight",
-            "mlp.dense_h_to_4h.weight": "mlp.gate_up_proj.weight", "mlp.dense_4h_to_h.weight": "mlp.down_proj.weight",
-            **{f"attention.{x}.{w}": f"self_attn.{x}_proj.{w}" for x in "qkv" for w in ("weight", "bias")}}
-CHATGLM2_NAMES = {"input_layernorm.weight": "input_layernorm.weight", "post_attention_layernorm.weight":
-                  "post_attention_layernorm.weight", "attention.dense.weight": "self_attention.dense.weight",
-                  "mlp.dense_h_to_4h.weight": "mlp.dense_h_to_4h.weight",
-                  "mlp.dense_4h_to_h.weight": "mlp.dense_4h_to_h.weight",
-                  "attention.qkv.weight": "self_attention.query_key_value.weight",
-                  "attention.qkv.bias": "self_attention.query_key_value.bias"}
+HF_NAMES = {
+    "input_layernorm.weight": "input_layernorm.weight",
+    "post_attention_layernorm.weight": "post_attention_layernorm.weight",
+    "attention.dense.weight": "self_attn.o_proj.weight",
+    "mlp.dense_h_to_4h.weight": "mlp.gate_up_proj.weight",
+    "mlp.dense_4h_to_h.weight": "mlp.down_proj.weight",
+    **{f"attention.{x}.{w}": f"self_attn.{x}_proj.{w}" for x in "qkv" for w in ("weight", "bias")},
+}
+CHATGLM2_NAMES = {
+    "input_layernorm.weight": "input_layernorm.weight",
+    "post_attention_layernorm.weight": "post_attention_layernorm.weight",
+    "attention.dense.weight": "self_attention.dense.weight",
+    "mlp.dense_h_to_4h.weight": "mlp.dense_h_to_4h.weight",
+    "mlp.dense_4h_to_h.weight": "mlp.dense_4h_to_h.weight",
+    "attention.qkv.weight": "self_attention.query_key_value.weight",
+    "attention.qkv.bias": "self_attention.query_key_value.bias",
+}
 
 
-def export_tensors(params: dict, config: GLMConfig, fmt: str, dtype: str = "float16",
-                   special_ids=None) -> tuple[dict[str, np.ndarray], dict]:
+def export_tensors(
+    params: dict, config: GLMConfig, fmt: str, dtype: str = "float16", special_ids=None
+) -> tuple[dict[str, np.ndarray], dict]:
     """(name -> numpy tensor in `dtype`, config.json dict) of the `fmt` layout."""
     check_exportable(config, fmt)
     c, np_dtype = config, _np_dtype(dtype)
@@ -110,28 +132,60 @@ def export_tensors(params: dict, config: GLMConfig, fmt: str, dtype: str = "floa
         if head is not None:
             tensors["lm_head.weight"] = head
         rope = {"rope_theta": c.rotary_base, "partial_rotary_factor": c.rotary_fraction, "rope_type": "default"}
-        cfg = {"architectures": ["GlmForCausalLM"], "model_type": "glm", "vocab_size": v,
-               "hidden_size": c.hidden_size, "intermediate_size": c.inner_hidden_size,
-               "num_hidden_layers": c.num_layers, "num_attention_heads": c.num_attention_heads,
-               "num_key_value_heads": c.num_kv_heads, "head_dim": c.head_dim, "hidden_act": "silu",
-               "max_position_embeddings": c.max_sequence_length, "rms_norm_eps": c.layernorm_epsilon,
-               "attention_bias": c.qkv_bias, "attention_dropout": 0.0, "tie_word_embeddings": c.tie_word_embeddings,
-               "rope_parameters": rope, **rope, "dtype": dtype,
-               "pad_token_id": None if special_ids is None else special_ids.pad,
-               "eos_token_id": None if special_ids is None else special_ids.eos}
+        cfg = {
+            "architectures": ["GlmForCausalLM"],
+            "model_type": "glm",
+            "vocab_size": v,
+            "hidden_size": c.hidden_size,
+            "intermediate_size": c.inner_hidden_size,
+            "num_hidden_layers": c.num_layers,
+            "num_attention_heads": c.num_attention_heads,
+            "num_key_value_heads": c.num_kv_heads,
+            "head_dim": c.head_dim,
+            "hidden_act": "silu",
+            "max_position_embeddings": c.max_sequence_length,
+            "rms_norm_eps": c.layernorm_epsilon,
+            "attention_bias": c.qkv_bias,
+            "attention_dropout": 0.0,
+            "tie_word_embeddings": c.tie_word_embeddings,
+            "rope_parameters": rope,
+            **rope,
+            "dtype": dtype,
+            "pad_token_id": None if special_ids is None else special_ids.pad,
+            "eos_token_id": None if special_ids is None else special_ids.eos,
+        }
     else:
         if c.rotary_base % 10000:
             raise ExportError(f"rotary_base={c.rotary_base}: ChatGLM2's config expresses it as rope_ratio x 10000")
         tensors = _layers(params, c, lambda i, n: f"transformer.encoder.layers.{i}.{CHATGLM2_NAMES[n]}", True, np_dtype)
-        tensors.update({"transformer.embedding.word_embeddings.weight": embed,
-                        "transformer.encoder.final_layernorm.weight": final, "transformer.output_layer.weight": head})
-        cfg = {"architectures": ["ChatGLMModel"], "model_type": "chatglm", "num_layers": c.num_layers,
-               "hidden_size": c.hidden_size, "num_attention_heads": c.num_attention_heads, "kv_channels": c.head_dim,
-               "multi_query_attention": c.num_kv_heads != c.num_attention_heads,
-               "multi_query_group_num": c.num_kv_heads, "ffn_hidden_size": c.inner_hidden_size,
-               "padded_vocab_size": v, "layernorm_epsilon": c.layernorm_epsilon, "seq_length": c.max_sequence_length,
-               "rope_ratio": c.rotary_base / 10000.0, "add_qkv_bias": True, "add_bias_linear": False, "rmsnorm": True,
-               "post_layer_norm": True, "apply_residual_connection_post_layernorm": False, "torch_dtype": dtype}
+        tensors.update(
+            {
+                "transformer.embedding.word_embeddings.weight": embed,
+                "transformer.encoder.final_layernorm.weight": final,
+                "transformer.output_layer.weight": head,
+            }
+        )
+        cfg = {
+            "architectures": ["ChatGLMModel"],
+            "model_type": "chatglm",
+            "num_layers": c.num_layers,
+            "hidden_size": c.hidden_size,
+            "num_attention_heads": c.num_attention_heads,
+            "kv_channels": c.head_dim,
+            "multi_query_attention": c.num_kv_heads != c.num_attention_heads,
+            "multi_query_group_num": c.num_kv_heads,
+            "ffn_hidden_size": c.inner_hidden_size,
+            "padded_vocab_size": v,
+            "layernorm_epsilon": c.layernorm_epsilon,
+            "seq_length": c.max_sequence_length,
+            "rope_ratio": c.rotary_base / 10000.0,
+            "add_qkv_bias": True,
+            "add_bias_linear": False,
+            "rmsnorm": True,
+            "post_layer_norm": True,
+            "apply_residual_connection_post_layernorm": False,
+            "torch_dtype": dtype,
+        }
     return {n: np.ascontiguousarray(x, np_dtype) for n, x in tensors.items()}, cfg
 
 
@@ -145,8 +199,13 @@ def _np_dtype(dtype: str):
     return np.dtype(dtype)
 
 
-def write_folder(out: str, tensors: dict[str, np.ndarray], config_json: dict, shard_bytes: int = 2 * 2**30,
-                 tokenizer_file: str | None = None) -> list[str]:
+def write_folder(
+    out: str,
+    tensors: dict[str, np.ndarray],
+    config_json: dict,
+    shard_bytes: int = 2 * 2**30,
+    tokenizer_file: str | None = None,
+) -> list[str]:
     """safetensors shards of at most shard_bytes (model-0000k-of-0000n.safetensors) with their index,
     config.json and the tokenizer file, written beside `out` and renamed into place. -> shard names."""
     from safetensors.numpy import save_file

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 from glm_jax.tokenizer import Tokenizer, load_tokenizer
 
@@ -81,8 +81,10 @@ class Family:
         return ids + [tok.sop_id]
 
     def chat_text(self, history: History, query: str) -> str:
-        return "".join(f"[Round {i}]\n问：{q}\n答：{a}\n" for i, (q, a) in enumerate(history)) + \
-            f"[Round {len(history)}]\n问：{query}\n答："
+        return (
+            "".join(f"[Round {i}]\n问：{q}\n答：{a}\n" for i, (q, a) in enumerate(history))
+            + f"[Round {len(history)}]\n问：{query}\n答："
+        )
 
     def chat_prompt(self, tok: Tokenizer, history: History, query: str, system: str | None = None) -> list[int]:
         """The prompt of one chat turn; history: (query, reply) pairs of earlier rounds, replies
@@ -91,16 +93,18 @@ class Family:
             query = system + query
         return self.prompt_ids(tok, tok.encode(self.chat_text(history, query)))
 
-    def training_example(self, tok: Tokenizer, history: History, query: str, answer: str,
-                         system: str | None = None) -> tuple[list[int], list[int]]:
+    def training_example(
+        self, tok: Tokenizer, history: History, query: str, answer: str, system: str | None = None
+    ) -> tuple[list[int], list[int]]:
         """(ids, loss_mask) of one supervised example: the chat prompt, then answer + end id, of
         which only the answer and the end id are learned."""
         prompt = self.chat_prompt(tok, history, query, system)
         target = tok.encode(answer) + [self.end_id(tok)]
         return prompt + target, [0] * len(prompt) + [1] * len(target)
 
-    def conversation_examples(self, tok: Tokenizer, rounds: History, system: str | None = None,
-                              last_only: bool = False) -> list[tuple[list[int], list[int]]]:
+    def conversation_examples(
+        self, tok: Tokenizer, rounds: History, system: str | None = None, last_only: bool = False
+    ) -> list[tuple[list[int], list[int]]]:
         """(ids, loss_mask) samples that train every reply of a conversation (`rounds`: (query,
         reply) pairs; the system text goes before the first query). A prefix LM makes one sample
         per reply, its history and query as part A; a causal family one sequence with every
@@ -111,12 +115,14 @@ class Family:
         first = len(rounds) - 1 if last_only else 0
         return [self.training_example(tok, rounds[:i], *rounds[i], system) for i in range(first, len(rounds))]
 
-    def conversation_example(self, tok: Tokenizer, rounds: History, system: str | None = None
-                             ) -> tuple[list[int], list[int]]:
+    def conversation_example(
+        self, tok: Tokenizer, rounds: History, system: str | None = None
+    ) -> tuple[list[int], list[int]]:
         raise FamilyError(f"{self.name} is a prefix LM: it trains one sample per reply (conversation_examples)")
 
-    def fit_chat(self, tok: Tokenizer, history: History, query: str, limit: int, system: str | None = None
-                 ) -> tuple[list[int], int]:
+    def fit_chat(
+        self, tok: Tokenizer, history: History, query: str, limit: int, system: str | None = None
+    ) -> tuple[list[int], int]:
         """The chat prompt with the oldest rounds dropped until it is at most `limit` ids.
         -> (ids, number of rounds dropped). A clear error if the query alone does not fit."""
         history = list(history)
@@ -124,8 +130,10 @@ class Family:
             ids = self.chat_prompt(tok, history[dropped:], query, system)
             if len(ids) <= limit:
                 return ids, dropped
-        raise FamilyError(f"the query alone is a prompt of {len(ids)} tokens; at most {limit} fit "
-                          "(max_sequence_length minus the generation budget)")
+        raise FamilyError(
+            f"the query alone is a prompt of {len(ids)} tokens; at most {limit} fit "
+            "(max_sequence_length minus the generation budget)"
+        )
 
     def postprocess(self, reply: str) -> str:
         return reply.strip()
@@ -163,8 +171,8 @@ class ChatGLM6B(Family):
     def postprocess(self, reply):
         reply = reply.strip().replace("[[训练时间]]", "2023年")
         for ascii_, full in _PUNCTUATION:
-            reply = re.sub(r"([\u4e00-\u9fff])%s" % ascii_, r"\1%s" % full, reply)
-            reply = re.sub(r"%s([\u4e00-\u9fff])" % ascii_, r"%s\1" % full, reply)
+            reply = re.sub(rf"([\u4e00-\u9fff]){ascii_}", rf"\g<1>{full}", reply)
+            reply = re.sub(rf"{ascii_}([\u4e00-\u9fff])", rf"{full}\g<1>", reply)
         return reply
 
 
@@ -184,8 +192,10 @@ class ChatGLM2(Family):
         return tok.eos_id
 
     def chat_text(self, history, query):
-        return "".join(f"[Round {i}]\n\n问：{q}\n\n答：{a}\n\n" for i, (q, a) in enumerate(history, start=1)) + \
-            f"[Round {len(history) + 1}]\n\n问：{query}\n\n答："
+        return (
+            "".join(f"[Round {i}]\n\n问：{q}\n\n答：{a}\n\n" for i, (q, a) in enumerate(history, start=1))
+            + f"[Round {len(history) + 1}]\n\n问：{query}\n\n答："
+        )
 
     def conversation_example(self, tok, rounds, system=None):
         """The whole chat in one sequence, each reply learned (the last one with eos; the
@@ -272,4 +282,3 @@ def get_family(name: str) -> Family:
     if name not in FAMILIES:
         raise FamilyError(f"unknown model family {name!r}; choose one of {sorted(FAMILIES)}")
     return FAMILIES[name]
-

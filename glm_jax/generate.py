@@ -7,7 +7,8 @@ decoder (`causal=True`: ChatGLM2/3, GLM-4) the context is causal. Ragged context
 to T. Prefill writes the context's keys/values into cache slots 0..T-1; decoding feeds the start
 id, then each chosen token, into slot T + step; a new token sees its row's context and the
 generated slots so far. A P-tuning v2 prefix (`config.pre_seq_len` = P) takes cache slots 0..P-1,
-seen by every token, and shifts the slots above by P (not the positions). Positions (spec section 3): 1D [gMASK] and causal rows continue the count
+seen by every token, and shifts the slots above by P (not the positions).
+Positions (spec section 3): 1D [gMASK] and causal rows continue the count
 (the start id at the context length), 1D [MASK] and all 2D put generated tokens at the mask
 position (2D: block positions 1, 2, ...). One compiled decode step serves every token. The dense
 layers are whatever the config selects, so quantized layers plug in.
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -52,8 +53,13 @@ def _round_up(n: int, m: int = BUCKET) -> int:
     return -(-n // m) * m
 
 
-def make_prompts(prompts: Sequence[Sequence[int]], config: GLMConfig, ids: SpecialIds = GLM_IDS,
-                 causal: bool = False, blank: int | None = None) -> PromptBatch:
+def make_prompts(
+    prompts: Sequence[Sequence[int]],
+    config: GLMConfig,
+    ids: SpecialIds = GLM_IDS,
+    causal: bool = False,
+    blank: int | None = None,
+) -> PromptBatch:
     """Model-ready prompts -> a PromptBatch. Prefix LM: each must hold a mask token ([gMASK] to
     continue, [MASK]/[sMASK] to fill in; the first one, or the first `blank` id when given); a
     final sop is the start id (appended if absent)."""
@@ -72,8 +78,9 @@ def make_prompts(prompts: Sequence[Sequence[int]], config: GLMConfig, ids: Speci
             p = p[:-1]
         where = [j for j, tok in enumerate(p) if (tok == blank if blank is not None else tok in ids.mask_tokens)]
         if not where:
-            raise GenerationError(f"prompt {i} holds no [MASK]/[sMASK]/[gMASK] token; append [gMASK] "
-                                  f"(id {ids.gmask}) to continue a text")
+            raise GenerationError(
+                f"prompt {i} holds no [MASK]/[sMASK]/[gMASK] token; append [gMASK] (id {ids.gmask}) to continue a text"
+            )
         contexts.append(p)
         start.append(ids.sop)
         mask_pos.append(where[0])
@@ -82,17 +89,25 @@ def make_prompts(prompts: Sequence[Sequence[int]], config: GLMConfig, ids: Speci
     tokens = np.full((len(prompts), t), ids.pad, np.int32)
     for i, c in enumerate(contexts):
         tokens[i, : len(c)] = c
-    return PromptBatch(tokens, np.array([len(c) for c in contexts], np.int32), np.array(start, np.int32),
-                       np.array(mask_pos, np.int32), np.array(cont), causal)
+    return PromptBatch(
+        tokens,
+        np.array([len(c) for c in contexts], np.int32),
+        np.array(start, np.int32),
+        np.array(mask_pos, np.int32),
+        np.array(cont),
+        causal,
+    )
 
 
 def check_length(batch: PromptBatch, max_new_tokens: int, config: GLMConfig) -> None:
     """A clear error for a prompt that would run past the trained length."""
     longest = int(batch.lengths.max()) + 1
     if longest + max_new_tokens > config.max_sequence_length:
-        raise GenerationError(f"a prompt of {longest} tokens plus {max_new_tokens} new tokens exceeds "
-                              f"max_sequence_length={config.max_sequence_length}: shorten the prompt to at most "
-                              f"{config.max_sequence_length - max_new_tokens} tokens or lower the generation budget")
+        raise GenerationError(
+            f"a prompt of {longest} tokens plus {max_new_tokens} new tokens exceeds "
+            f"max_sequence_length={config.max_sequence_length}: shorten the prompt to at most "
+            f"{config.max_sequence_length - max_new_tokens} tokens or lower the generation budget"
+        )
 
 
 def serving_params(params: dict, num_layers: int) -> dict:
@@ -104,8 +119,7 @@ def serving_params(params: dict, num_layers: int) -> dict:
     layers = params["layers"]
     if isinstance(layers, (list, tuple)):
         return params
-    return {**params, "layers": tuple(jax.tree_util.tree_map(lambda x, i=i: x[i], layers)
-                                      for i in range(num_layers))}
+    return {**params, "layers": tuple(jax.tree_util.tree_map(lambda x, i=i: x[i], layers) for i in range(num_layers))}
 
 
 def init_cache(config: GLMConfig, batch: int, max_len: int, dtype=None):
@@ -122,8 +136,8 @@ def cache_length(cache) -> int:
 
 def cached_forward(config: GLMConfig, params, tokens, position_ids, block_position_ids, mask, cache, cache_index):
     """tokens [B, S] at the given positions attend over the cache under mask [B, 1, S, M]; their
-    keys/values are written at cache_index (a scalar, or [B]: one slot per row). Unrolled over layers (params in `serving_params`
-    layout, cache from `init_cache`). -> (logits [B, S, vocab], new cache)."""
+    keys/values are written at cache_index (a scalar, or [B]: one slot per row). Unrolled over layers
+    (params in `serving_params` layout, cache from `init_cache`). -> (logits [B, S, vocab], new cache)."""
     model, block = GLM(config), GLMBlock(config)
     outer = {k: v for k, v in params.items() if k != "layers"}
     h = model.apply({"params": outer}, {"tokens": tokens}, method=GLM.embed)
@@ -140,8 +154,10 @@ def write_prefix(config: GLMConfig, params, cache):
     """Put the P-tuning prefix's keys/values (`GLM.prefix`) in cache slots 0..P-1 of every row."""
     outer = {k: v for k, v in params.items() if k != "layers"}
     prefix = GLM(config).apply({"params": outer}, method=GLM.prefix)  # [L, P, 2, K, D]
-    return tuple(tuple(c.at[:, : config.pre_seq_len].set(prefix[layer, None, :, i].astype(c.dtype)) for i, c in
-                       enumerate(pair)) for layer, pair in enumerate(cache))
+    return tuple(
+        tuple(c.at[:, : config.pre_seq_len].set(prefix[layer, None, :, i].astype(c.dtype)) for i, c in enumerate(pair))
+        for layer, pair in enumerate(cache)
+    )
 
 
 @functools.partial(jax.jit, static_argnums=(0, 5), donate_argnums=(2,))
@@ -167,8 +183,9 @@ def decode_step(config: GLMConfig, params, cache, token, step, lengths, mask_pos
     block = jnp.full_like(position, step + 1) if config.position_encoding_2d else jnp.zeros_like(position)
     keys = jnp.arange(cache_length(cache))[None, :]
     visible = (keys < p + lengths[:, None]) | ((keys >= p + prompt_len) & (keys <= slot))
-    logits, cache = cached_forward(config, params, token[:, None], position, block, visible[:, None, None, :],
-                                   cache, slot)
+    logits, cache = cached_forward(
+        config, params, token[:, None], position, block, visible[:, None, None, :], cache, slot
+    )
     return logits[:, 0].astype(jnp.float32), cache
 
 
@@ -183,8 +200,7 @@ class Generator:
     `serving_params` layout unless already in it). ids: the tokenizer's special ids; causal: a
     causal family (`families.Family.causal`)."""
 
-    def __init__(self, config: GLMConfig, params, cache_dtype=None, ids: SpecialIds = GLM_IDS,
-                 causal: bool = False):
+    def __init__(self, config: GLMConfig, params, cache_dtype=None, ids: SpecialIds = GLM_IDS, causal: bool = False):
         self.config, self.cache_dtype, self.ids, self.causal = config, cache_dtype, ids, causal
         self.params = serving_params(params, config.num_layers)
 
@@ -194,27 +210,51 @@ class Generator:
     def start(self, prompts: PromptBatch, max_new_tokens: int, repeat: int = 1):
         """Prefill; with repeat > 1 every prompt row is repeated (beams). Returns the decode state."""
         check_length(prompts, max_new_tokens, self.config)
-        tokens, lengths, mask_pos, cont = (np.repeat(a, repeat, axis=0) for a in
-                                           (prompts.tokens, prompts.lengths, prompts.mask_pos,
-                                            prompts.continue_positions))
+        tokens, lengths, mask_pos, cont = (
+            np.repeat(a, repeat, axis=0)
+            for a in (prompts.tokens, prompts.lengths, prompts.mask_pos, prompts.continue_positions)
+        )
         b, t = tokens.shape
         cache = init_cache(self.config, b, _round_up(self.config.pre_seq_len + t + max_new_tokens), self.cache_dtype)
         if self.config.pre_seq_len:
             cache = write_prefix(self.config, self.params, cache)
         cache = prefill(self.config, self.params, cache, jnp.asarray(tokens), jnp.asarray(lengths), prompts.causal)
-        return dict(cache=cache, lengths=jnp.asarray(lengths), mask_pos=jnp.asarray(mask_pos),
-                    cont=jnp.asarray(cont), prompt_len=t)
+        return dict(
+            cache=cache,
+            lengths=jnp.asarray(lengths),
+            mask_pos=jnp.asarray(mask_pos),
+            cont=jnp.asarray(cont),
+            prompt_len=t,
+        )
 
     def step(self, state, token, step):
-        logits, state["cache"] = decode_step(self.config, self.params, state["cache"], jnp.asarray(token, jnp.int32),
-                                             jnp.int32(step), state["lengths"], state["mask_pos"], state["cont"],
-                                             jnp.int32(state["prompt_len"]))
+        logits, state["cache"] = decode_step(
+            self.config,
+            self.params,
+            state["cache"],
+            jnp.asarray(token, jnp.int32),
+            jnp.int32(step),
+            state["lengths"],
+            state["mask_pos"],
+            state["cont"],
+            jnp.int32(state["prompt_len"]),
+        )
         return logits
 
     # ---- strategies -------------------------------------------------------------------------------
-    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, temperature: float = 0.0,
-                 top_k: int = 0, top_p: float = 1.0, key=None, on_token=None,
-                 stop_tokens: Sequence[int] | None = None, blank: int | None = None) -> list[list[int]]:
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        max_new_tokens: int,
+        *,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        key=None,
+        on_token=None,
+        stop_tokens: Sequence[int] | None = None,
+        blank: int | None = None,
+    ) -> list[list[int]]:
         """Greedy (temperature 0) or sampled continuations, each up to its first stop token.
 
         on_token(step, tokens [B]) is called as tokens are produced (streaming; finished rows get
@@ -246,10 +286,21 @@ class Generator:
                 break
         return out
 
-    def beam_search(self, prompt: Sequence[int], num_beams: int, max_new_tokens: int, *, length_penalty: float = 1.0,
-                    no_repeat_ngram: int = 0, stop_tokens: Sequence[int] | None = None, banned_ids: Sequence[int] = (),
-                    banned_prefixes: Sequence[Sequence[int]] = (), consider_end: bool = True, min_new_tokens: int = 0,
-                    length_norm: str = "opennmt") -> list[tuple[list[int], float]]:
+    def beam_search(
+        self,
+        prompt: Sequence[int],
+        num_beams: int,
+        max_new_tokens: int,
+        *,
+        length_penalty: float = 1.0,
+        no_repeat_ngram: int = 0,
+        stop_tokens: Sequence[int] | None = None,
+        banned_ids: Sequence[int] = (),
+        banned_prefixes: Sequence[Sequence[int]] = (),
+        consider_end: bool = True,
+        min_new_tokens: int = 0,
+        length_norm: str = "opennmt",
+    ) -> list[tuple[list[int], float]]:
         """GLM-130B's beam search (`beam.BeamSearch`) for one prompt on the KV cache: the beams
         are cache rows, reordered on device after each step. -> the final beams in the
         reference's order: (generated ids after the start id, ending with the stop id when the
@@ -269,13 +320,23 @@ class Generator:
             token = np.asarray(list(tokens) + [tokens[0]] * (num_beams - len(tokens)), np.int32)
             return np.asarray(self.step(state, token, step))[: len(parents), :vocab]
 
-        search = BeamSearch(num_beams, stop_tokens, length_penalty, no_repeat_ngram, banned_ids, banned_prefixes,
-                            min_new_tokens, consider_end, length_norm)
+        search = BeamSearch(
+            num_beams,
+            stop_tokens,
+            length_penalty,
+            no_repeat_ngram,
+            banned_ids,
+            banned_prefixes,
+            min_new_tokens,
+            consider_end,
+            length_norm,
+        )
         return search.run(context, next_logits, max_new_tokens)
 
 
-def fill_blanks(gen: Generator, prompt: Sequence[int], max_new_tokens: int, **sampling
-                ) -> tuple[list[int], list[list[int]]]:
+def fill_blanks(
+    gen: Generator, prompt: Sequence[int], max_new_tokens: int, **sampling
+) -> tuple[list[int], list[list[int]]]:
     """GLM-130B's generate.py on a prefix LM: the blanks of the prompt's mask kind ([MASK] if it
     has one, else [sMASK], else [gMASK]) are filled first to last, each answer written back in
     place of its mask token before the next blank is generated. A causal model continues the
@@ -295,7 +356,7 @@ def fill_blanks(gen: Generator, prompt: Sequence[int], max_new_tokens: int, **sa
         at = seq.index(kind)
         out = gen.generate([seq], max_new_tokens, blank=kind, **sampling)[0]
         blanks.append(out)
-        seq = seq[:at] + out + seq[at + 1:]
+        seq = seq[:at] + out + seq[at + 1 :]
     return seq, blanks
 
 

@@ -29,9 +29,17 @@ from glm_jax.evaluate import ModelScorer, sliding_window_rows
 
 @register_model("glm_jax")
 class GLMJaxLM(LM):
-    def __init__(self, checkpoint: str, quantize: str | None = None, tokenizer: str | None = None,
-                 family: str | None = None, batch_size: int | str = 16, max_gen_toks: int = 256,
-                 window: int | None = None, **_):
+    def __init__(
+        self,
+        checkpoint: str,
+        quantize: str | None = None,
+        tokenizer: str | None = None,
+        family: str | None = None,
+        batch_size: int | str = 16,
+        max_gen_toks: int = 256,
+        window: int | None = None,
+        **_,
+    ):
         super().__init__()
         from glm_jax.checkpoints import load_model
 
@@ -52,8 +60,9 @@ class GLMJaxLM(LM):
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         out = []
         for r in requests:
-            rows = sliding_window_rows(self.tok.encode(r.args[0]), self.window,
-                                       lambda ctx: self.family.prompt_ids(self.tok, ctx))
+            rows = sliding_window_rows(
+                self.tok.encode(r.args[0]), self.window, lambda ctx: self.family.prompt_ids(self.tok, ctx)
+            )
             out.append(sum(logp for logp, _, _ in self.scorer.score(rows)))
         return out
 
@@ -72,12 +81,13 @@ class GLMJaxLM(LM):
             budget = int(kwargs.get("max_gen_toks", self.max_gen_toks))
             temperature = float(kwargs.get("temperature", 0.0)) if kwargs.get("do_sample") else 0.0
             for at in range(0, len(members), self.batch):
-                chunk = members[at:at + self.batch]
+                chunk = members[at : at + self.batch]
                 prompts = [self.scorer.fit_prompt(self._prompt(requests[i].args[0]), budget) for i in chunk]
-                gen = self.scorer.generator.generate(prompts, budget, temperature=temperature, stop_tokens=stops,
-                                                     key=jax.random.key(at))
+                gen = self.scorer.generator.generate(
+                    prompts, budget, temperature=temperature, stop_tokens=stops, key=jax.random.key(at)
+                )
                 for i, ids in zip(chunk, gen):
                     text = self.tok.decode(ids)
                     cuts = [text.index(u) for u in until if u and u in text]
-                    out[i] = text[:min(cuts)] if cuts else text
+                    out[i] = text[: min(cuts)] if cuts else text
         return out

@@ -111,8 +111,15 @@ def matmul(x, w: QuantizedWeight, dtype=jnp.bfloat16) -> jax.Array:
     if g == 1:
         y = sum(jnp.dot(xp, qp.astype(dtype), preferred_element_type=jnp.float32) for xp, qp in parts)
         return (y * scale[0]).astype(dtype)
-    y = sum(jnp.einsum("...gk,gkn->...gn", xp.reshape(xp.shape[:-1] + (g, -1)), qp.reshape(g, -1, n).astype(dtype),
-                       preferred_element_type=jnp.float32) for xp, qp in parts)
+    y = sum(
+        jnp.einsum(
+            "...gk,gkn->...gn",
+            xp.reshape(xp.shape[:-1] + (g, -1)),
+            qp.reshape(g, -1, n).astype(dtype),
+            preferred_element_type=jnp.float32,
+        )
+        for xp, qp in parts
+    )
     return jnp.sum(y * scale, axis=-2).astype(dtype)
 
 
@@ -131,8 +138,14 @@ def from_glm130b_int4(packed_torch, scale) -> QuantizedWeight:
 
 
 # ---- whole parameter trees ------------------------------------------------------------------------------------
-LAYER_LINEARS = {("attention", "query"): 1, ("attention", "key"): 1, ("attention", "value"): 1,
-                 ("attention", "dense"): 2, ("mlp", "dense_h_to_4h"): 1, ("mlp", "dense_4h_to_h"): 1}
+LAYER_LINEARS = {
+    ("attention", "query"): 1,
+    ("attention", "key"): 1,
+    ("attention", "value"): 1,
+    ("attention", "dense"): 2,
+    ("mlp", "dense_h_to_4h"): 1,
+    ("mlp", "dense_4h_to_h"): 1,
+}
 
 
 def quantize_params(params: dict, config) -> dict:
@@ -145,7 +158,7 @@ def quantize_params(params: dict, config) -> dict:
     layers = params["layers"]
     for (block, name), n_in in LAYER_LINEARS.items():
         kernel = jnp.asarray(layers[block][name]["kernel"], jnp.float32)  # [L, *in, *out]
-        n_layers, in_shape, out_shape = kernel.shape[0], kernel.shape[1:1 + n_in], kernel.shape[1 + n_in:]
+        n_layers, in_shape, out_shape = kernel.shape[0], kernel.shape[1 : 1 + n_in], kernel.shape[1 + n_in :]
         k = int(np.prod(in_shape))
         flat = kernel.reshape(n_layers, k, -1)
         group = k // config.scale_groups(k)
@@ -168,15 +181,23 @@ def dequantize_params(params: dict, config) -> dict:
         n_layers, out_shape = q.shape[0], q.shape[2:]
         k = q.shape[1] * (2 if bits == 4 else 1)
         in_shape = (k,) if n_in == 1 else (config.num_attention_heads, config.head_dim)
-        kernels = [np.asarray(dequantize(QuantizedWeight(q[i].reshape(q.shape[1], -1), scale[i].reshape(scale.shape[1], -1),
-                                                         bits))).reshape(in_shape + out_shape) for i in range(n_layers)]
-        out["layers"][block][name] = {**{k2: v for k2, v in entry.items() if k2 not in ("q", "scale")},
-                                      "kernel": np.stack(kernels)}
+        kernels = [
+            np.asarray(
+                dequantize(QuantizedWeight(q[i].reshape(q.shape[1], -1), scale[i].reshape(scale.shape[1], -1), bits))
+            ).reshape(in_shape + out_shape)
+            for i in range(n_layers)
+        ]
+        out["layers"][block][name] = {
+            **{k2: v for k2, v in entry.items() if k2 not in ("q", "scale")},
+            "kernel": np.stack(kernels),
+        }
     return out
 
 
 def tree_bytes(tree) -> int:
-    return int(sum(np.asarray(x).nbytes if not hasattr(x, "nbytes") else x.nbytes for x in jax.tree_util.tree_leaves(tree)))
+    return int(
+        sum(np.asarray(x).nbytes if not hasattr(x, "nbytes") else x.nbytes for x in jax.tree_util.tree_leaves(tree))
+    )
 
 
 # ---- the fused Pallas kernel --------------------------------------------------------------------------------
@@ -213,8 +234,12 @@ def _resolve(blocks: KernelBlocks, m: int, k: int, n: int, groups: int) -> Kerne
     if not split:
         tiles = -(-m // bm) * (n // max(bn, 1))
         split = 1
-        while (split < 8 and tiles * split * 2 <= TARGET_PROGRAMS and k // (bk * split * 2) >= 1
-               and (groups == 1 or groups % (split * 2) == 0)):
+        while (
+            split < 8
+            and tiles * split * 2 <= TARGET_PROGRAMS
+            and k // (bk * split * 2) >= 1
+            and (groups == 1 or groups % (split * 2) == 0)
+        ):
             split *= 2
     return dataclasses.replace(blocks, block_m=bm, block_n=bn, block_k=bk, split_k=split)
 
@@ -258,8 +283,9 @@ def pallas_supports(m: int, k: int, n: int, groups: int, blocks: KernelBlocks = 
     return None
 
 
-def pallas_matmul(x, w: QuantizedWeight, dtype=jnp.bfloat16, blocks: KernelBlocks = KernelBlocks(),
-                  interpret: bool | None = None) -> jax.Array:
+def pallas_matmul(
+    x, w: QuantizedWeight, dtype=jnp.bfloat16, blocks: KernelBlocks = KernelBlocks(), interpret: bool | None = None
+) -> jax.Array:
     """x [M, K] @ dequant(w) [K, N] -> [M, N] with a Pallas (Triton) kernel that reads each
     packed INT4 weight byte once, unpacks and scales in registers, and accumulates in fp32.
 
@@ -289,15 +315,16 @@ def pallas_matmul(x, w: QuantizedWeight, dtype=jnp.bfloat16, blocks: KernelBlock
     x = jnp.pad(x.astype(dtype), ((0, mp - m), (0, 0)))
     xe, xo = x[:, 0:k_main:2], x[:, 1:k_main:2]  # even / odd input columns meet the high / low nibbles
     rows = steps * bk // 2
-    kernel = functools.partial(_int4_kernel, half=bk // 2, steps=steps,
-                               group_steps=(k // g) // bk if g > 1 else 0)
+    kernel = functools.partial(_int4_kernel, half=bk // 2, steps=steps, group_steps=(k // g) // bk if g > 1 else 0)
     partial = pl.pallas_call(
         kernel,
         grid=(mp // bm, n // bn, split),
-        in_specs=[pl.BlockSpec((bm, rows), lambda i, j, s: (i, s)),
-                  pl.BlockSpec((bm, rows), lambda i, j, s: (i, s)),
-                  pl.BlockSpec((rows, bn), lambda i, j, s: (s, j)),
-                  pl.BlockSpec((g // split if g > 1 else 1, bn), lambda i, j, s: (s if g > 1 else 0, j))],
+        in_specs=[
+            pl.BlockSpec((bm, rows), lambda i, j, s: (i, s)),
+            pl.BlockSpec((bm, rows), lambda i, j, s: (i, s)),
+            pl.BlockSpec((rows, bn), lambda i, j, s: (s, j)),
+            pl.BlockSpec((g // split if g > 1 else 1, bn), lambda i, j, s: (s if g > 1 else 0, j)),
+        ],
         out_specs=pl.BlockSpec((None, bm, bn), lambda i, j, s: (s, i, j)),
         out_shape=jax.ShapeDtypeStruct((split, mp, n), jnp.float32),
         compiler_params=pltriton.CompilerParams(num_warps=r.num_warps, num_stages=r.num_stages),
@@ -306,7 +333,7 @@ def pallas_matmul(x, w: QuantizedWeight, dtype=jnp.bfloat16, blocks: KernelBlock
     y = jnp.sum(partial, axis=0)[:m]
     if g == 1:
         if k_main < k:  # the K tail: a few rows, XLA
-            tail = QuantizedWeight(w.q[k_main // 2:], jnp.ones_like(w.scale), 4)
+            tail = QuantizedWeight(w.q[k_main // 2 :], jnp.ones_like(w.scale), 4)
             y = y + matmul(x[:m, k_main:], tail, dtype=jnp.float32).astype(jnp.float32)
         y = y * w.scale[0].astype(jnp.float32)
     return y.astype(dtype)
@@ -314,8 +341,11 @@ def pallas_matmul(x, w: QuantizedWeight, dtype=jnp.bfloat16, blocks: KernelBlock
 
 @functools.cache
 def _warn_interpret():
-    warnings.warn("the Pallas INT4 kernel runs in interpret mode without an NVIDIA GPU: correct but slow; "
-                  "set quantized_matmul=xla (or auto) for speed here", stacklevel=3)
+    warnings.warn(
+        "the Pallas INT4 kernel runs in interpret mode without an NVIDIA GPU: correct but slow; "
+        "set quantized_matmul=xla (or auto) for speed here",
+        stacklevel=3,
+    )
 
 
 def choose_matmul(impl: str, m: int, w: QuantizedWeight) -> str:
@@ -325,8 +355,14 @@ def choose_matmul(impl: str, m: int, w: QuantizedWeight) -> str:
     sharded model keeps the XLA path."""
     if impl == "pallas":
         return "pallas"
-    if (impl == "auto" and w.bits == 4 and m <= PALLAS_MAX_TOKENS and target_platform() == "gpu"
-            and jax.device_count() == 1 and pallas_supports(m, *w.shape, w.scale.shape[0]) is None):
+    if (
+        impl == "auto"
+        and w.bits == 4
+        and m <= PALLAS_MAX_TOKENS
+        and target_platform() == "gpu"
+        and jax.device_count() == 1
+        and pallas_supports(m, *w.shape, w.scale.shape[0]) is None
+    ):
         return "pallas"
     return "xla"
 

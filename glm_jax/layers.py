@@ -14,9 +14,9 @@ from typing import NamedTuple
 
 import flax.linen as nn
 import jax
-from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 from glm_jax import int4, tpu_attention
 from glm_jax.config import GLMConfig
@@ -29,8 +29,9 @@ Initializer = nn.initializers.Initializer
 
 def xavier_normal(gain: float = 1.0, in_axis=0, out_axis=-1, batch_axis=()) -> Initializer:
     """torch's xavier_normal_ on the [in, out] matrix a multi-axis kernel flattens to."""
-    return nn.initializers.variance_scaling(gain**2, "fan_avg", "normal", in_axis=in_axis,
-                                            out_axis=out_axis, batch_axis=batch_axis)
+    return nn.initializers.variance_scaling(
+        gain**2, "fan_avg", "normal", in_axis=in_axis, out_axis=out_axis, batch_axis=batch_axis
+    )
 
 
 # ---- dense layers -------------------------------------------------------------------------------
@@ -57,13 +58,21 @@ class Linear(nn.Module):
         if self.quantizable and c.quantization != "none":
             y = self._quantized(x)
         else:
-            kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, self.kernel_axes),
-                                self.in_shape + self.features, c.params_dtype)
+            kernel = self.param(
+                "kernel",
+                nn.with_logical_partitioning(self.kernel_init, self.kernel_axes),
+                self.in_shape + self.features,
+                c.params_dtype,
+            )
             contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
             y = jax.lax.dot_general(x, kernel.astype(c.compute_dtype), (contract, ((), ())))
         if self.use_bias:
-            bias = self.param("bias", nn.with_logical_partitioning(
-                nn.initializers.zeros_init(), self.kernel_axes[n_in:]), self.features, c.params_dtype)
+            bias = self.param(
+                "bias",
+                nn.with_logical_partitioning(nn.initializers.zeros_init(), self.kernel_axes[n_in:]),
+                self.features,
+                c.params_dtype,
+            )
             y = y + bias.astype(c.compute_dtype)
         if c.lora_rank and self.quantizable and self.name in c.lora_target_names:
             y = y + self._lora(x)
@@ -75,12 +84,18 @@ class Linear(nn.Module):
         leaves the layer unchanged. The frozen weight beside it may be float or quantized."""
         c = self.config
         n_in, r = len(self.in_shape), c.lora_rank
-        a = self.param("lora_a", nn.with_logical_partitioning(nn.initializers.normal(1.0 / r),
-                                                              self.kernel_axes[:n_in] + (None,)),
-                       self.in_shape + (r,), c.params_dtype)
-        b = self.param("lora_b", nn.with_logical_partitioning(nn.initializers.zeros_init(),
-                                                              (None,) + self.kernel_axes[n_in:]),
-                       (r,) + self.features, c.params_dtype)
+        a = self.param(
+            "lora_a",
+            nn.with_logical_partitioning(nn.initializers.normal(1.0 / r), self.kernel_axes[:n_in] + (None,)),
+            self.in_shape + (r,),
+            c.params_dtype,
+        )
+        b = self.param(
+            "lora_b",
+            nn.with_logical_partitioning(nn.initializers.zeros_init(), (None,) + self.kernel_axes[n_in:]),
+            (r,) + self.features,
+            c.params_dtype,
+        )
         x = nn.Dropout(c.lora_dropout, deterministic=not self.has_rng("dropout"))(x)
         contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
         low = jax.lax.dot_general(x, a.astype(c.compute_dtype), (contract, ((), ())))
@@ -95,15 +110,24 @@ class Linear(nn.Module):
         k = int(np.prod(self.in_shape))
         groups = c.scale_groups(k)
         in_axis = self.kernel_axes[0]
-        out_axes = self.kernel_axes[len(self.in_shape):]
-        q = self.param("q", nn.with_logical_partitioning(nn.initializers.zeros_init(), (in_axis,) + out_axes),
-                       (k // 2 if bits == 4 else k,) + self.features, jnp.uint8 if bits == 4 else jnp.int8)
-        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), (None,) + out_axes),
-                           (groups,) + self.features, jnp.float16)
+        out_axes = self.kernel_axes[len(self.in_shape) :]
+        q = self.param(
+            "q",
+            nn.with_logical_partitioning(nn.initializers.zeros_init(), (in_axis,) + out_axes),
+            (k // 2 if bits == 4 else k,) + self.features,
+            jnp.uint8 if bits == 4 else jnp.int8,
+        )
+        scale = self.param(
+            "scale",
+            nn.with_logical_partitioning(nn.initializers.ones_init(), (None,) + out_axes),
+            (groups,) + self.features,
+            jnp.float16,
+        )
         n = int(np.prod(self.features))
         w = int4.QuantizedWeight(q.reshape(q.shape[0], n), scale.reshape(groups, n), bits)
-        y = int4.dense(x.reshape(x.shape[: x.ndim - len(self.in_shape)] + (k,)), w, c.quantized_matmul,
-                       dtype=c.compute_dtype)
+        y = int4.dense(
+            x.reshape(x.shape[: x.ndim - len(self.in_shape)] + (k,)), w, c.quantized_matmul, dtype=c.compute_dtype
+        )
         return y.reshape(y.shape[:-1] + self.features)
 
 
@@ -117,10 +141,12 @@ class LayerNorm(nn.Module):
     def __call__(self, x):
         c = self.config
         e = x.shape[-1]
-        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
-                           (e,), c.params_dtype)
-        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)),
-                          (e,), c.params_dtype)
+        scale = self.param(
+            "scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)), (e,), c.params_dtype
+        )
+        bias = self.param(
+            "bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)), (e,), c.params_dtype
+        )
         x32 = x.astype(jnp.float32)
         mean = x32.mean(-1, keepdims=True)
         var = jnp.square(x32 - mean).mean(-1, keepdims=True)
@@ -136,8 +162,12 @@ class RMSNorm(nn.Module):
     @nn.compact
     def __call__(self, x):
         c = self.config
-        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
-                           (x.shape[-1],), c.params_dtype)
+        scale = self.param(
+            "scale",
+            nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
+            (x.shape[-1],),
+            c.params_dtype,
+        )
         x32 = x.astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + c.layernorm_epsilon)
         return (y * scale.astype(jnp.float32)).astype(c.compute_dtype)
@@ -175,8 +205,10 @@ def rotary_table(positions, dim: int, config: GLMConfig):
 def rotary_tables(position_ids, block_position_ids, config: GLMConfig):
     """The (cos, sin) pairs the attention applies: one for 1D, two (position, block) for 2D."""
     if config.position_encoding_2d:
-        return (rotary_table(position_ids, config.rotary_dim, config),
-                rotary_table(block_position_ids, config.rotary_dim, config))
+        return (
+            rotary_table(position_ids, config.rotary_dim, config),
+            rotary_table(block_position_ids, config.rotary_dim, config),
+        )
     return (rotary_table(position_ids, config.rotary_dim, config),)
 
 
@@ -188,7 +220,7 @@ def _rotate(x, cos, sin, interleaved: bool):
         pairs = xr.reshape(xr.shape[:-1] + (r // 2, 2))
         turned = jnp.stack([-pairs[..., 1], pairs[..., 0]], axis=-1).reshape(xr.shape)
     else:
-        turned = jnp.concatenate([-xr[..., r // 2:], xr[..., : r // 2]], axis=-1)
+        turned = jnp.concatenate([-xr[..., r // 2 :], xr[..., : r // 2]], axis=-1)
     out = xr * cos[:, :, None, :] + turned * sin[:, :, None, :]
     return jnp.concatenate([out, xp], axis=-1) if xp.shape[-1] else out
 
@@ -199,8 +231,13 @@ def apply_rotary(x, tables, config: GLMConfig):
     x = x.astype(jnp.float32)
     if len(tables) == 2:
         half = x.shape[-1] // 2
-        out = jnp.concatenate([_rotate(x[..., :half], *tables[0], config.rotary_interleaved),
-                               _rotate(x[..., half:], *tables[1], config.rotary_interleaved)], axis=-1)
+        out = jnp.concatenate(
+            [
+                _rotate(x[..., :half], *tables[0], config.rotary_interleaved),
+                _rotate(x[..., half:], *tables[1], config.rotary_interleaved),
+            ],
+            axis=-1,
+        )
     else:
         out = _rotate(x, *tables[0], config.rotary_interleaved)
     return out.astype(dtype)
@@ -260,8 +297,7 @@ def cudnn_attention(q, k, v, mask):
 
     Same shapes and result as `xla_attention` without dropout; needs a GPU and fp16/bf16.
     """
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=1.0 / math.sqrt(q.shape[-1]),
-                                        implementation="cudnn")
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=1.0 / math.sqrt(q.shape[-1]), implementation="cudnn")
 
 
 @functools.cache
@@ -329,8 +365,15 @@ class SelfAttention(nn.Module):
 
         def project(out):
             out = checkpoint_name(out, "attention_context")
-            return Linear((h, d), (e,), ("heads", "head_dim", "embed"), c.attention_dense_bias, c,
-                          xavier_normal(c.deepnorm_beta, (0, 1), 2), name="dense")(out)
+            return Linear(
+                (h, d),
+                (e,),
+                ("heads", "head_dim", "embed"),
+                c.attention_dense_bias,
+                c,
+                xavier_normal(c.deepnorm_beta, (0, 1), 2),
+                name="dense",
+            )(out)
 
         dropout_active = c.attention_dropout > 0.0 and self.has_rng("dropout")
         if isinstance(mask, GLMMask):
@@ -347,8 +390,12 @@ class SelfAttention(nn.Module):
             cache = new
         if prefix is not None:
             b, p = k.shape[0], prefix.shape[0]
-            k, v = (jnp.concatenate([jnp.broadcast_to(prefix[None, :, i].astype(k.dtype), (b,) + prefix[:, i].shape),
-                                     t], axis=1) for i, t in enumerate((k, v)))
+            k, v = (
+                jnp.concatenate(
+                    [jnp.broadcast_to(prefix[None, :, i].astype(k.dtype), (b,) + prefix[:, i].shape), t], axis=1
+                )
+                for i, t in enumerate((k, v))
+            )
             mask = jnp.concatenate([jnp.ones(mask.shape[:3] + (p,), bool), mask], axis=-1)
         if choose_attention(c, dropout_active) == "cudnn":
             out = cudnn_attention(q, k, v, mask)
@@ -393,8 +440,9 @@ class FeedForward(nn.Module):
             hh = Linear((e,), (f,), ("embed", "mlp"), c.ffn_bias, c, init, name="dense_h_to_4h")(x)
             hh = _exact_gelu(hh) if c.ffn_kind == "gelu" else _tanh_gelu(hh)
         hh = nn.with_logical_constraint(hh, ("batch", "length", "mlp"))
-        return Linear((f,), (e,), ("mlp", "embed"), c.ffn_bias, c,
-                      xavier_normal(c.deepnorm_beta, 0, 1), name="dense_4h_to_h")(hh)
+        return Linear(
+            (f,), (e,), ("mlp", "embed"), c.ffn_bias, c, xavier_normal(c.deepnorm_beta, 0, 1), name="dense_4h_to_h"
+        )(hh)
 
 
 # ---- P-tuning v2 ---------------------------------------------------------------------------------
@@ -416,14 +464,23 @@ class PrefixEncoder(nn.Module):
         kv_axes = (None, None, "kv_heads", "head_dim")
         if c.prefix_projection:
             width = c.prefix_hidden_size or c.hidden_size
-            emb = self.param("embedding", nn.with_logical_partitioning(nn.initializers.normal(1.0), (None, "embed")),
-                             (p, c.hidden_size), c.params_dtype)
-            h = jnp.tanh(Linear((c.hidden_size,), (width,), ("embed", "mlp"), True, c, name="trans_in",
-                                quantizable=False)(emb))
+            emb = self.param(
+                "embedding",
+                nn.with_logical_partitioning(nn.initializers.normal(1.0), (None, "embed")),
+                (p, c.hidden_size),
+                c.params_dtype,
+            )
+            h = jnp.tanh(
+                Linear((c.hidden_size,), (width,), ("embed", "mlp"), True, c, name="trans_in", quantizable=False)(emb)
+            )
             kv = Linear((width,), kv_shape, ("mlp",) + kv_axes, True, c, name="trans_out", quantizable=False)(h)
         else:
-            kv = self.param("embedding", nn.with_logical_partitioning(nn.initializers.normal(1.0), (None,) + kv_axes),
-                            (p,) + kv_shape, c.params_dtype)
+            kv = self.param(
+                "embedding",
+                nn.with_logical_partitioning(nn.initializers.normal(1.0), (None,) + kv_axes),
+                (p,) + kv_shape,
+                c.params_dtype,
+            )
         kv = nn.Dropout(c.prefix_dropout, deterministic=not self.has_rng("dropout"))(kv)
         return jnp.moveaxis(kv, 1, 0).astype(c.compute_dtype)
 

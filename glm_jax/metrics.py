@@ -9,7 +9,7 @@ reference's rouge call cannot take) scores 0 on every metric.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 METRICS = ("bleu-4", "rouge-1", "rouge-2", "rouge-l")
 

@@ -14,8 +14,17 @@ import jax
 import jax.numpy as jnp
 
 from glm_jax.config import GLMConfig
-from glm_jax.layers import (GLMBlock, GLMMask, Linear, PrefixEncoder, glm_attention_mask, make_norm, rotary_tables,
-                            wants_flash, xavier_normal)
+from glm_jax.layers import (
+    GLMBlock,
+    GLMMask,
+    Linear,
+    PrefixEncoder,
+    glm_attention_mask,
+    make_norm,
+    rotary_tables,
+    wants_flash,
+    xavier_normal,
+)
 
 REMAT_POLICIES = {
     "full": None,  # save nothing: recompute the whole layer
@@ -40,17 +49,25 @@ def stacked_blocks(config: GLMConfig, name: str = "layers") -> nn.Module:
     block = GLMBlock
     if config.remat_policy != "none":
         block = nn.remat(GLMBlock, policy=REMAT_POLICIES[config.remat_policy], prevent_cse=False)
-    scanned = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                      in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0), length=config.num_layers,
-                      metadata_params={nn.PARTITION_NAME: "layers"})
+    scanned = nn.scan(
+        block,
+        variable_axes={"params": 0},
+        split_rngs={"params": True, "dropout": True},
+        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
+        length=config.num_layers,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )
     return scanned(config, name=name)
 
 
 def attention_inputs(batch: dict, config: GLMConfig):
     """What every layer needs from the batch: the GLM mask (dense bool [B, 1, S, S], or its
     per-position data `GLMMask` for the TPU kernel) and the rotary tables."""
-    mask = (GLMMask(batch["segment_ids"], batch["prefix_mask"]) if wants_flash(config)
-            else glm_attention_mask(batch["segment_ids"], batch["prefix_mask"]))
+    mask = (
+        GLMMask(batch["segment_ids"], batch["prefix_mask"])
+        if wants_flash(config)
+        else glm_attention_mask(batch["segment_ids"], batch["prefix_mask"])
+    )
     block_positions = batch.get("block_position_ids")
     if block_positions is None:
         block_positions = jnp.zeros_like(batch["position_ids"])
@@ -69,9 +86,14 @@ class GLM(nn.Module):
     def setup(self):
         c = self.config
         self.word_embeddings = nn.Embed(
-            c.padded_vocab_size, c.hidden_size, dtype=c.compute_dtype, param_dtype=c.params_dtype,
-            embedding_init=nn.with_logical_partitioning(nn.initializers.normal(c.embedding_init_std),
-                                                        ("vocab", "embed")))
+            c.padded_vocab_size,
+            c.hidden_size,
+            dtype=c.compute_dtype,
+            param_dtype=c.params_dtype,
+            embedding_init=nn.with_logical_partitioning(
+                nn.initializers.normal(c.embedding_init_std), ("vocab", "embed")
+            ),
+        )
         self.embedding_dropout = nn.Dropout(c.hidden_dropout)
         self.layers = stacked_blocks(c)
         if c.final_norm:
@@ -79,8 +101,15 @@ class GLM(nn.Module):
         if c.pre_seq_len:
             self.prefix_encoder = PrefixEncoder(c)
         if not c.tie_word_embeddings:
-            self.output_layer = Linear((c.hidden_size,), (c.padded_vocab_size,), ("embed", "vocab"), False, c,
-                                       xavier_normal(), quantizable=False)
+            self.output_layer = Linear(
+                (c.hidden_size,),
+                (c.padded_vocab_size,),
+                ("embed", "vocab"),
+                False,
+                c,
+                xavier_normal(),
+                quantizable=False,
+            )
 
     def __call__(self, batch, *, embedding_alpha=None, return_hidden: bool = False):
         """embedding_alpha: overrides config.embedding_shrink_alpha (a schedule may drive it).
@@ -134,5 +163,12 @@ def dummy_batch(batch_size: int, seq_len: int) -> dict:
     """A valid batch of zeros: one segment, all part A (for init and shape checks)."""
     z = jnp.zeros((batch_size, seq_len), jnp.int32)
     ones = jnp.ones_like(z)
-    return dict(tokens=z, targets=z, loss_mask=z, position_ids=jnp.broadcast_to(jnp.arange(seq_len), z.shape),
-                block_position_ids=z, segment_ids=ones, prefix_mask=ones)
+    return dict(
+        tokens=z,
+        targets=z,
+        loss_mask=z,
+        position_ids=jnp.broadcast_to(jnp.arange(seq_len), z.shape),
+        block_position_ids=z,
+        segment_ids=ones,
+        prefix_mask=ones,
+    )

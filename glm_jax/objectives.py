@@ -20,14 +20,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from glm_jax.tokenizer import GLM_IDS, SpecialIds
 
-CONTRACT_KEYS = ("tokens", "targets", "loss_mask", "position_ids", "block_position_ids", "segment_ids",
-                 "prefix_mask")
+CONTRACT_KEYS = ("tokens", "targets", "loss_mask", "position_ids", "block_position_ids", "segment_ids", "prefix_mask")
 KIND_MASK, KIND_GMASK, KIND_MIP = 1, 2, 3
 
 
@@ -51,8 +50,10 @@ class ObjectiveConfig:
             (self.span_lambda > 0 and self.max_span >= 1, "span_lambda must be > 0 and max_span >= 1"),
             (0 <= self.mask_sequence_prob <= 1, f"mask_sequence_prob={self.mask_sequence_prob} not in [0, 1]"),
             (self.samples_per_sequence >= 1, "samples_per_sequence must be >= 1"),
-            (0 < self.gmask_min_ratio <= self.gmask_max_ratio <= 1,
-             f"need 0 < gmask_min_ratio <= gmask_max_ratio <= 1, got {self.gmask_min_ratio}, {self.gmask_max_ratio}"),
+            (
+                0 < self.gmask_min_ratio <= self.gmask_max_ratio <= 1,
+                f"need 0 < gmask_min_ratio <= gmask_max_ratio <= 1, got {self.gmask_min_ratio}, {self.gmask_max_ratio}",
+            ),
             (0 <= self.multitask_ratio <= 1, f"multitask_ratio={self.multitask_ratio} not in [0, 1]"),
         ]
         for ok, msg in checks:
@@ -73,8 +74,14 @@ class ObjectiveConfig:
 
 
 # ---- one sample ---------------------------------------------------------------------------------
-def _assemble(part_a: np.ndarray, spans: Sequence[np.ndarray], mask_pos: Sequence[int], two_d: bool,
-              continue_positions: bool, ids: SpecialIds) -> dict[str, np.ndarray]:
+def _assemble(
+    part_a: np.ndarray,
+    spans: Sequence[np.ndarray],
+    mask_pos: Sequence[int],
+    two_d: bool,
+    continue_positions: bool,
+    ids: SpecialIds,
+) -> dict[str, np.ndarray]:
     """Part A + part B (spans in the given order) -> per-token arrays (no segment ids yet)."""
     a = len(part_a)
     toks, tgts, pos, blk = [part_a], [np.zeros(a, np.int32)], [np.arange(a, dtype=np.int32)], [np.zeros(a, np.int32)]
@@ -93,8 +100,14 @@ def _assemble(part_a: np.ndarray, spans: Sequence[np.ndarray], mask_pos: Sequenc
     prefix = np.zeros(n, np.int32)
     prefix[:a] = 1
     loss = 1 - prefix
-    return dict(tokens=np.concatenate(toks), targets=np.concatenate(tgts), loss_mask=loss,
-                position_ids=np.concatenate(pos), block_position_ids=np.concatenate(blk), prefix_mask=prefix)
+    return dict(
+        tokens=np.concatenate(toks),
+        targets=np.concatenate(tgts),
+        loss_mask=loss,
+        position_ids=np.concatenate(pos),
+        block_position_ids=np.concatenate(blk),
+        prefix_mask=prefix,
+    )
 
 
 def draw_span_lengths(rng: np.random.Generator, cfg: ObjectiveConfig, sample_len: int) -> np.ndarray:
@@ -112,8 +125,9 @@ def draw_span_lengths(rng: np.random.Generator, cfg: ObjectiveConfig, sample_len
     return lengths[: int(np.argmax(done)) + 1] if done.any() else lengths
 
 
-def mask_sample(window: np.ndarray, lengths: np.ndarray, rng: np.random.Generator, two_d: bool,
-                ids: SpecialIds = GLM_IDS):
+def mask_sample(
+    window: np.ndarray, lengths: np.ndarray, rng: np.random.Generator, two_d: bool, ids: SpecialIds = GLM_IDS
+):
     """[MASK]: spans of `lengths` placed at random (one unmasked token at least between two).
 
     window: [n] int -> (arrays of length n + 2m, the window).
@@ -132,7 +146,7 @@ def mask_sample(window: np.ndarray, lengths: np.ndarray, rng: np.random.Generato
         a_len += s - prev
         mask_pos.append(a_len)
         a_len += 1
-        spans.append(window[s:s + ln])
+        spans.append(window[s : s + ln])
         prev = s + ln
     pieces.append(window[prev:])
     part_a = np.concatenate(pieces).astype(np.int32)
@@ -162,7 +176,7 @@ def pack(samples: Sequence[dict], seq_len: int) -> dict[str, np.ndarray]:
         if at + n > seq_len:
             raise ValueError(f"samples of {at + n} tokens do not fit a sequence of {seq_len}")
         for k in CONTRACT_KEYS:
-            out[k][at:at + n] = i if k == "segment_ids" else s[k]
+            out[k][at : at + n] = i if k == "segment_ids" else s[k]
         at += n
     return out
 
@@ -190,8 +204,10 @@ class SequenceBuilder:
     def __post_init__(self):
         sample_len = self.seq_len // self.cfg.samples_per_sequence
         if sample_len < 16 or self.seq_len < 16:
-            raise ValueError(f"seq_len={self.seq_len} is too short for {self.cfg.samples_per_sequence} "
-                             "[MASK] samples of at least 16 tokens")
+            raise ValueError(
+                f"seq_len={self.seq_len} is too short for {self.cfg.samples_per_sequence} "
+                "[MASK] samples of at least 16 tokens"
+            )
 
     def rng(self, index: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, index])
@@ -219,7 +235,7 @@ class SequenceBuilder:
             orig, orig_seg = np.zeros(self.seq_len, np.int32), np.zeros(self.seq_len, np.int32)
             at = 0
             for i, w in enumerate(originals, start=1):
-                orig[at:at + len(w)], orig_seg[at:at + len(w)] = w, i
+                orig[at : at + len(w)], orig_seg[at : at + len(w)] = w, i
                 at += len(w)
             out["original"], out["original_segment_ids"] = orig, orig_seg
         return out
@@ -255,7 +271,7 @@ def _fit_pair(prompt: np.ndarray, target: np.ndarray, budget: int):
     if len(prompt) + len(target) <= room:
         return prompt, target
     target = target[: max(room // 2, room - len(prompt))]
-    prompt = prompt[len(prompt) - (room - len(target)):] if room > len(target) else prompt[:0]
+    prompt = prompt[len(prompt) - (room - len(target)) :] if room > len(target) else prompt[:0]
     return prompt, target
 
 

@@ -84,8 +84,9 @@ class BatchSchedule:
 
     def __post_init__(self):
         if self.pass_batch <= 0 or self.global_batch % self.pass_batch:
-            raise ValueError(f"global batch {self.global_batch} is not a whole number of passes of "
-                             f"{self.pass_batch} sequences")
+            raise ValueError(
+                f"global batch {self.global_batch} is not a whole number of passes of {self.pass_batch} sequences"
+            )
         full = self.global_batch // self.pass_batch
         passes, seen = [], 0
         if self.ramp_start is not None:
@@ -107,13 +108,19 @@ class BatchSchedule:
         if self.ramp_start is None or self._ramp:
             return None
         if self.ramp_start >= self.global_batch:
-            return (f"batch ramp-up from {self.ramp_start} is off: the global batch {self.global_batch} is not "
-                    "larger; every step has the full batch")
+            return (
+                f"batch ramp-up from {self.ramp_start} is off: the global batch {self.global_batch} is not "
+                "larger; every step has the full batch"
+            )
         if self.pass_batch >= self.global_batch:
-            return (f"batch ramp-up from {self.ramp_start} is off: a step is one pass of {self.pass_batch} "
-                    "sequences; ramp in passes (--pass-batch) or microbatches (the 1f1b schedule of a pipelined mesh)")
-        return (f"batch ramp-up from {self.ramp_start} is off: {self.total_steps} steps leave no ramp at "
-                f"{self.pass_batch}-sequence granularity")
+            return (
+                f"batch ramp-up from {self.ramp_start} is off: a step is one pass of {self.pass_batch} "
+                "sequences; ramp in passes (--pass-batch) or microbatches (the 1f1b schedule of a pipelined mesh)"
+            )
+        return (
+            f"batch ramp-up from {self.ramp_start} is off: {self.total_steps} steps leave no ramp at "
+            f"{self.pass_batch}-sequence granularity"
+        )
 
     def passes(self, step: int) -> int:
         """Gradient passes accumulated at `step`."""
@@ -186,11 +193,14 @@ class LossScale:
     hysteresis_tracker: jax.Array
 
     @classmethod
-    def create(cls, cfg: OptimConfig, dynamic: bool) -> "LossScale":
-        return cls(scale=jnp.float32(cfg.loss_scale_init if dynamic else 1.0),
-                   growth_tracker=jnp.int32(0), hysteresis_tracker=jnp.int32(cfg.loss_scale_hysteresis))
+    def create(cls, cfg: OptimConfig, dynamic: bool) -> LossScale:
+        return cls(
+            scale=jnp.float32(cfg.loss_scale_init if dynamic else 1.0),
+            growth_tracker=jnp.int32(0),
+            hysteresis_tracker=jnp.int32(cfg.loss_scale_hysteresis),
+        )
 
-    def update(self, finite, cfg: OptimConfig, dynamic: bool) -> "LossScale":
+    def update(self, finite, cfg: OptimConfig, dynamic: bool) -> LossScale:
         if not dynamic:
             return self
         hyst = jnp.where(finite, self.hysteresis_tracker, self.hysteresis_tracker - 1)
@@ -199,8 +209,11 @@ class LossScale:
         grow = finite & (growth >= cfg.loss_scale_window)
         scale = jnp.where(back_off, jnp.maximum(self.scale * 0.5, cfg.loss_scale_min), self.scale)
         scale = jnp.where(grow, scale * 2.0, scale)
-        return LossScale(scale=scale, growth_tracker=jnp.where(grow, 0, growth),
-                         hysteresis_tracker=jnp.where(grow, cfg.loss_scale_hysteresis, hyst))
+        return LossScale(
+            scale=scale,
+            growth_tracker=jnp.where(grow, 0, growth),
+            hysteresis_tracker=jnp.where(grow, cfg.loss_scale_hysteresis, hyst),
+        )
 
 
 def all_finite(tree) -> jax.Array:

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -65,11 +66,19 @@ class PeftConfig:
     def model_config(self, base: GLMConfig) -> GLMConfig:
         """The base config with this method's adapter layers switched on."""
         if self.method == "lora":
-            return base.override(lora_rank=self.lora_rank, lora_alpha=self.lora_alpha,
-                                 lora_dropout=self.lora_dropout, lora_targets=self.lora_targets)
+            return base.override(
+                lora_rank=self.lora_rank,
+                lora_alpha=self.lora_alpha,
+                lora_dropout=self.lora_dropout,
+                lora_targets=self.lora_targets,
+            )
         if self.method == "ptuning":
-            return base.override(pre_seq_len=self.pre_seq_len, prefix_projection=self.prefix_projection,
-                                 prefix_hidden_size=self.prefix_hidden_size, prefix_dropout=self.prefix_dropout)
+            return base.override(
+                pre_seq_len=self.pre_seq_len,
+                prefix_projection=self.prefix_projection,
+                prefix_hidden_size=self.prefix_hidden_size,
+                prefix_dropout=self.prefix_dropout,
+            )
         if self.method == "freeze" and not 0 < self.trainable_layers <= base.num_layers:
             raise ConfigError(f"trainable_layers={self.trainable_layers} must be in 1..num_layers={base.num_layers}")
         return base
@@ -78,7 +87,7 @@ class PeftConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "PeftConfig":
+    def from_dict(cls, d: dict) -> PeftConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
 
@@ -102,8 +111,9 @@ def trainable_path(path: tuple, peft: PeftConfig) -> bool:
     return peft.train_head and path[0] in HEAD
 
 
-def split(params: dict, peft: PeftConfig, config: GLMConfig,
-          take: Callable[[Any, slice], Any] = lambda x, rows: x[rows]) -> tuple[dict, dict]:
+def split(
+    params: dict, peft: PeftConfig, config: GLMConfig, take: Callable[[Any, slice], Any] = lambda x, rows: x[rows]
+) -> tuple[dict, dict]:
     """params -> (trainable, frozen): disjoint nested dicts. `take(leaf, rows)` slices a stacked
     layer leaf (freeze); pass `lambda s, rows: s` to split a tree of shardings the same way."""
     trainable, frozen = {}, {}
@@ -155,8 +165,8 @@ def lora_delta(a, b, config: GLMConfig, stacked: bool):
     a32, b32 = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
     lead = int(stacked)
     a32 = a32.reshape(a32.shape[:lead] + (-1, a32.shape[-1]))
-    delta = jnp.einsum("...ir,...ro->...io", a32, b32.reshape(b32.shape[:lead + 1] + (-1,)))
-    shape = a.shape[:-1] + b.shape[lead + 1:]
+    delta = jnp.einsum("...ir,...ro->...io", a32, b32.reshape(b32.shape[: lead + 1] + (-1,)))
+    shape = a.shape[:-1] + b.shape[lead + 1 :]
     return delta.reshape(shape) * (config.lora_alpha / config.lora_rank)
 
 
@@ -165,8 +175,10 @@ def merge_lora(params: dict, config: GLMConfig, sign: float = 1.0) -> tuple[dict
     -> (params without lora leaves, the config without LoRA). A quantized base cannot take the
     merge: merge into the float checkpoint it came from, then quantize."""
     if config.quantization != "none":
-        raise ConfigError(f"LoRA merges into float weights; this base holds {config.quantization} weights: merge "
-                          "into the float checkpoint it was quantized from (finetune.py --merge does), then quantize")
+        raise ConfigError(
+            f"LoRA merges into float weights; this base holds {config.quantization} weights: merge "
+            "into the float checkpoint it was quantized from (finetune.py --merge does), then quantize"
+        )
     flat = _flat(params)
     out = {p: v for p, v in flat.items() if p[-1] not in LORA_LEAVES}
     for path in [p for p in flat if p[-1] == "lora_a"]:
@@ -205,6 +217,8 @@ def check_base(recorded: dict, config: GLMConfig, params: dict, step: int, where
         diff = sorted(k for k in mine["config"] if recorded["config"].get(k) != mine["config"][k])
         raise ConfigError(f"the adapter {where} was trained on another base model (config fields differ: {diff})")
     if recorded["params_sha256"] != mine["params_sha256"] or recorded["step"] != mine["step"]:
-        raise ConfigError(f"the adapter {where} was trained on another base checkpoint (step {recorded['step']}, "
-                          f"parameter hash {recorded['params_sha256'][:12]}; this base: step {mine['step']}, "
-                          f"{mine['params_sha256'][:12]}); pass the --checkpoint it was trained from")
+        raise ConfigError(
+            f"the adapter {where} was trained on another base checkpoint (step {recorded['step']}, "
+            f"parameter hash {recorded['params_sha256'][:12]}; this base: step {mine['step']}, "
+            f"{mine['params_sha256'][:12]}); pass the --checkpoint it was trained from"
+        )

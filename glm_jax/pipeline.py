@@ -116,6 +116,7 @@ def _per_stage(tree, stages: int):
     """Broadcast leaves over a leading stage axis, sharded over `stage`: every stage uses its own
     copy (the one it already holds), so gradients accumulate per stage inside a loop and are
     summed over stages once, after it (not an all-reduce per tick)."""
+
     def one(x):
         x = jnp.broadcast_to(x, (stages,) + x.shape)
         return jax.lax.with_sharding_constraint(x, P("stage", *([P.UNCONSTRAINED] * (x.ndim - 1))))
@@ -141,8 +142,17 @@ def _split_layers(params):
     return params.get("layers"), {k: v for k, v in params.items() if k != "layers"}
 
 
-def _gpipe(params, batch, config: GLMConfig, plan: PipelinePlan, m: int, alpha, dropout_rng, bubble_value: float,
-           with_loss: bool):
+def _gpipe(
+    params,
+    batch,
+    config: GLMConfig,
+    plan: PipelinePlan,
+    m: int,
+    alpha,
+    dropout_rng,
+    bubble_value: float,
+    with_loss: bool,
+):
     n_st = plan.stages
     fields = _microbatch_fields(batch, m, with_loss)
     layers, rest = _split_layers(params)
@@ -178,11 +188,15 @@ def _gpipe(params, batch, config: GLMConfig, plan: PipelinePlan, m: int, alpha, 
         valid = (micro >= 0) & (micro < m)
         take = jnp.clip(micro, 0, m - 1)
         mb = {f: v[take] for f, v in fields.items()}
-        keys = None if layers_key is None else jax.vmap(
-            lambda s, mi: jax.random.fold_in(jax.random.fold_in(layers_key, mi), s))(stages, take)
+        keys = (
+            None
+            if layers_key is None
+            else jax.vmap(lambda s, mi: jax.random.fold_in(jax.random.fold_in(layers_key, mi), s))(stages, take)
+        )
         state = jax.lax.with_sharding_constraint(state, act_spec)
-        out, ls, n = jax.vmap(run_stage, spmd_axis_name="stage")(rest_s, layers_s, active, state, mb, valid, stages,
-                                                                 keys, prefix)
+        out, ls, n = jax.vmap(run_stage, spmd_axis_name="stage")(
+            rest_s, layers_s, active, state, mb, valid, stages, keys, prefix
+        )
         if not with_loss:
             done = t - (n_st - 1)
             last = jnp.where(done >= 0, out[n_st - 1], outputs[jnp.clip(done, 0, m - 1)])
@@ -198,23 +212,50 @@ def _gpipe(params, batch, config: GLMConfig, plan: PipelinePlan, m: int, alpha, 
     return (loss_sum.sum(), count.sum()) if with_loss else merge_microbatches(outputs)
 
 
-def pipeline_blocks(params, batch, config: GLMConfig, plan: PipelinePlan, microbatches: int, *,
-                    embedding_alpha=None, dropout_rng=None, bubble_value: float = 0.0):
+def pipeline_blocks(
+    params,
+    batch,
+    config: GLMConfig,
+    plan: PipelinePlan,
+    microbatches: int,
+    *,
+    embedding_alpha=None,
+    dropout_rng=None,
+    bubble_value: float = 0.0,
+):
     """Embedding and blocks as a GPipe schedule: the final hidden states [B, S, E] (before the
     final norm). Bubble ticks compute on zeros (`bubble_value` fills the idle buffer, NaN in
     tests) and their results are never read."""
     return _gpipe(params, batch, config, plan, microbatches, embedding_alpha, dropout_rng, bubble_value, False)
 
 
-def gpipe_loss(params, batch, config: GLMConfig, plan: PipelinePlan, microbatches: int, *, embedding_alpha=None,
-               dropout_rng=None, bubble_value: float = 0.0):
+def gpipe_loss(
+    params,
+    batch,
+    config: GLMConfig,
+    plan: PipelinePlan,
+    microbatches: int,
+    *,
+    embedding_alpha=None,
+    dropout_rng=None,
+    bubble_value: float = 0.0,
+):
     """(summed token loss, loss tokens) of a batch through a GPipe schedule, the head and loss
     of each microbatch on the last stage as it leaves the pipeline."""
     return _gpipe(params, batch, config, plan, microbatches, embedding_alpha, dropout_rng, bubble_value, True)
 
 
-def forward(params, batch, config: GLMConfig, plan: PipelinePlan, microbatches: int = 1, *,
-            embedding_alpha=None, dropout_rng=None, bubble_value: float = 0.0):
+def forward(
+    params,
+    batch,
+    config: GLMConfig,
+    plan: PipelinePlan,
+    microbatches: int = 1,
+    *,
+    embedding_alpha=None,
+    dropout_rng=None,
+    bubble_value: float = 0.0,
+):
     """Logits [B, S, vocab] on whatever mesh the caller's jit places things on (evaluation and
     tests: training uses the loss functions, which never hold a pass's logits).
 
@@ -225,24 +266,54 @@ def forward(params, batch, config: GLMConfig, plan: PipelinePlan, microbatches: 
     if plan.stages == 1:
         rngs = {"dropout": dropout_rng} if dropout_rng is not None else None
         return model.apply({"params": params}, batch, embedding_alpha=embedding_alpha, rngs=rngs)
-    h = pipeline_blocks(params, batch, config, plan, microbatches, embedding_alpha=embedding_alpha,
-                        dropout_rng=dropout_rng, bubble_value=bubble_value)
+    h = pipeline_blocks(
+        params,
+        batch,
+        config,
+        plan,
+        microbatches,
+        embedding_alpha=embedding_alpha,
+        dropout_rng=dropout_rng,
+        bubble_value=bubble_value,
+    )
     return model.apply({"params": params}, h, method=GLM.head)
 
 
-def loss_sum(params, batch, config: GLMConfig, plan: PipelinePlan, microbatches: int = 1, *,
-             embedding_alpha=None, dropout_rng=None):
+def loss_sum(
+    params,
+    batch,
+    config: GLMConfig,
+    plan: PipelinePlan,
+    microbatches: int = 1,
+    *,
+    embedding_alpha=None,
+    dropout_rng=None,
+):
     """(summed token loss, loss tokens): the plain model on one stage, GPipe on several."""
     if plan.stages > 1:
-        return gpipe_loss(params, batch, config, plan, microbatches, embedding_alpha=embedding_alpha,
-                          dropout_rng=dropout_rng)
-    return token_loss_sum(forward(params, batch, config, plan, embedding_alpha=embedding_alpha,
-                                  dropout_rng=dropout_rng), batch)
+        return gpipe_loss(
+            params, batch, config, plan, microbatches, embedding_alpha=embedding_alpha, dropout_rng=dropout_rng
+        )
+    return token_loss_sum(
+        forward(params, batch, config, plan, embedding_alpha=embedding_alpha, dropout_rng=dropout_rng), batch
+    )
 
 
-def one_f_one_b(trainable, frozen, combine, batch, microbatches, config: GLMConfig, plan: PipelinePlan,
-                max_microbatches: int, *, embedding_alpha=None, dropout_rng=None, scale=1.0,
-                bubble_value: float = 0.0):
+def one_f_one_b(
+    trainable,
+    frozen,
+    combine,
+    batch,
+    microbatches,
+    config: GLMConfig,
+    plan: PipelinePlan,
+    max_microbatches: int,
+    *,
+    embedding_alpha=None,
+    dropout_rng=None,
+    scale=1.0,
+    bubble_value: float = 0.0,
+):
     """Gradients of scale x mean token loss w.r.t. `trainable` through a 1F1B schedule, with
     (summed loss, loss tokens); the same quantities as `jax.grad` of GPipe's mean loss.
 
@@ -265,7 +336,10 @@ def one_f_one_b(trainable, frozen, combine, batch, microbatches, config: GLMConf
     cotangent = jnp.asarray(scale, jnp.float32) / jnp.maximum(n_total, 1.0)
     t_layers, t_rest = _split_layers(trainable)
     f_layers, f_rest = _split_layers(frozen)
-    view = lambda layers, rest: {**_per_stage(rest, n_st), **({} if layers is None else {"layers": _by_stage(layers, plan)})}
+    view = lambda layers, rest: {
+        **_per_stage(rest, n_st),
+        **({} if layers is None else {"layers": _by_stage(layers, plan)}),
+    }
     t_view, f_view = view(t_layers, t_rest), view(f_layers, f_rest)
     embed_key = layers_key = None
     if dropout_rng is not None:
@@ -323,8 +397,9 @@ def one_f_one_b(trainable, frozen, combine, batch, microbatches, config: GLMConf
 
     mb_shape = fields["tokens"].shape[1:] + (config.hidden_size,)
     act = jnp.full((n_st,) + mb_shape, bubble_value, config.compute_dtype)
-    buf = jax.lax.with_sharding_constraint(jnp.full((n_st, ring) + mb_shape, bubble_value, config.compute_dtype),
-                                           P("stage", None, "data", None, None))
+    buf = jax.lax.with_sharding_constraint(
+        jnp.full((n_st, ring) + mb_shape, bubble_value, config.compute_dtype), P("stage", None, "data", None, None)
+    )
     grads = jax.tree_util.tree_map(jnp.zeros_like, t_view)
     carry = (act, act, buf, grads, jnp.zeros((n_st,), jnp.float32))
     _, _, _, grads, losses = jax.lax.fori_loop(0, m + 2 * (n_st - 1), body, carry)

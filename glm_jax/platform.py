@@ -17,7 +17,7 @@ _TARGET: contextvars.ContextVar[str | None] = contextvars.ContextVar("glm_jax_ta
 
 
 def target_platform() -> str:
-    """"cpu", "gpu" or "tpu": what the current trace compiles for."""
+    """ "cpu", "gpu" or "tpu": what the current trace compiles for."""
     return _TARGET.get() or jax.default_backend()
 
 

@@ -23,7 +23,8 @@ import dataclasses
 import glob
 import json
 import os
-from typing import Any, Iterator, Mapping
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -34,16 +35,24 @@ from glm_jax.convert import ConversionError
 INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")
 TOKENIZER_FILES = ("ice_text.model", "tokenizer.model", "tokenizer.json")
-DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "torch.float16": "float16",
-          "torch.bfloat16": "bfloat16", "torch.float32": "float32"}
+DTYPES = {
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "F32": "float32",
+    "torch.float16": "float16",
+    "torch.bfloat16": "bfloat16",
+    "torch.float32": "float32",
+}
 
 
 def _torch():
     try:
         import torch
     except ImportError:
-        raise ConversionError("reading .bin / .pt checkpoint files needs torch (pip install torch); "
-                              "safetensors shards need only the safetensors package") from None
+        raise ConversionError(
+            "reading .bin / .pt checkpoint files needs torch (pip install torch); "
+            "safetensors shards need only the safetensors package"
+        ) from None
     return torch
 
 
@@ -78,20 +87,22 @@ class ShardedTensors(Mapping):
         self._open_file, self._handle = None, None
         missing = sorted({f for f in weight_map.values() if not os.path.isfile(os.path.join(folder, f))})
         if missing:
-            raise ConversionError(f"{folder}: the index names {len(missing)} missing shard file(s): "
-                                  + ", ".join(missing))
+            raise ConversionError(
+                f"{folder}: the index names {len(missing)} missing shard file(s): " + ", ".join(missing)
+            )
         self._shapes, self._dtypes = {}, {}
         for file in sorted(set(self.weight_map.values())):
             handle = self._read(file)
             held = set(handle.keys())
             for name in [n for n, f in self.weight_map.items() if f == file]:
                 if name not in held:
-                    raise ConversionError(f"{os.path.join(folder, file)} does not hold {name}, which the index "
-                                          "puts there")
+                    raise ConversionError(
+                        f"{os.path.join(folder, file)} does not hold {name}, which the index puts there"
+                    )
                 self._shapes[name], self._dtypes[name] = self._header(file, handle, name)
 
     @classmethod
-    def open(cls, folder: str) -> "ShardedTensors":
+    def open(cls, folder: str) -> ShardedTensors:
         folder = os.path.abspath(folder)
         for index in INDEX_FILES:
             path = os.path.join(folder, index)
@@ -103,11 +114,16 @@ class ShardedTensors(Mapping):
                     raise ConversionError(f"{path} is not a weight index ({e})") from None
                 return cls(weight_map, folder)
         files = [f for f in SINGLE_FILES if os.path.isfile(os.path.join(folder, f))]
-        files = files or sorted(os.path.basename(p) for p in glob.glob(os.path.join(folder, "*.safetensors"))) \
+        files = (
+            files
+            or sorted(os.path.basename(p) for p in glob.glob(os.path.join(folder, "*.safetensors")))
             or sorted(os.path.basename(p) for p in glob.glob(os.path.join(folder, "pytorch_model*.bin")))
+        )
         if not files:
-            raise ConversionError(f"{folder} holds no weights: expected {' or '.join(INDEX_FILES)} with its "
-                                  "shards, or model.safetensors / pytorch_model.bin")
+            raise ConversionError(
+                f"{folder} holds no weights: expected {' or '.join(INDEX_FILES)} with its "
+                "shards, or model.safetensors / pytorch_model.bin"
+            )
         return cls({name: file for file in files for name in _read_file(folder, file).keys()}, folder)
 
     def _read(self, file: str):
@@ -179,8 +195,10 @@ def detect(folder: str) -> tuple[str, str, dict | None]:
     if cfg is None:
         if is_sat_folder(folder):
             return "glm130b-sat", "glm-130b", None
-        raise ConversionError(f"{folder} has no config.json and is not a GLM-130B rank folder (with `latest` or "
-                              "mp_rank_XX_model_states.pt)")
+        raise ConversionError(
+            f"{folder} has no config.json and is not a GLM-130B rank folder (with `latest` or "
+            "mp_rank_XX_model_states.pt)"
+        )
     model_type = cfg.get("model_type")
     if model_type == "chatglm":
         if "position_encoding_2d" in cfg:
@@ -188,16 +206,24 @@ def detect(folder: str) -> tuple[str, str, dict | None]:
         if "multi_query_group_num" in cfg:
             name = str(cfg.get("_name_or_path", "")).lower()
             return "chatglm2", "chatglm3-6b" if "chatglm3" in name else "chatglm2-6b", cfg
-        raise ConversionError(f"{folder}/config.json: a chatglm config with neither position_encoding_2d "
-                              "(ChatGLM-6B) nor multi_query_group_num (ChatGLM2/3)")
+        raise ConversionError(
+            f"{folder}/config.json: a chatglm config with neither position_encoding_2d "
+            "(ChatGLM-6B) nor multi_query_group_num (ChatGLM2/3)"
+        )
     if model_type == "glm":
         return "hf-glm", "glm-4", cfg
-    raise ConversionError(f"{folder}/config.json: unknown model_type {model_type!r}; supported: chatglm "
-                          "(ChatGLM-6B, ChatGLM2-6B, ChatGLM3-6B) and glm (transformers GlmForCausalLM)")
+    raise ConversionError(
+        f"{folder}/config.json: unknown model_type {model_type!r}; supported: chatglm "
+        "(ChatGLM-6B, ChatGLM2-6B, ChatGLM3-6B) and glm (transformers GlmForCausalLM)"
+    )
 
 
-LAYOUT_FAMILIES = {"chatglm": ("chatglm-6b", "glm"), "chatglm2": ("chatglm2-6b", "chatglm3-6b"),
-                   "hf-glm": ("glm-4", "chatglm2-6b", "chatglm3-6b"), "glm130b-sat": ("glm-130b", "glm")}
+LAYOUT_FAMILIES = {
+    "chatglm": ("chatglm-6b", "glm"),
+    "chatglm2": ("chatglm2-6b", "chatglm3-6b"),
+    "hf-glm": ("glm-4", "chatglm2-6b", "chatglm3-6b"),
+    "glm130b-sat": ("glm-130b", "glm"),
+}
 
 
 @dataclasses.dataclass
@@ -234,8 +260,13 @@ def tokenizer_in(folder: str) -> str | None:
     return next((os.path.join(folder, f) for f in TOKENIZER_FILES if os.path.isfile(os.path.join(folder, f))), None)
 
 
-def convert_folder(folder: str, family: str | None = None, tokenizer_file: str | None = None,
-                   dtype: str | None = None, overrides: Mapping[str, Any] | None = None) -> Converted:
+def convert_folder(
+    folder: str,
+    family: str | None = None,
+    tokenizer_file: str | None = None,
+    dtype: str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Converted:
     """A released folder -> our config and params (numpy, config.param_dtype) with its family and
     tokenizer file. dtype: the stored parameter dtype (default: the checkpoint's own, so fp16 stays
     fp16); the compute dtype follows a 16-bit choice."""
@@ -259,11 +290,15 @@ def convert_folder(folder: str, family: str | None = None, tokenizer_file: str |
         config = _config_for(layout, cfg, fields)
     except ConfigError as e:
         raise ConversionError(f"{folder}/config.json: {e}") from None
-    rules = {"chatglm": convert.from_chatglm_state_dict, "chatglm2": convert.from_chatglm2_state_dict,
-             "hf-glm": convert.from_hf_glm}[layout]
+    rules = {
+        "chatglm": convert.from_chatglm_state_dict,
+        "chatglm2": convert.from_chatglm2_state_dict,
+        "hf-glm": convert.from_hf_glm,
+    }[layout]
     params = rules(tensors, config)
-    return Converted(config, params, fam.name, tokenizer_file or tokenizer_in(folder), layout,
-                     source_dtype=source_dtype)
+    return Converted(
+        config, params, fam.name, tokenizer_file or tokenizer_in(folder), layout, source_dtype=source_dtype
+    )
 
 
 def sat_rank_files(folder: str) -> tuple[list[str], int]:
@@ -278,8 +313,10 @@ def sat_rank_files(folder: str) -> tuple[list[str], int]:
         iteration = int(os.path.basename(folder.rstrip("/")))
     files = sorted(glob.glob(os.path.join(folder, "mp_rank_*_model_states.pt")))
     if not files:
-        raise ConversionError(f"no mp_rank_XX_model_states.pt under {folder}; pass the reference's checkpoint "
-                              "folder (with `latest`) or one iteration's folder")
+        raise ConversionError(
+            f"no mp_rank_XX_model_states.pt under {folder}; pass the reference's checkpoint "
+            "folder (with `latest`) or one iteration's folder"
+        )
     return files, iteration
 
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
@@ -81,8 +81,11 @@ class SFTStats:
 
     def summary(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        return d | {"skipped": self.skipped, "padding_fraction": round(self.padding_fraction, 4),
-                    "reference_padding_fraction": round(self.reference_padding_fraction, 4)}
+        return d | {
+            "skipped": self.skipped,
+            "padding_fraction": round(self.padding_fraction, 4),
+            "reference_padding_fraction": round(self.reference_padding_fraction, 4),
+        }
 
 
 # ---- rows -> conversations -----------------------------------------------------------------------
@@ -95,8 +98,10 @@ def read_rows(path: str, stats: SFTStats) -> Iterator[dict]:
             with open(path, encoding="utf-8") as f:
                 rows = json.load(f)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise DataError(f"{path} starts like a JSON array but does not parse ({e}); write one JSON "
-                            "object per line to have bad rows skipped instead") from None
+            raise DataError(
+                f"{path} starts like a JSON array but does not parse ({e}); write one JSON "
+                "object per line to have bad rows skipped instead"
+            ) from None
         for row in rows:
             stats.rows += 1
             if isinstance(row, dict):
@@ -169,11 +174,12 @@ def cut_prompt(prompt: list[int], family: Family, max_source: int) -> list[int]:
     if len(prompt) <= max_source:
         return prompt
     tail = family.prompt_tail
-    return prompt[: max_source - tail] + (prompt[len(prompt) - tail:] if tail else [])
+    return prompt[: max_source - tail] + (prompt[len(prompt) - tail :] if tail else [])
 
 
-def cut(ids: list[int], mask: list[int], family: Family, max_source: int, max_target: int
-        ) -> tuple[list[int], list[int], bool, bool]:
+def cut(
+    ids: list[int], mask: list[int], family: Family, max_source: int, max_target: int
+) -> tuple[list[int], list[int], bool, bool]:
     """The reference's truncation of a one-reply sample: the prompt (ids before the first learned
     id) by `cut_prompt`; the reply keeps its first max_target ids and its end id.
     -> (ids, mask, source cut, target cut)."""
@@ -186,16 +192,22 @@ def cut(ids: list[int], mask: list[int], family: Family, max_source: int, max_ta
     return prompt + target, [0] * len(prompt) + [1] * len(target), cut_s, cut_t
 
 
-def to_sample(ids: Sequence[int], mask: Sequence[int], family: Family, tok: Tokenizer, two_d: bool
-              ) -> dict[str, np.ndarray]:
+def to_sample(
+    ids: Sequence[int], mask: Sequence[int], family: Family, tok: Tokenizer, two_d: bool
+) -> dict[str, np.ndarray]:
     """(ids, loss_mask) -> one unpacked sample of the batch contract (inputs ids[:-1], targets
     ids[1:]). Prefix LM: part A is the prompt up to sop (bidirectional); 1D positions count on,
     2D part B sits at the [gMASK] position with block positions 1, 2, ... (spec section 3)."""
     ids = np.asarray(ids, np.int32)
     n = len(ids) - 1
-    out = dict(tokens=ids[:-1], targets=ids[1:], loss_mask=np.asarray(mask[1:], np.int32),
-               position_ids=np.arange(n, dtype=np.int32), block_position_ids=np.zeros(n, np.int32),
-               prefix_mask=np.zeros(n, np.int32))
+    out = dict(
+        tokens=ids[:-1],
+        targets=ids[1:],
+        loss_mask=np.asarray(mask[1:], np.int32),
+        position_ids=np.arange(n, dtype=np.int32),
+        block_position_ids=np.zeros(n, np.int32),
+        prefix_mask=np.zeros(n, np.int32),
+    )
     if not family.causal:
         sop = int(np.nonzero(ids == tok.sop_id)[0][0])
         out["prefix_mask"][:sop] = 1
@@ -205,9 +217,18 @@ def to_sample(ids: Sequence[int], mask: Sequence[int], family: Family, tok: Toke
     return out
 
 
-def build_samples(paths: Sequence[str], family: Family, tok: Tokenizer, two_d: bool, max_source: int,
-                  max_target: int, seq_len: int, last_only: bool = False, stats: SFTStats | None = None,
-                  limit: int | None = None) -> tuple[list[dict], SFTStats]:
+def build_samples(
+    paths: Sequence[str],
+    family: Family,
+    tok: Tokenizer,
+    two_d: bool,
+    max_source: int,
+    max_target: int,
+    seq_len: int,
+    last_only: bool = False,
+    stats: SFTStats | None = None,
+    limit: int | None = None,
+) -> tuple[list[dict], SFTStats]:
     """Every usable row of the files -> unpacked samples (at most `limit` rows), and the counts."""
     stats = stats or SFTStats(seq_len=seq_len)
     samples = []
@@ -235,7 +256,7 @@ def build_samples(paths: Sequence[str], family: Family, tok: Tokenizer, two_d: b
 def _examples(family, tok, system, rounds, max_source, max_target, seq_len, last_only, stats):
     if family.causal and not last_only and len(rounds) > 1:
         for dropped in range(len(rounds) - 1):
-            (ids, mask), = family.conversation_examples(tok, rounds[dropped:], system)
+            ((ids, mask),) = family.conversation_examples(tok, rounds[dropped:], system)
             if len(ids) - 1 <= seq_len:
                 stats.dropped_rounds += dropped
                 return [(ids, mask)]
@@ -284,11 +305,23 @@ class SFTBuilder:
     shuffle: bool = True
 
     @classmethod
-    def from_files(cls, paths: Sequence[str], family: Family, tok: Tokenizer, two_d: bool, seq_len: int,
-                   max_source: int, max_target: int, seed: int = 0, last_only: bool = False, shuffle: bool = True,
-                   limit: int | None = None) -> "SFTBuilder":
-        samples, stats = build_samples(paths, family, tok, two_d, max_source, max_target, seq_len, last_only,
-                                       limit=limit)
+    def from_files(
+        cls,
+        paths: Sequence[str],
+        family: Family,
+        tok: Tokenizer,
+        two_d: bool,
+        seq_len: int,
+        max_source: int,
+        max_target: int,
+        seed: int = 0,
+        last_only: bool = False,
+        shuffle: bool = True,
+        limit: int | None = None,
+    ) -> SFTBuilder:
+        samples, stats = build_samples(
+            paths, family, tok, two_d, max_source, max_target, seq_len, last_only, limit=limit
+        )
         sequences = pack_samples(samples, seq_len, seed)
         stats.sequences = len(sequences)
         stats.tokens = int(sum((s["segment_ids"] > 0).sum() for s in sequences))

@@ -18,7 +18,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from glm_jax.config import GLMConfig
 
@@ -51,16 +52,20 @@ class MeshShape:
     stage: int
     tensor: int
 
-    def resolve(self, n_devices: int) -> "MeshShape":
+    def resolve(self, n_devices: int) -> MeshShape:
         per_replica = self.stage * self.tensor
         if self.data is None:
             if n_devices % per_replica:
-                raise MeshError(f"{n_devices} devices cannot hold stage={self.stage} x tensor={self.tensor} "
-                                f"= {per_replica} per data replica ({n_devices} % {per_replica} != 0)")
+                raise MeshError(
+                    f"{n_devices} devices cannot hold stage={self.stage} x tensor={self.tensor} "
+                    f"= {per_replica} per data replica ({n_devices} % {per_replica} != 0)"
+                )
             return MeshShape(n_devices // per_replica, self.stage, self.tensor)
         if self.data * per_replica != n_devices:
-            raise MeshError(f"mesh data={self.data} x stage={self.stage} x tensor={self.tensor} needs "
-                            f"{self.data * per_replica} devices, {n_devices} given")
+            raise MeshError(
+                f"mesh data={self.data} x stage={self.stage} x tensor={self.tensor} needs "
+                f"{self.data * per_replica} devices, {n_devices} given"
+            )
         return self
 
     @property
@@ -109,11 +114,12 @@ def device_grid(shape: tuple[int, int, int], devices: list) -> np.ndarray:
     slices = sorted({getattr(d, "slice_index", 0) or 0 for d in devices})
     if platform == "tpu" and len(slices) > 1:
         if shape[0] % len(slices):
-            raise MeshError(f"{len(slices)} TPU slices need the data axis ({shape[0]}) to be a multiple of "
-                            f"{len(slices)}: data parallelism runs across slices")
+            raise MeshError(
+                f"{len(slices)} TPU slices need the data axis ({shape[0]}) to be a multiple of "
+                f"{len(slices)}: data parallelism runs across slices"
+            )
         inner = (shape[0] // len(slices), shape[1], shape[2])
-        return mesh_utils.create_hybrid_device_mesh(inner, (len(slices), 1, 1), devices,
-                                                    allow_split_physical_axes=True)
+        return mesh_utils.create_hybrid_device_mesh(inner, (len(slices), 1, 1), devices, allow_split_physical_axes=True)
     if platform == "tpu":
         return mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
     hosts = sorted({d.process_index for d in devices})
@@ -128,8 +134,10 @@ def host_split(shape: tuple[int, int, int], per_host: int) -> tuple[tuple[int, .
     host, then as much of stage, then of data, as the host's devices hold."""
     d, s, t = shape
     if per_host % t and t % per_host:
-        raise MeshError(f"a tensor axis of {t} does not fit hosts of {per_host} devices: choose a divisor or a "
-                        f"multiple of {per_host}")
+        raise MeshError(
+            f"a tensor axis of {t} does not fit hosts of {per_host} devices: choose a divisor or a "
+            f"multiple of {per_host}"
+        )
     t_in = min(t, per_host)
     room = per_host // t_in
     s_in = math.gcd(s, room)
@@ -156,14 +164,17 @@ def rules_for(config: GLMConfig, mesh: jax.sharding.Mesh, fsdp: bool = False) ->
     return tuple(rules)
 
 
-def check_splittable(config: GLMConfig, mesh: jax.sharding.Mesh, global_batch: int | None = None,
-                     microbatches: int | None = None) -> None:
+def check_splittable(
+    config: GLMConfig, mesh: jax.sharding.Mesh, global_batch: int | None = None, microbatches: int | None = None
+) -> None:
     """Fail fast, naming the axis and the number that does not divide."""
     t, s, d = axis_size(mesh, "tensor"), axis_size(mesh, "stage"), axis_size(mesh, "data")
     problems = []
-    for what, n in (("num_attention_heads", config.num_attention_heads),
-                    ("inner_hidden_size (FFN width)", config.inner_hidden_size),
-                    ("padded vocab", config.padded_vocab_size)):
+    for what, n in (
+        ("num_attention_heads", config.num_attention_heads),
+        ("inner_hidden_size (FFN width)", config.inner_hidden_size),
+        ("padded vocab", config.padded_vocab_size),
+    ):
         if n % t:
             problems.append(f"tensor axis of {t} does not divide {what}={n}")
     if config.num_kv_heads % t and t % config.num_kv_heads:
@@ -177,8 +188,9 @@ def check_splittable(config: GLMConfig, mesh: jax.sharding.Mesh, global_batch: i
         elif global_batch % (m * d):
             problems.append(f"{m} microbatches x data axis of {d} do not divide the global batch {global_batch}")
     if problems:
-        raise MeshError("cannot split this model on mesh " +
-                        f"data={d} x stage={s} x tensor={t}: " + "; ".join(problems))
+        raise MeshError(
+            "cannot split this model on mesh " + f"data={d} x stage={s} x tensor={t}: " + "; ".join(problems)
+        )
 
 
 def default_microbatches(global_batch: int, data: int) -> int:
@@ -307,12 +319,15 @@ def params_from_slots(params: dict, plan: PipelinePlan) -> dict:
 def describe(mesh: jax.sharding.Mesh, plan: PipelinePlan, microbatches: int, schedule: str = "gpipe") -> str:
     from glm_jax.pipeline import bubble_fraction
 
-    head = (f"mesh data={axis_size(mesh, 'data')} x stage={axis_size(mesh, 'stage')} x "
-            f"tensor={axis_size(mesh, 'tensor')}")
+    head = (
+        f"mesh data={axis_size(mesh, 'data')} x stage={axis_size(mesh, 'stage')} x tensor={axis_size(mesh, 'tensor')}"
+    )
     if plan.stages == 1:
         return head + "; no pipeline"
-    return (head + f"; layers per stage {plan.layers_per_stage} ({plan.slots} slots); {schedule}, {microbatches} "
-            f"microbatches a step, bubble {bubble_fraction(schedule, plan.stages, microbatches):.1%}")
+    return (
+        head + f"; layers per stage {plan.layers_per_stage} ({plan.slots} slots); {schedule}, {microbatches} "
+        f"microbatches a step, bubble {bubble_fraction(schedule, plan.stages, microbatches):.1%}"
+    )
 
 
 def microbatch_count(requested: int | None, global_batch: int, mesh: jax.sharding.Mesh) -> int:
@@ -335,16 +350,20 @@ def initialize_distributed(environ=None) -> bool:
         raise MeshError(f"multi-process run needs {', '.join(DIST_ENV)}; missing {', '.join(missing)}")
     if env.get("JAX_PLATFORMS", "").startswith("cpu"):
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
-                               num_processes=int(env["JAX_NUM_PROCESSES"]), process_id=int(env["JAX_PROCESS_ID"]))
+    jax.distributed.initialize(
+        coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
+        num_processes=int(env["JAX_NUM_PROCESSES"]),
+        process_id=int(env["JAX_PROCESS_ID"]),
+    )
     return True
 
 
 def global_batch(local: dict, mesh: jax.sharding.Mesh) -> dict:
     """This process's rows [B / processes, ...] -> global arrays [B, ...] sharded over `data`."""
     sharding = batch_sharding(mesh)
-    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()
-            if np.ndim(v) == 2}
+    return {
+        k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items() if np.ndim(v) == 2
+    }
 
 
 def simulate_cpu_devices(n: int) -> bool:

@@ -24,9 +24,14 @@ COMPONENTS = (
     ("final_layernorm", "final norm"),
 )
 # the quantizable linear kernels (spec section 6) and how many leading axes (after `layers`) they contract
-QUANTIZED_KERNELS = {"layers/attention/query/kernel": 1, "layers/attention/key/kernel": 1,
-                     "layers/attention/value/kernel": 1, "layers/attention/dense/kernel": 2,
-                     "layers/mlp/dense_h_to_4h/kernel": 1, "layers/mlp/dense_4h_to_h/kernel": 1}
+QUANTIZED_KERNELS = {
+    "layers/attention/query/kernel": 1,
+    "layers/attention/key/kernel": 1,
+    "layers/attention/value/kernel": 1,
+    "layers/attention/dense/kernel": 2,
+    "layers/mlp/dense_h_to_4h/kernel": 1,
+    "layers/mlp/dense_4h_to_h/kernel": 1,
+}
 
 
 def _leaves(config: GLMConfig) -> dict[str, tuple[int, ...]]:
@@ -53,23 +58,31 @@ def parameter_summary(config: GLMConfig) -> dict:
     total = sum(components.values())
     quantized = {k: leaves[k] for k in QUANTIZED_KERNELS if k in leaves}
     q_params = sum(math.prod(s) for s in quantized.values())
-    scale_rows = sum(math.prod(s) // math.prod(s[1:1 + QUANTIZED_KERNELS[k]]) for k, s in quantized.items())
+    scale_rows = sum(math.prod(s) // math.prod(s[1 : 1 + QUANTIZED_KERNELS[k]]) for k, s in quantized.items())
     rest16 = 2 * (total - q_params)
     return {
         "params": total,
         "components": components,
         "quantized_linear_params": q_params,
-        "bytes": {"fp32": 4 * total, "bf16": 2 * total,
-                  "int8": rest16 + q_params + 2 * scale_rows,
-                  "int4": rest16 + q_params // 2 + 2 * scale_rows},
+        "bytes": {
+            "fp32": 4 * total,
+            "bf16": 2 * total,
+            "int8": rest16 + q_params + 2 * scale_rows,
+            "int4": rest16 + q_params // 2 + 2 * scale_rows,
+        },
     }
 
 
 def flops_per_token(config: GLMConfig, seq_len: int) -> dict[str, float]:
     """Model FLOPs per token (DESIGN.md): every matmul, attention included with the bidirectional
     prefix not halved; forward, and forward + backward (x3)."""
-    e, h, kv, d, f = (config.hidden_size, config.num_attention_heads, config.num_kv_heads, config.head_dim,
-                      config.inner_hidden_size)
+    e, h, kv, d, f = (
+        config.hidden_size,
+        config.num_attention_heads,
+        config.num_kv_heads,
+        config.head_dim,
+        config.inner_hidden_size,
+    )
     per_layer = 2 * (e * (h + 2 * kv) * d + h * d * e + e * f * (2 if config.gated_ffn else 1) + f * e)
     attention = 2 * 2 * seq_len * h * d  # scores and context, every key
     head = 2 * e * config.padded_vocab_size

@@ -31,18 +31,28 @@ import dataclasses
 import functools
 import os
 import re
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 import sentencepiece as spm
 
 DEFAULT_MODEL = os.path.join(os.path.dirname(__file__), "assets", "glm_sp32k.model")
-SHARED_TOKENIZERS = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
-                                                  "tokenizers"))
+SHARED_TOKENIZERS = os.path.normpath(
+    os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "tokenizers")
+)
 
 PAD, UNK, EOS, MASK, GMASK, SMASK, SOP, EOP, NEWLINE = range(9)  # ours (kind "glm")
-SPECIAL_PIECES = {"<pad>": PAD, "<unk>": UNK, "</s>": EOS, "[MASK]": MASK, "[gMASK]": GMASK,
-                  "[sMASK]": SMASK, "<sop>": SOP, "<eop>": EOP, "\n": NEWLINE}
+SPECIAL_PIECES = {
+    "<pad>": PAD,
+    "<unk>": UNK,
+    "</s>": EOS,
+    "[MASK]": MASK,
+    "[gMASK]": GMASK,
+    "[sMASK]": SMASK,
+    "<sop>": SOP,
+    "<eop>": EOP,
+    "\n": NEWLINE,
+}
 CONTROL_SYMBOLS = ["[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>"]
 USER_SYMBOLS = ["\n"]
 ROLES = ("system", "user", "assistant", "observation")
@@ -124,8 +134,10 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         """Every id this tokenizer can produce (text and special) is below this."""
-        return max(self.offset + self.sp.get_piece_size(),
-                   1 + max(v for v in dataclasses.asdict(self.specials).values() if v is not None))
+        return max(
+            self.offset + self.sp.get_piece_size(),
+            1 + max(v for v in dataclasses.asdict(self.specials).values() if v is not None),
+        )
 
     def padded_vocab_size(self, multiple: int = 128) -> int:
         return -(-self.vocab_size // multiple) * multiple
@@ -152,8 +164,11 @@ class Tokenizer:
         """Text of ids; special and padding ids are dropped, as the released decoders drop them."""
         n = self.sp.get_piece_size()
         drop = self.special_ids
-        pieces = [i - self.offset for i in (int(t) for t in np.asarray(ids).reshape(-1))
-                  if i not in drop and 0 <= i - self.offset < n]
+        pieces = [
+            i - self.offset
+            for i in (int(t) for t in np.asarray(ids).reshape(-1))
+            if i not in drop and 0 <= i - self.offset < n
+        ]
         return self.postprocess(self.sp.decode(pieces))
 
     def id_to_piece(self, i: int) -> str:
@@ -180,8 +195,10 @@ class GLMTokenizer(Tokenizer):
         for piece, want in SPECIAL_PIECES.items():
             got = self.sp.piece_to_id(piece)
             if got != want:
-                raise TokenizerError(f"{self.model_file}: special piece {piece!r} has id {got}, expected {want}; "
-                                     "was it built by experiments/train_tokenizer.py?")
+                raise TokenizerError(
+                    f"{self.model_file}: special piece {piece!r} has id {got}, expected {want}; "
+                    "was it built by experiments/train_tokenizer.py?"
+                )
 
 
 class IceTokenizer(Tokenizer):
@@ -197,16 +214,28 @@ class IceTokenizer(Tokenizer):
     def __init__(self, model_file: str):
         super().__init__(model_file, "GLM-130B's is icetk's ice_text.model (130,000 pieces)")
         if self.sp.get_piece_size() != self.PIECES:
-            raise TokenizerError(f"{self.model_file} has {self.sp.get_piece_size()} pieces; GLM-130B's icetk text "
-                                 f"model has {self.PIECES} (ChatGLM-6B's slim file is kind chatglm-6b)")
+            raise TokenizerError(
+                f"{self.model_file} has {self.sp.get_piece_size()} pieces; GLM-130B's icetk text "
+                f"model has {self.PIECES} (ChatGLM-6B's slim file is kind chatglm-6b)"
+            )
 
     def postprocess(self, text: str) -> str:
         return text.replace("<n>", "\n")
 
 
 _BLANKS = re.compile(" {2,80}")
-_CLEAN_UP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
-             (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
+_CLEAN_UP = (
+    (" .", "."),
+    (" ?", "?"),
+    (" !", "!"),
+    (" ,", ","),
+    (" ' ", "'"),
+    (" n't", "n't"),
+    (" 'm", "'m"),
+    (" 's", "'s"),
+    (" 've", "'ve"),
+    (" 're", "'re"),
+)
 
 
 class ChatGLMTokenizer(Tokenizer):
@@ -221,8 +250,10 @@ class ChatGLMTokenizer(Tokenizer):
     def __init__(self, model_file: str):
         super().__init__(model_file, "ChatGLM-6B's is its ice_text.model (130,344 pieces)")
         if self.sp.get_piece_size() != self.PIECES or self.sp.piece_to_id("[gMASK]") != self.specials.gmask:
-            raise TokenizerError(f"{self.model_file} is not ChatGLM-6B's slim ice_text.model "
-                                 f"({self.sp.get_piece_size()} pieces, want {self.PIECES} with [gMASK] at 130001)")
+            raise TokenizerError(
+                f"{self.model_file} is not ChatGLM-6B's slim ice_text.model "
+                f"({self.sp.get_piece_size()} pieces, want {self.PIECES} with [gMASK] at 130001)"
+            )
 
     def preprocess(self, text: str) -> str:
         text = text.replace("\n", "<n>").replace("\t", "<|tab|>")
@@ -250,8 +281,9 @@ class ChatGLM2Tokenizer(Tokenizer):
         if n != self.PIECES:
             raise TokenizerError(f"{self.model_file} has {n} pieces; ChatGLM2/3-6B's tokenizer.model has {self.PIECES}")
         names = ("mask", "gmask", "smask", "sop", "eop") + (ROLES if self.roles else ())
-        self.specials = SpecialIds(eos=self.sp.eos_id(), pad=self.sp.unk_id(),
-                                   **{name: n + i for i, name in enumerate(names)})
+        self.specials = SpecialIds(
+            eos=self.sp.eos_id(), pad=self.sp.unk_id(), **{name: n + i for i, name in enumerate(names)}
+        )
         self.unk_id = self.sp.unk_id()
 
 
@@ -265,9 +297,19 @@ class GLM4Tokenizer(Tokenizer):
     `tokenizers` package; special ids looked up by their names ([gMASK], <sop>, <|user|>, ...)."""
 
     kind = "glm-4"
-    NAMES = dict(mask="[MASK]", gmask="[gMASK]", smask="[sMASK]", sop="<sop>", eop="<eop>", eos="<|endoftext|>",
-                 pad="<|endoftext|>", system="<|system|>", user="<|user|>", assistant="<|assistant|>",
-                 observation="<|observation|>")
+    NAMES = dict(
+        mask="[MASK]",
+        gmask="[gMASK]",
+        smask="[sMASK]",
+        sop="<sop>",
+        eop="<eop>",
+        eos="<|endoftext|>",
+        pad="<|endoftext|>",
+        system="<|system|>",
+        user="<|user|>",
+        assistant="<|assistant|>",
+        observation="<|observation|>",
+    )
 
     def __init__(self, model_file: str):
         self.model_file = os.path.abspath(model_file)
@@ -278,15 +320,21 @@ class GLM4Tokenizer(Tokenizer):
 
             self.hf = HFTokenizer.from_file(self.model_file)
         except ImportError:
-            raise TokenizerError("GLM-4's tokenizer.json needs the `tokenizers` package (pip install tokenizers)") from None
+            raise TokenizerError(
+                "GLM-4's tokenizer.json needs the `tokenizers` package (pip install tokenizers)"
+            ) from None
         except Exception as e:
             raise TokenizerError(f"{self.model_file} is not a tokenizer.json ({e})") from None
         found = {k: self.hf.token_to_id(v) for k, v in self.NAMES.items()}
         missing = [self.NAMES[k] for k in ("gmask", "sop", "eos", "user", "assistant") if found[k] is None]
         if missing:
             raise TokenizerError(f"{self.model_file} has no {', '.join(missing)}: not a GLM-4 tokenizer")
-        self.specials = SpecialIds(**{k: (v if v is not None else found["eos"]) if k in ("mask", "smask", "eop")
-                                      else v for k, v in found.items()})
+        self.specials = SpecialIds(
+            **{
+                k: (v if v is not None else found["eos"]) if k in ("mask", "smask", "eop") else v
+                for k, v in found.items()
+            }
+        )
         self.unk_id = self.specials.pad
 
     @property
@@ -301,18 +349,29 @@ class GLM4Tokenizer(Tokenizer):
 
     def decode(self, ids) -> str:
         drop = self.special_ids
-        return self.hf.decode([i for i in (int(t) for t in np.asarray(ids).reshape(-1)) if i not in drop],
-                              skip_special_tokens=False)
+        return self.hf.decode(
+            [i for i in (int(t) for t in np.asarray(ids).reshape(-1)) if i not in drop], skip_special_tokens=False
+        )
 
     def id_to_piece(self, i: int) -> str:
         return self.hf.id_to_token(int(i)) or f"<id {int(i)}>"
 
 
-KINDS = {"glm": GLMTokenizer, "glm-130b": IceTokenizer, "chatglm-6b": ChatGLMTokenizer,
-         "chatglm2-6b": ChatGLM2Tokenizer, "chatglm3-6b": ChatGLM3Tokenizer, "glm-4": GLM4Tokenizer}
+KINDS = {
+    "glm": GLMTokenizer,
+    "glm-130b": IceTokenizer,
+    "chatglm-6b": ChatGLMTokenizer,
+    "chatglm2-6b": ChatGLM2Tokenizer,
+    "chatglm3-6b": ChatGLM3Tokenizer,
+    "glm-4": GLM4Tokenizer,
+}
 # where each kind's file lies in ../shared/data/tokenizers (the tests read them there)
-SHARED_FILES = {"glm-130b": "glm130b-icetk/ice_text.model", "chatglm-6b": "chatglm-6b/ice_text.model",
-                "chatglm2-6b": "chatglm2-6b/tokenizer.model", "chatglm3-6b": "chatglm3-6b/tokenizer.model"}
+SHARED_FILES = {
+    "glm-130b": "glm130b-icetk/ice_text.model",
+    "chatglm-6b": "chatglm-6b/ice_text.model",
+    "chatglm2-6b": "chatglm2-6b/tokenizer.model",
+    "chatglm3-6b": "chatglm3-6b/tokenizer.model",
+}
 
 
 def load_tokenizer(kind: str, model_file: str | None = None) -> Tokenizer:
@@ -333,8 +392,10 @@ def load_tokenizer(kind: str, model_file: str | None = None) -> Tokenizer:
 def check_fits(tokenizer: Tokenizer, rows: int, where: str = "the model") -> None:
     """A clear error when the tokenizer can produce ids the embedding has no row for."""
     if tokenizer.vocab_size > rows:
-        raise TokenizerError(f"the {tokenizer.kind} tokenizer ({tokenizer.model_file}) produces ids up to "
-                             f"{tokenizer.vocab_size - 1}, but {where} has only {rows} embedding rows")
+        raise TokenizerError(
+            f"the {tokenizer.kind} tokenizer ({tokenizer.model_file}) produces ids up to "
+            f"{tokenizer.vocab_size - 1}, but {where} has only {rows} embedding rows"
+        )
 
 
 def bundled_file(tokenizer: Tokenizer) -> str | None:

@@ -44,8 +44,20 @@ CHIPS = {
 }
 
 # chips -> the physical grid of a standard slice (Cloud TPU's topology tables)
-GRIDS_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8", 256: "4x8x8",
-            512: "8x8x8", 768: "8x8x12", 1024: "8x8x16", 2048: "8x16x16", 4096: "16x16x16"}
+GRIDS_3D = {
+    4: "2x2x1",
+    8: "2x2x2",
+    16: "2x2x4",
+    32: "2x4x4",
+    64: "4x4x4",
+    128: "4x4x8",
+    256: "4x8x8",
+    512: "8x8x8",
+    768: "8x8x12",
+    1024: "8x8x16",
+    2048: "8x16x16",
+    4096: "16x16x16",
+}
 GRIDS_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
 
 
@@ -61,17 +73,26 @@ class Topology:
         return math.prod(int(d) for d in self.grid.split("x")) * self.slices
 
     def describe(self) -> dict:
-        return {"topology": self.name, "slices": self.slices, "chip": self.chip.name, "chips": self.chips,
-                "grid": self.grid, "device_kind": self.chip.device_kind, "hbm_gib_per_chip_spec": self.chip.hbm_gib,
-                "peak_tflops_per_chip": self.chip.peak_tflops}
+        return {
+            "topology": self.name,
+            "slices": self.slices,
+            "chip": self.chip.name,
+            "chips": self.chips,
+            "grid": self.grid,
+            "device_kind": self.chip.device_kind,
+            "hbm_gib_per_chip_spec": self.chip.hbm_gib,
+            "peak_tflops_per_chip": self.chip.peak_tflops,
+        }
 
 
 def parse_topology(name: str, slices: int = 1) -> Topology:
     """'v5p-1536' / 'v4-8' / 'v5e-16' / 'v6e-256' (Cloud TPU names) or 'v5p:8x8x12' (a grid)."""
     m = re.fullmatch(r"\s*(v4|v5e|v5p|v6e)\s*([-:])\s*(\d+(?:x\d+)*)\s*", name or "")
     if not m:
-        raise TopologyError(f"--topology {name!r}: expected e.g. v4-8, v5e-16, v5p-1536, v6e-256 or v5p:8x8x12 "
-                            f"(chips: {', '.join(CHIPS)})")
+        raise TopologyError(
+            f"--topology {name!r}: expected e.g. v4-8, v5e-16, v5p-1536, v6e-256 or v5p:8x8x12 "
+            f"(chips: {', '.join(CHIPS)})"
+        )
     if slices < 1:
         raise TopologyError(f"--slices {slices}: need at least 1")
     chip, sep, size = CHIPS[m.group(1)], m.group(2), m.group(3)
@@ -80,14 +101,17 @@ def parse_topology(name: str, slices: int = 1) -> Topology:
             raise TopologyError(f"--topology {name!r}: a {chip.name} grid has {chip.dims} dimensions")
         return Topology(name.strip(), chip, size, slices)
     if "x" in size:
-        raise TopologyError(f"--topology {name!r}: use {chip.name}-N (N = {'TensorCores' if chip.cores_per_chip_in_name > 1 else 'chips'}) or {chip.name}:AxBxC")
+        unit = "TensorCores" if chip.cores_per_chip_in_name > 1 else "chips"
+        raise TopologyError(f"--topology {name!r}: use {chip.name}-N (N = {unit}) or {chip.name}:AxBxC")
     count = int(size)
     chips, rest = divmod(count, chip.cores_per_chip_in_name)
     grids = GRIDS_3D if chip.dims == 3 else GRIDS_2D
     if rest or chips not in grids:
         known = ", ".join(f"{chip.name}-{c * chip.cores_per_chip_in_name}" for c in sorted(grids))
-        raise TopologyError(f"--topology {name!r}: not a standard {chip.name} slice; known: {known}; or give the "
-                            f"chip grid ({chip.name}:AxB{'xC' if chip.dims == 3 else ''})")
+        raise TopologyError(
+            f"--topology {name!r}: not a standard {chip.name} slice; known: {known}; or give the "
+            f"chip grid ({chip.name}:AxB{'xC' if chip.dims == 3 else ''})"
+        )
     return Topology(name.strip(), chip, grids[chips], slices)
 
 
@@ -107,8 +131,10 @@ def topology_devices(name: str | Topology, slices: int = 1) -> list:
     try:
         desc = topologies.get_topology_desc(platform="tpu", topology_name=f"{topo.chip.name}:{topo.grid}", **kwargs)
     except Exception as e:  # no libtpu, or libtpu refusing the shape
-        raise TopologyError(f"cannot describe {topo.name} ({topo.chip.name}:{topo.grid}): {str(e).splitlines()[0]}; "
-                            "compiling for a TPU topology needs libtpu: pip install 'jax[tpu]'") from None
+        raise TopologyError(
+            f"cannot describe {topo.name} ({topo.chip.name}:{topo.grid}): {str(e).splitlines()[0]}; "
+            "compiling for a TPU topology needs libtpu: pip install 'jax[tpu]'"
+        ) from None
     return list(desc.devices)
 
 
@@ -129,7 +155,8 @@ def compiler_hbm_gib(device) -> float | None:
     sharding = jax.sharding.SingleDeviceSharding(device)
     try:
         jax.jit(lambda x: x * 2, out_shardings=sharding).lower(
-            jax.ShapeDtypeStruct((2**39,), jnp.bfloat16, sharding=sharding)).compile()
+            jax.ShapeDtypeStruct((2**39,), jnp.bfloat16, sharding=sharding)
+        ).compile()
     except Exception as e:
         m = re.search(r"available HBM \(([\d.]+)([KMGT])\)", str(e))
         if m:
@@ -148,7 +175,12 @@ def plan_fields(topo: Topology, devices: list, report: dict) -> dict:
     fits = report.get("fits", True)
     if fits and hbm is not None and report.get("peak_gib_per_device") is not None:
         fits = report["peak_gib_per_device"] <= hbm
-    return {"platform": "tpu", "device_kind": devices[0].device_kind, **topo.describe(),
-            "hbm_gib_per_chip": hbm, "fits": fits,
-            "step_seconds_at_peak": report["model_flops_per_step"] / peak,
-            "step_seconds_at_50pct": report["model_flops_per_step"] / (0.5 * peak)}
+    return {
+        "platform": "tpu",
+        "device_kind": devices[0].device_kind,
+        **topo.describe(),
+        "hbm_gib_per_chip": hbm,
+        "fits": fits,
+        "step_seconds_at_peak": report["model_flops_per_step"] / peak,
+        "step_seconds_at_50pct": report["model_flops_per_step"] / (0.5 * peak),
+    }

@@ -37,8 +37,11 @@ def _summaries(segment_ids, prefix_mask, block: int):
     -> three [B, S // block] int32."""
     b, s = segment_ids.shape
     seg = segment_ids.reshape(b, s // block, block)
-    return (seg.min(-1).astype(jnp.int32), seg.max(-1).astype(jnp.int32),
-            (prefix_mask.reshape(b, s // block, block) != 0).any(-1).astype(jnp.int32))
+    return (
+        seg.min(-1).astype(jnp.int32),
+        seg.max(-1).astype(jnp.int32),
+        (prefix_mask.reshape(b, s // block, block) != 0).any(-1).astype(jnp.int32),
+    )
 
 
 def _prefetch(segment_ids, prefix_mask, bq: int, bk: int):
@@ -67,8 +70,28 @@ def _scores(q, k, scale):
 
 
 # ---- forward ------------------------------------------------------------------------------------
-def _forward_kernel(qmin, qmax, kmin, kmax, kpre, q_ref, k_ref, v_ref, qseg_ref, kseg_ref, kpfx_ref,
-                    o_ref, lse_ref, m_scr, l_scr, acc_scr, *, scale, bq, bk):
+def _forward_kernel(
+    qmin,
+    qmax,
+    kmin,
+    kmax,
+    kpre,
+    q_ref,
+    k_ref,
+    v_ref,
+    qseg_ref,
+    kseg_ref,
+    kpfx_ref,
+    o_ref,
+    lse_ref,
+    m_scr,
+    l_scr,
+    acc_scr,
+    *,
+    scale,
+    bq,
+    bk,
+):
     b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
 
     @pl.when(j == 0)
@@ -87,21 +110,24 @@ def _forward_kernel(qmin, qmax, kmin, kmax, kpre, q_ref, k_ref, v_ref, qseg_ref,
         alpha = jnp.exp(m_prev - m_new)
         l_scr[...] = jnp.broadcast_to(alpha * l_prev + p.sum(axis=1, keepdims=True), l_scr.shape)
         m_scr[...] = jnp.broadcast_to(m_new, m_scr.shape)
-        acc_scr[...] = alpha * acc_scr[...] + jnp.dot(p.astype(v_ref.dtype), v_ref[...],
-                                                       preferred_element_type=jnp.float32)
+        acc_scr[...] = alpha * acc_scr[...] + jnp.dot(
+            p.astype(v_ref.dtype), v_ref[...], preferred_element_type=jnp.float32
+        )
 
     @pl.when(j == pl.num_programs(3) - 1)
     def _():
         l = l_scr[:, :1]
         seen = l > 0
         o_ref[...] = (acc_scr[...] / jnp.where(seen, l, 1.0)).astype(o_ref.dtype)
-        lse_ref[...] = jnp.broadcast_to(jnp.where(seen, m_scr[:, :1] + jnp.log(jnp.where(seen, l, 1.0)), 0.0),
-                                        lse_ref.shape)
+        lse_ref[...] = jnp.broadcast_to(
+            jnp.where(seen, m_scr[:, :1] + jnp.log(jnp.where(seen, l, 1.0)), 0.0), lse_ref.shape
+        )
 
 
 def _specs(bq, bk, d, group, kv_major: bool):
     """BlockSpecs of (q-like [B,H,S,D], k-like [B,K,S,D], row stats [B,H,S,128], q segments
     [B,S,128], key rows [B,8,S]) for a grid (b, h, outer, inner); kv_major: outer walks keys."""
+
     def qi(b, h, o, n, *_):
         return (b, h, n if kv_major else o, 0)
 
@@ -114,10 +140,14 @@ def _specs(bq, bk, d, group, kv_major: bool):
     def krow(b, h, o, n, *_):
         return (b, 0, o if kv_major else n)
 
-    return dict(q=pl.BlockSpec((None, None, bq, d), qi), k=pl.BlockSpec((None, None, bk, d), kj),
-                stat=pl.BlockSpec((None, None, bq, LANES), qi), qseg=pl.BlockSpec((None, bq, LANES), qseg),
-                krow=pl.BlockSpec((None, SUBLANES, bk), krow),
-                kout=pl.BlockSpec((None, None, bk, d), lambda b, h, o, n, *_: (b, h, o if kv_major else n, 0)))
+    return dict(
+        q=pl.BlockSpec((None, None, bq, d), qi),
+        k=pl.BlockSpec((None, None, bk, d), kj),
+        stat=pl.BlockSpec((None, None, bq, LANES), qi),
+        qseg=pl.BlockSpec((None, bq, LANES), qseg),
+        krow=pl.BlockSpec((None, SUBLANES, bk), krow),
+        kout=pl.BlockSpec((None, None, bk, d), lambda b, h, o, n, *_: (b, h, o if kv_major else n, 0)),
+    )
 
 
 def _layout(segment_ids, prefix_mask):
@@ -129,8 +159,13 @@ def _layout(segment_ids, prefix_mask):
 
 
 def _params(interpret):
-    return {} if interpret else dict(compiler_params=pltpu.CompilerParams(
-        dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")))
+    return (
+        {}
+        if interpret
+        else dict(
+            compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"))
+        )
+    )
 
 
 def _forward(q, k, v, segment_ids, prefix_mask, bq, bk, interpret):
@@ -142,19 +177,45 @@ def _forward(q, k, v, segment_ids, prefix_mask, bq, bk, interpret):
     return pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=5, grid=(b, h, s // bq, s // bk),
+            num_scalar_prefetch=5,
+            grid=(b, h, s // bq, s // bk),
             in_specs=[sp["q"], sp["k"], sp["k"], sp["qseg"], sp["krow"], sp["krow"]],
             out_specs=[sp["q"], sp["stat"]],
-            scratch_shapes=[pltpu.VMEM((bq, LANES), jnp.float32), pltpu.VMEM((bq, LANES), jnp.float32),
-                            pltpu.VMEM((bq, d), jnp.float32)]),
+            scratch_shapes=[
+                pltpu.VMEM((bq, LANES), jnp.float32),
+                pltpu.VMEM((bq, LANES), jnp.float32),
+                pltpu.VMEM((bq, d), jnp.float32),
+            ],
+        ),
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, s, LANES), jnp.float32)],
-        interpret=interpret, **_params(interpret),
+        interpret=interpret,
+        **_params(interpret),
     )(*_prefetch(segment_ids, prefix_mask, bq, bk), q, k, v, *_layout(segment_ids, prefix_mask))
 
 
 # ---- backward -----------------------------------------------------------------------------------
-def _dq_kernel(qmin, qmax, kmin, kmax, kpre, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, qseg_ref, kseg_ref,
-               kpfx_ref, dq_ref, acc_scr, *, scale, bq, bk):
+def _dq_kernel(
+    qmin,
+    qmax,
+    kmin,
+    kmax,
+    kpre,
+    q_ref,
+    k_ref,
+    v_ref,
+    do_ref,
+    lse_ref,
+    di_ref,
+    qseg_ref,
+    kseg_ref,
+    kpfx_ref,
+    dq_ref,
+    acc_scr,
+    *,
+    scale,
+    bq,
+    bk,
+):
     b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
 
     @pl.when(j == 0)
@@ -174,8 +235,30 @@ def _dq_kernel(qmin, qmax, kmin, kmax, kpre, q_ref, k_ref, v_ref, do_ref, lse_re
         dq_ref[...] = acc_scr[...].astype(dq_ref.dtype)
 
 
-def _dkv_kernel(qmin, qmax, kmin, kmax, kpre, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, qseg_ref, kseg_ref,
-                kpfx_ref, dk_ref, dv_ref, dk_scr, dv_scr, *, scale, bq, bk):
+def _dkv_kernel(
+    qmin,
+    qmax,
+    kmin,
+    kmax,
+    kpre,
+    q_ref,
+    k_ref,
+    v_ref,
+    do_ref,
+    lse_ref,
+    di_ref,
+    qseg_ref,
+    kseg_ref,
+    kpfx_ref,
+    dk_ref,
+    dv_ref,
+    dk_scr,
+    dv_scr,
+    *,
+    scale,
+    bq,
+    bk,
+):
     b, j, i = pl.program_id(0), pl.program_id(2), pl.program_id(3)
 
     @pl.when(i == 0)
@@ -211,22 +294,29 @@ def _backward(q, k, v, segment_ids, prefix_mask, out, lse, do, bq, bk, interpret
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, scale=scale, bq=bq, bk=bk),
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=5, grid=(b, h, s // bq, s // bk),
-            in_specs=[sp["q"], sp["k"], sp["k"], sp["q"], sp["stat"], sp["stat"], sp["qseg"], sp["krow"],
-                      sp["krow"]],
-            out_specs=sp["q"], scratch_shapes=[pltpu.VMEM((bq, d), jnp.float32)]),
-        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype), interpret=interpret, **_params(interpret),
+            num_scalar_prefetch=5,
+            grid=(b, h, s // bq, s // bk),
+            in_specs=[sp["q"], sp["k"], sp["k"], sp["q"], sp["stat"], sp["stat"], sp["qseg"], sp["krow"], sp["krow"]],
+            out_specs=sp["q"],
+            scratch_shapes=[pltpu.VMEM((bq, d), jnp.float32)],
+        ),
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        interpret=interpret,
+        **_params(interpret),
     )(*prefetch, q, k, v, do, lse, di, *layout)
     sp = _specs(bq, bk, d, group, kv_major=True)
     dk, dv = pl.pallas_call(
         functools.partial(_dkv_kernel, scale=scale, bq=bq, bk=bk),
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=5, grid=(b, h, s // bk, s // bq),
-            in_specs=[sp["q"], sp["k"], sp["k"], sp["q"], sp["stat"], sp["stat"], sp["qseg"], sp["krow"],
-                      sp["krow"]],
+            num_scalar_prefetch=5,
+            grid=(b, h, s // bk, s // bq),
+            in_specs=[sp["q"], sp["k"], sp["k"], sp["q"], sp["stat"], sp["stat"], sp["qseg"], sp["krow"], sp["krow"]],
             out_specs=[sp["kout"], sp["kout"]],
-            scratch_shapes=[pltpu.VMEM((bk, d), jnp.float32), pltpu.VMEM((bk, d), jnp.float32)]),
-        out_shape=[jax.ShapeDtypeStruct((b, h, s, d), jnp.float32)] * 2, interpret=interpret, **_params(interpret),
+            scratch_shapes=[pltpu.VMEM((bk, d), jnp.float32), pltpu.VMEM((bk, d), jnp.float32)],
+        ),
+        out_shape=[jax.ShapeDtypeStruct((b, h, s, d), jnp.float32)] * 2,
+        interpret=interpret,
+        **_params(interpret),
     )(*prefetch, q, k, v, do, lse, di, *layout)
     kv = k.shape[1]
     fold = lambda x, like: x.reshape(b, kv, group, s, d).sum(2).astype(like.dtype)  # noqa: E731
@@ -261,8 +351,9 @@ def _attention_bwd(bq, bk, interpret, res, do):
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def glm_flash_attention(q, k, v, segment_ids, prefix_mask, *, block_q: int = 128, block_k: int = 128,
-                        interpret: bool | None = None):
+def glm_flash_attention(
+    q, k, v, segment_ids, prefix_mask, *, block_q: int = 128, block_k: int = 128, interpret: bool | None = None
+):
     """GLM-masked attention, q [B,S,H,D], k/v [B,S,K,D], segment_ids / prefix_mask [B,S] ->
     [B,S,H,D] (differentiable in q, k, v). interpret: default on anything but a TPU."""
     s = q.shape[1]
@@ -309,5 +400,6 @@ def on_mesh(q, k, v, segment_ids, prefix_mask, block: int = BLOCK):
     batch = "data" if "data" in mesh.axis_names else None
     heads = "tensor" if "tensor" in mesh.axis_names and mesh.shape["tensor"] > 1 else None
     spec, rows = P(batch, None, heads, None), P(batch, None)
-    return jax.shard_map(run, mesh=mesh, in_specs=(spec, spec, spec, rows, rows), out_specs=spec,
-                         check_vma=False)(q, k, v, segment_ids, prefix_mask)
+    return jax.shard_map(run, mesh=mesh, in_specs=(spec, spec, spec, rows, rows), out_specs=spec, check_vma=False)(
+        q, k, v, segment_ids, prefix_mask
+    )

@@ -24,7 +24,8 @@ import dataclasses
 import json
 import os
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import flax.struct
@@ -32,7 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from glm_jax import pipeline as pl
 from glm_jax import sharding as sh
@@ -40,8 +42,15 @@ from glm_jax.checkpoints import Checkpoints, check_config_matches, copy_tokenize
 from glm_jax.config import ConfigError, GLMConfig
 from glm_jax.data import DataIterator
 from glm_jax.model import GLM, abstract_params, dummy_batch
-from glm_jax.optim import (BatchSchedule, LossScale, OptimConfig, all_finite, embedding_alpha, learning_rate,
-                           make_optimizer)
+from glm_jax.optim import (
+    BatchSchedule,
+    LossScale,
+    OptimConfig,
+    all_finite,
+    embedding_alpha,
+    learning_rate,
+    make_optimizer,
+)
 from glm_jax.peft import PeftConfig, combine, split
 from glm_jax.platform import targeting
 from glm_jax.runlog import MetricsWriter, StopSignal, plot_metrics
@@ -50,8 +59,15 @@ from glm_jax.summary import flops_per_token
 # dense bf16 FLOP/s per device, by device_kind. TPU kinds are matched exactly ("TPU v5 lite" is
 # v5e, "TPU v5" is v5p; glm_jax/topology.py has the sources); GPU kinds by the longest name inside
 # the reported kind ("NVIDIA H100 80GB HBM3").
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12,
-              "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5": 459e12, "TPU v6 lite": 918e12}
+PEAK_FLOPS = {
+    "H100": 989e12,
+    "H200": 989e12,
+    "A100": 312e12,
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5": 459e12,
+    "TPU v6 lite": 918e12,
+}
 
 
 @flax.struct.dataclass
@@ -88,9 +104,11 @@ class Trainer:
     def __post_init__(self):
         c, mesh, peft = self.config, self.mesh, self.peft
         if c.quantization != "none" and not peft.is_adapter:
-            raise ConfigError(f"quantization={c.quantization} is weight-only quantization for serving: train in float "
-                              "(quantization=none), then `python experiments/quantize.py`; a quantized base trains "
-                              "LoRA or P-tuning adapters only")
+            raise ConfigError(
+                f"quantization={c.quantization} is weight-only quantization for serving: train in float "
+                "(quantization=none), then `python experiments/quantize.py`; a quantized base trains "
+                "LoRA or P-tuning adapters only"
+            )
         self.microbatches = sh.microbatch_count(self.microbatches, self.pass_batch, mesh)
         sh.check_splittable(c, mesh, self.pass_batch, self.microbatches)
         self.plan = sh.PipelinePlan(c.num_layers, sh.axis_size(mesh, "stage"))
@@ -100,14 +118,17 @@ class Trainer:
             raise ConfigError(f"pipeline schedule {self.schedule!r}; choose one of {pl.SCHEDULES}")
         self.schedule = self.schedule or "1f1b"
         if peft.method == "freeze" and self.plan.stages > 1:
-            raise ConfigError("freeze splits the layer stack at a layer; run it on a mesh without pipeline stages "
-                              "(--mesh DATAx1xTENSOR), or use lora / ptuning / full on this mesh")
+            raise ConfigError(
+                "freeze splits the layer stack at a layer; run it on a mesh without pipeline stages "
+                "(--mesh DATAx1xTENSOR), or use lora / ptuning / full on this mesh"
+            )
         self.rules = sh.rules_for(c, mesh, fsdp=self.fsdp)
         self.tx = make_optimizer(self.optim)
         self.dynamic_scale = c.dtype == "float16"
         boxed = abstract_params(c)
-        self.param_shardings, self.frozen_shardings = split(sh.named_shardings(boxed, mesh, self.rules), peft, c,
-                                                            take=lambda s, rows: s)
+        self.param_shardings, self.frozen_shardings = split(
+            sh.named_shardings(boxed, mesh, self.rules), peft, c, take=lambda s, rows: s
+        )
         self.trainable_shapes, frozen = jax.eval_shape(lambda p: split(p, peft, c), nn.meta.unbox(boxed))
         self.frozen_shapes = jax.eval_shape(lambda f: sh.params_to_slots(f, self.plan), frozen)
         self.frozen = {}
@@ -130,14 +151,18 @@ class Trainer:
         def is_params(x):
             return jax.tree_util.tree_structure(x) == target and not isinstance(x, jax.ShapeDtypeStruct)
 
-        return jax.tree_util.tree_map(lambda x: on_params(x) if is_params(x) else on_other(x), tree,
-                                      is_leaf=is_params)
+        return jax.tree_util.tree_map(lambda x: on_params(x) if is_params(x) else on_other(x), tree, is_leaf=is_params)
 
     def _new_state(self, params, key) -> TrainState:
-        return TrainState(step=jnp.int32(0), params=params, opt_state=self.tx.init(params),
-                          loss_scale=LossScale.create(self.optim, self.dynamic_scale),
-                          rng=jax.random.key_data(jax.random.fold_in(key, 1)),
-                          skipped=jnp.int32(0), consecutive_skips=jnp.int32(0))
+        return TrainState(
+            step=jnp.int32(0),
+            params=params,
+            opt_state=self.tx.init(params),
+            loss_scale=LossScale.create(self.optim, self.dynamic_scale),
+            rng=jax.random.key_data(jax.random.fold_in(key, 1)),
+            skipped=jnp.int32(0),
+            consecutive_skips=jnp.int32(0),
+        )
 
     def state_shapes(self, plan: sh.PipelinePlan) -> TrainState:
         """The training state's ShapeDtypeStructs with the layers in `plan`'s slot layout."""
@@ -156,9 +181,15 @@ class Trainer:
 
         params = jax.tree_util.tree_map(fit, self.param_shardings, shapes.params)
         moment = jax.tree_util.tree_map(lambda s, a: sh.zero1_sharding(s, a.shape), params, shapes.params)
-        return TrainState(step=rep, params=params, opt_state=self.param_like(shapes.opt_state, lambda _: moment,
-                                                                             lambda _: rep),
-                          loss_scale=LossScale(rep, rep, rep), rng=rep, skipped=rep, consecutive_skips=rep)
+        return TrainState(
+            step=rep,
+            params=params,
+            opt_state=self.param_like(shapes.opt_state, lambda _: moment, lambda _: rep),
+            loss_scale=LossScale(rep, rep, rep),
+            rng=rep,
+            skipped=rep,
+            consecutive_skips=rep,
+        )
 
     @contextlib.contextmanager
     def context(self):
@@ -173,8 +204,9 @@ class Trainer:
         dropout = bool(c.hidden_dropout or c.attention_dropout)
 
         def scaled_mean_loss(params, frozen, batch, rng, alpha, scale):
-            loss_sum, n = pl.loss_sum(combine(params, frozen, peft), batch, c, plan, m, embedding_alpha=alpha,
-                                      dropout_rng=rng)
+            loss_sum, n = pl.loss_sum(
+                combine(params, frozen, peft), batch, c, plan, m, embedding_alpha=alpha, dropout_rng=rng
+            )
             return loss_sum / jnp.maximum(n, 1.0) * scale, (loss_sum, n)
 
         def grad_pass(params, frozen, batch, used, rng, alpha, scale):
@@ -182,11 +214,23 @@ class Trainer:
             loss scaling expects), the fp32 parameter gradients are then multiplied by n."""
             rng = rng if dropout else None
             if self.schedule == "1f1b":
-                grads, loss_sum, n = pl.one_f_one_b(params, frozen, lambda t, f: combine(t, f, peft), batch, used, c,
-                                                    plan, m, embedding_alpha=alpha, dropout_rng=rng, scale=scale)
+                grads, loss_sum, n = pl.one_f_one_b(
+                    params,
+                    frozen,
+                    lambda t, f: combine(t, f, peft),
+                    batch,
+                    used,
+                    c,
+                    plan,
+                    m,
+                    embedding_alpha=alpha,
+                    dropout_rng=rng,
+                    scale=scale,
+                )
             else:
-                grads, (loss_sum, n) = jax.grad(scaled_mean_loss, has_aux=True)(params, frozen, batch, rng, alpha,
-                                                                                scale)
+                grads, (loss_sum, n) = jax.grad(scaled_mean_loss, has_aux=True)(
+                    params, frozen, batch, rng, alpha, scale
+                )
             return jax.tree_util.tree_map(lambda g: g * n, grads), loss_sum, n
 
         def update(state: TrainState, grads, loss_sum, n, lr, votes):
@@ -199,47 +243,75 @@ class Trainer:
             keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, old)
             skips = jnp.where(finite, 0, state.consecutive_skips + 1)
             new_state = TrainState(
-                step=state.step + 1, params=keep(new_params, state.params), opt_state=keep(new_opt, state.opt_state),
-                loss_scale=state.loss_scale.update(finite, self.optim, self.dynamic_scale), rng=state.rng,
-                skipped=state.skipped + (~finite).astype(jnp.int32), consecutive_skips=skips)
+                step=state.step + 1,
+                params=keep(new_params, state.params),
+                opt_state=keep(new_opt, state.opt_state),
+                loss_scale=state.loss_scale.update(finite, self.optim, self.dynamic_scale),
+                rng=state.rng,
+                skipped=state.skipped + (~finite).astype(jnp.int32),
+                consecutive_skips=skips,
+            )
             embed_norm = optax.global_norm(grads.get("word_embeddings", {}))
             rest = {k: v for k, v in grads.items() if k != "word_embeddings"}
-            metrics = dict(loss=loss_sum / jnp.maximum(n, 1.0), tokens=n, learning_rate=lr,
-                           grad_norm=optax.global_norm(grads), embedding_grad_norm=embed_norm,
-                           other_grad_norm=optax.global_norm(rest), loss_scale=scale, finite=finite,
-                           skipped=new_state.skipped, consecutive_skips=skips, stop=jnp.max(votes) > 0)
+            metrics = dict(
+                loss=loss_sum / jnp.maximum(n, 1.0),
+                tokens=n,
+                learning_rate=lr,
+                grad_norm=optax.global_norm(grads),
+                embedding_grad_norm=embed_norm,
+                other_grad_norm=optax.global_norm(rest),
+                loss_scale=scale,
+                finite=finite,
+                skipped=new_state.skipped,
+                consecutive_skips=skips,
+                stop=jnp.max(votes) > 0,
+            )
             return new_state, metrics
 
         def step_rng(state):
             return jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
 
         def fused(state, frozen, batch, used, votes, lr, alpha):
-            grads, loss_sum, n = grad_pass(state.params, frozen, batch, used, step_rng(state), alpha,
-                                           state.loss_scale.scale)
+            grads, loss_sum, n = grad_pass(
+                state.params, frozen, batch, used, step_rng(state), alpha, state.loss_scale.scale
+            )
             return update(state, grads, loss_sum, n, lr, votes)
 
         def eval_loss(params, frozen, batch):
             loss_sum, n = pl.loss_sum(combine(params, frozen, peft), batch, c, plan, m)
             return loss_sum / jnp.maximum(n, 1.0), n
 
-        ss, ps, bs, fs, vs = (self.state_shardings, self.state_shardings.params, self.batch_sharding,
-                              self.frozen_shardings, self.vote_sharding)
+        ss, ps, bs, fs, vs = (
+            self.state_shardings,
+            self.state_shardings.params,
+            self.batch_sharding,
+            self.frozen_shardings,
+            self.vote_sharding,
+        )
         with self.context():
-            self._grad_pass = jax.jit(grad_pass, in_shardings=(ps, fs, bs, rep, rep, rep, rep),
-                                      out_shardings=(ps, rep, rep))
-            self.accumulate = jax.jit(lambda a, b: jax.tree_util.tree_map(jnp.add, a, b), donate_argnums=0,
-                                      in_shardings=(ps, ps), out_shardings=ps)
-            self._update = jax.jit(update, in_shardings=(ss, ps, rep, rep, rep, vs), out_shardings=(ss, rep),
-                                   donate_argnums=(0, 1))
-            self._fused_step = jax.jit(fused, in_shardings=(ss, fs, bs, rep, vs, rep, rep), out_shardings=(ss, rep),
-                                       donate_argnums=0)
+            self._grad_pass = jax.jit(
+                grad_pass, in_shardings=(ps, fs, bs, rep, rep, rep, rep), out_shardings=(ps, rep, rep)
+            )
+            self.accumulate = jax.jit(
+                lambda a, b: jax.tree_util.tree_map(jnp.add, a, b),
+                donate_argnums=0,
+                in_shardings=(ps, ps),
+                out_shardings=ps,
+            )
+            self._update = jax.jit(
+                update, in_shardings=(ss, ps, rep, rep, rep, vs), out_shardings=(ss, rep), donate_argnums=(0, 1)
+            )
+            self._fused_step = jax.jit(
+                fused, in_shardings=(ss, fs, bs, rep, vs, rep, rep), out_shardings=(ss, rep), donate_argnums=0
+            )
             self._eval_loss = jax.jit(eval_loss, in_shardings=(ps, fs, bs), out_shardings=(rep, rep))
         self.step_rng = step_rng
 
     # the steps with this trainer's frozen parameters (`set_frozen`) as their second argument
     def grad_pass(self, params, batch, rng, alpha, scale, microbatches: int | None = None):
-        return self._grad_pass(params, self.frozen, batch, jnp.int32(microbatches or self.microbatches), rng, alpha,
-                               scale)
+        return self._grad_pass(
+            params, self.frozen, batch, jnp.int32(microbatches or self.microbatches), rng, alpha, scale
+        )
 
     def update(self, state, grads, loss_sum, n, lr, stop: bool = False):
         return self._update(state, grads, loss_sum, n, lr, self.votes(stop))
@@ -247,8 +319,9 @@ class Trainer:
     def fused_step(self, state, batch, lr, alpha, microbatches: int | None = None, stop: bool = False):
         """One step; microbatches: how many of a 1F1B batch's microbatches this step uses
         (`place_batch(rows, microbatches)`); stop: this process's stop vote."""
-        return self._fused_step(state, self.frozen, batch, jnp.int32(microbatches or self.microbatches),
-                                self.votes(stop), lr, alpha)
+        return self._fused_step(
+            state, self.frozen, batch, jnp.int32(microbatches or self.microbatches), self.votes(stop), lr, alpha
+        )
 
     def eval_loss(self, params, batch):
         return self._eval_loss(params, self.frozen, batch)
@@ -261,7 +334,9 @@ class Trainer:
     def set_frozen(self, frozen: dict) -> None:
         """Place the frozen parameters (plain stacked layout, `peft.split`) in their shardings."""
         with jax.set_mesh(self.mesh):
-            self.frozen = jax.jit(lambda f: sh.params_to_slots(f, self.plan), out_shardings=self.frozen_shardings)(frozen)
+            self.frozen = jax.jit(lambda f: sh.params_to_slots(f, self.plan), out_shardings=self.frozen_shardings)(
+                frozen
+            )
 
     # ---- state ----------------------------------------------------------------------------------
     def fresh_state(self, key, trainable: dict | None = None) -> TrainState:
@@ -327,8 +402,9 @@ class RunConfig:
     tokenizer_file: str | None = None  # copied into ckpt_dir/tokenizer/ (None: ours, the package's)
 
 
-def make_trainer(config: GLMConfig, optim: OptimConfig, run: RunConfig, mesh,
-                 peft: PeftConfig = PeftConfig("full")) -> tuple[Trainer, BatchSchedule]:
+def make_trainer(
+    config: GLMConfig, optim: OptimConfig, run: RunConfig, mesh, peft: PeftConfig = PeftConfig("full")
+) -> tuple[Trainer, BatchSchedule]:
     """The trainer of a run and its batch schedule (in 1F1B microbatches, or in passes). A 1F1B
     trainer holds the whole global batch, in microbatches of pass_batch / microbatches rows."""
     pass_batch, microbatches = run.pass_batch or run.global_batch, run.microbatches
@@ -338,18 +414,30 @@ def make_trainer(config: GLMConfig, optim: OptimConfig, run: RunConfig, mesh,
         sh.check_splittable(config, mesh, pass_batch, microbatches)
         rows = pass_batch // microbatches
         if run.global_batch % rows:
-            raise ConfigError(f"global batch {run.global_batch} is not a whole number of microbatches of "
-                              f"{rows} sequences")
+            raise ConfigError(
+                f"global batch {run.global_batch} is not a whole number of microbatches of {rows} sequences"
+            )
         pass_batch, microbatches = run.global_batch, run.global_batch // rows
     trainer = Trainer(config, optim, mesh, pass_batch, microbatches, fsdp=run.fsdp, peft=peft, schedule=run.schedule)
     unit = trainer.microbatch_rows if trainer.schedule == "1f1b" else trainer.pass_batch
-    return trainer, BatchSchedule(run.global_batch, unit, run.steps, optim.ramp_start, optim.ramp_fraction,
-                                  optim.ramp_increment)
+    return trainer, BatchSchedule(
+        run.global_batch, unit, run.steps, optim.ramp_start, optim.ramp_fraction, optim.ramp_increment
+    )
 
 
-def train(config: GLMConfig, optim: OptimConfig, run: RunConfig, mesh, builder, eval_builder=None,
-          log: Callable[[str], None] = print, peft: PeftConfig = PeftConfig("full"), base: dict | None = None,
-          meta: dict | None = None, on_done: Callable[[dict, int], None] | None = None) -> dict:
+def train(
+    config: GLMConfig,
+    optim: OptimConfig,
+    run: RunConfig,
+    mesh,
+    builder,
+    eval_builder=None,
+    log: Callable[[str], None] = print,
+    peft: PeftConfig = PeftConfig("full"),
+    base: dict | None = None,
+    meta: dict | None = None,
+    on_done: Callable[[dict, int], None] | None = None,
+) -> dict:
     """Train on `mesh` from `builder` (objectives.SequenceBuilder, or sft.SFTBuilder); resume from
     run.ckpt_dir.
 
@@ -370,8 +458,14 @@ def train(config: GLMConfig, optim: OptimConfig, run: RunConfig, mesh, builder, 
         trainer.set_frozen(frozen)
         del frozen
         base_trainable = None if peft.is_adapter else base_trainable
-    log(sh.describe(mesh, trainer.plan, batches.passes(batches.total_steps - 1) if one_schedule else
-                    trainer.microbatches, trainer.schedule))
+    log(
+        sh.describe(
+            mesh,
+            trainer.plan,
+            batches.passes(batches.total_steps - 1) if one_schedule else trainer.microbatches,
+            trainer.schedule,
+        )
+    )
     if batches.ramp_note:
         log(f"warning: {batches.ramp_note}")
     lead = jax.process_index() == 0
@@ -393,9 +487,15 @@ def train(config: GLMConfig, optim: OptimConfig, run: RunConfig, mesh, builder, 
     extra_meta = {k: v for k, v in (meta or {}).items() if k not in ("data", "step", "layout")}
 
     def save(step):
-        record = {"config": config.to_dict(), "data": data.state(), "step": step, "family": run.family,
-                  "tokenizer": tokenizer_meta, **extra_meta,
-                  "optim": dataclasses.asdict(optim) | {"embedding_alpha_schedule": list(optim.embedding_alpha_schedule)}}
+        record = {
+            "config": config.to_dict(),
+            "data": data.state(),
+            "step": step,
+            "family": run.family,
+            "tokenizer": tokenizer_meta,
+            **extra_meta,
+            "optim": dataclasses.asdict(optim) | {"embedding_alpha_schedule": list(optim.embedding_alpha_schedule)},
+        }
         save_state(ckpt, trainer, step, state, record)
 
     def evaluate():
@@ -424,8 +524,13 @@ def train(config: GLMConfig, optim: OptimConfig, run: RunConfig, mesh, builder, 
             rng = trainer.step_rng(state)
             grads = loss_sum = n = None
             for i in range(k):
-                g, ls, c = trainer.grad_pass(state.params, trainer.place_batch(next(data)), jax.random.fold_in(rng, i),
-                                             alpha, state.loss_scale.scale)
+                g, ls, c = trainer.grad_pass(
+                    state.params,
+                    trainer.place_batch(next(data)),
+                    jax.random.fold_in(rng, i),
+                    alpha,
+                    state.loss_scale.scale,
+                )
                 grads = g if grads is None else trainer.accumulate(grads, g)
                 loss_sum, n = (ls, c) if loss_sum is None else (loss_sum + ls, n + c)
             return trainer.update(state, grads, loss_sum, n, lr, vote)
@@ -436,8 +541,14 @@ def train(config: GLMConfig, optim: OptimConfig, run: RunConfig, mesh, builder, 
         initial_eval = evaluate()
         if initial_eval is not None:
             metrics_out.write({"step": 0, "eval_loss": initial_eval})
-    log_state = {"first_loss": None, "last": None, "timed": 0.0, "tokens": 0, "flops": 0.0,
-                 "clock": time.perf_counter()}
+    log_state = {
+        "first_loss": None,
+        "last": None,
+        "timed": 0.0,
+        "tokens": 0,
+        "flops": 0.0,
+        "clock": time.perf_counter(),
+    }
 
     def finish(step, metrics) -> bool:
         """Read step `step`'s metrics (waiting for it), log them; -> the processes' agreed stop."""
@@ -448,33 +559,50 @@ def train(config: GLMConfig, optim: OptimConfig, run: RunConfig, mesh, builder, 
         tokens = k * batches.pass_batch * run.seq_len
         flops = trainer.model_flops_per_step(tokens, run.seq_len)
         if step > start:  # the first step compiles
-            log_state.update(timed=log_state["timed"] + dt, tokens=log_state["tokens"] + tokens,
-                             flops=log_state["flops"] + flops)
-        record = {"step": step + 1, **{k: v for k, v in m.items() if k not in ("finite", "stop")},
-                  "skipped_step": not m["finite"], "batch": k * batches.pass_batch, "passes": 1 if one_schedule else k,
-                  "microbatches": k * (1 if one_schedule else trainer.microbatches),
-                  "embedding_alpha": float(embedding_alpha(optim, step, config.embedding_shrink_alpha)),
-                  "step_time": dt, "tokens_per_s": tokens / dt,
-                  "mfu": flops / (dt * peak * jax.device_count()) if peak else None}
+            log_state.update(
+                timed=log_state["timed"] + dt, tokens=log_state["tokens"] + tokens, flops=log_state["flops"] + flops
+            )
+        record = {
+            "step": step + 1,
+            **{k: v for k, v in m.items() if k not in ("finite", "stop")},
+            "skipped_step": not m["finite"],
+            "batch": k * batches.pass_batch,
+            "passes": 1 if one_schedule else k,
+            "microbatches": k * (1 if one_schedule else trainer.microbatches),
+            "embedding_alpha": float(embedding_alpha(optim, step, config.embedding_shrink_alpha)),
+            "step_time": dt,
+            "tokens_per_s": tokens / dt,
+            "mfu": flops / (dt * peak * jax.device_count()) if peak else None,
+        }
         log_state["first_loss"] = log_state["first_loss"] if log_state["first_loss"] is not None else record["loss"]
         log_state["last"] = record
         metrics_out.write(record)
         bar.set_postfix(loss=f"{record['loss']:.3f}", gnorm=f"{record['grad_norm']:.2f}")
         if not m["finite"]:
-            log(f"step {step + 1}: non-finite gradients, step skipped (loss scale {m['loss_scale']:g}, "
-                f"{int(m['consecutive_skips'])} in a row)")
+            log(
+                f"step {step + 1}: non-finite gradients, step skipped (loss scale {m['loss_scale']:g}, "
+                f"{int(m['consecutive_skips'])} in a row)"
+            )
         if m["consecutive_skips"] >= optim.max_consecutive_skips:
             saved = int(state.step)
             save(saved)
-            raise TrainingError(f"{int(m['consecutive_skips'])} consecutive steps had non-finite gradients "
-                                f"(limit {optim.max_consecutive_skips}) by step {step + 1}; saved step {saved} to "
-                                f"{ckpt.directory}. Lower the learning rate or check the data.")
+            raise TrainingError(
+                f"{int(m['consecutive_skips'])} consecutive steps had non-finite gradients "
+                f"(limit {optim.max_consecutive_skips}) by step {step + 1}; saved step {saved} to "
+                f"{ckpt.directory}. Lower the learning rate or check the data."
+            )
         return m["stop"]
 
     stopped = False
     try:
-        bar = tqdm(range(start, run.steps), initial=start, total=run.steps, disable=not (lead and run.progress),
-                   desc="train", unit="step")
+        bar = tqdm(
+            range(start, run.steps),
+            initial=start,
+            total=run.steps,
+            disable=not (lead and run.progress),
+            desc="train",
+            unit="step",
+        )
         with StopSignal() as signals:
             pending = None
             for step in bar:
@@ -503,12 +631,19 @@ def train(config: GLMConfig, optim: OptimConfig, run: RunConfig, mesh, builder, 
         metrics_out.close()
         data.close()
     timed = log_state["timed"]
-    summary = {"steps": last["step"] if last else start, "first_loss": log_state["first_loss"],
-               "final_loss": last["loss"] if last else None, "initial_eval_loss": initial_eval, "eval_loss": eval_loss,
-               "tokens_per_s": log_state["tokens"] / timed if timed else None,
-               "mfu": log_state["flops"] / (timed * peak * jax.device_count()) if timed and peak else None,
-               "skipped_steps": int(last["skipped"]) if last else 0, "checkpoint_dir": ckpt.directory,
-               "log_dir": os.path.abspath(run.log_dir), "interrupted": stopped}
+    summary = {
+        "steps": last["step"] if last else start,
+        "first_loss": log_state["first_loss"],
+        "final_loss": last["loss"] if last else None,
+        "initial_eval_loss": initial_eval,
+        "eval_loss": eval_loss,
+        "tokens_per_s": log_state["tokens"] / timed if timed else None,
+        "mfu": log_state["flops"] / (timed * peak * jax.device_count()) if timed and peak else None,
+        "skipped_steps": int(last["skipped"]) if last else 0,
+        "checkpoint_dir": ckpt.directory,
+        "log_dir": os.path.abspath(run.log_dir),
+        "interrupted": stopped,
+    }
     if lead and last is not None:
         plot_metrics(metrics_out.path, os.path.join(run.log_dir, "metrics.png"))
         with open(os.path.join(run.log_dir, "summary.json"), "w") as f:

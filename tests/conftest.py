@@ -33,9 +33,23 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 # The heaviest files first: `pytest -n 2 --dist loadfile` hands files to the two workers in this
 # order (pytest_configure turns off xdist's own reordering, by test count), so the long ones start
 # at once and the short ones fill in around them.
-HEAVY_FIRST = ("test_sharding.py", "test_train.py", "test_peft.py", "test_serve.py", "test_scale.py",
-               "test_finetune.py", "test_tpu_attention.py", "test_int4.py", "test_topology.py", "test_optim.py",
-               "test_model.py", "test_released.py", "test_harness.py", "test_evaluate.py", "test_layers.py")
+HEAVY_FIRST = (
+    "test_sharding.py",
+    "test_train.py",
+    "test_peft.py",
+    "test_serve.py",
+    "test_scale.py",
+    "test_finetune.py",
+    "test_tpu_attention.py",
+    "test_int4.py",
+    "test_topology.py",
+    "test_optim.py",
+    "test_model.py",
+    "test_released.py",
+    "test_harness.py",
+    "test_evaluate.py",
+    "test_layers.py",
+)
 
 
 def pytest_configure(config):

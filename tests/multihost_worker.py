@@ -56,8 +56,16 @@ def _sigterm_once_steps_are_logged():
 
 if jax.process_index() == 1:
     threading.Thread(target=_sigterm_once_steps_are_logged, daemon=True).start()
-run = RunConfig(steps=40, global_batch=sharding_case.BATCH, seq_len=sharding_case.SEQ, ckpt_dir=f"{run_dir}/ck",
-                log_dir=f"{run_dir}/log", ckpt_every=100, async_checkpoints=False, progress=False)
+run = RunConfig(
+    steps=40,
+    global_batch=sharding_case.BATCH,
+    seq_len=sharding_case.SEQ,
+    ckpt_dir=f"{run_dir}/ck",
+    log_dir=f"{run_dir}/log",
+    ckpt_every=100,
+    async_checkpoints=False,
+    progress=False,
+)
 summary = train(config, sharding_case.optim(), run, mesh, sharding_case.builder(), log=lambda m: None)
 with open(os.path.join(run_dir, f"summary-{jax.process_index()}.json"), "w") as f:
     json.dump(summary, f)

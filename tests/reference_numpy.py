@@ -32,7 +32,7 @@ def rotate_half_rope(x, pos, base=10000.0, fp16_inv_freq=False):
     ang = pos[:, None] * inv[None]  # [S, d/2]
     cos = np.cos(np.concatenate([ang, ang], -1))[:, None]
     sin = np.sin(np.concatenate([ang, ang], -1))[:, None]
-    rot = np.concatenate([-x[..., d // 2:], x[..., : d // 2]], -1)
+    rot = np.concatenate([-x[..., d // 2 :], x[..., : d // 2]], -1)
     return x * cos + rot * sin
 
 
@@ -40,8 +40,13 @@ def rope(x, pos, block_pos, two_d, fp16_inv_freq=False):
     if not two_d:
         return rotate_half_rope(x, pos, fp16_inv_freq=fp16_inv_freq)
     half = x.shape[-1] // 2
-    return np.concatenate([rotate_half_rope(x[..., :half], pos, fp16_inv_freq=fp16_inv_freq),
-                           rotate_half_rope(x[..., half:], block_pos, fp16_inv_freq=fp16_inv_freq)], -1)
+    return np.concatenate(
+        [
+            rotate_half_rope(x[..., :half], pos, fp16_inv_freq=fp16_inv_freq),
+            rotate_half_rope(x[..., half:], block_pos, fp16_inv_freq=fp16_inv_freq),
+        ],
+        -1,
+    )
 
 
 def glm_mask(seg, prefix):
@@ -90,19 +95,31 @@ def random_glm130b_state_dict(c, rng, scale=0.05):
     """Random float64 tensors in the GLM-130B reference layout for config c."""
     e, h, d, f, v = c.hidden_size, c.num_attention_heads, c.head_dim, c.inner_hidden_size, c.vocab_size
     ffn_out = 2 * f if c.gated_ffn else f
-    shapes = {"transformer.word_embeddings.weight": (v, e),
-              "transformer.final_layernorm.weight": (e,), "transformer.final_layernorm.bias": (e,)}
+    shapes = {
+        "transformer.word_embeddings.weight": (v, e),
+        "transformer.final_layernorm.weight": (e,),
+        "transformer.final_layernorm.bias": (e,),
+    }
     if not c.tie_word_embeddings:
         shapes["lm_head.weight"] = (v, e)
     for i in range(c.num_layers):
         p = f"transformer.layers.{i}."
-        shapes.update({
-            p + "input_layernorm.weight": (e,), p + "input_layernorm.bias": (e,),
-            p + "attention.query_key_value.weight": (3 * h * d, e), p + "attention.query_key_value.bias": (3 * h * d,),
-            p + "attention.dense.weight": (e, h * d), p + "attention.dense.bias": (e,),
-            p + "post_attention_layernorm.weight": (e,), p + "post_attention_layernorm.bias": (e,),
-            p + "mlp.dense_h_to_4h.weight": (ffn_out, e), p + "mlp.dense_h_to_4h.bias": (ffn_out,),
-            p + "mlp.dense_4h_to_h.weight": (e, f), p + "mlp.dense_4h_to_h.bias": (e,)})
+        shapes.update(
+            {
+                p + "input_layernorm.weight": (e,),
+                p + "input_layernorm.bias": (e,),
+                p + "attention.query_key_value.weight": (3 * h * d, e),
+                p + "attention.query_key_value.bias": (3 * h * d,),
+                p + "attention.dense.weight": (e, h * d),
+                p + "attention.dense.bias": (e,),
+                p + "post_attention_layernorm.weight": (e,),
+                p + "post_attention_layernorm.bias": (e,),
+                p + "mlp.dense_h_to_4h.weight": (ffn_out, e),
+                p + "mlp.dense_h_to_4h.bias": (ffn_out,),
+                p + "mlp.dense_4h_to_h.weight": (e, f),
+                p + "mlp.dense_4h_to_h.bias": (e,),
+            }
+        )
     sd = {}
     for name, shape in shapes.items():
         if name.endswith("layernorm.weight"):
@@ -113,12 +130,23 @@ def random_glm130b_state_dict(c, rng, scale=0.05):
 
 
 # ---- GLM-130B's quantized tensor-parallel checkpoints (tools/convert_tp.py --quantization-bit-width) ------
-_SEQUENTIAL = ("input_layernorm.weight", "input_layernorm.bias", "attention.dense.bias",
-               "post_attention_layernorm.weight", "post_attention_layernorm.bias", "mlp.dense_4h_to_h.bias",
-               "final_layernorm.weight", "final_layernorm.bias")
+_SEQUENTIAL = (
+    "input_layernorm.weight",
+    "input_layernorm.bias",
+    "attention.dense.bias",
+    "post_attention_layernorm.weight",
+    "post_attention_layernorm.bias",
+    "mlp.dense_4h_to_h.bias",
+    "final_layernorm.weight",
+    "final_layernorm.bias",
+)
 _GLU = ("mlp.dense_h_to_4h.weight", "mlp.dense_h_to_4h.bias")
-_QUANTIZED = ("attention.dense.weight", "attention.query_key_value.weight", "mlp.dense_h_to_4h.weight",
-              "mlp.dense_4h_to_h.weight")
+_QUANTIZED = (
+    "attention.dense.weight",
+    "attention.query_key_value.weight",
+    "mlp.dense_h_to_4h.weight",
+    "mlp.dense_4h_to_h.weight",
+)
 _CONCAT_DIM = {"attention.dense.weight": 1, "mlp.dense_4h_to_h.weight": 1}
 
 
@@ -140,7 +168,7 @@ def glm130b_quantized_ranks(sd, tp, bits=4):
     ranks = [{} for _ in range(tp)]
     dequantized = dict(sd)
     for key, w in sd.items():
-        name = ".".join(key.split(".")[3 if key.startswith("transformer.layers") else 1:])
+        name = ".".join(key.split(".")[3 if key.startswith("transformer.layers") else 1 :])
         if name in _SEQUENTIAL:
             for r in ranks:
                 r[key] = w
@@ -200,8 +228,8 @@ def chatglm2_forward(sd, c, tokens):
         a = rmsnorm(x, p("input_layernorm.weight"), eps)
         qkv = a @ p("self_attention.query_key_value.weight").T + p("self_attention.query_key_value.bias")
         q = qkv[:, : h * d].reshape(s, h, d)  # [all q | k groups | v groups]
-        k = qkv[:, h * d: (h + kv) * d].reshape(s, kv, d)
-        v = qkv[:, (h + kv) * d:].reshape(s, kv, d)
+        k = qkv[:, h * d : (h + kv) * d].reshape(s, kv, d)
+        v = qkv[:, (h + kv) * d :].reshape(s, kv, d)
         q, k = interleaved_half_rope(q, pos, c.rotary_base), interleaved_half_rope(k, pos, c.rotary_base)
         group = np.arange(h) // (h // kv)  # head -> its KV group
         scores = np.einsum("qhd,khd->hqk", q, k[:, group]) / sqrt(d)
@@ -219,16 +247,33 @@ def chatglm2_forward(sd, c, tokens):
 
 
 def random_chatglm2_state_dict(c, rng, scale=0.05):
-    e, h, kv, d, f, v = (c.hidden_size, c.num_attention_heads, c.num_kv_heads, c.head_dim, c.inner_hidden_size,
-                         c.vocab_size)
-    shapes = {"transformer.embedding.word_embeddings.weight": (v, e), "transformer.output_layer.weight": (v, e),
-              "transformer.encoder.final_layernorm.weight": (e,)}
+    e, h, kv, d, f, v = (
+        c.hidden_size,
+        c.num_attention_heads,
+        c.num_kv_heads,
+        c.head_dim,
+        c.inner_hidden_size,
+        c.vocab_size,
+    )
+    shapes = {
+        "transformer.embedding.word_embeddings.weight": (v, e),
+        "transformer.output_layer.weight": (v, e),
+        "transformer.encoder.final_layernorm.weight": (e,),
+    }
     for i in range(c.num_layers):
         p = f"transformer.encoder.layers.{i}."
-        shapes.update({p + "input_layernorm.weight": (e,), p + "post_attention_layernorm.weight": (e,),
-                       p + "self_attention.query_key_value.weight": ((h + 2 * kv) * d, e),
-                       p + "self_attention.query_key_value.bias": ((h + 2 * kv) * d,),
-                       p + "self_attention.dense.weight": (e, h * d), p + "mlp.dense_h_to_4h.weight": (2 * f, e),
-                       p + "mlp.dense_4h_to_h.weight": (e, f)})
-    return {n: (1.0 + 0.1 * rng.standard_normal(sh)) if n.endswith("layernorm.weight") else
-            scale * rng.standard_normal(sh) for n, sh in shapes.items()}
+        shapes.update(
+            {
+                p + "input_layernorm.weight": (e,),
+                p + "post_attention_layernorm.weight": (e,),
+                p + "self_attention.query_key_value.weight": ((h + 2 * kv) * d, e),
+                p + "self_attention.query_key_value.bias": ((h + 2 * kv) * d,),
+                p + "self_attention.dense.weight": (e, h * d),
+                p + "mlp.dense_h_to_4h.weight": (2 * f, e),
+                p + "mlp.dense_4h_to_h.weight": (e, f),
+            }
+        )
+    return {
+        n: (1.0 + 0.1 * rng.standard_normal(sh)) if n.endswith("layernorm.weight") else scale * rng.standard_normal(sh)
+        for n, sh in shapes.items()
+    }

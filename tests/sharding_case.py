@@ -30,7 +30,7 @@ def builder():
 
     def window(rng, n):
         s = int(rng.integers(0, len(corpus) - n + 1))
-        return corpus[s:s + n]
+        return corpus[s : s + n]
 
     return SequenceBuilder(window, SEQ, 0, ObjectiveConfig(position_encoding_2d=True))
 
@@ -40,8 +40,7 @@ def local_rows(process_index=0, process_count=1):
     return {k: v for k, v in next(it).items() if k != "kind"}
 
 
-def sharded_loss_and_grads(mesh, batch, c=None, microbatches=None, bubble_value=0.0, with_logits=False,
-                           schedule=None):
+def sharded_loss_and_grads(mesh, batch, c=None, microbatches=None, bubble_value=0.0, with_logits=False, schedule=None):
     """Loss, gradients (plain stacked layout, fully replicated numpy-ready) [and logits] on `mesh`.
     schedule None: the logits of `pipeline.forward` and their loss; "gpipe" / "1f1b": the training
     losses of those schedules (head and loss per microbatch on the last stage, no logits)."""
@@ -65,8 +64,9 @@ def sharded_loss_and_grads(mesh, batch, c=None, microbatches=None, bubble_value=
 
     def step(p, b):
         if schedule == "1f1b":
-            g, loss_sum, n = pl.one_f_one_b(p, {}, lambda t, f: combine(t, f, PeftConfig("full")), b, m, c, plan, m,
-                                             bubble_value=bubble_value)
+            g, loss_sum, n = pl.one_f_one_b(
+                p, {}, lambda t, f: combine(t, f, PeftConfig("full")), b, m, c, plan, m, bubble_value=bubble_value
+            )
             return loss_sum / n, sh.params_from_slots(g, plan), None
         (loss, logits), g = jax.value_and_grad(loss_fn, has_aux=True)(p, b)
         return loss, sh.params_from_slots(g, plan), logits
@@ -112,7 +112,8 @@ def train_losses(mesh, process_index=0, process_count=1, steps=3, c=None):
     losses = []
     with trainer.context():
         for _ in range(steps):
-            state, m = trainer.fused_step(state, trainer.place_batch(next(data)), jnp.float32(LR),
-                                           jnp.float32(c.embedding_shrink_alpha))
+            state, m = trainer.fused_step(
+                state, trainer.place_batch(next(data)), jnp.float32(LR), jnp.float32(c.embedding_shrink_alpha)
+            )
             losses.append(float(jax.device_get(m["loss"])))
     return losses

@@ -14,6 +14,7 @@ V, STOP = 10, 9
 def table_model(rows: dict[int, dict[int, float]]):
     """next_logits for a model whose next-token distribution depends on the last token only:
     rows[last] = {token: probability} (the rest share what is left)."""
+
     def logits_after(last):
         p = np.full(V, 1e-9)
         for t, q in rows.get(last, {}).items():
@@ -31,8 +32,9 @@ def table_model(rows: dict[int, dict[int, float]]):
 
 
 def test_beams_scores_order_and_early_stop_by_hand():
-    model = table_model({0: {1: 0.5, 2: 0.3, STOP: 0.2}, 1: {STOP: 0.6, 3: 0.4}, 2: {STOP: 0.9, 3: 0.1},
-                         3: {STOP: 0.99}})
+    model = table_model(
+        {0: {1: 0.5, 2: 0.3, STOP: 0.2}, 1: {STOP: 0.6, 3: 0.4}, 2: {STOP: 0.9, 3: 0.1}, 3: {STOP: 0.99}}
+    )
     search = BeamSearch(num_beams=2, stop_tokens=(STOP,), length_penalty=1.0)
     got = search.run([5, 6, 0], model, max_new_tokens=5)
     # step 0: 1 and 2 continue, [9] finishes at length 4: log .2 / 1.5 (then dropped: 2 better ones)
@@ -56,17 +58,16 @@ def test_invalid_ids_banned_prefixes_and_only_generated_ngrams_are_banned():
     # 5 -> 4; then 4 -> 5 again would repeat the beam's own (4, 5): banned, 6 instead
     rows = {0: {4: 0.6, 1: 0.39}, 4: {5: 0.7, 6: 0.2}, 5: {4: 0.8, 2: 0.1}, 6: {7: 0.9}}
     search = BeamSearch(1, (STOP,), no_repeat_ngram=2, banned_ids=[1])
-    (gen, _), = search.run([4, 5, 0], table_model(rows), max_new_tokens=4)
+    ((gen, _),) = search.run([4, 5, 0], table_model(rows), max_new_tokens=4)
     assert gen == [4, 5, 4, 6]
     # a banned prefix [4, 5]: at step 1 a beam whose generated tokens are [4] may not take 5
     search = BeamSearch(1, (STOP,), banned_prefixes=[[4, 5]], banned_ids=[1])
-    (gen, _), = search.run([4, 5, 0], table_model(rows), max_new_tokens=3)
+    ((gen, _),) = search.run([4, 5, 0], table_model(rows), max_new_tokens=3)
     assert gen == [4, 6, 7]
     # a one-token prefix is banned at the first step only
     search = BeamSearch(1, (STOP,), banned_prefixes=[[4]])
-    (gen, _), = search.run([4, 5, 0], table_model(rows), max_new_tokens=2)
-    assert gen[0] == 1 and 1 not in BeamSearch(1, (STOP,), banned_ids=[1]).run(
-        [0], table_model(rows), 3)[0][0]
+    ((gen, _),) = search.run([4, 5, 0], table_model(rows), max_new_tokens=2)
+    assert gen[0] == 1 and 1 not in BeamSearch(1, (STOP,), banned_ids=[1]).run([0], table_model(rows), 3)[0][0]
 
 
 def test_consider_end_adds_the_best_open_beam_and_min_new_tokens():

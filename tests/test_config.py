@@ -39,7 +39,13 @@ def test_preset_counts_from_abstract_init(name):
 
 def test_preset_shapes():
     c = get_config("glm-130b")
-    assert (c.num_layers, c.hidden_size, c.num_attention_heads, c.head_dim, c.inner_hidden_size) == (70, 12288, 96, 128, 32768)
+    assert (c.num_layers, c.hidden_size, c.num_attention_heads, c.head_dim, c.inner_hidden_size) == (
+        70,
+        12288,
+        96,
+        128,
+        32768,
+    )
     assert c.padded_vocab_size == 150528 and c.tie_word_embeddings and c.deepnorm_alpha == pytest.approx(140**0.5)
     c6 = get_config("chatglm-6b")
     assert c6.inner_hidden_size == 16384 and c6.position_encoding_2d and c6.rotary_dim == 64
@@ -67,8 +73,9 @@ def test_round_trip_through_dict():
 
 
 def test_set_parsing():
-    o = parse_overrides(["num_layers=4", "dtype=float32", "tie_word_embeddings=false", "rotary_fraction=0.5",
-                         "num_kv_heads=none"])
+    o = parse_overrides(
+        ["num_layers=4", "dtype=float32", "tie_word_embeddings=false", "rotary_fraction=0.5", "num_kv_heads=none"]
+    )
     assert o == dict(num_layers=4, dtype="float32", tie_word_embeddings=False, rotary_fraction=0.5, num_kv_heads=None)
     with pytest.raises(ConfigError, match="unknown config field"):
         parse_overrides(["num_layer=4"])
@@ -78,19 +85,22 @@ def test_set_parsing():
         parse_overrides(["num_layers"])
 
 
-@pytest.mark.parametrize("overrides,message", [
-    (dict(num_kv_heads=3), "num_attention_heads=4 is not divisible by num_kv_heads=3"),
-    (dict(rotary_fraction=0.3), "rotary_fraction=0.3 of head_dim=32"),
-    (dict(hidden_size=130), "hidden_size=130 is not divisible by num_attention_heads=4"),
-    (dict(ffn_kind="relu"), "ffn_kind='relu'"),
-    (dict(position_encoding_2d=True, rotary_fraction=0.5), "set rotary_fraction=1.0"),
-    (dict(hidden_dropout=1.5), "hidden_dropout=1.5"),
-    (dict(dtype="float8"), "dtype='float8'"),
-    (dict(num_layers=0), "num_layers must be a positive integer"),
-    (dict(quantized_matmul="triton"), "quantized_matmul='triton'"),
-    (dict(quantization="int8", quantized_matmul="pallas"), "quantized_matmul=pallas is the INT4 kernel"),
-    (dict(quantization_group=64, quantization_groups=2), "not both"),
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (dict(num_kv_heads=3), "num_attention_heads=4 is not divisible by num_kv_heads=3"),
+        (dict(rotary_fraction=0.3), "rotary_fraction=0.3 of head_dim=32"),
+        (dict(hidden_size=130), "hidden_size=130 is not divisible by num_attention_heads=4"),
+        (dict(ffn_kind="relu"), "ffn_kind='relu'"),
+        (dict(position_encoding_2d=True, rotary_fraction=0.5), "set rotary_fraction=1.0"),
+        (dict(hidden_dropout=1.5), "hidden_dropout=1.5"),
+        (dict(dtype="float8"), "dtype='float8'"),
+        (dict(num_layers=0), "num_layers must be a positive integer"),
+        (dict(quantized_matmul="triton"), "quantized_matmul='triton'"),
+        (dict(quantization="int8", quantized_matmul="pallas"), "quantized_matmul=pallas is the INT4 kernel"),
+        (dict(quantization_group=64, quantization_groups=2), "not both"),
+    ],
+)
 def test_validation_names_the_field(overrides, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         get_config("glm-tiny", **overrides)

@@ -4,15 +4,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jit_forward import forward
+from reference_numpy import glm_forward, random_glm130b_state_dict
 
 from glm_jax.config import get_config
 from glm_jax.convert import ConversionError, config_from_hf_glm, from_glm130b_state_dict, from_hf_glm
 from glm_jax.model import abstract_params
-from reference_numpy import glm_forward, random_glm130b_state_dict
-from jit_forward import forward
 
-SMALL_130B = dict(num_layers=3, hidden_size=64, num_attention_heads=4, vocab_size=200, vocab_pad_multiple=128,
-                  dtype="float32", hidden_dropout=0.0, attention_dropout=0.0)
+SMALL_130B = dict(
+    num_layers=3,
+    hidden_size=64,
+    num_attention_heads=4,
+    vocab_size=200,
+    vocab_pad_multiple=128,
+    dtype="float32",
+    hidden_dropout=0.0,
+    attention_dropout=0.0,
+)
 
 
 def _glm_batch(s=12):
@@ -31,23 +39,28 @@ def _tree_shapes(tree):
     return jax.tree_util.tree_map(lambda x: tuple(x.shape), tree)
 
 
-@pytest.mark.parametrize("preset,extra", [
-    ("glm-130b", {}),
-    ("chatglm-6b", dict(position_encoding_2d=True, tie_word_embeddings=False, ffn_kind="gelu_tanh")),
-])
+@pytest.mark.parametrize(
+    "preset,extra",
+    [
+        ("glm-130b", {}),
+        ("chatglm-6b", dict(position_encoding_2d=True, tie_word_embeddings=False, ffn_kind="gelu_tanh")),
+    ],
+)
 def test_glm130b_layout_matches_numpy_float64_forward(preset, extra):
     c = get_config(preset, **{**SMALL_130B, **extra})
     sd = random_glm130b_state_dict(c, np.random.default_rng(0))
     params = from_glm130b_state_dict(sd, c)
-    assert _tree_shapes(params) == _tree_shapes(jax.tree_util.tree_map(lambda b: b.value, abstract_params(c),
-                                                                       is_leaf=lambda x: hasattr(x, "value")))
+    assert _tree_shapes(params) == _tree_shapes(
+        jax.tree_util.tree_map(lambda b: b.value, abstract_params(c), is_leaf=lambda x: hasattr(x, "value"))
+    )
     batch = _glm_batch()
     logits = np.asarray(forward(c, params, batch))
     assert logits.shape == (2, 12, c.vocab_size)
     for i in range(2):
         nb = {k: np.asarray(v[i]) for k, v in batch.items()}
-        ref = glm_forward(sd, c, nb["tokens"], nb["position_ids"], nb["block_position_ids"],
-                          nb["segment_ids"], nb["prefix_mask"])
+        ref = glm_forward(
+            sd, c, nb["tokens"], nb["position_ids"], nb["block_position_ids"], nb["segment_ids"], nb["prefix_mask"]
+        )
         real = nb["segment_ids"] != 0  # padded queries have no defined output
         np.testing.assert_allclose(logits[i][real], ref[real], atol=1e-5, rtol=1e-5)
 
@@ -81,10 +94,20 @@ def hf_glm():
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    cfg = transformers.GlmConfig(vocab_size=160, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                                 rms_norm_eps=1e-5, attention_bias=True, tie_word_embeddings=False,
-                                 max_position_embeddings=64, pad_token_id=0)
+    cfg = transformers.GlmConfig(
+        vocab_size=160,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        rms_norm_eps=1e-5,
+        attention_bias=True,
+        tie_word_embeddings=False,
+        max_position_embeddings=64,
+        pad_token_id=0,
+    )
     model = transformers.GlmForCausalLM(cfg).eval()
     with torch.no_grad():  # random (not zero) biases and norms so every tensor matters
         for name, p in model.named_parameters():
@@ -103,8 +126,12 @@ def test_hf_glm_parity(hf_glm):
     with torch.no_grad():
         ref = model(torch.tensor(tokens)).logits.numpy()
     s = tokens.shape[1]
-    batch = dict(tokens=tokens, position_ids=np.broadcast_to(np.arange(s), tokens.shape),
-                 segment_ids=np.ones_like(tokens), prefix_mask=np.zeros_like(tokens))
+    batch = dict(
+        tokens=tokens,
+        position_ids=np.broadcast_to(np.arange(s), tokens.shape),
+        segment_ids=np.ones_like(tokens),
+        prefix_mask=np.zeros_like(tokens),
+    )
     batch = {k: jnp.asarray(v, jnp.int32) for k, v in batch.items()}
     ours = np.asarray(forward(c, params, batch))
     np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=1e-4)
@@ -121,29 +148,33 @@ def test_hf_glm_converter_rejects_wrong_shapes(hf_glm):
 def test_glm130b_quantized_checkpoint_loads_packed_and_computes_what_the_reference_does(tp, bits):
     """Per-rank INT4/INT8 state dicts as the reference's convert_tp.py writes them load without
     re-quantizing, and the model computes the reference forward over the dequantized weights."""
-    from glm_jax.convert import from_glm130b_quantized
     from reference_numpy import glm130b_quantized_ranks
+
+    from glm_jax.convert import from_glm130b_quantized
 
     c = get_config("glm-130b", **SMALL_130B)
     sd = random_glm130b_state_dict(c, np.random.default_rng(0))
     ranks, dequantized = glm130b_quantized_ranks(sd, tp, bits)
     cq = c.override(quantization=f"int{bits}", quantization_groups=tp if tp > 1 else 0)
     params = from_glm130b_quantized(ranks, cq)
-    assert _tree_shapes(params) == _tree_shapes(jax.tree_util.tree_map(lambda b: b.value, abstract_params(cq),
-                                                                       is_leaf=lambda x: hasattr(x, "value")))
+    assert _tree_shapes(params) == _tree_shapes(
+        jax.tree_util.tree_map(lambda b: b.value, abstract_params(cq), is_leaf=lambda x: hasattr(x, "value"))
+    )
     dense = params["layers"]["attention"]["dense"]
     assert dense["q"].dtype == (np.uint8 if bits == 4 else np.int8) and dense["scale"].shape[1] == tp
     batch = _glm_batch()
     logits = np.asarray(forward(cq, params, batch))
     nb = {k: np.asarray(v[0]) for k, v in batch.items()}
-    ref = glm_forward(dequantized, c, nb["tokens"], nb["position_ids"], nb["block_position_ids"],
-                      nb["segment_ids"], nb["prefix_mask"])
+    ref = glm_forward(
+        dequantized, c, nb["tokens"], nb["position_ids"], nb["block_position_ids"], nb["segment_ids"], nb["prefix_mask"]
+    )
     np.testing.assert_allclose(logits[0], ref, atol=1e-4, rtol=1e-4)
 
 
 def test_glm130b_quantized_checkpoint_errors_say_what_to_fix():
-    from glm_jax.convert import from_glm130b_quantized
     from reference_numpy import glm130b_quantized_ranks
+
+    from glm_jax.convert import from_glm130b_quantized
 
     c = get_config("glm-130b", **SMALL_130B)
     ranks, _ = glm130b_quantized_ranks(random_glm130b_state_dict(c, np.random.default_rng(0)), 2)
@@ -165,10 +196,10 @@ def test_convert_glm130b_script_turns_reference_rank_files_into_a_serving_checkp
     import pathlib
 
     import torch
-
-    from glm_jax.convert import from_glm130b_quantized
-    from glm_jax.checkpoints import load_checkpoint
     from reference_numpy import glm130b_quantized_ranks
+
+    from glm_jax.checkpoints import load_checkpoint
+    from glm_jax.convert import from_glm130b_quantized
 
     small = {**SMALL_130B, "vocab_size": 150528, "vocab_pad_multiple": 768}  # icetk's ids must fit
     c = get_config("glm-130b", **small)
@@ -178,8 +209,10 @@ def test_convert_glm130b_script_turns_reference_rank_files_into_a_serving_checkp
     (tmp_path / "sat" / "1000").mkdir(parents=True)
     (tmp_path / "sat" / "latest").write_text("1000")
     for i, r in enumerate(ranks):
-        torch.save({"module": {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in r.items()}, "iteration": 1000},
-                   tmp_path / "sat" / "1000" / f"mp_rank_{i:02}_model_states.pt")
+        torch.save(
+            {"module": {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in r.items()}, "iteration": 1000},
+            tmp_path / "sat" / "1000" / f"mp_rank_{i:02}_model_states.pt",
+        )
     script_path = pathlib.Path(__file__).parent.parent / "experiments" / "convert.py"
     spec = importlib.util.spec_from_file_location("convert_script", script_path)
     script = importlib.util.module_from_spec(spec)
@@ -190,10 +223,14 @@ def test_convert_glm130b_script_turns_reference_rank_files_into_a_serving_checkp
     assert r["layout"] == "glm130b-sat" and r["family"] == "glm-130b" and r["param_dtype"] == "float16"
     config, params, step = load_checkpoint(str(tmp_path / "serve"))
     assert step == 1000 and config.quantization_groups == (2 if bits else 0)
-    want_config = c.override(param_dtype="float16", dtype="float16",
-                             **(dict(quantization="int4", quantization_groups=2) if bits else {}))
-    want = (from_glm130b_quantized(ranks, want_config) if bits
-            else from_glm130b_state_dict({k: v.astype(np.float32) for k, v in sd.items()}, want_config))
+    want_config = c.override(
+        param_dtype="float16", dtype="float16", **(dict(quantization="int4", quantization_groups=2) if bits else {})
+    )
+    want = (
+        from_glm130b_quantized(ranks, want_config)
+        if bits
+        else from_glm130b_state_dict({k: v.astype(np.float32) for k, v in sd.items()}, want_config)
+    )
     assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(want)
     for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(want)):
         assert a.dtype == b.dtype

@@ -70,8 +70,10 @@ def test_missing_and_empty_corpora_are_clear_errors(tmp_path, tok):
 def test_parse_sources(tmp_path):
     (tmp_path / "a.jsonl").write_text("")
     (tmp_path / "b.jsonl.gz").write_bytes(b"")
-    assert parse_sources(f"{tmp_path}/a.jsonl:0.7,{tmp_path}/b.jsonl.gz:0.3") == \
-        [(f"{tmp_path}/a.jsonl", 0.7), (f"{tmp_path}/b.jsonl.gz", 0.3)]
+    assert parse_sources(f"{tmp_path}/a.jsonl:0.7,{tmp_path}/b.jsonl.gz:0.3") == [
+        (f"{tmp_path}/a.jsonl", 0.7),
+        (f"{tmp_path}/b.jsonl.gz", 0.3),
+    ]
     assert parse_sources([str(tmp_path)]) == [(f"{tmp_path}/a.jsonl", 1.0), (f"{tmp_path}/b.jsonl.gz", 1.0)]
     with pytest.raises(DataError, match="must be positive"):
         parse_sources("x.jsonl:0")
@@ -101,7 +103,7 @@ def _builder(seed=0):
 
     def window(rng, n):
         s = int(rng.integers(0, len(corpus) - n + 1))
-        return corpus[s:s + n]
+        return corpus[s : s + n]
 
     return SequenceBuilder(window, 128, seed)
 
@@ -167,6 +169,6 @@ def test_heldout_split_is_disjoint(tmp_path, tok):
     rng = np.random.default_rng(0)
     for _ in range(200):
         w = train.window(rng, 5)
-        assert any(np.array_equal(w, stream[i:i + 5]) for i in range(cut - 4))
+        assert any(np.array_equal(w, stream[i : i + 5]) for i in range(cut - 4))
         h = held.window(rng, 5)
-        assert any(np.array_equal(h, stream[i:i + 5]) for i in range(cut, len(stream) - 4))
+        assert any(np.array_equal(h, stream[i : i + 5]) for i in range(cut, len(stream) - 4))

@@ -10,17 +10,26 @@ import pathlib
 import jax
 import numpy as np
 import pytest
+import sharding_case as case
 
 from glm_jax import sharding as sh
-from glm_jax.evaluate import (ModelScorer, lambada_beam, lambada_greedy, lambada_prediction, language_modelling,
-                              multiple_choice, output_words, read_lambada, sliding_window_rows)
+from glm_jax.checkpoints import Checkpoints, save_state
+from glm_jax.evaluate import (
+    ModelScorer,
+    lambada_beam,
+    lambada_greedy,
+    lambada_prediction,
+    language_modelling,
+    multiple_choice,
+    output_words,
+    read_lambada,
+    sliding_window_rows,
+)
+from glm_jax.families import get_family
 from glm_jax.generate import Generator, make_prompts
 from glm_jax.optim import OptimConfig
-from glm_jax.families import get_family
 from glm_jax.tokenizer import GMASK, MASK, SOP, GLMTokenizer
-from glm_jax.checkpoints import Checkpoints, save_state
 from glm_jax.train import Trainer
-import sharding_case as case
 
 ROOT = pathlib.Path(__file__).parents[1]
 
@@ -65,8 +74,12 @@ def test_lambada_bans_use_the_tokenizers_ids():
 
 def test_read_lambada_splits_the_last_word(tmp_path):
     p = tmp_path / "l.jsonl"
-    p.write_text(json.dumps({"text": "He opened the door and saw his dog"}) + "\n\n" +
-                 json.dumps({"text": "  trailing space kept out  "}) + "\n")
+    p.write_text(
+        json.dumps({"text": "He opened the door and saw his dog"})
+        + "\n\n"
+        + json.dumps({"text": "  trailing space kept out  "})
+        + "\n"
+    )
     assert read_lambada(str(p)) == [("He opened the door and saw his", "dog"), ("trailing space kept", "out")]
     with pytest.raises(FileNotFoundError, match="not found"):
         read_lambada(str(tmp_path / "none.jsonl"))
@@ -81,8 +94,12 @@ def test_lambada_greedy_on_a_copy_model(tok):
             out.append((0.0, len(cont), ",".join(map(str, cont)) in s))
         return out
 
-    examples = [("the cat sat with the cat", "cat"), ("a b c d", "zebra"), ("go to the market to buy the market", "market"),
-                ("one two", "three")]
+    examples = [
+        ("the cat sat with the cat", "cat"),
+        ("a b c d", "zebra"),
+        ("go to the market to buy the market", "market"),
+        ("one two", "three"),
+    ]
     hits = lambada_greedy(examples, tok, copy_score)
     assert hits == [True, False, True, False]
 
@@ -100,8 +117,10 @@ def test_lambada_beam_on_a_hand_made_model(tok):
 
 def test_multiple_choice_on_hand_made_scores(tok):
     # subject a: the right letter always scores best; subject b: always the wrong one
-    subjects = {"a": [("q1", ["w", "x", "y", "z"], 2), ("q2", ["w", "x", "y", "z"], 0), ("q3", ["1", "2", "3", "4"], 3)],
-                "b": [("q4", ["w", "x", "y", "z"], 1)]}
+    subjects = {
+        "a": [("q1", ["w", "x", "y", "z"], 2), ("q2", ["w", "x", "y", "z"], 0), ("q3", ["1", "2", "3", "4"], 3)],
+        "b": [("q4", ["w", "x", "y", "z"], 1)],
+    }
     answer_of = {}
 
     def score(rows):
@@ -204,8 +223,8 @@ def test_quantized_serving_checkpoint_round_trips_and_serves(tiny_checkpoint, tm
     """experiments/quantize.py writes INT4 weights once; load_checkpoint gives exactly the arrays
     quantizing on load gives, the evaluation scripts take the folder, and re-quantizing it is a
     clear error."""
-    from glm_jax.int4 import quantize_params
     from glm_jax.checkpoints import CheckpointError, load_checkpoint
+    from glm_jax.int4 import quantize_params
 
     out = tmp_path / "int4"
     r = _load_script("quantize").main(["--checkpoint", str(tiny_checkpoint), "--out", str(out), "--groups", "2"])
@@ -244,8 +263,22 @@ def test_over_long_rows_are_cut_from_the_left_and_counted(tiny_model):
 
 def test_generate_script_beam_search_json(tiny_checkpoint, capsys):
     script = _load_script("generate")
-    script.main(["--checkpoint", str(tiny_checkpoint), "--prompt", "The sea", "--num-beams", "3", "--all-beams",
-                 "--json", "--max-new", "3", "--no-repeat-ngram", "2"])
+    script.main(
+        [
+            "--checkpoint",
+            str(tiny_checkpoint),
+            "--prompt",
+            "The sea",
+            "--num-beams",
+            "3",
+            "--all-beams",
+            "--json",
+            "--max-new",
+            "3",
+            "--no-repeat-ngram",
+            "2",
+        ]
+    )
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     scores = [b["score"] for b in line["beams"]]
     assert line["prompt"] == "The sea" and 1 <= len(scores) <= 3 and scores == sorted(scores, reverse=True)
@@ -264,6 +297,7 @@ def test_reference_lm_windows_and_per_word_perplexity_by_hand():
     class OneNatPerToken:  # every scored token costs exactly 1 nat
         def encode(self, text):
             return [100 + i for i, _ in enumerate(text.split())]
+
         gmask_id, sop_id, mask_id = GMASK, SOP, MASK
 
     seen = []
@@ -282,10 +316,24 @@ def test_reference_lm_windows_and_per_word_perplexity_by_hand():
 
 def test_ppl_eval_script_wikitext_task_on_a_small_file(tiny_checkpoint, tmp_path, capsys):
     f = tmp_path / "wiki.test.tokens"
-    f.write_text(" = Robert = \n Robert is an English film , television and theatre actor . He had a guest role "
-                 "in the television series The Bill in 2000 . \n" * 3)
-    r = _load_script("ppl_eval").main(["--checkpoint", str(tiny_checkpoint), "--task", "wikitext", "--data", str(f),
-                                       "--generation-length", "16", "--window", "64"])
+    f.write_text(
+        " = Robert = \n Robert is an English film , television and theatre actor . He had a guest role "
+        "in the television series The Bill in 2000 . \n" * 3
+    )
+    r = _load_script("ppl_eval").main(
+        [
+            "--checkpoint",
+            str(tiny_checkpoint),
+            "--task",
+            "wikitext",
+            "--data",
+            str(f),
+            "--generation-length",
+            "16",
+            "--window",
+            "64",
+        ]
+    )
     assert r["task"] == "wikitext" and r["words"] == len(f.read_text().strip().split(" ")) and r["windows"] >= 2
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["perplexity"] == r["perplexity"]
 
@@ -297,13 +345,18 @@ def test_cmmlu_layout_and_mmlu_categories(tmp_path, tok):
         (tmp_path / split).mkdir()
         (tmp_path / split / "agronomy.csv").write_text(
             ",Question,A,B,C,D,Answer\n0,水稻属于什么科？,禾本科,豆科,菊科,蔷薇科,A\n1,一加一,1,2,3,4,B\n2,bad,a,b,c,d,E\n",
-            encoding="utf-8")
+            encoding="utf-8",
+        )
     rows = read_mmlu(str(tmp_path), "test", "cmmlu")
-    assert rows == {"agronomy": [("水稻属于什么科？", ["禾本科", "豆科", "菊科", "蔷薇科"], 0), ("一加一", ["1", "2", "3", "4"], 1)]}
+    assert rows == {
+        "agronomy": [("水稻属于什么科？", ["禾本科", "豆科", "菊科", "蔷薇科"], 0), ("一加一", ["1", "2", "3", "4"], 1)]
+    }
     # every choice scored: the letter scores are (A: 1, B: 0) for the first question, the right one wins
     r = multiple_choice(rows, tok, lambda batch: [(1.0 if i % 4 == 0 else 0.0, 1, True) for i, _ in enumerate(batch)])
     assert r["subjects"] == {"agronomy": 0.5} and r["categories"] == {"Other": 0.5}
-    cats = category_accuracy({"anatomy": (1.0, 10), "virology": (0.0, 5), "philosophy": (0.5, 4), "sociology": (0.25, 4)})
+    cats = category_accuracy(
+        {"anatomy": (1.0, 10), "virology": (0.0, 5), "philosophy": (0.5, 4), "sociology": (0.25, 4)}
+    )
     assert cats == {"STEM": 1.0, "Other": 0.0, "Humanities": 0.5, "Social Sciences": 0.25}
 
 
@@ -312,5 +365,5 @@ def test_generation_prompts_are_cut_to_leave_room(tiny_model):
     scorer = ModelScorer(c.override(max_sequence_length=16), params, batch_size=2)
     prompt = list(range(100, 120)) + [GMASK, SOP]
     cut = scorer.fit_prompt(prompt, 5)
-    assert len(cut) + 5 <= 16 and cut[-2:] == [GMASK, SOP] and cut[:-2] == prompt[-len(cut):-2]
+    assert len(cut) + 5 <= 16 and cut[-2:] == [GMASK, SOP] and cut[:-2] == prompt[-len(cut) : -2]
     assert scorer.cut_rows == 1 and scorer.fit_prompt([11, GMASK, SOP], 5) == [11, GMASK, SOP]

@@ -18,25 +18,59 @@ def toks():
 
 def test_special_ids_as_the_spec_gives_them(toks):
     ice, c6, c2, c3 = toks["glm-130b"], toks["chatglm-6b"], toks["chatglm2-6b"], toks["chatglm3-6b"]
-    assert (ice.mask_id, ice.gmask_id, ice.smask_id, ice.sop_id, ice.eop_id, ice.eos_id, ice.unk_id) == \
-        (150000, 150001, 150002, 150004, 150005, 20002, 20000)
-    assert (c6.mask_id, c6.gmask_id, c6.smask_id, c6.sop_id, c6.eop_id, c6.pad_id) == \
-        (130000, 130001, 130002, 130004, 130005, 3)
+    assert (ice.mask_id, ice.gmask_id, ice.smask_id, ice.sop_id, ice.eop_id, ice.eos_id, ice.unk_id) == (
+        150000,
+        150001,
+        150002,
+        150004,
+        150005,
+        20002,
+        20000,
+    )
+    assert (c6.mask_id, c6.gmask_id, c6.smask_id, c6.sop_id, c6.eop_id, c6.pad_id) == (
+        130000,
+        130001,
+        130002,
+        130004,
+        130005,
+        3,
+    )
     for t in (c2, c3):
-        assert (t.mask_id, t.gmask_id, t.smask_id, t.sop_id, t.eop_id, t.eos_id, t.pad_id) == \
-            (64789, 64790, 64791, 64792, 64793, 2, 0)
-    assert c2.user_id is None and (c3.system_id, c3.user_id, c3.assistant_id, c3.observation_id) == \
-        (64794, 64795, 64796, 64797)
+        assert (t.mask_id, t.gmask_id, t.smask_id, t.sop_id, t.eop_id, t.eos_id, t.pad_id) == (
+            64789,
+            64790,
+            64791,
+            64792,
+            64793,
+            2,
+            0,
+        )
+    assert c2.user_id is None and (c3.system_id, c3.user_id, c3.assistant_id, c3.observation_id) == (
+        64794,
+        64795,
+        64796,
+        64797,
+    )
     assert c6.vocab_size == 130344 and c2.vocab_size == 64794 and c3.vocab_size == 64798
-    assert [c6.id_to_piece(i) for i in (130008, 130009, 130087, 130088)] == \
-        ["<|tab|>", "<|blank_2|>", "<|blank_80|>", "<0x00>"]
+    assert [c6.id_to_piece(i) for i in (130008, 130009, 130087, 130088)] == [
+        "<|tab|>",
+        "<|blank_2|>",
+        "<|blank_80|>",
+        "<0x00>",
+    ]
 
 
 def test_icetk_documented_examples(toks):
     ice = toks["glm-130b"]
     assert ice.encode("Hello World! I am icetk.") == [39316, 20932, 20035, 20115, 20344, 22881, 35955, 20007]
-    assert [ice.id_to_piece(i) for i in (20000, 20002, 20003, 20004, 20006, 145803)] == \
-        ["<unk>", "</s>", "<pad>", "<n>", ",", "α"]
+    assert [ice.id_to_piece(i) for i in (20000, 20002, 20003, 20004, 20006, 145803)] == [
+        "<unk>",
+        "</s>",
+        "<pad>",
+        "<n>",
+        ",",
+        "α",
+    ]
     assert ice.encode("𪚥")[-1] == 20000  # unknown character
     assert ice.encode("a  b\nc") == ice.encode("a b c")  # no preprocessing: its normalizer folds whitespace
     assert ice.decode(ice.encode("Hello World!") + [150001, 150004]) == "Hello World!"
@@ -44,8 +78,9 @@ def test_icetk_documented_examples(toks):
 
 def test_chatglm6b_whitespace_pieces_and_decode_rule(toks):
     c6 = toks["chatglm-6b"]
-    assert c6.preprocess("a\n\tb" + " " * 3 + "c" + " " * 83 + "d") == \
-        "a<n><|tab|>b<|blank_3|>c<|blank_80|><|blank_3|>d"
+    assert (
+        c6.preprocess("a\n\tb" + " " * 3 + "c" + " " * 83 + "d") == "a<n><|tab|>b<|blank_3|>c<|blank_80|><|blank_3|>d"
+    )
     code = "def f(x):\n\treturn  x   +1\n"
     ids = c6.encode(code)
     assert {4, 130008, 130009, 130010} <= set(ids) and c6.decode(ids) == code
@@ -55,10 +90,18 @@ def test_chatglm6b_whitespace_pieces_and_decode_rule(toks):
     assert c6.decode([3, *c6.encode("ok"), 130001, 130004]) == "ok"  # pad and specials dropped
 
 
-@pytest.mark.parametrize("text", [
-    "The quick brown fox.", "我们今天去北京天安门广场，看升旗仪式。", "GLM-130B 是双语 (English/中文) 模型",
-    "def f(x):\n    if x:\n\t\treturn x\n", "emoji 😀🎉 ok", "全角：（ＡＢＣ）！？", "line\n\nbreaks\n",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "The quick brown fox.",
+        "我们今天去北京天安门广场，看升旗仪式。",
+        "GLM-130B 是双语 (English/中文) 模型",
+        "def f(x):\n    if x:\n\t\treturn x\n",
+        "emoji 😀🎉 ok",
+        "全角：（ＡＢＣ）！？",
+        "line\n\nbreaks\n",
+    ],
+)
 def test_chatglm2_round_trips_and_keeps_text_as_is(toks, text):
     c2 = toks["chatglm2-6b"]
     ids = c2.encode(text)
@@ -75,10 +118,35 @@ def test_released_prompts_id_for_id(toks):
     """Ids the released tokenizers give for these prompts (THUDM's READMEs and issues)."""
     c6, c2, c3 = toks["chatglm-6b"], toks["chatglm2-6b"], toks["chatglm3-6b"]
     assert get_family("chatglm-6b").chat_prompt(c6, [], "你好") == [5, 74874, 130001, 130004]
-    assert get_family("chatglm2-6b").chat_prompt(c2, [], "你好") == \
-        [64790, 64792, 790, 30951, 517, 30910, 30939, 30996, 13, 13, 54761, 31211, 39701, 13, 13, 55437, 31211]
-    assert get_family("chatglm3-6b").chat_prompt(c3, [], "你好") == \
-        [64790, 64792, 64795, 30910, 13, 36474, 54591, 64796]
+    assert get_family("chatglm2-6b").chat_prompt(c2, [], "你好") == [
+        64790,
+        64792,
+        790,
+        30951,
+        517,
+        30910,
+        30939,
+        30996,
+        13,
+        13,
+        54761,
+        31211,
+        39701,
+        13,
+        13,
+        55437,
+        31211,
+    ]
+    assert get_family("chatglm3-6b").chat_prompt(c3, [], "你好") == [
+        64790,
+        64792,
+        64795,
+        30910,
+        13,
+        36474,
+        54591,
+        64796,
+    ]
 
 
 def test_chat_prompts_for_zero_one_two_rounds(toks):
@@ -86,15 +154,18 @@ def test_chat_prompts_for_zero_one_two_rounds(toks):
     c6, c2, c3, ice, ours = (toks[k] for k in ("chatglm-6b", "chatglm2-6b", "chatglm3-6b", "glm-130b", "glm"))
     f6 = get_family("chatglm-6b")
     assert f6.chat_prompt(c6, [], "q") == c6.encode("q") + [130001, 130004]  # first turn: the bare query
-    assert f6.chat_prompt(c6, hist[:1], "q") == \
-        c6.encode("[Round 0]\n问：你好\n答：你好！有什么可以帮你？\n[Round 1]\n问：q\n答：") + [130001, 130004]
+    assert f6.chat_prompt(c6, hist[:1], "q") == c6.encode(
+        "[Round 0]\n问：你好\n答：你好！有什么可以帮你？\n[Round 1]\n问：q\n答："
+    ) + [130001, 130004]
     assert f6.chat_prompt(c6, hist, "q")[-2:] == [130001, 130004]
     # its normalizer folds full-width punctuation (why its chat post-processes replies)
     assert c6.decode(f6.chat_prompt(c6, hist, "q")).startswith("[Round 0]\n问:你好\n答:你好!")
     f2 = get_family("chatglm2-6b")
     for n in (0, 1, 2):
         text = "".join(f"[Round {i + 1}]\n\n问：{q}\n\n答：{a}\n\n" for i, (q, a) in enumerate(hist[:n]))
-        assert f2.chat_prompt(c2, hist[:n], "q") == [64790, 64792] + c2.encode(text + f"[Round {n + 1}]\n\n问：q\n\n答：")
+        assert f2.chat_prompt(c2, hist[:n], "q") == [64790, 64792] + c2.encode(
+            text + f"[Round {n + 1}]\n\n问：q\n\n答："
+        )
     f3 = get_family("chatglm3-6b")
     msg = lambda role, text: [role] + c3.encode("\n") + c3.encode(text)
     for n in (0, 1, 2):
@@ -105,7 +176,10 @@ def test_chat_prompts_for_zero_one_two_rounds(toks):
     for fam, tok in ((get_family("glm-130b"), ice), (get_family("glm"), ours)):
         ids = fam.chat_prompt(tok, hist[:1], "q")
         assert ids[-2:] == [tok.gmask_id, tok.sop_id]
-        assert tok.decode(ids) == "[Round 0]\n问：你好\n答：你好！有什么可以帮你？\n[Round 1]\n问：q\n答：" or fam.name == "glm-130b"
+        assert (
+            tok.decode(ids) == "[Round 0]\n问：你好\n答：你好！有什么可以帮你？\n[Round 1]\n问：q\n答："
+            or fam.name == "glm-130b"
+        )
 
 
 def test_generation_prompts_follow_the_released_generate_rules(toks):
@@ -124,15 +198,18 @@ def test_training_examples_learn_the_answer_and_its_end(toks):
         ids, mask = fam.training_example(tok, [("a", "b")], "q", "答案")
         assert len(ids) == len(mask) and ids[-1] == end and mask[-1] == 1
         prompt = fam.chat_prompt(tok, [("a", "b")], "q")
-        assert ids[:len(prompt)] == prompt and not any(mask[:len(prompt)]) and all(mask[len(prompt):])
+        assert ids[: len(prompt)] == prompt and not any(mask[: len(prompt)]) and all(mask[len(prompt) :])
         assert tok.decode([i for i, m in zip(ids, mask) if m]).strip() == "答案"
 
 
 def test_postprocess_as_the_released_chat_code():
-    assert get_family("chatglm-6b").postprocess(" 你好,世界!ok, fine?好 [[训练时间]] ") == "你好，世界！ok, fine？好 2023年"
+    assert (
+        get_family("chatglm-6b").postprocess(" 你好,世界!ok, fine?好 [[训练时间]] ")
+        == "你好，世界！ok, fine？好 2023年"
+    )
     assert get_family("chatglm2-6b").postprocess(" 你好,世界 [[训练时间]]\n") == "你好,世界 2023年"
     assert get_family("chatglm3-6b").postprocess("\n 你好 ") == "你好"
-    assert get_family("chatglm3-6b").postprocess("tool\n{\"a\": 1}") == "{\"a\": 1}"
+    assert get_family("chatglm3-6b").postprocess('tool\n{"a": 1}') == '{"a": 1}'
 
 
 def test_stop_tokens_per_family(toks):
@@ -176,10 +253,22 @@ def test_glm4_tokenizer_from_a_tokenizer_json(tmp_path):
     hf = Tokenizer(models.BPE(unk_token="<unk>"))
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     hf.decoder = decoders.ByteLevel()
-    specials = ["<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>", "<|system|>", "<|user|>",
-                "<|assistant|>", "<|observation|>"]
-    hf.train_from_iterator(["hello world", "你好 世界", "code\n\tx = 1"] * 20,
-                           trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>"] + specials))
+    specials = [
+        "<|endoftext|>",
+        "[MASK]",
+        "[gMASK]",
+        "[sMASK]",
+        "<sop>",
+        "<eop>",
+        "<|system|>",
+        "<|user|>",
+        "<|assistant|>",
+        "<|observation|>",
+    ]
+    hf.train_from_iterator(
+        ["hello world", "你好 世界", "code\n\tx = 1"] * 20,
+        trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>"] + specials),
+    )
     hf.save(str(tmp_path / "tokenizer.json"))
     tok = load_tokenizer("glm-4", str(tmp_path / "tokenizer.json"))
     assert tok.gmask_id == hf.token_to_id("[gMASK]") and tok.eos_id == hf.token_to_id("<|endoftext|>")

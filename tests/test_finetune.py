@@ -11,19 +11,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jit_forward import forward
 
+from glm_jax.checkpoints import CheckpointError, load_model, move_to_device, save_serving
 from glm_jax.config import get_config
 from glm_jax.model import init_params
-from glm_jax.checkpoints import CheckpointError, load_model, move_to_device, save_serving
-from jit_forward import forward
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "experiments"))
 import finetune  # noqa: E402
 import finetune_eval  # noqa: E402
 
 pytestmark = pytest.mark.slow
-ROWS = [{"content": f"类型#裙*颜色#{c}", "summary": f"这条{c}的裙子很好看，适合{i}月穿。"}
-        for i, c in enumerate(["红色", "蓝色", "白色", "黑色", "绿色", "黄色"] * 2)]
+ROWS = [
+    {"content": f"类型#裙*颜色#{c}", "summary": f"这条{c}的裙子很好看，适合{i}月穿。"}
+    for i, c in enumerate(["红色", "蓝色", "白色", "黑色", "绿色", "黄色"] * 2)
+]
 
 
 @pytest.fixture(scope="module")
@@ -42,10 +44,35 @@ def setup(tmp_path_factory):
 
 def run(setup, out, method, steps, *extra, held_out=True):
     root, bases, data = setup
-    return finetune.main(["--method", method, "--checkpoint", bases[0], "--data", data,
-                          *(["--eval-data", data] if held_out else []), "--out", str(root / out), "--steps", str(steps), "--batch", "4", "--max-source", "16",
-                          "--max-target", "16", "--eval-every", "2", "--ckpt-every", "2", "--mesh", "1x1x1", "--no-progress",
-                          *extra])
+    return finetune.main(
+        [
+            "--method",
+            method,
+            "--checkpoint",
+            bases[0],
+            "--data",
+            data,
+            *(["--eval-data", data] if held_out else []),
+            "--out",
+            str(root / out),
+            "--steps",
+            str(steps),
+            "--batch",
+            "4",
+            "--max-source",
+            "16",
+            "--max-target",
+            "16",
+            "--eval-every",
+            "2",
+            "--ckpt-every",
+            "2",
+            "--mesh",
+            "1x1x1",
+            "--no-progress",
+            *extra,
+        ]
+    )
 
 
 def losses(setup, out):
@@ -61,9 +88,16 @@ def _sigterm_when(path, timeout=120):
 
 
 def probe_logits(model):
-    b = {k: jnp.asarray(v, jnp.int32)[None] for k, v in dict(
-        tokens=np.arange(10, 22), position_ids=np.arange(12), block_position_ids=np.zeros(12),
-        segment_ids=np.ones(12), prefix_mask=np.arange(12) < 6).items()}
+    b = {
+        k: jnp.asarray(v, jnp.int32)[None]
+        for k, v in dict(
+            tokens=np.arange(10, 22),
+            position_ids=np.arange(12),
+            block_position_ids=np.zeros(12),
+            segment_ids=np.ones(12),
+            prefix_mask=np.arange(12) < 6,
+        ).items()
+    }
     return np.asarray(forward(model.config, model.params, b))
 
 
@@ -97,9 +131,25 @@ def test_lora_resumes_exactly_merges_and_checks_its_base(setup):
         run(setup, "a", "ptuning", 4)
     assert exit_.value.code == 2
     # held-out generation and scores, with the adapter on an INT4 base
-    report = finetune_eval.main(["--checkpoint", bases[0], "--adapter", str(root / "a"), "--quantize", "int4",
-                                 "--data", data, "--limit", "3", "--out", str(root / "pred.jsonl"), "--max-target", "8",
-                                 "--no-progress"])
+    report = finetune_eval.main(
+        [
+            "--checkpoint",
+            bases[0],
+            "--adapter",
+            str(root / "a"),
+            "--quantize",
+            "int4",
+            "--data",
+            data,
+            "--limit",
+            "3",
+            "--out",
+            str(root / "pred.jsonl"),
+            "--max-target",
+            "8",
+            "--no-progress",
+        ]
+    )
     assert report["n"] == 3 and np.isfinite(report["loss"])
     assert set(report) >= {"bleu-4", "rouge-1", "rouge-2", "rouge-l"}
     lines = [json.loads(x) for x in open(root / "pred.jsonl")]
@@ -112,8 +162,9 @@ def test_ptuning_prefix_travels_inside_the_merged_checkpoint(setup):
     assert summary["trainable_params"] == 4 * 2 * 2 * 128  # P x layers x (k, v) x kv width
     merged = load_model(str(root / "p" / "merged"))
     assert merged.config.pre_seq_len == 4 and "prefix_encoder" in merged.params
-    np.testing.assert_allclose(probe_logits(merged), probe_logits(load_model(bases[0], adapter=str(root / "p"))),
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        probe_logits(merged), probe_logits(load_model(bases[0], adapter=str(root / "p"))), atol=1e-5
+    )
 
 
 def test_bad_flags_exit_2(setup, capsys):

@@ -4,16 +4,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jit_forward import forward
 
 from glm_jax.config import get_config
 from glm_jax.generate import Generator, make_prompts, sample
 from glm_jax.model import init_params
 from glm_jax.tokenizer import EOP, EOS, GMASK, MASK, SOP
-from jit_forward import forward
 
-PROMPTS = [[11, 12, 13, 14, 15, 16, GMASK],  # continue a text
-           [21, 22, GMASK],  # a short one: ragged batch
-           [31, 32, MASK, 33, 34, 35]]  # fill a blank in the middle
+PROMPTS = [
+    [11, 12, 13, 14, 15, 16, GMASK],  # continue a text
+    [21, 22, GMASK],  # a short one: ragged batch
+    [31, 32, MASK, 33, 34, 35],
+]  # fill a blank in the middle
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["1d", "2d"])
@@ -31,8 +33,13 @@ def full_logits(c, params, prompt, generated):
     pos = list(range(n)) + (list(range(n, n + k)) if cont else [mp] * k)
     block = [0] * n + (list(range(1, k + 1)) if c.position_encoding_2d else [0] * k)
     pad = [0] * (PADDED - n - k)  # one shape for every call: one compile
-    b = dict(tokens=[tokens + pad], position_ids=[pos + pad], block_position_ids=[block + pad],
-             segment_ids=[[1] * (n + k) + pad], prefix_mask=[[1] * n + [0] * k + pad])
+    b = dict(
+        tokens=[tokens + pad],
+        position_ids=[pos + pad],
+        block_position_ids=[block + pad],
+        segment_ids=[[1] * (n + k) + pad],
+        prefix_mask=[[1] * n + [0] * k + pad],
+    )
     b = {key: jnp.asarray(v, jnp.int32) for key, v in b.items()}
     return np.asarray(forward(c, params, b)[0, n + k - 1], np.float64)
 
@@ -68,7 +75,7 @@ def test_greedy_is_repeated_argmax_and_beam_1_is_greedy(model):
         for _ in range(4):
             want.append(int(full_logits(c, params, prompt, want).argmax()))
         assert out == want
-        (beam, _), = gen.beam_search(prompt, 1, 4, stop_tokens=())
+        ((beam, _),) = gen.beam_search(prompt, 1, 4, stop_tokens=())
         assert beam == want
 
 
@@ -76,7 +83,7 @@ def test_beam_search_finds_the_best_sequence_of_a_small_space(model):
     c, params = model
     gen = Generator(c, params)
     prompt = PROMPTS[0]
-    (tokens, score), = gen.beam_search(prompt, 4, 2, stop_tokens=())  # no stop: consider_end adds the best
+    ((tokens, score),) = gen.beam_search(prompt, 4, 2, stop_tokens=())  # no stop: consider_end adds the best
     # brute force over the top candidates of the first token: no 2-token sequence beats it
     first = jax.nn.log_softmax(full_logits(c, params, prompt, []))
     best, best_seq = -np.inf, None
@@ -147,8 +154,9 @@ def test_decode_step_updates_the_cache_in_place_on_per_layer_weights(model):
     c, params = model
     served = serving_params(params, c.num_layers)
     assert serving_params(served, c.num_layers) is served
-    np.testing.assert_array_equal(served["layers"][1]["attention"]["query"]["kernel"],
-                                  params["layers"]["attention"]["query"]["kernel"][1])
+    np.testing.assert_array_equal(
+        served["layers"][1]["attention"]["query"]["kernel"], params["layers"]["attention"]["query"]["kernel"][1]
+    )
     cache = init_cache(c, 2, 32)
     assert len(cache) == c.num_layers and cache[0][0].shape == (2, 32, c.num_kv_heads, c.head_dim)
     b = jnp.zeros((2,), jnp.int32)

@@ -7,13 +7,13 @@ import pathlib
 
 import jax
 import pytest
-
 import sharding_case as case
+
 from glm_jax import sharding as sh
+from glm_jax.checkpoints import Checkpoints, save_state
 from glm_jax.evaluate import ModelScorer, lambada_greedy, read_lambada
 from glm_jax.optim import OptimConfig
 from glm_jax.tokenizer import GLMTokenizer
-from glm_jax.checkpoints import Checkpoints, save_state
 from glm_jax.train import Trainer
 
 assert os.environ.get("HF_DATASETS_OFFLINE") == "1"  # conftest: lm-eval's datasets never reach the hub
@@ -43,14 +43,22 @@ def harness_model(tmp_path_factory):
 def test_calls_equal_our_scorer_and_generator(harness_model):
     lm, tok = harness_model, GLMTokenizer()
     got = lm.loglikelihood([Req("The sea is", " blue"), Req("", " Hello")])
-    rows = [(tok.encode("The sea is") + [tok.gmask_id, tok.sop_id], tok.encode(" blue")),
-            ([tok.gmask_id, tok.sop_id], tok.encode(" Hello"))]
+    rows = [
+        (tok.encode("The sea is") + [tok.gmask_id, tok.sop_id], tok.encode(" blue")),
+        ([tok.gmask_id, tok.sop_id], tok.encode(" Hello")),
+    ]
     want = ModelScorer(lm.model.config, lm.model.params, tok, batch_size=4).score(rows)
     assert got == [(lp, hit) for lp, _, hit in want]
     rolling = lm.loglikelihood_rolling([Req("one two three four")])[0]
-    assert rolling < 0 and rolling == pytest.approx(sum(lp for lp, _, _ in ModelScorer(
-        lm.model.config, lm.model.params, tok).score([([tok.gmask_id, tok.sop_id], tok.encode("one two three four"))])),
-        abs=1e-4)
+    assert rolling < 0 and rolling == pytest.approx(
+        sum(
+            lp
+            for lp, _, _ in ModelScorer(lm.model.config, lm.model.params, tok).score(
+                [([tok.gmask_id, tok.sop_id], tok.encode("one two three four"))]
+            )
+        ),
+        abs=1e-4,
+    )
     texts = lm.generate_until([Req("The sea", {"until": ["\n"], "max_gen_toks": 3}), Req("A", {"max_gen_toks": 2})])
     ids = lm.scorer.generator.generate([tok.encode("The sea") + [tok.gmask_id, tok.sop_id]], 3)[0]
     assert texts[0] == tok.decode(ids).split("\n")[0] and isinstance(texts[1], str)
@@ -66,7 +74,7 @@ def test_a_local_task_yaml_agrees_with_our_lambada_greedy(harness_model, tmp_pat
 dataset_path: json
 dataset_kwargs:
   data_files:
-    test: {tmp_path / 'lambada.jsonl'}
+    test: {tmp_path / "lambada.jsonl"}
 output_type: loglikelihood
 test_split: test
 doc_to_text: "{{{{text.strip().rsplit(' ', 1)[0]}}}}"
@@ -76,8 +84,12 @@ metric_list:
     aggregation: mean
     higher_is_better: true
 """)
-    out = lm_eval.simple_evaluate(model=harness_model, tasks=["glm_lambada_local"], log_samples=True,
-                                  task_manager=TaskManager(include_path=str(tmp_path)))
+    out = lm_eval.simple_evaluate(
+        model=harness_model,
+        tasks=["glm_lambada_local"],
+        log_samples=True,
+        task_manager=TaskManager(include_path=str(tmp_path)),
+    )
     acc = out["results"]["glm_lambada_local"]["acc,none"]
     examples = read_lambada(str(tmp_path / "lambada.jsonl"))
     tok = GLMTokenizer()

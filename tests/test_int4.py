@@ -3,10 +3,9 @@
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-from glm_jax.int4 import (dequantize, from_glm130b_int4, matmul, pack_int4, quantize, to_glm130b_int4,
-                          unpack_int4)
 from jit_forward import forward
+
+from glm_jax.int4 import dequantize, from_glm130b_int4, matmul, pack_int4, quantize, to_glm130b_int4, unpack_int4
 
 
 def test_pack_unpack_round_trips_every_pair():
@@ -68,8 +67,9 @@ def test_glm130b_int4_format_round_trips():
     assert packed.shape == (48, 32) and packed.dtype == np.int8 and scale.shape == (48,) and scale.dtype == np.float16
     # the reference's own unpack: high nibble first, sign-extended
     ref = np.stack([packed >> 4, (packed << 4).astype(np.int8) >> 4], axis=-1).reshape(48, 64)
-    np.testing.assert_allclose(ref * scale.astype(np.float32)[:, None], np.asarray(dequantize(quantize(w_torch.T))).T,
-                               rtol=0, atol=0)
+    np.testing.assert_allclose(
+        ref * scale.astype(np.float32)[:, None], np.asarray(dequantize(quantize(w_torch.T))).T, rtol=0, atol=0
+    )
     loaded = from_glm130b_int4(packed, scale)
     np.testing.assert_array_equal(np.asarray(dequantize(loaded)), np.asarray(dequantize(quantize(w_torch.T))))
 
@@ -100,9 +100,12 @@ def small_model():
 def _batch():
     rng = np.random.default_rng(0)
     s = 16
-    return {"tokens": jnp.asarray(rng.integers(10, 500, (2, s)), jnp.int32),
-            "position_ids": jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (2, s)),
-            "segment_ids": jnp.ones((2, s), jnp.int32), "prefix_mask": jnp.asarray([[1] * 10 + [0] * 6] * 2, jnp.int32)}
+    return {
+        "tokens": jnp.asarray(rng.integers(10, 500, (2, s)), jnp.int32),
+        "position_ids": jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (2, s)),
+        "segment_ids": jnp.ones((2, s), jnp.int32),
+        "prefix_mask": jnp.asarray([[1] * 10 + [0] * 6] * 2, jnp.int32),
+    }
 
 
 @pytest.mark.parametrize("mode,tol", [("int8", 0.01), ("int4", 0.05)])
@@ -128,15 +131,18 @@ def test_quantized_checkpoint_saves_and_loads_identical_arrays(small_model, tmp_
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(tmp_path / "q", pq)
     with ocp.StandardCheckpointer() as ckptr:
-        back = ckptr.restore(tmp_path / "q", jax.tree_util.tree_map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), pq))
+        back = ckptr.restore(
+            tmp_path / "q", jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), pq)
+        )
     for a, b in zip(jax.tree_util.tree_leaves(back), jax.tree_util.tree_leaves(pq)):
         assert a.dtype == b.dtype
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-@pytest.mark.parametrize("m,k,n,group,block_k", [(1, 96, 48, None, 32), (5, 300, 160, None, 64),
-                                                  (16, 512, 256, None, 128), (7, 512, 192, 128, 64)])
+@pytest.mark.parametrize(
+    "m,k,n,group,block_k",
+    [(1, 96, 48, None, 32), (5, 300, 160, None, 64), (16, 512, 256, None, 128), (7, 512, 192, 128, 64)],
+)
 def test_pallas_kernel_in_interpret_mode_equals_dequantize_then_matmul(m, k, n, group, block_k):
     from glm_jax.int4 import KernelBlocks, pallas_matmul
 
@@ -145,8 +151,9 @@ def test_pallas_kernel_in_interpret_mode_equals_dequantize_then_matmul(m, k, n, 
     qw = quantize(rng.standard_normal((k, n)).astype(np.float32), 4, group)
     want = x @ np.asarray(dequantize(qw))
     for split in (0, 1):  # automatic split-K (2 here) and none; ragged K leaves a tail for XLA
-        got = np.asarray(pallas_matmul(x, qw, dtype=jnp.float32, blocks=KernelBlocks(block_k=block_k, split_k=split),
-                                       interpret=True))
+        got = np.asarray(
+            pallas_matmul(x, qw, dtype=jnp.float32, blocks=KernelBlocks(block_k=block_k, split_k=split), interpret=True)
+        )
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(np.asarray(matmul(x, qw, dtype=jnp.float32)), got, rtol=1e-5, atol=1e-4)
 
@@ -160,8 +167,9 @@ def test_pallas_kernel_refuses_untileable_weights_and_auto_falls_back_to_xla():
         pallas_matmul(np.ones((1, 64), np.float32), qw, interpret=True)
     x = np.ones((2, 3, 64), np.float32)
     assert choose_matmul("auto", 6, qw) == "xla"  # CPU, and N=130 does not tile either
-    np.testing.assert_array_equal(np.asarray(dense(x, qw, "auto", jnp.float32)),
-                                  np.asarray(matmul(x, qw, dtype=jnp.float32)))
+    np.testing.assert_array_equal(
+        np.asarray(dense(x, qw, "auto", jnp.float32)), np.asarray(matmul(x, qw, dtype=jnp.float32))
+    )
 
 
 @pytest.mark.parametrize("m", [1, 16, 64])
@@ -174,10 +182,14 @@ def test_pallas_kernel_lowers_through_triton_for_glm130b_shapes(m):
 
     for k, n in [(12288, 36864), (12288, 12288), (12288, 65536), (32768, 12288)]:
         f = jax.jit(lambda x, q, s: pallas_matmul(x, QuantizedWeight(q, s, 4), interpret=False))
-        args = (jax.ShapeDtypeStruct((m, k), jnp.bfloat16), jax.ShapeDtypeStruct((k // 2, n), jnp.uint8),
-                jax.ShapeDtypeStruct((1, n), jnp.float16))
-        exported = export.export(f, platforms=["cuda"], disabled_checks=[
-            export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*args)
+        args = (
+            jax.ShapeDtypeStruct((m, k), jnp.bfloat16),
+            jax.ShapeDtypeStruct((k // 2, n), jnp.uint8),
+            jax.ShapeDtypeStruct((1, n), jnp.float16),
+        )
+        exported = export.export(
+            f, platforms=["cuda"], disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+        )(*args)
         assert "__gpu$xla.gpu.triton" in exported.mlir_module()
 
 
@@ -217,4 +229,5 @@ def test_tensor_parallel_quantized_model_equals_one_device(small_model):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     prompts = [[11, 12, 13, GMASK], [21, 22, 23, 24, 25, GMASK]]
     assert Generator(cq, placed).generate(prompts, 3, stop_tokens=()) == Generator(cq, pq).generate(
-        prompts, 3, stop_tokens=())
+        prompts, 3, stop_tokens=()
+    )

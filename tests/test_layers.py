@@ -6,12 +6,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from reference_numpy import gelu_exact, glm_mask, layernorm, random_glm130b_state_dict, rope
 
 from glm_jax.config import get_config
 from glm_jax.convert import from_glm130b_state_dict
-from glm_jax.layers import (FeedForward, GLMBlock, apply_rotary, choose_attention, glm_attention_mask,
-                            rotary_tables, xla_attention, SelfAttention)
-from reference_numpy import gelu_exact, glm_mask, layernorm, random_glm130b_state_dict, rope
+from glm_jax.layers import (
+    FeedForward,
+    GLMBlock,
+    SelfAttention,
+    apply_rotary,
+    choose_attention,
+    glm_attention_mask,
+    rotary_tables,
+    xla_attention,
+)
 
 F32 = dict(dtype="float32", hidden_dropout=0.0, attention_dropout=0.0)
 
@@ -37,8 +45,9 @@ def _scores(config, q, k, pos_q, pos_k, block_q=None, block_k=None):
     return float(jnp.sum(apply_rotary(q, tq, config) * apply_rotary(k, tk, config)))
 
 
-@pytest.mark.parametrize("extra", [{}, dict(rotary_fraction=0.5, rotary_interleaved=True),
-                                   dict(rotary_interleaved=True)])
+@pytest.mark.parametrize(
+    "extra", [{}, dict(rotary_fraction=0.5, rotary_interleaved=True), dict(rotary_interleaved=True)]
+)
 def test_rotary_scores_depend_only_on_relative_position(extra):
     c = get_config("glm-tiny", **F32, **extra)
     rng = np.random.default_rng(0)
@@ -53,7 +62,7 @@ def test_partial_rotary_leaves_the_other_dims_alone():
     c = get_config("glm-tiny", rotary_fraction=0.5, rotary_interleaved=True, **F32)
     x = jnp.asarray(np.random.default_rng(0).standard_normal((1, 1, 2, c.head_dim)), jnp.float32)
     out = apply_rotary(x, rotary_tables(jnp.array([[5]]), jnp.zeros((1, 1), jnp.int32), c), c)
-    np.testing.assert_array_equal(out[..., c.head_dim // 2:], x[..., c.head_dim // 2:])
+    np.testing.assert_array_equal(out[..., c.head_dim // 2 :], x[..., c.head_dim // 2 :])
     assert not np.allclose(out[..., : c.head_dim // 2], x[..., : c.head_dim // 2])
 
 
@@ -61,12 +70,15 @@ def test_2d_rotary_uses_block_position_in_second_half():
     c = get_config("glm-tiny", position_encoding_2d=True, **F32)
     x = np.random.default_rng(0).standard_normal((1, 3, 2, c.head_dim))
     pos, block = np.array([[0, 4, 4]]), np.array([[0, 1, 2]])
-    out = np.asarray(apply_rotary(jnp.asarray(x, jnp.float32), rotary_tables(jnp.asarray(pos), jnp.asarray(block), c), c))
+    out = np.asarray(
+        apply_rotary(jnp.asarray(x, jnp.float32), rotary_tables(jnp.asarray(pos), jnp.asarray(block), c), c)
+    )
     ref = rope(x[0], pos[0], block[0], two_d=True)
     np.testing.assert_allclose(out[0], ref, atol=1e-5)
     # changing only the block position changes only the second half
-    out2 = np.asarray(apply_rotary(jnp.asarray(x, jnp.float32),
-                                   rotary_tables(jnp.asarray(pos), jnp.asarray(block + 3), c), c))
+    out2 = np.asarray(
+        apply_rotary(jnp.asarray(x, jnp.float32), rotary_tables(jnp.asarray(pos), jnp.asarray(block + 3), c), c)
+    )
     half = c.head_dim // 2
     np.testing.assert_array_equal(out2[..., :half], out[..., :half])
     assert not np.allclose(out2[..., 1:, :, half:], out[..., 1:, :, half:])
@@ -76,8 +88,8 @@ def test_fp16_angle_option_changes_angles_slightly():
     c = get_config("glm-tiny", **F32)
     c16 = c.override(rotary_fp16_angles=True)
     pos = jnp.array([[1000, 2047]])
-    (cos32, _), = rotary_tables(pos, pos, c)
-    (cos16, _), = rotary_tables(pos, pos, c16)
+    ((cos32, _),) = rotary_tables(pos, pos, c)
+    ((cos16, _),) = rotary_tables(pos, pos, c16)
     diff = float(jnp.abs(cos32 - cos16).max())
     assert 0 < diff < 0.5
 
@@ -96,8 +108,12 @@ def test_deepnorm_block_equals_spec_formula():
     seg, prefix = np.ones((1, s), int), np.array([[1, 1, 1, 0, 0, 0]])
     pos = np.arange(s)[None]
     tables = rotary_tables(jnp.asarray(pos), jnp.zeros_like(jnp.asarray(pos)), c)
-    out, _ = GLMBlock(c).apply({"params": layer}, jnp.asarray(h, jnp.float32),
-                               glm_attention_mask(jnp.asarray(seg), jnp.asarray(prefix)), tables)
+    out, _ = GLMBlock(c).apply(
+        {"params": layer},
+        jnp.asarray(h, jnp.float32),
+        glm_attention_mask(jnp.asarray(seg), jnp.asarray(prefix)),
+        tables,
+    )
     # by hand: x = LN_in(h); h = alpha*x + Attn(x); y = LN_post(h); out = alpha*y + FFN(y)
     p = lambda n: sd[f"transformer.layers.0.{n}"]
     alpha, d = np.sqrt(2.0), c.head_dim
@@ -117,14 +133,17 @@ def test_deepnorm_block_equals_spec_formula():
 
 
 def _ffn_with_halves(kind):
-    c = get_config("glm-tiny", ffn_kind=kind, hidden_size=8, num_attention_heads=2, inner_hidden_size=4,
-                   ffn_bias=False, **F32)
+    c = get_config(
+        "glm-tiny", ffn_kind=kind, hidden_size=8, num_attention_heads=2, inner_hidden_size=4, ffn_bias=False, **F32
+    )
     rng = np.random.default_rng(0)
     w1 = rng.standard_normal((8, 2, 4))
     w2 = rng.standard_normal((4, 8))
     x = rng.standard_normal((1, 3, 8))
-    params = {"dense_h_to_4h": {"kernel": jnp.asarray(w1, jnp.float32)},
-              "dense_4h_to_h": {"kernel": jnp.asarray(w2, jnp.float32)}}
+    params = {
+        "dense_h_to_4h": {"kernel": jnp.asarray(w1, jnp.float32)},
+        "dense_4h_to_h": {"kernel": jnp.asarray(w2, jnp.float32)},
+    }
     out = np.asarray(FeedForward(c).apply({"params": params}, jnp.asarray(x, jnp.float32)))
     first, second = x @ w1[:, 0], x @ w1[:, 1]
     return out, first, second, w2

@@ -7,10 +7,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jit_forward import forward
 
 from glm_jax.config import get_config
 from glm_jax.model import GLM, init_params
-from jit_forward import forward
 
 S = 10
 SMALL = dict(num_layers=2, vocab_size=512)  # glm-tiny, cut further so each test compiles in seconds
@@ -30,9 +30,13 @@ def tiny():
 
 def _batch(tokens):
     tokens = jnp.asarray(tokens, jnp.int32)[None]
-    return dict(tokens=tokens, position_ids=jnp.arange(S, dtype=jnp.int32)[None],
-                block_position_ids=jnp.zeros((1, S), jnp.int32),
-                segment_ids=jnp.asarray([SEG], jnp.int32), prefix_mask=jnp.asarray([PREFIX], jnp.int32))
+    return dict(
+        tokens=tokens,
+        position_ids=jnp.arange(S, dtype=jnp.int32)[None],
+        block_position_ids=jnp.zeros((1, S), jnp.int32),
+        segment_ids=jnp.asarray([SEG], jnp.int32),
+        prefix_mask=jnp.asarray([PREFIX], jnp.int32),
+    )
 
 
 def _changed(apply, params, pos):
@@ -83,8 +87,10 @@ def test_every_parameter_has_logical_axes():
     boxed = GLM(c).init(jax.random.key(0), _batch(np.arange(S)))["params"]
     leaves = jax.tree_util.tree_leaves(boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
     assert all(isinstance(x, nn.LogicallyPartitioned) for x in leaves)
-    names = {jax.tree_util.keystr(k): v.names for k, v in jax.tree_util.tree_leaves_with_path(
-        boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))}
+    names = {
+        jax.tree_util.keystr(k): v.names
+        for k, v in jax.tree_util.tree_leaves_with_path(boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+    }
     assert names["['layers']['attention']['query']['kernel']"] == ("layers", "embed", "heads", "head_dim")
     assert names["['layers']['mlp']['dense_h_to_4h']['kernel']"] == ("layers", "embed", "glu", "mlp")
     assert names["['word_embeddings']['embedding']"] == ("vocab", "embed")
@@ -127,8 +133,10 @@ def test_embedding_shrink_scales_only_the_lookup_gradient():
     assert np.abs(whole).max() > 0
     np.testing.assert_allclose(shrunk, 0.1 * whole, rtol=1e-6, atol=1e-12)
     batch = _batch(np.arange(10, 10 + S))
-    np.testing.assert_array_equal(GLM(c).apply({"params": params}, batch, embedding_alpha=0.1),
-                                  GLM(c).apply({"params": params}, batch, embedding_alpha=1.0))
+    np.testing.assert_array_equal(
+        GLM(c).apply({"params": params}, batch, embedding_alpha=0.1),
+        GLM(c).apply({"params": params}, batch, embedding_alpha=1.0),
+    )
 
 
 def test_tied_head_gradient_is_left_whole():
@@ -136,8 +144,7 @@ def test_tied_head_gradient_is_left_whole():
     params = init_params(c, jax.random.key(0))
     output_side = _embedding_grad(c, params, 0.0)  # the lookup contributes nothing at alpha 0
     lookup_side = _embedding_grad(c, params, 1.0) - output_side
-    np.testing.assert_allclose(_embedding_grad(c, params, 0.1), output_side + 0.1 * lookup_side,
-                               rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(_embedding_grad(c, params, 0.1), output_side + 0.1 * lookup_side, rtol=1e-4, atol=1e-7)
     assert np.abs(output_side).max() > 0 and np.abs(lookup_side).max() > 0
 
 

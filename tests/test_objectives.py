@@ -1,13 +1,23 @@
 """GLM blank-infilling samples: reconstruction, statistics, positions, the attention rule, determinism."""
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import jax.numpy as jnp
-
 from glm_jax.layers import glm_attention_mask
-from glm_jax.objectives import (KIND_GMASK, KIND_MASK, KIND_MIP, ObjectiveConfig, SequenceBuilder,
-                                gmask_sample, mask_sample, mip_sample, mixture_statistics, pack, draw_span_lengths)
+from glm_jax.objectives import (
+    KIND_GMASK,
+    KIND_MASK,
+    KIND_MIP,
+    ObjectiveConfig,
+    SequenceBuilder,
+    draw_span_lengths,
+    gmask_sample,
+    mask_sample,
+    mip_sample,
+    mixture_statistics,
+    pack,
+)
 from glm_jax.tokenizer import EOP, GMASK, MASK, SOP
 
 CORPUS = np.random.default_rng(123).integers(100, 30000, 200_000).astype(np.int32)
@@ -16,7 +26,7 @@ PAIRS = [(np.arange(100, 100 + n), np.arange(500, 500 + 2 * n)) for n in (5, 17,
 
 def window(rng, n):
     start = int(rng.integers(0, len(CORPUS) - n + 1))
-    return CORPUS[start:start + n]
+    return CORPUS[start : start + n]
 
 
 def builder(seq=256, seed=0, two_d=False, **cfg):
@@ -46,7 +56,7 @@ def reconstruct(seg):
     spans, positions = [], []
     for j, s in enumerate(starts):
         e = starts[j + 1] if j + 1 < len(starts) else len(tokens_b)
-        span = tokens_b[s + 1:e]
+        span = tokens_b[s + 1 : e]
         np.testing.assert_array_equal(targets_b[s:e], np.concatenate([span, [EOP]]))  # shifted by one
         spans.append(span)
         positions.append(seg["position_ids"][~a][s])
@@ -126,8 +136,9 @@ def test_gmask_and_mip_positions():
     np.testing.assert_array_equal(m["tokens"], [10, 11, 12, GMASK, SOP, 20, 21])
     np.testing.assert_array_equal(m["targets"][4:], [20, 21, EOP])
     np.testing.assert_array_equal(m["position_ids"], np.arange(7))
-    np.testing.assert_array_equal(mip_sample(np.arange(10, 13), np.arange(20, 22), True)["block_position_ids"],
-                                  [0, 0, 0, 0, 1, 2, 3])
+    np.testing.assert_array_equal(
+        mip_sample(np.arange(10, 13), np.arange(20, 22), True)["block_position_ids"], [0, 0, 0, 0, 1, 2, 3]
+    )
 
 
 def brute_force_mask(seq):

@@ -4,11 +4,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import sharding_case as case
 
 from glm_jax import sharding as sh
 from glm_jax.optim import BatchSchedule, LossScale, OptimConfig, decay_mask, embedding_alpha, learning_rate
 from glm_jax.train import Trainer
-import sharding_case as case
 
 
 def test_schedule_matches_the_spec():
@@ -88,21 +88,25 @@ def test_weight_decay_and_clipping_reach_the_right_leaves(trainer):
     new, m = trainer.update(state, _zeros_like(state.params), jnp.float32(0), jnp.float32(1), lr)
     after = new.params
     # zero gradients: only decoupled weight decay moves parameters, p <- p - lr * wd * p, on decayed leaves
-    np.testing.assert_allclose(after["layers"]["attention"]["query"]["kernel"],
-                               before["layers"]["attention"]["query"]["kernel"] * (1 - 1e-2 * 0.1), rtol=1e-6)
-    np.testing.assert_allclose(after["word_embeddings"]["embedding"],
-                               before["word_embeddings"]["embedding"] * (1 - 1e-2 * 0.1), rtol=1e-6)
+    np.testing.assert_allclose(
+        after["layers"]["attention"]["query"]["kernel"],
+        before["layers"]["attention"]["query"]["kernel"] * (1 - 1e-2 * 0.1),
+        rtol=1e-6,
+    )
+    np.testing.assert_allclose(
+        after["word_embeddings"]["embedding"], before["word_embeddings"]["embedding"] * (1 - 1e-2 * 0.1), rtol=1e-6
+    )
     ln = before["layers"]["input_layernorm"]["scale"]
     np.testing.assert_array_equal(after["layers"]["input_layernorm"]["scale"], ln)
     # global-norm clipping: gradients of norm 100 enter Adam's first moment at norm 1.0
     state = trainer.init_state(0)
     grads = jax.tree_util.tree_map(lambda p: jnp.ones_like(p), state.params)
-    norm = float(jnp.sqrt(sum(jnp.sum(g ** 2) for g in jax.tree_util.tree_leaves(grads))))
+    norm = float(jnp.sqrt(sum(jnp.sum(g**2) for g in jax.tree_util.tree_leaves(grads))))
     grads = jax.tree_util.tree_map(lambda g: g * 100.0 / norm, grads)
     new, m = trainer.update(state, grads, jnp.float32(0), jnp.float32(1), lr)
     assert float(m["grad_norm"]) == pytest.approx(100.0, rel=1e-4)
     mu = new.opt_state.inner_state[1].mu
-    mu_norm = float(jnp.sqrt(sum(jnp.sum(x ** 2) for x in jax.tree_util.tree_leaves(mu))))
+    mu_norm = float(jnp.sqrt(sum(jnp.sum(x**2) for x in jax.tree_util.tree_leaves(mu))))
     assert mu_norm == pytest.approx((1 - 0.9) * 1.0, rel=1e-4)
 
 
@@ -118,8 +122,9 @@ def test_accumulated_passes_equal_one_big_batch():
     g_big, loss_big, n_big = big.grad_pass(state.params, big.place_batch(batch), rng, alpha, scale)
     grads = loss = n = None
     for half in (slice(0, 4), slice(4, 8)):
-        g, ls, k = small.grad_pass(state.params, small.place_batch({k: v[half] for k, v in batch.items()}),
-                                   rng, alpha, scale)
+        g, ls, k = small.grad_pass(
+            state.params, small.place_batch({k: v[half] for k, v in batch.items()}), rng, alpha, scale
+        )
         grads = g if grads is None else small.accumulate(grads, g)
         loss, n = (ls, k) if loss is None else (loss + ls, n + k)
     assert float(n) == float(n_big) and float(loss) == pytest.approx(float(loss_big), rel=1e-6)
@@ -154,8 +159,9 @@ def test_fp16_non_finite_steps_are_skipped():
     bad = jax.tree_util.tree_map(lambda p: jnp.full_like(p, jnp.inf), state.params)
     scales = []
     for _ in range(3):
-        state, m = t.update(state, jax.tree_util.tree_map(jnp.copy, bad), jnp.float32(1), jnp.float32(1),
-                            jnp.float32(1e-3))
+        state, m = t.update(
+            state, jax.tree_util.tree_map(jnp.copy, bad), jnp.float32(1), jnp.float32(1), jnp.float32(1e-3)
+        )
         assert not bool(m["finite"])
         scales.append(float(state.loss_scale.scale))
     assert scales == [2.0**16, 2.0**15, 2.0**14]

@@ -4,6 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jit_forward import forward
+from test_generate import assert_cached_decoding_is_full_recomputation
 
 from glm_jax import pipeline as pl
 from glm_jax import sharding as sh
@@ -15,8 +17,6 @@ from glm_jax.optim import OptimConfig
 from glm_jax.peft import PeftConfig, combine, merge_lora, split, unmerge_lora
 from glm_jax.tokenizer import GMASK, MASK
 from glm_jax.train import Trainer
-from test_generate import assert_cached_decoding_is_full_recomputation
-from jit_forward import forward
 
 ALL_TARGETS = "query,key,value,dense,dense_h_to_4h,dense_4h_to_h"
 
@@ -35,9 +35,15 @@ def batch_of(seq=12, rows=2, seed=0):
     rng = np.random.default_rng(seed)
     tokens = rng.integers(5, 200, (rows, seq))
     prefix = (np.arange(seq)[None] < 5).repeat(rows, 0)
-    b = dict(tokens=tokens, targets=rng.integers(5, 200, (rows, seq)), loss_mask=1 - prefix,
-             position_ids=np.broadcast_to(np.arange(seq), (rows, seq)), block_position_ids=np.zeros((rows, seq)),
-             segment_ids=np.ones((rows, seq)), prefix_mask=prefix)
+    b = dict(
+        tokens=tokens,
+        targets=rng.integers(5, 200, (rows, seq)),
+        loss_mask=1 - prefix,
+        position_ids=np.broadcast_to(np.arange(seq), (rows, seq)),
+        block_position_ids=np.zeros((rows, seq)),
+        segment_ids=np.ones((rows, seq)),
+        prefix_mask=prefix,
+    )
     return {k: jnp.asarray(v, jnp.int32) for k, v in b.items()}
 
 
@@ -59,7 +65,8 @@ def test_lora_zero_b_is_the_base_exactly_and_merged_equals_unmerged(base):
     b = batch_of()
     np.testing.assert_array_equal(logits(config, full, b), logits(c, params, b))
     adapter = jax.tree_util.tree_map_with_path(  # B away from zero
-        lambda p, x: x + 0.05 * jax.random.normal(jax.random.key(7), x.shape) if "lora_b" in str(p) else x, adapter)
+        lambda p, x: x + 0.05 * jax.random.normal(jax.random.key(7), x.shape) if "lora_b" in str(p) else x, adapter
+    )
     full = combine(adapter, params, peft)
     unmerged = logits(config, full, b)
     assert np.abs(unmerged - logits(c, params, b)).max() > 1e-3  # the adapter does something
@@ -133,10 +140,12 @@ def test_adapter_gradients_through_1f1b_equal_the_plain_model(method):
     assert trainer.schedule == "1f1b"
     trainer.set_frozen(frozen)
     with trainer.context():
-        slots = jax.jit(lambda a: sh.params_to_slots(a, trainer.plan),
-                        out_shardings=trainer.state_shardings.params)(adapter)
-        grads, loss_sum, n = trainer.grad_pass(slots, trainer.place_batch(b), jax.random.key(0), jnp.float32(1.0),
-                                               jnp.float32(1.0))
+        slots = jax.jit(lambda a: sh.params_to_slots(a, trainer.plan), out_shardings=trainer.state_shardings.params)(
+            adapter
+        )
+        grads, loss_sum, n = trainer.grad_pass(
+            slots, trainer.place_batch(b), jax.random.key(0), jnp.float32(1.0), jnp.float32(1.0)
+        )
         grads = jax.device_get(trainer.plain_params(grads))
 
     def mean_loss(a):
@@ -172,8 +181,9 @@ def test_training_leaves_the_frozen_base_bitwise_unchanged(base, method):
     trainer, state, losses = _train(config, peft, params)
     assert losses[-1] < losses[0]
     after = jax.device_get(trainer.frozen)
-    assert all(bool((x == y).all()) for x, y in zip(jax.tree_util.tree_leaves(after),
-                                                    jax.tree_util.tree_leaves(frozen_before)))
+    assert all(
+        bool((x == y).all()) for x, y in zip(jax.tree_util.tree_leaves(after), jax.tree_util.tree_leaves(frozen_before))
+    )
     # optimizer state exists for the trainable leaves only
     mu = state.opt_state.inner_state[1].mu
     assert jax.tree_util.tree_structure(mu) == jax.tree_util.tree_structure(state.params)

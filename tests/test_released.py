@@ -12,14 +12,14 @@ import sys
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jit_forward import forward
+from reference_numpy import chatglm2_forward, glm_forward, random_chatglm2_state_dict, random_glm130b_state_dict
 
 from glm_jax.convert import ConversionError
 from glm_jax.families import get_family
 from glm_jax.generate import Generator
 from glm_jax.released import ShardedTensors, convert_folder, detect
 from glm_jax.tokenizer import SHARED_TOKENIZERS
-from reference_numpy import chatglm2_forward, glm_forward, random_chatglm2_state_dict, random_glm130b_state_dict
-from jit_forward import forward
 
 ROOT = pathlib.Path(__file__).parents[1]
 C2_TOKENIZER = pathlib.Path(SHARED_TOKENIZERS) / "chatglm2-6b" / "tokenizer.model"
@@ -37,13 +37,17 @@ def write_folder(folder, sd, config_json, fmt="bin", shards=2, dtype=np.float16,
     tensors = {**{n: np.asarray(sd[n], dtype) for n in sd}, **dict(extra)}
     weight_map = {}
     for k in range(shards):
-        file = (f"pytorch_model-{k + 1:05d}-of-{shards:05d}.bin" if fmt == "bin"
-                else f"model-{k + 1:05d}-of-{shards:05d}.safetensors")
+        file = (
+            f"pytorch_model-{k + 1:05d}-of-{shards:05d}.bin"
+            if fmt == "bin"
+            else f"model-{k + 1:05d}-of-{shards:05d}.safetensors"
+        )
         part = {n: tensors[n] for n in names[k::shards]}
         if fmt == "bin":
             torch.save({n: torch.from_numpy(np.ascontiguousarray(x)) for n, x in part.items()}, folder / file)
         else:
             from safetensors.numpy import save_file
+
             save_file({n: np.ascontiguousarray(x) for n, x in part.items()}, str(folder / file))
         weight_map.update({n: file for n in part})
     index = "pytorch_model.bin.index.json" if fmt == "bin" else "model.safetensors.index.json"
@@ -55,17 +59,43 @@ def write_folder(folder, sd, config_json, fmt="bin", shards=2, dtype=np.float16,
 
 
 def chatglm6b_json(**kw):
-    return {"model_type": "chatglm", "architectures": ["ChatGLMModel"], "num_layers": 2, "hidden_size": 32,
-            "num_attention_heads": 2, "vocab_size": 300, "inner_hidden_size": 128, "layernorm_epsilon": 1e-5,
-            "max_sequence_length": 2048, "position_encoding_2d": True, **kw}
+    return {
+        "model_type": "chatglm",
+        "architectures": ["ChatGLMModel"],
+        "num_layers": 2,
+        "hidden_size": 32,
+        "num_attention_heads": 2,
+        "vocab_size": 300,
+        "inner_hidden_size": 128,
+        "layernorm_epsilon": 1e-5,
+        "max_sequence_length": 2048,
+        "position_encoding_2d": True,
+        **kw,
+    }
 
 
 def chatglm2_json(**kw):
-    return {"model_type": "chatglm", "_name_or_path": "THUDM/chatglm2-6b", "num_layers": 2, "hidden_size": 32,
-            "num_attention_heads": 4, "kv_channels": 8, "multi_query_attention": True, "multi_query_group_num": 2,
-            "ffn_hidden_size": 48, "padded_vocab_size": 300, "layernorm_epsilon": 1e-5, "seq_length": 512,
-            "add_qkv_bias": True, "add_bias_linear": False, "rmsnorm": True, "post_layer_norm": True,
-            "apply_residual_connection_post_layernorm": False, "torch_dtype": "float16", **kw}
+    return {
+        "model_type": "chatglm",
+        "_name_or_path": "THUDM/chatglm2-6b",
+        "num_layers": 2,
+        "hidden_size": 32,
+        "num_attention_heads": 4,
+        "kv_channels": 8,
+        "multi_query_attention": True,
+        "multi_query_group_num": 2,
+        "ffn_hidden_size": 48,
+        "padded_vocab_size": 300,
+        "layernorm_epsilon": 1e-5,
+        "seq_length": 512,
+        "add_qkv_bias": True,
+        "add_bias_linear": False,
+        "rmsnorm": True,
+        "post_layer_norm": True,
+        "apply_residual_connection_post_layernorm": False,
+        "torch_dtype": "float16",
+        **kw,
+    }
 
 
 def _f64(sd):
@@ -83,21 +113,33 @@ def test_chatglm6b_bin_shards_match_the_numpy_forward(tmp_path):
 
     c = config_from_chatglm(chatglm6b_json(), dtype="float32")
     sd = random_glm130b_state_dict(c, np.random.default_rng(0), scale=0.5)  # sharp attention: rotary matters
-    folder = write_folder(tmp_path / "c6", sd, chatglm6b_json(),
-                          extra=[("transformer.layers.0.attention.rotary_emb.inv_freq", np.ones(8, np.float16))])
+    folder = write_folder(
+        tmp_path / "c6",
+        sd,
+        chatglm6b_json(),
+        extra=[("transformer.layers.0.attention.rotary_emb.inv_freq", np.ones(8, np.float16))],
+    )
     assert detect(str(folder))[:2] == ("chatglm", "chatglm-6b")
     kept = convert_folder(str(folder))
-    assert kept.config.param_dtype == "float16" and kept.params["layers"]["mlp"]["dense_4h_to_h"]["kernel"].dtype == np.float16
+    assert (
+        kept.config.param_dtype == "float16"
+        and kept.params["layers"]["mlp"]["dense_4h_to_h"]["kernel"].dtype == np.float16
+    )
     r = convert_folder(str(folder), dtype="float32", overrides={"dtype": "float32"})
-    assert r.family == "chatglm-6b" and r.config.deepnorm_alpha == pytest.approx(56 ** 0.5)
+    assert r.family == "chatglm-6b" and r.config.deepnorm_alpha == pytest.approx(56**0.5)
     n = 290  # context (gMASK last), then sop and 9 generated tokens at the gMASK position, block 1..10
     s = n + 10
     tokens = np.random.default_rng(1).integers(0, 300, s)
     pos = np.concatenate([np.arange(n), np.full(10, n - 1)])
     block = np.concatenate([np.zeros(n, int), np.arange(1, 11)])
     seg, prefix = np.ones(s, int), (np.arange(s) < n).astype(int)
-    logits = np.asarray(forward(r.config, r.params, _batch(
-        tokens=tokens, position_ids=pos, block_position_ids=block, segment_ids=seg, prefix_mask=prefix)))[0]
+    logits = np.asarray(
+        forward(
+            r.config,
+            r.params,
+            _batch(tokens=tokens, position_ids=pos, block_position_ids=block, segment_ids=seg, prefix_mask=prefix),
+        )
+    )[0]
     ref = glm_forward(_f64(sd), r.config, tokens, pos, block, seg, prefix)
     scale = np.abs(ref).max()
     np.testing.assert_allclose(logits, ref, atol=1e-5 * scale, rtol=1e-5)
@@ -105,8 +147,10 @@ def test_chatglm6b_bin_shards_match_the_numpy_forward(tmp_path):
     assert np.abs(exact_freq - ref).max() > 100 * 1e-5 * scale  # the fp16 rounding matters at these positions
 
 
-@pytest.mark.parametrize("fmt,name,family", [("safetensors", "THUDM/chatglm2-6b", "chatglm2-6b"),
-                                             ("bin", "THUDM/chatglm3-6b", "chatglm3-6b")])
+@pytest.mark.parametrize(
+    "fmt,name,family",
+    [("safetensors", "THUDM/chatglm2-6b", "chatglm2-6b"), ("bin", "THUDM/chatglm3-6b", "chatglm3-6b")],
+)
 def test_chatglm2_shards_match_the_numpy_forward(tmp_path, fmt, name, family):
     """MQA with 2 KV groups, QKV bias, the [q | k | v] split, interleaved half rotary, causal."""
     from glm_jax.convert import config_from_chatglm2
@@ -114,15 +158,26 @@ def test_chatglm2_shards_match_the_numpy_forward(tmp_path, fmt, name, family):
     cfg = chatglm2_json(_name_or_path=name)
     c = config_from_chatglm2(cfg)
     sd = random_chatglm2_state_dict(c, np.random.default_rng(0))
-    folder = write_folder(tmp_path / "c2", sd, cfg, fmt=fmt, shards=3,
-                          extra=[("transformer.rotary_pos_emb.inv_freq", np.ones(4, np.float16))])
+    folder = write_folder(
+        tmp_path / "c2",
+        sd,
+        cfg,
+        fmt=fmt,
+        shards=3,
+        extra=[("transformer.rotary_pos_emb.inv_freq", np.ones(4, np.float16))],
+    )
     r = convert_folder(str(folder), dtype="float32", overrides={"dtype": "float32"})
     assert r.family == family and r.layout == "chatglm2" and get_family(r.family).causal
     s = 40
     tokens = np.random.default_rng(2).integers(0, 300, s)
     z = np.zeros(s, int)
-    logits = np.asarray(forward(r.config, r.params, _batch(
-        tokens=tokens, position_ids=np.arange(s), block_position_ids=z, segment_ids=z + 1, prefix_mask=z)))[0]
+    logits = np.asarray(
+        forward(
+            r.config,
+            r.params,
+            _batch(tokens=tokens, position_ids=np.arange(s), block_position_ids=z, segment_ids=z + 1, prefix_mask=z),
+        )
+    )[0]
     np.testing.assert_allclose(logits, chatglm2_forward(_f64(sd), r.config, tokens), atol=2e-5, rtol=1e-5)
 
 
@@ -141,8 +196,13 @@ def chatglm2_tiny(tmp_path_factory):
 def _causal_logits(config, params, tokens):
     s = len(tokens)
     z = np.zeros(s, int)
-    return np.asarray(forward(config, params, _batch(
-        tokens=tokens, position_ids=np.arange(s), block_position_ids=z, segment_ids=z + 1, prefix_mask=z)))[0]
+    return np.asarray(
+        forward(
+            config,
+            params,
+            _batch(tokens=tokens, position_ids=np.arange(s), block_position_ids=z, segment_ids=z + 1, prefix_mask=z),
+        )
+    )[0]
 
 
 def test_causal_cached_decoding_equals_full_recomputation():
@@ -159,7 +219,7 @@ def test_causal_cached_decoding_equals_full_recomputation():
         assert len(generated) == 8
         full = list(prompt) + generated
         logits = _causal_logits(c, params, np.array(full))
-        assert list(np.argmax(logits[len(prompt) - 1:-1], -1)) == generated
+        assert list(np.argmax(logits[len(prompt) - 1 : -1], -1)) == generated
 
 
 @needs_tokenizer
@@ -172,7 +232,7 @@ def test_a_chatglm2_chat_turn_through_the_library(chatglm2_tiny):
     gen = Generator(r.config, r.params, ids=tok.specials, causal=fam.causal)
     out = gen.generate([ids], 6, stop_tokens=fam.stop_ids(tok))[0]
     ref = _causal_logits(r.config, r.params, np.array(ids + out))
-    assert list(np.argmax(ref[len(ids) - 1:-1], -1)) == out[:len(out)]
+    assert list(np.argmax(ref[len(ids) - 1 : -1], -1)) == out[: len(out)]
     assert isinstance(fam.postprocess(tok.decode(out)), str)
 
 
@@ -208,8 +268,9 @@ def test_convert_chat_quantize_evaluate_export_end_to_end(chatglm2_tiny, tmp_pat
     assert (conv["layout"], conv["family"], conv["param_dtype"]) == ("chatglm2", "chatglm2-6b", "float16")
     assert (tmp_path / "conv" / "tokenizer" / "tokenizer.model").is_file()
     # chat with no family or tokenizer flag: both come from the checkpoint
-    p = _run("generate", "--checkpoint", tmp_path / "conv", "--chat", "--json", "--max-new", "5",
-             stdin="你好\n\n再说一遍\n")
+    p = _run(
+        "generate", "--checkpoint", tmp_path / "conv", "--chat", "--json", "--max-new", "5", stdin="你好\n\n再说一遍\n"
+    )
     assert p.returncode == 0, p.stderr
     turns = [json.loads(line) for line in p.stdout.strip().splitlines()]
     assert [t["query"] for t in turns] == ["你好", "再说一遍"]
@@ -232,6 +293,7 @@ def test_convert_chat_quantize_evaluate_export_end_to_end(chatglm2_tiny, tmp_pat
 
 def _leaves(tree):
     import jax
+
     return [np.asarray(x) for x in jax.tree_util.tree_leaves(tree)]
 
 
@@ -240,11 +302,13 @@ def test_export_hf_glm_round_trips_through_transformers(tmp_path):
     from transformers import GlmForCausalLM
 
     from glm_jax.convert import config_from_chatglm2
-    from glm_jax.export import export_tensors, write_folder as export_folder
+    from glm_jax.export import export_tensors
+    from glm_jax.export import write_folder as export_folder
 
     c = config_from_chatglm2(chatglm2_json(), param_dtype="float32", dtype="float32")
     sd = random_chatglm2_state_dict(c, np.random.default_rng(4))
     from glm_jax.convert import from_chatglm2_state_dict
+
     params = from_chatglm2_state_dict(sd, c)
     tensors, cfg = export_tensors(params, c, "hf-glm", "float32")
     export_folder(str(tmp_path / "hf"), tensors, cfg)
@@ -287,7 +351,11 @@ def test_bad_folders_are_clear_errors(tmp_path):
     unknown = broken("unknown", lambda f: (f / "config.json").write_text(json.dumps({**cfg, "model_type": "llama"})))
     with pytest.raises(ConversionError, match="unknown model_type 'llama'"):
         convert_folder(str(unknown))
-    bad = {**sd, "transformer.encoder.layers.1.mlp.dense_4h_to_h.weight": np.zeros((32, 47)), "extra.weight": np.zeros(3)}
+    bad = {
+        **sd,
+        "transformer.encoder.layers.1.mlp.dense_4h_to_h.weight": np.zeros((32, 47)),
+        "extra.weight": np.zeros(3),
+    }
     odd = write_folder(tmp_path / "odd", bad, cfg, fmt="safetensors")
     with pytest.raises(ConversionError) as e:
         convert_folder(str(odd))
@@ -304,6 +372,7 @@ def test_bad_folders_are_clear_errors(tmp_path):
 def test_a_tokenizer_that_does_not_fit_the_embedding_is_refused(tmp_path):
     cfg = chatglm2_json()  # 300 rows: the real tokenizer's ids do not fit
     from glm_jax.convert import config_from_chatglm2
+
     sd = random_chatglm2_state_dict(config_from_chatglm2(cfg), np.random.default_rng(7))
     folder = write_folder(tmp_path / "small", sd, cfg, fmt="safetensors", tokenizer=C2_TOKENIZER)
     p = _run("convert", "--input", folder, "--out", tmp_path / "never")

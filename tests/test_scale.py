@@ -8,20 +8,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import sharding_case as case
 
 from glm_jax import sharding as sh
 from glm_jax.checkpoints import Checkpoints, load_checkpoint, restore_state, save_state, state_bytes_per_device
 from glm_jax.optim import OptimConfig
 from glm_jax.train import Trainer
-import sharding_case as case
 
 LR, ALPHA = jnp.float32(1e-3), jnp.float32(1.0)
 OPTIM = OptimConfig(peak_lr=1e-3)
 
 
 def _device_bytes(tree, device) -> int:
-    return sum(s.data.nbytes for leaf in jax.tree_util.tree_leaves(tree) for s in leaf.addressable_shards
-               if s.device == device)
+    return sum(
+        s.data.nbytes for leaf in jax.tree_util.tree_leaves(tree) for s in leaf.addressable_shards if s.device == device
+    )
 
 
 class _Compiles:
@@ -74,8 +75,9 @@ def test_restore_onto_other_meshes_is_exact_and_serving_reads_parameters_only(tm
     def plain(t, s):  # parameters and moments in the plain stacked layout, on the host
         unslot = lambda p: sh.params_from_slots(p, t.plan)
         with jax.set_mesh(t.mesh):
-            return jax.device_get(jax.jit(lambda s: (unslot(s.params), t.param_like(s.opt_state, unslot, lambda x: x),
-                                                     s.step, s.rng))(s))
+            return jax.device_get(
+                jax.jit(lambda s: (unslot(s.params), t.param_like(s.opt_state, unslot, lambda x: x), s.step, s.rng))(s)
+            )
 
     saved = plain(big, state)
     # one device; 2 stages (the saved 4 slots split over them); 3 stages (they do not divide 4)
@@ -84,8 +86,10 @@ def test_restore_onto_other_meshes_is_exact_and_serving_reads_parameters_only(tm
         ck = Checkpoints(str(tmp_path), async_save=False)
         restored = restore_state(ck, t, 1, ck.restore_meta(1))
         ck.close()
-        assert all(a.sharding == s for a, s in zip(jax.tree_util.tree_leaves(restored),
-                                                    jax.tree_util.tree_leaves(t.state_shardings))), spec
+        assert all(
+            a.sharding == s
+            for a, s in zip(jax.tree_util.tree_leaves(restored), jax.tree_util.tree_leaves(t.state_shardings))
+        ), spec
         for a, b in zip(jax.tree_util.tree_leaves(plain(t, restored)), jax.tree_util.tree_leaves(saved)):
             np.testing.assert_array_equal(a, b, err_msg=spec)
     shutil.rmtree(tmp_path / "1" / "opt_state")  # a serving load never reads it
@@ -102,11 +106,11 @@ def test_a_ramped_step_in_one_schedule_equals_accumulated_passes():
     one = Trainer(c, OPTIM, mesh, 8)  # 1F1B: up to 8 microbatches of one sequence a step
     passes = Trainer(c, OPTIM, mesh, 4, schedule="gpipe")  # GPipe passes of 4 sequences
     assert (one.schedule, one.microbatches, passes.microbatches) == ("1f1b", 8, 4)
-    halves = [{k: v[i:i + 4] for k, v in rows.items()} for i in (0, 4)]
+    halves = [{k: v[i : i + 4] for k, v in rows.items()} for i in (0, 4)]
     for used, parts in ((4, halves[:1]), (8, halves)):  # a ramp step of half the batch, then the full one
         with one.context():
             state = one.init_state(0)
-            batch = one.place_batch({k: v[:4 * len(parts)] for k, v in rows.items()}, used)
+            batch = one.place_batch({k: v[: 4 * len(parts)] for k, v in rows.items()}, used)
             got = one.grad_pass(state.params, batch, one.step_rng(state), ALPHA, state.loss_scale.scale, used)
             _, m = one.fused_step(state, batch, LR, ALPHA, used, stop=used == 8)
         assert bool(m["stop"]) == (used == 8)  # this process's stop vote comes back reduced, with the metrics
@@ -114,8 +118,9 @@ def test_a_ramped_step_in_one_schedule_equals_accumulated_passes():
             state = passes.init_state(0)
             grads = loss_sum = n = None
             for part in parts:
-                g, ls, k = passes.grad_pass(state.params, passes.place_batch(part), passes.step_rng(state), ALPHA,
-                                            state.loss_scale.scale)
+                g, ls, k = passes.grad_pass(
+                    state.params, passes.place_batch(part), passes.step_rng(state), ALPHA, state.loss_scale.scale
+                )
                 grads = g if grads is None else passes.accumulate(grads, g)
                 loss_sum, n = (ls, k) if loss_sum is None else (loss_sum + ls, n + k)
             _, m_ref = passes.update(state, jax.tree_util.tree_map(jnp.copy, grads), loss_sum, n, LR)
@@ -123,5 +128,7 @@ def test_a_ramped_step_in_one_schedule_equals_accumulated_passes():
         np.testing.assert_allclose(float(got[1]), float(loss_sum), rtol=1e-6)
         np.testing.assert_allclose(float(m["loss"]), float(m_ref["loss"]), rtol=1e-6)
         np.testing.assert_allclose(float(m["grad_norm"]), float(m_ref["grad_norm"]), rtol=1e-5)
-        for a, b in zip(jax.tree_util.tree_leaves(jax.device_get(got[0])), jax.tree_util.tree_leaves(jax.device_get(grads))):
+        for a, b in zip(
+            jax.tree_util.tree_leaves(jax.device_get(got[0])), jax.tree_util.tree_leaves(jax.device_get(grads))
+        ):
             np.testing.assert_allclose(a, b, atol=2e-6 * float(n), rtol=1e-5)

@@ -17,7 +17,9 @@ import jax
 import numpy as np
 import openai
 import pytest
+from script_runs import ROOT, script_env
 
+from glm_jax.checkpoints import move_to_device, save_serving
 from glm_jax.config import get_config
 from glm_jax.generate import Generator
 from glm_jax.int4 import quantize_params
@@ -26,16 +28,23 @@ from glm_jax.peft import PeftConfig
 from glm_jax.serving.engine import Engine, QueueFull, Request, Sampling, bucket, filter_logits, run
 from glm_jax.serving.text import TextStream
 from glm_jax.tokenizer import GLM_IDS as I
-from glm_jax.checkpoints import move_to_device, save_serving
-from script_runs import ROOT, script_env
 
 KEY = "test-key"
 PROMPTS = [[11, 12, 13, I.gmask], [21, I.mask, 22, 23, 24], [5] * 10 + [I.gmask], [30, 31, I.smask, 32]]
 
 
 def tiny(**kw):
-    return get_config("glm-tiny", **{"dtype": "float32", "num_layers": 2, "vocab_size": 256,
-                                     "max_sequence_length": 96, "tie_word_embeddings": False, **kw})
+    return get_config(
+        "glm-tiny",
+        **{
+            "dtype": "float32",
+            "num_layers": 2,
+            "vocab_size": 256,
+            "max_sequence_length": 96,
+            "tie_word_embeddings": False,
+            **kw,
+        },
+    )
 
 
 def engine_outputs(engine, prompts, new, sampling=lambda i: Sampling()):
@@ -52,13 +61,17 @@ def test_engine_greedy_equals_the_generator(variant):
     INT4 weights on a causal decoder."""
     c = tiny(position_encoding_2d=variant.endswith("2d"), num_layers=1)
     causal = variant.endswith("causal")
-    peft = PeftConfig("ptuning", pre_seq_len=4) if variant.startswith("ptuning") else \
-        PeftConfig("lora", lora_targets="query,value,dense")
+    peft = (
+        PeftConfig("ptuning", pre_seq_len=4)
+        if variant.startswith("ptuning")
+        else PeftConfig("lora", lora_targets="query,value,dense")
+    )
     c = peft.model_config(c)
     params = init_params(c, jax.random.key(0))  # the base and fresh adapter leaves
     if variant.startswith("int4"):
         params = jax.tree_util.tree_map_with_path(  # B is zeros at init: make the adapter do something
-            lambda p, x: x + 0.05 if "lora_b" in jax.tree_util.keystr(p) else x, params)
+            lambda p, x: x + 0.05 if "lora_b" in jax.tree_util.keystr(p) else x, params
+        )
         c = c.override(quantization="int4")
         params = quantize_params(params, c)
     prompts = [[I.gmask, I.sop] + p[:-1] for p in PROMPTS] if causal else PROMPTS
@@ -123,6 +136,7 @@ def test_engine_stops_frees_slots_and_bounds_its_queue(engine):
     assert run(engine, req) == (first[:5], "stop")
     # a prompt past the length limit is refused before it queues
     from glm_jax.generate import GenerationError
+
     with pytest.raises(GenerationError, match="exceeds max_sequence_length=96"):
         engine.submit(Request([7] * 90 + [I.gmask], 10))
     assert bucket(1, 96) == 16 and bucket(17, 96) == 32 and bucket(90, 96) == 96
@@ -217,8 +231,17 @@ def free_port() -> int:
 
 def start_server(checkpoint, *extra, timeout=60.0):
     port = free_port()
-    cmd = [sys.executable, str(ROOT / "experiments" / "serve.py"), "--checkpoint", str(checkpoint), "--port",
-           str(port), "--log-level", "warning", *extra]
+    cmd = [
+        sys.executable,
+        str(ROOT / "experiments" / "serve.py"),
+        "--checkpoint",
+        str(checkpoint),
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+        *extra,
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=script_env())
     url, t0 = f"http://127.0.0.1:{port}", time.monotonic()
     headers = {"Authorization": f"Bearer {KEY}"}
@@ -256,8 +279,9 @@ def checkpoint(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(checkpoint):
     """The shared server: INT8 weights (quantized on load), 4 slots, an API key."""
-    proc, url, started = start_server(checkpoint, "--slots", "4", "--max-queue", "16", "--api-key", KEY,
-                                      "--quantize", "int8", "--drain", "20")
+    proc, url, started = start_server(
+        checkpoint, "--slots", "4", "--max-queue", "16", "--api-key", KEY, "--quantize", "int8", "--drain", "20"
+    )
     yield dict(proc=proc, url=url, started=started)
     stop_server(proc)
 
@@ -268,8 +292,9 @@ def client(server):
 
 
 def chat(client, content, **kw):
-    return client.chat.completions.create(model="glm", messages=[{"role": "user", "content": content}],
-                                          **{"temperature": 0, "max_tokens": 12, **kw})
+    return client.chat.completions.create(
+        model="glm", messages=[{"role": "user", "content": content}], **{"temperature": 0, "max_tokens": 12, **kw}
+    )
 
 
 def test_health_models_and_chat(server, client):
@@ -285,32 +310,46 @@ def test_health_models_and_chat(server, client):
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == r.choices[0].message.content
     assert chunks[-2].choices[0].finish_reason == "length" and chunks[-1].usage.completion_tokens == 12
     # history, a system message
-    r2 = client.chat.completions.create(model="glm", temperature=0, max_tokens=4, messages=[
-        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "你好"},
-        {"role": "assistant", "content": r.choices[0].message.content}, {"role": "user", "content": "再见"}])
+    r2 = client.chat.completions.create(
+        model="glm",
+        temperature=0,
+        max_tokens=4,
+        messages=[
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "你好"},
+            {"role": "assistant", "content": r.choices[0].message.content},
+            {"role": "user", "content": "再见"},
+        ],
+    )
     assert r2.usage.prompt_tokens > r.usage.prompt_tokens
 
 
 def test_stop_strings_max_tokens_and_completions(client):
     full = chat(client, "hello", max_tokens=16).choices[0].message.content
-    cut = full[len(full) // 2:][:2].strip() or full[-1]
+    cut = full[len(full) // 2 :][:2].strip() or full[-1]
     r = chat(client, "hello", max_tokens=16, stop=[cut])
-    assert r.choices[0].finish_reason == "stop" and r.choices[0].message.content == full[:full.index(cut)].strip()
+    assert r.choices[0].finish_reason == "stop" and r.choices[0].message.content == full[: full.index(cut)].strip()
     assert r.usage.completion_tokens < 16
     r = chat(client, "hello", max_tokens=3)
     assert r.usage.completion_tokens == 3 and r.choices[0].finish_reason == "length"
     c = client.completions.create(model="glm", prompt="The cat sat on", max_tokens=5, temperature=0)
     assert c.object == "text_completion" and c.usage.completion_tokens == 5 and c.choices[0].text
-    streamed = "".join(x.choices[0].text for x in client.completions.create(
-        model="glm", prompt="The cat sat on", max_tokens=5, temperature=0, stream=True))
+    streamed = "".join(
+        x.choices[0].text
+        for x in client.completions.create(
+            model="glm", prompt="The cat sat on", max_tokens=5, temperature=0, stream=True
+        )
+    )
     assert streamed == c.choices[0].text
     # [MASK] blanks are filled first to last (generate.fill_blanks), each answer in its place
     b = client.completions.create(model="glm", prompt="A [MASK] B [MASK] C", max_tokens=4, temperature=0)
     blanks = b.choices[0].model_extra["blanks"]
     assert len(blanks) == 2 and b.choices[0].text.startswith("A") and "[MASK]" not in b.choices[0].text
     assert b.usage.completion_tokens == 8
-    seeded = [client.completions.create(model="glm", prompt="x", max_tokens=6, temperature=1.0, seed=5).choices[0].text
-              for _ in range(2)]
+    seeded = [
+        client.completions.create(model="glm", prompt="x", max_tokens=6, temperature=1.0, seed=5).choices[0].text
+        for _ in range(2)
+    ]
     assert seeded[0] == seeded[1]
 
 
@@ -341,11 +380,17 @@ def test_errors(server, client):
     # a chat whose history does not fit drops its oldest rounds; only a last message too long is a 400
     long = "今天天气很好，" * 20
     messages = sum(([{"role": "user", "content": long}, {"role": "assistant", "content": long}] for _ in range(3)), [])
-    r = httpx.post(url + "/v1/chat/completions", headers=h, json={
-        "messages": messages + [{"role": "user", "content": "hi"}], "max_tokens": 8}).json()
+    r = httpx.post(
+        url + "/v1/chat/completions",
+        headers=h,
+        json={"messages": messages + [{"role": "user", "content": "hi"}], "max_tokens": 8},
+    ).json()
     assert r["dropped_rounds"] >= 1 and r["usage"]["completion_tokens"] == 8
-    r = httpx.post(url + "/v1/chat/completions", headers=h, json={
-        "messages": [{"role": "user", "content": long * 4}], "max_tokens": 8})
+    r = httpx.post(
+        url + "/v1/chat/completions",
+        headers=h,
+        json={"messages": [{"role": "user", "content": long * 4}], "max_tokens": 8},
+    )
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
 
 
@@ -392,8 +437,12 @@ def test_full_queue_answers_429_and_disconnects_free_slots(server):
             break
         assert time.monotonic() - t0 < 10, f"slots not freed after the clients left: {load}"
         time.sleep(0.1)
-    r = httpx.post(url + "/v1/chat/completions", headers=h, timeout=30,
-                   json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
+    r = httpx.post(
+        url + "/v1/chat/completions",
+        headers=h,
+        timeout=30,
+        json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4},
+    )
     assert r.status_code == 200
 
 
@@ -401,10 +450,31 @@ def test_schemathesis_fuzz_finds_no_server_error(server, tmp_path):
     exe = shutil.which("schemathesis") or shutil.which("st")
     assert exe, "schemathesis is a test dependency"
     url = server["url"]
-    r = subprocess.run([exe, "run", url + "/openapi.json", "--checks", "not_a_server_error", "--phases", "fuzzing",
-                        "--max-examples", "12", "--seed", "1", "--workers", "4", "--request-timeout", "30",
-                        "-H", f"Authorization: Bearer {KEY}"], capture_output=True, text=True, timeout=90,
-                       cwd=tmp_path)  # its cache folder goes there
+    r = subprocess.run(
+        [
+            exe,
+            "run",
+            url + "/openapi.json",
+            "--checks",
+            "not_a_server_error",
+            "--phases",
+            "fuzzing",
+            "--max-examples",
+            "12",
+            "--seed",
+            "1",
+            "--workers",
+            "4",
+            "--request-timeout",
+            "30",
+            "-H",
+            f"Authorization: Bearer {KEY}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        cwd=tmp_path,
+    )  # its cache folder goes there
     assert r.returncode == 0, r.stdout[-3000:]
     assert httpx.get(url + "/health", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
 
@@ -428,9 +498,12 @@ def test_chat_page_in_headless_chromium(server):
         for turn, text in enumerate(["你好", "再见"]):
             driver.find_element(By.ID, "input").send_keys(text)
             driver.find_element(By.ID, "send").click()
-            WebDriverWait(driver, 30).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".assistant")) == turn + 1
-                                            and d.find_elements(By.CSS_SELECTOR, ".assistant")[-1]
-                                            .get_attribute("data-done") == "true")
+            WebDriverWait(driver, 30).until(
+                lambda d: (
+                    len(d.find_elements(By.CSS_SELECTOR, ".assistant")) == turn + 1
+                    and d.find_elements(By.CSS_SELECTOR, ".assistant")[-1].get_attribute("data-done") == "true"
+                )
+            )
             reply = driver.find_elements(By.CSS_SELECTOR, ".assistant")[-1]
             assert "error" not in reply.get_attribute("class"), reply.text
             assert reply.text and int(reply.get_attribute("data-chunks")) >= 2  # streamed in pieces
@@ -442,8 +515,13 @@ def test_chat_page_in_headless_chromium(server):
 def test_sigterm_finishes_in_flight_requests_and_exits_0(server):
     """Last in this module: it stops the shared server (started with --drain 20)."""
     proc, url, h = server["proc"], server["url"], {"Authorization": f"Bearer {KEY}"}
-    with httpx.stream("POST", url + "/v1/chat/completions", timeout=60, headers=h, json={
-            "messages": [{"role": "user", "content": "hi"}], "max_tokens": 60, "stream": True}) as r:
+    with httpx.stream(
+        "POST",
+        url + "/v1/chat/completions",
+        timeout=60,
+        headers=h,
+        json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 60, "stream": True},
+    ) as r:
         lines = r.iter_lines()
         assert json.loads(next(lines)[6:])["choices"][0]["delta"]["role"] == "assistant"
         proc.send_signal(signal.SIGTERM)

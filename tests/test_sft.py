@@ -17,12 +17,23 @@ ROWS = [
     {"content": "类型#裙*颜色#红色", "summary": "一条红色的裙子"},
     {"instruction": "Say hi", "input": "to Bob", "output": "Hi Bob"},
     {"prompt": "and now?", "response": "second reply", "history": [["first question", "first reply"]]},
-    {"conversations": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "q1"},
-                       {"role": "assistant", "content": "a1"}, {"role": "user", "content": "q2"},
-                       {"role": "assistant", "content": "a2"}]},
+    {
+        "conversations": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "q1"},
+            {"role": "assistant", "content": "a1"},
+            {"role": "user", "content": "q2"},
+            {"role": "assistant", "content": "a2"},
+        ]
+    },
 ]
-BAD = ['{"content": "x", "summary": ', '{"instruction": "no output"}', '{"content": "x", "summary": "  "}',
-       '{"conversations": [{"role": "assistant", "content": "reply first"}]}', '[1, 2]']
+BAD = [
+    '{"content": "x", "summary": ',
+    '{"instruction": "no output"}',
+    '{"content": "x", "summary": "  "}',
+    '{"conversations": [{"role": "assistant", "content": "reply first"}]}',
+    "[1, 2]",
+]
 
 
 def write(tmp_path, rows, bad=(), name="d.jsonl"):
@@ -56,7 +67,7 @@ def test_each_format_and_every_reply_is_learned(tmp_path, family):
             assert not s["prefix_mask"].any()
         else:  # part A is exactly the unlearned prompt
             a = int(s["prefix_mask"].sum())
-            assert not s["loss_mask"][:a - 1].any() and s["loss_mask"][a:].all()
+            assert not s["loss_mask"][: a - 1].any() and s["loss_mask"][a:].all()
 
 
 def test_last_turn_only_trains_the_last_reply(tmp_path):
@@ -77,7 +88,7 @@ def test_chatglm3_learns_the_id_after_each_reply(tmp_path):
     assert tok.assistant_id not in learned_ids
     # the system text is a <|system|> message first, as the chat prompt puts it
     system = fam.message(tok, "system", "Be brief.")
-    assert s["tokens"][2:2 + len(system)].tolist() == system
+    assert s["tokens"][2 : 2 + len(system)].tolist() == system
 
 
 def test_long_examples_are_cut_as_the_reference_and_counted(tmp_path):

@@ -13,12 +13,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import sharding_case as case
 from jax.sharding import PartitionSpec as P
 
 from glm_jax import pipeline as pl
 from glm_jax import sharding as sh
 from glm_jax.model import abstract_params
-import sharding_case as case
 
 HERE = pathlib.Path(__file__).parent
 
@@ -54,8 +54,9 @@ def test_uneven_pipeline_with_nan_bubbles_equals_plain_scan(layers, stages, sche
     c = case.config(num_layers=layers)
     mesh = sh.make_mesh(f"{stages}x2", jax.devices()[: 2 * stages])
     batch = sh.global_batch(case.local_rows(), mesh)
-    loss, grads, logits = case.sharded_loss_and_grads(mesh, batch, c=c, bubble_value=float("nan"), with_logits=True,
-                                                      schedule=schedule)
+    loss, grads, logits = case.sharded_loss_and_grads(
+        mesh, batch, c=c, bubble_value=float("nan"), with_logits=True, schedule=schedule
+    )
     assert all(np.isfinite(g).all() for g in jax.tree_util.tree_leaves(grads))
     ref = case.single_device(c)
     assert_same((loss, grads, ref[2] if logits is None else logits), ref)
@@ -95,12 +96,15 @@ def test_mesh_specs_and_errors():
         sh.make_mesh("2x8x4", jax.devices()[:32])
 
 
-@pytest.mark.parametrize("overrides,spec,message", [
-    (dict(num_attention_heads=2, hidden_size=128), "1x4", "tensor axis of 4 does not divide num_attention_heads=2"),
-    (dict(inner_hidden_size=390), "1x4", "inner_hidden_size (FFN width)=390"),
-    (dict(vocab_size=502, vocab_pad_multiple=2), "1x4", "padded vocab=502"),
-    (dict(num_layers=4), "8x1", "stage axis of 8 is more than num_layers=4"),
-])
+@pytest.mark.parametrize(
+    "overrides,spec,message",
+    [
+        (dict(num_attention_heads=2, hidden_size=128), "1x4", "tensor axis of 4 does not divide num_attention_heads=2"),
+        (dict(inner_hidden_size=390), "1x4", "inner_hidden_size (FFN width)=390"),
+        (dict(vocab_size=502, vocab_pad_multiple=2), "1x4", "padded vocab=502"),
+        (dict(num_layers=4), "8x1", "stage axis of 8 is more than num_layers=4"),
+    ],
+)
 def test_unsplittable_configs_fail_fast(overrides, spec, message):
     c = case.config(**overrides)
     mesh = sh.make_mesh(spec, jax.devices()[: sh.devices_needed(spec)])
@@ -162,14 +166,25 @@ def _free_port() -> int:
 def test_two_processes_equal_one(tmp_path):
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
-    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=re.sub(r"device_count=\d+", "device_count=4", os.environ["XLA_FLAGS"]),
-               JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
-               PYTHONPATH=os.pathsep.join([str(HERE.parent), env.get("PYTHONPATH", "")]))
+    env.update(
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS=re.sub(r"device_count=\d+", "device_count=4", os.environ["XLA_FLAGS"]),
+        JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+        JAX_NUM_PROCESSES="2",
+        PYTHONPATH=os.pathsep.join([str(HERE.parent), env.get("PYTHONPATH", "")]),
+    )
     out = tmp_path / "grads.npz"
     run_dir = tmp_path / "run"
-    procs = [subprocess.Popen([sys.executable, str(HERE / "multihost_worker.py"), str(out), str(run_dir)],
-                              env={**env, "JAX_PROCESS_ID": str(i)}, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(HERE / "multihost_worker.py"), str(out), str(run_dir)],
+            env={**env, "JAX_PROCESS_ID": str(i)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
     try:
         logs = [p.communicate(timeout=240)[0] for p in procs]
     finally:

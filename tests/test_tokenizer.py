@@ -19,21 +19,30 @@ def tok():
 
 def test_special_ids_are_fixed(tok):
     assert (PAD, EOS, MASK, GMASK, SMASK, SOP, EOP, NEWLINE) == (0, 2, 3, 4, 5, 6, 7, 8)
-    assert [tok.id_to_piece(i) for i in (MASK, GMASK, SMASK, SOP, EOP, EOS)] == \
-        ["[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>", "</s>"]
+    assert [tok.id_to_piece(i) for i in (MASK, GMASK, SMASK, SOP, EOP, EOS)] == [
+        "[MASK]",
+        "[gMASK]",
+        "[sMASK]",
+        "<sop>",
+        "<eop>",
+        "</s>",
+    ]
     assert tok.vocab_size == 32000 and tok.padded_vocab_size(128) % 128 == 0
 
 
-@pytest.mark.parametrize("text", [
-    "The quick brown fox jumps over the lazy dog.",
-    "我们今天去北京天安门广场，看升旗仪式。",
-    "GLM-130B 是一个双语 (English/中文) 模型，有 1300 亿参数。",
-    "emoji 😀🎉👩‍👩‍👧 flags 🇨🇳🇺🇸",
-    "odd bytes \x00\x01\x7f \ufeff\u200b é ñ 𠀀𪚥 \ufffd",
-    "def f(x):\n    if x:\n\t\treturn x  # two spaces\n\n\n    return None\n",
-    "  leading spaces, trailing   ",
-    "line one\r\nline two\n",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "The quick brown fox jumps over the lazy dog.",
+        "我们今天去北京天安门广场，看升旗仪式。",
+        "GLM-130B 是一个双语 (English/中文) 模型，有 1300 亿参数。",
+        "emoji 😀🎉👩‍👩‍👧 flags 🇨🇳🇺🇸",
+        "odd bytes \x00\x01\x7f \ufeff\u200b é ñ 𠀀𪚥 \ufffd",
+        "def f(x):\n    if x:\n\t\treturn x  # two spaces\n\n\n    return None\n",
+        "  leading spaces, trailing   ",
+        "line one\r\nline two\n",
+    ],
+)
 def test_round_trip(tok, text):
     ids = tok.encode(text)
     assert tok.decode(ids) == text
@@ -59,8 +68,11 @@ def test_training_script_is_reproducible(tmp_path):
     spec = importlib.util.spec_from_file_location("train_tokenizer", ROOT / "experiments" / "train_tokenizer.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    lines = ["The cat sat on the mat; the dog ran far.", "天下大事，必作于细。天下难事，必作于易。",
-             "def main():\n    return 42"]
+    lines = [
+        "The cat sat on the mat; the dog ran far.",
+        "天下大事，必作于细。天下难事，必作于易。",
+        "def main():\n    return 42",
+    ]
     for name, docs in (("en", lines[::2]), ("zh", lines[1:2])):
         with gzip.open(tmp_path / f"{name}.jsonl.gz", "wt", encoding="utf-8") as f:
             for i in range(200):

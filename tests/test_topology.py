@@ -9,14 +9,15 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from script_runs import ROOT, script_env
 
 from glm_jax import sharding as sh
 from glm_jax.topology import CHIPS, TopologyError, parse_topology
 from glm_jax.train import peak_flops
-from script_runs import ROOT, script_env
 
-needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
-                                  reason="libtpu absent (pip install 'jax[tpu]', the test extra)")
+needs_libtpu = pytest.mark.skipif(
+    importlib.util.find_spec("libtpu") is None, reason="libtpu absent (pip install 'jax[tpu]', the test extra)"
+)
 
 
 def test_topology_names():
@@ -39,7 +40,7 @@ def test_peak_flops_by_exact_tpu_kind():
 
 
 def test_gpu_hosts_keep_tensor_inside_a_host():
-    assert sh.host_split((4, 8, 4), 8) == ((1, 2, 4), (4, 4, 1))   # tensor + 2 stages per 8-GPU host
+    assert sh.host_split((4, 8, 4), 8) == ((1, 2, 4), (4, 4, 1))  # tensor + 2 stages per 8-GPU host
     assert sh.host_split((24, 1, 8), 8) == ((1, 1, 8), (24, 1, 1))
     assert sh.host_split((2, 1, 16), 8) == ((1, 1, 8), (2, 1, 2))  # tensor over two hosts
     with pytest.raises(sh.MeshError, match="tensor axis of 3"):
@@ -67,16 +68,32 @@ def test_meshes_over_split_physical_axes_and_slices():
 
 
 def _script(name, *args):
-    return subprocess.run([sys.executable, str(ROOT / "experiments" / f"{name}.py"), *args], capture_output=True,
-                          text=True, timeout=300, env=script_env())
+    return subprocess.run(
+        [sys.executable, str(ROOT / "experiments" / f"{name}.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=script_env(),
+    )
 
 
 @needs_libtpu
 def test_train_and_decode_steps_compile_for_v4_and_v5e():
     import json
 
-    small = ["--preset", "glm-tiny", "--set", "num_layers=2", "--set", "vocab_size=512", "--batch", "4", "--seq",
-             "64", "--dry-run"]
+    small = [
+        "--preset",
+        "glm-tiny",
+        "--set",
+        "num_layers=2",
+        "--set",
+        "vocab_size=512",
+        "--batch",
+        "4",
+        "--seq",
+        "64",
+        "--dry-run",
+    ]
     for topology, mesh, hbm in (("v4-8", "2x2", 30.75), ("v5e-16", "2x2", 15.75)):
         p = _script("pretrain", *small, "--topology", topology, "--mesh", mesh)
         assert p.returncode == 0, p.stderr[-3000:]
@@ -87,8 +104,20 @@ def test_train_and_decode_steps_compile_for_v4_and_v5e():
         assert r["step_seconds_at_50pct"] == pytest.approx(2 * r["step_seconds_at_peak"])
         for key in ("weights_gib_per_device", "optimizer_gib_per_device", "compile_seconds", "model_flops_per_step"):
             assert r[key] > 0
-    p = _script("bench_130b_int4", "--dry-run", "--topology", "v5e-16", "--preset", "glm-tiny", "--cache", "64",
-                "--set", "num_layers=2", "--set", "vocab_size=512")
+    p = _script(
+        "bench_130b_int4",
+        "--dry-run",
+        "--topology",
+        "v5e-16",
+        "--preset",
+        "glm-tiny",
+        "--cache",
+        "64",
+        "--set",
+        "num_layers=2",
+        "--set",
+        "vocab_size=512",
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     r = json.loads(p.stdout.strip().splitlines()[-1])
     assert r["device_kind"] == "TPU v5 lite" and r["fits"] is True and r["hbm_gib_per_chip"] == 15.75

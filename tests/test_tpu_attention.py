@@ -9,12 +9,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 import sharding_case as case
+from jit_forward import forward
+
 from glm_jax import sharding as sh
 from glm_jax.layers import glm_attention_mask, xla_attention
 from glm_jax.tpu_attention import glm_flash_attention
-from jit_forward import forward
 
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu absent")
 
@@ -36,8 +36,10 @@ def test_values_and_gradients_equal_the_reference(blocks):
     and one block; grouped KV (4 query heads on 2 KV heads). Rows that see no key are not read."""
     rng = np.random.default_rng(0)
     b, s, h, kv, d = 3, 64, 4, 2, 16
-    q, k, v, w = (jnp.asarray(rng.normal(size=shape), jnp.float32)
-                  for shape in ((b, s, h, d), (b, s, kv, d), (b, s, kv, d), (b, s, h, d)))
+    q, k, v, w = (
+        jnp.asarray(rng.normal(size=shape), jnp.float32)
+        for shape in ((b, s, h, d), (b, s, kv, d), (b, s, kv, d), (b, s, h, d))
+    )
     seg, pre = packed_rows(b, s)
     valid = (seg != 0)[:, :, None, None]
     mask = glm_attention_mask(seg, pre)
@@ -85,7 +87,8 @@ def test_unsupported_lengths_fall_back_to_the_dense_mask():
 @needs_libtpu
 @pytest.mark.parametrize("topology", ["v5e-16", "v5p-8"])
 def test_forward_and_backward_compile_for_tpu(topology):
-    from jax.sharding import Mesh, PartitionSpec as P
+    from jax.sharding import Mesh
+    from jax.sharding import PartitionSpec as P
 
     from glm_jax.topology import topology_devices
 
@@ -98,7 +101,8 @@ def test_forward_and_backward_compile_for_tpu(topology):
         out = glm_flash_attention(q, k, v, seg, pre, block_q=128, block_k=256, interpret=False)
         return out.astype(jnp.float32).sum()
 
-    step = jax.shard_map(jax.grad(loss, argnums=(0, 1, 2)), mesh=mesh, in_specs=(P(),) * 5, out_specs=P(),
-                         check_vma=False)
+    step = jax.shard_map(
+        jax.grad(loss, argnums=(0, 1, 2)), mesh=mesh, in_specs=(P(),) * 5, out_specs=P(), check_vma=False
+    )
     compiled = jax.jit(step).lower(*args).compile()
     assert "tpu_custom_call" in compiled.as_text()

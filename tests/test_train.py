@@ -11,17 +11,18 @@ import time
 
 import jax
 import pytest
-
-from glm_jax import sharding as sh
-from glm_jax.optim import OptimConfig
-from glm_jax.checkpoints import Checkpoints
-from glm_jax.train import Trainer, TrainingError, RunConfig, train
 import sharding_case as case
 from script_runs import ROOT, script_env
+
+from glm_jax import sharding as sh
+from glm_jax.checkpoints import Checkpoints
+from glm_jax.optim import OptimConfig
+from glm_jax.train import RunConfig, Trainer, TrainingError, train
 
 PRETRAIN = str(ROOT / "experiments" / "pretrain.py")
 sys.path.insert(0, str(ROOT / "experiments"))
 import pretrain as pretrain_script  # noqa: E402
+
 SMALL = ["--set", "num_layers=2", "--seq", "64", "--batch", "4", "--no-progress"]
 # 2 pipeline stages (1F1B), the batch ramping 1 -> 4 over steps 1-8 of 10
 RAMPED = [*SMALL, "--mesh", "2x1", "--ramp-start", "1", "--ramp-increment", "1", "--ramp-fraction", "0.3"]
@@ -46,8 +47,25 @@ def losses(run_dir) -> dict:
 
 
 def test_pretrain_8x4_trains_and_the_loss_falls(tmp_path):
-    out = pretrain(tmp_path, "--mesh", "8x4", "--steps", "5", "--seq", "64", "--batch", "4", "--no-progress",
-                   "--lr", "1e-2", "--warmup", "0", "--eval-every", "5", timeout=900)
+    out = pretrain(
+        tmp_path,
+        "--mesh",
+        "8x4",
+        "--steps",
+        "5",
+        "--seq",
+        "64",
+        "--batch",
+        "4",
+        "--no-progress",
+        "--lr",
+        "1e-2",
+        "--warmup",
+        "0",
+        "--eval-every",
+        "5",
+        timeout=900,
+    )
     assert "simulating 32 CPU devices" in out.stderr and "1f1b" in out.stderr
     summary = json.loads(out.stdout.strip().splitlines()[-1])
     loss = losses(tmp_path)
@@ -60,8 +78,19 @@ def test_pretrain_8x4_trains_and_the_loss_falls(tmp_path):
 
 def _kill_when(run_dir, ready, steps, timeout=300):
     """Start a run, SIGKILL it once ready(run_dir) is true; return whether it was killed."""
-    args = [sys.executable, PRETRAIN, "--ckpt-dir", f"{run_dir}/ck", "--log-dir", f"{run_dir}/log",
-            "--steps", str(steps), "--ckpt-every", "3", *RAMPED]
+    args = [
+        sys.executable,
+        PRETRAIN,
+        "--ckpt-dir",
+        f"{run_dir}/ck",
+        "--log-dir",
+        f"{run_dir}/log",
+        "--steps",
+        str(steps),
+        "--ckpt-every",
+        "3",
+        *RAMPED,
+    ]
     proc = subprocess.Popen(args, env=script_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + timeout
     try:
@@ -144,8 +173,9 @@ def test_checkpoint_from_another_config_is_a_clear_error(uninterrupted, capsys):
 
 def test_bad_flags_are_clear_errors(tmp_path, capsys):
     assert "expected PxT" in refused(capsys, tmp_path, "--mesh", "8by4")
-    assert "tensor axis of 8 does not divide num_attention_heads=4" in refused(capsys, tmp_path, "--mesh", "1x8",
-                                                                               "--steps", "1", "--batch", "4")
+    assert "tensor axis of 8 does not divide num_attention_heads=4" in refused(
+        capsys, tmp_path, "--mesh", "1x8", "--steps", "1", "--batch", "4"
+    )
     assert "unknown config field" in refused(capsys, tmp_path, "--set", "num_layer=3")
     assert "not found" in refused(capsys, tmp_path, "--data", str(tmp_path / "missing.jsonl"))
     err = refused(capsys, tmp_path, "--seq", "32", "--steps", "1")
@@ -163,10 +193,21 @@ def test_too_many_skipped_steps_stop_with_a_checkpoint(tmp_path):
     # fp16 with an absurd loss scale overflows every backward pass: each step is skipped
     c = case.config(num_layers=2, dtype="float16")
     optim = OptimConfig(loss_scale_init=2.0**120, max_consecutive_skips=3)
-    run = RunConfig(steps=10, global_batch=4, seq_len=64, ckpt_dir=str(tmp_path / "ck"), log_dir=str(tmp_path / "log"),
-                    ckpt_every=100, async_checkpoints=False, progress=False)
-    with pytest.raises(TrainingError, match=r"3 consecutive steps had non-finite gradients .* by step 3; "
-                                            r"saved step (\d+)") as error:
+    run = RunConfig(
+        steps=10,
+        global_batch=4,
+        seq_len=64,
+        ckpt_dir=str(tmp_path / "ck"),
+        log_dir=str(tmp_path / "log"),
+        ckpt_every=100,
+        async_checkpoints=False,
+        progress=False,
+    )
+    with pytest.raises(
+        TrainingError,
+        match=r"3 consecutive steps had non-finite gradients .* by step 3; "
+        r"saved step (\d+)",
+    ) as error:
         train(c, optim, run, sh.make_mesh("1x1", jax.devices()[:1]), case.builder(), log=lambda m: None)
     # step 3's metrics are read while step 4 runs: the state after step 4 is saved
     saved = int(re.search(r"saved step (\d+)", str(error.value)).group(1))

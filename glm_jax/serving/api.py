@@ -29,15 +29,22 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from glm_jax.families import FamilyError
 from glm_jax.generate import GenerationError, fill_blanks
-from glm_jax.serving.engine import EngineGenerator, QueueFull, Request as EngineRequest, Sampling
+from glm_jax.serving.engine import EngineGenerator, QueueFull, Sampling
+from glm_jax.serving.engine import Request as EngineRequest
 from glm_jax.serving.text import TextStream
 
 MAX_BODY = 1 << 20  # bytes
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
-                 code: str | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        kind: str = "invalid_request_error",
+        code: str | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.kind, self.code = status, message, param, kind, code
 
@@ -63,8 +70,12 @@ class Guard:
         if self.api_key and scope["path"] != "/":
             given = headers.get("authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
-                return await error_response(401, "a valid API key is required: send 'Authorization: Bearer KEY'",
-                                            kind="authentication_error", code="invalid_api_key")(scope, receive, send)
+                return await error_response(
+                    401,
+                    "a valid API key is required: send 'Authorization: Bearer KEY'",
+                    kind="authentication_error",
+                    code="invalid_api_key",
+                )(scope, receive, send)
         declared = headers.get("content-length", "")
         if declared.isdigit() and int(declared) > self.max_body:
             return await self._too_large(scope, receive, send)
@@ -92,7 +103,8 @@ class Guard:
 
     async def _too_large(self, scope, receive, send):
         await error_response(413, f"the request body is over {self.max_body} bytes", code="body_too_large")(
-            scope, receive, send)
+            scope, receive, send
+        )
 
 
 def split_messages(messages) -> tuple[str | None, list[tuple[str, str]], str]:
@@ -105,13 +117,18 @@ def split_messages(messages) -> tuple[str | None, list[tuple[str, str]], str]:
         raise APIError(400, "the last message must have role 'user'", "messages")
     for i, m in enumerate(turns):
         if m.role != ("user" if i % 2 == 0 else "assistant"):
-            raise APIError(400, "after system messages, messages must alternate user / assistant, starting and "
-                                f"ending with user (message {messages.index(m)} has role {m.role!r})", "messages")
+            raise APIError(
+                400,
+                "after system messages, messages must alternate user / assistant, starting and "
+                f"ending with user (message {messages.index(m)} has role {m.role!r})",
+                "messages",
+            )
     return system, [(q.content, a.content) for q, a in zip(turns[0:-1:2], turns[1:-1:2])], turns[-1].content
 
 
-def make_app(model, engine, name: str = "glm", api_key: str | None = None, max_body: int = MAX_BODY,
-             drain_s: float = 10.0) -> FastAPI:
+def make_app(
+    model, engine, name: str = "glm", api_key: str | None = None, max_body: int = MAX_BODY, drain_s: float = 10.0
+) -> FastAPI:
     """The app for one loaded model (`train.LoadedModel`) and its `Engine` (started at startup,
     stopped at shutdown: requests in flight get drain_s seconds to finish, then are cancelled)."""
     fam, tok, limit = model.family, model.tokenizer, model.config.max_sequence_length
@@ -122,7 +139,9 @@ def make_app(model, engine, name: str = "glm", api_key: str | None = None, max_b
     Temperature = Field(1.0, ge=0.0, le=2.0, description="0: greedy")
     TopP = Field(1.0, gt=0.0, le=1.0)
     TopK = Field(0, ge=0, le=model.config.vocab_size, description="0: off (an extension of the OpenAI protocol)")
-    MaxTokens = Field(None, ge=1, le=limit - 1, description=f"at most the model's length limit ({limit}) minus the prompt")
+    MaxTokens = Field(
+        None, ge=1, le=limit - 1, description=f"at most the model's length limit ({limit}) minus the prompt"
+    )
     Stop = Field(None, description="up to 4 strings; the text ends before the first that appears")
     Seed = Field(None, ge=0, le=2**63 - 1, description="the same seed and settings give the same tokens")
 
@@ -164,8 +183,9 @@ def make_app(model, engine, name: str = "glm", api_key: str | None = None, max_b
         yield
         await run_in_threadpool(engine.stop, drain_s)
 
-    app = FastAPI(title="glm_jax", version="1", description="An OpenAI-compatible API for a GLM model",
-                  lifespan=lifespan)
+    app = FastAPI(
+        title="glm_jax", version="1", description="An OpenAI-compatible API for a GLM model", lifespan=lifespan
+    )
 
     @app.exception_handler(APIError)
     async def _api_error(request, e: APIError):
@@ -176,19 +196,26 @@ def make_app(model, engine, name: str = "glm", api_key: str | None = None, max_b
         errors = e.errors()
         first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
         loc = [str(x) for x in first.get("loc", ()) if x != "body"]
-        message = "; ".join(f"{'.'.join(str(x) for x in err.get('loc', ()) if x != 'body') or 'body'}: {err.get('msg')}"
-                            for err in errors[:5])
+        message = "; ".join(
+            f"{'.'.join(str(x) for x in err.get('loc', ()) if x != 'body') or 'body'}: {err.get('msg')}"
+            for err in errors[:5]
+        )
         return error_response(422, message, param=".".join(loc) or None, code="invalid_value")
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request, e: StarletteHTTPException):
-        return error_response(e.status_code, str(e.detail), kind="invalid_request_error" if e.status_code < 500
-                              else "server_error")
+        return error_response(
+            e.status_code, str(e.detail), kind="invalid_request_error" if e.status_code < 500 else "server_error"
+        )
 
     def check_model(body):
         if body.model not in (None, name):
-            raise APIError(404, f"model {body.model!r} is not served here; GET /v1/models lists {name!r}", "model",
-                           code="model_not_found")
+            raise APIError(
+                404,
+                f"model {body.model!r} is not served here; GET /v1/models lists {name!r}",
+                "model",
+                code="model_not_found",
+            )
 
     def stops_of(body) -> list[str]:
         stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
@@ -203,9 +230,13 @@ def make_app(model, engine, name: str = "glm", api_key: str | None = None, max_b
         if requested is None:
             return limit - len(ids)
         if len(ids) + requested > limit:
-            raise APIError(400, f"a prompt of {len(ids)} tokens plus {field}={requested} exceeds the model's length "
-                                f"limit of {limit} tokens: shorten the prompt or lower {field}", field,
-                           code="context_length_exceeded")
+            raise APIError(
+                400,
+                f"a prompt of {len(ids)} tokens plus {field}={requested} exceeds the model's length "
+                f"limit of {limit} tokens: shorten the prompt or lower {field}",
+                field,
+                code="context_length_exceeded",
+            )
         return requested
 
     @contextlib.contextmanager
@@ -226,6 +257,7 @@ def make_app(model, engine, name: str = "glm", api_key: str | None = None, max_b
         and final(text, finish_reason, usage) build the protocol's objects."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
+
         def on_token(t):  # on the engine thread; `text` is touched nowhere else until the request is done
             stopped = text.push(t)
             delta = text.delta()
@@ -246,7 +278,7 @@ def make_app(model, engine, name: str = "glm", api_key: str | None = None, max_b
                 while True:
                     try:
                         event = await asyncio.wait_for(events.get(), 0.5)
-                    except asyncio.TimeoutError:
+                    except TimeoutError:
                         if await request.is_disconnected():
                             engine.cancel(req)
                         continue
@@ -257,8 +289,11 @@ def make_app(model, engine, name: str = "glm", api_key: str | None = None, max_b
                 raise
             _, reason, n = event
             if reason in ("cancelled", "error"):
-                raise APIError(503, "the server is shutting down" if reason == "cancelled" else "generation failed",
-                               kind="server_error")
+                raise APIError(
+                    503,
+                    "the server is shutting down" if reason == "cancelled" else "generation failed",
+                    kind="server_error",
+                )
             return JSONResponse(final(text.final(), reason, usage(len(ids), n)))
 
         async def sse():
@@ -274,7 +309,8 @@ def make_app(model, engine, name: str = "glm", api_key: str | None = None, max_b
                     if rest:
                         yield f"data: {json.dumps(chunk(rest), ensure_ascii=False)}\n\n"
                     if reason in ("cancelled", "error"):
-                        yield f"data: {json.dumps(error_body('generation was cancelled: the server is shutting down', 'server_error'))}\n\n"
+                        body = error_body("generation was cancelled: the server is shutting down", "server_error")
+                        yield f"data: {json.dumps(body)}\n\n"
                     else:
                         yield f"data: {json.dumps(chunk(None, reason), ensure_ascii=False)}\n\n"
                     if include_usage:
@@ -299,8 +335,19 @@ def make_app(model, engine, name: str = "glm", api_key: str | None = None, max_b
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": name, "object": "model", "created": created, "owned_by": "glm_jax",
-                                            "max_model_len": limit, "family": fam.name}]}
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": name,
+                    "object": "model",
+                    "created": created,
+                    "owned_by": "glm_jax",
+                    "max_model_len": limit,
+                    "family": fam.name,
+                }
+            ],
+        }
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request):
@@ -324,10 +371,22 @@ def make_app(model, engine, name: str = "glm", api_key: str | None = None, max_b
             return {**out, "choices": [{"index": 0, "delta": d, "finish_reason": finish, "logprobs": None}]}
 
         def final(text, reason, usage):
-            return {"id": rid, "object": "chat.completion", "created": now, "model": name,
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                 "finish_reason": reason, "logprobs": None}],
-                    "usage": usage, "dropped_rounds": dropped}
+            return {
+                "id": rid,
+                "object": "chat.completion",
+                "created": now,
+                "model": name,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": text},
+                        "finish_reason": reason,
+                        "logprobs": None,
+                    }
+                ],
+                "usage": usage,
+                "dropped_rounds": dropped,
+            }
 
         text = TextStream(tok.decode, stop_ids, stops, fam.postprocess)
         return await generate(request, ids, max_tokens, body, text, chunk, final)
@@ -341,8 +400,9 @@ def make_app(model, engine, name: str = "glm", api_key: str | None = None, max_b
             raise APIError(422, "prompt takes one text per request", "prompt")
         ids = fam.generation_prompt(tok, prompts[0])
         if fam.causal and any(m in prompts[0] for m in ("[MASK]", "[sMASK]")):
-            raise APIError(400, f"{fam.name} is a causal model: it cannot fill [MASK] blanks; send plain text",
-                           "prompt")
+            raise APIError(
+                400, f"{fam.name} is a causal model: it cannot fill [MASK] blanks; send plain text", "prompt"
+            )
         rid, now = f"cmpl-{secrets.token_hex(12)}", int(time.time())
 
         def chunk(delta, finish=None, usage=None):
@@ -352,9 +412,14 @@ def make_app(model, engine, name: str = "glm", api_key: str | None = None, max_b
             return {**out, "choices": [{"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": None}]}
 
         def final(text, reason, usage, **extra):
-            return {"id": rid, "object": "text_completion", "created": now, "model": name,
-                    "choices": [{"index": 0, "text": text, "finish_reason": reason, "logprobs": None, **extra}],
-                    "usage": usage}
+            return {
+                "id": rid,
+                "object": "text_completion",
+                "created": now,
+                "model": name,
+                "choices": [{"index": 0, "text": text, "finish_reason": reason, "logprobs": None, **extra}],
+                "usage": usage,
+            }
 
         literal = any(m in prompts[0] for m in ("[MASK]", "[sMASK]", "[gMASK]"))
         if not literal:
@@ -367,11 +432,19 @@ def make_app(model, engine, name: str = "glm", api_key: str | None = None, max_b
         gen = EngineGenerator(engine, body.seed)
         with engine_errors("prompt"):
             filled, answers = await run_in_threadpool(
-                fill_blanks, gen, ids, max_tokens, temperature=body.temperature, top_k=body.top_k,
-                top_p=body.top_p, stop_tokens=stop_ids)
+                fill_blanks,
+                gen,
+                ids,
+                max_tokens,
+                temperature=body.temperature,
+                top_k=body.top_k,
+                top_p=body.top_p,
+                stop_tokens=stop_ids,
+            )
         reason = "length" if "length" in gen.reasons else "stop"
-        result = final(tok.decode(filled), reason, usage(len(ids), gen.generated),
-                       blanks=[tok.decode(a) for a in answers])
+        result = final(
+            tok.decode(filled), reason, usage(len(ids), gen.generated), blanks=[tok.decode(a) for a in answers]
+        )
         if not body.stream:
             return JSONResponse(result)
 

@@ -29,15 +29,24 @@ import functools
 import itertools
 import threading
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from glm_jax.config import GLMConfig
-from glm_jax.generate import (GenerationError, _round_up, cache_length, cached_forward, check_length, init_cache,
-                              make_prompts, serving_params, write_prefix)
+from glm_jax.generate import (
+    GenerationError,
+    _round_up,
+    cache_length,
+    cached_forward,
+    check_length,
+    init_cache,
+    make_prompts,
+    serving_params,
+    write_prefix,
+)
 from glm_jax.tokenizer import GLM_IDS, SpecialIds
 
 MIN_BUCKET = 16
@@ -90,13 +99,16 @@ def prefill_row(config: GLMConfig, params, cache, row, tokens, length, causal: b
 
     mine = tuple(tuple(jax.lax.dynamic_slice_in_dim(c, row, 1, axis=0) for c in pair) for pair in cache)
     mine = prefill(config, params, mine, tokens, length, causal)
-    return tuple(tuple(jax.lax.dynamic_update_slice_in_dim(c, m, row, axis=0) for c, m in zip(pair, new))
-                 for pair, new in zip(cache, mine))
+    return tuple(
+        tuple(jax.lax.dynamic_update_slice_in_dim(c, m, row, axis=0) for c, m in zip(pair, new))
+        for pair, new in zip(cache, mine)
+    )
 
 
 def _largest_passing(lo, hi, passes, iterations: int = 40):
     """Bisection per row: the largest t in [lo, hi] ([S]) with passes(t) [S] true (passes(lo) holds,
     and passes is monotone: true below some point, false above), to ~2^-40 of hi - lo."""
+
     def body(_, bounds):
         lo, hi = bounds
         mid = (lo + hi) / 2
@@ -129,17 +141,23 @@ def sample_rows(logits, seeds, steps, temperature, top_p, top_k):
     does not filter is unchanged by it, so its tokens never depend on its neighbours."""
     scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
     sampling = temperature > 0
-    filtered = jax.lax.cond(jnp.any(sampling & ((top_p < 1) | (top_k > 0))),
-                            lambda x: filter_logits(x, top_p, top_k), lambda x: x, scaled)
+    filtered = jax.lax.cond(
+        jnp.any(sampling & ((top_p < 1) | (top_k > 0))), lambda x: filter_logits(x, top_p, top_k), lambda x: x, scaled
+    )
     draw = jax.vmap(lambda lg, seed, step: jax.random.categorical(jax.random.fold_in(jax.random.key(seed), step), lg))
-    sampled = jax.lax.cond(jnp.any(sampling), lambda x: draw(x, seeds, steps).astype(jnp.int32),
-                           lambda x: jnp.zeros(x.shape[0], jnp.int32), filtered)
+    sampled = jax.lax.cond(
+        jnp.any(sampling),
+        lambda x: draw(x, seeds, steps).astype(jnp.int32),
+        lambda x: jnp.zeros(x.shape[0], jnp.int32),
+        filtered,
+    )
     return jnp.where(sampling, sampled, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
 
 
 @functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
-def decode_slots(config: GLMConfig, params, cache, token, step, lengths, mask_pos, cont,
-                 seeds, temperature, top_p, top_k):
+def decode_slots(
+    config: GLMConfig, params, cache, token, step, lengths, mask_pos, cont, seeds, temperature, top_p, top_k
+):
     """Feed token [S] as each slot's generated token number step [S] (0: the start id) at cache
     slot P + lengths + step; positions as `generate.decode_step`. -> (next tokens [S], cache)."""
     p = config.pre_seq_len
@@ -147,8 +165,9 @@ def decode_slots(config: GLMConfig, params, cache, token, step, lengths, mask_po
     position = jnp.where(cont, lengths + step, mask_pos)[:, None]
     block = (step + 1)[:, None] if config.position_encoding_2d else jnp.zeros_like(position)
     visible = jnp.arange(cache_length(cache))[None, :] <= slot[:, None]  # prefix, context, generated so far
-    logits, cache = cached_forward(config, params, token[:, None], position, block, visible[:, None, None, :],
-                                   cache, slot)
+    logits, cache = cached_forward(
+        config, params, token[:, None], position, block, visible[:, None, None, :], cache, slot
+    )
     logits = logits[:, 0, : config.vocab_size].astype(jnp.float32)
     return sample_rows(logits, seeds, step, temperature, top_p, top_k), cache
 
@@ -157,8 +176,16 @@ class Engine:
     """The slots, their cache and the decode loop. params: float, INT8/INT4 or with adapters
     (whatever `checkpoints.load_model` gives); copied once into `generate.serving_params` layout."""
 
-    def __init__(self, config: GLMConfig, params, ids: SpecialIds = GLM_IDS, causal: bool = False,
-                 slots: int = 8, max_queue: int | None = None, cache_dtype=None):
+    def __init__(
+        self,
+        config: GLMConfig,
+        params,
+        ids: SpecialIds = GLM_IDS,
+        causal: bool = False,
+        slots: int = 8,
+        max_queue: int | None = None,
+        cache_dtype=None,
+    ):
         if slots < 1:
             raise ValueError("slots must be at least 1")
         self.config, self.ids, self.causal, self.slots = config, ids, causal, slots
@@ -198,8 +225,10 @@ class Engine:
         req._batch = self.validate(req)
         with self.lock:
             if len(self.waiting) >= self.max_queue:
-                raise QueueFull(f"the server is at capacity ({self.slots} slots busy, {len(self.waiting)} requests "
-                                "waiting); retry later")
+                raise QueueFull(
+                    f"the server is at capacity ({self.slots} slots busy, {len(self.waiting)} requests "
+                    "waiting); retry later"
+                )
             req.id, req.submitted = next(self.ids_counter), time.perf_counter()
             self.waiting.append(req)
             self.lock.notify()
@@ -213,11 +242,16 @@ class Engine:
 
     def load(self) -> dict:
         with self.lock:
-            return dict(slots=self.slots, active=sum(r is not None for r in self.active), waiting=len(self.waiting),
-                        max_queue=self.max_queue, steps=self.steps_run)
+            return dict(
+                slots=self.slots,
+                active=sum(r is not None for r in self.active),
+                waiting=len(self.waiting),
+                max_queue=self.max_queue,
+                steps=self.steps_run,
+            )
 
     # ---- the loop ----------------------------------------------------------------------------
-    def start(self) -> "Engine":
+    def start(self) -> Engine:
         self.running = True
         self.thread = threading.Thread(target=self._loop, name="glm-engine", daemon=True)
         self.thread.start()
@@ -283,8 +317,19 @@ class Engine:
         if not any(self.active):
             return True
         next_token, self.cache = decode_slots(
-            self.config, self.params, self.cache, self.token, self.step, self.lengths, self.mask_pos, self.cont,
-            self.seeds, self.temperature, self.top_p, self.top_k)
+            self.config,
+            self.params,
+            self.cache,
+            self.token,
+            self.step,
+            self.lengths,
+            self.mask_pos,
+            self.cont,
+            self.seeds,
+            self.temperature,
+            self.top_p,
+            self.top_k,
+        )
         next_token = np.asarray(next_token)
         self.steps_run += 1
         with self.lock:
@@ -337,8 +382,19 @@ class EngineGenerator:
         self.engine, self.ids, self.causal, self.seed = engine, engine.ids, engine.causal, seed
         self.generated, self.reasons = 0, []  # tokens generated (stop ids included), each call's finish_reason
 
-    def generate(self, prompts, max_new_tokens, *, temperature=0.0, top_k=0, top_p=1.0, key=None,
-                 stop_tokens=None, blank=None, on_token=None):
+    def generate(
+        self,
+        prompts,
+        max_new_tokens,
+        *,
+        temperature=0.0,
+        top_k=0,
+        top_p=1.0,
+        key=None,
+        stop_tokens=None,
+        blank=None,
+        on_token=None,
+    ):
         del key, on_token
         stop = tuple(stop_tokens) if stop_tokens is not None else (self.ids.eop, self.ids.eos)
         out = []

@@ -14,7 +14,7 @@ line): a character is released once appending any of a few probe continuations l
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 PROBES = ("\n", " ", "a", ",", "中", "。")
 
@@ -28,8 +28,13 @@ def _common_prefix(a: str, b: str) -> int:
 
 
 class TextStream:
-    def __init__(self, decode: Callable[[list[int]], str], stop_ids: Sequence[int] = (), stops: Sequence[str] = (),
-                 postprocess: Callable[[str], str] | None = None):
+    def __init__(
+        self,
+        decode: Callable[[list[int]], str],
+        stop_ids: Sequence[int] = (),
+        stops: Sequence[str] = (),
+        postprocess: Callable[[str], str] | None = None,
+    ):
         self.decode, self.stop_ids, self.stops = decode, set(stop_ids), [s for s in stops if s]
         self.postprocess = postprocess or (lambda s: s)
         self.ids: list[int] = []
@@ -64,7 +69,7 @@ class TextStream:
                 text = text[: _common_prefix(text, self.postprocess(raw + probe))]
         if len(text) <= len(self.sent) or not text.startswith(self.sent):
             return ""
-        out, self.sent = text[len(self.sent):], text
+        out, self.sent = text[len(self.sent) :], text
         return out
 
     def _held(self, raw: str) -> int:
