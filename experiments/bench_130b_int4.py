@@ -30,9 +30,9 @@ from benchutil import emit, environment, hbm_bandwidth  # noqa: E402
 
 from glm_jax.config import config_from_args  # noqa: E402
 from glm_jax.generate import BUCKET, decode_step, init_cache, make_prompts, prefill  # noqa: E402
-from glm_jax.int4 import tree_bytes  # noqa: E402
 from glm_jax.model import abstract_params  # noqa: E402
-from glm_jax.platform import targeting  # noqa: E402
+from glm_jax.quant import tree_bytes  # noqa: E402
+from glm_jax.target import targeting  # noqa: E402
 from glm_jax.tokenizer import IceTokenizer  # noqa: E402
 
 GB = 1e9

@@ -65,7 +65,7 @@ def main(argv=None):
                     sys.executable,
                     "-c",
                     "import json, sys; sys.path.insert(0, sys.argv[1]); import jax, torch, safetensors, "
-                    "glm_jax.released, glm_jax.checkpoints, glm_jax.int4, convert; "
+                    "glm_jax.released, glm_jax.checkpoints, glm_jax.quant, convert; "
                     "print(json.dumps(convert.peak_rss_bytes()))",
                     here,
                 ],

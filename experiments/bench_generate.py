@@ -17,8 +17,8 @@ from benchutil import emit, environment, hbm_bandwidth
 
 from glm_jax.config import config_from_args
 from glm_jax.generate import Generator, make_prompts, serving_params
-from glm_jax.int4 import tree_bytes
 from glm_jax.model import init_params
+from glm_jax.quant import tree_bytes
 from glm_jax.tokenizer import GLM_IDS
 
 

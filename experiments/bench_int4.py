@@ -3,8 +3,8 @@
     python experiments/bench_int4.py [--m 1,16,64,2048] [--shapes 12288x36864,...] [--sweep]
 
 For every x [M, K] @ w [K, N] (GLM-130B's four layer matmuls by default, decode M 1/16/64 and
-prefill M 2048): bf16 `jnp.dot`; the portable XLA INT4 path (`int4.matmul`); the Pallas kernel
-(`int4.pallas_matmul`, M <= int4.PALLAS_MAX_TOKENS); and `auto`, the path the model takes.
+prefill M 2048): bf16 `jnp.dot`; the portable XLA INT4 path (`quant.matmul`); the Pallas kernel
+(`quant.pallas_matmul`, M <= quant.PALLAS_MAX_TOKENS); and `auto`, the path the model takes.
 Each row: median time, speed-up over bf16, and the bytes moved (weight + x + output) as a
 percent of the HBM bandwidth measured in the same run by a device copy. Also max |pallas - xla|
 relative to max |xla| (the kernel's numerics on the device). --sweep times a grid of kernel
@@ -21,19 +21,19 @@ import jax
 import jax.numpy as jnp
 from benchutil import emit, environment, hbm_bandwidth, time_fn
 
-from glm_jax import int4
+from glm_jax import quant
 
 GLM130B_SHAPES = "12288x36864,12288x12288,12288x65536,32768x12288"  # QKV, dense, h->4h (GeGLU), 4h->h
 INTERPRET_MAX_WEIGHT = 2**22
 SWEEP = dict(block_n=(64, 128), block_k=(256, 512), num_warps=(4, 8), num_stages=(3, 4))
 
 
-def random_int4(key, k: int, n: int) -> int4.QuantizedWeight:
+def random_int4(key, k: int, n: int) -> quant.QuantizedWeight:
     """Random packed INT4 bytes and fp16 scales made on the device."""
     kq, ks = jax.random.split(key)
     q = jax.random.bits(kq, (k // 2, n), jnp.uint8)
     scale = (jax.random.uniform(ks, (1, n), jnp.float32, 0.5, 1.5) * 0.01).astype(jnp.float16)
-    return int4.QuantizedWeight(q, scale, 4)
+    return quant.QuantizedWeight(q, scale, 4)
 
 
 def main(argv=None):
@@ -55,17 +55,17 @@ def main(argv=None):
     emit(dict(env, bench="hbm_bandwidth", gb_s=round(bandwidth / 1e9, 1)))
     key = jax.random.key(0)
     bf16_dot = jax.jit(lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32).astype(jnp.bfloat16))
-    xla = jax.jit(lambda x, w: int4.matmul(x, w))
-    auto = jax.jit(lambda x, w: int4.dense(x, w, "auto"))
+    xla = jax.jit(lambda x, w: quant.matmul(x, w))
+    auto = jax.jit(lambda x, w: quant.dense(x, w, "auto"))
 
-    def pallas(blocks=int4.KernelBlocks()):
-        return jax.jit(lambda x, w: int4.pallas_matmul(x, w, blocks=blocks))
+    def pallas(blocks=quant.KernelBlocks()):
+        return jax.jit(lambda x, w: quant.pallas_matmul(x, w, blocks=blocks))
 
     for (k, n), m in itertools.product(shapes, ms):
         kx, kw, key = jax.random.split(key, 3)
         x = jax.random.normal(kx, (m, k), jnp.bfloat16)
         w = random_int4(kw, k, n)
-        dense = int4.dequantize(w, jnp.bfloat16)
+        dense = quant.dequantize(w, jnp.bfloat16)
         t_bf16 = time_fn(bf16_dot, x, dense, iters=args.iters)
         io_bytes = x.nbytes + m * n * 2
         row = dict(
@@ -80,7 +80,7 @@ def main(argv=None):
         del dense
         paths = {"xla": xla, "auto": auto}
         interpretable = k * n <= INTERPRET_MAX_WEIGHT  # off-GPU the kernel is interpreted: small weights only
-        if m <= int4.PALLAS_MAX_TOKENS and int4.pallas_supports(m, k, n, 1) is None and (on_gpu or interpretable):
+        if m <= quant.PALLAS_MAX_TOKENS and quant.pallas_supports(m, k, n, 1) is None and (on_gpu or interpretable):
             paths["pallas"] = pallas()
         ref = xla(x, w)
         for name, fn in paths.items():
@@ -91,12 +91,12 @@ def main(argv=None):
         if "pallas" in paths:
             err = jnp.max(jnp.abs(paths["pallas"](x, w).astype(jnp.float32) - ref.astype(jnp.float32)))
             row["pallas_rel_err"] = float(err / jnp.max(jnp.abs(ref.astype(jnp.float32))))
-        row["auto_path"] = int4.choose_matmul("auto", m, w)
+        row["auto_path"] = quant.choose_matmul("auto", m, w)
         if args.sweep and m <= 16 and "pallas" in paths:
             best = None
             for values in itertools.product(*SWEEP.values()):
-                blocks = int4.KernelBlocks(**dict(zip(SWEEP, values)))
-                if int4.pallas_supports(m, k, n, 1, blocks) is not None:
+                blocks = quant.KernelBlocks(**dict(zip(SWEEP, values)))
+                if quant.pallas_supports(m, k, n, 1, blocks) is not None:
                     continue
                 t = time_fn(pallas(blocks), x, w, iters=args.iters)
                 if best is None or t < best[0]:

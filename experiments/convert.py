@@ -55,7 +55,7 @@ def main(argv=None):
     from glm_jax.config import ConfigError, parse_overrides
     from glm_jax.convert import ConversionError
     from glm_jax.families import FamilyError, get_family
-    from glm_jax.int4 import quantize_params, tree_bytes
+    from glm_jax.quant import quantize_params, tree_bytes
     from glm_jax.released import convert_folder
     from glm_jax.tokenizer import TokenizerError, bundled_file, check_fits
 

@@ -30,7 +30,7 @@ import os
 import shutil
 import sys
 
-from glm_jax.cli import DEFAULT_CHECKPOINTS, prepare_devices
+from glm_jax.script_args import DEFAULT_CHECKPOINTS, prepare_devices
 
 METHOD_LR = {"ptuning": 2e-2, "lora": 5e-4, "freeze": 1e-4, "full": 1e-4}
 
@@ -110,9 +110,10 @@ def main(argv=None):
 
     from glm_jax import sharding as sh
     from glm_jax.adapters import Adapter, attach, save_adapter
-    from glm_jax.checkpoints import CheckpointError, _quantize_on_load, load_model, move_to_device, save_serving
+    from glm_jax.checkpoints import CheckpointError, move_to_device, save_serving
     from glm_jax.config import ConfigError
     from glm_jax.data import DataError
+    from glm_jax.loading import load_model, quantize_on_load
     from glm_jax.optim import OptimConfig
     from glm_jax.peft import PeftConfig, base_identity, count, merge_lora, nbytes, split_shapes
     from glm_jax.sft import SFTBuilder
@@ -130,7 +131,7 @@ def main(argv=None):
         quantize = None if args.quantize == "none" else args.quantize
         if quantize and not peft.is_adapter:
             raise ConfigError(f"--quantize {quantize} runs a frozen base quantized: it takes --method lora or ptuning")
-        base_config, base = _quantize_on_load(m.config, m.params, quantize, m.path)
+        base_config, base = quantize_on_load(m.config, m.params, quantize, m.path)
         config = peft.model_config(base_config).override(**model_overrides)
         seq_len = args.seq_len or args.max_source + args.max_target + 4
         if seq_len > config.max_sequence_length:

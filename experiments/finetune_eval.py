@@ -6,7 +6,7 @@
 Each row's last reply is the reference; the prompt is the family's chat prompt of the rows
 before it, cut to --max-source as in training. Greedy by default; --sample uses the reference's
 top_p 0.7, temperature 0.95. Prints one JSON line: n, loss (mean teacher-forced NLL per reply
-token, end token included, as in training), bleu-4, rouge-1, rouge-2, rouge-l (glm_jax/metrics.py).
+token, end token included, as in training), bleu-4, rouge-1, rouge-2, rouge-l (glm_jax/text_metrics.py).
 Each line of --out is {"index", "prompt", "reference", "prediction"}; the file is written whole
 or not at all.
 """
@@ -16,7 +16,7 @@ import json
 import os
 import sys
 
-from glm_jax.cli import add_checkpoint_args, load_model_or_exit
+from glm_jax.script_args import add_checkpoint_args, load_model_or_exit
 
 
 def parse_args(argv=None):
@@ -47,8 +47,8 @@ def main(argv=None):
     from glm_jax.data import DataError
     from glm_jax.evaluate import sft_loss
     from glm_jax.generate import Generator
-    from glm_jax.metrics import corpus_scores
     from glm_jax.sft import BadRow, SFTBuilder, SFTStats, conversation, cut_prompt, read_rows
+    from glm_jax.text_metrics import corpus_scores
 
     m = load_model_or_exit(args)
     fam, tok = m.family, m.tokenizer

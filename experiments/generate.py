@@ -20,7 +20,7 @@ import argparse
 import json
 import sys
 
-from glm_jax.cli import add_checkpoint_args, load_model_or_exit
+from glm_jax.script_args import add_checkpoint_args, load_model_or_exit
 
 
 def stream(gen, m, ids, args, key, show: bool) -> tuple[str, list[int]]:

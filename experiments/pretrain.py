@@ -18,7 +18,7 @@ import json
 import os
 import sys
 
-from glm_jax.cli import DEFAULT_RUN, prepare_devices
+from glm_jax.script_args import DEFAULT_RUN, prepare_devices
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DATA = os.path.normpath(os.path.join(HERE, "..", "..", "shared", "data"))

@@ -2,7 +2,7 @@
 
     python experiments/quantize.py [--checkpoint DIR] [--quantize int4|int8] [--group N | --groups N] [--out DIR]
 
-GLM-130B's weight-only scheme (int4.py): the four linear weights of every layer become integers
+GLM-130B's weight-only scheme (quant.py): the four linear weights of every layer become integers
 (INT4 packed two per byte) with fp16 scales per output row, or per `--group` input rows, or in
 `--groups` groups along each input; embeddings, norms and biases are stored in 16 bits (bf16, or
 the checkpoint's fp16); no optimizer state; the family and tokenizer go along. The result is a checkpoint folder that
@@ -16,7 +16,7 @@ import json
 import os
 import sys
 
-from glm_jax.cli import DEFAULT_CHECKPOINTS, load_model_or_exit
+from glm_jax.script_args import DEFAULT_CHECKPOINTS, load_model_or_exit
 
 
 def main(argv=None):
@@ -37,7 +37,7 @@ def main(argv=None):
 
     from glm_jax.checkpoints import CheckpointError, save_serving
     from glm_jax.config import ConfigError
-    from glm_jax.int4 import quantize_params, tree_bytes
+    from glm_jax.quant import quantize_params, tree_bytes
     from glm_jax.tokenizer import bundled_file
 
     m = load_model_or_exit(argparse.Namespace(**{**vars(args), "quantize": None}))

@@ -16,7 +16,7 @@ import os
 import signal
 import sys
 
-from glm_jax.cli import add_checkpoint_args, load_model_or_exit
+from glm_jax.script_args import add_checkpoint_args, load_model_or_exit
 
 
 def main(argv=None):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
+from glm_jax.checkpoints import CheckpointError, move_to_device, read_checkpoint, save_serving
 from glm_jax.config import GLMConfig
 from glm_jax.peft import PeftConfig, combine, split
 
@@ -47,8 +48,6 @@ def save_adapter(
     family: str,
     tokenizer_file: str | None,
 ) -> str:
-    from glm_jax.checkpoints import move_to_device, save_serving
-
     path = os.path.join(out_dir, ADAPTER_DIR)
     save_serving(
         path,
@@ -64,9 +63,7 @@ def save_adapter(
 
 
 def load_adapter(path: str) -> Adapter:
-    from glm_jax.checkpoints import CheckpointError, _restore
-
-    config, params, step, meta, folder = _restore(adapter_path(path), None)
+    config, params, step, meta, folder = read_checkpoint(adapter_path(path))
     if not meta.get("adapter"):
         raise CheckpointError(f"{folder} is not a fine-tuned adapter (write one with `python experiments/finetune.py`)")
     return Adapter(config, PeftConfig.from_dict(meta["peft"]), params, step, meta["base"], folder)

@@ -18,18 +18,16 @@ optimizer state) has the same folder layout, so every loader takes both.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import shutil
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from glm_jax import sharding as sh
-from glm_jax.config import ConfigError, GLMConfig
+from glm_jax import pipeline
+from glm_jax.config import GLMConfig
 from glm_jax.peft import PeftConfig, split_shapes
 
 TRAIN_ITEMS = ("params", "opt_state", "train")
@@ -93,68 +91,18 @@ def check_config_matches(saved: dict, config: GLMConfig, where: str) -> None:
         )
 
 
-# ---- training state ---------------------------------------------------------------------------------
-def layout(plan: sh.PipelinePlan) -> dict:
+# ---- the layout the layers were saved in ----------------------------------------------------------
+def layout(plan: pipeline.PipelinePlan) -> dict:
     """What `meta.layout` records: the pipeline whose slot layout the saved layers are in."""
     return {"stages": plan.stages, "num_layers": plan.num_layers}
 
 
-def _saved_plan(meta: dict, config: GLMConfig) -> sh.PipelinePlan:
-    return sh.PipelinePlan(config.num_layers, int(meta.get("layout", {}).get("stages", 1)))
+def saved_plan(meta: dict, config: GLMConfig) -> pipeline.PipelinePlan:
+    """The pipeline whose slot layout a checkpoint's layers are in."""
+    return pipeline.PipelinePlan(config.num_layers, int(meta.get("layout", {}).get("stages", 1)))
 
 
-def _train_item(state) -> dict:
-    """The `train` item of a train.TrainState (arrays, or ShapeDtypeStructs as a restore target)."""
-    return {
-        "step": state.step,
-        "loss_scale": state.loss_scale,
-        "rng": state.rng,
-        "skipped": state.skipped,
-        "consecutive_skips": state.consecutive_skips,
-    }
-
-
-def save_state(ckpt: Checkpoints, trainer, step: int, state, meta: dict) -> None:
-    """Write `state` (a train.TrainState) as it lies on the mesh: no conversion, nothing compiled."""
-    ckpt.save(
-        step,
-        {"params": state.params, "opt_state": state.opt_state, "train": _train_item(state)},
-        {**meta, "layout": layout(trainer.plan)},
-    )
-
-
-def restore_state(ckpt: Checkpoints, trainer, step: int, meta: dict):
-    """The train.TrainState of `step` in `trainer`'s shardings. Same stage count: every device
-    reads its own shards. Another stage count: the saved slots are read sharded over the new mesh
-    (layers over `stage` where it divides them) and re-slotted on the devices."""
-    from glm_jax.train import TrainState
-
-    saved = _saved_plan(meta, trainer.config)
-    same = saved.stages == trainer.plan.stages
-    shapes = trainer.state_shapes(saved)
-    shardings = trainer.state_shardings if same else trainer.shardings_for(shapes)
-    target = sh.abstract_tree(shapes, shardings)
-    items = ckpt.restore(step, {"params": target.params, "opt_state": target.opt_state, "train": _train_item(target)})
-    state = TrainState(params=items["params"], opt_state=items["opt_state"], **items["train"])
-    if same:
-        return state
-    reslot = lambda t: sh.params_to_slots(sh.params_from_slots(t, saved), trainer.plan)
-    with jax.set_mesh(trainer.mesh):
-        return jax.jit(
-            lambda s: s.replace(
-                params=reslot(s.params), opt_state=trainer.param_like(s.opt_state, reslot, lambda x: x)
-            ),
-            out_shardings=trainer.state_shardings,
-        )(state)
-
-
-def state_bytes_per_device(trainer) -> float:
-    """Bytes of the training state on one device: what it holds in a restore target and, at
-    most (replicated shards are written once), what it writes in a save."""
-    return sh.per_device_bytes(trainer.state_shapes(trainer.plan), trainer.state_shardings)
-
-
-# ---- serving checkpoints and loading a trained model -------------------------------------------
+# ---- serving checkpoints and reading parameters ---------------------------------------------------
 TOKENIZER_DIR = "tokenizer"
 
 
@@ -172,7 +120,7 @@ def copy_tokenizer(model_file: str | None, directory: str) -> str | None:
     return rel
 
 
-def _restore(path: str, step: int | None) -> tuple[GLMConfig, dict, int, dict, str]:
+def read_checkpoint(path: str, step: int | None = None) -> tuple[GLMConfig, dict, int, dict, str]:
     """(config, params, step, meta, checkpoint folder) of a training or serving checkpoint; the
     parameters only (a training checkpoint's optimizer state is never read)."""
     path = os.path.abspath(path)
@@ -201,87 +149,11 @@ def read_params(ckpt: Checkpoints, step: int, meta: dict, config: GLMConfig) -> 
     """A step's `params` item on the first device, in the plain stacked layout. They are the run's
     trainable parameters: all of them, or a fine-tuning method's (meta.peft)."""
     peft = PeftConfig.from_dict(meta["peft"]) if meta.get("peft") else PeftConfig("full")
-    plan = _saved_plan(meta, config)
-    shapes = jax.eval_shape(lambda t: sh.params_to_slots(t, plan), split_shapes(peft, config)[0])
+    plan = saved_plan(meta, config)
+    shapes = jax.eval_shape(lambda t: pipeline.params_to_slots(t, plan), split_shapes(peft, config)[0])
     one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one), shapes)
-    return sh.params_from_slots(ckpt.restore(step, {"params": target})["params"], plan)
-
-
-def _quantize_on_load(config: GLMConfig, params: dict, quantize: str | None, path: str):
-    if quantize and quantize not in ("none", config.quantization):
-        if config.quantization != "none":
-            raise CheckpointError(
-                f"{path} holds {config.quantization} weights already; quantize the float "
-                f"checkpoint it came from to get {quantize}"
-            )
-        from glm_jax.int4 import quantize_params
-
-        config = config.override(quantization=quantize)
-        params = quantize_params(params, config)
-    return config, params
-
-
-def load_checkpoint(path: str, step: int | None = None, quantize: str | None = None) -> tuple[GLMConfig, dict, int]:
-    """(config, params, step) from a run's checkpoint folder (its latest step, or `step`) or from
-    one step's folder, onto the first device: a training checkpoint, or a quantized serving one
-    written by `save_serving`. quantize "int4"/"int8": weight-only quantization of a float
-    checkpoint's layer weights (int4.py) as it loads. Clear errors for a missing or empty
-    folder, or for re-quantizing quantized weights."""
-    config, params, step, _, path = _restore(path, step)
-    config, params = _quantize_on_load(config, params, quantize, path)
-    return config, params, step
-
-
-@dataclasses.dataclass
-class LoadedModel:
-    """A checkpoint with everything needed to prompt it: its family and tokenizer."""
-
-    config: GLMConfig
-    params: dict
-    step: int
-    family: Any  # families.Family
-    tokenizer: Any  # tokenizer.Tokenizer
-    path: str
-
-
-def load_model(
-    path: str,
-    quantize: str | None = None,
-    tokenizer_file: str | None = None,
-    family: str | None = None,
-    step: int | None = None,
-    adapter: str | None = None,
-) -> LoadedModel:
-    """`load_checkpoint` plus the family and tokenizer the checkpoint records (a checkpoint from
-    before families were recorded is ours, `glm`). tokenizer_file / family override them. A
-    tokenizer whose ids do not fit the embedding is a clear error. adapter: a fine-tuned
-    adapter folder (adapters.py) put on the (quantized) base, after checking it is its base."""
-    from glm_jax.families import FamilyError, get_family
-    from glm_jax.tokenizer import TokenizerError, check_fits
-
-    config, params, step, meta, path = _restore(path, step)
-    try:
-        fam = get_family(family or meta.get("family") or "glm")
-        if tokenizer_file is None and meta.get("tokenizer"):
-            tokenizer_file = os.path.join(path, meta["tokenizer"])
-        tok = fam.load_tokenizer(tokenizer_file)
-        check_fits(tok, config.padded_vocab_size, f"the checkpoint {path}")
-    except (FamilyError, TokenizerError) as e:
-        raise CheckpointError(str(e)) from None
-    if adapter is not None:
-        from glm_jax.adapters import attach, load_adapter
-        from glm_jax.peft import check_base
-
-        ad = load_adapter(adapter)
-        try:
-            check_base(ad.base, config, params, step, ad.path)
-        except ConfigError as e:
-            raise CheckpointError(str(e)) from None
-    config, params = _quantize_on_load(config, params, quantize, path)
-    if adapter is not None:
-        config, params = attach(ad, config, params)
-    return LoadedModel(config, params, step, fam, tok, path)
+    return pipeline.params_from_slots(ckpt.restore(step, {"params": target})["params"], plan)
 
 
 def move_to_device(tree: dict) -> dict:

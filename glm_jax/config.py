@@ -78,7 +78,7 @@ class GLMConfig:
     param_dtype: str = "float32"
     remat_policy: str = "none"
     attention_impl: str = "auto"
-    # weight-only quantization of the four linear weights of every layer (int4.py)
+    # weight-only quantization of the four linear weights of every layer (quant.py)
     quantization: str = "none"  # none | int8 | int4
     quantization_group: int = 0  # input rows per scale; 0: one scale per output row
     # or a fixed number of scale groups along every layer's input (GLM-130B's INT4 checkpoints:

@@ -13,10 +13,11 @@ import time
 import jax
 import jax.numpy as jnp
 
-from glm_jax import pipeline as pl
+from glm_jax import pipeline
 from glm_jax import sharding as sh
-from glm_jax.checkpoints import state_bytes_per_device
 from glm_jax.objectives import CONTRACT_KEYS
+from glm_jax.topology import out_of_memory
+from glm_jax.train_state import state_bytes_per_device
 
 GIB = 2.0**30
 
@@ -44,7 +45,7 @@ def dry_run(trainer, seq_len: int) -> dict:
         "schedule": trainer.schedule,
         "microbatches": trainer.microbatches,
         "micro_batch_per_replica": trainer.microbatch_rows // sh.axis_size(trainer.mesh, "data"),
-        "bubble_fraction": pl.bubble_fraction(trainer.schedule, trainer.plan.stages, trainer.microbatches),
+        "bubble_fraction": pipeline.bubble_fraction(trainer.schedule, trainer.plan.stages, trainer.microbatches),
         "weights_gib_per_device": sh.per_device_bytes(shapes.params, trainer.state_shardings.params) / GIB,
         "optimizer_gib_per_device": sh.per_device_bytes(shapes.opt_state, trainer.state_shardings.opt_state) / GIB,
         "checkpoint_gib_per_device": state_bytes_per_device(trainer) / GIB,
@@ -63,8 +64,6 @@ def dry_run(trainer, seq_len: int) -> dict:
         with trainer.context():
             compiled = trainer._fused_step.lower(*args).compile()
     except Exception as e:  # an accelerator's compiler refuses a plan over its memory: report it
-        from glm_jax.topology import out_of_memory
-
         message = out_of_memory(e)
         if message is None:
             raise

@@ -30,6 +30,7 @@ import numpy as np
 from glm_jax.config import GLMConfig
 from glm_jax.families import Family, get_family
 from glm_jax.generate import Generator, make_prompts
+from glm_jax.losses import token_loss
 from glm_jax.model import GLM
 from glm_jax.objectives import CONTRACT_KEYS
 from glm_jax.tokenizer import GLM_IDS, SpecialIds, Tokenizer
@@ -583,8 +584,6 @@ def reference_bits_per_byte(
 
 @functools.partial(jax.jit, static_argnums=(0,))
 def _sft_loss_sum(config: GLMConfig, params, batch):
-    from glm_jax.pipeline import token_loss
-
     loss, n = token_loss(GLM(config).apply({"params": params}, batch), batch)
     return loss * n, n
 

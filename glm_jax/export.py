@@ -20,6 +20,8 @@ from collections.abc import Callable
 import numpy as np
 
 from glm_jax.config import GLMConfig
+from glm_jax.peft import merge_lora
+from glm_jax.quant import dequantize_params
 
 FORMATS = ("hf-glm", "chatglm2")
 
@@ -53,8 +55,6 @@ def check_exportable(config: GLMConfig, fmt: str) -> None:
 
 def _float_params(params: dict, config: GLMConfig) -> dict:
     if config.quantization != "none":
-        from glm_jax.int4 import dequantize_params
-
         return dequantize_params(params, config)
     return params
 
@@ -119,8 +119,6 @@ def export_tensors(
     c, np_dtype = config, _np_dtype(dtype)
     params = _float_params(params, config)
     if c.lora_rank:  # an adapter on load (--adapter): folded into the exported weights
-        from glm_jax.peft import merge_lora
-
         params, c = merge_lora(params, c.override(quantization="none"))
     v = c.vocab_size
     embed = np.asarray(params["word_embeddings"]["embedding"])[:v]

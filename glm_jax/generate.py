@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from glm_jax.beam import BeamSearch
 from glm_jax.config import GLMConfig
 from glm_jax.layers import GLMBlock, rotary_tables, write_cache
 from glm_jax.model import GLM
@@ -305,8 +306,6 @@ class Generator:
         are cache rows, reordered on device after each step. -> the final beams in the
         reference's order: (generated ids after the start id, ending with the stop id when the
         beam ended; penalized score)."""
-        from glm_jax.beam import BeamSearch
-
         stop_tokens = (self.ids.eop, self.ids.eos) if stop_tokens is None else tuple(stop_tokens)
         batch = self.prompts([prompt])
         state = self.start(batch, max_new_tokens, repeat=num_beams)

@@ -25,6 +25,7 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
 from glm_jax.evaluate import ModelScorer, sliding_window_rows
+from glm_jax.loading import load_model
 
 
 @register_model("glm_jax")
@@ -41,8 +42,6 @@ class GLMJaxLM(LM):
         **_,
     ):
         super().__init__()
-        from glm_jax.checkpoints import load_model
-
         m = load_model(checkpoint, quantize=quantize, tokenizer_file=tokenizer, family=family)
         self.model, self.tok, self.family = m, m.tokenizer, m.family
         self.batch = int(batch_size) if str(batch_size).isdigit() else 16

@@ -18,9 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
-from glm_jax import int4, tpu_attention
+from glm_jax import quant, tpu_attention
 from glm_jax.config import GLMConfig
-from glm_jax.platform import target_platform
+from glm_jax.target import target_platform
 
 MASK_VALUE = -10000.0  # the reference's additive mask value (spec section 1)
 
@@ -39,7 +39,7 @@ class Linear(nn.Module):
     """y = x . kernel (+ bias), contracting the last `len(in_shape)` axes of x.
 
     kernel: `in_shape + features`, named `kernel_axes`; bias: `features`. The one dense layer of
-    the model: quantized variants (int4.py) replace it through `GLMConfig`, nothing else changes.
+    the model: quantized variants (quant.py) replace it through `GLMConfig`, nothing else changes.
     """
 
     in_shape: tuple[int, ...]
@@ -104,7 +104,7 @@ class Linear(nn.Module):
 
     def _quantized(self, x):
         """Weight-only INT4/INT8: q [K(/2), *features] (the input dims flattened to K, INT4 packed
-        in pairs along K) and scale [G, *features]; filled by int4.quantize_params."""
+        in pairs along K) and scale [G, *features]; filled by quant.quantize_params."""
         c = self.config
         bits = 4 if c.quantization == "int4" else 8
         k = int(np.prod(self.in_shape))
@@ -124,8 +124,8 @@ class Linear(nn.Module):
             jnp.float16,
         )
         n = int(np.prod(self.features))
-        w = int4.QuantizedWeight(q.reshape(q.shape[0], n), scale.reshape(groups, n), bits)
-        y = int4.dense(
+        w = quant.QuantizedWeight(q.reshape(q.shape[0], n), scale.reshape(groups, n), bits)
+        y = quant.dense(
             x.reshape(x.shape[: x.ndim - len(self.in_shape)] + (k,)), w, c.quantized_matmul, dtype=c.compute_dtype
         )
         return y.reshape(y.shape[:-1] + self.features)
@@ -306,7 +306,7 @@ def _warn_fallback(reason: str, impl: str = "cudnn"):
 
 
 def choose_attention(config: GLMConfig, dropout_active: bool) -> str:
-    """'xla' or 'cudnn' for this config on the platform being compiled for (`platform.py`;
+    """'xla' or 'cudnn' for this config on the platform being compiled for (`target.py`;
     cuDNN needs a GPU, 16-bit, no dropout)."""
     impl = config.attention_impl
     if impl in ("xla", "pallas_tpu"):  # pallas_tpu here: the dense mask was needed (cache, prefix, dropout)

@@ -28,6 +28,7 @@ import numpy as np
 from flax import traverse_util
 
 from glm_jax.config import ConfigError, GLMConfig
+from glm_jax.model import abstract_params
 
 METHODS = ("lora", "ptuning", "freeze", "full")
 LORA_LEAVES = ("lora_a", "lora_b")
@@ -143,8 +144,6 @@ def split_shapes(peft: PeftConfig, config: GLMConfig) -> tuple[dict, dict]:
     """`split` of the model's abstract parameters: (trainable, frozen) ShapeDtypeStructs, nothing
     allocated. config: the model config (`peft.model_config(base)`)."""
     import flax.linen as nn
-
-    from glm_jax.model import abstract_params
 
     return jax.eval_shape(lambda p: split(p, peft, config), nn.meta.unbox(abstract_params(config)))
 

@@ -1,4 +1,10 @@
-"""Pipeline schedules over the (data, stage, tensor) mesh, on the slot layout of `sharding.PipelinePlan`.
+"""Pipeline parallelism: the plan (layers in slots, stages, microbatches, bubble) and the schedules.
+
+The plan: `PipelinePlan` puts the stacked layers into `stages` x `slots` slots over the mesh's
+`stage` axis (padding slots are identities); `to_slots` / `from_slots` convert layer stacks;
+`microbatch_count` and `pad_microbatches` decide and lay out a step's microbatches.
+
+The schedules run on that slot layout.
 
 Every schedule runs in lockstep ticks: at each tick every stage runs its K slots on one
 microbatch, vmapped over stages with the stage axis sharded (`spmd_axis_name`), then activations
@@ -19,18 +25,126 @@ paid once per step rather than once per pass.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from glm_jax.config import GLMConfig
 from glm_jax.layers import GLMBlock
+from glm_jax.losses import token_loss_sum
 from glm_jax.model import GLM, REMAT_POLICIES, attention_inputs
-from glm_jax.sharding import PipelinePlan, to_slots
+from glm_jax.sharding import axis_size
 
 BATCH_FIELDS = ("position_ids", "block_position_ids", "segment_ids", "prefix_mask")
 LOSS_FIELDS = ("tokens", "targets", "loss_mask")
 SCHEDULES = ("gpipe", "1f1b")
+
+
+# ---- the plan: slots, stages, microbatches ---------------------------------------------------------
+def default_microbatches(global_batch: int, data: int) -> int:
+    """One sequence per data replica per microbatch (GLM-130B's micro-batch 1)."""
+    return max(1, global_batch // max(data, 1))
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelinePlan:
+    """Layers in slots: `stages` x `slots` slots, padding slots being identities.
+
+    With L layers on S stages each stage has K = ceil(L / S) slots; the S*K - L padding slots go
+    to the first and last stages first (they also hold the embedding and the head), then inwards:
+    GLM-130B's 70 layers on 8 stages are 8, 9, 9, 9, 9, 9, 9, 8.
+    """
+
+    num_layers: int
+    stages: int
+
+    @property
+    def slots(self) -> int:
+        return -(-self.num_layers // self.stages)
+
+    @property
+    def layers_per_stage(self) -> list[int]:
+        pads = [0] * self.stages
+        order = [i for pair in zip(range(self.stages), reversed(range(self.stages))) for i in pair]
+        order = list(dict.fromkeys(order))  # 0, S-1, 1, S-2, ...
+        for j in range(self.stages * self.slots - self.num_layers):
+            pads[order[j % self.stages]] += 1
+        return [self.slots - p for p in pads]
+
+    @property
+    def layer_of_slot(self) -> np.ndarray:
+        """[stages * slots] layer index held by each slot, -1 for padding."""
+        out, layer = [], 0
+        for n in self.layers_per_stage:
+            out += list(range(layer, layer + n)) + [-1] * (self.slots - n)
+            layer += n
+        return np.array(out)
+
+    @property
+    def active(self) -> np.ndarray:
+        return self.layer_of_slot >= 0
+
+
+def to_slots(layers, plan: PipelinePlan):
+    """Stacked layer params [L, ...] -> slot layout [S*K, ...] (padding slots zero). One stage:
+    the same arrays (also for a slice of the layers, as freeze trains)."""
+    if plan.stages == 1:
+        return layers
+    idx = np.maximum(plan.layer_of_slot, 0)
+    active = plan.active
+
+    def one(x):
+        x = jnp.take(jnp.asarray(x), idx, axis=0)
+        return jnp.where(active.reshape((-1,) + (1,) * (x.ndim - 1)), x, 0)
+
+    return jax.tree_util.tree_map(one, layers)
+
+
+def from_slots(slots, plan: PipelinePlan):
+    """Slot layout [S*K, ...] -> stacked layers [L, ...]."""
+    if plan.stages == 1:
+        return slots
+    idx = np.flatnonzero(plan.active)
+    return jax.tree_util.tree_map(lambda x: jnp.take(x, idx, axis=0), slots)
+
+
+def params_to_slots(params: dict, plan: PipelinePlan) -> dict:
+    """The tree with its `layers` (if it has them: an adapter may not) in slot layout."""
+    return {**params, "layers": to_slots(params["layers"], plan)} if "layers" in params else params
+
+
+def params_from_slots(params: dict, plan: PipelinePlan) -> dict:
+    return {**params, "layers": from_slots(params["layers"], plan)} if "layers" in params else params
+
+
+def describe(mesh: jax.sharding.Mesh, plan: PipelinePlan, microbatches: int, schedule: str = "gpipe") -> str:
+    head = (
+        f"mesh data={axis_size(mesh, 'data')} x stage={axis_size(mesh, 'stage')} x tensor={axis_size(mesh, 'tensor')}"
+    )
+    if plan.stages == 1:
+        return head + "; no pipeline"
+    return (
+        head + f"; layers per stage {plan.layers_per_stage} ({plan.slots} slots); {schedule}, {microbatches} "
+        f"microbatches a step, bubble {bubble_fraction(schedule, plan.stages, microbatches):.1%}"
+    )
+
+
+def microbatch_count(requested: int | None, global_batch: int, mesh: jax.sharding.Mesh) -> int:
+    return requested or default_microbatches(global_batch, axis_size(mesh, "data"))
+
+
+def bubble_fraction(schedule: str, stages: int, microbatches: int) -> float:
+    """Idle share of a step's lockstep ticks (module docstring)."""
+    if stages == 1:
+        return 0.0
+    fill = stages - 1 if schedule == "gpipe" else 2 * (stages - 1)
+    return fill / (microbatches + fill)
+
+
+# ---- the schedules ------------------------------------------------------------------------------------
 
 
 def split_microbatches(x, m: int):
@@ -43,31 +157,6 @@ def split_microbatches(x, m: int):
 def merge_microbatches(x):
     m, mb = x.shape[:2]
     return jnp.swapaxes(x, 0, 1).reshape((m * mb,) + x.shape[2:])
-
-
-def bubble_fraction(schedule: str, stages: int, microbatches: int) -> float:
-    """Idle share of a step's lockstep ticks (module docstring)."""
-    if stages == 1:
-        return 0.0
-    fill = stages - 1 if schedule == "gpipe" else 2 * (stages - 1)
-    return fill / (microbatches + fill)
-
-
-def token_loss(logits, batch):
-    """Cross-entropy summed over loss tokens / their global count (not a mean of means).
-
-    Returns (loss, number of loss tokens)."""
-    loss_sum, n = token_loss_sum(logits, batch)
-    return loss_sum / jnp.maximum(n, 1.0), n
-
-
-def token_loss_sum(logits, batch):
-    """(summed cross-entropy over loss tokens, their count) of logits [..., V] in fp32."""
-    logits = logits.astype(jnp.float32)
-    logz = jax.nn.logsumexp(logits, axis=-1)
-    gold = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]
-    mask = batch["loss_mask"].astype(jnp.float32)
-    return jnp.sum((logz - gold) * mask), mask.sum()
 
 
 def _head_loss(config: GLMConfig, params, h, fields):
@@ -413,8 +502,6 @@ def pad_microbatches(rows: dict, microbatches: int, max_microbatches: int) -> di
     """A step's rows, microbatch after microbatch (numpy [m * g, ...]), -> the [max_microbatches * g, ...]
     layout in which `split_microbatches(x, max_microbatches)[i]` is microbatch i, those past m zero.
     Per process: its own rows of each microbatch, as its data shards hold them."""
-    import numpy as np
-
     out = {}
     for key, v in rows.items():
         g = v.shape[0] // microbatches

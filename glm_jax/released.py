@@ -31,6 +31,7 @@ import numpy as np
 from glm_jax import convert
 from glm_jax.config import ConfigError, GLMConfig, get_config
 from glm_jax.convert import ConversionError
+from glm_jax.families import get_family
 
 INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -270,8 +271,6 @@ def convert_folder(
     """A released folder -> our config and params (numpy, config.param_dtype) with its family and
     tokenizer file. dtype: the stored parameter dtype (default: the checkpoint's own, so fp16 stays
     fp16); the compute dtype follows a 16-bit choice."""
-    from glm_jax.families import get_family
-
     folder = os.path.abspath(folder)
     if not os.path.isdir(folder):
         raise ConversionError(f"input folder {folder} not found")

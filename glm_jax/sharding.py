@@ -1,9 +1,9 @@
-"""Where every array lives: the (data, stage, tensor) mesh, logical-axis rules, the pipeline.
+"""Where every array lives: the (data, stage, tensor) mesh, logical-axis rules, placement, processes.
 
 Mesh specs: "8x4" is 8 pipeline stages x 4 tensor shards with data parallel over the remaining
 devices; "DxPxT" names all three. The model names logical axes only; `LOGICAL_RULES` below is
-the one table that maps them onto the mesh. Pipeline parallelism splits the stacked layers over
-`stage` in slots (`PipelinePlan`); the schedules that run them are in `pipeline.py`.
+the one table that maps them onto the mesh. How layers are laid over `stage` (slots) and run
+(schedules) is `pipeline.py`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -182,20 +181,16 @@ def check_splittable(
     if config.num_layers < s:
         problems.append(f"stage axis of {s} is more than num_layers={config.num_layers}")
     if global_batch is not None:
-        m = microbatches or default_microbatches(global_batch, d)
         if global_batch % d:
             problems.append(f"data axis of {d} does not divide the global batch {global_batch}")
-        elif global_batch % (m * d):
-            problems.append(f"{m} microbatches x data axis of {d} do not divide the global batch {global_batch}")
+        elif microbatches and global_batch % (microbatches * d):
+            problems.append(
+                f"{microbatches} microbatches x data axis of {d} do not divide the global batch {global_batch}"
+            )
     if problems:
         raise MeshError(
             "cannot split this model on mesh " + f"data={d} x stage={s} x tensor={t}: " + "; ".join(problems)
         )
-
-
-def default_microbatches(global_batch: int, data: int) -> int:
-    """One sequence per data replica per microbatch (GLM-130B's micro-batch 1)."""
-    return max(1, global_batch // max(data, 1))
 
 
 # ---- where parameters and optimizer state live ----------------------------------------------------
@@ -242,96 +237,6 @@ def abstract_tree(shapes, shardings):
 def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
     """[B, S] batch arrays: rows over `data`."""
     return NamedSharding(mesh, P("data", None))
-
-
-# ---- the pipeline layout --------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class PipelinePlan:
-    """Layers in slots: `stages` x `slots` slots, padding slots being identities.
-
-    With L layers on S stages each stage has K = ceil(L / S) slots; the S*K - L padding slots go
-    to the first and last stages first (they also hold the embedding and the head), then inwards:
-    GLM-130B's 70 layers on 8 stages are 8, 9, 9, 9, 9, 9, 9, 8.
-    """
-
-    num_layers: int
-    stages: int
-
-    @property
-    def slots(self) -> int:
-        return -(-self.num_layers // self.stages)
-
-    @property
-    def layers_per_stage(self) -> list[int]:
-        pads = [0] * self.stages
-        order = [i for pair in zip(range(self.stages), reversed(range(self.stages))) for i in pair]
-        order = list(dict.fromkeys(order))  # 0, S-1, 1, S-2, ...
-        for j in range(self.stages * self.slots - self.num_layers):
-            pads[order[j % self.stages]] += 1
-        return [self.slots - p for p in pads]
-
-    @property
-    def layer_of_slot(self) -> np.ndarray:
-        """[stages * slots] layer index held by each slot, -1 for padding."""
-        out, layer = [], 0
-        for n in self.layers_per_stage:
-            out += list(range(layer, layer + n)) + [-1] * (self.slots - n)
-            layer += n
-        return np.array(out)
-
-    @property
-    def active(self) -> np.ndarray:
-        return self.layer_of_slot >= 0
-
-
-def to_slots(layers, plan: PipelinePlan):
-    """Stacked layer params [L, ...] -> slot layout [S*K, ...] (padding slots zero). One stage:
-    the same arrays (also for a slice of the layers, as freeze trains)."""
-    if plan.stages == 1:
-        return layers
-    idx = np.maximum(plan.layer_of_slot, 0)
-    active = plan.active
-
-    def one(x):
-        x = jnp.take(jnp.asarray(x), idx, axis=0)
-        return jnp.where(active.reshape((-1,) + (1,) * (x.ndim - 1)), x, 0)
-
-    return jax.tree_util.tree_map(one, layers)
-
-
-def from_slots(slots, plan: PipelinePlan):
-    """Slot layout [S*K, ...] -> stacked layers [L, ...]."""
-    if plan.stages == 1:
-        return slots
-    idx = np.flatnonzero(plan.active)
-    return jax.tree_util.tree_map(lambda x: jnp.take(x, idx, axis=0), slots)
-
-
-def params_to_slots(params: dict, plan: PipelinePlan) -> dict:
-    """The tree with its `layers` (if it has them: an adapter may not) in slot layout."""
-    return {**params, "layers": to_slots(params["layers"], plan)} if "layers" in params else params
-
-
-def params_from_slots(params: dict, plan: PipelinePlan) -> dict:
-    return {**params, "layers": from_slots(params["layers"], plan)} if "layers" in params else params
-
-
-def describe(mesh: jax.sharding.Mesh, plan: PipelinePlan, microbatches: int, schedule: str = "gpipe") -> str:
-    from glm_jax.pipeline import bubble_fraction
-
-    head = (
-        f"mesh data={axis_size(mesh, 'data')} x stage={axis_size(mesh, 'stage')} x tensor={axis_size(mesh, 'tensor')}"
-    )
-    if plan.stages == 1:
-        return head + "; no pipeline"
-    return (
-        head + f"; layers per stage {plan.layers_per_stage} ({plan.slots} slots); {schedule}, {microbatches} "
-        f"microbatches a step, bubble {bubble_fraction(schedule, plan.stages, microbatches):.1%}"
-    )
-
-
-def microbatch_count(requested: int | None, global_batch: int, mesh: jax.sharding.Mesh) -> int:
-    return requested or default_microbatches(global_batch, axis_size(mesh, "data"))
 
 
 # ---- many processes -------------------------------------------------------------------------------

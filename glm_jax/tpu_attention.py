@@ -28,6 +28,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from glm_jax.target import target_platform
+
 LANES, SUBLANES = 128, 8
 NEG = -1e30  # finite: a fully masked block keeps the running max finite (no inf - inf)
 
@@ -361,8 +363,6 @@ def glm_flash_attention(
     if why:
         raise ValueError(f"glm_flash_attention: {why}")
     if interpret is None:
-        from glm_jax.platform import target_platform
-
         interpret = target_platform() != "tpu"
     t = lambda x: jnp.swapaxes(x, 1, 2)  # noqa: E731  [B,S,H,D] <-> [B,H,S,D]
     out = _attention(t(q), t(k), t(v), segment_ids, prefix_mask, min(block_q, s), min(block_k, s), interpret)

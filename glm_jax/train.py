@@ -25,10 +25,8 @@ import json
 import os
 import time
 from collections.abc import Callable
-from typing import Any
 
 import flax.linen as nn
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -36,9 +34,9 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from glm_jax import pipeline as pl
+from glm_jax import pipeline
 from glm_jax import sharding as sh
-from glm_jax.checkpoints import Checkpoints, check_config_matches, copy_tokenizer, restore_state, save_state
+from glm_jax.checkpoints import Checkpoints, check_config_matches, copy_tokenizer
 from glm_jax.config import ConfigError, GLMConfig
 from glm_jax.data import DataIterator
 from glm_jax.model import GLM, abstract_params, dummy_batch
@@ -52,9 +50,10 @@ from glm_jax.optim import (
     make_optimizer,
 )
 from glm_jax.peft import PeftConfig, combine, split
-from glm_jax.platform import targeting
 from glm_jax.runlog import MetricsWriter, StopSignal, plot_metrics
 from glm_jax.summary import flops_per_token
+from glm_jax.target import targeting
+from glm_jax.train_state import TrainState, restore_state, save_state
 
 # dense bf16 FLOP/s per device, by device_kind. TPU kinds are matched exactly ("TPU v5 lite" is
 # v5e, "TPU v5" is v5p; glm_jax/topology.py has the sources); GPU kinds by the longest name inside
@@ -68,17 +67,6 @@ PEAK_FLOPS = {
     "TPU v5": 459e12,
     "TPU v6 lite": 918e12,
 }
-
-
-@flax.struct.dataclass
-class TrainState:
-    step: jax.Array
-    params: Any  # slot layout (sharding.PipelinePlan)
-    opt_state: Any
-    loss_scale: LossScale
-    rng: jax.Array  # raw uint32 key data, so checkpoints need no key type
-    skipped: jax.Array  # steps skipped for non-finite gradients, total
-    consecutive_skips: jax.Array
 
 
 def peak_flops(device) -> float | None:
@@ -109,13 +97,13 @@ class Trainer:
                 "(quantization=none), then `python experiments/quantize.py`; a quantized base trains "
                 "LoRA or P-tuning adapters only"
             )
-        self.microbatches = sh.microbatch_count(self.microbatches, self.pass_batch, mesh)
+        self.microbatches = pipeline.microbatch_count(self.microbatches, self.pass_batch, mesh)
         sh.check_splittable(c, mesh, self.pass_batch, self.microbatches)
-        self.plan = sh.PipelinePlan(c.num_layers, sh.axis_size(mesh, "stage"))
+        self.plan = pipeline.PipelinePlan(c.num_layers, sh.axis_size(mesh, "stage"))
         if self.plan.stages == 1:
             self.schedule = "none"
-        elif (self.schedule or "1f1b") not in pl.SCHEDULES:
-            raise ConfigError(f"pipeline schedule {self.schedule!r}; choose one of {pl.SCHEDULES}")
+        elif (self.schedule or "1f1b") not in pipeline.SCHEDULES:
+            raise ConfigError(f"pipeline schedule {self.schedule!r}; choose one of {pipeline.SCHEDULES}")
         self.schedule = self.schedule or "1f1b"
         if peft.method == "freeze" and self.plan.stages > 1:
             raise ConfigError(
@@ -130,7 +118,7 @@ class Trainer:
             sh.named_shardings(boxed, mesh, self.rules), peft, c, take=lambda s, rows: s
         )
         self.trainable_shapes, frozen = jax.eval_shape(lambda p: split(p, peft, c), nn.meta.unbox(boxed))
-        self.frozen_shapes = jax.eval_shape(lambda f: sh.params_to_slots(f, self.plan), frozen)
+        self.frozen_shapes = jax.eval_shape(lambda f: pipeline.params_to_slots(f, self.plan), frozen)
         self.frozen = {}
         self.replicated = NamedSharding(mesh, P())
         self.batch_sharding = sh.batch_sharding(mesh)
@@ -164,9 +152,9 @@ class Trainer:
             consecutive_skips=jnp.int32(0),
         )
 
-    def state_shapes(self, plan: sh.PipelinePlan) -> TrainState:
+    def state_shapes(self, plan: pipeline.PipelinePlan) -> TrainState:
         """The training state's ShapeDtypeStructs with the layers in `plan`'s slot layout."""
-        params = jax.eval_shape(lambda t: sh.params_to_slots(t, plan), self.trainable_shapes)
+        params = jax.eval_shape(lambda t: pipeline.params_to_slots(t, plan), self.trainable_shapes)
         return jax.eval_shape(lambda p: self._new_state(p, jax.random.key(0)), params)
 
     def shardings_for(self, shapes: TrainState) -> TrainState:
@@ -204,7 +192,7 @@ class Trainer:
         dropout = bool(c.hidden_dropout or c.attention_dropout)
 
         def scaled_mean_loss(params, frozen, batch, rng, alpha, scale):
-            loss_sum, n = pl.loss_sum(
+            loss_sum, n = pipeline.loss_sum(
                 combine(params, frozen, peft), batch, c, plan, m, embedding_alpha=alpha, dropout_rng=rng
             )
             return loss_sum / jnp.maximum(n, 1.0) * scale, (loss_sum, n)
@@ -214,7 +202,7 @@ class Trainer:
             loss scaling expects), the fp32 parameter gradients are then multiplied by n."""
             rng = rng if dropout else None
             if self.schedule == "1f1b":
-                grads, loss_sum, n = pl.one_f_one_b(
+                grads, loss_sum, n = pipeline.one_f_one_b(
                     params,
                     frozen,
                     lambda t, f: combine(t, f, peft),
@@ -278,7 +266,7 @@ class Trainer:
             return update(state, grads, loss_sum, n, lr, votes)
 
         def eval_loss(params, frozen, batch):
-            loss_sum, n = pl.loss_sum(combine(params, frozen, peft), batch, c, plan, m)
+            loss_sum, n = pipeline.loss_sum(combine(params, frozen, peft), batch, c, plan, m)
             return loss_sum / jnp.maximum(n, 1.0), n
 
         ss, ps, bs, fs, vs = (
@@ -334,9 +322,9 @@ class Trainer:
     def set_frozen(self, frozen: dict) -> None:
         """Place the frozen parameters (plain stacked layout, `peft.split`) in their shardings."""
         with jax.set_mesh(self.mesh):
-            self.frozen = jax.jit(lambda f: sh.params_to_slots(f, self.plan), out_shardings=self.frozen_shardings)(
-                frozen
-            )
+            self.frozen = jax.jit(
+                lambda f: pipeline.params_to_slots(f, self.plan), out_shardings=self.frozen_shardings
+            )(frozen)
 
     # ---- state ----------------------------------------------------------------------------------
     def fresh_state(self, key, trainable: dict | None = None) -> TrainState:
@@ -346,7 +334,7 @@ class Trainer:
         if trainable is None:
             variables = GLM(self.config).init(key, dummy_batch(1, 8))
             trainable = split(nn.meta.unbox(variables["params"]), self.peft, self.config)[0]
-        return self._new_state(sh.params_to_slots(trainable, self.plan), key)
+        return self._new_state(pipeline.params_to_slots(trainable, self.plan), key)
 
     def init_state(self, seed: int, trainable: dict | None = None) -> TrainState:
         """Fresh (or the given `trainable`) parameters, placed directly in their shardings, and
@@ -361,7 +349,7 @@ class Trainer:
         out for `pipeline.split_microbatches` over this trainer's microbatches, the rest zero."""
         arrays = {k: np.asarray(v) for k, v in local.items() if np.ndim(v) == 2}
         if microbatches is not None:
-            arrays = pl.pad_microbatches(arrays, microbatches, self.microbatches)
+            arrays = pipeline.pad_microbatches(arrays, microbatches, self.microbatches)
         if jax.process_count() > 1:
             return sh.global_batch(arrays, self.mesh)
         return jax.device_put(arrays, self.batch_sharding)
@@ -369,7 +357,7 @@ class Trainer:
     def plain_params(self, params) -> dict:
         """Trainable parameters in the plain stacked layout (slots undone)."""
         with jax.set_mesh(self.mesh):
-            return jax.jit(lambda p: sh.params_from_slots(p, self.plan))(params)
+            return jax.jit(lambda p: pipeline.params_from_slots(p, self.plan))(params)
 
     def model_flops_per_step(self, tokens: int, seq_len: int) -> float:
         return flops_per_token(self.config, seq_len)["train"] * tokens
@@ -410,7 +398,7 @@ def make_trainer(
     pass_batch, microbatches = run.pass_batch or run.global_batch, run.microbatches
     one_schedule = sh.axis_size(mesh, "stage") > 1 and (run.schedule or "1f1b") == "1f1b"
     if one_schedule and pass_batch != run.global_batch:  # the microbatches of a pass, over the global batch
-        microbatches = sh.microbatch_count(microbatches, pass_batch, mesh)
+        microbatches = pipeline.microbatch_count(microbatches, pass_batch, mesh)
         sh.check_splittable(config, mesh, pass_batch, microbatches)
         rows = pass_batch // microbatches
         if run.global_batch % rows:
@@ -459,7 +447,7 @@ def train(
         del frozen
         base_trainable = None if peft.is_adapter else base_trainable
     log(
-        sh.describe(
+        pipeline.describe(
             mesh,
             trainer.plan,
             batches.passes(batches.total_steps - 1) if one_schedule else trainer.microbatches,

@@ -41,7 +41,7 @@ HEAVY_FIRST = (
     "test_scale.py",
     "test_finetune.py",
     "test_tpu_attention.py",
-    "test_int4.py",
+    "test_quant.py",
     "test_topology.py",
     "test_optim.py",
     "test_model.py",

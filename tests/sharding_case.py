@@ -5,10 +5,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from glm_jax import pipeline as pl
+from glm_jax import pipeline
 from glm_jax import sharding as sh
 from glm_jax.config import get_config
 from glm_jax.data import DataIterator
+from glm_jax.losses import token_loss
 from glm_jax.model import abstract_params, init_params
 from glm_jax.objectives import ObjectiveConfig, SequenceBuilder
 
@@ -47,29 +48,29 @@ def sharded_loss_and_grads(mesh, batch, c=None, microbatches=None, bubble_value=
     from glm_jax.peft import PeftConfig, combine
 
     c = c or config()
-    plan = sh.PipelinePlan(c.num_layers, sh.axis_size(mesh, "stage"))
-    m = sh.microbatch_count(microbatches, BATCH, mesh)
+    plan = pipeline.PipelinePlan(c.num_layers, sh.axis_size(mesh, "stage"))
+    m = pipeline.microbatch_count(microbatches, BATCH, mesh)
     sh.check_splittable(c, mesh, BATCH, m)
     rules = sh.rules_for(c, mesh)
     shardings = sh.named_shardings(abstract_params(c), mesh, rules)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    place = jax.jit(lambda p: sh.params_to_slots(p, plan), out_shardings=shardings)
+    place = jax.jit(lambda p: pipeline.params_to_slots(p, plan), out_shardings=shardings)
 
     def loss_fn(p, b):
         if schedule == "gpipe":
-            loss_sum, n = pl.gpipe_loss(p, b, c, plan, m, bubble_value=bubble_value)
+            loss_sum, n = pipeline.gpipe_loss(p, b, c, plan, m, bubble_value=bubble_value)
             return loss_sum / n, None
-        logits = pl.forward(p, b, c, plan, m, bubble_value=bubble_value)
-        return pl.token_loss(logits, b)[0], logits
+        logits = pipeline.forward(p, b, c, plan, m, bubble_value=bubble_value)
+        return token_loss(logits, b)[0], logits
 
     def step(p, b):
         if schedule == "1f1b":
-            g, loss_sum, n = pl.one_f_one_b(
+            g, loss_sum, n = pipeline.one_f_one_b(
                 p, {}, lambda t, f: combine(t, f, PeftConfig("full")), b, m, c, plan, m, bubble_value=bubble_value
             )
-            return loss_sum / n, sh.params_from_slots(g, plan), None
+            return loss_sum / n, pipeline.params_from_slots(g, plan), None
         (loss, logits), g = jax.value_and_grad(loss_fn, has_aux=True)(p, b)
-        return loss, sh.params_from_slots(g, plan), logits
+        return loss, pipeline.params_from_slots(g, plan), logits
 
     raw = params(c)  # outside the mesh: init would constrain the unpadded layer axis to `stage`
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
@@ -87,7 +88,7 @@ def single_device(c=None):
         from glm_jax.model import GLM
 
         logits = GLM(c).apply({"params": p}, batch)
-        return pl.token_loss(logits, batch)[0], logits
+        return token_loss(logits, batch)[0], logits
 
     (loss, logits), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params(c))
     return loss, grads, logits

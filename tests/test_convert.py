@@ -198,8 +198,8 @@ def test_convert_glm130b_script_turns_reference_rank_files_into_a_serving_checkp
     import torch
     from reference_numpy import glm130b_quantized_ranks
 
-    from glm_jax.checkpoints import load_checkpoint
     from glm_jax.convert import from_glm130b_quantized
+    from glm_jax.loading import load_checkpoint
 
     small = {**SMALL_130B, "vocab_size": 150528, "vocab_pad_multiple": 768}  # icetk's ids must fit
     c = get_config("glm-130b", **small)

@@ -13,7 +13,7 @@ import pytest
 import sharding_case as case
 
 from glm_jax import sharding as sh
-from glm_jax.checkpoints import Checkpoints, save_state
+from glm_jax.checkpoints import Checkpoints
 from glm_jax.evaluate import (
     ModelScorer,
     lambada_beam,
@@ -30,6 +30,7 @@ from glm_jax.generate import Generator, make_prompts
 from glm_jax.optim import OptimConfig
 from glm_jax.tokenizer import GMASK, MASK, SOP, GLMTokenizer
 from glm_jax.train import Trainer
+from glm_jax.train_state import save_state
 
 ROOT = pathlib.Path(__file__).parents[1]
 
@@ -223,8 +224,9 @@ def test_quantized_serving_checkpoint_round_trips_and_serves(tiny_checkpoint, tm
     """experiments/quantize.py writes INT4 weights once; load_checkpoint gives exactly the arrays
     quantizing on load gives, the evaluation scripts take the folder, and re-quantizing it is a
     clear error."""
-    from glm_jax.checkpoints import CheckpointError, load_checkpoint
-    from glm_jax.int4 import quantize_params
+    from glm_jax.checkpoints import CheckpointError
+    from glm_jax.loading import load_checkpoint
+    from glm_jax.quant import quantize_params
 
     out = tmp_path / "int4"
     r = _load_script("quantize").main(["--checkpoint", str(tiny_checkpoint), "--out", str(out), "--groups", "2"])

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 from jit_forward import forward
 
-from glm_jax.checkpoints import CheckpointError, load_model, move_to_device, save_serving
+from glm_jax.checkpoints import CheckpointError, move_to_device, save_serving
 from glm_jax.config import get_config
+from glm_jax.loading import load_model
 from glm_jax.model import init_params
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "experiments"))

@@ -10,11 +10,12 @@ import pytest
 import sharding_case as case
 
 from glm_jax import sharding as sh
-from glm_jax.checkpoints import Checkpoints, save_state
+from glm_jax.checkpoints import Checkpoints
 from glm_jax.evaluate import ModelScorer, lambada_greedy, read_lambada
 from glm_jax.optim import OptimConfig
 from glm_jax.tokenizer import GLMTokenizer
 from glm_jax.train import Trainer
+from glm_jax.train_state import save_state
 
 assert os.environ.get("HF_DATASETS_OFFLINE") == "1"  # conftest: lm-eval's datasets never reach the hub
 lm_eval = pytest.importorskip("lm_eval")

@@ -7,14 +7,15 @@ import pytest
 from jit_forward import forward
 from test_generate import assert_cached_decoding_is_full_recomputation
 
-from glm_jax import pipeline as pl
+from glm_jax import pipeline
 from glm_jax import sharding as sh
 from glm_jax.config import get_config
 from glm_jax.generate import cached_forward, init_cache, serving_params, write_prefix
-from glm_jax.int4 import quantize_params
+from glm_jax.losses import token_loss
 from glm_jax.model import GLM, init_params
 from glm_jax.optim import OptimConfig
 from glm_jax.peft import PeftConfig, combine, merge_lora, split, unmerge_lora
+from glm_jax.quant import quantize_params
 from glm_jax.tokenizer import GMASK, MASK
 from glm_jax.train import Trainer
 
@@ -119,10 +120,10 @@ def test_pipelined_prefix_equals_the_plain_model():
     params = init_params(c, jax.random.key(4))
     config, _, full = with_adapter(PeftConfig("ptuning", pre_seq_len=3, prefix_projection=True), c, params)
     b = batch_of(rows=4)
-    plan = sh.PipelinePlan(3, 2)
+    plan = pipeline.PipelinePlan(3, 2)
     mesh = sh.make_mesh("1x2x1", jax.devices()[:2])
     with jax.set_mesh(mesh):
-        got = jax.jit(lambda p, x: pl.forward(sh.params_to_slots(p, plan), x, config, plan, 2))(full, b)
+        got = jax.jit(lambda p, x: pipeline.forward(pipeline.params_to_slots(p, plan), x, config, plan, 2))(full, b)
     np.testing.assert_allclose(np.asarray(got), logits(config, full, b), atol=2e-5, rtol=1e-5)
 
 
@@ -140,16 +141,16 @@ def test_adapter_gradients_through_1f1b_equal_the_plain_model(method):
     assert trainer.schedule == "1f1b"
     trainer.set_frozen(frozen)
     with trainer.context():
-        slots = jax.jit(lambda a: sh.params_to_slots(a, trainer.plan), out_shardings=trainer.state_shardings.params)(
-            adapter
-        )
+        slots = jax.jit(
+            lambda a: pipeline.params_to_slots(a, trainer.plan), out_shardings=trainer.state_shardings.params
+        )(adapter)
         grads, loss_sum, n = trainer.grad_pass(
             slots, trainer.place_batch(b), jax.random.key(0), jnp.float32(1.0), jnp.float32(1.0)
         )
         grads = jax.device_get(trainer.plain_params(grads))
 
     def mean_loss(a):
-        return pl.token_loss(GLM(config).apply({"params": combine(a, frozen, peft)}, b), b)[0]
+        return token_loss(GLM(config).apply({"params": combine(a, frozen, peft)}, b), b)[0]
 
     loss, want = jax.jit(jax.value_and_grad(mean_loss))(adapter)
     np.testing.assert_allclose(float(loss_sum / n), float(loss), rtol=1e-6)

@@ -10,10 +10,13 @@ import numpy as np
 import pytest
 import sharding_case as case
 
+from glm_jax import pipeline
 from glm_jax import sharding as sh
-from glm_jax.checkpoints import Checkpoints, load_checkpoint, restore_state, save_state, state_bytes_per_device
+from glm_jax.checkpoints import Checkpoints
+from glm_jax.loading import load_checkpoint
 from glm_jax.optim import OptimConfig
 from glm_jax.train import Trainer
+from glm_jax.train_state import restore_state, save_state, state_bytes_per_device
 
 LR, ALPHA = jnp.float32(1e-3), jnp.float32(1.0)
 OPTIM = OptimConfig(peak_lr=1e-3)
@@ -73,7 +76,7 @@ def test_restore_onto_other_meshes_is_exact_and_serving_reads_parameters_only(tm
     ckpt.close()
 
     def plain(t, s):  # parameters and moments in the plain stacked layout, on the host
-        unslot = lambda p: sh.params_from_slots(p, t.plan)
+        unslot = lambda p: pipeline.params_from_slots(p, t.plan)
         with jax.set_mesh(t.mesh):
             return jax.device_get(
                 jax.jit(lambda s: (unslot(s.params), t.param_like(s.opt_state, unslot, lambda x: x), s.step, s.rng))(s)

@@ -22,9 +22,9 @@ from script_runs import ROOT, script_env
 from glm_jax.checkpoints import move_to_device, save_serving
 from glm_jax.config import get_config
 from glm_jax.generate import Generator
-from glm_jax.int4 import quantize_params
 from glm_jax.model import init_params
 from glm_jax.peft import PeftConfig
+from glm_jax.quant import quantize_params
 from glm_jax.serving.engine import Engine, QueueFull, Request, Sampling, bucket, filter_logits, run
 from glm_jax.serving.text import TextStream
 from glm_jax.tokenizer import GLM_IDS as I

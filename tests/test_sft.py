@@ -1,4 +1,4 @@
-"""Supervised data (sft.py): formats, bad rows, loss masks, cuts, packing; the metrics (metrics.py)."""
+"""Supervised data (sft.py): formats, bad rows, loss masks, cuts, packing; the metrics (text_metrics.py)."""
 
 import json
 
@@ -9,9 +9,9 @@ import pytest
 
 from glm_jax.config import get_config
 from glm_jax.families import get_family
-from glm_jax.metrics import corpus_scores, row_scores
 from glm_jax.model import GLM, init_params
 from glm_jax.sft import SFTBuilder, build_samples, pack_samples
+from glm_jax.text_metrics import corpus_scores, row_scores
 
 ROWS = [
     {"content": "类型#裙*颜色#红色", "summary": "一条红色的裙子"},

@@ -16,7 +16,7 @@ import pytest
 import sharding_case as case
 from jax.sharding import PartitionSpec as P
 
-from glm_jax import pipeline as pl
+from glm_jax import pipeline
 from glm_jax import sharding as sh
 from glm_jax.model import abstract_params
 
@@ -70,17 +70,17 @@ def test_microbatch_count_does_not_change_the_loss(reference):
 
 
 def test_pipeline_plan():
-    assert sh.PipelinePlan(70, 8).layers_per_stage == [8, 9, 9, 9, 9, 9, 9, 8]
-    assert sh.PipelinePlan(7, 4).layers_per_stage == [1, 2, 2, 2]
-    assert sh.PipelinePlan(10, 4).layers_per_stage == [2, 3, 3, 2]
-    plan = sh.PipelinePlan(10, 4)
+    assert pipeline.PipelinePlan(70, 8).layers_per_stage == [8, 9, 9, 9, 9, 9, 9, 8]
+    assert pipeline.PipelinePlan(7, 4).layers_per_stage == [1, 2, 2, 2]
+    assert pipeline.PipelinePlan(10, 4).layers_per_stage == [2, 3, 3, 2]
+    plan = pipeline.PipelinePlan(10, 4)
     assert list(plan.layer_of_slot) == [0, 1, -1, 2, 3, 4, 5, 6, 7, 8, 9, -1]
-    assert pl.bubble_fraction("gpipe", 4, 8) == pytest.approx(3 / 11)
-    assert pl.bubble_fraction("1f1b", 8, 176) == pytest.approx(14 / 190)
+    assert pipeline.bubble_fraction("gpipe", 4, 8) == pytest.approx(3 / 11)
+    assert pipeline.bubble_fraction("1f1b", 8, 176) == pytest.approx(14 / 190)
     layers = {"w": jnp.arange(10.0)[:, None] * jnp.ones((10, 3))}
-    slots = sh.to_slots(layers, plan)
+    slots = pipeline.to_slots(layers, plan)
     assert slots["w"].shape == (12, 3) and not slots["w"][2].any()
-    np.testing.assert_array_equal(sh.from_slots(slots, plan)["w"], layers["w"])
+    np.testing.assert_array_equal(pipeline.from_slots(slots, plan)["w"], layers["w"])
 
 
 def test_mesh_specs_and_errors():
@@ -131,10 +131,10 @@ def test_parameters_and_optimizer_state_land_where_the_rules_say():
     mesh = sh.make_mesh("2x2x4", jax.devices()[:16])
     rules = sh.rules_for(c, mesh)
     shardings = sh.named_shardings(abstract_params(c), mesh, rules)
-    plan = sh.PipelinePlan(c.num_layers, 2)
+    plan = pipeline.PipelinePlan(c.num_layers, 2)
     raw = case.params(c)
     with jax.set_mesh(mesh):
-        placed = jax.jit(lambda p: sh.params_to_slots(p, plan), out_shardings=shardings)(raw)
+        placed = jax.jit(lambda p: pipeline.params_to_slots(p, plan), out_shardings=shardings)(raw)
     specs = _specs(jax.tree_util.tree_map(lambda a: a.sharding, placed), placed)
     assert specs["['layers']['attention']['query']['kernel']"] == P("stage", None, "tensor", None)
     assert specs["['layers']['attention']['key']['kernel']"] == P("stage", None, None, None)

@@ -134,7 +134,7 @@ def test_kernel_choice_follows_the_platform_compiled_for():
     Pallas TPU kernel; outside a target, the default backend decides (here: XLA)."""
     from glm_jax.config import get_config
     from glm_jax.layers import choose_attention, wants_flash
-    from glm_jax.platform import target_platform, targeting
+    from glm_jax.target import target_platform, targeting
 
     c = get_config("glm-tiny", dtype="bfloat16", attention_impl="auto")
     with targeting(SimpleNamespace(platform="gpu")):

@@ -1,6 +1,6 @@
 """The OpenAI-compatible HTTP API over the engine (FastAPI), and the chat page.
 
-    app = make_app(model, engine, name="glm")        # model: checkpoints.load_model's LoadedModel
+    app = make_app(model, engine, name="glm")        # model: loading.load_model's LoadedModel
     uvicorn.run(app, host="127.0.0.1", port=8000)    # experiments/serve.py does this
 
 Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health, GET / (the

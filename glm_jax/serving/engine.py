@@ -44,6 +44,7 @@ from glm_jax.generate import (
     check_length,
     init_cache,
     make_prompts,
+    prefill,
     serving_params,
     write_prefix,
 )
@@ -95,8 +96,6 @@ def bucket(n: int, limit: int) -> int:
 @functools.partial(jax.jit, static_argnums=(0, 6), donate_argnums=(2,))
 def prefill_row(config: GLMConfig, params, cache, row, tokens, length, causal: bool):
     """Write one context tokens [1, T] (length [1] real ids) into cache row `row`, slots P..P+T-1."""
-    from glm_jax.generate import prefill
-
     mine = tuple(tuple(jax.lax.dynamic_slice_in_dim(c, row, 1, axis=0) for c in pair) for pair in cache)
     mine = prefill(config, params, mine, tokens, length, causal)
     return tuple(
@@ -174,7 +173,7 @@ def decode_slots(
 
 class Engine:
     """The slots, their cache and the decode loop. params: float, INT8/INT4 or with adapters
-    (whatever `checkpoints.load_model` gives); copied once into `generate.serving_params` layout."""
+    (whatever `loading.load_model` gives); copied once into `generate.serving_params` layout."""
 
     def __init__(
         self,

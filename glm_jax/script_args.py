@@ -11,7 +11,7 @@ DEFAULT_CHECKPOINTS = os.path.join(DEFAULT_RUN, "checkpoints")
 
 def add_checkpoint_args(ap: argparse.ArgumentParser) -> None:
     """--checkpoint (default: pretrain.py's) and --quantize, as the evaluation and generation
-    scripts take them (for `checkpoints.load_model`)."""
+    scripts take them (for `loading.load_model`)."""
     ap.add_argument(
         "--checkpoint",
         default=DEFAULT_CHECKPOINTS,
@@ -47,7 +47,7 @@ def prepare_devices(ap: argparse.ArgumentParser, mesh_spec: str) -> tuple[int, b
     """Before JAX starts its backends: the devices `--mesh` needs (a bad spec is `ap.error`), CPU
     devices simulated when there are fewer, the multi-process runtime started when configured.
     -> (devices needed, whether CPU devices were simulated)."""
-    from glm_jax import sharding as sh
+    from glm_jax import sharding as sh  # deferred: JAX, so a script's --help stays fast
 
     try:
         needed = sh.devices_needed(mesh_spec)
@@ -59,10 +59,11 @@ def prepare_devices(ap: argparse.ArgumentParser, mesh_spec: str) -> tuple[int, b
 
 
 def load_model_or_exit(args):
-    """checkpoints.load_model from the flags above; a user mistake prints `error: ...` and exits 2."""
+    """loading.load_model from the flags above; a user mistake prints `error: ...` and exits 2."""
     import sys
 
-    from glm_jax.checkpoints import CheckpointError, load_model
+    from glm_jax.checkpoints import CheckpointError  # deferred: JAX, so --help stays fast
+    from glm_jax.loading import load_model  # deferred: JAX, so --help stays fast
 
     try:
         return load_model(

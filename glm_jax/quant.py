@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from glm_jax.platform import target_platform
+from glm_jax.target import target_platform
 
 QMAX = {4: 7, 8: 127}
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from jit_forward import forward
 
-from glm_jax.int4 import dequantize, from_glm130b_int4, matmul, pack_int4, quantize, to_glm130b_int4, unpack_int4
+from glm_jax.quant import dequantize, from_glm130b_int4, matmul, pack_int4, quantize, to_glm130b_int4, unpack_int4
 
 
 def test_pack_unpack_round_trips_every_pair():
@@ -87,8 +87,8 @@ def test_bad_shapes_are_clear_errors():
 import jax  # noqa: E402
 
 from glm_jax.config import get_config  # noqa: E402
-from glm_jax.int4 import quantize_params, tree_bytes  # noqa: E402
 from glm_jax.model import abstract_params, init_params  # noqa: E402
+from glm_jax.quant import quantize_params, tree_bytes  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +144,7 @@ def test_quantized_checkpoint_saves_and_loads_identical_arrays(small_model, tmp_
     [(1, 96, 48, None, 32), (5, 300, 160, None, 64), (16, 512, 256, None, 128), (7, 512, 192, 128, 64)],
 )
 def test_pallas_kernel_in_interpret_mode_equals_dequantize_then_matmul(m, k, n, group, block_k):
-    from glm_jax.int4 import KernelBlocks, pallas_matmul
+    from glm_jax.quant import KernelBlocks, pallas_matmul
 
     rng = np.random.default_rng(4)
     x = rng.standard_normal((m, k)).astype(np.float32)
@@ -159,7 +159,7 @@ def test_pallas_kernel_in_interpret_mode_equals_dequantize_then_matmul(m, k, n, 
 
 
 def test_pallas_kernel_refuses_untileable_weights_and_auto_falls_back_to_xla():
-    from glm_jax.int4 import choose_matmul, dense, pallas_matmul, pallas_supports
+    from glm_jax.quant import choose_matmul, dense, pallas_matmul, pallas_supports
 
     qw = quantize(np.random.default_rng(0).standard_normal((64, 130)).astype(np.float32), 4)
     assert "no power-of-two tile" in pallas_supports(1, 64, 130, 1)
@@ -178,7 +178,7 @@ def test_pallas_kernel_lowers_through_triton_for_glm130b_shapes(m):
     lowering (power-of-two tiles, supported ops) for the decode shapes of the INT4 bench."""
     from jax import export
 
-    from glm_jax.int4 import QuantizedWeight, pallas_matmul
+    from glm_jax.quant import QuantizedWeight, pallas_matmul
 
     for k, n in [(12288, 36864), (12288, 12288), (12288, 65536), (32768, 12288)]:
         f = jax.jit(lambda x, q, s: pallas_matmul(x, QuantizedWeight(q, s, 4), interpret=False))
@@ -198,9 +198,9 @@ def test_quantized_model_with_the_pallas_kernel_equals_the_xla_path(small_model)
     cq = c.override(quantization="int4")
     pq = quantize_params(params, cq)
     xla = np.asarray(forward(cq.override(quantized_matmul="xla"), pq, _batch()))
-    from glm_jax import int4
+    from glm_jax import quant
 
-    int4._warn_interpret.cache_clear()
+    quant._warn_interpret.cache_clear()
     with pytest.warns(UserWarning, match="interpret mode"):  # no GPU here: said once, then it runs
         pallas = np.asarray(forward(cq.override(quantized_matmul="pallas"), pq, _batch()))
     np.testing.assert_allclose(pallas, xla, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,92 @@
+"""Loading a trained model to prompt it: config, parameters, family, tokenizer, quantization, adapter.
+
+    model = load_model("runs/default/checkpoints", quantize="int4", adapter="runs/ft")
+    model.config, model.params, model.family, model.tokenizer
+
+The checkpoint folder is read by `checkpoints.py` (parameters only, never optimizer state); the
+family and tokenizer come from what it records; `quantize` quantizes a float checkpoint's layer
+weights as it loads (`quant.py`); `adapter` puts a fine-tuned adapter (`adapters.py`) on the base.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+from glm_jax.adapters import attach, load_adapter
+from glm_jax.checkpoints import CheckpointError, read_checkpoint
+from glm_jax.config import ConfigError, GLMConfig
+from glm_jax.families import Family, FamilyError, get_family
+from glm_jax.peft import check_base
+from glm_jax.quant import quantize_params
+from glm_jax.tokenizer import Tokenizer, TokenizerError, check_fits
+
+
+def quantize_on_load(config: GLMConfig, params: dict, quantize: str | None, path: str) -> tuple[GLMConfig, dict]:
+    """Weight-only quantization of a float checkpoint's layer weights as it loads (quant.py);
+    quantized weights are not quantized again (a clear error)."""
+    if quantize and quantize not in ("none", config.quantization):
+        if config.quantization != "none":
+            raise CheckpointError(
+                f"{path} holds {config.quantization} weights already; quantize the float "
+                f"checkpoint it came from to get {quantize}"
+            )
+        config = config.override(quantization=quantize)
+        params = quantize_params(params, config)
+    return config, params
+
+
+def load_checkpoint(path: str, step: int | None = None, quantize: str | None = None) -> tuple[GLMConfig, dict, int]:
+    """(config, params, step) from a run's checkpoint folder (its latest step, or `step`) or from
+    one step's folder, onto the first device: a training checkpoint, or a quantized serving one
+    written by `save_serving`. quantize "int4"/"int8": weight-only quantization of a float
+    checkpoint's layer weights (quant.py) as it loads. Clear errors for a missing or empty
+    folder, or for re-quantizing quantized weights."""
+    config, params, step, _, path = read_checkpoint(path, step)
+    config, params = quantize_on_load(config, params, quantize, path)
+    return config, params, step
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """A checkpoint with everything needed to prompt it: its family and tokenizer."""
+
+    config: GLMConfig
+    params: dict
+    step: int
+    family: Family
+    tokenizer: Tokenizer
+    path: str
+
+
+def load_model(
+    path: str,
+    quantize: str | None = None,
+    tokenizer_file: str | None = None,
+    family: str | None = None,
+    step: int | None = None,
+    adapter: str | None = None,
+) -> LoadedModel:
+    """`load_checkpoint` plus the family and tokenizer the checkpoint records (a checkpoint from
+    before families were recorded is ours, `glm`). tokenizer_file / family override them. A
+    tokenizer whose ids do not fit the embedding is a clear error. adapter: a fine-tuned
+    adapter folder (adapters.py) put on the (quantized) base, after checking it is its base."""
+    config, params, step, meta, path = read_checkpoint(path, step)
+    try:
+        fam = get_family(family or meta.get("family") or "glm")
+        if tokenizer_file is None and meta.get("tokenizer"):
+            tokenizer_file = os.path.join(path, meta["tokenizer"])
+        tok = fam.load_tokenizer(tokenizer_file)
+        check_fits(tok, config.padded_vocab_size, f"the checkpoint {path}")
+    except (FamilyError, TokenizerError) as e:
+        raise CheckpointError(str(e)) from None
+    if adapter is not None:
+        ad = load_adapter(adapter)
+        try:
+            check_base(ad.base, config, params, step, ad.path)
+        except ConfigError as e:
+            raise CheckpointError(str(e)) from None
+    config, params = quantize_on_load(config, params, quantize, path)
+    if adapter is not None:
+        config, params = attach(ad, config, params)
+    return LoadedModel(config, params, step, fam, tok, path)

@@ -1,0 +1,27 @@
+"""Token losses: cross-entropy over a batch's loss tokens, in fp32.
+
+Every path that trains or scores (the plain model, both pipeline schedules, evaluation) divides
+the summed loss by the global count of loss tokens, never a mean of per-row means.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def token_loss(logits, batch):
+    """Cross-entropy summed over loss tokens / their global count (not a mean of means).
+
+    Returns (loss, number of loss tokens)."""
+    loss_sum, n = token_loss_sum(logits, batch)
+    return loss_sum / jnp.maximum(n, 1.0), n
+
+
+def token_loss_sum(logits, batch):
+    """(summed cross-entropy over loss tokens, their count) of logits [..., V] in fp32."""
+    logits = logits.astype(jnp.float32)
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    gold = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]
+    mask = batch["loss_mask"].astype(jnp.float32)
+    return jnp.sum((logz - gold) * mask), mask.sum()
