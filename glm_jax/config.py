@@ -17,6 +17,7 @@ import math
 import typing
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 
 FFN_KINDS = ("geglu", "swiglu", "gelu", "gelu_tanh")
@@ -25,7 +26,14 @@ NORM_PLACEMENTS = ("deepnorm", "pre")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "pallas_tpu")
 QUANTIZED_MATMULS = ("auto", "xla", "pallas")
 LORA_TARGETS = ("query", "key", "value", "dense", "dense_h_to_4h", "dense_4h_to_h")
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attention")
+# remat_policy -> what a rematerialised layer saves for its backward (None: nothing, recompute it all)
+REMAT_POLICIES = {
+    "none": None,  # no rematerialisation
+    "full": None,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "save_attention": jax.checkpoint_policies.save_only_these_names("attention_context"),
+}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -33,8 +41,48 @@ class ConfigError(ValueError):
     """An impossible or unknown configuration; the message says which field to fix."""
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AdapterFields:
+    """The LoRA and P-tuning v2 knobs, defined here once. `GLMConfig` carries them as the model
+    builds them (lora_rank 0 and pre_seq_len 0: no adapter); `peft.PeftConfig` carries the same
+    fields as a fine-tuning run asks for them (its method switches its adapter on)."""
+
+    # LoRA on the named linear layers of every block: the update is (lora_alpha / lora_rank) * B(A(dropout(x)))
+    lora_rank: int = 0  # 0: no LoRA
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.1
+    lora_targets: str = "query,key,value"  # comma-separated: query,key,value,dense,dense_h_to_4h,dense_4h_to_h
+    # P-tuning v2: pre_seq_len virtual key/value positions in every layer, seen by every real token
+    pre_seq_len: int = 0  # 0: no prefix
+    prefix_projection: bool = False  # embedding -> Linear -> tanh -> Linear, else one embedding
+    prefix_hidden_size: int = 0  # the projection's width; 0: hidden_size
+    prefix_dropout: float = 0.1
+
+    @property
+    def lora_target_names(self) -> tuple[str, ...]:
+        """The layers LoRA adapts; `query_key_value` (peft's name for ChatGLM's fused QKV) is all three."""
+        names = [t.strip() for t in self.lora_targets.split(",") if t.strip()]
+        return tuple(n2 for n in names for n2 in (("query", "key", "value") if n == "query_key_value" else (n,)))
+
+    def check_adapter_fields(self) -> None:
+        """Raise ConfigError naming the adapter field that is out of range."""
+        bad = sorted(set(self.lora_target_names) - set(LORA_TARGETS))
+        if bad:
+            raise ConfigError(f"lora_targets={self.lora_targets!r}: unknown layer(s) {bad}; choose from {LORA_TARGETS}")
+        for name in ("lora_rank", "pre_seq_len", "prefix_hidden_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be an integer >= 0")
+        for name in ("lora_dropout", "prefix_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"{name}={getattr(self, name)} must be in [0, 1)")
+
+
+LORA_FIELDS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets")
+PREFIX_FIELDS = ("pre_seq_len", "prefix_projection", "prefix_hidden_size", "prefix_dropout")
+
+
 @dataclasses.dataclass(frozen=True)
-class GLMConfig:
+class GLMConfig(AdapterFields):
     # sizes
     num_layers: int = 8
     hidden_size: int = 128
@@ -87,16 +135,6 @@ class GLMConfig:
     # INT4 dequant-matmul: xla (portable), pallas (fused Triton kernel), auto (pallas for
     # decode-sized token counts on a single NVIDIA GPU, else xla)
     quantized_matmul: str = "auto"
-    # parameter-efficient adapters (peft.py): LoRA on the named linear layers of every block
-    lora_rank: int = 0  # 0: no LoRA
-    lora_alpha: float = 32.0  # the update is (lora_alpha / lora_rank) * B(A(dropout(x)))
-    lora_dropout: float = 0.0
-    lora_targets: str = "query,key,value"  # comma-separated: query,key,value,dense,dense_h_to_4h,dense_4h_to_h
-    # P-tuning v2: pre_seq_len virtual key/value positions in every layer, seen by every real token
-    pre_seq_len: int = 0  # 0: no prefix
-    prefix_projection: bool = False  # embedding -> Linear -> tanh -> Linear, else one embedding
-    prefix_hidden_size: int = 0  # the projection's width; 0: hidden_size
-    prefix_dropout: float = 0.1
     # sizes that were derived rather than set; re-derived by override()
     _derived: tuple = dataclasses.field(default=(), repr=False, compare=False)
 
@@ -160,12 +198,6 @@ class GLMConfig:
     @property
     def gated_ffn(self) -> bool:
         return self.ffn_kind in ("geglu", "swiglu")
-
-    @property
-    def lora_target_names(self) -> tuple[str, ...]:
-        """The layers LoRA adapts; `query_key_value` (peft's name for ChatGLM's fused QKV) is all three."""
-        names = [t.strip() for t in self.lora_targets.split(",") if t.strip()]
-        return tuple(n2 for n in names for n2 in (("query", "key", "value") if n == "query_key_value" else (n,)))
 
     @property
     def compute_dtype(self):
@@ -244,7 +276,7 @@ def validate(c: GLMConfig) -> None:
         c.quantized_matmul != "pallas" or c.quantization == "int4",
         f"quantized_matmul=pallas is the INT4 kernel; quantization={c.quantization!r} needs xla or auto",
     )
-    need(c.remat_policy in REMAT_POLICIES, f"remat_policy={c.remat_policy!r}; choose one of {REMAT_POLICIES}")
+    need(c.remat_policy in REMAT_POLICIES, f"remat_policy={c.remat_policy!r}; choose one of {tuple(REMAT_POLICIES)}")
     for name in ("dtype", "param_dtype"):
         need(getattr(c, name) in DTYPES, f"{name}={getattr(c, name)!r}; choose one of {tuple(DTYPES)}")
     need(
@@ -283,12 +315,7 @@ def validate(c: GLMConfig) -> None:
         isinstance(c.deepnorm_alpha_layers, int) and c.deepnorm_alpha_layers >= 0,
         f"deepnorm_alpha_layers={c.deepnorm_alpha_layers!r} must be an integer >= 0 (0: num_layers)",
     )
-    bad = sorted(set(c.lora_target_names) - set(LORA_TARGETS))
-    need(not bad, f"lora_targets={c.lora_targets!r}: unknown layer(s) {bad}; choose from {LORA_TARGETS}")
-    for name in ("lora_rank", "pre_seq_len", "prefix_hidden_size"):
-        need(isinstance(getattr(c, name), int) and getattr(c, name) >= 0, f"{name} must be an integer >= 0")
-    for name in ("lora_dropout", "prefix_dropout"):
-        need(0.0 <= getattr(c, name) < 1.0, f"{name}={getattr(c, name)} must be in [0, 1)")
+    c.check_adapter_fields()
     need(c.layernorm_epsilon > 0, f"layernorm_epsilon={c.layernorm_epsilon} must be positive")
 
 

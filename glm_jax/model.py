@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from glm_jax.config import GLMConfig
+from glm_jax.config import REMAT_POLICIES, GLMConfig
 from glm_jax.layers import (
     GLMBlock,
     GLMMask,
@@ -25,13 +25,6 @@ from glm_jax.layers import (
     wants_flash,
     xavier_normal,
 )
-
-REMAT_POLICIES = {
-    "full": None,  # save nothing: recompute the whole layer
-    "dots": jax.checkpoint_policies.dots_saveable,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "save_attention": jax.checkpoint_policies.save_only_these_names("attention_context"),
-}
 
 
 def shrink_embedding_gradient(x, alpha):

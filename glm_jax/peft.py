@@ -22,12 +22,13 @@ import hashlib
 from collections.abc import Callable
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from glm_jax.config import ConfigError, GLMConfig
+from glm_jax.config import LORA_FIELDS, PREFIX_FIELDS, AdapterFields, ConfigError, GLMConfig
 from glm_jax.model import abstract_params
 
 METHODS = ("lora", "ptuning", "freeze", "full")
@@ -35,29 +36,28 @@ LORA_LEAVES = ("lora_a", "lora_b")
 HEAD = ("final_layernorm", "output_layer")
 
 
+# the size a method's adapter gets when its run does not set one: the reference recipes' (docs/reference.md)
+METHOD_SIZES = {"lora": ("lora_rank", 8), "ptuning": ("pre_seq_len", 128)}
+
+
 @dataclasses.dataclass(frozen=True)
-class PeftConfig:
-    """One fine-tuning method and its knobs (defaults: the reference recipes, GLM_SPEC section 8)."""
+class PeftConfig(AdapterFields):
+    """One fine-tuning method and its knobs. The adapter knobs (LoRA rank, alpha, dropout,
+    targets; the P-tuning prefix) are `config.AdapterFields`, the same fields the model config
+    carries; a method's own size left at 0 takes the reference recipe's (LoRA rank 8, P-tuning
+    pre_seq_len 128)."""
 
     method: str = "lora"
-    lora_rank: int = 8
-    lora_alpha: float = 32.0
-    lora_dropout: float = 0.1
-    lora_targets: str = "query,key,value"  # peft's default for ChatGLM: the fused query_key_value
-    pre_seq_len: int = 128
-    prefix_projection: bool = False
-    prefix_hidden_size: int = 0
-    prefix_dropout: float = 0.1
     trainable_layers: int = 2  # freeze: the last N layers train
     train_head: bool = False  # freeze: the final norm and an untied output layer train too
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ConfigError(f"fine-tuning method {self.method!r}; choose one of {METHODS}")
-        if self.method == "lora" and self.lora_rank <= 0:
-            raise ConfigError(f"lora_rank={self.lora_rank} must be positive")
-        if self.method == "ptuning" and self.pre_seq_len <= 0:
-            raise ConfigError(f"pre_seq_len={self.pre_seq_len} must be positive")
+        field, size = METHOD_SIZES.get(self.method, (None, 0))
+        if field and not getattr(self, field):
+            object.__setattr__(self, field, size)
+        self.check_adapter_fields()
 
     @property
     def is_adapter(self) -> bool:
@@ -67,19 +67,9 @@ class PeftConfig:
     def model_config(self, base: GLMConfig) -> GLMConfig:
         """The base config with this method's adapter layers switched on."""
         if self.method == "lora":
-            return base.override(
-                lora_rank=self.lora_rank,
-                lora_alpha=self.lora_alpha,
-                lora_dropout=self.lora_dropout,
-                lora_targets=self.lora_targets,
-            )
+            return base.override(**{name: getattr(self, name) for name in LORA_FIELDS})
         if self.method == "ptuning":
-            return base.override(
-                pre_seq_len=self.pre_seq_len,
-                prefix_projection=self.prefix_projection,
-                prefix_hidden_size=self.prefix_hidden_size,
-                prefix_dropout=self.prefix_dropout,
-            )
+            return base.override(**{name: getattr(self, name) for name in PREFIX_FIELDS})
         if self.method == "freeze" and not 0 < self.trainable_layers <= base.num_layers:
             raise ConfigError(f"trainable_layers={self.trainable_layers} must be in 1..num_layers={base.num_layers}")
         return base
@@ -143,8 +133,6 @@ def combine(trainable: dict, frozen: dict, peft: PeftConfig) -> dict:
 def split_shapes(peft: PeftConfig, config: GLMConfig) -> tuple[dict, dict]:
     """`split` of the model's abstract parameters: (trainable, frozen) ShapeDtypeStructs, nothing
     allocated. config: the model config (`peft.model_config(base)`)."""
-    import flax.linen as nn
-
     return jax.eval_shape(lambda p: split(p, peft, config), nn.meta.unbox(abstract_params(config)))
 
 
@@ -212,8 +200,9 @@ def base_identity(config: GLMConfig, params: dict, step: int) -> dict:
 def check_base(recorded: dict, config: GLMConfig, params: dict, step: int, where: str) -> None:
     """A clear error when an adapter is put on a base other than the one it was trained on."""
     mine = base_identity(config, params, step)
-    if recorded["config"] != mine["config"]:
-        diff = sorted(k for k in mine["config"] if recorded["config"].get(k) != mine["config"][k])
+    knobs = {f.name for f in dataclasses.fields(AdapterFields)}  # the adapter's, not the base's
+    diff = sorted(k for k in mine["config"] if k not in knobs and recorded["config"].get(k) != mine["config"][k])
+    if diff:
         raise ConfigError(f"the adapter {where} was trained on another base model (config fields differ: {diff})")
     if recorded["params_sha256"] != mine["params_sha256"] or recorded["step"] != mine["step"]:
         raise ConfigError(

@@ -4,7 +4,13 @@ function-local import of a project module unless its line says why it is deferre
 from __future__ import annotations
 
 import ast
+import importlib.util
+import os
 import pathlib
+import subprocess
+import sys
+
+import pytest
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "glm_jax"
 DEFERRED = "# deferred:"  # the comment a function-local project import must carry, with its reason
@@ -93,3 +99,17 @@ def test_no_stray_local_import_of_a_project_module():
     assert not stray, "function-local imports of project modules (import at the top, or say `# deferred: why`):\n" + (
         "\n".join(sorted(set(stray)))
     )
+
+
+def test_no_libtpu_noise_without_a_tpu():
+    """libtpu (the test extra) is not probed on a machine without a TPU: its start-up errors
+    would read as a failed run."""
+    if importlib.util.find_spec("libtpu") is None:
+        pytest.skip("libtpu absent: nothing would print")
+    if any(open(v).read().strip() == "0x1ae0" for v in pathlib.Path("/sys/bus/pci/devices").glob("*/vendor")):
+        pytest.skip("this machine has a TPU")
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
+    code = "import glm_jax, jax; print(jax.devices()[0].platform)"
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "E0000" not in run.stderr and "TPU_WORKER_HOSTNAMES" not in run.stderr, run.stderr
