@@ -321,7 +321,7 @@ def validate(c: GLMConfig) -> None:
 
 # ---- presets --------------------------------------------------------------------------------
 PRESETS: dict[str, dict[str, Any]] = {
-    # GLM-130B exactly (spec section 1): 70 DeepNorm post-LN layers, GeGLU 32768, tied 150528 vocab.
+    # GLM-130B exactly (docs/reference.md section 1): 70 DeepNorm post-LN layers, GeGLU 32768, tied 150528 vocab.
     "glm-130b": dict(
         num_layers=70,
         hidden_size=12288,
@@ -337,7 +337,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         attention_dropout=0.1,
         rotary_fp16_inv_freq=True,
     ),
-    # ChatGLM-6B (spec section 2): 2D rotary, GeLU(tanh) 16384, separate lm_head.
+    # ChatGLM-6B (docs/reference.md section 2): 2D rotary, GeLU(tanh) 16384, separate lm_head.
     "chatglm-6b": dict(
         num_layers=28,
         hidden_size=4096,
@@ -354,7 +354,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         rotary_fp16_inv_freq=True,
         deepnorm_alpha_layers=28,
     ),
-    # ChatGLM2-6B (spec section 2): pre-RMSNorm, MQA with 2 KV groups, SwiGLU 13696,
+    # ChatGLM2-6B (docs/reference.md section 2): pre-RMSNorm, MQA with 2 KV groups, SwiGLU 13696,
     # half-rotary with interleaved pairs, QKV bias only, causal decoder.
     "chatglm2-6b": dict(
         num_layers=28,

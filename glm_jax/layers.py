@@ -1,7 +1,7 @@
 """The GLM block and its parts, as pure Flax (linen) modules.
 
 Shapes: B batch, S sequence, E hidden (embed), H query heads, K key/value heads, G = H/K heads
-per group, D head dim, F FFN inner width. Every parameter carries logical axis names (DESIGN.md);
+per group, D head dim, F FFN inner width. Every parameter carries logical axis names (docs/design.md#logical-axes);
 `sharding.py` alone maps them to mesh axes.
 """
 
@@ -22,7 +22,7 @@ from glm_jax import quant, tpu_attention
 from glm_jax.config import GLMConfig
 from glm_jax.target import target_platform
 
-MASK_VALUE = -10000.0  # the reference's additive mask value (spec section 1)
+MASK_VALUE = -10000.0  # the reference's additive mask value (docs/reference.md section 1)
 
 Initializer = nn.initializers.Initializer
 
@@ -261,7 +261,7 @@ def wants_flash(config: GLMConfig) -> bool:
 
 
 def glm_attention_mask(segment_ids, prefix_mask):
-    """GLM's rule (DESIGN.md): q sees k iff same nonzero segment and (k in part A or k <= q).
+    """GLM's rule (docs/design.md#the-batch-contract): q sees k iff same nonzero segment and (k in part A or k <= q).
 
     segment_ids, prefix_mask: [B, S] int -> bool [B, 1, S, S] (query, key), built on device.
     """

@@ -73,20 +73,20 @@ def load_model(
     adapter folder (adapters.py) put on the (quantized) base, after checking it is its base."""
     config, params, step, meta, path = read_checkpoint(path, step)
     try:
-        fam = get_family(family or meta.get("family") or "glm")
+        model_family = get_family(family or meta.get("family") or "glm")
         if tokenizer_file is None and meta.get("tokenizer"):
             tokenizer_file = os.path.join(path, meta["tokenizer"])
-        tok = fam.load_tokenizer(tokenizer_file)
-        check_fits(tok, config.padded_vocab_size, f"the checkpoint {path}")
+        tokenizer = model_family.load_tokenizer(tokenizer_file)
+        check_fits(tokenizer, config.padded_vocab_size, f"the checkpoint {path}")
     except (FamilyError, TokenizerError) as e:
         raise CheckpointError(str(e)) from None
     if adapter is not None:
-        ad = load_adapter(adapter)
+        fine_tuned = load_adapter(adapter)
         try:
-            check_base(ad.base, config, params, step, ad.path)
+            check_base(fine_tuned.base, config, params, step, fine_tuned.path)
         except ConfigError as e:
             raise CheckpointError(str(e)) from None
     config, params = quantize_on_load(config, params, quantize, path)
     if adapter is not None:
-        config, params = attach(ad, config, params)
-    return LoadedModel(config, params, step, fam, tok, path)
+        config, params = attach(fine_tuned, config, params)
+    return LoadedModel(config, params, step, model_family, tokenizer, path)

@@ -2,7 +2,7 @@
 
     logits = GLM(config).apply({"params": params}, batch)        # [B, S, vocab_size]
 
-`batch` is the DESIGN.md contract (int32 [B, S] arrays; `targets`/`loss_mask` are not read here).
+`batch` follows docs/design.md#the-batch-contract (int32 [B, S] arrays; `targets`/`loss_mask` are not read here).
 Logits cover the tokenizer's `vocab_size`: the embedding's padding rows are sliced off. Without a
 'dropout' rng the model runs deterministically (evaluation mode).
 """
@@ -28,7 +28,7 @@ from glm_jax.layers import (
 
 
 def shrink_embedding_gradient(x, alpha):
-    """Forward: x exactly; backward: alpha times the gradient (spec section 5).
+    """Forward: x exactly; backward: alpha times the gradient (docs/reference.md#5-training-setup).
 
     Written as sg(x) + alpha*(x - sg(x)) rather than alpha*x + (1-alpha)*sg(x) so the forward
     value is bit-identical to x in any dtype.

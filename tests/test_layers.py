@@ -96,8 +96,9 @@ def test_fp16_angle_option_changes_angles_slightly():
 
 # ---- DeepNorm block and FFN halves -------------------------------------------------------------
 def test_deepnorm_block_equals_spec_formula():
-    """One block through GLMBlock vs the spec's formula in float64 numpy (via a 1-layer model whose
-    embedding is the identity on the tokens' one-hot rows and final LN/logits are skipped)."""
+    """One block through GLMBlock vs the formula of docs/reference.md#1-glm-130b-architecture in
+    float64 numpy (via a 1-layer model whose embedding is the identity on the tokens' one-hot rows
+    and final LN/logits are skipped)."""
     c = get_config("glm-130b", num_layers=1, hidden_size=32, num_attention_heads=2, vocab_size=128, **F32)
     rng = np.random.default_rng(0)
     sd = random_glm130b_state_dict(c, rng, scale=0.2)
