@@ -1,4 +1,4 @@
-"""Zero-shot LAMBADA, GLM-130B's headline benchmark (spec section 7).
+"""Zero-shot LAMBADA, GLM-130B's headline benchmark (docs/reference.md#7-evaluation-protocols).
 
     python experiments/lambada_eval.py [--checkpoint DIR] [--protocol beam|greedy] [--limit N]
 

@@ -1,4 +1,4 @@
-"""MMLU by [MASK] scoring (spec section 7): each choice letter's log-likelihood after sop.
+"""MMLU by [MASK] scoring (docs/reference.md#7-evaluation-protocols): each choice letter's log-likelihood after sop.
 
     python experiments/mmlu_eval.py [--checkpoint DIR] [--shots 0|5] [--subjects a,b] [--limit N]
     python experiments/mmlu_eval.py --format cmmlu --data CMMLU_DIR        # Chinese, CMMLU's CSV layout

@@ -83,7 +83,7 @@ def _halves(path: Path, f: int):
 
 
 def _glm130b_qkv(c: GLMConfig, suffix: str):
-    """GLM-130B's fused QKV: output rows ordered [heads, {q,k,v}, head_dim] (spec section 1)."""
+    """GLM-130B's fused QKV: output rows ordered [heads, {q,k,v}, head_dim] (docs/reference.md section 1)."""
     h, d = c.num_attention_heads, c.head_dim
 
     def convert(w):
@@ -213,7 +213,7 @@ def chatglm2_rules(c: GLMConfig) -> tuple[list[Rule], list[Rule]]:
 
     def qkv(suffix):
         def convert(w):
-            q, k, v = np.split(w, splits, axis=0)  # [all q | k groups | v groups] (spec section 2)
+            q, k, v = np.split(w, splits, axis=0)  # [all q | k groups | v groups] (docs/reference.md section 2)
             shape = (lambda n: (n, d)) if w.ndim == 1 else (lambda n: (n, d, e))
             out = [x.reshape(shape(n)) for x, n in ((q, h), (k, kv), (v, kv))]
             out = out if w.ndim == 1 else [x.transpose(2, 0, 1) for x in out]

@@ -2,12 +2,12 @@
 
 A sample turns a window of text into part A (the window with each masked span replaced by one
 mask token; bidirectional) and part B (each span as `sop + span` inputs with `span + eop`
-targets, spans in shuffled order; causal). Samples are packed into sequences of the DESIGN.md
-batch contract, all int32 [L]:
+targets, spans in shuffled order; causal). Samples are packed into sequences of the batch
+contract (docs/design.md#the-batch-contract), all int32 [L]:
 
     tokens, targets, loss_mask, position_ids, block_position_ids, segment_ids, prefix_mask
 
-Positions (GLM_SPEC sections 3-4). 1D (GLM-130B): part A counts 0, 1, ...; part B of a [MASK]
+Positions (docs/reference.md sections 3-4). 1D (GLM-130B): part A counts 0, 1, ...; part B of a [MASK]
 span sits at its mask token's position; part B of [gMASK] (and MIP) continues the count
 (sop at gMASK + 1). 2D (GLM, ChatGLM-6B): part B sits at its mask token's position with block
 positions 1, 2, ... from sop on; part A block positions are 0.
@@ -32,7 +32,7 @@ KIND_MASK, KIND_GMASK, KIND_MIP = 1, 2, 3
 
 @dataclasses.dataclass(frozen=True)
 class ObjectiveConfig:
-    """The GLM-130B objective knobs (spec section 4; reference names in comments)."""
+    """The GLM-130B objective knobs (docs/reference.md#4-pre-training-objective; reference names in comments)."""
 
     mask_ratio: float = 0.15  # mask_prob: share of each [MASK] window masked
     span_lambda: float = 3.0  # average_block_length: Poisson lambda of span lengths

@@ -1,4 +1,4 @@
-"""INT4 / INT8 weight-only quantization (spec section 6): quantize, pack, dequant-matmul.
+"""INT4 / INT8 weight-only quantization (docs/reference.md section 6): quantize, pack, dequant-matmul.
 
 Scheme: symmetric absmax per output column of our [K_in, N_out] kernels (= per output row of the
 reference's torch [out, in] weights), optionally in groups of `group` along the input dimension:

@@ -3,7 +3,7 @@
     tensors = ShardedTensors.open("/data/chatglm2-6b")     # lazy: name -> array, read on access
     result = convert_folder("/data/chatglm2-6b")            # config, params, family, tokenizer file
 
-Layouts (detected from `config.json` and file names, GLM_SPEC sections 2-3):
+Layouts (detected from `config.json` and file names, docs/reference.md sections 2-3):
 
 - `chatglm`: ChatGLM-6B's Hugging Face folder (`model_type` chatglm with `position_encoding_2d`);
 - `chatglm2`: ChatGLM2-6B / ChatGLM3-6B (`multi_query_group_num`; chatglm3 when `_name_or_path`

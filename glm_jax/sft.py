@@ -197,7 +197,7 @@ def to_sample(
 ) -> dict[str, np.ndarray]:
     """(ids, loss_mask) -> one unpacked sample of the batch contract (inputs ids[:-1], targets
     ids[1:]). Prefix LM: part A is the prompt up to sop (bidirectional); 1D positions count on,
-    2D part B sits at the [gMASK] position with block positions 1, 2, ... (spec section 3)."""
+    2D part B sits at the [gMASK] position with block positions 1, 2, ... (docs/reference.md section 3)."""
     ids = np.asarray(ids, np.int32)
     n = len(ids) - 1
     out = dict(

@@ -23,7 +23,8 @@ COMPONENTS = (
     ("layers/post_attention_layernorm", "layer norms"),
     ("final_layernorm", "final norm"),
 )
-# the quantizable linear kernels (spec section 6) and how many leading axes (after `layers`) they contract
+# the quantizable linear kernels (docs/reference.md section 6) and how many leading axes (after `layers`)
+# they contract
 QUANTIZED_KERNELS = {
     "layers/attention/query/kernel": 1,
     "layers/attention/key/kernel": 1,
@@ -74,8 +75,8 @@ def parameter_summary(config: GLMConfig) -> dict:
 
 
 def flops_per_token(config: GLMConfig, seq_len: int) -> dict[str, float]:
-    """Model FLOPs per token (DESIGN.md): every matmul, attention included with the bidirectional
-    prefix not halved; forward, and forward + backward (x3)."""
+    """Model FLOPs per token (docs/design.md#measuring-performance): every matmul, attention included
+    with the bidirectional prefix not halved; forward, and forward + backward (x3)."""
     e, h, kv, d, f = (
         config.hidden_size,
         config.num_attention_heads,

@@ -5,7 +5,7 @@
     tok.gmask_id, tok.sop_id, tok.eop_id, tok.eos_id, tok.pad_id, tok.user_id, ...
     text = tok.decode(ids)             # special ids (never text) are dropped
 
-Kinds (GLM_SPEC section 3, `../shared/data/tokenizers/README.md`):
+Kinds (docs/reference.md#3-special-tokens-and-positions, `../shared/data/tokenizers/README.md`):
 
 - `glm` (ours): the committed bilingual model `assets/glm_sp32k.model` (32k BPE, byte
   fallback, `decode(encode(t)) == t`), specials at fixed ids

@@ -1,4 +1,4 @@
-"""A float64 numpy GLM forward written straight from GLM_SPEC.md section 1-2, on the reference's
+"""A float64 numpy GLM forward written straight from docs/reference.md sections 1-2, on the reference's
 own weight layout (torch Linear [out, in], fused per-head QKV). Tests compare the model to it."""
 
 from math import erf, sqrt
@@ -195,7 +195,7 @@ def glm130b_quantized_ranks(sd, tp, bits=4):
     return ranks, dequantized
 
 
-# ---- ChatGLM2-6B / ChatGLM3-6B (spec section 2), on its released names -------------------------------
+# ---- ChatGLM2-6B / ChatGLM3-6B (docs/reference.md section 2), on its released names ------------------
 def rmsnorm(x, w, eps):
     return x / np.sqrt((x**2).mean(-1, keepdims=True) + eps) * w
 

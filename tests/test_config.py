@@ -22,8 +22,8 @@ def expected_params(c: GLMConfig) -> int:
 
 
 def test_glm130b_count_is_exact():
-    # spec section 1: 70 x (QKV 12288x36864+b, dense 12288^2+b, h_to_4h 12288x65536+b, 4h_to_h 32768x12288+b,
-    # 2 LayerNorms) + tied 150528x12288 embedding + final LayerNorm
+    # docs/reference.md section 1: 70 x (QKV 12288x36864+b, dense 12288^2+b, h_to_4h 12288x65536+b,
+    # 4h_to_h 32768x12288+b, 2 LayerNorms) + tied 150528x12288 embedding + final LayerNorm
     h = 12288
     layer = (h * 36864 + 36864) + (h * h + h) + (h * 65536 + 65536) + (32768 * h + h) + 2 * 2 * h
     want = 70 * layer + 150528 * h + 2 * h

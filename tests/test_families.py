@@ -1,4 +1,4 @@
-"""The released tokenizers (the real files in ../shared) and the families' prompts, against GLM_SPEC
+"""The released tokenizers (the real files in ../shared) and the families' prompts, against docs/reference.md
 section 3, the tokenizer README's documented ids and ids the released tokenizers are known to give."""
 
 import pathlib

@@ -1,5 +1,5 @@
 """Released folders in and out: tiny checkpoints written in each released layout (.bin shards with
-their index, safetensors shards), converted and compared with float64 numpy forwards from the spec;
+their index, safetensors shards), converted and compared with float64 numpy forwards from docs/reference.md;
 causal decoding; chat through the library and generate.py; convert -> quantize -> evaluate; export
 round trips; bad folders."""
 
