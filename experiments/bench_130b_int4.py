@@ -29,7 +29,8 @@ import numpy as np  # noqa: E402
 from benchutil import emit, environment, hbm_bandwidth  # noqa: E402
 
 from glm_jax.config import config_from_args  # noqa: E402
-from glm_jax.generate import BUCKET, decode_step, init_cache, make_prompts, prefill  # noqa: E402
+from glm_jax.decoding import BUCKET, bucket_length  # noqa: E402
+from glm_jax.generate import decode_step, init_cache, make_prompts, prefill  # noqa: E402
 from glm_jax.model import abstract_params  # noqa: E402
 from glm_jax.quant import tree_bytes  # noqa: E402
 from glm_jax.target import targeting  # noqa: E402
@@ -173,7 +174,7 @@ def main(argv=None):
         help="none: the bf16 serving step (the dry run's comparison)",
     )
     args = ap.parse_args(argv)
-    prompt_slots = -(-args.prompt // BUCKET) * BUCKET
+    prompt_slots = bucket_length(args.prompt, multiple=BUCKET)
     if args.prompt <= 0 or prompt_slots + args.new + 1 > args.cache:
         ap.error(
             f"--prompt {args.prompt} (rounded up to {prompt_slots}) + --new {args.new} + 1 must fit in "

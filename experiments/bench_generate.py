@@ -38,8 +38,8 @@ def main(argv=None):
     bandwidth = hbm_bandwidth(2.0 if env["backend"] == "gpu" else 0.25)
     gen = Generator(config, params)
     rng = np.random.default_rng(0)
-    for b in (int(x) for x in args.batch.split(",")):
-        prompts = [list(rng.integers(16, config.vocab_size, args.prompt - 1)) + [GLM_IDS.gmask] for _ in range(b)]
+    for rows in (int(size) for size in args.batch.split(",")):
+        prompts = [list(rng.integers(16, config.vocab_size, args.prompt - 1)) + [GLM_IDS.gmask] for _ in range(rows)]
         batch = make_prompts(prompts, config)
         state = gen.start(batch, args.new)
         token = batch.start
@@ -56,11 +56,11 @@ def main(argv=None):
                 env,
                 bench="decode",
                 preset=args.preset,
-                batch=b,
+                batch=rows,
                 prompt=args.prompt,
                 new_tokens=args.new,
                 ms_per_token=round(1e3 * per_token, 3),
-                tokens_per_s=round(b / per_token, 1),
+                tokens_per_s=round(rows / per_token, 1),
                 floor_ms=round(1e3 * floor, 3),
                 vs_floor=round(floor / per_token, 3),
                 bandwidth_gb_s=round(bandwidth / 1e9, 1),

@@ -58,9 +58,9 @@ def build(out: str, layers: int, hidden: int) -> tuple[str, str]:
     from glm_jax.config import get_config
     from glm_jax.model import init_params
 
-    ck, hf = os.path.join(out, "checkpoint"), os.path.join(out, "hf-glm")
-    if not os.path.isdir(ck):
-        c = get_config(
+    checkpoint, exported = os.path.join(out, "checkpoint"), os.path.join(out, "hf-glm")
+    if not os.path.isdir(checkpoint):
+        config = get_config(
             "chatglm2-6b",
             num_layers=layers,
             hidden_size=hidden,
@@ -72,23 +72,23 @@ def build(out: str, layers: int, hidden: int) -> tuple[str, str]:
             param_dtype="float32",
         )
         save_serving(
-            ck,
-            c,
-            move_to_device(init_params(c, jax.random.key(0))),
+            checkpoint,
+            config,
+            move_to_device(init_params(config, jax.random.key(0))),
             0,
             "bench_serve (random weights)",
             family="chatglm2-6b",
             tokenizer_file=TOKENIZER,
         )
-    if not os.path.isdir(hf):
+    if not os.path.isdir(exported):
         subprocess.run(
             [
                 sys.executable,
                 os.path.join(ROOT, "experiments", "export.py"),
                 "--checkpoint",
-                ck,
+                checkpoint,
                 "--out",
-                hf,
+                exported,
                 "--format",
                 "hf-glm",
                 "--dtype",
@@ -97,22 +97,22 @@ def build(out: str, layers: int, hidden: int) -> tuple[str, str]:
             check=True,
             stdout=subprocess.DEVNULL,
         )
-    return ck, hf
+    return checkpoint, exported
 
 
-def start_server(ck: str, slots: int) -> tuple[subprocess.Popen, str, float]:
+def start_server(checkpoint: str, slots: int) -> tuple[subprocess.Popen, str, float]:
     import httpx
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     t0 = time.perf_counter()
     proc = subprocess.Popen(
         [
             sys.executable,
             os.path.join(ROOT, "experiments", "serve.py"),
             "--checkpoint",
-            ck,
+            checkpoint,
             "--port",
             str(port),
             "--slots",
@@ -147,9 +147,9 @@ def one_request(url: str, query: str, max_tokens: int) -> dict:
     }
     t0 = time.perf_counter()
     first, tokens = None, 0
-    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=600) as r:
-        r.raise_for_status()
-        for line in r.iter_lines():
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=600) as response:
+        response.raise_for_status()
+        for line in response.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             chunk = json.loads(line[6:])
@@ -165,9 +165,9 @@ def one_request(url: str, query: str, max_tokens: int) -> dict:
 def drive(url: str, queries: list[str], max_tokens: int, concurrency: int) -> dict:
     t0 = time.perf_counter()
     with cf.ThreadPoolExecutor(concurrency) as pool:
-        rows = list(pool.map(lambda q: one_request(url, q, max_tokens), queries))
+        rows = list(pool.map(lambda query: one_request(url, query, max_tokens), queries))
     wall = time.perf_counter() - t0
-    tokens = sum(r["tokens"] for r in rows)
+    tokens = sum(row["tokens"] for row in rows)
     return dict(
         concurrency=concurrency,
         requests=len(rows),
@@ -176,44 +176,44 @@ def drive(url: str, queries: list[str], max_tokens: int, concurrency: int) -> di
         output_tokens_per_s=round(tokens / wall, 1),
         output_tokens=tokens,
         **{
-            f"{k}_{name}_ms": round(1e3 * percentile([r[k] for r in rows], q), 1)
-            for k in ("ttft", "tpot", "latency")
+            f"{metric}_{name}_ms": round(1e3 * percentile([row[metric] for row in rows], q), 1)
+            for metric in ("ttft", "tpot", "latency")
             for name, q in (("p50", 50), ("p99", 99))
         },
     )
 
 
-def transformers_peer(hf: str, ids: list[list[int]], max_tokens: int, one_at_a_time: int) -> list[dict]:
+def transformers_peer(exported: str, ids: list[list[int]], max_tokens: int, one_at_a_time: int) -> list[dict]:
     import torch
     from transformers import GlmForCausalLM
 
     torch.set_num_threads(os.cpu_count() or 1)
-    model = GlmForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
+    model = GlmForCausalLM.from_pretrained(exported, dtype=torch.float32).eval()
     greedy = dict(do_sample=False, max_new_tokens=max_tokens, min_new_tokens=max_tokens, pad_token_id=0)
     out = []
     with torch.no_grad():
         model.generate(torch.tensor([ids[0]]), **{**greedy, "max_new_tokens": 2, "min_new_tokens": 2})  # warm up
         t0 = time.perf_counter()
-        lat = []
+        latencies = []
         for row in ids[:one_at_a_time]:
-            t = time.perf_counter()
+            began = time.perf_counter()
             model.generate(torch.tensor([row]), **greedy)
-            lat.append(time.perf_counter() - t)
+            latencies.append(time.perf_counter() - began)
         wall = time.perf_counter() - t0
         out.append(
             dict(
                 peer="transformers",
                 mode="one at a time",
-                requests=len(lat),
+                requests=len(latencies),
                 wall_s=round(wall, 3),
-                requests_per_s=round(len(lat) / wall, 3),
-                output_tokens_per_s=round(len(lat) * max_tokens / wall, 1),
-                latency_p50_ms=round(1e3 * percentile(lat, 50), 1),
+                requests_per_s=round(len(latencies) / wall, 3),
+                output_tokens_per_s=round(len(latencies) * max_tokens / wall, 1),
+                latency_p50_ms=round(1e3 * percentile(latencies, 50), 1),
             )
         )
-        width = max(len(r) for r in ids)  # one left-padded batch of every request
-        batch = torch.tensor([[0] * (width - len(r)) + r for r in ids])
-        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in ids])
+        width = max(len(row) for row in ids)  # one left-padded batch of every request
+        batch = torch.tensor([[0] * (width - len(row)) + row for row in ids])
+        mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in ids])
         t0 = time.perf_counter()
         model.generate(batch, attention_mask=mask, **greedy)
         wall = time.perf_counter() - t0
@@ -250,18 +250,18 @@ def main(argv=None):
     from glm_jax.families import get_family
 
     env = {"device": f"CPU ({os.cpu_count()} cores)", "jax": jax.__version__, "date": time.strftime("%Y-%m-%d")}
-    ck, hf = build(args.out, args.layers, args.hidden)
+    checkpoint, exported = build(args.out, args.layers, args.hidden)
     queries = prompts(args.requests)
     fam = get_family("chatglm2-6b")
     tok = fam.load_tokenizer(TOKENIZER)
-    ids = [fam.chat_prompt(tok, [], q) for q in queries]
-    proc, url, startup = start_server(ck, args.slots)
+    ids = [fam.chat_prompt(tok, [], query) for query in queries]
+    proc, url, startup = start_server(checkpoint, args.slots)
     results = []
     try:
         emit(dict(env, bench="serve_startup", health_s=round(startup, 2)))
         drive(url, queries, 2, max(levels))  # compile every prompt bucket first
-        for c in levels:
-            r = dict(
+        for concurrency in levels:
+            result = dict(
                 env,
                 bench="serve",
                 peer="glm_jax",
@@ -269,26 +269,28 @@ def main(argv=None):
                 hidden=args.hidden,
                 max_tokens=args.max_tokens,
                 slots=args.slots,
-                **drive(url, queries, args.max_tokens, c),
+                **drive(url, queries, args.max_tokens, concurrency),
             )
-            results.append(r)
-            emit(r)
+            results.append(result)
+            emit(result)
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
-    peers = transformers_peer(hf, ids, args.max_tokens, args.hf_requests)
-    for p in peers:
-        emit(dict(env, bench="serve", layers=args.layers, hidden=args.hidden, max_tokens=args.max_tokens, **p))
-    alone = next((r for r in results if r["concurrency"] == 1), None)
-    summary = dict(env, bench="serve_summary", prompt_tokens_mean=round(float(np.mean([len(i) for i in ids])), 1))
-    for r in results:
+    peers = transformers_peer(exported, ids, args.max_tokens, args.hf_requests)
+    for peer in peers:
+        emit(dict(env, bench="serve", layers=args.layers, hidden=args.hidden, max_tokens=args.max_tokens, **peer))
+    alone = next((result for result in results if result["concurrency"] == 1), None)
+    mean_prompt = round(float(np.mean([len(row) for row in ids])), 1)
+    summary = dict(env, bench="serve_summary", prompt_tokens_mean=mean_prompt)
+    for result in results:
+        level = result["concurrency"]
         if alone:
-            summary[f"c{r['concurrency']}_vs_one_at_a_time"] = round(
-                r["output_tokens_per_s"] / alone["output_tokens_per_s"], 2
+            summary[f"c{level}_vs_one_at_a_time"] = round(
+                result["output_tokens_per_s"] / alone["output_tokens_per_s"], 2
             )
-        for p in peers:
-            key = "hf_one" if p["mode"] == "one at a time" else "hf_batch"
-            summary[f"c{r['concurrency']}_vs_{key}"] = round(r["output_tokens_per_s"] / p["output_tokens_per_s"], 2)
+        for peer in peers:
+            key = "hf_one" if peer["mode"] == "one at a time" else "hf_batch"
+            summary[f"c{level}_vs_{key}"] = round(result["output_tokens_per_s"] / peer["output_tokens_per_s"], 2)
     emit(summary)
 
 

@@ -23,19 +23,19 @@ import sys
 from glm_jax.script_args import add_checkpoint_args, load_model_or_exit
 
 
-def stream(gen, m, ids, args, key, show: bool) -> tuple[str, list[int]]:
+def stream(gen, model, ids, args, key, show: bool) -> tuple[str, list[int]]:
     """Generate for one prompt, printing text as tokens arrive (if show) -> (raw text, ids)."""
     out: list[int] = []
     shown = [""]
-    stops = set(m.family.stop_ids(m.tokenizer))
+    stops = set(model.family.stop_ids(model.tokenizer))
 
     def on_token(step, tokens):
-        t = int(tokens[0])
-        if t in stops:  # the last call: generation ends with it
+        token = int(tokens[0])
+        if token in stops:  # the last call: generation ends with it
             return
-        out.append(t)
+        out.append(token)
         if show:
-            text = m.tokenizer.decode(out)
+            text = model.tokenizer.decode(out)
             sys.stdout.write(text[len(shown[0]) :])
             sys.stdout.flush()
             shown[0] = text
@@ -52,12 +52,12 @@ def stream(gen, m, ids, args, key, show: bool) -> tuple[str, list[int]]:
     )[0]
     if show:
         print()
-    return m.tokenizer.decode(result), result
+    return model.tokenizer.decode(result), result
 
 
-def beams(gen, m, text, ids, args) -> list[dict]:
+def beams(gen, model, text, ids, args) -> list[dict]:
     """Beam search on one prompt; prints the best beam (or all of them) -> [{"text", "ids", "score"}]."""
-    stops = m.family.stop_ids(m.tokenizer)
+    stops = model.family.stop_ids(model.tokenizer)
     found = gen.beam_search(
         ids,
         args.num_beams,
@@ -67,16 +67,16 @@ def beams(gen, m, text, ids, args) -> list[dict]:
         stop_tokens=stops,
     )
     out = [
-        {"text": m.tokenizer.decode([t for t in toks if t not in stops]), "ids": toks, "score": score}
-        for toks, score in found
+        {"text": model.tokenizer.decode([t for t in tokens if t not in stops]), "ids": tokens, "score": score}
+        for tokens, score in found
     ]
     shown = out if args.all_beams else out[:1]
     if args.json:
         print(json.dumps({"prompt": text, "beams": shown}, ensure_ascii=False), flush=True)
     else:
         print(f">>> {text}")
-        for b in shown:
-            print(f"[{b['score']:.4f}] {b['text']}")
+        for beam in shown:
+            print(f"[{beam['score']:.4f}] {beam['text']}")
     return shown
 
 
@@ -112,21 +112,20 @@ def main(argv=None):
     from glm_jax.families import FamilyError
     from glm_jax.generate import GenerationError, Generator, fill_blanks
 
-    m = load_model_or_exit(args)
-    fam, tok = m.family, m.tokenizer
-    if args.max_new >= m.config.max_sequence_length:
-        ap.error(
-            f"--max-new {args.max_new} leaves no room for a prompt (max_sequence_length={m.config.max_sequence_length})"
-        )
-    gen = Generator(m.config, m.params, ids=tok.specials, causal=fam.causal)
+    model = load_model_or_exit(args)
+    fam, tok = model.family, model.tokenizer
+    max_len = model.config.max_sequence_length
+    if args.max_new >= max_len:
+        ap.error(f"--max-new {args.max_new} leaves no room for a prompt (max_sequence_length={max_len})")
+    gen = Generator(model.config, model.params, ids=tok.specials, causal=fam.causal)
     key = jax.random.key(args.seed)
-    limit = m.config.max_sequence_length - args.max_new
+    limit = max_len - args.max_new
     outputs = []
     try:
         for text in args.prompt:
             ids = fam.generation_prompt(tok, text)
             if args.num_beams > 1:
-                outputs.append(beams(gen, m, text, ids, args))
+                outputs.append(beams(gen, model, text, ids, args))
                 continue
             if not fam.causal and sum(t in tok.specials.mask_tokens for t in ids) > 1:  # several blanks
                 key, sub = jax.random.split(key)
@@ -140,7 +139,7 @@ def main(argv=None):
                     key=sub,
                     stop_tokens=fam.stop_ids(tok),
                 )
-                result = {"prompt": text, "text": tok.decode(filled), "blanks": [tok.decode(b) for b in blanks]}
+                result = {"prompt": text, "text": tok.decode(filled), "blanks": [tok.decode(blank) for blank in blanks]}
                 print(
                     json.dumps(result, ensure_ascii=False) if args.json else f">>> {text}\n{result['text']}", flush=True
                 )
@@ -149,7 +148,7 @@ def main(argv=None):
             if not args.json:
                 print(f">>> {text}")
             key, sub = jax.random.split(key)
-            raw, generated = stream(gen, m, ids, args, sub, show=not args.json)
+            raw, generated = stream(gen, model, ids, args, sub, show=not args.json)
             outputs.append(raw)
             if args.json:
                 print(json.dumps({"prompt": text, "text": raw, "ids": generated}, ensure_ascii=False), flush=True)
@@ -181,7 +180,7 @@ def main(argv=None):
                 key, sub = jax.random.split(key)
                 if not args.json:
                     sys.stdout.write("GLM: ")
-                raw, generated = stream(gen, m, ids, args, sub, show=not args.json)
+                raw, generated = stream(gen, model, ids, args, sub, show=not args.json)
                 reply = fam.postprocess(raw)
                 history.append((query, reply))
                 outputs.append(reply)

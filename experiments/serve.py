@@ -50,15 +50,20 @@ def main(argv=None):
     from glm_jax.serving.api import make_app
     from glm_jax.serving.engine import Engine
 
-    m = load_model_or_exit(args)
+    model = load_model_or_exit(args)
     engine = Engine(
-        m.config, m.params, ids=m.tokenizer.specials, causal=m.family.causal, slots=args.slots, max_queue=args.max_queue
+        model.config,
+        model.params,
+        ids=model.tokenizer.specials,
+        causal=model.family.causal,
+        slots=args.slots,
+        max_queue=args.max_queue,
     )
     engine.warmup()
-    name = args.name or m.family.name
-    app = make_app(m, engine, name=name, api_key=args.api_key, max_body=args.max_body, drain_s=args.drain)
+    name = args.name or model.family.name
+    app = make_app(model, engine, name=name, api_key=args.api_key, max_body=args.max_body, drain_s=args.drain)
     print(
-        f"serving {name} ({m.path}, step {m.step}) on http://{args.host}:{args.port} with {args.slots} slots",
+        f"serving {name} ({model.path}, step {model.step}) on http://{args.host}:{args.port} with {args.slots} slots",
         file=sys.stderr,
         flush=True,
     )

@@ -1,4 +1,4 @@
-"""The paper's evaluation protocols (spec section 7): LAMBADA, multiple choice, perplexity / BPB.
+"""The paper's evaluation protocols (docs/reference.md#7-evaluation-protocols): LAMBADA, MMLU, LM windows.
 
 Protocol logic works on two narrow interfaces, so it is testable with hand-made models:
 
@@ -28,7 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from glm_jax.config import GLMConfig
-from glm_jax.families import Family, get_family
+from glm_jax.decoding import bucket_length
+from glm_jax.families import Family, default_stop_ids, get_family
 from glm_jax.generate import Generator, make_prompts
 from glm_jax.losses import token_loss
 from glm_jax.model import GLM
@@ -40,10 +41,6 @@ ScoreFn = Callable[[Sequence[Row]], list[tuple[float, int, bool]]]
 
 
 # ---- teacher forcing with a GLM --------------------------------------------------------------------------
-def _bucket(n: int, m: int = 64) -> int:
-    return -(-n // m) * m
-
-
 @functools.partial(jax.jit, static_argnums=0)
 def _token_logprobs(config: GLMConfig, params, batch):
     logits = GLM(config).apply({"params": params}, batch).astype(jnp.float32)
@@ -55,14 +52,17 @@ def _token_logprobs(config: GLMConfig, params, batch):
 def teacher_forcing_batch(
     rows: Sequence[Row], config: GLMConfig, length: int | None = None, ids: SpecialIds = GLM_IDS, causal: bool = False
 ) -> dict:
-    """Rows -> a padded batch (contract arrays) whose loss_mask covers the continuations."""
-    prompts = make_prompts([list(c) for c, _ in rows], config, ids, causal)
-    s = length or _bucket(int(prompts.lengths.max()) + max(len(x) for _, x in rows))
-    out = {k: np.zeros((len(rows), s), np.int32) for k in CONTRACT_KEYS}
-    for i, (_, cont) in enumerate(rows):
-        n, k = int(prompts.lengths[i]), len(cont)
-        out["tokens"][i, : n + k] = list(prompts.tokens[i, :n]) + [prompts.start[i]] + list(cont[:-1])
-        out["targets"][i, n : n + k] = cont
+    """Rows -> a padded batch (contract arrays) whose loss_mask covers the continuations. Its
+    length: `length`, or the longest context plus the longest continuation rounded up to a multiple
+    of 64 (`decoding.bucket_length`)."""
+    prompts = make_prompts([list(context) for context, _ in rows], config, ids, causal)
+    longest = int(prompts.lengths.max()) + max(len(continuation) for _, continuation in rows)
+    width = length or bucket_length(longest, multiple=64)
+    out = {key: np.zeros((len(rows), width), np.int32) for key in CONTRACT_KEYS}
+    for i, (_, continuation) in enumerate(rows):
+        n, k = int(prompts.lengths[i]), len(continuation)  # context and continuation lengths
+        out["tokens"][i, : n + k] = list(prompts.tokens[i, :n]) + [prompts.start[i]] + list(continuation[:-1])
+        out["targets"][i, n : n + k] = continuation
         out["loss_mask"][i, n : n + k] = 1
         out["segment_ids"][i, : n + k] = 1
         out["prefix_mask"][i, :n] = 0 if causal else 1
@@ -163,7 +163,7 @@ class ModelScorer:
             banned_ids=banned_ids,
             banned_prefixes=banned_prefixes,
         )
-        stop = set(stops or (self.ids.eop, self.ids.eos))
+        stop = set(stops or default_stop_ids(self.ids))
         return [self.tokenizer.decode(tokens[:-1] if tokens and tokens[-1] in stop else tokens) for tokens, _ in found]
 
 
@@ -446,7 +446,7 @@ def sliding_window_rows(
     window: int,
     prompt: Callable[[list[int]], list[int]] = lambda ids: ids + [GLM_IDS.gmask, GLM_IDS.sop],
 ) -> list[Row]:
-    """Spec section 7: windows of `window` inputs; each scores window/2 new tokens after the
+    """docs/reference.md section 7: windows of `window` inputs; each scores window/2 new tokens after the
     window/2 - 1 tokens before them, [gMASK] and sop (the first window has no context).
     prompt: context ids -> the model-ready prompt (`Family.prompt_ids`)."""
     stride = window // 2

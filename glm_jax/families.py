@@ -9,9 +9,10 @@ bidirectional prefix or a causal decoder), the stop tokens and the reply post-pr
     ids, loss_mask = fam.training_example(tok, history, query, answer)  # fine-tuning rows
     reply = fam.postprocess(tok.decode(generated))
 
-Every prompt is returned as the model-ready ids the released code feeds (GLM_SPEC section 3):
-prefix families end with sop (the context before it is bidirectional, sop is the first decoded
-input), causal families start with [gMASK] sop and their last id is the first decoded input.
+Every prompt is returned as the model-ready ids the released code feeds
+(docs/reference.md#3-special-tokens-and-positions): prefix families end with sop (the context before
+it is bidirectional, sop is the first decoded input), causal families start with [gMASK] sop and
+their last id is the first decoded input.
 `training_example` gives (ids, loss_mask) with loss_mask[j] = 1 where ids[j] is learned (predicted
 from position j - 1): the answer and its end token.
 """
@@ -22,9 +23,15 @@ import dataclasses
 import re
 from collections.abc import Sequence
 
-from glm_jax.tokenizer import Tokenizer, load_tokenizer
+from glm_jax.tokenizer import SpecialIds, Tokenizer, load_tokenizer
 
 History = Sequence[tuple[str, str]]
+
+
+def default_stop_ids(ids: SpecialIds) -> tuple[int, ...]:
+    """Our family's stop ids (eop, eos) from a tokenizer's special ids: where generation ends when
+    the caller names no family (`Family.stop_ids`, `generate.Generator`, the serving engine)."""
+    return (ids.eop, ids.eos)
 
 
 class FamilyError(ValueError):
@@ -47,7 +54,7 @@ class Family:
 
     def stop_ids(self, tok: Tokenizer) -> tuple[int, ...]:
         """Generation ends at the first of these."""
-        return (tok.eop_id, tok.eos_id)
+        return default_stop_ids(tok.specials)
 
     def end_id(self, tok: Tokenizer) -> int:
         """The id that ends an answer in training data."""

@@ -8,10 +8,10 @@ to T. Prefill writes the context's keys/values into cache slots 0..T-1; decoding
 id, then each chosen token, into slot T + step; a new token sees its row's context and the
 generated slots so far. A P-tuning v2 prefix (`config.pre_seq_len` = P) takes cache slots 0..P-1,
 seen by every token, and shifts the slots above by P (not the positions).
-Positions (spec section 3): 1D [gMASK] and causal rows continue the count
-(the start id at the context length), 1D [MASK] and all 2D put generated tokens at the mask
-position (2D: block positions 1, 2, ...). One compiled decode step serves every token. The dense
-layers are whatever the config selects, so quantized layers plug in.
+Positions and visibility are `decoding.decode_layout`'s (shared with the serving engine), sampling
+is `decoding.sample` (the engine's per-row sampler), padded lengths `decoding.bucket_length`. One
+compiled decode step serves every token. The dense layers are whatever the config selects, so
+quantized layers plug in.
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ import numpy as np
 
 from glm_jax.beam import BeamSearch
 from glm_jax.config import GLMConfig
+from glm_jax.decoding import BUCKET, bucket_length, decode_layout, sample
+from glm_jax.families import default_stop_ids
 from glm_jax.layers import GLMBlock, rotary_tables, write_cache
 from glm_jax.model import GLM
 from glm_jax.tokenizer import GLM_IDS, SpecialIds
@@ -47,13 +49,6 @@ class PromptBatch:
     causal: bool = False
 
 
-BUCKET = 16  # prompt and cache lengths are rounded up to this, so few shapes get compiled
-
-
-def _round_up(n: int, m: int = BUCKET) -> int:
-    return -(-n // m) * m
-
-
 def make_prompts(
     prompts: Sequence[Sequence[int]],
     config: GLMConfig,
@@ -64,38 +59,38 @@ def make_prompts(
     """Model-ready prompts -> a PromptBatch. Prefix LM: each must hold a mask token ([gMASK] to
     continue, [MASK]/[sMASK] to fill in; the first one, or the first `blank` id when given); a
     final sop is the start id (appended if absent)."""
-    contexts, start, mask_pos, cont = [], [], [], []
-    for i, p in enumerate(prompts):
-        p = [int(t) for t in p]
+    contexts, start, mask_pos, continue_positions = [], [], [], []
+    for i, prompt in enumerate(prompts):
+        prompt = [int(t) for t in prompt]
         if causal:
-            if not p:
+            if not prompt:
                 raise GenerationError(f"prompt {i} is empty")
-            contexts.append(p[:-1])
-            start.append(p[-1])
+            contexts.append(prompt[:-1])
+            start.append(prompt[-1])
             mask_pos.append(0)
-            cont.append(True)
+            continue_positions.append(True)
             continue
-        if p and p[-1] == ids.sop:
-            p = p[:-1]
-        where = [j for j, tok in enumerate(p) if (tok == blank if blank is not None else tok in ids.mask_tokens)]
+        if prompt and prompt[-1] == ids.sop:
+            prompt = prompt[:-1]
+        where = [j for j, tok in enumerate(prompt) if (tok == blank if blank is not None else tok in ids.mask_tokens)]
         if not where:
             raise GenerationError(
                 f"prompt {i} holds no [MASK]/[sMASK]/[gMASK] token; append [gMASK] (id {ids.gmask}) to continue a text"
             )
-        contexts.append(p)
+        contexts.append(prompt)
         start.append(ids.sop)
         mask_pos.append(where[0])
-        cont.append(p[where[0]] == ids.gmask and not config.position_encoding_2d)
-    t = _round_up(max(1, max(len(c) for c in contexts)))
-    tokens = np.full((len(prompts), t), ids.pad, np.int32)
-    for i, c in enumerate(contexts):
-        tokens[i, : len(c)] = c
+        continue_positions.append(prompt[where[0]] == ids.gmask and not config.position_encoding_2d)
+    width = bucket_length(max(1, max(len(context) for context in contexts)), multiple=BUCKET)
+    tokens = np.full((len(prompts), width), ids.pad, np.int32)
+    for i, context in enumerate(contexts):
+        tokens[i, : len(context)] = context
     return PromptBatch(
         tokens,
-        np.array([len(c) for c in contexts], np.int32),
+        np.array([len(context) for context in contexts], np.int32),
         np.array(start, np.int32),
         np.array(mask_pos, np.int32),
-        np.array(cont),
+        np.array(continue_positions),
         causal,
     )
 
@@ -145,8 +140,8 @@ def cached_forward(config: GLMConfig, params, tokens, position_ids, block_positi
     tables = rotary_tables(position_ids, block_position_ids, config)
     new_cache = []
     for layer, (k, v) in zip(params["layers"], cache):
-        h, (nk, nv) = block.apply({"params": layer}, h, mask, tables, (k, v), cache_index)
-        new_cache.append((write_cache(k, nk, cache_index), write_cache(v, nv, cache_index)))
+        h, (new_k, new_v) = block.apply({"params": layer}, h, mask, tables, (k, v), cache_index)
+        new_cache.append((write_cache(k, new_k, cache_index), write_cache(v, new_v, cache_index)))
     return model.apply({"params": outer}, h, method=GLM.head), tuple(new_cache)
 
 
@@ -156,7 +151,10 @@ def write_prefix(config: GLMConfig, params, cache):
     outer = {k: v for k, v in params.items() if k != "layers"}
     prefix = GLM(config).apply({"params": outer}, method=GLM.prefix)  # [L, P, 2, K, D]
     return tuple(
-        tuple(c.at[:, : config.pre_seq_len].set(prefix[layer, None, :, i].astype(c.dtype)) for i, c in enumerate(pair))
+        tuple(
+            buffer.at[:, : config.pre_seq_len].set(prefix[layer, None, :, kv].astype(buffer.dtype))
+            for kv, buffer in enumerate(pair)  # kv: 0 keys, 1 values
+        )
         for layer, pair in enumerate(cache)
     )
 
@@ -165,35 +163,38 @@ def write_prefix(config: GLMConfig, params, cache):
 def prefill(config: GLMConfig, params, cache, tokens, lengths, causal: bool = False):
     """Write the context [B, T] into cache slots P..P+T-1 (bidirectional over each row's context
     and the prefix, or causal)."""
-    b, t = tokens.shape
-    p = config.pre_seq_len
+    rows, width = tokens.shape
+    prefix = config.pre_seq_len
     keys = jnp.arange(cache_length(cache))
-    mask = (keys[None, :] < p + lengths[:, None])[:, None, None, :] & jnp.ones((1, 1, t, 1), bool)
+    mask = (keys[None, :] < prefix + lengths[:, None])[:, None, None, :] & jnp.ones((1, 1, width, 1), bool)
     if causal:
-        mask = mask & (keys[None, None, None, :] <= p + jnp.arange(t)[None, None, :, None])
-    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    return cached_forward(config, params, tokens, positions, jnp.zeros_like(positions), mask, cache, p)[1]
+        mask = mask & (keys[None, None, None, :] <= prefix + jnp.arange(width)[None, None, :, None])
+    positions = jnp.broadcast_to(jnp.arange(width, dtype=jnp.int32), (rows, width))
+    return cached_forward(config, params, tokens, positions, jnp.zeros_like(positions), mask, cache, prefix)[1]
+
+
+def decode_logits(config: GLMConfig, params, cache, token, step, lengths, mask_pos, cont, first_slot):
+    """Feed token [B] as each row's generated token number `step` (the start id is step 0) at cache
+    slot first_slot + step, positioned and masked by `decoding.decode_layout` (its arguments) ->
+    (fp32 logits [B, V], cache). The decode step of `Generator` and of the serving engine."""
+    slot, position, block, visible = decode_layout(
+        config, step, lengths, mask_pos, cont, first_slot, cache_length(cache)
+    )
+    logits, cache = cached_forward(config, params, token[:, None], position, block, visible, cache, slot)
+    return logits[:, 0].astype(jnp.float32), cache
 
 
 @functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
 def decode_step(config: GLMConfig, params, cache, token, step, lengths, mask_pos, cont, prompt_len):
-    """Feed token [B] as generated token number `step` (sop is step 0) -> (fp32 logits [B, V], cache)."""
-    p = config.pre_seq_len
-    slot = p + prompt_len + step
-    position = jnp.where(cont, lengths + step, mask_pos)[:, None]
-    block = jnp.full_like(position, step + 1) if config.position_encoding_2d else jnp.zeros_like(position)
-    keys = jnp.arange(cache_length(cache))[None, :]
-    visible = (keys < p + lengths[:, None]) | ((keys >= p + prompt_len) & (keys <= slot))
-    logits, cache = cached_forward(
-        config, params, token[:, None], position, block, visible[:, None, None, :], cache, slot
-    )
-    return logits[:, 0].astype(jnp.float32), cache
+    """Feed token [B] as generated token number `step` (sop is step 0) of contexts padded to
+    prompt_len (every row's generated slots start at P + prompt_len) -> (fp32 logits [B, V], cache)."""
+    return decode_logits(config, params, cache, token, step, lengths, mask_pos, cont, config.pre_seq_len + prompt_len)
 
 
 @jax.jit
 def reorder_cache(cache, rows):
     """Gather batch rows of the cache (beam search's parent beams)."""
-    return jax.tree_util.tree_map(lambda c: jnp.take(c, rows, axis=0), cache)
+    return jax.tree_util.tree_map(lambda buffer: jnp.take(buffer, rows, axis=0), cache)
 
 
 class Generator:
@@ -212,11 +213,12 @@ class Generator:
         """Prefill; with repeat > 1 every prompt row is repeated (beams). Returns the decode state."""
         check_length(prompts, max_new_tokens, self.config)
         tokens, lengths, mask_pos, cont = (
-            np.repeat(a, repeat, axis=0)
-            for a in (prompts.tokens, prompts.lengths, prompts.mask_pos, prompts.continue_positions)
+            np.repeat(array, repeat, axis=0)
+            for array in (prompts.tokens, prompts.lengths, prompts.mask_pos, prompts.continue_positions)
         )
-        b, t = tokens.shape
-        cache = init_cache(self.config, b, _round_up(self.config.pre_seq_len + t + max_new_tokens), self.cache_dtype)
+        rows, width = tokens.shape
+        cache_len = bucket_length(self.config.pre_seq_len + width + max_new_tokens, multiple=BUCKET)
+        cache = init_cache(self.config, rows, cache_len, self.cache_dtype)
         if self.config.pre_seq_len:
             cache = write_prefix(self.config, self.params, cache)
         cache = prefill(self.config, self.params, cache, jnp.asarray(tokens), jnp.asarray(lengths), prompts.causal)
@@ -225,7 +227,7 @@ class Generator:
             lengths=jnp.asarray(lengths),
             mask_pos=jnp.asarray(mask_pos),
             cont=jnp.asarray(cont),
-            prompt_len=t,
+            prompt_len=width,
         )
 
     def step(self, state, token, step):
@@ -258,26 +260,25 @@ class Generator:
     ) -> list[list[int]]:
         """Greedy (temperature 0) or sampled continuations, each up to its first stop token.
 
-        on_token(step, tokens [B]) is called as tokens are produced (streaming; finished rows get
-        pad). stop_tokens default to eop and eos."""
-        stop_tokens = (self.ids.eop, self.ids.eos) if stop_tokens is None else tuple(stop_tokens)
+        Sampling is `decoding.sample`: row i of the batch draws its token of step s with
+        fold_in(fold_in(key, i), s) (key defaults to key(0)), the serving engine's rule with
+        fold_in(key, i) in place of a request's key(seed). on_token(step, tokens [B]) is called as
+        tokens are produced (streaming; finished rows get pad). stop_tokens default to
+        `families.default_stop_ids` (eop and eos)."""
+        stop_tokens = default_stop_ids(self.ids) if stop_tokens is None else tuple(stop_tokens)
         batch = self.prompts(prompts, blank)
         state = self.start(batch, max_new_tokens)
-        b = len(prompts)
+        rows = len(prompts)
         token = batch.start.copy()
-        out = [[] for _ in range(b)]
-        done = np.zeros(b, bool)
+        out = [[] for _ in range(rows)]
+        done = np.zeros(rows, bool)
         key = jax.random.key(0) if key is None else key
         for step in range(max_new_tokens):
             logits = self.step(state, token, step)
-            if temperature > 0:
-                key, sub = jax.random.split(key)
-                token = np.asarray(sample(logits, sub, temperature, top_k, top_p))
-            else:
-                token = np.asarray(jnp.argmax(logits, axis=-1)).astype(np.int32)
+            token = np.asarray(sample(logits, key, temperature, top_k, top_p, step))
             if on_token is not None:
                 on_token(step, np.where(done, self.ids.pad, token))
-            for i in range(b):
+            for i in range(rows):
                 if not done[i]:
                     if token[i] in stop_tokens:
                         done[i] = True
@@ -305,8 +306,8 @@ class Generator:
         """GLM-130B's beam search (`beam.BeamSearch`) for one prompt on the KV cache: the beams
         are cache rows, reordered on device after each step. -> the final beams in the
         reference's order: (generated ids after the start id, ending with the stop id when the
-        beam ended; penalized score)."""
-        stop_tokens = (self.ids.eop, self.ids.eos) if stop_tokens is None else tuple(stop_tokens)
+        beam ended; penalized score). stop_tokens default to `families.default_stop_ids`."""
+        stop_tokens = default_stop_ids(self.ids) if stop_tokens is None else tuple(stop_tokens)
         batch = self.prompts([prompt])
         state = self.start(batch, max_new_tokens, repeat=num_beams)
         context = list(batch.tokens[0, : batch.lengths[0]]) + [int(batch.start[0])]
@@ -347,7 +348,7 @@ def fill_blanks(
         return seq + out, [out]
     if seq and seq[-1] == ids.sop:
         seq = seq[:-1]
-    kind = next((k for k in (ids.mask, ids.smask, ids.gmask) if k in seq), None)
+    kind = next((mask for mask in (ids.mask, ids.smask, ids.gmask) if mask in seq), None)
     if kind is None:
         raise GenerationError(f"the prompt holds no [MASK]/[sMASK]/[gMASK] token; append [gMASK] (id {ids.gmask})")
     blanks = []
@@ -357,19 +358,3 @@ def fill_blanks(
         blanks.append(out)
         seq = seq[:at] + out + seq[at + 1 :]
     return seq, blanks
-
-
-@functools.partial(jax.jit, static_argnums=(3,))
-def sample(logits, key, temperature, top_k: int, top_p):
-    """Temperature / top-k / top-p (nucleus) sampling from logits [B, V] -> [B] int32."""
-    logits = logits / jnp.maximum(temperature, 1e-6)
-    if top_k:
-        kth = jnp.sort(logits, axis=-1)[:, -top_k][:, None]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
-    order = jnp.argsort(-logits, axis=-1)
-    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
-    probs = jax.nn.softmax(sorted_logits, axis=-1)
-    keep_sorted = (jnp.cumsum(probs, axis=-1) - probs) < top_p  # always keeps the first
-    keep = jnp.zeros_like(keep_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
-    logits = jnp.where(keep, logits, -jnp.inf)
-    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)

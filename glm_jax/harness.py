@@ -21,6 +21,7 @@ Requires the `lm-eval` package (`pip install lm-eval`); importing this module re
 
 from __future__ import annotations
 
+import jax
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
@@ -42,36 +43,36 @@ class GLMJaxLM(LM):
         **_,
     ):
         super().__init__()
-        m = load_model(checkpoint, quantize=quantize, tokenizer_file=tokenizer, family=family)
-        self.model, self.tok, self.family = m, m.tokenizer, m.family
+        loaded = load_model(checkpoint, quantize=quantize, tokenizer_file=tokenizer, family=family)
+        self.model, self.tok, self.family = loaded, loaded.tokenizer, loaded.family
         self.batch = int(batch_size) if str(batch_size).isdigit() else 16
-        self.scorer = ModelScorer(m.config, m.params, m.tokenizer, batch_size=self.batch, family=m.family)
+        self.scorer = ModelScorer(
+            loaded.config, loaded.params, loaded.tokenizer, batch_size=self.batch, family=loaded.family
+        )
         self.max_gen_toks = int(max_gen_toks)
-        self.window = int(window or min(m.config.max_sequence_length, 2048))
+        self.window = int(window or min(loaded.config.max_sequence_length, 2048))
 
     def _prompt(self, text: str) -> list[int]:
         return self.family.prompt_ids(self.tok, self.tok.encode(text) if text else [])
 
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
-        rows = [(self._prompt(r.args[0]), self.tok.encode(r.args[1])) for r in requests]
+        rows = [(self._prompt(request.args[0]), self.tok.encode(request.args[1])) for request in requests]
         return [(logp, hit) for logp, _, hit in self.scorer.score(rows)]
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         out = []
-        for r in requests:
+        for request in requests:
             rows = sliding_window_rows(
-                self.tok.encode(r.args[0]), self.window, lambda ctx: self.family.prompt_ids(self.tok, ctx)
+                self.tok.encode(request.args[0]), self.window, lambda context: self.family.prompt_ids(self.tok, context)
             )
             out.append(sum(logp for logp, _, _ in self.scorer.score(rows)))
         return out
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        import jax
-
         stops = self.family.stop_ids(self.tok)
-        groups: dict[str, list[int]] = {}
-        for i, r in enumerate(requests):
-            groups.setdefault(repr(sorted((r.args[1] or {}).items())), []).append(i)
+        groups: dict[str, list[int]] = {}  # requests with the same generation settings, by index
+        for i, request in enumerate(requests):
+            groups.setdefault(repr(sorted((request.args[1] or {}).items())), []).append(i)
         out: list[str] = [""] * len(requests)
         for members in groups.values():
             kwargs = dict(requests[members[0]].args[1] or {})
@@ -87,6 +88,6 @@ class GLMJaxLM(LM):
                 )
                 for i, ids in zip(chunk, gen):
                     text = self.tok.decode(ids)
-                    cuts = [text.index(u) for u in until if u and u in text]
+                    cuts = [text.index(stop) for stop in until if stop and stop in text]
                     out[i] = text[: min(cuts)] if cuts else text
         return out

@@ -1,5 +1,5 @@
 """GLM-130B's beam search on a hand-made next-token table: every beam, score and order below is
-derived by hand from spec section 7's rules."""
+derived by hand from the rules of docs/reference.md#7-evaluation-protocols."""
 
 import math
 

@@ -7,7 +7,8 @@ import pytest
 from jit_forward import forward
 
 from glm_jax.config import get_config
-from glm_jax.generate import Generator, make_prompts, sample
+from glm_jax.decoding import sample
+from glm_jax.generate import Generator, make_prompts
 from glm_jax.model import init_params
 from glm_jax.tokenizer import EOP, EOS, GMASK, MASK, SOP
 

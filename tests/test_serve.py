@@ -21,11 +21,12 @@ from script_runs import ROOT, script_env
 
 from glm_jax.checkpoints import move_to_device, save_serving
 from glm_jax.config import get_config
+from glm_jax.decoding import bucket_length, filter_logits
 from glm_jax.generate import Generator
 from glm_jax.model import init_params
 from glm_jax.peft import PeftConfig
 from glm_jax.quant import quantize_params
-from glm_jax.serving.engine import Engine, QueueFull, Request, Sampling, bucket, filter_logits, run
+from glm_jax.serving.engine import Engine, QueueFull, Request, Sampling, run
 from glm_jax.serving.text import TextStream
 from glm_jax.tokenizer import GLM_IDS as I
 
@@ -139,7 +140,7 @@ def test_engine_stops_frees_slots_and_bounds_its_queue(engine):
 
     with pytest.raises(GenerationError, match="exceeds max_sequence_length=96"):
         engine.submit(Request([7] * 90 + [I.gmask], 10))
-    assert bucket(1, 96) == 16 and bucket(17, 96) == 32 and bucket(90, 96) == 96
+    assert bucket_length(1, 96) == 16 and bucket_length(17, 96) == 32 and bucket_length(90, 96) == 96
     # cancelled requests free their slots; past max_queue waiting requests, QueueFull
     c = engine.config
     small = Engine(c, engine.params, slots=1, max_queue=2)  # not started: requests stay queued

@@ -9,14 +9,15 @@
 
 The cache is `generate.init_cache(config, slots, M)` with M the padded length limit (plus a
 P-tuning prefix, written once into slots 0..P-1 of every row). A request is prefilled alone, its
-context right-padded to a power-of-two bucket (>= 16, so few shapes compile), into its row's
-cache slots P..; its first decoded input is the prompt's start id (sop, or a causal prompt's last
-id). ONE compiled step then feeds every slot's current token at its own cache slot P + length +
-step and position (`generate.decode_step`'s rules, per row), and samples the next token on device
-with per-slot temperature / top-p / top-k arrays: temperature 0 is the argmax, otherwise the
-randomness of step s comes from fold_in(key(seed), s) alone. A row sees only its own context and
-generated slots, so a request's tokens depend only on its prompt and settings, never on what
-shares the batch. A slot is freed the step its request ends (a stop id, max_tokens, the length
+context right-padded to a power-of-two bucket (`decoding.bucket_length`: >= 16, so few shapes
+compile), into its row's cache slots P..; its first decoded input is the prompt's start id (sop,
+or a causal prompt's last id). ONE compiled step (`generate.decode_logits`, the generator's decode
+step) then feeds every slot's current token at its own cache slot P + length + step, positioned
+and masked by `decoding.decode_layout`, and samples the next token on device with per-slot
+temperature / top-p / top-k arrays (`decoding.sample_rows`): temperature 0 is the argmax,
+otherwise the randomness of step s comes from fold_in(key(seed), s) alone. A row sees only its
+own context and generated slots, so a request's tokens depend only on its prompt and settings,
+never on what shares the batch. A slot is freed the step its request ends (a stop id, max_tokens, the length
 limit, `on_token` asking to stop, or cancellation) and the next queued request takes it.
 No HTTP in here (`serving/api.py` is the server).
 """
@@ -36,12 +37,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from glm_jax.config import GLMConfig
+from glm_jax.decoding import BUCKET, bucket_length, sample_rows, seed_keys
+from glm_jax.families import default_stop_ids
 from glm_jax.generate import (
     GenerationError,
-    _round_up,
-    cache_length,
-    cached_forward,
+    PromptBatch,
     check_length,
+    decode_logits,
     init_cache,
     make_prompts,
     prefill,
@@ -49,8 +51,6 @@ from glm_jax.generate import (
     write_prefix,
 )
 from glm_jax.tokenizer import GLM_IDS, SpecialIds
-
-MIN_BUCKET = 16
 
 
 class QueueFull(RuntimeError):
@@ -61,96 +61,41 @@ class QueueFull(RuntimeError):
 class Sampling:
     """One request's decoding: temperature 0 is greedy; seed None draws one from the engine."""
 
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
+    temperature: float = 0.0  # 0: the argmax
+    top_p: float = 1.0  # nucleus mass kept (1: off)
+    top_k: int = 0  # the most likely ids kept (0: off)
+    seed: int | None = None  # the key of step s is fold_in(key(seed), s)
 
 
 @dataclasses.dataclass
 class Request:
-    """prompt: model-ready ids (`families.py`); blank: the mask id to fill (prefix LMs; default the
-    first mask token). on_token(id) is called on the engine thread for every generated id (the
-    stop id included) and returns True to end the request there ("stop"); on_done(finish_reason,
-    n_generated) once, finish_reason in stop / length / cancelled / error."""
+    """One generation request. The callbacks run on the engine thread (on_token sees the stop id
+    too); the fields after them are the engine's to fill in."""
 
-    prompt: Sequence[int]
-    max_tokens: int
-    sampling: Sampling = Sampling()
-    stop_ids: Sequence[int] = ()
-    blank: int | None = None
-    on_token: Callable[[int], bool] | None = None
-    on_done: Callable[[str, int], None] | None = None
-    # filled in by the engine
-    id: int = -1
-    generated: int = 0
-    finish_reason: str | None = None
-    submitted: float = 0.0
-
-
-def bucket(n: int, limit: int) -> int:
-    """The padded context length: the next power of two >= n (at least MIN_BUCKET, at most limit)."""
-    return min(max(MIN_BUCKET, 1 << max(0, n - 1).bit_length()), limit)
+    prompt: Sequence[int]  # model-ready ids (`families.py`)
+    max_tokens: int  # the most ids to generate, the stop id included
+    sampling: Sampling = Sampling()  # temperature / top-p / top-k and the seed
+    stop_ids: Sequence[int] = ()  # generation ends at the first of these (`Family.stop_ids`)
+    blank: int | None = None  # the mask id to fill (prefix LMs; default the first mask token)
+    on_token: Callable[[int], bool] | None = None  # called with each generated id; True ends the request ("stop")
+    on_done: Callable[[str, int], None] | None = None  # called once, with (finish_reason, generated)
+    id: int = -1  # the engine's number for it, set by `Engine.submit`
+    prompt_batch: PromptBatch | None = None  # the prompt as a one-row PromptBatch, set by `Engine.submit`
+    generated: int = 0  # ids generated so far, the stop id included
+    finish_reason: str | None = None  # stop / length / cancelled / error, set once when it ends
+    submitted: float = 0.0  # time.perf_counter() at `Engine.submit`
 
 
 @functools.partial(jax.jit, static_argnums=(0, 6), donate_argnums=(2,))
 def prefill_row(config: GLMConfig, params, cache, row, tokens, length, causal: bool):
-    """Write one context tokens [1, T] (length [1] real ids) into cache row `row`, slots P..P+T-1."""
-    mine = tuple(tuple(jax.lax.dynamic_slice_in_dim(c, row, 1, axis=0) for c in pair) for pair in cache)
-    mine = prefill(config, params, mine, tokens, length, causal)
+    """Write one context tokens [1, T] (length [1] real ids) into cache row `row`, slots P..P+T-1
+    (`generate.prefill` on that row alone)."""
+    row_cache = tuple(tuple(jax.lax.dynamic_slice_in_dim(buffer, row, 1, axis=0) for buffer in pair) for pair in cache)
+    row_cache = prefill(config, params, row_cache, tokens, length, causal)
     return tuple(
-        tuple(jax.lax.dynamic_update_slice_in_dim(c, m, row, axis=0) for c, m in zip(pair, new))
-        for pair, new in zip(cache, mine)
+        tuple(jax.lax.dynamic_update_slice_in_dim(buffer, written, row, axis=0) for buffer, written in zip(pair, new))
+        for pair, new in zip(cache, row_cache)
     )
-
-
-def _largest_passing(lo, hi, passes, iterations: int = 40):
-    """Bisection per row: the largest t in [lo, hi] ([S]) with passes(t) [S] true (passes(lo) holds,
-    and passes is monotone: true below some point, false above), to ~2^-40 of hi - lo."""
-
-    def body(_, bounds):
-        lo, hi = bounds
-        mid = (lo + hi) / 2
-        ok = passes(mid)
-        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
-
-    lo, hi = jax.lax.fori_loop(0, iterations, body, (lo, hi))
-    return jnp.where(passes(hi), hi, lo)
-
-
-def filter_logits(scaled, top_p, top_k):
-    """Top-k and top-p (nucleus) filtering of temperature-scaled logits [S, V] by per-row thresholds
-    found by bisection: O(V) passes instead of a vocabulary sort, which dominates a CPU step. Keeps
-    the ids whose logit is at least the k-th largest and whose probability is at least that of the
-    last id of the smallest set holding top_p of the mass (ids tied with it stay together)."""
-    k = jnp.minimum(top_k, scaled.shape[-1])[:, None]
-    hi, lo = scaled.max(-1), jnp.min(jnp.where(jnp.isfinite(scaled), scaled, jnp.inf), -1)
-    kth = _largest_passing(lo, hi, lambda t: (scaled >= t[:, None]).sum(-1) >= k[:, 0])
-    scaled = jnp.where((k > 0) & (scaled < kth[:, None]), -jnp.inf, scaled)
-    probs = jax.nn.softmax(scaled, axis=-1)
-    mass = lambda t: jnp.where(probs >= t[:, None], probs, 0.0).sum(-1) >= top_p  # noqa: E731
-    cut = _largest_passing(jnp.zeros_like(top_p), probs.max(-1), mass)
-    return jnp.where((top_p < 1)[:, None] & (probs < cut[:, None]), -jnp.inf, scaled)
-
-
-def sample_rows(logits, seeds, steps, temperature, top_p, top_k):
-    """Per-row sampling of logits [S, V] (fp32) -> [S] int32. temperature / top_p [S] float,
-    top_k [S] int (0: off), the key of row s fold_in(key(seeds[s]), steps[s]); temperature 0: argmax.
-    Filtering runs only on a step where some sampled row filters (top-p < 1 or top-k); a row that
-    does not filter is unchanged by it, so its tokens never depend on its neighbours."""
-    scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
-    sampling = temperature > 0
-    filtered = jax.lax.cond(
-        jnp.any(sampling & ((top_p < 1) | (top_k > 0))), lambda x: filter_logits(x, top_p, top_k), lambda x: x, scaled
-    )
-    draw = jax.vmap(lambda lg, seed, step: jax.random.categorical(jax.random.fold_in(jax.random.key(seed), step), lg))
-    sampled = jax.lax.cond(
-        jnp.any(sampling),
-        lambda x: draw(x, seeds, steps).astype(jnp.int32),
-        lambda x: jnp.zeros(x.shape[0], jnp.int32),
-        filtered,
-    )
-    return jnp.where(sampling, sampled, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
 
 
 @functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
@@ -158,17 +103,13 @@ def decode_slots(
     config: GLMConfig, params, cache, token, step, lengths, mask_pos, cont, seeds, temperature, top_p, top_k
 ):
     """Feed token [S] as each slot's generated token number step [S] (0: the start id) at cache
-    slot P + lengths + step; positions as `generate.decode_step`. -> (next tokens [S], cache)."""
-    p = config.pre_seq_len
-    slot = p + lengths + step
-    position = jnp.where(cont, lengths + step, mask_pos)[:, None]
-    block = (step + 1)[:, None] if config.position_encoding_2d else jnp.zeros_like(position)
-    visible = jnp.arange(cache_length(cache))[None, :] <= slot[:, None]  # prefix, context, generated so far
-    logits, cache = cached_forward(
-        config, params, token[:, None], position, block, visible[:, None, None, :], cache, slot
+    slot P + lengths + step (`generate.decode_logits`: each row's generated slots follow its own
+    context), then sample each slot's next token (`decoding.sample_rows`, slot s drawing with
+    fold_in(key(seeds[s]), step[s])). -> (next tokens [S], cache)."""
+    logits, cache = decode_logits(
+        config, params, cache, token, step, lengths, mask_pos, cont, config.pre_seq_len + lengths
     )
-    logits = logits[:, 0, : config.vocab_size].astype(jnp.float32)
-    return sample_rows(logits, seeds, step, temperature, top_p, top_k), cache
+    return sample_rows(logits, seed_keys(seeds), step, temperature, top_p, top_k), cache
 
 
 class Engine:
@@ -191,14 +132,21 @@ class Engine:
         self.max_queue = 4 * slots if max_queue is None else max_queue
         self.params = serving_params(params, config.num_layers)
         self.max_len = config.max_sequence_length
-        cache = init_cache(config, slots, _round_up(config.pre_seq_len + self.max_len), cache_dtype)
+        cache_len = bucket_length(config.pre_seq_len + self.max_len, multiple=BUCKET)
+        cache = init_cache(config, slots, cache_len, cache_dtype)
         if config.pre_seq_len:
             cache = write_prefix(config, self.params, cache)
         self.cache = cache
-        z = lambda dt=np.int32: np.zeros(slots, dt)  # noqa: E731
-        self.token, self.step, self.lengths, self.mask_pos = z(), z(), z(), z()
-        self.cont, self.seeds = z(bool), z(np.uint32)
-        self.temperature, self.top_p, self.top_k = z(np.float32), np.ones(slots, np.float32), z()
+        # the decode step's inputs, one entry per slot (`decode_slots`), set by `_prefill`
+        self.token = np.zeros(slots, np.int32)  # the slot's next input id
+        self.step = np.zeros(slots, np.int32)  # its generated token number (0: the start id)
+        self.lengths = np.zeros(slots, np.int32)  # the context length
+        self.mask_pos = np.zeros(slots, np.int32)  # the mask position (prefix LMs)
+        self.cont = np.zeros(slots, bool)  # generated positions continue the count
+        self.seeds = np.zeros(slots, np.uint32)  # the request's seed (drawn when it gives none)
+        self.temperature = np.zeros(slots, np.float32)  # the request's `Sampling`
+        self.top_p = np.ones(slots, np.float32)
+        self.top_k = np.zeros(slots, np.int32)
         self.active: list[Request | None] = [None] * slots
         self.waiting: collections.deque[Request] = collections.deque()
         self.cancelled: set[int] = set()
@@ -211,7 +159,7 @@ class Engine:
         self.steps_run = 0
 
     # ---- requests ----------------------------------------------------------------------------
-    def validate(self, req: Request):
+    def validate(self, req: Request) -> PromptBatch:
         """The prompt as a one-row PromptBatch; GenerationError if it has no blank or does not fit."""
         if req.max_tokens < 1:
             raise GenerationError("max_tokens must be at least 1")
@@ -221,7 +169,7 @@ class Engine:
 
     def submit(self, req: Request) -> Request:
         """Queue a request (GenerationError if it cannot run, QueueFull past max_queue)."""
-        req._batch = self.validate(req)
+        req.prompt_batch = self.validate(req)
         with self.lock:
             if len(self.waiting) >= self.max_queue:
                 raise QueueFull(
@@ -266,7 +214,7 @@ class Engine:
             self.lock.notify()
         if self.thread is not None:
             self.thread.join()
-        for req in [r for r in self.active if r is not None] + list(self.waiting):
+        for req in [active for active in self.active if active is not None] + list(self.waiting):
             self._finish(req, "cancelled")
         self.waiting.clear()
         self.active = [None] * self.slots
@@ -274,7 +222,7 @@ class Engine:
     def warmup(self) -> None:
         """Compile the decode step and the smallest prefill bucket before serving (no thread yet)."""
         done = threading.Event()
-        req = Request([self.ids.gmask, self.ids.sop], 2, on_done=lambda *a: done.set())
+        req = Request([self.ids.gmask, self.ids.sop], 2, on_done=lambda *_: done.set())
         self.submit(req)
         while not done.is_set():
             self._tick(block=False)
@@ -284,7 +232,7 @@ class Engine:
             while self._tick(block=True):
                 pass
         except Exception as e:  # a device error: end everything in flight instead of hanging clients
-            for req in [r for r in self.active if r is not None] + list(self.waiting):
+            for req in [active for active in self.active if active is not None] + list(self.waiting):
                 self._finish(req, "error")
             self.error = e
             raise
@@ -296,23 +244,9 @@ class Engine:
                 self.lock.wait()
             if block and not self.running:
                 return False
-            cancelled, self.cancelled = self.cancelled, set()
-            admit = []
-            for i in range(self.slots):
-                if self.active[i] is not None and self.active[i].id in cancelled:
-                    self._finish(self.active[i], "cancelled")
-                    self.active[i] = None
-            kept = collections.deque()
-            for req in self.waiting:
-                (self._finish(req, "cancelled") if req.id in cancelled else kept.append(req))
-            self.waiting = kept
-            for i in range(self.slots):
-                if self.active[i] is None and self.waiting:
-                    req = self.waiting.popleft()
-                    self.active[i] = req
-                    admit.append((i, req))
-        for i, req in admit:
-            self._prefill(i, req)
+            admitted = self._admit()
+        for row, req in admitted:
+            self._prefill(row, req)
         if not any(self.active):
             return True
         next_token, self.cache = decode_slots(
@@ -332,38 +266,65 @@ class Engine:
         next_token = np.asarray(next_token)
         self.steps_run += 1
         with self.lock:
-            for i, req in enumerate(self.active):
-                if req is None:
-                    continue
-                t = int(next_token[i])
-                req.generated += 1
-                stop = t in req.stop_ids
-                try:
-                    if req.on_token is not None and req.on_token(t):
-                        stop = True
-                except Exception:  # a broken consumer ends its own request, not the engine
-                    self._finish(req, "error")
-                    self.active[i] = None
-                    continue
-                if stop or req.generated >= req.max_tokens:
-                    self._finish(req, "stop" if stop else "length")
-                    self.active[i] = None
-                else:
-                    self.token[i], self.step[i] = t, self.step[i] + 1
+            self._advance(next_token)
         return True
 
-    def _prefill(self, i: int, req: Request):
-        b = req._batch
-        n = int(b.lengths[0])
-        t = bucket(n, self.max_len)
-        tokens = np.full((1, t), self.ids.pad, np.int32)
-        tokens[0, :n] = b.tokens[0, :n]
-        self.cache = prefill_row(self.config, self.params, self.cache, jnp.int32(i), tokens, b.lengths, self.causal)
-        s = req.sampling
-        seed = s.seed if s.seed is not None else int(self.seed_rng.integers(2**32))
-        self.token[i], self.step[i], self.lengths[i] = b.start[0], 0, n
-        self.mask_pos[i], self.cont[i], self.seeds[i] = b.mask_pos[0], b.continue_positions[0], seed % 2**32
-        self.temperature[i], self.top_p[i], self.top_k[i] = s.temperature, s.top_p, s.top_k
+    def _admit(self) -> list[tuple[int, Request]]:
+        """(Under the lock.) End the cancelled requests, then move queued ones into free slots.
+        -> (slot, request) pairs to prefill."""
+        cancelled, self.cancelled = self.cancelled, set()
+        for row, req in enumerate(self.active):
+            if req is not None and req.id in cancelled:
+                self._finish(req, "cancelled")
+                self.active[row] = None
+        kept = collections.deque()
+        for req in self.waiting:
+            (self._finish(req, "cancelled") if req.id in cancelled else kept.append(req))
+        self.waiting = kept
+        admitted = []
+        for row in range(self.slots):
+            if self.active[row] is None and self.waiting:
+                self.active[row] = self.waiting.popleft()
+                admitted.append((row, self.active[row]))
+        return admitted
+
+    def _advance(self, next_token: np.ndarray) -> None:
+        """(Under the lock.) Hand each active request its next id [slots]; end those that stop or
+        reach max_tokens (freeing their slots), feed the rest their id at the next step."""
+        for row, req in enumerate(self.active):
+            if req is None:
+                continue
+            token = int(next_token[row])
+            req.generated += 1
+            stop = token in req.stop_ids
+            try:
+                if req.on_token is not None and req.on_token(token):
+                    stop = True
+            except Exception:  # a broken consumer ends its own request, not the engine
+                self._finish(req, "error")
+                self.active[row] = None
+                continue
+            if stop or req.generated >= req.max_tokens:
+                self._finish(req, "stop" if stop else "length")
+                self.active[row] = None
+            else:
+                self.token[row], self.step[row] = token, self.step[row] + 1
+
+    def _prefill(self, row: int, req: Request):
+        """Write the request's context into its slot's cache row, padded to `bucket_length`, and set
+        the slot's decode inputs."""
+        batch, sampling = req.prompt_batch, req.sampling
+        length = int(batch.lengths[0])
+        tokens = np.full((1, bucket_length(length, self.max_len)), self.ids.pad, np.int32)
+        tokens[0, :length] = batch.tokens[0, :length]
+        self.cache = prefill_row(
+            self.config, self.params, self.cache, jnp.int32(row), tokens, batch.lengths, self.causal
+        )
+        seed = sampling.seed if sampling.seed is not None else int(self.seed_rng.integers(2**32))
+        self.token[row], self.step[row], self.lengths[row] = batch.start[0], 0, length
+        self.mask_pos[row], self.cont[row] = batch.mask_pos[0], batch.continue_positions[0]
+        self.seeds[row] = seed % 2**32
+        self.temperature[row], self.top_p[row], self.top_k[row] = sampling.temperature, sampling.top_p, sampling.top_k
 
     def _finish(self, req: Request, reason: str):
         if req.finish_reason is None:
@@ -395,7 +356,7 @@ class EngineGenerator:
         on_token=None,
     ):
         del key, on_token
-        stop = tuple(stop_tokens) if stop_tokens is not None else (self.ids.eop, self.ids.eos)
+        stop = tuple(stop_tokens) if stop_tokens is not None else default_stop_ids(self.ids)
         out = []
         for prompt in prompts:
             seed = None if self.seed is None else self.seed + len(self.reasons)
@@ -413,10 +374,10 @@ def run(engine: Engine, req: Request, timeout: float | None = None) -> tuple[lis
     stop = set(req.stop_ids)
     user = req.on_token
 
-    def on_token(t):
-        if t not in stop:
-            out.append(t)
-        return bool(user(t)) if user is not None else False
+    def on_token(token):
+        if token not in stop:
+            out.append(token)
+        return bool(user(token)) if user is not None else False
 
     req.on_token, req.on_done = on_token, lambda reason, n: done.set()
     engine.submit(req)

@@ -19,12 +19,13 @@ from collections.abc import Callable, Sequence
 PROBES = ("\n", " ", "a", ",", "中", "。")
 
 
-def _common_prefix(a: str, b: str) -> int:
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
+def _common_prefix(first: str, second: str) -> int:
+    """The length of the longest common prefix of two strings."""
+    shorter = min(len(first), len(second))
+    for i in range(shorter):
+        if first[i] != second[i]:
             return i
-    return n
+    return shorter
 
 
 class TextStream:
@@ -35,8 +36,8 @@ class TextStream:
         stops: Sequence[str] = (),
         postprocess: Callable[[str], str] | None = None,
     ):
-        self.decode, self.stop_ids, self.stops = decode, set(stop_ids), [s for s in stops if s]
-        self.postprocess = postprocess or (lambda s: s)
+        self.decode, self.stop_ids, self.stops = decode, set(stop_ids), [stop for stop in stops if stop]
+        self.postprocess = postprocess or (lambda text: text)
         self.ids: list[int] = []
         self.raw = ""
         self.sent = ""
@@ -48,7 +49,7 @@ class TextStream:
             return self.stopped
         self.ids.append(int(token))
         raw = self.decode(self.ids)
-        found = [i for i in (raw.find(s) for s in self.stops) if i >= 0]
+        found = [at for at in (raw.find(stop) for stop in self.stops) if at >= 0]
         if found:
             raw, self.stopped = raw[: min(found)], True
         self.raw = raw
@@ -76,9 +77,9 @@ class TextStream:
         """How many trailing characters of raw may still change: an incomplete character, or the
         longest tail that starts a stop string."""
         held = len(raw) - len(raw.rstrip("\ufffd"))
-        for s in self.stops:
-            for k in range(min(len(s) - 1, len(raw)), 0, -1):
-                if raw.endswith(s[:k]):
+        for stop in self.stops:
+            for k in range(min(len(stop) - 1, len(raw)), 0, -1):
+                if raw.endswith(stop[:k]):
                     held = max(held, k)
                     break
         return held
