@@ -29,10 +29,16 @@ def synthetic_builder(vocab: int, seq: int) -> SequenceBuilder:
     corpus = np.random.default_rng(0).integers(16, vocab, 4_000_000).astype(np.int32)
 
     def window(rng, n):
-        s = int(rng.integers(0, len(corpus) - n + 1))
-        return corpus[s : s + n]
+        start = int(rng.integers(0, len(corpus) - n + 1))
+        return corpus[start : start + n]
 
     return SequenceBuilder(window, seq, 0)
+
+
+def sample_batch(builder: SequenceBuilder, first: int, size: int) -> dict:
+    """Samples first .. first + size - 1 stacked into a batch (the contract arrays, no `kind`)."""
+    samples = [builder.build(first + row) for row in range(size)]
+    return {key: np.stack([sample[key] for sample in samples]) for key in samples[0] if key != "kind"}
 
 
 def main(argv=None):
@@ -55,17 +61,8 @@ def main(argv=None):
             args.preset, args.set + [f"remat_policy={policy}", f"attention_impl={args.attention}"]
         )
         builder = synthetic_builder(config.vocab_size, args.seq)
-        batches = [
-            {k: v for k, v in b.items() if k != "kind"}
-            for b in (
-                {
-                    k: np.stack([builder.build(i * args.batch + r)[k] for r in range(args.batch)])
-                    for k in builder.build(0)
-                }
-                for i in range(2)
-            )
-        ]
-        rec = dict(
+        batches = [sample_batch(builder, i * args.batch, args.batch) for i in range(2)]
+        record = dict(
             env,
             bench="train_step",
             preset=args.preset,
@@ -81,18 +78,18 @@ def main(argv=None):
             placed = [trainer.place_batch(b) for b in batches]
             lr, alpha = jnp.float32(1e-4), jnp.float32(config.embedding_shrink_alpha)
             with trainer.context():
-                t0 = time.perf_counter()
-                state, m = trainer.fused_step(state, placed[0], lr, alpha)
-                jax.block_until_ready(m)
-                compile_s = time.perf_counter() - t0
+                started = time.perf_counter()
+                state, metrics = trainer.fused_step(state, placed[0], lr, alpha)
+                jax.block_until_ready(metrics)
+                compile_s = time.perf_counter() - started
                 times = []
                 for i in range(args.steps):
-                    t0 = time.perf_counter()
-                    state, m = trainer.fused_step(state, placed[i % 2], lr, alpha)
-                    jax.block_until_ready(m)
-                    times.append(time.perf_counter() - t0)
-        except Exception as e:  # out of memory for this policy, say so and go on
-            emit(dict(rec, skipped=f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"))
+                    started = time.perf_counter()
+                    state, metrics = trainer.fused_step(state, placed[i % 2], lr, alpha)
+                    jax.block_until_ready(metrics)
+                    times.append(time.perf_counter() - started)
+        except Exception as error:  # out of memory for this policy, say so and go on
+            emit(dict(record, skipped=f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"))
             continue
         step = float(np.median(times))
         tokens = args.batch * args.seq
@@ -100,14 +97,14 @@ def main(argv=None):
         tflops = flops / step / 1e12
         emit(
             dict(
-                rec,
+                record,
                 step_s=round(step, 4),
                 compile_s=round(compile_s, 1),
                 tokens_per_s=round(tokens / step),
                 model_tflops=round(tflops, 1),
                 mfu=round(flops / step / peak, 4) if peak else None,
                 vs_anchor=round(tflops / anchor, 3),
-                loss=float(m["loss"]),
+                loss=float(metrics["loss"]),
             )
         )
 

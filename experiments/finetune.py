@@ -9,7 +9,7 @@
 Data: AdvertiseGen {content, summary}, Alpaca {instruction, input, output}, ChatGLM2 {prompt,
 response, history} and ChatGLM3 {conversations} files, JSON lines or one JSON array, format per
 row from its keys; prompts in the checkpoint's family format (glm_jax/sft.py). Defaults per
-method are the reference recipes (GLM_SPEC section 8): P-tuning v2 pre_seq_len 128, lr 2e-2;
+method are the reference recipes (docs/reference.md#8-fine-tuning-recipes): P-tuning v2 pre_seq_len 128, lr 2e-2;
 LoRA r 8, alpha 32, dropout 0.1 on query/key/value, lr 5e-4; freeze (last 2 layers) and full
 lr 1e-4; batch 16. `--set` takes method knobs (lora_rank=16, lora_targets=query,value,
 pre_seq_len=64, prefix_projection=true, trainable_layers=4, train_head=true) and model config
@@ -126,12 +126,12 @@ def main(argv=None):
     try:
         knobs, model_overrides = split_sets(args.set, PeftConfig)
         peft = PeftConfig(method=args.method, **knobs)
-        m = load_model(args.checkpoint, tokenizer_file=args.tokenizer, family=args.family)
-        identity = base_identity(m.config, m.params, m.step)
+        base_model = load_model(args.checkpoint, tokenizer_file=args.tokenizer, family=args.family)
+        identity = base_identity(base_model.config, base_model.params, base_model.step)
         quantize = None if args.quantize == "none" else args.quantize
         if quantize and not peft.is_adapter:
             raise ConfigError(f"--quantize {quantize} runs a frozen base quantized: it takes --method lora or ptuning")
-        base_config, base = quantize_on_load(m.config, m.params, quantize, m.path)
+        base_config, base = quantize_on_load(base_model.config, base_model.params, quantize, base_model.path)
         config = peft.model_config(base_config).override(**model_overrides)
         seq_len = args.seq_len or args.max_source + args.max_target + 4
         if seq_len > config.max_sequence_length:
@@ -141,8 +141,8 @@ def main(argv=None):
         ckpt_dir = os.path.join(out, "checkpoints")
         _check_resume(ckpt_dir, peft, identity)
         common = dict(
-            family=m.family,
-            tok=m.tokenizer,
+            family=base_model.family,
+            tok=base_model.tokenizer,
             two_d=config.position_encoding_2d,
             seq_len=seq_len,
             max_source=args.max_source,
@@ -179,8 +179,8 @@ def main(argv=None):
             eval_every=args.eval_every if eval_builder else 0,
             eval_batches=eval_builder.batches_to_cover(args.batch) if eval_builder else 0,
             progress=not args.no_progress,
-            family=m.family.name,
-            tokenizer_file=bundled_file(m.tokenizer),
+            family=base_model.family.name,
+            tokenizer_file=bundled_file(base_model.tokenizer),
         )
         # DxPxT names every axis: exactly that many devices (PxT: data parallel over the rest)
         mesh = sh.make_mesh(args.mesh, jax.devices()[:needed] if args.mesh.count("x") == 2 else None)
@@ -192,12 +192,19 @@ def main(argv=None):
                 out,
                 "adapter",
                 lambda tmp: save_adapter(
-                    tmp, config, peft, params, step, identity, m.family.name, bundled_file(m.tokenizer)
+                    tmp,
+                    config,
+                    peft,
+                    params,
+                    step,
+                    identity,
+                    base_model.family.name,
+                    bundled_file(base_model.tokenizer),
                 ),
             )
             if args.merge:
                 adapter = Adapter(config, peft, jax.device_get(params), step, identity, saved["adapter"])
-                merged_config, merged = attach(adapter, m.config, m.params)
+                merged_config, merged = attach(adapter, base_model.config, base_model.params)
                 if peft.method == "lora":
                     merged, merged_config = merge_lora(merged, merged_config)
                 saved["merged"] = _replace(
@@ -208,9 +215,9 @@ def main(argv=None):
                         merged_config,
                         move_to_device(dict(merged)),
                         step,
-                        f"finetune {peft.method} merged onto {m.path}",
-                        m.family.name,
-                        bundled_file(m.tokenizer),
+                        f"finetune {peft.method} merged onto {base_model.path}",
+                        base_model.family.name,
+                        bundled_file(base_model.tokenizer),
                     ),
                 )
 
@@ -224,14 +231,14 @@ def main(argv=None):
             log=log,
             peft=peft,
             base=base,
-            meta={"peft": peft.to_dict(), "base": identity, "base_checkpoint": m.path},
+            meta={"peft": peft.to_dict(), "base": identity, "base_checkpoint": base_model.path},
             on_done=on_done,
         )
-    except (ConfigError, sh.MeshError, DataError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ConfigError, sh.MeshError, DataError, CheckpointError) as error:
+        print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
-    except TrainingError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except TrainingError as error:
+        print(f"error: {error}", file=sys.stderr)
         sys.exit(3)
     trainable, frozen = shapes
     report = {

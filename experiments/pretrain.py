@@ -117,8 +117,8 @@ def main(argv=None):
 
         try:
             sh.parse_mesh(args.mesh)
-        except sh.MeshError as e:
-            ap.error(str(e))
+        except sh.MeshError as error:
+            ap.error(str(error))
     else:
         _, simulated = prepare_devices(ap, args.mesh)
     import jax
@@ -156,12 +156,12 @@ def main(argv=None):
         optim = optim_for(args.preset, **optim_kw)
         if args.no_ramp:
             optim = dataclasses.replace(optim, ramp_start=None)
-        topo = devices = None
+        topology = devices = None
         if args.topology:
             from glm_jax.topology import parse_topology, plan_fields, topology_devices
 
-            topo = parse_topology(args.topology, args.slices)
-            devices = topology_devices(topo)
+            topology = parse_topology(args.topology, args.slices)
+            devices = topology_devices(topology)
         mesh = sh.make_mesh(args.mesh, devices)
         run = RunConfig(
             steps=args.steps,
@@ -186,27 +186,36 @@ def main(argv=None):
             if batches.ramp_note:
                 log(f"warning: {batches.ramp_note}")
             report = dry_run(trainer, args.seq)
-            if topo is not None:
-                report = {**report, **plan_fields(topo, devices, report)}
+            if topology is not None:
+                report = {**report, **plan_fields(topology, devices, report)}
             for k, v in report.items():
                 log(f"{k:>28}: {v:,.3f}" if isinstance(v, float) else f"{k:>28}: {v}")
             print(json.dumps({"preset": args.preset, "mesh": args.mesh, "seq": args.seq, **report}))
             return report
         family = get_family(args.family)
-        tok = family.load_tokenizer(args.tokenizer)
-        if tok.vocab_size > config.vocab_size:
-            check_fits(tok, config.vocab_size, f"--preset {args.preset} (use --set vocab_size={tok.vocab_size})")
-        corpus = Corpus.load(args.data, tok)
-        st = corpus.stats
+        tokenizer = family.load_tokenizer(args.tokenizer)
+        if tokenizer.vocab_size > config.vocab_size:
+            check_fits(
+                tokenizer, config.vocab_size, f"--preset {args.preset} (use --set vocab_size={tokenizer.vocab_size})"
+            )
+        corpus = Corpus.load(args.data, tokenizer)
+        stats = corpus.stats
         log(
-            f"corpus: {st.documents:,} documents from {len(corpus.sources)} source(s); skipped {st.skipped} "
-            f"(bad json {st.bad_json}, bad utf-8 {st.bad_utf8}, empty {st.empty_text}, no text {st.missing_text})"
+            f"corpus: {stats.documents:,} documents from {len(corpus.sources)} source(s); skipped {stats.skipped} "
+            f"(bad json {stats.bad_json}, bad utf-8 {stats.bad_utf8}, empty {stats.empty_text}, "
+            f"no text {stats.missing_text})"
         )
-        pairs = load_instructions(args.instructions, tok) if args.instructions else None
+        pairs = load_instructions(args.instructions, tokenizer) if args.instructions else None
         objective = ObjectiveConfig(position_encoding_2d=args.two_d or config.position_encoding_2d)
         try:
             builder = SequenceBuilder(
-                corpus.with_split("train").window, args.seq, args.seed, objective, pairs, tok.specials, family.causal
+                corpus.with_split("train").window,
+                args.seq,
+                args.seed,
+                objective,
+                pairs,
+                tokenizer.specials,
+                family.causal,
             )
             eval_builder = SequenceBuilder(
                 corpus.with_split("heldout").window,
@@ -214,18 +223,18 @@ def main(argv=None):
                 args.seed + 1,
                 dataclasses.replace(objective, multitask_ratio=0.0),
                 None,
-                tok.specials,
+                tokenizer.specials,
                 family.causal,
             )
-        except ValueError as e:  # the objective's own checks: a sequence too short for its samples
-            raise ConfigError(f"{e}; pass a longer --seq") from None
-        run = dataclasses.replace(run, family=family.name, tokenizer_file=bundled_file(tok))
+        except ValueError as error:  # the objective's own checks: a sequence too short for its samples
+            raise ConfigError(f"{error}; pass a longer --seq") from None
+        run = dataclasses.replace(run, family=family.name, tokenizer_file=bundled_file(tokenizer))
         summary = train(config, optim, run, mesh, builder, eval_builder, log=log)
-    except (ConfigError, sh.MeshError, DataError, CheckpointError, TokenizerError, FamilyError, TopologyError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ConfigError, sh.MeshError, DataError, CheckpointError, TokenizerError, FamilyError, TopologyError) as error:
+        print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
-    except TrainingError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except TrainingError as error:
+        print(f"error: {error}", file=sys.stderr)
         sys.exit(3)
     if lead:
         print(json.dumps({"preset": args.preset, "mesh": args.mesh, **summary}))

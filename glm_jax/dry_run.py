@@ -28,7 +28,7 @@ def dry_run(trainer, seq_len: int) -> dict:
     save and holds in a restore target), the rest XLA needs (activations at this microbatch size),
     and FLOPs per step. A compile refused for memory (an accelerator's compiler, e.g. an AOT TPU
     plan) is reported with `fits` false and the compiler's message."""
-    t0 = time.perf_counter()
+    started = time.perf_counter()
     shapes = trainer.state_shapes(trainer.plan)
     batch = {
         k: jax.ShapeDtypeStruct((trainer.pass_batch, seq_len), jnp.int32, sharding=trainer.batch_sharding)
@@ -51,7 +51,7 @@ def dry_run(trainer, seq_len: int) -> dict:
         "checkpoint_gib_per_device": state_bytes_per_device(trainer) / GIB,
     }
     flops = {"model_flops_per_step": trainer.model_flops_per_step(tokens, seq_len), "tokens_per_step": tokens}
-    args = (
+    args = (  # the fused step's: state, frozen, batch, used microbatches, stop votes, lr, alpha
         sh.abstract_tree(shapes, trainer.state_shardings),
         sh.abstract_tree(trainer.frozen_shapes, trainer.frozen_shardings),
         batch,
@@ -63,8 +63,8 @@ def dry_run(trainer, seq_len: int) -> dict:
     try:
         with trainer.context():
             compiled = trainer._fused_step.lower(*args).compile()
-    except Exception as e:  # an accelerator's compiler refuses a plan over its memory: report it
-        message = out_of_memory(e)
+    except Exception as error:  # an accelerator's compiler refuses a plan over its memory: report it
+        message = out_of_memory(error)
         if message is None:
             raise
         return {
@@ -72,21 +72,24 @@ def dry_run(trainer, seq_len: int) -> dict:
             "fits": False,
             "compiler_message": message,
             **flops,
-            "compile_seconds": time.perf_counter() - t0,
+            "compile_seconds": time.perf_counter() - started,
         }
-    mem = compiled.memory_analysis()
+    memory = compiled.memory_analysis()
     cost = compiled.cost_analysis() or {}
     if isinstance(cost, list):
         cost = cost[0] if cost else {}
     return {
         **head,
-        "arguments_gib_per_device": mem.argument_size_in_bytes / GIB,
-        "temp_gib_per_device": mem.temp_size_in_bytes / GIB,
+        "arguments_gib_per_device": memory.argument_size_in_bytes / GIB,
+        "temp_gib_per_device": memory.temp_size_in_bytes / GIB,
         "peak_gib_per_device": (
-            mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+            memory.argument_size_in_bytes
+            + memory.temp_size_in_bytes
+            + memory.output_size_in_bytes
+            - memory.alias_size_in_bytes
         )
         / GIB,
         "compiled_flops_per_device": float(cost.get("flops", float("nan"))),
         **flops,
-        "compile_seconds": time.perf_counter() - t0,
+        "compile_seconds": time.perf_counter() - started,
     }

@@ -1,4 +1,4 @@
-"""GLM-130B's optimizer (spec section 5) in optax, plus loss scaling and the batch ramp-up.
+"""GLM-130B's optimizer (docs/reference.md#5-training-setup) in optax, plus loss scaling and the batch ramp-up.
 
 - AdamW (0.9, 0.95, eps 1e-8), weight decay 0.1 on every matrix incl. the embedding, not on
   biases and norms; global-norm clipping at 1.0.
@@ -94,11 +94,11 @@ class BatchSchedule:
             per_increment = ramp_samples / max((self.global_batch - self.ramp_start) / self.ramp_increment, 1)
             while seen < ramp_samples and len(passes) < self.total_steps:
                 batch = self.ramp_start + self.ramp_increment * int(seen // per_increment)
-                n = max(1, min(full, -(-batch // self.pass_batch)))
-                if n == full:
+                step_passes = max(1, min(full, -(-batch // self.pass_batch)))
+                if step_passes == full:
                     break
-                passes.append(n)
-                seen += n * self.pass_batch
+                passes.append(step_passes)
+                seen += step_passes * self.pass_batch
         object.__setattr__(self, "_ramp", tuple(passes))
         object.__setattr__(self, "_ramp_samples", seen)
 
@@ -142,12 +142,12 @@ class BatchSchedule:
 def learning_rate(cfg: OptimConfig, samples_seen, total_samples: int):
     """Warm-up from init_lr to peak over warmup_fraction of the samples, cosine to min_lr_ratio x peak."""
     warm = max(cfg.warmup_fraction * total_samples, 1.0)
-    s = jnp.asarray(samples_seen, jnp.float32)
-    warm_lr = cfg.init_lr + (cfg.peak_lr - cfg.init_lr) * jnp.minimum(s / warm, 1.0)
-    progress = jnp.clip((s - warm) / jnp.maximum(total_samples - warm, 1.0), 0.0, 1.0)
+    samples = jnp.asarray(samples_seen, jnp.float32)
+    warm_lr = cfg.init_lr + (cfg.peak_lr - cfg.init_lr) * jnp.minimum(samples / warm, 1.0)
+    progress = jnp.clip((samples - warm) / jnp.maximum(total_samples - warm, 1.0), 0.0, 1.0)
     floor = cfg.min_lr_ratio * cfg.peak_lr
     cos_lr = floor + (cfg.peak_lr - floor) * 0.5 * (1.0 + jnp.cos(math.pi * progress))
-    return jnp.where(s < warm, warm_lr, cos_lr)
+    return jnp.where(samples < warm, warm_lr, cos_lr)
 
 
 def embedding_alpha(cfg: OptimConfig, step, default: float):
@@ -203,8 +203,8 @@ class LossScale:
     def update(self, finite, cfg: OptimConfig, dynamic: bool) -> LossScale:
         if not dynamic:
             return self
-        hyst = jnp.where(finite, self.hysteresis_tracker, self.hysteresis_tracker - 1)
-        back_off = (~finite) & (hyst <= 0)
+        hysteresis = jnp.where(finite, self.hysteresis_tracker, self.hysteresis_tracker - 1)
+        back_off = (~finite) & (hysteresis <= 0)
         growth = jnp.where(finite, self.growth_tracker + 1, 0)
         grow = finite & (growth >= cfg.loss_scale_window)
         scale = jnp.where(back_off, jnp.maximum(self.scale * 0.5, cfg.loss_scale_min), self.scale)
@@ -212,7 +212,7 @@ class LossScale:
         return LossScale(
             scale=scale,
             growth_tracker=jnp.where(grow, 0, growth),
-            hysteresis_tracker=jnp.where(grow, cfg.loss_scale_hysteresis, hyst),
+            hysteresis_tracker=jnp.where(grow, cfg.loss_scale_hysteresis, hysteresis),
         )
 
 

@@ -93,11 +93,11 @@ def to_slots(layers, plan: PipelinePlan):
     the same arrays (also for a slice of the layers, as freeze trains)."""
     if plan.stages == 1:
         return layers
-    idx = np.maximum(plan.layer_of_slot, 0)
+    source = np.maximum(plan.layer_of_slot, 0)  # the layer each slot copies (padding: layer 0, zeroed)
     active = plan.active
 
     def one(x):
-        x = jnp.take(jnp.asarray(x), idx, axis=0)
+        x = jnp.take(jnp.asarray(x), source, axis=0)
         return jnp.where(active.reshape((-1,) + (1,) * (x.ndim - 1)), x, 0)
 
     return jax.tree_util.tree_map(one, layers)
@@ -107,8 +107,8 @@ def from_slots(slots, plan: PipelinePlan):
     """Slot layout [S*K, ...] -> stacked layers [L, ...]."""
     if plan.stages == 1:
         return slots
-    idx = np.flatnonzero(plan.active)
-    return jax.tree_util.tree_map(lambda x: jnp.take(x, idx, axis=0), slots)
+    layer_slots = np.flatnonzero(plan.active)
+    return jax.tree_util.tree_map(lambda x: jnp.take(x, layer_slots, axis=0), slots)
 
 
 def params_to_slots(params: dict, plan: PipelinePlan) -> dict:
@@ -147,16 +147,17 @@ def bubble_fraction(schedule: str, stages: int, microbatches: int) -> float:
 # ---- the schedules ------------------------------------------------------------------------------------
 
 
-def split_microbatches(x, m: int):
+def split_microbatches(x, microbatches: int):
     """[B, ...] -> [M, B/M, ...], microbatch i = rows i, M + i, 2M + i, ...: each data shard's
     contiguous rows stay on that shard."""
-    b = x.shape[0]
-    return jnp.swapaxes(x.reshape((b // m, m) + x.shape[1:]), 0, 1)
+    rows = x.shape[0]
+    return jnp.swapaxes(x.reshape((rows // microbatches, microbatches) + x.shape[1:]), 0, 1)
 
 
 def merge_microbatches(x):
-    m, mb = x.shape[:2]
-    return jnp.swapaxes(x, 0, 1).reshape((m * mb,) + x.shape[2:])
+    """[M, B/M, ...] -> [B, ...], undoing `split_microbatches`."""
+    microbatches, rows = x.shape[:2]
+    return jnp.swapaxes(x, 0, 1).reshape((microbatches * rows,) + x.shape[2:])
 
 
 def _head_loss(config: GLMConfig, params, h, fields):
@@ -176,22 +177,22 @@ def stage_function(config: GLMConfig, plan: PipelinePlan):
     one stage's slots in a scan, padding slots passing x through."""
     block = GLMBlock(config)
 
-    def layer(p, x, mask, tables, rng, pre):
+    def layer(params, x, mask, tables, rng, prefix):
         rngs = {"dropout": rng} if rng is not None else None
-        return block.apply({"params": p}, x, mask, tables, None, None, pre, rngs=rngs)[0]
+        return block.apply({"params": params}, x, mask, tables, None, None, prefix, rngs=rngs)[0]
 
     if config.remat_policy != "none":
         layer = jax.checkpoint(layer, policy=REMAT_POLICIES.get(config.remat_policy), prevent_cse=False)
 
-    def stage(params, active, x, fields, rng, pre):
+    def stage(params, active, x, fields, rng, prefix):
         mask, tables = attention_inputs(fields, config)
 
-        def slot(x, inp):
-            p, on, j, pr = inp
-            r = None if rng is None else jax.random.fold_in(rng, j)
-            return jnp.where(on, layer(p, x, mask, tables, r, pr), x), None
+        def slot(x, inputs):
+            layer_params, slot_active, index, slot_prefix = inputs
+            slot_rng = None if rng is None else jax.random.fold_in(rng, index)
+            return jnp.where(slot_active, layer(layer_params, x, mask, tables, slot_rng, slot_prefix), x), None
 
-        return jax.lax.scan(slot, x, (params, active, jnp.arange(plan.slots), pre))[0]
+        return jax.lax.scan(slot, x, (params, active, jnp.arange(plan.slots), prefix))[0]
 
     return stage
 
@@ -213,10 +214,11 @@ def _per_stage(tree, stages: int):
     return jax.tree_util.tree_map(one, tree)
 
 
-def _microbatch_fields(batch, m: int, with_loss: bool):
+def _microbatch_fields(batch, microbatches: int, with_loss: bool):
+    """The batch's fields a schedule reads, [M, B/M, S] each (a missing field: zeros)."""
     names = BATCH_FIELDS + (LOSS_FIELDS if with_loss else ("tokens",))
     zeros = jnp.zeros_like(batch["position_ids"])
-    return {f: split_microbatches(batch.get(f, zeros), m) for f in names}
+    return {name: split_microbatches(batch.get(name, zeros), microbatches) for name in names}
 
 
 def _stage_prefix(config: GLMConfig, plan: PipelinePlan, params, rng):
@@ -231,74 +233,104 @@ def _split_layers(params):
     return params.get("layers"), {k: v for k, v in params.items() if k != "layers"}
 
 
+def _dropout_keys(dropout_rng):
+    """The step's dropout key -> (embedding key, layers key); (None, None) without dropout."""
+    if dropout_rng is None:
+        return None, None
+    embed_key, layers_key = jax.random.split(dropout_rng)
+    return embed_key, layers_key
+
+
+def _take_microbatch(fields, index) -> dict:
+    """Microbatch `index` of fields split by `_microbatch_fields`."""
+    return {name: values[index] for name, values in fields.items()}
+
+
 def _gpipe(
     params,
     batch,
     config: GLMConfig,
     plan: PipelinePlan,
-    m: int,
+    microbatches: int,
     alpha,
     dropout_rng,
     bubble_value: float,
     with_loss: bool,
 ):
-    n_st = plan.stages
-    fields = _microbatch_fields(batch, m, with_loss)
+    """GPipe's M + S - 1 ticks in a scan: (loss sum, tokens) with `with_loss`, else the hidden
+    states [B, S, E] leaving the last stage."""
+    stages = plan.stages
+    fields = _microbatch_fields(batch, microbatches, with_loss)
     layers, rest = _split_layers(params)
-    rest_s, layers_s = _per_stage(rest, n_st), _by_stage(layers, plan)
-    active = jnp.asarray(plan.active.reshape(n_st, plan.slots))
-    embed_key = layers_key = None
-    if dropout_rng is not None:
-        embed_key, layers_key = jax.random.split(dropout_rng)
+    rest_by_stage, layers_by_stage = _per_stage(rest, stages), _by_stage(layers, plan)
+    active = jnp.asarray(plan.active.reshape(stages, plan.slots))
+    embed_key, layers_key = _dropout_keys(dropout_rng)
     prefix = _stage_prefix(config, plan, params, embed_key)
-    stage = stage_function(config, plan)
-    head_loss = jax.checkpoint(lambda p, h, f: _head_loss(config, p, h, f), prevent_cse=False)
-    stages = jnp.arange(n_st)
-    mb_shape = fields["tokens"].shape[1:]
-
-    def run_stage(rest_p, layer_p, active, x, mb, valid, s, key, pre):
-        ek = lk = None
-        if key is not None:
-            ek, lk = jax.random.split(key)
-        x = jnp.where(s == 0, _embed(config, rest_p, mb, alpha, ek), x)
-        x = jnp.where(valid, x, jnp.zeros_like(x))
-        y = stage(layer_p, active, x, mb, lk, pre)
-        if not with_loss:
-            return y, jnp.float32(0), jnp.float32(0)
-        loss_sum, n = head_loss(rest_p, y, mb)
-        on = valid & (s == n_st - 1)
-        return y, jnp.where(on, loss_sum, 0.0), jnp.where(on, n, 0.0)
-
-    act_spec = P("stage", "data", None, None)
+    run_stage = _gpipe_stage(config, plan, alpha, with_loss)
+    stage_ids = jnp.arange(stages)
+    activation_spec = P("stage", "data", None, None)
 
     def tick(carry, t):
-        state, outputs, loss_sum, count = carry
-        micro = t - stages  # the microbatch each stage works on
-        valid = (micro >= 0) & (micro < m)
-        take = jnp.clip(micro, 0, m - 1)
-        mb = {f: v[take] for f, v in fields.items()}
-        keys = (
-            None
-            if layers_key is None
-            else jax.vmap(lambda s, mi: jax.random.fold_in(jax.random.fold_in(layers_key, mi), s))(stages, take)
-        )
-        state = jax.lax.with_sharding_constraint(state, act_spec)
-        out, ls, n = jax.vmap(run_stage, spmd_axis_name="stage")(
-            rest_s, layers_s, active, state, mb, valid, stages, keys, prefix
+        inputs, outputs, loss_sum, count = carry
+        micro = t - stage_ids  # the microbatch each stage works on
+        valid = (micro >= 0) & (micro < microbatches)
+        index = jnp.clip(micro, 0, microbatches - 1)
+        microbatch = _take_microbatch(fields, index)
+        keys = None if layers_key is None else jax.vmap(_layer_key, in_axes=(None, 0, 0))(layers_key, index, stage_ids)
+        inputs = jax.lax.with_sharding_constraint(inputs, activation_spec)
+        stage_outputs, losses, tokens = jax.vmap(run_stage, spmd_axis_name="stage")(
+            rest_by_stage, layers_by_stage, active, inputs, microbatch, valid, stage_ids, keys, prefix
         )
         if not with_loss:
-            done = t - (n_st - 1)
-            last = jnp.where(done >= 0, out[n_st - 1], outputs[jnp.clip(done, 0, m - 1)])
-            outputs = jax.lax.dynamic_update_index_in_dim(outputs, last, jnp.clip(done, 0, m - 1), 0)
-        state = jnp.roll(out, 1, axis=0)  # stage s's output becomes stage s+1's input
-        return (state, outputs, loss_sum + ls, count + n), None
+            outputs = _keep_last_stage_output(outputs, stage_outputs, t, stages, microbatches)
+        inputs = jnp.roll(stage_outputs, 1, axis=0)  # stage s's output becomes stage s+1's input
+        return (inputs, outputs, loss_sum + losses, count + tokens), None
 
-    e = config.hidden_size
-    state = jnp.full((n_st,) + mb_shape + (e,), bubble_value, config.compute_dtype)
-    outputs = jnp.zeros((m,) + mb_shape + (e,), config.compute_dtype) if not with_loss else jnp.zeros(())
-    zeros = jnp.zeros((n_st,), jnp.float32)
-    (_, outputs, loss_sum, count), _ = jax.lax.scan(tick, (state, outputs, zeros, zeros), jnp.arange(m + n_st - 1))
+    activation_shape = fields["tokens"].shape[1:] + (config.hidden_size,)
+    inputs = jnp.full((stages,) + activation_shape, bubble_value, config.compute_dtype)
+    outputs = jnp.zeros((microbatches,) + activation_shape, config.compute_dtype) if not with_loss else jnp.zeros(())
+    zeros = jnp.zeros((stages,), jnp.float32)
+    ticks = jnp.arange(microbatches + stages - 1)
+    (_, outputs, loss_sum, count), _ = jax.lax.scan(tick, (inputs, outputs, zeros, zeros), ticks)
     return (loss_sum.sum(), count.sum()) if with_loss else merge_microbatches(outputs)
+
+
+def _layer_key(layers_key, micro, stage):
+    """The dropout key of one stage's layers on one microbatch."""
+    return jax.random.fold_in(jax.random.fold_in(layers_key, micro), stage)
+
+
+def _gpipe_stage(config: GLMConfig, plan: PipelinePlan, alpha, with_loss: bool):
+    """run(rest, layers, active, x, microbatch, valid, stage, key, prefix) -> (output, loss sum,
+    tokens): one GPipe stage on one microbatch (vmapped over stages): the first stage embeds, the
+    last computes the head and loss of a valid microbatch (0 elsewhere)."""
+    stage_fn = stage_function(config, plan)
+    head_loss = jax.checkpoint(
+        lambda params, hidden, fields: _head_loss(config, params, hidden, fields), prevent_cse=False
+    )
+    last = plan.stages - 1
+
+    def run(rest, layers, active, x, microbatch, valid, stage, key, prefix):
+        embed_key, layer_key = _dropout_keys(key)
+        x = jnp.where(stage == 0, _embed(config, rest, microbatch, alpha, embed_key), x)
+        x = jnp.where(valid, x, jnp.zeros_like(x))
+        y = stage_fn(layers, active, x, microbatch, layer_key, prefix)
+        if not with_loss:
+            return y, jnp.float32(0), jnp.float32(0)
+        loss_sum, tokens = head_loss(rest, y, microbatch)
+        on = valid & (stage == last)
+        return y, jnp.where(on, loss_sum, 0.0), jnp.where(on, tokens, 0.0)
+
+    return run
+
+
+def _keep_last_stage_output(outputs, stage_outputs, t, stages: int, microbatches: int):
+    """outputs [M, ...] with the last stage's output at tick t stored as microbatch t - (S - 1),
+    once there is one."""
+    done = t - (stages - 1)
+    index = jnp.clip(done, 0, microbatches - 1)
+    last = jnp.where(done >= 0, stage_outputs[stages - 1], outputs[index])
+    return jax.lax.dynamic_update_index_in_dim(outputs, last, index, 0)
 
 
 def pipeline_blocks(
@@ -416,96 +448,133 @@ def one_f_one_b(
     ring of 2S - 1 slots per stage until their backward. Idle halves of a tick compute on zeros
     (`bubble_value` fills the buffers, NaN in tests) and reach neither gradients nor the loss.
     """
-    n_st, k = plan.stages, plan.slots
-    ring = 2 * n_st - 1
+    stages = plan.stages
     fields = _microbatch_fields(batch, max_microbatches, True)
-    m = jnp.asarray(microbatches, jnp.int32)
-    used = jnp.arange(max_microbatches) < m
-    n_total = jnp.sum(fields["loss_mask"].astype(jnp.float32) * used[:, None, None])
-    cotangent = jnp.asarray(scale, jnp.float32) / jnp.maximum(n_total, 1.0)
-    t_layers, t_rest = _split_layers(trainable)
-    f_layers, f_rest = _split_layers(frozen)
-    view = lambda layers, rest: {
-        **_per_stage(rest, n_st),
-        **({} if layers is None else {"layers": _by_stage(layers, plan)}),
-    }
-    t_view, f_view = view(t_layers, t_rest), view(f_layers, f_rest)
-    embed_key = layers_key = None
-    if dropout_rng is not None:
-        embed_key, layers_key = jax.random.split(dropout_rng)
-    stage = stage_function(config, plan)
-    active = jnp.asarray(plan.active.reshape(n_st, k))
-    stages = jnp.arange(n_st)
-
-    def run(tv, fv, x, mb, s, act, micro, with_head):
-        """One stage on one microbatch: (output [mb, S, E], loss sum of the head, or 0)."""
-        p = combine(tv, fv)
-        ek = lk = None
-        if layers_key is not None:
-            ek = jax.random.fold_in(embed_key, micro)
-            lk = jax.random.fold_in(jax.random.fold_in(layers_key, micro), s)
-        x = jnp.where(s == 0, _embed(config, p, mb, embedding_alpha, ek), x)
-        pre = None
-        if config.pre_seq_len:
-            pre = jax.tree_util.tree_map(lambda a: a[s], _stage_prefix(config, plan, p, embed_key))
-        y = stage(p["layers"], act, x, mb, lk, pre)
-        if not with_head:
-            return y, jnp.float32(0)
-        return y, _head_loss(config, p, y, mb)[0]
-
-    def stage_tick(tv, fv, act, s, fwd_in, bwd_in, buf, t):
-        f, b = t - s, t - 2 * (n_st - 1) + s
-        f_ok, b_ok = (f >= 0) & (f < m), (b >= 0) & (b < m)
-        fi, bi = jnp.clip(f, 0, max_microbatches - 1), jnp.clip(b, 0, max_microbatches - 1)
-        mb_f = {name: v[fi] for name, v in fields.items()}
-        mb_b = {name: v[bi] for name, v in fields.items()}
-        fwd_in = jnp.where(f_ok, fwd_in, jnp.zeros_like(fwd_in))
-        y_f, _ = run(tv, fv, fwd_in, mb_f, s, act, fi, False)
-        slot = f % ring
-        kept = jax.lax.dynamic_index_in_dim(buf, slot, 0, keepdims=False)
-        buf = jax.lax.dynamic_update_index_in_dim(buf, jnp.where(f_ok, fwd_in, kept), slot, 0)
-        x_b = jax.lax.dynamic_index_in_dim(buf, b % ring, 0, keepdims=False)
-        x_b = jnp.where(b_ok, x_b, jnp.zeros_like(x_b))
-        last = s == n_st - 1
-        (_, loss_b), pullback = jax.vjp(lambda p, x: run(p, fv, x, mb_b, s, act, bi, True), tv, x_b)
-        g_y = jnp.where(b_ok & ~last, bwd_in, jnp.zeros_like(bwd_in))
-        d_tv, d_x = pullback((g_y, jnp.where(b_ok & last, cotangent, 0.0)))
-        return y_f, d_x, buf, d_tv, jnp.where(b_ok & last, loss_b, 0.0)
-
-    act_spec = P("stage", "data", None, None)
+    used = jnp.asarray(microbatches, jnp.int32)
+    is_used = jnp.arange(max_microbatches) < used
+    total_tokens = jnp.sum(fields["loss_mask"].astype(jnp.float32) * is_used[:, None, None])
+    cotangent = jnp.asarray(scale, jnp.float32) / jnp.maximum(total_tokens, 1.0)
+    trainable_view, frozen_view = _stage_view(trainable, plan), _stage_view(frozen, plan)
+    run = _one_f_one_b_stage(config, plan, combine, embedding_alpha, dropout_rng)
+    stage_tick = _one_f_one_b_tick(run, fields, used, max_microbatches, cotangent, stages)
     ticks = jax.vmap(stage_tick, in_axes=(0, 0, 0, 0, 0, 0, 0, None), spmd_axis_name="stage")
+    active = jnp.asarray(plan.active.reshape(stages, plan.slots))
+    stage_ids = jnp.arange(stages)
+    activation_spec = P("stage", "data", None, None)
 
     def body(t, carry):
-        fwd_in, bwd_in, buf, grads, losses = carry
-        fwd_in = jax.lax.with_sharding_constraint(fwd_in, act_spec)
-        bwd_in = jax.lax.with_sharding_constraint(bwd_in, act_spec)
-        y, d_x, buf, d_tv, loss = ticks(t_view, f_view, active, stages, fwd_in, bwd_in, buf, t)
-        grads = jax.tree_util.tree_map(jnp.add, grads, d_tv)
+        forward_in, backward_in, buffer, grads, losses = carry
+        forward_in = jax.lax.with_sharding_constraint(forward_in, activation_spec)
+        backward_in = jax.lax.with_sharding_constraint(backward_in, activation_spec)
+        y, d_x, buffer, d_trainable, loss = ticks(
+            trainable_view, frozen_view, active, stage_ids, forward_in, backward_in, buffer, t
+        )
+        grads = jax.tree_util.tree_map(jnp.add, grads, d_trainable)
         # forward activations move one stage on, cotangents one stage back
-        return jnp.roll(y, 1, axis=0), jnp.roll(d_x, -1, axis=0), buf, grads, losses + loss
+        return jnp.roll(y, 1, axis=0), jnp.roll(d_x, -1, axis=0), buffer, grads, losses + loss
 
-    mb_shape = fields["tokens"].shape[1:] + (config.hidden_size,)
-    act = jnp.full((n_st,) + mb_shape, bubble_value, config.compute_dtype)
-    buf = jax.lax.with_sharding_constraint(
-        jnp.full((n_st, ring) + mb_shape, bubble_value, config.compute_dtype), P("stage", None, "data", None, None)
+    activation_shape = fields["tokens"].shape[1:] + (config.hidden_size,)
+    activations = jnp.full((stages,) + activation_shape, bubble_value, config.compute_dtype)
+    buffer = jax.lax.with_sharding_constraint(
+        jnp.full((stages, 2 * stages - 1) + activation_shape, bubble_value, config.compute_dtype),
+        P("stage", None, "data", None, None),
     )
-    grads = jax.tree_util.tree_map(jnp.zeros_like, t_view)
-    carry = (act, act, buf, grads, jnp.zeros((n_st,), jnp.float32))
-    _, _, _, grads, losses = jax.lax.fori_loop(0, m + 2 * (n_st - 1), body, carry)
-    out = {key: jax.tree_util.tree_map(lambda g: g.sum(0), v) for key, v in grads.items() if key != "layers"}
+    grads = jax.tree_util.tree_map(jnp.zeros_like, trainable_view)
+    carry = (activations, activations, buffer, grads, jnp.zeros((stages,), jnp.float32))
+    _, _, _, grads, losses = jax.lax.fori_loop(0, used + 2 * (stages - 1), body, carry)
+    return _unstage_gradients(grads, plan), losses.sum(), total_tokens
+
+
+def _stage_view(params, plan: PipelinePlan) -> dict:
+    """A parameter tree as the vmapped stages take it: layers [S, K, ...] by stage, the other
+    leaves broadcast over stages (`_per_stage`)."""
+    layers, rest = _split_layers(params)
+    return {**_per_stage(rest, plan.stages), **({} if layers is None else {"layers": _by_stage(layers, plan)})}
+
+
+def _unstage_gradients(grads, plan: PipelinePlan) -> dict:
+    """Per-stage gradients of a `_stage_view` -> the tree's: the other leaves summed over stages,
+    the layers back in slot layout [S*K, ...]."""
+    out = {key: jax.tree_util.tree_map(lambda g: g.sum(0), tree) for key, tree in grads.items() if key != "layers"}
     if "layers" in grads:
-        out["layers"] = jax.tree_util.tree_map(lambda g: g.reshape((n_st * k,) + g.shape[2:]), grads["layers"])
-    return out, losses.sum(), n_total
+        out["layers"] = jax.tree_util.tree_map(
+            lambda g: g.reshape((plan.stages * plan.slots,) + g.shape[2:]), grads["layers"]
+        )
+    return out
+
+
+def _one_f_one_b_stage(config: GLMConfig, plan: PipelinePlan, combine, embedding_alpha, dropout_rng):
+    """run(trainable_view, frozen_view, x, microbatch, stage, active, micro, with_head) -> (output
+    [mb, S, E], the head's loss sum or 0): one stage on one microbatch, its dropout keys folded
+    from the step's by microbatch (and stage)."""
+    stage_fn = stage_function(config, plan)
+    embed_key, layers_key = _dropout_keys(dropout_rng)
+
+    def run(trainable_view, frozen_view, x, microbatch, stage, active, micro, with_head):
+        params = combine(trainable_view, frozen_view)
+        microbatch_embed_key = layer_key = None
+        if layers_key is not None:
+            microbatch_embed_key = jax.random.fold_in(embed_key, micro)
+            layer_key = _layer_key(layers_key, micro, stage)
+        x = jnp.where(stage == 0, _embed(config, params, microbatch, embedding_alpha, microbatch_embed_key), x)
+        prefix = None
+        if config.pre_seq_len:
+            prefix = jax.tree_util.tree_map(lambda a: a[stage], _stage_prefix(config, plan, params, embed_key))
+        y = stage_fn(params["layers"], active, x, microbatch, layer_key, prefix)
+        if not with_head:
+            return y, jnp.float32(0)
+        return y, _head_loss(config, params, y, microbatch)[0]
+
+    return run
+
+
+def _one_f_one_b_tick(run, fields, used, max_microbatches: int, cotangent, stages: int):
+    """stage_tick(trainable_view, frozen_view, active, stage, forward_in, backward_in, buffer, t) ->
+    (forward output, input cotangent, buffer, parameter cotangents, loss): one stage's tick (vmapped
+    over stages): the forward of microbatch t - s, its input kept in the ring, and the backward of
+    microbatch t - 2(S-1) + s, recomputed from its kept input."""
+    ring = 2 * stages - 1
+
+    def stage_tick(trainable_view, frozen_view, active, stage, forward_in, backward_in, buffer, t):
+        forward, backward = t - stage, t - 2 * (stages - 1) + stage
+        forward_ok, backward_ok = (forward >= 0) & (forward < used), (backward >= 0) & (backward < used)
+        forward_index = jnp.clip(forward, 0, max_microbatches - 1)
+        backward_index = jnp.clip(backward, 0, max_microbatches - 1)
+        forward_microbatch = _take_microbatch(fields, forward_index)
+        backward_microbatch = _take_microbatch(fields, backward_index)
+        forward_in = jnp.where(forward_ok, forward_in, jnp.zeros_like(forward_in))
+        y, _ = run(trainable_view, frozen_view, forward_in, forward_microbatch, stage, active, forward_index, False)
+        buffer = _ring_store(buffer, forward_in, forward % ring, forward_ok)
+        x = jax.lax.dynamic_index_in_dim(buffer, backward % ring, 0, keepdims=False)
+        x = jnp.where(backward_ok, x, jnp.zeros_like(x))
+        last = stage == stages - 1
+
+        def recompute(trainable_view, x):
+            return run(trainable_view, frozen_view, x, backward_microbatch, stage, active, backward_index, True)
+
+        (_, loss), pullback = jax.vjp(recompute, trainable_view, x)
+        d_y = jnp.where(backward_ok & ~last, backward_in, jnp.zeros_like(backward_in))
+        d_trainable, d_x = pullback((d_y, jnp.where(backward_ok & last, cotangent, 0.0)))
+        return y, d_x, buffer, d_trainable, jnp.where(backward_ok & last, loss, 0.0)
+
+    return stage_tick
+
+
+def _ring_store(buffer, x, slot, ok):
+    """buffer [ring, ...] with x in `slot` where ok (else that slot unchanged)."""
+    kept = jax.lax.dynamic_index_in_dim(buffer, slot, 0, keepdims=False)
+    return jax.lax.dynamic_update_index_in_dim(buffer, jnp.where(ok, x, kept), slot, 0)
 
 
 def pad_microbatches(rows: dict, microbatches: int, max_microbatches: int) -> dict:
-    """A step's rows, microbatch after microbatch (numpy [m * g, ...]), -> the [max_microbatches * g, ...]
-    layout in which `split_microbatches(x, max_microbatches)[i]` is microbatch i, those past m zero.
-    Per process: its own rows of each microbatch, as its data shards hold them."""
+    """A step's rows, microbatch after microbatch (numpy [microbatches * rows, ...]), -> the
+    [max_microbatches * rows, ...] layout in which `split_microbatches(x, max_microbatches)[i]` is
+    microbatch i, those past `microbatches` zero. Per process: its own rows of each microbatch, as
+    its data shards hold them."""
     out = {}
-    for key, v in rows.items():
-        g = v.shape[0] // microbatches
-        full = np.zeros((g, max_microbatches) + v.shape[1:], v.dtype)
-        full[:, :microbatches] = np.swapaxes(v.reshape((microbatches, g) + v.shape[1:]), 0, 1)
-        out[key] = full.reshape((g * max_microbatches,) + v.shape[1:])
+    for key, values in rows.items():
+        per_microbatch = values.shape[0] // microbatches
+        full = np.zeros((per_microbatch, max_microbatches) + values.shape[1:], values.dtype)
+        full[:, :microbatches] = np.swapaxes(values.reshape((microbatches, per_microbatch) + values.shape[1:]), 0, 1)
+        out[key] = full.reshape((per_microbatch * max_microbatches,) + values.shape[1:])
     return out

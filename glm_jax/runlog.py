@@ -40,7 +40,7 @@ class MetricsWriter:
     def __init__(self, log_dir: str, resume_step: int, enabled: bool = True):
         self.enabled = enabled
         self.path = os.path.join(log_dir, "metrics.jsonl")
-        self.tb = None
+        self.tensorboard = None
         if not enabled:
             return
         os.makedirs(log_dir, exist_ok=True)
@@ -61,25 +61,25 @@ class MetricsWriter:
         try:
             from tensorboardX import SummaryWriter
 
-            self.tb = SummaryWriter(os.path.join(log_dir, "tensorboard"))
+            self.tensorboard = SummaryWriter(os.path.join(log_dir, "tensorboard"))
         except ImportError:  # TensorBoard is optional
-            self.tb = None
+            self.tensorboard = None
 
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
-        if self.tb is not None:
+        if self.tensorboard is not None:
             for k, v in record.items():
                 if isinstance(v, (int, float)) and k != "step":
-                    self.tb.add_scalar(k, v, record["step"])
+                    self.tensorboard.add_scalar(k, v, record["step"])
 
     def close(self) -> None:
         if self.enabled:
             self.file.close()
-            if self.tb is not None:
-                self.tb.close()
+            if self.tensorboard is not None:
+                self.tensorboard.close()
 
 
 def plot_metrics(jsonl: str, out_png: str) -> None:

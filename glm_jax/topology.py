@@ -165,7 +165,7 @@ def compiler_hbm_gib(device) -> float | None:
 
 
 def plan_fields(topo: Topology, devices: list, report: dict) -> dict:
-    """What a TPU plan adds to a dry run's report (`train.dry_run`): the platform, the chip, the
+    """What a TPU plan adds to a dry run's report (`dry_run.dry_run`): the platform, the chip, the
     compiler's HBM, whether the plan fits, and the step time the model FLOPs imply at the chips'
     peak and at half of it. The TPU compiler refuses a program whose temporaries exceed HBM; one
     it accepts still does not fit when arguments + temporaries + outputs (the peak) exceed it."""

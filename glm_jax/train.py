@@ -1,4 +1,4 @@
-"""Train state, the jitted step on a mesh, and the training loop.
+"""The trainer (the jitted step on a mesh) and the training loop.
 
 One `Trainer` holds everything placement-related: the mesh, the pipeline plan and schedule, the
 logical rules and the shardings of parameters (slot layout, `sharding.py`), optimizer state
@@ -11,10 +11,18 @@ logical rules and the shardings of parameters (slot layout, `sharding.py`), opti
   is not finite, clip, AdamW, advance the loss scale; reduce the processes' stop votes;
 - `fused_step(state, batch, lr, alpha, microbatches, stop)`: the two fused.
 
-Schedules (`pipeline.py`): on a pipelined mesh "1f1b" (the default) runs every microbatch of a
-step, a ramped batch included, through one schedule, one compiled step for every batch size;
-"gpipe" runs a step as passes of `pass_batch` sequences, accumulated. Without stages the plain
-model runs, in passes. Checkpoints: `checkpoints.py`; stop signals and metrics files: `runlog.py`.
+Schedules: on a pipelined mesh "1f1b" (the default) runs every microbatch of a step, a ramped
+batch included, through one schedule, one compiled step for every batch size; "gpipe" runs a step
+as passes of `pass_batch` sequences, accumulated. Without stages the plain model runs, in passes.
+
+The loop (`train`), in named steps: resume or initialise (`_resume_or_initialise`), dispatch a
+step (`_Run.dispatch`), log it one step late (`_Run.log_step`: step n's metrics are read while
+step n + 1 runs), evaluate, save, finish; what changes as it runs is a `RunProgress`.
+
+Where the rest lives: checkpoint I/O in `checkpoints.py`; `TrainState` and its save / restore in
+`train_state.py`; the pipeline plan and the schedules in `pipeline.py`; token losses in
+`losses.py`; the optimizer, loss scaling and the batch ramp-up in `optim.py`; stop signals and
+metrics files in `runlog.py`; the compile-only dry run in `dry_run.py`.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+from tqdm import tqdm
 
 from glm_jax import pipeline
 from glm_jax import sharding as sh
@@ -79,6 +88,8 @@ def peak_flops(device) -> float | None:
 
 @dataclasses.dataclass
 class Trainer:
+    """Placement and the jitted steps of one run's model on its mesh (module docstring)."""
+
     config: GLMConfig
     optim: OptimConfig
     mesh: jax.sharding.Mesh
@@ -90,16 +101,16 @@ class Trainer:
     schedule: str | None = None  # "1f1b" or "gpipe" on a pipelined mesh (default 1f1b); "none" without
 
     def __post_init__(self):
-        c, mesh, peft = self.config, self.mesh, self.peft
-        if c.quantization != "none" and not peft.is_adapter:
+        config, mesh, peft = self.config, self.mesh, self.peft
+        if config.quantization != "none" and not peft.is_adapter:
             raise ConfigError(
-                f"quantization={c.quantization} is weight-only quantization for serving: train in float "
+                f"quantization={config.quantization} is weight-only quantization for serving: train in float "
                 "(quantization=none), then `python experiments/quantize.py`; a quantized base trains "
                 "LoRA or P-tuning adapters only"
             )
         self.microbatches = pipeline.microbatch_count(self.microbatches, self.pass_batch, mesh)
-        sh.check_splittable(c, mesh, self.pass_batch, self.microbatches)
-        self.plan = pipeline.PipelinePlan(c.num_layers, sh.axis_size(mesh, "stage"))
+        sh.check_splittable(config, mesh, self.pass_batch, self.microbatches)
+        self.plan = pipeline.PipelinePlan(config.num_layers, sh.axis_size(mesh, "stage"))
         if self.plan.stages == 1:
             self.schedule = "none"
         elif (self.schedule or "1f1b") not in pipeline.SCHEDULES:
@@ -110,14 +121,14 @@ class Trainer:
                 "freeze splits the layer stack at a layer; run it on a mesh without pipeline stages "
                 "(--mesh DATAx1xTENSOR), or use lora / ptuning / full on this mesh"
             )
-        self.rules = sh.rules_for(c, mesh, fsdp=self.fsdp)
+        self.rules = sh.rules_for(config, mesh, fsdp=self.fsdp)
         self.tx = make_optimizer(self.optim)
-        self.dynamic_scale = c.dtype == "float16"
-        boxed = abstract_params(c)
+        self.dynamic_scale = config.dtype == "float16"
+        boxed = abstract_params(config)
         self.param_shardings, self.frozen_shardings = split(
-            sh.named_shardings(boxed, mesh, self.rules), peft, c, take=lambda s, rows: s
+            sh.named_shardings(boxed, mesh, self.rules), peft, config, take=lambda s, rows: s
         )
-        self.trainable_shapes, frozen = jax.eval_shape(lambda p: split(p, peft, c), nn.meta.unbox(boxed))
+        self.trainable_shapes, frozen = jax.eval_shape(lambda p: split(p, peft, config), nn.meta.unbox(boxed))
         self.frozen_shapes = jax.eval_shape(lambda f: pipeline.params_to_slots(f, self.plan), frozen)
         self.frozen = {}
         self.replicated = NamedSharding(mesh, P())
@@ -130,6 +141,10 @@ class Trainer:
     def microbatch_rows(self) -> int:
         """Sequences in one microbatch (all data replicas): the unit of a 1F1B step's batch."""
         return self.pass_batch // self.microbatches
+
+    @property
+    def uses_dropout(self) -> bool:
+        return bool(self.config.hidden_dropout or self.config.attention_dropout)
 
     # ---- shapes and shardings -------------------------------------------------------------------
     def param_like(self, tree, on_params: Callable, on_other: Callable):
@@ -160,23 +175,23 @@ class Trainer:
     def shardings_for(self, shapes: TrainState) -> TrainState:
         """Shardings of a state of these shapes on this mesh: the rules' (layers over `stage` where
         the stage axis divides the slots), ZeRO-1 moments, the rest replicated."""
-        rep, stages = self.replicated, self.plan.stages
+        replicated, stages = self.replicated, self.plan.stages
 
-        def fit(s, a):
-            if s.spec and s.spec[0] == "stage" and a.shape[0] % stages:
-                return NamedSharding(self.mesh, P(None, *s.spec[1:]))
-            return s
+        def fit(sharding, shape):
+            if sharding.spec and sharding.spec[0] == "stage" and shape.shape[0] % stages:
+                return NamedSharding(self.mesh, P(None, *sharding.spec[1:]))
+            return sharding
 
         params = jax.tree_util.tree_map(fit, self.param_shardings, shapes.params)
         moment = jax.tree_util.tree_map(lambda s, a: sh.zero1_sharding(s, a.shape), params, shapes.params)
         return TrainState(
-            step=rep,
+            step=replicated,
             params=params,
-            opt_state=self.param_like(shapes.opt_state, lambda _: moment, lambda _: rep),
-            loss_scale=LossScale(rep, rep, rep),
-            rng=rep,
-            skipped=rep,
-            consecutive_skips=rep,
+            opt_state=self.param_like(shapes.opt_state, lambda _: moment, lambda _: replicated),
+            loss_scale=LossScale(replicated, replicated, replicated),
+            rng=replicated,
+            skipped=replicated,
+            consecutive_skips=replicated,
         )
 
     @contextlib.contextmanager
@@ -185,115 +200,128 @@ class Trainer:
         with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules), targeting(self.mesh):
             yield
 
+    # ---- the step functions, traced by the jitted ones (`_jit`) -------------------------------------
+    def step_rng(self, state: TrainState) -> jax.Array:
+        """The dropout key of the step `state` is at (traceable)."""
+        return jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+
+    def _combine(self, trainable, frozen) -> dict:
+        """The model's parameters from the trainable and the frozen part (`peft.combine`)."""
+        return combine(trainable, frozen, self.peft)
+
+    def _scaled_mean_loss(self, params, frozen, batch, rng, alpha, scale):
+        """scale x mean token loss of a pass (GPipe on a pipelined mesh, else the plain model),
+        with (loss sum, tokens)."""
+        loss_sum, tokens = pipeline.loss_sum(
+            self._combine(params, frozen),
+            batch,
+            self.config,
+            self.plan,
+            self.microbatches,
+            embedding_alpha=alpha,
+            dropout_rng=rng,
+        )
+        return loss_sum / jnp.maximum(tokens, 1.0) * scale, (loss_sum, tokens)
+
+    def _scaled_gradients(self, params, frozen, batch, used, rng, alpha, scale):
+        """Gradients of scale x mean loss by this trainer's schedule, with (loss sum, tokens): 1F1B
+        runs the first `used` microbatches of the batch; GPipe and the plain model differentiate a pass."""
+        if self.schedule == "1f1b":
+            return pipeline.one_f_one_b(
+                params,
+                frozen,
+                self._combine,
+                batch,
+                used,
+                self.config,
+                self.plan,
+                self.microbatches,
+                embedding_alpha=alpha,
+                dropout_rng=rng,
+                scale=scale,
+            )
+        grads, (loss_sum, tokens) = jax.grad(self._scaled_mean_loss, has_aux=True)(
+            params, frozen, batch, rng, alpha, scale
+        )
+        return grads, loss_sum, tokens
+
+    def _pass_gradients(self, params, frozen, batch, used, rng, alpha, scale):
+        """Gradients of scale x (summed loss): the backward sees scale x mean loss (what fp16
+        loss scaling expects), the fp32 parameter gradients are then multiplied by the token count."""
+        rng = rng if self.uses_dropout else None
+        grads, loss_sum, tokens = self._scaled_gradients(params, frozen, batch, used, rng, alpha, scale)
+        return jax.tree_util.tree_map(lambda g: g * tokens, grads), loss_sum, tokens
+
+    def _apply_gradients(self, state: TrainState, grads, loss_sum, tokens, lr, votes):
+        """Unscale the summed gradients and divide by the step's tokens, update (or skip a step
+        with a non-finite gradient) -> (new state, the step's metrics with the reduced stop votes)."""
+        scale = state.loss_scale.scale
+        grads = jax.tree_util.tree_map(lambda g: g / (scale * jnp.maximum(tokens, 1.0)), grads)
+        finite = all_finite(grads)
+        new_state = self._next_state(state, grads, lr, finite)
+        return new_state, _step_metrics(grads, loss_sum, tokens, lr, scale, finite, new_state, votes)
+
+    def _next_state(self, state: TrainState, grads, lr, finite) -> TrainState:
+        """AdamW at `lr` (clipped) and the next loss scale; where a gradient is not finite the
+        parameters and moments stay as they were and the step counts as skipped."""
+        opt_state = state.opt_state._replace(hyperparams={**state.opt_state.hyperparams, "learning_rate": lr})
+        updates, new_opt = self.tx.update(grads, opt_state, state.params)
+        new_params = optax.apply_updates(state.params, updates)
+        keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, old)
+        skips = jnp.where(finite, 0, state.consecutive_skips + 1)
+        return TrainState(
+            step=state.step + 1,
+            params=keep(new_params, state.params),
+            opt_state=keep(new_opt, state.opt_state),
+            loss_scale=state.loss_scale.update(finite, self.optim, self.dynamic_scale),
+            rng=state.rng,
+            skipped=state.skipped + (~finite).astype(jnp.int32),
+            consecutive_skips=skips,
+        )
+
+    def _train_step(self, state: TrainState, frozen, batch, used, votes, lr, alpha):
+        """One pass's gradients and the update: the fused step."""
+        grads, loss_sum, tokens = self._pass_gradients(
+            state.params, frozen, batch, used, self.step_rng(state), alpha, state.loss_scale.scale
+        )
+        return self._apply_gradients(state, grads, loss_sum, tokens, lr, votes)
+
+    def _mean_loss(self, params, frozen, batch):
+        """(mean token loss, tokens) of a batch, no dropout: held-out evaluation."""
+        loss_sum, tokens = pipeline.loss_sum(
+            self._combine(params, frozen), batch, self.config, self.plan, self.microbatches
+        )
+        return loss_sum / jnp.maximum(tokens, 1.0), tokens
+
     # ---- the jitted functions -----------------------------------------------------------------------
     def _jit(self):
-        c, plan, m, peft = self.config, self.plan, self.microbatches, self.peft
-        rep = self.replicated
-        dropout = bool(c.hidden_dropout or c.attention_dropout)
-
-        def scaled_mean_loss(params, frozen, batch, rng, alpha, scale):
-            loss_sum, n = pipeline.loss_sum(
-                combine(params, frozen, peft), batch, c, plan, m, embedding_alpha=alpha, dropout_rng=rng
-            )
-            return loss_sum / jnp.maximum(n, 1.0) * scale, (loss_sum, n)
-
-        def grad_pass(params, frozen, batch, used, rng, alpha, scale):
-            """Gradients of scale x (summed loss): the backward sees scale x mean loss (what fp16
-            loss scaling expects), the fp32 parameter gradients are then multiplied by n."""
-            rng = rng if dropout else None
-            if self.schedule == "1f1b":
-                grads, loss_sum, n = pipeline.one_f_one_b(
-                    params,
-                    frozen,
-                    lambda t, f: combine(t, f, peft),
-                    batch,
-                    used,
-                    c,
-                    plan,
-                    m,
-                    embedding_alpha=alpha,
-                    dropout_rng=rng,
-                    scale=scale,
-                )
-            else:
-                grads, (loss_sum, n) = jax.grad(scaled_mean_loss, has_aux=True)(
-                    params, frozen, batch, rng, alpha, scale
-                )
-            return jax.tree_util.tree_map(lambda g: g * n, grads), loss_sum, n
-
-        def update(state: TrainState, grads, loss_sum, n, lr, votes):
-            scale = state.loss_scale.scale
-            grads = jax.tree_util.tree_map(lambda g: g / (scale * jnp.maximum(n, 1.0)), grads)
-            finite = all_finite(grads)
-            opt_state = state.opt_state._replace(hyperparams={**state.opt_state.hyperparams, "learning_rate": lr})
-            updates, new_opt = self.tx.update(grads, opt_state, state.params)
-            new_params = optax.apply_updates(state.params, updates)
-            keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, old)
-            skips = jnp.where(finite, 0, state.consecutive_skips + 1)
-            new_state = TrainState(
-                step=state.step + 1,
-                params=keep(new_params, state.params),
-                opt_state=keep(new_opt, state.opt_state),
-                loss_scale=state.loss_scale.update(finite, self.optim, self.dynamic_scale),
-                rng=state.rng,
-                skipped=state.skipped + (~finite).astype(jnp.int32),
-                consecutive_skips=skips,
-            )
-            embed_norm = optax.global_norm(grads.get("word_embeddings", {}))
-            rest = {k: v for k, v in grads.items() if k != "word_embeddings"}
-            metrics = dict(
-                loss=loss_sum / jnp.maximum(n, 1.0),
-                tokens=n,
-                learning_rate=lr,
-                grad_norm=optax.global_norm(grads),
-                embedding_grad_norm=embed_norm,
-                other_grad_norm=optax.global_norm(rest),
-                loss_scale=scale,
-                finite=finite,
-                skipped=new_state.skipped,
-                consecutive_skips=skips,
-                stop=jnp.max(votes) > 0,
-            )
-            return new_state, metrics
-
-        def step_rng(state):
-            return jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-
-        def fused(state, frozen, batch, used, votes, lr, alpha):
-            grads, loss_sum, n = grad_pass(
-                state.params, frozen, batch, used, step_rng(state), alpha, state.loss_scale.scale
-            )
-            return update(state, grads, loss_sum, n, lr, votes)
-
-        def eval_loss(params, frozen, batch):
-            loss_sum, n = pipeline.loss_sum(combine(params, frozen, peft), batch, c, plan, m)
-            return loss_sum / jnp.maximum(n, 1.0), n
-
-        ss, ps, bs, fs, vs = (
-            self.state_shardings,
-            self.state_shardings.params,
-            self.batch_sharding,
-            self.frozen_shardings,
-            self.vote_sharding,
-        )
+        """Jit the step functions in their shardings. An update consumes (donates) the state and
+        the gradients, a fused step the state, an accumulation the running sum."""
+        # the shardings of the arguments and results
+        replicated, votes, batch = self.replicated, self.vote_sharding, self.batch_sharding
+        state, params, frozen = self.state_shardings, self.state_shardings.params, self.frozen_shardings
         with self.context():
             self._grad_pass = jax.jit(
-                grad_pass, in_shardings=(ps, fs, bs, rep, rep, rep, rep), out_shardings=(ps, rep, rep)
+                self._pass_gradients,
+                in_shardings=(params, frozen, batch, replicated, replicated, replicated, replicated),
+                out_shardings=(params, replicated, replicated),
             )
-            self.accumulate = jax.jit(
-                lambda a, b: jax.tree_util.tree_map(jnp.add, a, b),
-                donate_argnums=0,
-                in_shardings=(ps, ps),
-                out_shardings=ps,
-            )
+            self.accumulate = jax.jit(_add_trees, donate_argnums=0, in_shardings=(params, params), out_shardings=params)
             self._update = jax.jit(
-                update, in_shardings=(ss, ps, rep, rep, rep, vs), out_shardings=(ss, rep), donate_argnums=(0, 1)
+                self._apply_gradients,
+                in_shardings=(state, params, replicated, replicated, replicated, votes),
+                out_shardings=(state, replicated),
+                donate_argnums=(0, 1),
             )
             self._fused_step = jax.jit(
-                fused, in_shardings=(ss, fs, bs, rep, vs, rep, rep), out_shardings=(ss, rep), donate_argnums=0
+                self._train_step,
+                in_shardings=(state, frozen, batch, replicated, votes, replicated, replicated),
+                out_shardings=(state, replicated),
+                donate_argnums=0,
             )
-            self._eval_loss = jax.jit(eval_loss, in_shardings=(ps, fs, bs), out_shardings=(rep, rep))
-        self.step_rng = step_rng
+            self._eval_loss = jax.jit(
+                self._mean_loss, in_shardings=(params, frozen, batch), out_shardings=(replicated, replicated)
+            )
 
     # the steps with this trainer's frozen parameters (`set_frozen`) as their second argument
     def grad_pass(self, params, batch, rng, alpha, scale, microbatches: int | None = None):
@@ -363,6 +391,30 @@ class Trainer:
         return flops_per_token(self.config, seq_len)["train"] * tokens
 
 
+def _add_trees(a, b):
+    return jax.tree_util.tree_map(jnp.add, a, b)
+
+
+def _step_metrics(grads, loss_sum, tokens, lr, scale, finite, state: TrainState, votes) -> dict:
+    """What an update reports (on device): the normalised loss, the gradient norms (the embedding's
+    apart), the loss scale it unscaled by, whether it stepped, the skip counters, the agreed stop."""
+    embedding_norm = optax.global_norm(grads.get("word_embeddings", {}))
+    rest = {k: v for k, v in grads.items() if k != "word_embeddings"}
+    return dict(
+        loss=loss_sum / jnp.maximum(tokens, 1.0),
+        tokens=tokens,
+        learning_rate=lr,
+        grad_norm=optax.global_norm(grads),
+        embedding_grad_norm=embedding_norm,
+        other_grad_norm=optax.global_norm(rest),
+        loss_scale=scale,
+        finite=finite,
+        skipped=state.skipped,
+        consecutive_skips=state.consecutive_skips,
+        stop=jnp.max(votes) > 0,
+    )
+
+
 # ---- the loop -------------------------------------------------------------------------------------------
 class TrainingError(RuntimeError):
     """The run cannot go on (too many skipped steps); a checkpoint was written first."""
@@ -413,6 +465,277 @@ def make_trainer(
     )
 
 
+@dataclasses.dataclass
+class RunProgress:
+    """The run's mutable state: the training state and what the logged steps add up to."""
+
+    state: TrainState
+    clock: float  # time.perf_counter() when the last step's metrics were read (or the loop began)
+    first_loss: float | None = None
+    last: dict | None = None  # the last logged step's metrics record
+    timed: float = 0.0  # seconds of the logged steps but the run's first (it compiles)
+    tokens: int = 0  # their tokens
+    flops: float = 0.0  # their model FLOPs
+
+
+@dataclasses.dataclass
+class _Run:
+    """What the steps of one `train` call share, fixed once the state is resumed or initialised;
+    its methods are the loop's steps."""
+
+    config: GLMConfig
+    optim: OptimConfig
+    run: RunConfig
+    trainer: Trainer
+    batches: BatchSchedule
+    data: DataIterator
+    ckpt: Checkpoints
+    metrics: MetricsWriter
+    eval_builder: object | None
+    log: Callable[[str], None]
+    lead: bool  # process 0: writes the metrics, the summary and calls on_done
+    start: int  # the step the run resumed at (0: a fresh run)
+    tokenizer_meta: str | None
+    extra_meta: dict  # the rest of a checkpoint's metadata: the given `meta`, or the resumed checkpoint's
+    peak: float | None  # FLOP/s of one device
+
+    @property
+    def one_schedule(self) -> bool:
+        """1F1B: a step's whole batch runs through one schedule."""
+        return self.trainer.schedule == "1f1b"
+
+    def save(self, state: TrainState, step: int) -> None:
+        record = {
+            "config": self.config.to_dict(),
+            "data": self.data.state(),
+            "step": step,
+            "family": self.run.family,
+            "tokenizer": self.tokenizer_meta,
+            **self.extra_meta,
+            "optim": dataclasses.asdict(self.optim)
+            | {"embedding_alpha_schedule": list(self.optim.embedding_alpha_schedule)},
+        }
+        save_state(self.ckpt, self.trainer, step, state, record)
+
+    def evaluate(self, params) -> float | None:
+        """Mean held-out loss over run.eval_batches batches; None without held-out data."""
+        if self.eval_builder is None:
+            return None
+        trainer = self.trainer
+        held_out = DataIterator(
+            self.eval_builder, trainer.pass_batch, jax.process_index(), jax.process_count(), prefetch=0
+        )
+        total = count = 0.0
+        with trainer.context():
+            for _ in range(self.run.eval_batches):
+                loss, tokens = trainer.eval_loss(params, trainer.place_batch(next(held_out)))
+                total, count = total + float(loss) * float(tokens), count + float(tokens)
+        return total / max(count, 1.0)
+
+    def initial_evaluation(self, state: TrainState) -> float | None:
+        """With eval_every set, a fresh run's held-out loss before step 1 (logged as step 0)."""
+        if not (self.run.eval_every and self.start == 0):
+            return None
+        loss = self.evaluate(state.params)
+        if loss is not None:
+            self.metrics.write({"step": 0, "eval_loss": loss})
+        return loss
+
+    # ---- dispatch a step ----------------------------------------------------------------------------
+    def dispatch(self, state: TrainState, step: int, vote: bool):
+        """Dispatch step `step` (nothing waits on the device) -> (state, metrics on device)."""
+        lr = learning_rate(self.optim, self.batches.samples_before(step), self.batches.total_samples)
+        alpha = embedding_alpha(self.optim, step, self.config.embedding_shrink_alpha)
+        passes = self.batches.passes(step)  # with 1F1B: microbatches
+        trainer = self.trainer
+        with trainer.context():
+            if self.one_schedule:
+                rows = self._microbatch_rows(passes)
+                return trainer.fused_step(state, trainer.place_batch(rows, passes), lr, alpha, passes, vote)
+            if passes == 1:
+                return trainer.fused_step(state, trainer.place_batch(next(self.data)), lr, alpha, stop=vote)
+            return self._accumulated_step(state, passes, lr, alpha, vote)
+
+    def _microbatch_rows(self, microbatches: int) -> dict:
+        """This process's rows of `microbatches` 1F1B microbatches, one after the other."""
+        parts = [next(self.data) for _ in range(microbatches)]
+        return {key: np.concatenate([part[key] for part in parts]) for key in parts[0] if np.ndim(parts[0][key]) == 2}
+
+    def _accumulated_step(self, state: TrainState, passes: int, lr, alpha, vote: bool):
+        """A step of several gradient passes, accumulated, then one update."""
+        trainer = self.trainer
+        rng = trainer.step_rng(state)
+        grads = loss_sum = tokens = None
+        for i in range(passes):
+            pass_grads, pass_loss, pass_tokens = trainer.grad_pass(
+                state.params,
+                trainer.place_batch(next(self.data)),
+                jax.random.fold_in(rng, i),
+                alpha,
+                state.loss_scale.scale,
+            )
+            grads = pass_grads if grads is None else trainer.accumulate(grads, pass_grads)
+            if loss_sum is None:
+                loss_sum, tokens = pass_loss, pass_tokens
+            else:
+                loss_sum, tokens = loss_sum + pass_loss, tokens + pass_tokens
+        return trainer.update(state, grads, loss_sum, tokens, lr, vote)
+
+    # ---- log a step ---------------------------------------------------------------------------------
+    def log_step(self, progress: RunProgress, step: int, metrics: dict, bar) -> bool:
+        """Read step `step`'s metrics (waiting for it), log them; -> the processes' agreed stop."""
+        values = {k: (bool(v) if k in ("finite", "stop") else float(v)) for k, v in jax.device_get(metrics).items()}
+        now = time.perf_counter()
+        seconds, progress.clock = now - progress.clock, now
+        passes = self.batches.passes(step)
+        tokens = passes * self.batches.pass_batch * self.run.seq_len
+        flops = self.trainer.model_flops_per_step(tokens, self.run.seq_len)
+        if step > self.start:  # the first step compiles
+            progress.timed += seconds
+            progress.tokens += tokens
+            progress.flops += flops
+        record = self._record(step, values, passes, seconds, tokens, flops)
+        if progress.first_loss is None:
+            progress.first_loss = record["loss"]
+        progress.last = record
+        self.metrics.write(record)
+        bar.set_postfix(loss=f"{record['loss']:.3f}", gnorm=f"{record['grad_norm']:.2f}")
+        self._check_finite(progress.state, step, values)
+        return values["stop"]
+
+    def _record(self, step: int, values: dict, passes: int, seconds: float, tokens: int, flops: float) -> dict:
+        """Step `step`'s line of metrics.jsonl."""
+        return {
+            "step": step + 1,
+            **{k: v for k, v in values.items() if k not in ("finite", "stop")},
+            "skipped_step": not values["finite"],
+            "batch": passes * self.batches.pass_batch,
+            "passes": 1 if self.one_schedule else passes,
+            "microbatches": passes * (1 if self.one_schedule else self.trainer.microbatches),
+            "embedding_alpha": float(embedding_alpha(self.optim, step, self.config.embedding_shrink_alpha)),
+            "step_time": seconds,
+            "tokens_per_s": tokens / seconds,
+            "mfu": flops / (seconds * self.peak * jax.device_count()) if self.peak else None,
+        }
+
+    def _check_finite(self, state: TrainState, step: int, values: dict) -> None:
+        """Say that step `step` was skipped; after optim.max_consecutive_skips in a row save `state`
+        (the latest dispatched) and raise TrainingError."""
+        if not values["finite"]:
+            self.log(
+                f"step {step + 1}: non-finite gradients, step skipped (loss scale {values['loss_scale']:g}, "
+                f"{int(values['consecutive_skips'])} in a row)"
+            )
+        if values["consecutive_skips"] >= self.optim.max_consecutive_skips:
+            saved = int(state.step)
+            self.save(state, saved)
+            raise TrainingError(
+                f"{int(values['consecutive_skips'])} consecutive steps had non-finite gradients "
+                f"(limit {self.optim.max_consecutive_skips}) by step {step + 1}; saved step {saved} to "
+                f"{self.ckpt.directory}. Lower the learning rate or check the data."
+            )
+
+    # ---- the loop and its end -----------------------------------------------------------------------
+    def loop(self, progress: RunProgress) -> bool:
+        """Steps start .. run.steps - 1, each step's metrics read while the next one runs, held-out
+        loss every eval_every steps, checkpoints every ckpt_every and at the end or on an agreed
+        stop; -> whether a stop signal ended the run."""
+        run, stopped = self.run, False
+        bar = tqdm(
+            range(self.start, run.steps),
+            initial=self.start,
+            total=run.steps,
+            disable=not (self.lead and run.progress),
+            desc="train",
+            unit="step",
+        )
+        with StopSignal() as signals:
+            pending = None  # (step, metrics): dispatched, not logged yet
+            for step in bar:
+                progress.state, metrics = self.dispatch(progress.state, step, signals.received is not None)
+                stopped = pending is not None and self.log_step(progress, *pending, bar)
+                pending = (step, metrics)
+                if run.eval_every and (step + 1) % run.eval_every == 0 and step + 1 < run.steps:
+                    stopped = self.log_step(progress, *pending, bar) or stopped
+                    pending = None
+                    self.metrics.write({"step": step + 1, "eval_loss": self.evaluate(progress.state.params)})
+                if (step + 1) % run.ckpt_every == 0 or step + 1 == run.steps or stopped:
+                    self.save(progress.state, step + 1)
+                if stopped:
+                    self.log(
+                        f"stop requested: every process saved step {step + 1} to {self.ckpt.directory}; rerun to resume"
+                    )
+                    break
+            if pending is not None:
+                self.log_step(progress, *pending, bar)
+        return stopped
+
+    def finish(self, progress: RunProgress, stopped: bool, on_done) -> float | None:
+        """After the loop: the final held-out loss (none after a stop or without a logged step)
+        and on_done with the final trainable parameters; -> that loss."""
+        last, state = progress.last, progress.state
+        eval_loss = self.evaluate(state.params) if last is not None and not stopped else None
+        if eval_loss is not None and self.lead:
+            self.metrics.write({"step": last["step"], "eval_loss": eval_loss})
+        if on_done is not None and self.lead and not stopped:
+            on_done(self.trainer.plain_params(state.params), int(state.step))
+        return eval_loss
+
+    def close(self) -> None:
+        self.ckpt.close()
+        self.metrics.close()
+        self.data.close()
+
+    def summarise(self, progress: RunProgress, initial_eval, eval_loss, stopped: bool) -> dict:
+        """The run's summary; the lead process also writes it to log_dir/summary.json and plots the metrics."""
+        last, timed, peak = progress.last, progress.timed, self.peak
+        summary = {
+            "steps": last["step"] if last else self.start,
+            "first_loss": progress.first_loss,
+            "final_loss": last["loss"] if last else None,
+            "initial_eval_loss": initial_eval,
+            "eval_loss": eval_loss,
+            "tokens_per_s": progress.tokens / timed if timed else None,
+            "mfu": progress.flops / (timed * peak * jax.device_count()) if timed and peak else None,
+            "skipped_steps": int(last["skipped"]) if last else 0,
+            "checkpoint_dir": self.ckpt.directory,
+            "log_dir": os.path.abspath(self.run.log_dir),
+            "interrupted": stopped,
+        }
+        if self.lead and last is not None:
+            plot_metrics(self.metrics.path, os.path.join(self.run.log_dir, "metrics.png"))
+            with open(os.path.join(self.run.log_dir, "summary.json"), "w") as f:
+                json.dump(summary, f)
+        return summary
+
+
+def _split_base(trainer: Trainer, base: dict | None) -> dict | None:
+    """Fine-tuning: place the base's frozen part on the trainer; -> the base's trainable part where
+    training starts from it (freeze, full), None for an adapter (initialised fresh) or without a base."""
+    if base is None:
+        return None
+    base_trainable, frozen = split(base, trainer.peft, trainer.config)
+    trainer.set_frozen(frozen)
+    return None if trainer.peft.is_adapter else base_trainable
+
+
+def _resume_or_initialise(
+    trainer: Trainer, ckpt: Checkpoints, data: DataIterator, seed: int, base_trainable, meta, log
+) -> tuple[int, TrainState, dict | None]:
+    """The latest checkpoint in ckpt (its state; the data iterator restored to its position) or a
+    fresh state (from base_trainable if given) -> (start step, state, the metadata every checkpoint
+    carries on: the resumed checkpoint's, or `meta`)."""
+    start = ckpt.latest_step()
+    if start is None:
+        return 0, trainer.init_state(seed, base_trainable), meta
+    meta = ckpt.restore_meta(start)
+    check_config_matches(meta["config"], trainer.config, os.path.join(ckpt.directory, str(start)))
+    state = restore_state(ckpt, trainer, start, meta)
+    data.restore(meta["data"])
+    log(f"resumed from {ckpt.directory} at step {start}")
+    return start, state, meta
+
+
 def train(
     config: GLMConfig,
     optim: OptimConfig,
@@ -436,204 +759,41 @@ def train(
     stacked layout) when the run reaches run.steps. Step n's metrics are read while step n + 1
     runs. Returns the summary (also written to log_dir/summary.json): final loss, steps, tokens/s, MFU.
     """
-    from tqdm import tqdm
-
     trainer, batches = make_trainer(config, optim, run, mesh, peft)
-    one_schedule = trainer.schedule == "1f1b"
-    base_trainable = None
-    if base is not None:
-        base_trainable, frozen = split(base, peft, config)
-        trainer.set_frozen(frozen)
-        del frozen
-        base_trainable = None if peft.is_adapter else base_trainable
-    log(
-        pipeline.describe(
-            mesh,
-            trainer.plan,
-            batches.passes(batches.total_steps - 1) if one_schedule else trainer.microbatches,
-            trainer.schedule,
-        )
-    )
+    base_trainable = _split_base(trainer, base)
+    microbatches = batches.passes(batches.total_steps - 1) if trainer.schedule == "1f1b" else trainer.microbatches
+    log(pipeline.describe(mesh, trainer.plan, microbatches, trainer.schedule))
     if batches.ramp_note:
         log(f"warning: {batches.ramp_note}")
     lead = jax.process_index() == 0
     data = DataIterator(builder, batches.pass_batch, jax.process_index(), jax.process_count())
     ckpt = Checkpoints(run.ckpt_dir, run.keep, run.async_checkpoints)
     tokenizer_meta = copy_tokenizer(run.tokenizer_file, ckpt.directory) if lead else None
-    start = ckpt.latest_step()
-    if start is not None:
-        meta = ckpt.restore_meta(start)
-        check_config_matches(meta["config"], config, os.path.join(ckpt.directory, str(start)))
-        state = restore_state(ckpt, trainer, start, meta)
-        data.restore(meta["data"])
-        log(f"resumed from {ckpt.directory} at step {start}")
-    else:
-        start = 0
-        state = trainer.init_state(run.seed, base_trainable)
+    start, state, meta = _resume_or_initialise(trainer, ckpt, data, run.seed, base_trainable, meta, log)
     del base_trainable
-    metrics_out = MetricsWriter(run.log_dir, start, enabled=lead)
-    extra_meta = {k: v for k, v in (meta or {}).items() if k not in ("data", "step", "layout")}
-
-    def save(step):
-        record = {
-            "config": config.to_dict(),
-            "data": data.state(),
-            "step": step,
-            "family": run.family,
-            "tokenizer": tokenizer_meta,
-            **extra_meta,
-            "optim": dataclasses.asdict(optim) | {"embedding_alpha_schedule": list(optim.embedding_alpha_schedule)},
-        }
-        save_state(ckpt, trainer, step, state, record)
-
-    def evaluate():
-        if eval_builder is None:
-            return None
-        it = DataIterator(eval_builder, trainer.pass_batch, jax.process_index(), jax.process_count(), prefetch=0)
-        total = count = 0.0
-        with trainer.context():
-            for _ in range(run.eval_batches):
-                loss, n = trainer.eval_loss(state.params, trainer.place_batch(next(it)))
-                total, count = total + float(loss) * float(n), count + float(n)
-        return total / max(count, 1.0)
-
-    def run_step(step, vote):
-        """Dispatch step `step` (nothing waits on the device) -> (state, metrics on device)."""
-        lr = learning_rate(optim, batches.samples_before(step), batches.total_samples)
-        alpha = embedding_alpha(optim, step, config.embedding_shrink_alpha)
-        k = batches.passes(step)
-        with trainer.context():
-            if one_schedule:
-                rows = [next(data) for _ in range(k)]
-                rows = {key: np.concatenate([r[key] for r in rows]) for key in rows[0] if np.ndim(rows[0][key]) == 2}
-                return trainer.fused_step(state, trainer.place_batch(rows, k), lr, alpha, k, vote)
-            if k == 1:
-                return trainer.fused_step(state, trainer.place_batch(next(data)), lr, alpha, stop=vote)
-            rng = trainer.step_rng(state)
-            grads = loss_sum = n = None
-            for i in range(k):
-                g, ls, c = trainer.grad_pass(
-                    state.params,
-                    trainer.place_batch(next(data)),
-                    jax.random.fold_in(rng, i),
-                    alpha,
-                    state.loss_scale.scale,
-                )
-                grads = g if grads is None else trainer.accumulate(grads, g)
-                loss_sum, n = (ls, c) if loss_sum is None else (loss_sum + ls, n + c)
-            return trainer.update(state, grads, loss_sum, n, lr, vote)
-
-    peak = peak_flops(jax.devices()[0])
-    initial_eval = None
-    if run.eval_every and start == 0:
-        initial_eval = evaluate()
-        if initial_eval is not None:
-            metrics_out.write({"step": 0, "eval_loss": initial_eval})
-    log_state = {
-        "first_loss": None,
-        "last": None,
-        "timed": 0.0,
-        "tokens": 0,
-        "flops": 0.0,
-        "clock": time.perf_counter(),
-    }
-
-    def finish(step, metrics) -> bool:
-        """Read step `step`'s metrics (waiting for it), log them; -> the processes' agreed stop."""
-        m = {k: (bool(v) if k in ("finite", "stop") else float(v)) for k, v in jax.device_get(metrics).items()}
-        now = time.perf_counter()
-        dt, log_state["clock"] = now - log_state["clock"], now
-        k = batches.passes(step)
-        tokens = k * batches.pass_batch * run.seq_len
-        flops = trainer.model_flops_per_step(tokens, run.seq_len)
-        if step > start:  # the first step compiles
-            log_state.update(
-                timed=log_state["timed"] + dt, tokens=log_state["tokens"] + tokens, flops=log_state["flops"] + flops
-            )
-        record = {
-            "step": step + 1,
-            **{k: v for k, v in m.items() if k not in ("finite", "stop")},
-            "skipped_step": not m["finite"],
-            "batch": k * batches.pass_batch,
-            "passes": 1 if one_schedule else k,
-            "microbatches": k * (1 if one_schedule else trainer.microbatches),
-            "embedding_alpha": float(embedding_alpha(optim, step, config.embedding_shrink_alpha)),
-            "step_time": dt,
-            "tokens_per_s": tokens / dt,
-            "mfu": flops / (dt * peak * jax.device_count()) if peak else None,
-        }
-        log_state["first_loss"] = log_state["first_loss"] if log_state["first_loss"] is not None else record["loss"]
-        log_state["last"] = record
-        metrics_out.write(record)
-        bar.set_postfix(loss=f"{record['loss']:.3f}", gnorm=f"{record['grad_norm']:.2f}")
-        if not m["finite"]:
-            log(
-                f"step {step + 1}: non-finite gradients, step skipped (loss scale {m['loss_scale']:g}, "
-                f"{int(m['consecutive_skips'])} in a row)"
-            )
-        if m["consecutive_skips"] >= optim.max_consecutive_skips:
-            saved = int(state.step)
-            save(saved)
-            raise TrainingError(
-                f"{int(m['consecutive_skips'])} consecutive steps had non-finite gradients "
-                f"(limit {optim.max_consecutive_skips}) by step {step + 1}; saved step {saved} to "
-                f"{ckpt.directory}. Lower the learning rate or check the data."
-            )
-        return m["stop"]
-
-    stopped = False
+    job = _Run(
+        config=config,
+        optim=optim,
+        run=run,
+        trainer=trainer,
+        batches=batches,
+        data=data,
+        ckpt=ckpt,
+        metrics=MetricsWriter(run.log_dir, start, enabled=lead),
+        eval_builder=eval_builder,
+        log=log,
+        lead=lead,
+        start=start,
+        tokenizer_meta=tokenizer_meta,
+        extra_meta={k: v for k, v in (meta or {}).items() if k not in ("data", "step", "layout")},
+        peak=peak_flops(jax.devices()[0]),
+    )
+    initial_eval = job.initial_evaluation(state)
+    progress = RunProgress(state, clock=time.perf_counter())
+    del state
     try:
-        bar = tqdm(
-            range(start, run.steps),
-            initial=start,
-            total=run.steps,
-            disable=not (lead and run.progress),
-            desc="train",
-            unit="step",
-        )
-        with StopSignal() as signals:
-            pending = None
-            for step in bar:
-                state, metrics = run_step(step, signals.received is not None)
-                stopped = pending is not None and finish(*pending)
-                pending = (step, metrics)
-                if run.eval_every and (step + 1) % run.eval_every == 0 and step + 1 < run.steps:
-                    stopped = finish(*pending) or stopped
-                    pending = None
-                    metrics_out.write({"step": step + 1, "eval_loss": evaluate()})
-                if (step + 1) % run.ckpt_every == 0 or step + 1 == run.steps or stopped:
-                    save(step + 1)
-                if stopped:
-                    log(f"stop requested: every process saved step {step + 1} to {ckpt.directory}; rerun to resume")
-                    break
-            if pending is not None:
-                finish(*pending)
-        last = log_state["last"]
-        eval_loss = evaluate() if last is not None and not stopped else None
-        if eval_loss is not None and lead:
-            metrics_out.write({"step": last["step"], "eval_loss": eval_loss})
-        if on_done is not None and lead and not stopped:
-            on_done(trainer.plain_params(state.params), int(state.step))
+        stopped = job.loop(progress)
+        eval_loss = job.finish(progress, stopped, on_done)
     finally:  # a finished or failed run never leaves a checkpoint half-written
-        ckpt.close()
-        metrics_out.close()
-        data.close()
-    timed = log_state["timed"]
-    summary = {
-        "steps": last["step"] if last else start,
-        "first_loss": log_state["first_loss"],
-        "final_loss": last["loss"] if last else None,
-        "initial_eval_loss": initial_eval,
-        "eval_loss": eval_loss,
-        "tokens_per_s": log_state["tokens"] / timed if timed else None,
-        "mfu": log_state["flops"] / (timed * peak * jax.device_count()) if timed and peak else None,
-        "skipped_steps": int(last["skipped"]) if last else 0,
-        "checkpoint_dir": ckpt.directory,
-        "log_dir": os.path.abspath(run.log_dir),
-        "interrupted": stopped,
-    }
-    if lead and last is not None:
-        plot_metrics(metrics_out.path, os.path.join(run.log_dir, "metrics.png"))
-        with open(os.path.join(run.log_dir, "summary.json"), "w") as f:
-            json.dump(summary, f)
-    return summary
+        job.close()
+    return job.summarise(progress, initial_eval, eval_loss, stopped)

@@ -58,19 +58,19 @@ def restore_state(ckpt: Checkpoints, trainer, step: int, meta: dict):
     reads its own shards. Another stage count: the saved slots are read sharded over the new mesh
     (layers over `stage` where it divides them) and re-slotted on the devices."""
     saved = saved_plan(meta, trainer.config)
-    same = saved.stages == trainer.plan.stages
+    same_stages = saved.stages == trainer.plan.stages
     shapes = trainer.state_shapes(saved)
-    shardings = trainer.state_shardings if same else trainer.shardings_for(shapes)
+    shardings = trainer.state_shardings if same_stages else trainer.shardings_for(shapes)
     target = sh.abstract_tree(shapes, shardings)
     items = ckpt.restore(step, {"params": target.params, "opt_state": target.opt_state, "train": train_item(target)})
     state = TrainState(params=items["params"], opt_state=items["opt_state"], **items["train"])
-    if same:
+    if same_stages:
         return state
-    reslot = lambda t: pipeline.params_to_slots(pipeline.params_from_slots(t, saved), trainer.plan)
+    reslot = lambda tree: pipeline.params_to_slots(pipeline.params_from_slots(tree, saved), trainer.plan)
     with jax.set_mesh(trainer.mesh):
         return jax.jit(
-            lambda s: s.replace(
-                params=reslot(s.params), opt_state=trainer.param_like(s.opt_state, reslot, lambda x: x)
+            lambda restored: restored.replace(
+                params=reslot(restored.params), opt_state=trainer.param_like(restored.opt_state, reslot, lambda x: x)
             ),
             out_shardings=trainer.state_shardings,
         )(state)

@@ -26,6 +26,8 @@ sh.initialize_distributed()
 
 import sharding_case  # noqa: E402  (tests/ is on sys.path: this file's folder)
 
+from glm_jax.train import RunConfig, train  # noqa: E402
+
 assert jax.process_count() == 2 and len(jax.devices()) == 8, (jax.process_count(), jax.devices())
 mesh = sh.make_mesh("2x2x2")
 local = sharding_case.local_rows(jax.process_index(), jax.process_count())
@@ -34,8 +36,6 @@ loss, grads = sharding_case.sharded_loss_and_grads(mesh, sh.global_batch(local, 
 if jax.process_index() == 0:
     flat = {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(grads)}
     np.savez(sys.argv[1], loss=np.asarray(loss), **flat)
-
-from glm_jax.train import RunConfig, train  # noqa: E402
 
 run_dir = sys.argv[2]
 LOGGED = 2

@@ -10,8 +10,11 @@ from glm_jax import sharding as sh
 from glm_jax.config import get_config
 from glm_jax.data import DataIterator
 from glm_jax.losses import token_loss
-from glm_jax.model import abstract_params, init_params
+from glm_jax.model import GLM, abstract_params, init_params
 from glm_jax.objectives import ObjectiveConfig, SequenceBuilder
+from glm_jax.optim import OptimConfig
+from glm_jax.peft import PeftConfig, combine
+from glm_jax.train import Trainer
 
 BATCH, SEQ = 8, 64
 MULTIHOST_LAYERS = 4  # the two-process test's model (2 layers a stage on 2x2x2)
@@ -30,8 +33,8 @@ def builder():
     corpus = np.random.default_rng(5).integers(10, 500, 50_000).astype(np.int32)
 
     def window(rng, n):
-        s = int(rng.integers(0, len(corpus) - n + 1))
-        return corpus[s : s + n]
+        start = int(rng.integers(0, len(corpus) - n + 1))
+        return corpus[start : start + n]
 
     return SequenceBuilder(window, SEQ, 0, ObjectiveConfig(position_encoding_2d=True))
 
@@ -45,12 +48,10 @@ def sharded_loss_and_grads(mesh, batch, c=None, microbatches=None, bubble_value=
     """Loss, gradients (plain stacked layout, fully replicated numpy-ready) [and logits] on `mesh`.
     schedule None: the logits of `pipeline.forward` and their loss; "gpipe" / "1f1b": the training
     losses of those schedules (head and loss per microbatch on the last stage, no logits)."""
-    from glm_jax.peft import PeftConfig, combine
-
     c = c or config()
     plan = pipeline.PipelinePlan(c.num_layers, sh.axis_size(mesh, "stage"))
-    m = pipeline.microbatch_count(microbatches, BATCH, mesh)
-    sh.check_splittable(c, mesh, BATCH, m)
+    microbatches = pipeline.microbatch_count(microbatches, BATCH, mesh)
+    sh.check_splittable(c, mesh, BATCH, microbatches)
     rules = sh.rules_for(c, mesh)
     shardings = sh.named_shardings(abstract_params(c), mesh, rules)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -58,19 +59,27 @@ def sharded_loss_and_grads(mesh, batch, c=None, microbatches=None, bubble_value=
 
     def loss_fn(p, b):
         if schedule == "gpipe":
-            loss_sum, n = pipeline.gpipe_loss(p, b, c, plan, m, bubble_value=bubble_value)
-            return loss_sum / n, None
-        logits = pipeline.forward(p, b, c, plan, m, bubble_value=bubble_value)
+            loss_sum, tokens = pipeline.gpipe_loss(p, b, c, plan, microbatches, bubble_value=bubble_value)
+            return loss_sum / tokens, None
+        logits = pipeline.forward(p, b, c, plan, microbatches, bubble_value=bubble_value)
         return token_loss(logits, b)[0], logits
 
     def step(p, b):
         if schedule == "1f1b":
-            g, loss_sum, n = pipeline.one_f_one_b(
-                p, {}, lambda t, f: combine(t, f, PeftConfig("full")), b, m, c, plan, m, bubble_value=bubble_value
+            grads, loss_sum, tokens = pipeline.one_f_one_b(
+                p,
+                {},
+                lambda trainable, frozen: combine(trainable, frozen, PeftConfig("full")),
+                b,
+                microbatches,
+                c,
+                plan,
+                microbatches,
+                bubble_value=bubble_value,
             )
-            return loss_sum / n, pipeline.params_from_slots(g, plan), None
-        (loss, logits), g = jax.value_and_grad(loss_fn, has_aux=True)(p, b)
-        return loss, pipeline.params_from_slots(g, plan), logits
+            return loss_sum / tokens, pipeline.params_from_slots(grads, plan), None
+        (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(p, b)
+        return loss, pipeline.params_from_slots(grads, plan), logits
 
     raw = params(c)  # outside the mesh: init would constrain the unpadded layer axis to `stage`
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
@@ -85,8 +94,6 @@ def single_device(c=None):
     batch = {k: jnp.asarray(v) for k, v in local_rows().items()}
 
     def loss_fn(p):
-        from glm_jax.model import GLM
-
         logits = GLM(c).apply({"params": p}, batch)
         return token_loss(logits, batch)[0], logits
 
@@ -96,16 +103,12 @@ def single_device(c=None):
 
 def optim():
     """AdamW at a constant learning rate LR: what `train_losses` steps with."""
-    from glm_jax.optim import OptimConfig
-
     return OptimConfig(peak_lr=LR, init_lr=LR, min_lr_ratio=1.0)
 
 
 def train_losses(mesh, process_index=0, process_count=1, steps=3, c=None):
     """Losses of `steps` training steps (AdamW) on `mesh`, each process feeding its rows: those of
     `train.train` with optim() and seed 0 on this builder, batch and mesh."""
-    from glm_jax.train import Trainer
-
     c = c or config()
     trainer = Trainer(c, optim(), mesh, BATCH)
     state = trainer.init_state(0)
@@ -113,8 +116,8 @@ def train_losses(mesh, process_index=0, process_count=1, steps=3, c=None):
     losses = []
     with trainer.context():
         for _ in range(steps):
-            state, m = trainer.fused_step(
+            state, metrics = trainer.fused_step(
                 state, trainer.place_batch(next(data)), jnp.float32(LR), jnp.float32(c.embedding_shrink_alpha)
             )
-            losses.append(float(jax.device_get(m["loss"])))
+            losses.append(float(jax.device_get(metrics["loss"])))
     return losses

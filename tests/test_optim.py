@@ -7,8 +7,17 @@ import pytest
 import sharding_case as case
 
 from glm_jax import sharding as sh
-from glm_jax.optim import BatchSchedule, LossScale, OptimConfig, decay_mask, embedding_alpha, learning_rate
-from glm_jax.train import Trainer
+from glm_jax.config import get_config
+from glm_jax.optim import (
+    BatchSchedule,
+    LossScale,
+    OptimConfig,
+    decay_mask,
+    embedding_alpha,
+    learning_rate,
+    optim_for,
+)
+from glm_jax.train import RunConfig, Trainer, make_trainer
 
 
 def test_schedule_matches_the_spec():
@@ -43,10 +52,6 @@ def test_batch_ramp_up():
 
 
 def test_a_pipelined_mesh_ramps_in_microbatches_without_flags():
-    from glm_jax.config import get_config
-    from glm_jax.optim import optim_for
-    from glm_jax.train import RunConfig, make_trainer
-
     # glm-130b's optimizer (ramp over 2.5% of the samples, increments of 24) on a small model and
     # 8 stages: 1F1B steps of 8 -> 176 one-sequence microbatches, no --pass-batch needed
     c = get_config("glm-tiny", num_layers=8)

@@ -18,6 +18,7 @@ from jax.sharding import PartitionSpec as P
 
 from glm_jax import pipeline
 from glm_jax import sharding as sh
+from glm_jax.checkpoints import Checkpoints
 from glm_jax.model import abstract_params
 
 HERE = pathlib.Path(__file__).parent
@@ -208,6 +209,4 @@ def test_two_processes_equal_one(tmp_path):
     summaries = [json.loads((run_dir / f"summary-{i}.json").read_text()) for i in range(2)]
     assert all(s["interrupted"] for s in summaries)
     assert 2 <= summaries[0]["steps"] == summaries[1]["steps"] < 40
-    from glm_jax.checkpoints import Checkpoints
-
     assert Checkpoints(str(run_dir / "ck")).latest_step() == summaries[0]["steps"]

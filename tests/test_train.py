@@ -16,6 +16,7 @@ from script_runs import ROOT, script_env
 
 from glm_jax import sharding as sh
 from glm_jax.checkpoints import Checkpoints
+from glm_jax.config import ConfigError
 from glm_jax.optim import OptimConfig
 from glm_jax.train import RunConfig, Trainer, TrainingError, train
 
@@ -183,8 +184,6 @@ def test_bad_flags_are_clear_errors(tmp_path, capsys):
 
 
 def test_training_a_quantized_config_is_a_clear_error():
-    from glm_jax.config import ConfigError
-
     with pytest.raises(ConfigError, match="train in float"):
         Trainer(case.config().override(quantization="int4"), OptimConfig(), sh.make_mesh("1x1", jax.devices()[:1]), 1)
 
