@@ -17,8 +17,13 @@ Per step, on every open beam's next-token logits (fp32):
 4. done when num_beams beams have finished and the worst of them scores at least the best open
    score / ((5 + length + 1) / 6) ** lp.
 
-At the end, `consider_end` adds the best open beam to the finished ones if the search did not
-stop early (the reference's finalize adds `batch_size` open beams, one with its batch of one).
+At the end, if the search did not stop early, `consider_end` adds every open beam to the finished
+ones, best first, each penalised like a finished beam (its `len` the whole sequence, no stop id),
+with the same sorted insertion (a score equal to one already there goes before it) and the cut
+back to num_beams, as THUDM/GLM-130B's head (212215c) does since commit 7be5ba1 ("Fix finalize in
+BeamSearchStrategy"; before it, the loop ran over the batch and added one open beam for a batch of
+one). Its commit 1f32e7f ("Fix first beam") applies the first-step rule to sampling as well as to
+top-k; we only do top-k (`deterministic`), and our first step has a single beam anyway.
 `length_norm="generated"` divides by (generated tokens) ** lp instead (HF-style), as an option.
 """
 
@@ -126,8 +131,9 @@ class BeamSearch:
             ):
                 done = True
                 break
-        if self.consider_end and not done:
-            self._finish(finished, float(scores[0]), beams[0], n_ctx)
+        if self.consider_end and not done:  # every open beam, best first (the reference's finalize)
+            for score, seq in zip(scores, beams):
+                self._finish(finished, float(score), seq, n_ctx)
         return [(seq[n_ctx:], score) for score, seq in finished]
 
     def _finish(self, finished, score, seq, n_ctx):

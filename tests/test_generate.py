@@ -84,7 +84,8 @@ def test_beam_search_finds_the_best_sequence_of_a_small_space(model):
     c, params = model
     gen = Generator(c, params)
     prompt = PROMPTS[0]
-    ((tokens, score),) = gen.beam_search(prompt, 4, 2, stop_tokens=())  # no stop: consider_end adds the best
+    (tokens, score), *rest = gen.beam_search(prompt, 4, 2, stop_tokens=())  # no stop: every open beam joins
+    assert len(rest) == 3 and all(s <= score for _, s in rest)
     # brute force over the top candidates of the first token: no 2-token sequence beats it
     first = jax.nn.log_softmax(full_logits(c, params, prompt, []))
     best, best_seq = -np.inf, None
