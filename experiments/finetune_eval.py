@@ -16,6 +16,7 @@ import json
 import os
 import sys
 
+from glm_jax import script_args
 from glm_jax.script_args import add_checkpoint_args, load_model_or_exit
 
 
@@ -31,7 +32,7 @@ def parse_args(argv=None):
     ap.add_argument("--max-target", type=int, default=128, help="also the generation budget")
     ap.add_argument("--batch", type=int, default=8, help="rows generated together")
     ap.add_argument("--no-progress", action="store_true")
-    args = ap.parse_args(argv)
+    args = script_args.parse_args(ap, argv)
     for name in ("max_source", "max_target", "batch"):
         if getattr(args, name) <= 0:
             ap.error(f"--{name.replace('_', '-')} must be positive")
@@ -83,7 +84,7 @@ def main(argv=None):
         sys.exit(2)
     loss = sft_loss(m.config, m.params, scored.sequences, args.batch)
 
-    gen = Generator(m.config, m.params, ids=tok.specials, causal=fam.causal)
+    gen = Generator(m.config, m.take_params(), ids=tok.specials, causal=fam.causal, mesh=m.mesh, consume=True)
     prompts = [
         cut_prompt(fam.chat_prompt(tok, rounds[:-1], rounds[-1][0], system), fam, args.max_source)
         for system, rounds in rows
@@ -122,6 +123,7 @@ def main(argv=None):
         "checkpoint": m.path,
         "adapter": args.adapter,
         "predictions": os.path.abspath(args.out),
+        **m.placement_summary(),
     }
     print(json.dumps(report))
     return report

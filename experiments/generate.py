@@ -20,7 +20,7 @@ import argparse
 import json
 import sys
 
-from glm_jax.script_args import add_checkpoint_args, load_model_or_exit
+from glm_jax.script_args import add_checkpoint_args, load_model_or_exit, parse_args
 
 
 def stream(gen, model, ids, args, key, show: bool) -> tuple[str, list[int]]:
@@ -72,7 +72,7 @@ def beams(gen, model, text, ids, args) -> list[dict]:
     ]
     shown = out if args.all_beams else out[:1]
     if args.json:
-        print(json.dumps({"prompt": text, "beams": shown}, ensure_ascii=False), flush=True)
+        print(json.dumps({"prompt": text, "beams": shown, **model.placement_summary()}, ensure_ascii=False), flush=True)
     else:
         print(f">>> {text}")
         for beam in shown:
@@ -100,7 +100,7 @@ def main(argv=None):
     ap.add_argument("--top-k", type=int, default=0)
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
+    args = parse_args(ap, argv)
     if not args.prompt and not args.chat:
         ap.error("give --prompt TEXT (repeatable) or --chat")
     if args.num_beams < 1 or (args.num_beams > 1 and args.chat):
@@ -117,8 +117,11 @@ def main(argv=None):
     max_len = model.config.max_sequence_length
     if args.max_new >= max_len:
         ap.error(f"--max-new {args.max_new} leaves no room for a prompt (max_sequence_length={max_len})")
-    gen = Generator(model.config, model.params, ids=tok.specials, causal=fam.causal)
+    gen = Generator(
+        model.config, model.take_params(), ids=tok.specials, causal=fam.causal, mesh=model.mesh, consume=True
+    )
     key = jax.random.key(args.seed)
+    where = model.placement_summary()  # every --json record says where the model runs
     limit = max_len - args.max_new
     outputs = []
     try:
@@ -141,7 +144,10 @@ def main(argv=None):
                 )
                 result = {"prompt": text, "text": tok.decode(filled), "blanks": [tok.decode(blank) for blank in blanks]}
                 print(
-                    json.dumps(result, ensure_ascii=False) if args.json else f">>> {text}\n{result['text']}", flush=True
+                    json.dumps({**result, **where}, ensure_ascii=False)
+                    if args.json
+                    else f">>> {text}\n{result['text']}",
+                    flush=True,
                 )
                 outputs.append(result["text"])
                 continue
@@ -151,7 +157,9 @@ def main(argv=None):
             raw, generated = stream(gen, model, ids, args, sub, show=not args.json)
             outputs.append(raw)
             if args.json:
-                print(json.dumps({"prompt": text, "text": raw, "ids": generated}, ensure_ascii=False), flush=True)
+                print(
+                    json.dumps({"prompt": text, "text": raw, "ids": generated, **where}, ensure_ascii=False), flush=True
+                )
         if args.chat:
             history: list[tuple[str, str]] = []
             lines = sys.stdin if args.json else None
@@ -186,7 +194,8 @@ def main(argv=None):
                 outputs.append(reply)
                 if args.json:
                     print(
-                        json.dumps({"query": query, "reply": reply, "ids": generated}, ensure_ascii=False), flush=True
+                        json.dumps({"query": query, "reply": reply, "ids": generated, **where}, ensure_ascii=False),
+                        flush=True,
                     )
     except (GenerationError, FamilyError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -15,7 +15,7 @@ import os
 import sys
 import time
 
-from glm_jax.script_args import add_checkpoint_args, load_model_or_exit
+from glm_jax.script_args import add_checkpoint_args, load_model_or_exit, parse_args
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DATA = os.path.normpath(os.path.join(HERE, "..", "..", "shared", "data"))
@@ -29,7 +29,7 @@ def main(argv=None):
     ap.add_argument("--limit", type=int, default=None, help="score only the first N passages")
     ap.add_argument("--beams", type=int, default=16)
     ap.add_argument("--batch", type=int, default=16, help="teacher-forcing batch (greedy)")
-    args = ap.parse_args(argv)
+    args = parse_args(ap, argv)
     if args.limit is not None and args.limit <= 0:
         ap.error("--limit must be positive")
 
@@ -44,7 +44,9 @@ def main(argv=None):
         sys.exit(2)
     m = load_model_or_exit(args)
     tok = m.tokenizer
-    scorer = ModelScorer(m.config, m.params, tok, batch_size=args.batch, family=m.family)
+    scorer = ModelScorer(
+        m.config, m.take_params(), tok, batch_size=args.batch, family=m.family, mesh=m.mesh, consume=True
+    )
     t0 = time.perf_counter()
     if args.protocol == "beam":
         beams = lambda prompt, ids, prefixes: scorer.beams(prompt, args.beams, 5, 3, ids, prefixes)
@@ -73,6 +75,7 @@ def main(argv=None):
         "prediction_rule": ("reference, punctuation split off words" if tok.kind == "glm" else "reference")
         if args.protocol == "beam"
         else "greedy: every target token the argmax",
+        **m.placement_summary(),
     }
     print(
         f"LAMBADA ({args.protocol}): {result['accuracy']:.4f} on {len(hits)} passages, "

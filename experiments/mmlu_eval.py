@@ -13,7 +13,7 @@ import json
 import os
 import sys
 
-from glm_jax.script_args import add_checkpoint_args, load_model_or_exit
+from glm_jax.script_args import add_checkpoint_args, load_model_or_exit, parse_args
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DATA = os.path.normpath(os.path.join(HERE, "..", "..", "shared", "data", "mmlu"))
@@ -27,7 +27,7 @@ def main(argv=None):
     ap.add_argument("--shots", type=int, default=0, choices=range(0, 6))
     ap.add_argument("--subjects", default=None, help="comma-separated subset")
     ap.add_argument("--limit", type=int, default=None, help="questions per subject")
-    args = ap.parse_args(argv)
+    args = parse_args(ap, argv)
     from tqdm import tqdm
 
     from glm_jax.evaluate import ModelScorer, multiple_choice, read_mmlu
@@ -46,7 +46,7 @@ def main(argv=None):
     if args.limit:
         test = {s: rows[: args.limit] for s, rows in test.items()}
     m = load_model_or_exit(args)
-    scorer = ModelScorer(m.config, m.params, m.tokenizer, family=m.family)
+    scorer = ModelScorer(m.config, m.take_params(), m.tokenizer, family=m.family, mesh=m.mesh, consume=True)
     r = multiple_choice(
         test,
         scorer.tokenizer,
@@ -65,6 +65,7 @@ def main(argv=None):
                 "step": m.step,
                 "family": m.family.name,
                 "cut_rows": scorer.cut_rows,
+                **m.placement_summary(),
                 "categories": r["categories"],
                 "category_average": r["category_average"],
                 "subjects": r["subjects"],

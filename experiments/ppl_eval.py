@@ -21,7 +21,7 @@ import json
 import os
 import sys
 
-from glm_jax.script_args import add_checkpoint_args, load_model_or_exit
+from glm_jax.script_args import add_checkpoint_args, load_model_or_exit, parse_args
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHARED = os.path.normpath(os.path.join(HERE, "..", "..", "shared", "data"))
@@ -42,7 +42,7 @@ def main(argv=None):
     ap.add_argument("--tokens", type=int, default=100_000, help="held-out tokens to score (jsonl, default data)")
     ap.add_argument("--docs", type=int, default=None, help="documents to score (jsonl / pile)")
     ap.add_argument("--batch", type=int, default=16)
-    args = ap.parse_args(argv)
+    args = parse_args(ap, argv)
     from tqdm import tqdm
 
     from glm_jax.data import Corpus, DataError, ReadStats, read_records, read_texts
@@ -51,7 +51,9 @@ def main(argv=None):
     m = load_model_or_exit(args)
     config, tok = m.config, m.tokenizer
     window = args.window or min(config.max_sequence_length, 2048)
-    scorer = ModelScorer(config, m.params, tok, batch_size=args.batch, family=m.family)
+    scorer = ModelScorer(
+        config, m.take_params(), tok, batch_size=args.batch, family=m.family, mesh=m.mesh, consume=True
+    )
     data = args.data or DEFAULT_DATA.get(args.task)
     if data is None:
         ap.error(f"--task {args.task} needs --data PATH")
@@ -98,6 +100,7 @@ def main(argv=None):
         "step": m.step,
         "family": m.family.name,
         "cut_rows": scorer.cut_rows,
+        **m.placement_summary(),
     }
     print(json.dumps(out))
     return out

@@ -16,7 +16,7 @@ import json
 import os
 import sys
 
-from glm_jax.script_args import DEFAULT_CHECKPOINTS, load_model_or_exit
+from glm_jax.script_args import DEFAULT_CHECKPOINTS, add_mesh_arg, load_model_or_exit, parse_args
 
 
 def main(argv=None):
@@ -29,12 +29,14 @@ def main(argv=None):
     ap.add_argument("--out", default=None, help="serving checkpoint folder (default: beside --checkpoint)")
     ap.add_argument("--tokenizer", default=None, help="tokenizer file (default: the checkpoint's)")
     ap.add_argument("--family", default=None, help="model family (default: the checkpoint's)")
-    args = ap.parse_args(argv)
+    add_mesh_arg(ap)
+    args = parse_args(ap, argv)
     if args.group < 0 or args.groups < 0:
         ap.error("--group and --groups must be positive")
 
     import jax
 
+    from glm_jax import placement
     from glm_jax.checkpoints import CheckpointError, save_serving
     from glm_jax.config import ConfigError
     from glm_jax.quant import quantize_params, tree_bytes
@@ -52,14 +54,15 @@ def main(argv=None):
             quantization_groups=args.groups,
             param_dtype=config.param_dtype if config.param_dtype != "float32" else "bfloat16",
         )
-        quantized = quantize_params(params, qconfig)
+        shardings = None if m.mesh is None else placement.param_shardings(qconfig, m.mesh)
+        quantized = quantize_params(params, qconfig, shardings)  # layer by layer, sharded on --mesh
         save_serving(
             out, qconfig, quantized, step, os.path.abspath(args.checkpoint), m.family.name, bundled_file(m.tokenizer)
         )
     except (CheckpointError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    bf16 = jax.tree_util.tree_map(lambda x: x.astype("bfloat16"), params)
+    bf16 = jax.eval_shape(lambda tree: jax.tree_util.tree_map(lambda x: x.astype("bfloat16"), tree), params)
     layers = lambda tree: tree_bytes(tree["layers"])
     result = {
         "checkpoint": os.path.abspath(args.checkpoint),
@@ -71,6 +74,7 @@ def main(argv=None):
         "quantized_bytes": tree_bytes(quantized),
         "layers_bf16_bytes": layers(bf16),
         "layers_quantized_bytes": layers(quantized),
+        **m.placement_summary(),
     }
     result["saved_vs_bf16"] = 1 - result["quantized_bytes"] / result["bf16_bytes"]
     print(

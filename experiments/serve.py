@@ -1,6 +1,6 @@
 """Serve a checkpoint over an OpenAI-compatible HTTP API, with continuous batching and a chat page.
 
-    python experiments/serve.py --checkpoint DIR [--adapter DIR] [--quantize int4|int8] \\
+    python experiments/serve.py --checkpoint DIR [--adapter DIR] [--quantize int4|int8] [--mesh 1x8] \\
         [--host 127.0.0.1] [--port 8000] [--slots 8] [--max-queue 32] [--api-key KEY]
 
 Then: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health, and the chat
@@ -9,6 +9,10 @@ shared KV cache (glm_jax/serving/engine.py); up to --max-queue more wait (defaul
 beyond that a request answers 429. The decode step and the smallest prompt bucket are compiled
 before the port opens, so /health answers as soon as the server listens. SIGTERM stops taking
 requests, gives those in flight --drain seconds, cancels the rest and exits 0.
+
+--mesh 1xT or Dx1xT (default 1x1, one device) serves on D x T devices: the weights loaded straight
+into their shardings over the T tensor shards, the slots over the D data replicas (--slots rounded
+up to a multiple of D); the startup line and /health report the mesh and the slot count.
 """
 
 import argparse
@@ -16,7 +20,7 @@ import os
 import signal
 import sys
 
-from glm_jax.script_args import add_checkpoint_args, load_model_or_exit
+from glm_jax.script_args import add_checkpoint_args, load_model_or_exit, parse_args
 
 
 def main(argv=None):
@@ -35,7 +39,7 @@ def main(argv=None):
     ap.add_argument("--max-body", type=int, default=1 << 20, help="the largest request body in bytes")
     ap.add_argument("--drain", type=float, default=10.0, help="seconds requests in flight get at SIGTERM")
     ap.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
-    args = ap.parse_args(argv)
+    args = parse_args(ap, argv)
     if args.slots < 1:
         ap.error("--slots must be at least 1")
     if args.max_queue is not None and args.max_queue < 1:
@@ -58,12 +62,15 @@ def main(argv=None):
         causal=model.family.causal,
         slots=args.slots,
         max_queue=args.max_queue,
+        mesh=model.mesh,
     )
     engine.warmup()
     name = args.name or model.family.name
     app = make_app(model, engine, name=name, api_key=args.api_key, max_body=args.max_body, drain_s=args.drain)
+    mesh = "x".join(str(size) for size in engine.load()["mesh"].values())  # data x stage x tensor
     print(
-        f"serving {name} ({model.path}, step {model.step}) on http://{args.host}:{args.port} with {args.slots} slots",
+        f"serving {name} ({model.path}, step {model.step}) on http://{args.host}:{args.port} with "
+        f"{engine.slots} slots on mesh {mesh}",
         file=sys.stderr,
         flush=True,
     )

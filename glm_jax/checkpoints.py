@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from glm_jax import pipeline
+from glm_jax import pipeline, placement
 from glm_jax.config import GLMConfig
 from glm_jax.peft import PeftConfig, split_shapes
 
@@ -120,9 +120,8 @@ def copy_tokenizer(model_file: str | None, directory: str) -> str | None:
     return rel
 
 
-def read_checkpoint(path: str, step: int | None = None) -> tuple[GLMConfig, dict, int, dict, str]:
-    """(config, params, step, meta, checkpoint folder) of a training or serving checkpoint; the
-    parameters only (a training checkpoint's optimizer state is never read)."""
+def _step_folder(path: str, step: int | None) -> tuple[str, int | None]:
+    """A run's checkpoint folder or one step's folder -> (the run folder, the step or None)."""
     path = os.path.abspath(path)
     if not os.path.isdir(path):
         raise CheckpointError(
@@ -131,29 +130,65 @@ def read_checkpoint(path: str, step: int | None = None) -> tuple[GLMConfig, dict
         )
     base = os.path.basename(path)
     if base.isdigit() and step is None and os.path.isdir(os.path.join(path, "params")):
-        path, step = os.path.dirname(path), int(base)
+        return os.path.dirname(path), int(base)
+    return path, step
+
+
+def _latest(ckpt: Checkpoints, path: str, step: int | None) -> int:
+    step = ckpt.latest_step() if step is None else step
+    if step is None:
+        raise CheckpointError(f"{path} holds no complete checkpoint")
+    return step
+
+
+def read_config(path: str, step: int | None = None) -> GLMConfig:
+    """The model config a checkpoint (a run's folder or one step's) records; reads no array."""
+    path, step = _step_folder(path, step)
     ckpt = Checkpoints(path, async_save=False)
     try:
-        step = ckpt.latest_step() if step is None else step
-        if step is None:
-            raise CheckpointError(f"{path} holds no complete checkpoint")
+        return GLMConfig.from_dict(ckpt.restore_meta(_latest(ckpt, path, step))["config"])
+    finally:
+        ckpt.close()
+
+
+def read_checkpoint(
+    path: str, step: int | None = None, mesh: jax.sharding.Mesh | None = None
+) -> tuple[GLMConfig, dict, int, dict, str]:
+    """(config, params, step, meta, checkpoint folder) of a training or serving checkpoint; the
+    parameters only (a training checkpoint's optimizer state is never read), on the first device
+    or, with `mesh`, read straight into their inference shardings (`placement.param_shardings`)."""
+    path, step = _step_folder(path, step)
+    ckpt = Checkpoints(path, async_save=False)
+    try:
+        step = _latest(ckpt, path, step)
         meta = ckpt.restore_meta(step)
         config = GLMConfig.from_dict(meta["config"])
-        params = read_params(ckpt, step, meta, config)
+        params = read_params(ckpt, step, meta, config, mesh)
     finally:
         ckpt.close()
     return config, params, step, meta, path
 
 
-def read_params(ckpt: Checkpoints, step: int, meta: dict, config: GLMConfig) -> dict:
-    """A step's `params` item on the first device, in the plain stacked layout. They are the run's
-    trainable parameters: all of them, or a fine-tuning method's (meta.peft)."""
+def read_params(
+    ckpt: Checkpoints, step: int, meta: dict, config: GLMConfig, mesh: jax.sharding.Mesh | None = None
+) -> dict:
+    """A step's `params` item in the plain stacked layout, on the first device or, with `mesh`,
+    each device reading only its shards of the inference layout. They are the run's trainable
+    parameters: all of them, or a fine-tuning method's (meta.peft)."""
     peft = PeftConfig.from_dict(meta["peft"]) if meta.get("peft") else PeftConfig("full")
     plan = saved_plan(meta, config)
-    shapes = jax.eval_shape(lambda t: pipeline.params_to_slots(t, plan), split_shapes(peft, config)[0])
-    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one), shapes)
-    return pipeline.params_from_slots(ckpt.restore(step, {"params": target})["params"], plan)
+    plain = split_shapes(peft, config)[0]
+    shapes = jax.eval_shape(lambda t: pipeline.params_to_slots(t, plan), plain)
+    if mesh is None:
+        one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        shardings = jax.tree_util.tree_map(lambda _: one, plain)
+    else:
+        shardings = placement.param_shardings(config, mesh, plain)
+    target = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings)
+    slots = ckpt.restore(step, {"params": target})["params"]
+    if plan.stages == 1:
+        return slots
+    return jax.jit(lambda t: pipeline.params_from_slots(t, plan), out_shardings=shardings)(slots)
 
 
 def move_to_device(tree: dict) -> dict:

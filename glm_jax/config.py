@@ -132,8 +132,8 @@ class GLMConfig(AdapterFields):
     # or a fixed number of scale groups along every layer's input (GLM-130B's INT4 checkpoints:
     # one scale per output row per tensor-parallel rank); 0: use quantization_group
     quantization_groups: int = 0
-    # INT4 dequant-matmul: xla (portable), pallas (fused Triton kernel), auto (pallas for
-    # decode-sized token counts on a single NVIDIA GPU, else xla)
+    # INT4 dequant-matmul: xla (portable), pallas (fused Triton kernel, per shard on a tensor mesh),
+    # auto (pallas for decode-sized token counts per shard on NVIDIA GPUs, else xla)
     quantized_matmul: str = "auto"
     # sizes that were derived rather than set; re-derived by override()
     _derived: tuple = dataclasses.field(default=(), repr=False, compare=False)

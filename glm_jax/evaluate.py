@@ -27,10 +27,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from glm_jax import placement
 from glm_jax.config import GLMConfig
 from glm_jax.decoding import bucket_length
 from glm_jax.families import Family, default_stop_ids, get_family
-from glm_jax.generate import Generator, make_prompts
+from glm_jax.generate import Generator, layered_forward, make_prompts, serving_params
 from glm_jax.losses import token_loss
 from glm_jax.model import GLM
 from glm_jax.objectives import CONTRACT_KEYS
@@ -43,7 +44,8 @@ ScoreFn = Callable[[Sequence[Row]], list[tuple[float, int, bool]]]
 # ---- teacher forcing with a GLM --------------------------------------------------------------------------
 @functools.partial(jax.jit, static_argnums=0)
 def _token_logprobs(config: GLMConfig, params, batch):
-    logits = GLM(config).apply({"params": params}, batch).astype(jnp.float32)
+    """params in `generate.serving_params` layout (the layers unrolled, as the generator holds them)."""
+    logits = layered_forward(config, params, batch).astype(jnp.float32)
     logp = jax.nn.log_softmax(logits, axis=-1)
     gold = jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
     return gold, jnp.argmax(logits, axis=-1) == batch["targets"]
@@ -80,7 +82,11 @@ class ModelScorer:
     """`score` and `beams` for a GLM: teacher-forced batches and KV-cached beam search.
 
     Rows longer than the model's max_sequence_length are cut from the left of their context
-    (after a causal prompt's [gMASK] sop), as the reference datasets cut; `cut_rows` counts them."""
+    (after a causal prompt's [gMASK] sop), as the reference datasets cut; `cut_rows` counts them.
+    mesh: a (data, 1, tensor) mesh to score and search on (`placement`): the weights split by the
+    training rules, each batch's rows over `data` (the batch size rounded up to a multiple of it).
+    The weights are held once, in `generate.serving_params` layout, for teacher forcing
+    (`generate.layered_forward`) and beam search alike; consume: as `Generator`'s."""
 
     def __init__(
         self,
@@ -89,16 +95,24 @@ class ModelScorer:
         tokenizer: Tokenizer | None = None,
         batch_size: int = 16,
         family: Family | None = None,
+        mesh: jax.sharding.Mesh | None = None,
+        consume: bool = False,
     ):
-        self.config, self.params, self.tokenizer, self.batch_size = config, params, tokenizer, batch_size
+        if mesh is not None:
+            placement.check_inference_mesh(config, mesh)
+            params = placement.place(params, config, mesh)
+        # one copy of the weights, in the generator's per-layer layout, for scoring and beam search
+        params = serving_params(params, config.num_layers, consume)
+        self.config, self.params, self.tokenizer, self.mesh = config, params, tokenizer, mesh
+        self.batch_size = placement.padded_rows(batch_size, mesh)
         self.family = family or get_family("glm")
         self.ids = tokenizer.specials if tokenizer is not None else GLM_IDS
         self.cut_rows = 0
 
     @functools.cached_property
     def generator(self) -> Generator:
-        """Made on first use: its per-layer copy of the weights is only needed for beam search."""
-        return Generator(self.config, self.params, ids=self.ids, causal=self.family.causal)
+        """Made on first use (beam search); it shares the scorer's per-layer weights."""
+        return Generator(self.config, self.params, ids=self.ids, causal=self.family.causal, mesh=self.mesh)
 
     def fit(self, row: Row) -> Row:
         """A row cut from the left of its context to fit max_sequence_length."""

@@ -24,12 +24,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from glm_jax import placement
 from glm_jax.beam import BeamSearch
 from glm_jax.config import GLMConfig
 from glm_jax.decoding import BUCKET, bucket_length, decode_layout, sample
 from glm_jax.families import default_stop_ids
 from glm_jax.layers import GLMBlock, rotary_tables, write_cache
-from glm_jax.model import GLM
+from glm_jax.model import GLM, attention_inputs
 from glm_jax.tokenizer import GLM_IDS, SpecialIds
 
 
@@ -106,24 +107,56 @@ def check_length(batch: PromptBatch, max_new_tokens: int, config: GLMConfig) -> 
         )
 
 
-def serving_params(params: dict, num_layers: int) -> dict:
+def serving_params(params: dict, num_layers: int, consume: bool = False) -> dict:
     """The generation layout: params["layers"] (stacked [L, ...]) -> a tuple of L per-layer
     trees, so each layer's weights are their own buffers. Decoding reads every weight once per
     token; a scan over stacked weights slices each layer's weights in the loop, a copy per
     layer unless XLA fuses the slice into the consumer (it cannot into a custom call).
-    Returns params unchanged when already in this layout. Copies the layer weights once."""
+    Returns params unchanged when already in this layout. Copies the layer weights once;
+    consume: each stacked leaf is deleted as soon as it is split, so the model is held once
+    (plus one leaf's stack) and the caller must not use `params` again."""
     layers = params["layers"]
     if isinstance(layers, (list, tuple)):
         return params
-    return {**params, "layers": tuple(jax.tree_util.tree_map(lambda x, i=i: x[i], layers) for i in range(num_layers))}
+
+    def split(leaf):
+        slices = [leaf[i] for i in range(num_layers)]
+        if consume and isinstance(leaf, jax.Array):
+            leaf.delete()
+        return slices
+
+    per_leaf = jax.tree_util.tree_map(split, layers)
+    treedef = jax.tree_util.tree_structure(layers)
+    leaves = jax.tree_util.tree_leaves(per_leaf, is_leaf=lambda x: isinstance(x, list))
+    return {
+        **params,
+        "layers": tuple(jax.tree_util.tree_unflatten(treedef, [leaf[i] for leaf in leaves]) for i in range(num_layers)),
+    }
 
 
-def init_cache(config: GLMConfig, batch: int, max_len: int, dtype=None):
+def layered_forward(config: GLMConfig, params, batch):
+    """GLM's forward (no cache, no dropout) with the layers in `serving_params` layout, unrolled:
+    batch [B, S] arrays -> logits [B, S, vocab]. What `GLM.apply` computes with stacked layers."""
+    model, block = GLM(config), GLMBlock(config)
+    outer = {k: v for k, v in params.items() if k != "layers"}
+    h = model.apply({"params": outer}, batch, method=GLM.embed)
+    mask, tables = attention_inputs(batch, config)
+    prefix = model.apply({"params": outer}, method=GLM.prefix)  # [L, P, 2, K, D] or None
+    for i, layer in enumerate(params["layers"]):
+        h = block.apply({"params": layer}, h, mask, tables, None, None, None if prefix is None else prefix[i])[0]
+    return model.apply({"params": outer}, h, method=GLM.head)
+
+
+def init_cache(config: GLMConfig, batch: int, max_len: int, dtype=None, mesh: jax.sharding.Mesh | None = None):
     """One (k, v) pair per layer, each zeros [B, M, K, D] in the compute dtype (bf16 by default):
-    separate buffers that a donating decode step updates in place."""
+    separate buffers that a donating decode step updates in place. mesh: made sharded there
+    (`placement.cache_sharding`: rows over `data`, KV heads over `tensor`)."""
     shape = (batch, max_len, config.num_kv_heads, config.head_dim)
     dtype = dtype or config.compute_dtype
-    return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.num_layers))
+    make = lambda: tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.num_layers))
+    if mesh is None:
+        return make()
+    return jax.jit(make, out_shardings=placement.cache_sharding(config, mesh))()
 
 
 def cache_length(cache) -> int:
@@ -200,11 +233,28 @@ def reorder_cache(cache, rows):
 class Generator:
     """Prefill + cached decoding for one config and parameter tree (copied once into the
     `serving_params` layout unless already in it). ids: the tokenizer's special ids; causal: a
-    causal family (`families.Family.causal`)."""
+    causal family (`families.Family.causal`). mesh: a (data, 1, tensor) mesh to decode on
+    (`placement`): the weights split by the training rules, the KV cache by rows over `data` and
+    KV heads over `tensor`, rows padded to a multiple of `data`; the tokens are the one-device
+    ones (to float rounding). consume: the stacked layer weights are deleted as they are split
+    into the per-layer layout (`serving_params`), so the model is held once; pass it params the
+    caller no longer uses (`LoadedModel.take_params()`)."""
 
-    def __init__(self, config: GLMConfig, params, cache_dtype=None, ids: SpecialIds = GLM_IDS, causal: bool = False):
-        self.config, self.cache_dtype, self.ids, self.causal = config, cache_dtype, ids, causal
-        self.params = serving_params(params, config.num_layers)
+    def __init__(
+        self,
+        config: GLMConfig,
+        params,
+        cache_dtype=None,
+        ids: SpecialIds = GLM_IDS,
+        causal: bool = False,
+        mesh: jax.sharding.Mesh | None = None,
+        consume: bool = False,
+    ):
+        self.config, self.cache_dtype, self.ids, self.causal, self.mesh = config, cache_dtype, ids, causal, mesh
+        if mesh is not None:
+            placement.check_inference_mesh(config, mesh)
+            params = placement.place(params, config, mesh)
+        self.params = serving_params(params, config.num_layers, consume)
 
     def prompts(self, prompts: Sequence[Sequence[int]], blank: int | None = None) -> PromptBatch:
         return make_prompts(prompts, self.config, self.ids, self.causal, blank)
@@ -212,13 +262,15 @@ class Generator:
     def start(self, prompts: PromptBatch, max_new_tokens: int, repeat: int = 1):
         """Prefill; with repeat > 1 every prompt row is repeated (beams). Returns the decode state."""
         check_length(prompts, max_new_tokens, self.config)
+        rows = len(prompts.tokens) * repeat
+        padded = placement.padded_rows(rows, self.mesh)
         tokens, lengths, mask_pos, cont = (
-            np.repeat(array, repeat, axis=0)
+            placement.pad_rows(np.repeat(array, repeat, axis=0), padded)
             for array in (prompts.tokens, prompts.lengths, prompts.mask_pos, prompts.continue_positions)
         )
-        rows, width = tokens.shape
+        width = tokens.shape[1]
         cache_len = bucket_length(self.config.pre_seq_len + width + max_new_tokens, multiple=BUCKET)
-        cache = init_cache(self.config, rows, cache_len, self.cache_dtype)
+        cache = init_cache(self.config, padded, cache_len, self.cache_dtype, self.mesh)
         if self.config.pre_seq_len:
             cache = write_prefix(self.config, self.params, cache)
         cache = prefill(self.config, self.params, cache, jnp.asarray(tokens), jnp.asarray(lengths), prompts.causal)
@@ -228,21 +280,24 @@ class Generator:
             mask_pos=jnp.asarray(mask_pos),
             cont=jnp.asarray(cont),
             prompt_len=width,
+            rows=rows,
         )
 
     def step(self, state, token, step):
+        """Feed token [rows] as generated token number `step` -> fp32 logits [rows, V]."""
+        token = placement.pad_rows(np.asarray(token, np.int32), len(state["lengths"]))
         logits, state["cache"] = decode_step(
             self.config,
             self.params,
             state["cache"],
-            jnp.asarray(token, jnp.int32),
+            jnp.asarray(token),
             jnp.int32(step),
             state["lengths"],
             state["mask_pos"],
             state["cont"],
             jnp.int32(state["prompt_len"]),
         )
-        return logits
+        return logits[: state["rows"]]
 
     # ---- strategies -------------------------------------------------------------------------------
     def generate(
@@ -316,7 +371,8 @@ class Generator:
         def next_logits(parents, tokens, step):
             rows = list(parents) + [parents[0]] * (num_beams - len(parents))  # dead rows copy beam 0
             if step:  # step 0: every row is the prompt already
-                state["cache"] = reorder_cache(state["cache"], jnp.asarray(rows, jnp.int32))
+                rows = placement.pad_rows(np.asarray(rows, np.int32), len(state["lengths"]))
+                state["cache"] = reorder_cache(state["cache"], jnp.asarray(rows))
             token = np.asarray(list(tokens) + [tokens[0]] * (num_beams - len(tokens)), np.int32)
             return np.asarray(self.step(state, token, step))[: len(parents), :vocab]
 

@@ -16,6 +16,11 @@ continuation is teacher-forced after sop. Context and continuation are encoded s
   settings, cut at the family's stop ids, `max_gen_toks` and the first `until` string; a context
   too long for the model is cut from the left (counted in `scorer.cut_rows`).
 
+Model args: `checkpoint`, and optionally `quantize`, `tokenizer`, `family`, `batch_size`,
+`max_gen_toks`, `window`, and `mesh` (a spec like pretrain's `--mesh`: `1x8` is 8 tensor shards,
+`2x1x4` 2 data x 4 tensor shards; default one device): the model is loaded straight onto that
+(data, 1, tensor) mesh over the first devices it needs and scored and generated there (`placement`).
+
 Requires the `lm-eval` package (`pip install lm-eval`); importing this module registers the model.
 """
 
@@ -25,8 +30,17 @@ import jax
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
+from glm_jax import sharding
 from glm_jax.evaluate import ModelScorer, sliding_window_rows
 from glm_jax.loading import load_model
+
+
+def make_mesh(spec: str | None) -> jax.sharding.Mesh | None:
+    """The inference mesh of a `mesh=` model arg over the first devices it needs (None: one device)."""
+    spec = "" if spec is None else str(spec).strip()
+    if not spec:
+        return None
+    return sharding.make_mesh(spec, jax.devices()[: sharding.devices_needed(spec)])
 
 
 @register_model("glm_jax")
@@ -40,14 +54,21 @@ class GLMJaxLM(LM):
         batch_size: int | str = 16,
         max_gen_toks: int = 256,
         window: int | None = None,
+        mesh: str | None = None,
         **_,
     ):
         super().__init__()
-        loaded = load_model(checkpoint, quantize=quantize, tokenizer_file=tokenizer, family=family)
+        self.mesh = make_mesh(mesh)
+        loaded = load_model(checkpoint, quantize=quantize, tokenizer_file=tokenizer, family=family, mesh=self.mesh)
         self.model, self.tok, self.family = loaded, loaded.tokenizer, loaded.family
         self.batch = int(batch_size) if str(batch_size).isdigit() else 16
         self.scorer = ModelScorer(
-            loaded.config, loaded.params, loaded.tokenizer, batch_size=self.batch, family=loaded.family
+            loaded.config,
+            loaded.params,
+            loaded.tokenizer,
+            batch_size=self.batch,
+            family=loaded.family,
+            mesh=self.mesh,
         )
         self.max_gen_toks = int(max_gen_toks)
         self.window = int(window or min(loaded.config.max_sequence_length, 2048))

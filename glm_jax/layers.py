@@ -65,7 +65,11 @@ class Linear(nn.Module):
                 c.params_dtype,
             )
             contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
-            y = jax.lax.dot_general(x, kernel.astype(c.compute_dtype), (contract, ((), ())))
+            # fp32 out: under tensor parallelism a row-parallel layer's partial sums are reduced in
+            # fp32 across shards, then rounded once (as one device accumulates them)
+            y = jax.lax.dot_general(
+                x, kernel.astype(c.compute_dtype), (contract, ((), ())), preferred_element_type=jnp.float32
+            ).astype(c.compute_dtype)
         if self.use_bias:
             bias = self.param(
                 "bias",
@@ -126,7 +130,11 @@ class Linear(nn.Module):
         n = int(np.prod(self.features))
         w = quant.QuantizedWeight(q.reshape(q.shape[0], n), scale.reshape(groups, n), bits)
         y = quant.dense(
-            x.reshape(x.shape[: x.ndim - len(self.in_shape)] + (k,)), w, c.quantized_matmul, dtype=c.compute_dtype
+            x.reshape(x.shape[: x.ndim - len(self.in_shape)] + (k,)),
+            w,
+            c.quantized_matmul,
+            dtype=c.compute_dtype,
+            split=quant.tensor_split(self.kernel_axes, len(self.in_shape), self.features),  # the kernel per shard
         )
         return y.reshape(y.shape[:-1] + self.features)
 

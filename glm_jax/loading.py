@@ -13,18 +13,25 @@ from __future__ import annotations
 import dataclasses
 import os
 
+import jax
+
+from glm_jax import placement
 from glm_jax.adapters import attach, load_adapter
-from glm_jax.checkpoints import CheckpointError, read_checkpoint
+from glm_jax.checkpoints import CheckpointError, read_checkpoint, read_config
 from glm_jax.config import ConfigError, GLMConfig
 from glm_jax.families import Family, FamilyError, get_family
 from glm_jax.peft import check_base
 from glm_jax.quant import quantize_params
+from glm_jax.sharding import MeshError
 from glm_jax.tokenizer import Tokenizer, TokenizerError, check_fits
 
 
-def quantize_on_load(config: GLMConfig, params: dict, quantize: str | None, path: str) -> tuple[GLMConfig, dict]:
-    """Weight-only quantization of a float checkpoint's layer weights as it loads (quant.py);
-    quantized weights are not quantized again (a clear error)."""
+def quantize_on_load(
+    config: GLMConfig, params: dict, quantize: str | None, path: str, mesh: jax.sharding.Mesh | None = None
+) -> tuple[GLMConfig, dict]:
+    """Weight-only quantization of a float checkpoint's layer weights as it loads (quant.py), layer
+    by layer and, with `mesh`, already sharded; quantized weights are not quantized again (a clear
+    error)."""
     if quantize and quantize not in ("none", config.quantization):
         if config.quantization != "none":
             raise CheckpointError(
@@ -32,19 +39,33 @@ def quantize_on_load(config: GLMConfig, params: dict, quantize: str | None, path
                 f"checkpoint it came from to get {quantize}"
             )
         config = config.override(quantization=quantize)
-        params = quantize_params(params, config)
+        params = quantize_params(params, config, None if mesh is None else placement.param_shardings(config, mesh))
     return config, params
 
 
-def load_checkpoint(path: str, step: int | None = None, quantize: str | None = None) -> tuple[GLMConfig, dict, int]:
+def load_checkpoint(
+    path: str, step: int | None = None, quantize: str | None = None, mesh: jax.sharding.Mesh | None = None
+) -> tuple[GLMConfig, dict, int]:
     """(config, params, step) from a run's checkpoint folder (its latest step, or `step`) or from
     one step's folder, onto the first device: a training checkpoint, or a quantized serving one
     written by `save_serving`. quantize "int4"/"int8": weight-only quantization of a float
-    checkpoint's layer weights (quant.py) as it loads. Clear errors for a missing or empty
-    folder, or for re-quantizing quantized weights."""
-    config, params, step, _, path = read_checkpoint(path, step)
-    config, params = quantize_on_load(config, params, quantize, path)
+    checkpoint's layer weights (quant.py) as it loads. mesh: every array read straight into its
+    inference sharding (`placement`), never staged whole on one device. Clear errors for a
+    missing or empty folder, a mesh inference cannot use, or re-quantizing quantized weights."""
+    config, params, step, _, path = _read(path, step, mesh)
+    config, params = quantize_on_load(config, params, quantize, path, mesh)
     return config, params, step
+
+
+def _read(path: str, step: int | None, mesh: jax.sharding.Mesh | None):
+    """`read_checkpoint`, with the mesh checked for inference first (a clear error naming the axis)."""
+    if mesh is not None:
+        config = read_config(path)
+        try:
+            placement.check_inference_mesh(config, mesh)
+        except MeshError as e:
+            raise CheckpointError(str(e)) from None
+    return read_checkpoint(path, step, mesh)
 
 
 @dataclasses.dataclass
@@ -57,6 +78,26 @@ class LoadedModel:
     family: Family
     tokenizer: Tokenizer
     path: str
+    mesh: jax.sharding.Mesh | None = None  # the inference mesh the parameters are sharded on; None: one device
+    param_bytes: int = 0  # the largest device's share of the parameters, recorded by take_params()
+
+    def take_params(self) -> dict:
+        """The parameters, handed over: this object no longer holds them, so a consumer that
+        re-lays them out (`Generator(..., consume=True)`) leaves one copy on the devices."""
+        params, self.params = self.params, None
+        self.param_bytes = placement.bytes_per_device(params)
+        return params
+
+    def placement_summary(self) -> dict:
+        """What the scripts' JSON summaries report of where the model lives: the mesh's axis sizes
+        and the largest device's share of the parameters as loaded (bytes)."""
+        axes = dict(self.mesh.shape) if self.mesh is not None else {"data": 1, "stage": 1, "tensor": 1}
+        return {
+            "mesh": {name: int(size) for name, size in axes.items()},
+            "param_bytes_per_device": self.param_bytes
+            if self.params is None
+            else placement.bytes_per_device(self.params),
+        }
 
 
 def load_model(
@@ -66,12 +107,14 @@ def load_model(
     family: str | None = None,
     step: int | None = None,
     adapter: str | None = None,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> LoadedModel:
     """`load_checkpoint` plus the family and tokenizer the checkpoint records (a checkpoint from
     before families were recorded is ours, `glm`). tokenizer_file / family override them. A
     tokenizer whose ids do not fit the embedding is a clear error. adapter: a fine-tuned
-    adapter folder (adapters.py) put on the (quantized) base, after checking it is its base."""
-    config, params, step, meta, path = read_checkpoint(path, step)
+    adapter folder (adapters.py) put on the (quantized) base, after checking it is its base.
+    mesh: the model loaded onto a (data, tensor) mesh for inference (`load_checkpoint`)."""
+    config, params, step, meta, path = _read(path, step, mesh)
     try:
         model_family = get_family(family or meta.get("family") or "glm")
         if tokenizer_file is None and meta.get("tokenizer"):
@@ -86,7 +129,10 @@ def load_model(
             check_base(fine_tuned.base, config, params, step, fine_tuned.path)
         except ConfigError as e:
             raise CheckpointError(str(e)) from None
-    config, params = quantize_on_load(config, params, quantize, path)
+    config, params = quantize_on_load(config, params, quantize, path, mesh)
     if adapter is not None:
+        if mesh is not None:
+            model_config = fine_tuned.peft.model_config(config)
+            fine_tuned.params = placement.place(fine_tuned.params, model_config, mesh)
         config, params = attach(fine_tuned, config, params)
-    return LoadedModel(config, params, step, model_family, tokenizer, path)
+    return LoadedModel(config, params, step, model_family, tokenizer, path, mesh)

@@ -21,7 +21,9 @@ import warnings
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
+from glm_jax.sharding import LOGICAL_RULES
 from glm_jax.target import target_platform
 
 QMAX = {4: 7, 8: 127}
@@ -148,26 +150,77 @@ LAYER_LINEARS = {
 }
 
 
-def quantize_params(params: dict, config) -> dict:
+def quantize_params(params: dict, config, shardings: dict | None = None) -> dict:
     """A float parameter tree -> the tree of `config` (quantization int4/int8): the four linear
     weights of every layer quantized (kernel -> q, scale); embeddings, norms and biases stay
-    16-bit (fp16 when config.param_dtype is float16, else bf16)."""
+    16-bit (fp16 when config.param_dtype is float16, else bf16).
+
+    Layer by layer: one layer's kernel is taken to fp32 and quantized at a time, written into
+    the stacked q / scale arrays in place, so the temporaries are one layer's. shardings: the
+    quantized config's parameter shardings on a mesh (`placement.param_shardings`): every output
+    leaf is placed there and each device holds its share; per-output-column scales are taken over
+    the whole input rows of a group (a max across shards), so the bytes equal a one-device run's."""
     bits = {"int4": 4, "int8": 8}[config.quantization]
     rest = jnp.float16 if config.param_dtype == "float16" else jnp.bfloat16
-    out = jax.tree_util.tree_map(lambda x: jnp.asarray(x).astype(rest), params)
     layers = params["layers"]
+    kernels = {("layers", block, name, "kernel") for block, name in LAYER_LINEARS}  # replaced below
+    out = _map_with_path(lambda path, x: x if path in kernels else jnp.asarray(x).astype(rest), params)
+    if shardings is not None:
+        out = _place_like(out, shardings)
     for (block, name), n_in in LAYER_LINEARS.items():
-        kernel = jnp.asarray(layers[block][name]["kernel"], jnp.float32)  # [L, *in, *out]
+        kernel = layers[block][name]["kernel"]  # [L, *in, *out]
         n_layers, in_shape, out_shape = kernel.shape[0], kernel.shape[1 : 1 + n_in], kernel.shape[1 + n_in :]
         k = int(np.prod(in_shape))
-        flat = kernel.reshape(n_layers, k, -1)
         group = k // config.scale_groups(k)
-        qws = [quantize(flat[i], bits, group) for i in range(n_layers)]
-        q = jnp.stack([w.q for w in qws]).reshape((n_layers, qws[0].q.shape[0]) + out_shape)
-        scale = jnp.stack([w.scale for w in qws]).reshape((n_layers, qws[0].scale.shape[0]) + out_shape)
-        entry = {k2: v for k2, v in out["layers"][block][name].items() if k2 != "kernel"}
+        flat = jax.ShapeDtypeStruct((k, int(np.prod(out_shape))), jnp.float32)
+        one = jax.eval_shape(lambda w: quantize(w, bits, group), flat)
+        q_shape = (n_layers, one.q.shape[0]) + out_shape
+        scale_shape = (n_layers, one.scale.shape[0]) + out_shape
+        if shardings is None:
+            target = None
+        else:
+            target = (shardings["layers"][block][name]["q"], shardings["layers"][block][name]["scale"])
+        q, scale = _zeros((q_shape, one.q.dtype), (scale_shape, one.scale.dtype), target)
+        into = functools.partial(_quantize_layer, bits=bits, group=group, n_in=n_in)
+        into = jax.jit(into, donate_argnums=(0, 1), **({} if target is None else {"out_shardings": target}))
+        for layer in range(n_layers):
+            q, scale = into(q, scale, kernel, jnp.int32(layer))
+        entry = {key: value for key, value in out["layers"][block][name].items() if key != "kernel"}
         out["layers"][block][name] = {**entry, "q": q, "scale": scale}
     return out
+
+
+def _map_with_path(fn, tree: dict, path: tuple = ()) -> dict:
+    return {
+        key: _map_with_path(fn, value, path + (key,)) if isinstance(value, dict) else fn(path + (key,), value)
+        for key, value in tree.items()
+    }
+
+
+def _place_like(tree: dict, shardings: dict) -> dict:
+    """Put the leaves of `tree` in the shardings of the same paths (a kernel about to be replaced
+    by q / scale has none: left where it is)."""
+    return {
+        key: _place_like(value, shardings[key])
+        if isinstance(value, dict)
+        else (jax.device_put(value, shardings[key]) if key in shardings else value)
+        for key, value in tree.items()
+    }
+
+
+def _zeros(q_spec, scale_spec, shardings):
+    make = lambda: tuple(jnp.zeros(shape, dtype) for shape, dtype in (q_spec, scale_spec))
+    return jax.jit(make, out_shardings=shardings)() if shardings is not None else make()
+
+
+def _quantize_layer(q, scale, kernel, layer, *, bits: int, group: int, n_in: int):
+    """Quantize layer `layer` of the stacked kernel [L, *in, *out] into q / scale [L, ...] in place."""
+    weight = jax.lax.dynamic_index_in_dim(kernel, layer, 0, keepdims=False).astype(jnp.float32)
+    k = int(np.prod(weight.shape[:n_in]))
+    packed = quantize(weight.reshape(k, -1), bits, group)
+    q = jax.lax.dynamic_update_index_in_dim(q, packed.q.reshape(q.shape[1:]).astype(q.dtype), layer, 0)
+    scale = jax.lax.dynamic_update_index_in_dim(scale, packed.scale.reshape(scale.shape[1:]), layer, 0)
+    return q, scale
 
 
 def dequantize_params(params: dict, config) -> dict:
@@ -195,9 +248,8 @@ def dequantize_params(params: dict, config) -> dict:
 
 
 def tree_bytes(tree) -> int:
-    return int(
-        sum(np.asarray(x).nbytes if not hasattr(x, "nbytes") else x.nbytes for x in jax.tree_util.tree_leaves(tree))
-    )
+    """Bytes of a tree of arrays or ShapeDtypeStructs (global arrays counted once)."""
+    return int(sum(int(np.prod(np.shape(x))) * np.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(tree)))
 
 
 # ---- the fused Pallas kernel --------------------------------------------------------------------------------
@@ -292,7 +344,15 @@ def pallas_matmul(
     The weight is never copied or padded: N is tiled by a power of two dividing it, K by
     block_k * split_k, and a K tail shorter than that (per-row scales only) goes through the
     XLA path on its few rows. Ragged M is padded (x is small). Runs in interpret mode off-GPU
-    (the CPU tests); lowers through Triton on NVIDIA GPUs."""
+    (the CPU tests); lowers through Triton on NVIDIA GPUs. One device's kernel: on a mesh,
+    `sharded_pallas_matmul` runs it per shard."""
+    return _pallas_fp32(x, w, dtype, blocks, interpret).astype(dtype)
+
+
+def _pallas_fp32(x, w: QuantizedWeight, dtype, blocks: KernelBlocks, interpret: bool | None, scaled: bool = True):
+    """`pallas_matmul` before its final cast: the fp32 [M, N] product. scaled=False leaves out the
+    per-output-column scale of an ungrouped weight (G = 1), for a caller that sums partial
+    products across shards first; grouped scales are always applied, per group, in the kernel."""
     import jax.experimental.pallas as pl
     from jax.experimental.pallas import triton as pltriton
 
@@ -335,8 +395,9 @@ def pallas_matmul(
         if k_main < k:  # the K tail: a few rows, XLA
             tail = QuantizedWeight(w.q[k_main // 2 :], jnp.ones_like(w.scale), 4)
             y = y + matmul(x[:m, k_main:], tail, dtype=jnp.float32).astype(jnp.float32)
-        y = y * w.scale[0].astype(jnp.float32)
-    return y.astype(dtype)
+        if scaled:
+            y = y * w.scale[0].astype(jnp.float32)
+    return y
 
 
 @functools.cache
@@ -348,29 +409,187 @@ def _warn_interpret():
     )
 
 
-def choose_matmul(impl: str, m: int, w: QuantizedWeight) -> str:
+# ---- the kernel on a mesh -------------------------------------------------------------------------------------
+TENSOR_AXES = frozenset(logical for logical, physical in LOGICAL_RULES if physical == "tensor")
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """How a layer's [K, N] weight is cut over the mesh's `tensor` axis (what its logical axes
+    make of it, `tensor_split`). dim "n": column-parallel, N viewed as [outer, parts, inner] with
+    the parts split (a query's [heads, head_dim]: inner = head_dim; a GLU's [2, F]: outer = 2);
+    dim "k": row-parallel, K (and INT4's packed rows) cut in contiguous blocks, whole scale groups
+    per shard (or, with more shards than groups, every shard inside one group)."""
+
+    dim: str
+    outer: int = 1
+    inner: int = 1
+
+    def __post_init__(self):
+        if self.dim not in ("n", "k"):
+            raise ValueError(f"Split dim {self.dim!r}: 'n' (column-parallel) or 'k' (row-parallel)")
+
+
+def tensor_split(kernel_axes, n_in: int, features) -> Split | None:
+    """The `Split` of a `Linear` with these logical kernel axes (in axes, then out axes) and output
+    `features` under the logical rules (sharding.LOGICAL_RULES): row-parallel when its first input
+    axis goes over `tensor`, column-parallel when an output axis does, else None (replicated)."""
+    if kernel_axes[0] in TENSOR_AXES:
+        return Split("k")
+    out_axes = tuple(kernel_axes[n_in:])
+    for i, axis in enumerate(out_axes):
+        if axis in TENSOR_AXES:
+            return Split("n", int(np.prod(features[:i], dtype=int)), int(np.prod(features[i + 1 :], dtype=int)))
+    return None
+
+
+def mesh_of(w: QuantizedWeight):
+    """The mesh the weight is on inside a trace or out of one: the mesh in context (`jax.set_mesh`)
+    or else the one its type carries (a NamedSharding's); None on one device."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        mesh = getattr(getattr(jax.typeof(w.q), "sharding", None), "mesh", None)
+    if mesh is None or mesh.empty or int(np.prod(list(mesh.shape.values()), dtype=int)) == 1:
+        return None
+    return mesh
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardPlan:
+    """How the kernel runs per shard of `mesh`: x's rows over `rows` (the data axis when it
+    divides M, else None), the weight cut by `split` over `tensor` (split None: whole on every
+    shard), `local` the (M, K, N, groups) one shard's kernel sees. gathered: why the weight is
+    taken whole to every shard although the mesh may split it (`auto` then keeps the XLA path)."""
+
+    mesh: object
+    rows: str | None
+    tensor: str | None
+    split: Split | None
+    local: tuple[int, int, int, int]
+    gathered: str | None = None
+
+
+def plan_shards(m: int, w: QuantizedWeight, split: Split | None, mesh) -> ShardPlan | None:
+    """The `ShardPlan` of x [M, K] @ w on `mesh` (None: one device, no plan)."""
+    if mesh is None:
+        return None
+    shape = dict(mesh.shape)
+    data, t = shape.get("data", 1), shape.get("tensor", 1)
+    k, n = w.shape
+    g = w.scale.shape[0]
+    rows = "data" if data > 1 and m % data == 0 else None
+    local_m = m // data if rows else m
+    tensor = "tensor" if t > 1 else None
+    others = [f"{name}={size}" for name, size in shape.items() if name not in ("data", "tensor") and size > 1]
+    gathered = f"the mesh axes {', '.join(others)} are not split by the kernel" if others else None
+    if tensor is None:
+        return ShardPlan(mesh, rows, None, None, (local_m, k, n, g), gathered)
+    if split is None:
+        return ShardPlan(mesh, rows, tensor, None, (local_m, k, n, g), gathered or "the weight's split is not known")
+    if split.dim == "n":
+        parts = n // (split.outer * split.inner)
+        if parts * split.outer * split.inner != n:
+            raise ValueError(f"{split} does not describe N={n}")
+        if parts % t:  # the rules replicate what the tensor axis does not divide (KV heads)
+            return ShardPlan(mesh, rows, tensor, None, (local_m, k, n, g), gathered)
+        return ShardPlan(mesh, rows, tensor, split, (local_m, k, n // t, g), gathered)
+    unit = 2 * t if w.bits == 4 else t
+    if k % unit or (g % t and t % g):
+        why = f"K={k} in {g} scale groups does not cut into {t} shards of whole packed rows and groups"
+        return ShardPlan(mesh, rows, tensor, None, (local_m, k, n, g), why)
+    # whole groups per shard, or (t a multiple of g) every shard inside one group
+    return ShardPlan(mesh, rows, tensor, split, (local_m, k // t, n, max(g // t, 1)), gathered)
+
+
+def sharded_pallas_matmul(
+    x,
+    w: QuantizedWeight,
+    plan: ShardPlan,
+    dtype=jnp.bfloat16,
+    blocks: KernelBlocks = KernelBlocks(),
+    interpret: bool | None = None,
+) -> jax.Array:
+    """`pallas_matmul` per shard in `shard_map` (XLA's partitioner cannot split the custom call):
+    x [M, K] rows over `plan.rows`. Column-parallel (split n): x whole along K, each shard
+    multiplies its N columns, the output split along N. Row-parallel (split k): x and w split
+    along K at whole packed rows and scale groups (or within one group each), each shard's fp32
+    partial [M, N] summed over `tensor` in fp32 (`psum`), then cast; grouped scales are applied
+    per shard before the sum, one scale per output column after it. Split None: the whole weight
+    on every shard."""
+    m, k = x.shape
+    n = w.shape[1]
+    g = w.scale.shape[0]
+    rows, tensor, split = plan.rows, plan.tensor, plan.split
+    run = functools.partial(_pallas_fp32, dtype=dtype, blocks=blocks, interpret=interpret)
+    shard_map = functools.partial(jax.shard_map, mesh=plan.mesh, check_vma=False)
+    if split is None:
+
+        def whole(xs, q, s):
+            return run(xs, QuantizedWeight(q, s, w.bits)).astype(dtype)
+
+        return shard_map(whole, in_specs=(P(rows, None), P(), P()), out_specs=P(rows, None))(x, w.q, w.scale)
+    if split.dim == "n":
+        o, i = split.outer, split.inner
+        view = lambda a: a.reshape(a.shape[0], o, n // (o * i), i)  # noqa: E731
+        cut = P(None, None, tensor, None)
+
+        def columns(xs, q, s):
+            y = run(xs, QuantizedWeight(q.reshape(q.shape[0], -1), s.reshape(s.shape[0], -1), w.bits))
+            return y.astype(dtype).reshape(y.shape[0], o, -1, i)
+
+        y = shard_map(columns, in_specs=(P(rows, None), cut, cut), out_specs=P(rows, None, tensor, None))(
+            x, view(w.q), view(w.scale)
+        )
+        return y.reshape(m, n)
+
+    def rows_of_k(xs, q, s):
+        part = run(xs, QuantizedWeight(q, s, w.bits), scaled=g > 1)
+        y = jax.lax.psum(part, tensor)
+        if g == 1:
+            y = y * s[0].astype(jnp.float32)
+        return y.astype(dtype)
+
+    t = dict(plan.mesh.shape)[tensor]
+    scale = w.scale if g == 1 or g % t == 0 else jnp.repeat(w.scale, t // g, axis=0)  # [t, N]: each shard's group
+    scale_spec = P(tensor, None) if g > 1 else P()
+    return shard_map(rows_of_k, in_specs=(P(rows, tensor), P(tensor, None), scale_spec), out_specs=P(rows, None))(
+        x, w.q, scale
+    )
+
+
+# ---- choosing the path ----------------------------------------------------------------------------------------
+def choose_matmul(impl: str, m: int, w: QuantizedWeight, split: Split | None = None, mesh=None) -> str:
     """The path for x [M, K] @ w: "pallas" or "xla". impl "auto" takes the Pallas kernel for
-    INT4 weights and decode-sized M on a process with one NVIDIA GPU: under a multi-device
-    mesh XLA's partitioner cannot split a custom call (it would gather the weight), so the
-    sharded model keeps the XLA path."""
+    INT4 weights and decode-sized M per shard on NVIDIA GPUs: on one device, or on a (data,
+    tensor) mesh when the kernel can run per shard (`plan_shards`: the weight's `split` known and
+    whole packed rows / scale groups per shard); a weight it would have to gather keeps the XLA
+    path, which XLA's partitioner splits. mesh: default `mesh_of(w)`."""
     if impl == "pallas":
         return "pallas"
-    if (
-        impl == "auto"
-        and w.bits == 4
-        and m <= PALLAS_MAX_TOKENS
-        and target_platform() == "gpu"
-        and jax.device_count() == 1
-        and pallas_supports(m, *w.shape, w.scale.shape[0]) is None
-    ):
+    if impl != "auto" or w.bits != 4 or target_platform() != "gpu":
+        return "xla"
+    plan = plan_shards(m, w, split, mesh_of(w) if mesh is None else mesh)
+    if plan is not None and plan.gathered:
+        return "xla"
+    local_m, k, n, groups = plan.local if plan is not None else (m, *w.shape, w.scale.shape[0])
+    if local_m <= PALLAS_MAX_TOKENS and pallas_supports(local_m, k, n, groups) is None:
         return "pallas"
     return "xla"
 
 
-def dense(x, w: QuantizedWeight, impl: str = "auto", dtype=jnp.bfloat16) -> jax.Array:
-    """x [..., K] @ dequant(w) -> [..., N] by the path `choose_matmul` picks."""
+def dense(
+    x, w: QuantizedWeight, impl: str = "auto", dtype=jnp.bfloat16, split: Split | None = None, mesh=None
+) -> jax.Array:
+    """x [..., K] @ dequant(w) -> [..., N] by the path `choose_matmul` picks. split: how the
+    layer's weight is cut over the mesh's `tensor` axis (`tensor_split` of its logical axes; None
+    on one device, or when unknown); mesh: default `mesh_of(w)`. On a mesh the kernel runs per
+    shard (`sharded_pallas_matmul`); on one device exactly as before."""
     lead = x.shape[:-1]
     m = int(np.prod(lead)) if lead else 1
-    if choose_matmul(impl, m, w) == "xla":
+    mesh = mesh_of(w) if mesh is None else mesh
+    if choose_matmul(impl, m, w, split, mesh) == "xla":
         return matmul(x, w, dtype=dtype)
-    return pallas_matmul(x.reshape(m, x.shape[-1]), w, dtype=dtype).reshape(lead + (w.shape[1],))
+    x = x.reshape(m, x.shape[-1])
+    plan = plan_shards(m, w, split, mesh)
+    y = pallas_matmul(x, w, dtype=dtype) if plan is None else sharded_pallas_matmul(x, w, plan, dtype=dtype)
+    return y.reshape(lead + (w.shape[1],))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 DEFAULT_RUN = os.path.join("runs", "default")  # pretrain.py writes here; the evaluation scripts read it
 DEFAULT_CHECKPOINTS = os.path.join(DEFAULT_RUN, "checkpoints")
@@ -41,6 +42,24 @@ def add_checkpoint_args(ap: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help="a fine-tuned adapter (finetune.py's --out folder) to put on the checkpoint",
     )
+    add_mesh_arg(ap)
+
+
+def add_mesh_arg(ap: argparse.ArgumentParser) -> None:
+    """--mesh for inference: pretrain.py's spec with one stage (weights over `tensor`, rows over `data`)."""
+    ap.add_argument(
+        "--mesh",
+        default="1x1",
+        help="devices to run on, as pretrain.py's spec with one stage: 1xT (T tensor shards) or Dx1xT "
+        "(D data replicas of the rows); CPU devices are simulated when there are fewer",
+    )
+
+
+def parse_args(ap: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    """`ap.parse_args(argv)`, then the devices `--mesh` needs prepared before JAX starts."""
+    args = ap.parse_args(argv)
+    prepare_devices(ap, args.mesh)
+    return args
 
 
 def prepare_devices(ap: argparse.ArgumentParser, mesh_spec: str) -> tuple[int, bool]:
@@ -58,13 +77,32 @@ def prepare_devices(ap: argparse.ArgumentParser, mesh_spec: str) -> tuple[int, b
     return needed, simulated
 
 
-def load_model_or_exit(args):
-    """loading.load_model from the flags above; a user mistake prints `error: ...` and exits 2."""
-    import sys
+def mesh_or_exit(spec: str):
+    """The jax Mesh of an inference `--mesh` spec (None for 1x1: one device, as before); a spec
+    the devices cannot hold prints `error: ...` and exits 2."""
+    import jax
 
+    from glm_jax import sharding as sh  # deferred: JAX, so --help stays fast
+
+    try:
+        needed = sh.devices_needed(spec)
+        if needed == 1:
+            return None
+        if needed > len(jax.devices()):
+            raise sh.MeshError(f"--mesh {spec} needs {needed} devices; {len(jax.devices())} available")
+        return sh.make_mesh(spec, jax.devices()[:needed])
+    except sh.MeshError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def load_model_or_exit(args):
+    """loading.load_model from the flags above (on `--mesh` when the script has it); a user
+    mistake prints `error: ...` and exits 2."""
     from glm_jax.checkpoints import CheckpointError  # deferred: JAX, so --help stays fast
     from glm_jax.loading import load_model  # deferred: JAX, so --help stays fast
 
+    mesh = mesh_or_exit(args.mesh) if getattr(args, "mesh", None) else None
     try:
         return load_model(
             args.checkpoint,
@@ -72,6 +110,7 @@ def load_model_or_exit(args):
             tokenizer_file=args.tokenizer,
             family=args.family,
             adapter=getattr(args, "adapter", None),
+            mesh=mesh,
         )
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -38,6 +38,8 @@ HEAVY_FIRST = (
     "test_train.py",
     "test_peft.py",
     "test_serve.py",
+    "test_inference_mesh.py",
+    "test_engine_mesh.py",
     "test_scale.py",
     "test_finetune.py",
     "test_tpu_attention.py",

@@ -103,3 +103,31 @@ metric_list:
     got = [float(sample["resps"][0][0][0]) for sample in samples]
     assert got == pytest.approx(want, abs=1e-5) and all(g < 0 for g in got)
     json.dumps(out["results"])  # a plain result
+
+
+def test_the_model_on_a_mesh_scores_as_one_device(harness_model):
+    """`mesh=2x1x2`: the checkpoint loaded onto 2 data x 2 tensor shards gives one device's
+    log-likelihoods; harness_eval.py finds the spec in lm-eval's --model_args to simulate devices."""
+    import glm_jax.harness as harness
+
+    lm = harness.GLMJaxLM(checkpoint=harness_model.model.path, batch_size=4, mesh="2x1x2")
+    assert dict(lm.mesh.shape) == {"data": 2, "stage": 1, "tensor": 2}
+    leaves = jax.tree_util.tree_leaves(lm.scorer.params)
+    assert all(len(leaf.sharding.device_set) == 4 for leaf in leaves)
+    assert any("tensor" in leaf.sharding.spec for leaf in leaves)  # loaded split over the tensor axis
+    requests = [Req("The sea is", " blue"), Req("", " Hello"), Req("one two", " three four")]
+    got, want = lm.loglikelihood(requests), harness_model.loglikelihood(requests)
+    assert [hit for _, hit in got] == [hit for _, hit in want]
+    assert [lp for lp, _ in got] == pytest.approx([lp for lp, _ in want], rel=1e-5, abs=1e-5)
+
+    import importlib.util
+
+    script_path = pathlib.Path(__file__).parents[1] / "experiments" / "harness_eval.py"
+    spec = importlib.util.spec_from_file_location("harness_eval", script_path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    mesh_arg = script.mesh_arg
+    assert mesh_arg(["run", "--model_args", "checkpoint=d,mesh=1x8", "--tasks", "t"]) == "1x8"
+    assert mesh_arg(["run", "-a", "checkpoint=d", "mesh=2x1x4"]) == "2x1x4"
+    assert mesh_arg(["run", '--model_args={"checkpoint": "d", "mesh": "1x2"}']) == "1x2"
+    assert mesh_arg(["run", "--model_args", "checkpoint=d", "--tasks", "mesh=1x2"]) is None

@@ -231,3 +231,109 @@ def test_tensor_parallel_quantized_model_equals_one_device(small_model):
     assert Generator(cq, placed).generate(prompts, 3, stop_tokens=()) == Generator(cq, pq).generate(
         prompts, 3, stop_tokens=()
     )
+
+
+# ---- the kernel per shard on a mesh -----------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "split,k,n,group",
+    [
+        (("n", 1, 16), 128, 128, None),  # column-parallel, a query's [heads, head_dim] N
+        (("n", 2, 1), 128, 128, 32),  # column-parallel, a GLU's [2, F] N, grouped scales
+        (("k", 1, 1), 384, 64, None),  # row-parallel, one scale per column after the sum; a K tail per shard
+        (("k", 1, 1), 256, 64, 32),  # row-parallel, 8 groups: 2 per shard, scaled per shard before the sum
+        (("k", 1, 1), 256, 64, 128),  # row-parallel, 2 groups: every shard inside one
+    ],
+)
+@pytest.mark.filterwarnings("ignore:the Pallas INT4 kernel runs in interpret mode")
+def test_pallas_kernel_per_shard_on_a_mesh_equals_one_device(split, k, n, group):
+    """On a 1x4 mesh the kernel runs per shard in shard_map: column-parallel weights split along N
+    (x whole), row-parallel ones along the packed K (x split along K, fp32 partials summed over
+    `tensor`); equal to the XLA path on one device."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from glm_jax import quant
+    from glm_jax import sharding as sh
+
+    mesh = sh.make_mesh("1x4", jax.devices()[:4])
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((5, k)).astype(np.float32)
+    qw = quantize(rng.standard_normal((k, n)).astype(np.float32), 4, group)
+    want = np.asarray(matmul(x, qw, dtype=jnp.float32))
+    split = quant.Split(*split)
+    o, i = split.outer, split.inner
+    if split.dim == "n":  # placed as the rules place it: the split feature axis over `tensor`
+        q = jax.device_put(qw.q.reshape(-1, o, n // (o * i), i), NamedSharding(mesh, P(None, None, "tensor", None)))
+        scale = jax.device_put(qw.scale.reshape(-1, o, n // (o * i), i), NamedSharding(mesh, P(None, None, "tensor")))
+    else:
+        q = jax.device_put(qw.q, NamedSharding(mesh, P("tensor", None)))
+        scale = jax.device_put(qw.scale, NamedSharding(mesh, P()))
+
+    @jax.jit
+    def f(x, q, scale):
+        w = quant.QuantizedWeight(q.reshape(q.shape[0], n), scale.reshape(scale.shape[0], n), 4)
+        plan = quant.plan_shards(x.shape[0], w, split, quant.mesh_of(w))  # the mesh from the weight's type
+        assert plan.split == split and plan.gathered is None
+        return quant.dense(x, w, "pallas", jnp.float32, split=split)
+
+    got = np.asarray(f(x, q, scale))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def test_pallas_kernel_per_shard_lowers_through_triton():
+    """The GPU path on a 4-way tensor mesh, on CPU: jax.export for CUDA lowers the kernel inside
+    shard_map through Triton, column-parallel without a collective, row-parallel with one all-reduce."""
+    from jax import export
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from glm_jax import quant
+    from glm_jax import sharding as sh
+
+    mesh = sh.make_mesh("1x4", jax.devices()[:4])
+    k, n = 4096, 4096
+    for split, x_spec, q_spec, s_spec in [
+        (quant.Split("n"), P(), P(None, "tensor"), P(None, "tensor")),
+        (quant.Split("k"), P(None, "tensor"), P("tensor", None), P()),
+    ]:
+
+        def f(x, q, s):
+            w = quant.QuantizedWeight(q, s, 4)
+            return quant.sharded_pallas_matmul(x, w, quant.plan_shards(16, w, split, mesh), interpret=False)
+
+        args = (
+            jax.ShapeDtypeStruct((16, k), jnp.bfloat16, sharding=NamedSharding(mesh, x_spec)),
+            jax.ShapeDtypeStruct((k // 2, n), jnp.uint8, sharding=NamedSharding(mesh, q_spec)),
+            jax.ShapeDtypeStruct((1, n), jnp.float16, sharding=NamedSharding(mesh, s_spec)),
+        )
+        triton = export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
+        text = export.export(jax.jit(f), platforms=["cuda"], disabled_checks=[triton])(*args).mlir_module()
+        assert "__gpu$xla.gpu.triton" in text and ("all_reduce" in text) == (split.dim == "k")
+
+
+def test_auto_takes_the_kernel_per_shard_on_a_gpu_mesh(monkeypatch):
+    """`auto` on NVIDIA GPUs: the kernel for decode-sized M per shard on one device or a (data,
+    tensor) mesh whose split the weight's logical axes give; XLA where the weight would be gathered."""
+    from glm_jax import quant
+    from glm_jax import sharding as sh
+
+    monkeypatch.setattr(quant, "target_platform", lambda: "gpu")
+    qw = quant.QuantizedWeight(np.zeros((128, 128), np.uint8), np.ones((8, 128), np.float16), 4)  # K 256
+    tensor, data, stage = (sh.make_mesh(s, jax.devices()[:4]) for s in ("1x4", "4x1x1", "2x2"))
+    col, row = quant.Split("n"), quant.Split("k")
+    assert quant.choose_matmul("auto", 1, qw) == "pallas"  # one device, as before
+    assert quant.choose_matmul("auto", 8, qw, col, tensor) == "pallas"
+    assert quant.choose_matmul("auto", 8, qw, row, tensor) == "pallas"
+    assert quant.choose_matmul("auto", 8, qw, None, tensor) == "xla"  # split unknown: it would gather
+    assert quant.choose_matmul("auto", 256, qw, None, data) == "pallas"  # 64 rows per data shard
+    assert quant.choose_matmul("auto", 260, qw, None, data) == "xla"
+    assert quant.choose_matmul("auto", 8, qw, col, stage) == "xla"  # a stage axis: the pipeline's
+    three = quant.QuantizedWeight(np.zeros((96, 128), np.uint8), np.ones((3, 128), np.float16), 4)
+    assert quant.choose_matmul("auto", 8, three, row, tensor) == "xla"  # 3 groups do not cut in 4
+    # the splits of the model's linear layers, from their logical axes
+    assert quant.tensor_split(("embed", "heads", "head_dim"), 1, (8, 16)) == quant.Split("n", 1, 16)
+    assert quant.tensor_split(("embed", "kv_heads", "head_dim"), 1, (2, 16)) == quant.Split("n", 1, 16)
+    assert quant.tensor_split(("embed", "glu", "mlp"), 1, (2, 64)) == quant.Split("n", 2, 1)
+    assert quant.tensor_split(("heads", "head_dim", "embed"), 2, (128,)) == quant.Split("k")
+    assert quant.tensor_split(("mlp", "embed"), 1, (128,)) == quant.Split("k")
+    assert quant.tensor_split(("embed", "embed"), 1, (128,)) is None

@@ -1,6 +1,7 @@
 """Serving: the continuous-batching engine against the generator, the text stream, and the HTTP
 server (a subprocess on a free loopback port) through the official openai client, concurrency,
-disconnects, a schemathesis fuzz run, the chat page in headless Chromium, and SIGTERM."""
+disconnects, a schemathesis fuzz run, the chat page in headless Chromium, a second server on a
+two-device mesh, and SIGTERM."""
 
 import concurrent.futures as cf
 import json
@@ -478,6 +479,38 @@ def test_schemathesis_fuzz_finds_no_server_error(server, tmp_path):
     )  # its cache folder goes there
     assert r.returncode == 0, r.stdout[-3000:]
     assert httpx.get(url + "/health", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+
+
+def test_a_server_on_a_mesh_answers_as_on_one_device(server, checkpoint, client):
+    """--mesh 1x2 (the INT8 weights split over two tensor shards, the cache's KV heads too) gives
+    the one-device server's answers: greedy and seeded sampled, streamed, concurrent, blanks."""
+    proc, url, _ = start_server(
+        checkpoint, "--slots", "4", "--max-queue", "16", "--api-key", KEY, "--quantize", "int8", "--mesh", "1x2"
+    )
+    try:
+        h = {"Authorization": f"Bearer {KEY}"}
+        health = httpx.get(url + "/health", headers=h).json()
+        assert health["mesh"] == {"data": 1, "stage": 1, "tensor": 2} and health["slots"] == 4
+        assert httpx.get(server["url"] + "/health", headers=h).json()["mesh"] == {"data": 1, "stage": 1, "tensor": 1}
+        on_mesh = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+
+        def answers(c):
+            def ask(i):
+                kw = dict(temperature=0) if i % 2 == 0 else dict(temperature=0.9, top_p=0.9, seed=40 + i)
+                return chat(c, f"question {i}", max_tokens=8, **kw).choices[0].message.content
+
+            with cf.ThreadPoolExecutor(6) as pool:
+                together = list(pool.map(ask, range(6)))
+            streamed = "".join(x.choices[0].delta.content or "" for x in chat(c, "你好", stream=True) if x.choices)
+            blanks = c.completions.create(model="glm", prompt="A [MASK] B [MASK] C", max_tokens=4, temperature=0)
+            return together, streamed, blanks.choices[0].text
+
+        expected = answers(client)
+        assert len(set(expected[0])) >= 4  # the requests differ, so their answers do
+        assert answers(on_mesh) == expected
+    finally:
+        stop_server(proc)
+    assert proc.returncode == 0
 
 
 def test_chat_page_in_headless_chromium(server):

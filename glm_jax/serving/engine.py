@@ -20,6 +20,21 @@ own context and generated slots, so a request's tokens depend only on its prompt
 never on what shares the batch. A slot is freed the step its request ends (a stop id, max_tokens, the length
 limit, `on_token` asking to stop, or cancellation) and the next queued request takes it.
 No HTTP in here (`serving/api.py` is the server).
+
+On a mesh (`Engine(..., mesh=)`, a (data, 1, tensor) mesh, `placement`): the weights are placed
+by the training rules (`placement.place`: heads / MLP / vocabulary over `tensor`), the cache is
+made sharded (`placement.cache_sharding`: slots over `data`, KV heads over `tensor`), and the slot
+count is rounded up to a multiple of `data` (the extra slots serve requests like the others;
+`load()`, so /health, reports the rounded count and the mesh). The decode step is still ONE
+compiled program: the per-slot inputs are host arrays, the cache keeps its sharding from step to
+step (so requests coming and going never recompile it), the logits are gathered (replicated)
+before `decoding.sample_rows`, and the sampled ids come back replicated, readable in every
+process. A prefill (one program per bucket, as on one device) computes its one row, split over
+`tensor` and the same on every `data` shard, in a fresh row cache (zeros and the P-tuning prefix:
+a prefill sees nothing else of its row), then writes it into its slot in place: no step gathers
+the cache. The tokens are the one-device engine's (to float rounding in the logits). With several
+processes, each must submit the same requests in the same order (every process runs the loop's
+programs); requests without a seed then draw it from a generator seeded alike in every process.
 """
 
 from __future__ import annotations
@@ -35,7 +50,10 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
+from glm_jax import placement
 from glm_jax.config import GLMConfig
 from glm_jax.decoding import BUCKET, bucket_length, sample_rows, seed_keys
 from glm_jax.families import default_stop_ids
@@ -86,35 +104,60 @@ class Request:
     submitted: float = 0.0  # time.perf_counter() at `Engine.submit`
 
 
-@functools.partial(jax.jit, static_argnums=(0, 6), donate_argnums=(2,))
-def prefill_row(config: GLMConfig, params, cache, row, tokens, length, causal: bool):
+@functools.partial(jax.jit, static_argnums=(0, 6, 7), donate_argnums=(2,))
+def prefill_row(config: GLMConfig, params, cache, row, tokens, length, causal: bool, mesh=None):
     """Write one context tokens [1, T] (length [1] real ids) into cache row `row`, slots P..P+T-1
-    (`generate.prefill` on that row alone)."""
-    row_cache = tuple(tuple(jax.lax.dynamic_slice_in_dim(buffer, row, 1, axis=0) for buffer in pair) for pair in cache)
+    (`generate.prefill` on that row alone). mesh: the cache is sharded there; the row is computed
+    in a fresh row cache (zeros and the prefix: prefill sees no other slot of its row), since
+    reading a row of a cache split over `data` would gather all of it, and written back in place."""
+    if mesh is None:
+        row_cache = tuple(
+            tuple(jax.lax.dynamic_slice_in_dim(buffer, row, 1, axis=0) for buffer in pair) for pair in cache
+        )
+    else:
+        spec = placement.cache_sharding(config, mesh).spec
+        row_sharding = NamedSharding(mesh, P(None, *spec[1:]))  # one row: on every data shard
+        row_cache = tuple(tuple(jnp.zeros((1, *buffer.shape[1:]), buffer.dtype) for buffer in pair) for pair in cache)
+        row_cache = jax.lax.with_sharding_constraint(row_cache, row_sharding)
+        if config.pre_seq_len:
+            row_cache = write_prefix(config, params, row_cache)
     row_cache = prefill(config, params, row_cache, tokens, length, causal)
-    return tuple(
+    cache = tuple(
         tuple(jax.lax.dynamic_update_slice_in_dim(buffer, written, row, axis=0) for buffer, written in zip(pair, new))
         for pair, new in zip(cache, row_cache)
     )
+    if mesh is not None:
+        cache = jax.lax.with_sharding_constraint(cache, placement.cache_sharding(config, mesh))
+    return cache
 
 
-@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
+@functools.partial(jax.jit, static_argnums=(0, 12), donate_argnums=(2,))
 def decode_slots(
-    config: GLMConfig, params, cache, token, step, lengths, mask_pos, cont, seeds, temperature, top_p, top_k
+    config: GLMConfig, params, cache, token, step, lengths, mask_pos, cont, seeds, temperature, top_p, top_k, mesh=None
 ):
     """Feed token [S] as each slot's generated token number step [S] (0: the start id) at cache
     slot P + lengths + step (`generate.decode_logits`: each row's generated slots follow its own
     context), then sample each slot's next token (`decoding.sample_rows`, slot s drawing with
-    fold_in(key(seeds[s]), step[s])). -> (next tokens [S], cache)."""
+    fold_in(key(seeds[s]), step[s])). mesh: the cache keeps its sharding, the logits are
+    replicated before sampling and so are the sampled ids. -> (next tokens [S], cache)."""
     logits, cache = decode_logits(
         config, params, cache, token, step, lengths, mask_pos, cont, config.pre_seq_len + lengths
     )
-    return sample_rows(logits, seed_keys(seeds), step, temperature, top_p, top_k), cache
+    if mesh is not None:
+        logits = jax.lax.with_sharding_constraint(logits, placement.replicated(mesh))
+        cache = jax.lax.with_sharding_constraint(cache, placement.cache_sharding(config, mesh))
+    next_token = sample_rows(logits, seed_keys(seeds), step, temperature, top_p, top_k)
+    if mesh is not None:
+        next_token = jax.lax.with_sharding_constraint(next_token, placement.replicated(mesh))
+    return next_token, cache
 
 
 class Engine:
     """The slots, their cache and the decode loop. params: float, INT8/INT4 or with adapters
-    (whatever `loading.load_model` gives); copied once into `generate.serving_params` layout."""
+    (whatever `loading.load_model` gives); copied once into `generate.serving_params` layout.
+    mesh: a (data, 1, tensor) mesh to serve on (the module docstring: weights placed by
+    `placement.place`, slots over `data` and rounded up to a multiple of it, KV heads over
+    `tensor`); None: the default device, as without a mesh."""
 
     def __init__(
         self,
@@ -125,17 +168,24 @@ class Engine:
         slots: int = 8,
         max_queue: int | None = None,
         cache_dtype=None,
+        mesh: jax.sharding.Mesh | None = None,
     ):
         if slots < 1:
             raise ValueError("slots must be at least 1")
-        self.config, self.ids, self.causal, self.slots = config, ids, causal, slots
+        if mesh is not None:
+            placement.check_inference_mesh(config, mesh)
+            params = placement.place(params, config, mesh)
+            slots = placement.padded_rows(slots, mesh)
+        self.config, self.ids, self.causal, self.slots, self.mesh = config, ids, causal, slots, mesh
         self.max_queue = 4 * slots if max_queue is None else max_queue
         self.params = serving_params(params, config.num_layers)
         self.max_len = config.max_sequence_length
         cache_len = bucket_length(config.pre_seq_len + self.max_len, multiple=BUCKET)
-        cache = init_cache(config, slots, cache_len, cache_dtype)
+        cache = init_cache(config, slots, cache_len, cache_dtype, mesh)
         if config.pre_seq_len:
             cache = write_prefix(config, self.params, cache)
+            if mesh is not None:  # the sharding every later step keeps (a no-op when it is already)
+                cache = jax.device_put(cache, placement.cache_sharding(config, mesh))
         self.cache = cache
         # the decode step's inputs, one entry per slot (`decode_slots`), set by `_prefill`
         self.token = np.zeros(slots, np.int32)  # the slot's next input id
@@ -152,7 +202,8 @@ class Engine:
         self.cancelled: set[int] = set()
         self.lock = threading.Condition()
         self.ids_counter = itertools.count()
-        self.seed_rng = np.random.default_rng()
+        # several processes run one loop in lockstep: their drawn seeds must agree
+        self.seed_rng = np.random.default_rng(0 if jax.process_count() > 1 else None)
         self.thread: threading.Thread | None = None
         self.running = False
         self.error: Exception | None = None
@@ -188,6 +239,8 @@ class Engine:
             self.lock.notify()
 
     def load(self) -> dict:
+        """slots, active, waiting, max_queue, steps, and the mesh's axis sizes (all 1 without a mesh)."""
+        axes = dict(self.mesh.shape) if self.mesh is not None else {"data": 1, "stage": 1, "tensor": 1}
         with self.lock:
             return dict(
                 slots=self.slots,
@@ -195,6 +248,7 @@ class Engine:
                 waiting=len(self.waiting),
                 max_queue=self.max_queue,
                 steps=self.steps_run,
+                mesh={name: int(size) for name, size in axes.items()},
             )
 
     # ---- the loop ----------------------------------------------------------------------------
@@ -262,6 +316,7 @@ class Engine:
             self.temperature,
             self.top_p,
             self.top_k,
+            self.mesh,
         )
         next_token = np.asarray(next_token)
         self.steps_run += 1
@@ -318,7 +373,7 @@ class Engine:
         tokens = np.full((1, bucket_length(length, self.max_len)), self.ids.pad, np.int32)
         tokens[0, :length] = batch.tokens[0, :length]
         self.cache = prefill_row(
-            self.config, self.params, self.cache, jnp.int32(row), tokens, batch.lengths, self.causal
+            self.config, self.params, self.cache, np.int32(row), tokens, batch.lengths, self.causal, self.mesh
         )
         seed = sampling.seed if sampling.seed is not None else int(self.seed_rng.integers(2**32))
         self.token[row], self.step[row], self.lengths[row] = batch.start[0], 0, length
