@@ -6,27 +6,15 @@ import logging
 
 import jax
 import pytest
+from mesh_case import CONFIG
+from mesh_case import mesh as mesh_of
 
 from glm_jax import placement
-from glm_jax import sharding as sh
-from glm_jax.config import get_config
 from glm_jax.model import init_params
 from glm_jax.peft import PeftConfig
 from glm_jax.serving.engine import Engine, Request, Sampling, run
 from glm_jax.tokenizer import GLM_IDS as I
 
-# 8 heads, 2 KV heads: on tensor 4 the KV heads are replicated, on tensor 2 split
-CONFIG = get_config(
-    "glm-tiny",
-    num_layers=2,
-    hidden_size=64,
-    num_attention_heads=8,
-    num_kv_heads=2,
-    vocab_size=512,
-    vocab_pad_multiple=64,
-    max_sequence_length=128,
-    dtype="float32",
-)
 # every context fits the smallest prefill bucket (16): one prefill shape per engine
 PROMPTS = [[5, 6, 7, I.gmask], [9, I.mask, 11, 12, 13], [20, 21, I.gmask], [30, 31, I.smask, 32], [40] * 8 + [I.gmask]]
 SETTINGS = [  # greedy and seeded sampled (temperature alone, top-p, top-k)
@@ -76,7 +64,7 @@ def reference(params):
 
 @pytest.mark.parametrize("spec", ["2x1x2", "1x4"])
 def test_engine_on_a_mesh_equals_one_device(params, reference, spec, caplog):
-    mesh = sh.make_mesh(spec, jax.devices()[: sh.devices_needed(spec)])
+    mesh = mesh_of(spec)
     engine = Engine(CONFIG, params, slots=3, mesh=mesh)
     assert engine.slots == placement.padded_rows(3, mesh)  # 4 on data=2: every slot serves
     assert engine.load()["mesh"] == {"data": mesh.shape["data"], "stage": 1, "tensor": mesh.shape["tensor"]}
@@ -108,6 +96,6 @@ def test_ptuning_prefix_on_a_mesh_equals_one_device():
             engine.stop()
 
     alone = outputs(params)
-    assert outputs(params, sh.make_mesh("2x1x2", jax.devices()[:4])) == alone
+    assert outputs(params, mesh_of("2x1x2")) == alone
     without = {**params, "prefix_encoder": jax.tree_util.tree_map(lambda x: 0 * x, params["prefix_encoder"])}
     assert outputs(without) != alone  # the prefix matters here (the same programs: no compile)

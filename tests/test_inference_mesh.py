@@ -8,12 +8,11 @@ import os
 import jax
 import numpy as np
 import pytest
+from mesh_case import CONFIG, mesh
 from script_runs import ROOT
 
 from glm_jax import placement
-from glm_jax import sharding as sh
 from glm_jax.checkpoints import move_to_device, save_serving
-from glm_jax.config import get_config
 from glm_jax.evaluate import ModelScorer
 from glm_jax.generate import Generator, fill_blanks
 from glm_jax.loading import load_checkpoint
@@ -21,27 +20,11 @@ from glm_jax.model import init_params
 from glm_jax.quant import quantize_params
 from glm_jax.tokenizer import GLM_IDS
 
-# 8 heads, 2 KV heads: on tensor 4 the KV heads are replicated, on tensor 2 split
-CONFIG = get_config(
-    "glm-tiny",
-    num_layers=2,
-    hidden_size=64,
-    num_attention_heads=8,
-    num_kv_heads=2,
-    vocab_size=512,
-    vocab_pad_multiple=64,
-    max_sequence_length=128,
-    dtype="float32",
-)
 _spec = importlib.util.spec_from_file_location("lambada_eval", ROOT / "experiments" / "lambada_eval.py")
 lambada_eval = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(lambada_eval)
 LAMBADA = str(ROOT.parent / "shared" / "data" / "lambada" / "lambada_test.jsonl")
 PROMPTS = [[5, 6, 7, GLM_IDS.gmask], [9, GLM_IDS.mask, 11, 12, 13], [20, 21, GLM_IDS.gmask]]  # 3 rows: padded
-
-
-def mesh(spec: str):
-    return sh.make_mesh(spec, jax.devices()[: sh.devices_needed(spec)])
 
 
 @pytest.fixture(scope="module")
