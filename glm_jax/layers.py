@@ -127,16 +127,24 @@ class Linear(nn.Module):
             (groups,) + self.features,
             jnp.float16,
         )
-        n = int(np.prod(self.features))
-        w = quant.QuantizedWeight(q.reshape(q.shape[0], n), scale.reshape(groups, n), bits)
-        y = quant.dense(
-            x.reshape(x.shape[: x.ndim - len(self.in_shape)] + (k,)),
-            w,
-            c.quantized_matmul,
-            dtype=c.compute_dtype,
-            split=quant.tensor_split(self.kernel_axes, len(self.in_shape), self.features),  # the kernel per shard
-        )
-        return y.reshape(y.shape[:-1] + self.features)
+        x = x.reshape(x.shape[: x.ndim - len(self.in_shape)] + (k,))
+        if out_axes[0] == "glu":
+            # GeGLU / SwiGLU's [2, F] features: F goes over `tensor`, so [2 x F] flattened is no
+            # contiguous split and the partitioner would gather the whole weight to every shard;
+            # each half multiplies on its own instead
+            halves = [self._quantized_matmul(x, q[:, i], scale[:, i], bits, out_axes[1:]) for i in range(2)]
+            return jnp.stack(halves, axis=-1 - len(self.features[1:]))
+        return self._quantized_matmul(x, q, scale, bits, out_axes)
+
+    def _quantized_matmul(self, x, q, scale, bits: int, out_axes):
+        """x [..., K] against q [K(/2), *features] / scale [G, *features] -> [..., *features]."""
+        c = self.config
+        features = q.shape[1:]
+        n = int(np.prod(features))
+        w = quant.QuantizedWeight(q.reshape(q.shape[0], n), scale.reshape(scale.shape[0], n), bits)
+        split = quant.tensor_split((self.kernel_axes[0],) + tuple(out_axes), 1, features)  # the kernel per shard
+        y = quant.dense(x, w, c.quantized_matmul, dtype=c.compute_dtype, split=split)
+        return y.reshape(y.shape[:-1] + features)
 
 
 # ---- normalisation ------------------------------------------------------------------------------

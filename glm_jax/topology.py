@@ -23,8 +23,9 @@ class TopologyError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Chip:
-    """One TPU generation. hbm_gib and peak_tflops (dense bf16) are Google's published per-chip
-    figures (`source`); the compiler reports its own usable HBM when a plan does not fit."""
+    """One TPU generation. hbm_gib, peak_tflops (dense bf16) and hbm_gb_per_s are Google's
+    published per-chip figures (`source`); the compiler reports its own usable HBM when a plan
+    does not fit."""
 
     name: str
     device_kind: str  # what libtpu's devices report
@@ -34,13 +35,64 @@ class Chip:
     chip_config: str  # libtpu's chip_config_name: megacore = one device per chip
     dims: int  # physical torus dimensions
     source: str
+    hbm_gb_per_s: float  # HBM bandwidth, 1e9 bytes/s: what a memory-bound decode step is divided by
+    bandwidth_source: str  # the page and its words
 
 
+# HBM bandwidth as the Cloud TPU pages print it (search of the stored pages, 2026-12-07): v4 "HBM2
+# capacity and bandwidth 32 GiB, 1200 GBps"; v5e "16 GB, 819 GBps" (819.2 = 2 stacks x 1024 bits x
+# 3.2 Gb/s; a later revision of the page writes "800 GiBps", 859 GB/s); v5p "95 GB, 2765 GBps" (the
+# later revision: "2575 GiBps", the same bytes); v6e "HBM bandwidth per chip 1638 GBps" (often
+# rounded to 1640).
 CHIPS = {
-    "v4": Chip("v4", "TPU v4", 32.0, 275.0, 2, "megacore", 3, "https://cloud.google.com/tpu/docs/v4"),
-    "v5e": Chip("v5e", "TPU v5 lite", 16.0, 197.0, 1, "default", 2, "https://cloud.google.com/tpu/docs/v5e"),
-    "v5p": Chip("v5p", "TPU v5", 95.0, 459.0, 2, "megacore", 3, "https://cloud.google.com/tpu/docs/v5p"),
-    "v6e": Chip("v6e", "TPU v6 lite", 32.0, 918.0, 1, "default", 2, "https://cloud.google.com/tpu/docs/v6e"),
+    "v4": Chip(
+        "v4",
+        "TPU v4",
+        32.0,
+        275.0,
+        2,
+        "megacore",
+        3,
+        "https://cloud.google.com/tpu/docs/v4",
+        1200.0,
+        "https://cloud.google.com/tpu/docs/v4: HBM2 capacity and bandwidth 32 GiB, 1200 GBps",
+    ),
+    "v5e": Chip(
+        "v5e",
+        "TPU v5 lite",
+        16.0,
+        197.0,
+        1,
+        "default",
+        2,
+        "https://cloud.google.com/tpu/docs/v5e",
+        819.0,
+        "https://cloud.google.com/tpu/docs/v5e: HBM2 capacity and bandwidth 16 GB, 819 GBps",
+    ),
+    "v5p": Chip(
+        "v5p",
+        "TPU v5",
+        95.0,
+        459.0,
+        2,
+        "megacore",
+        3,
+        "https://cloud.google.com/tpu/docs/v5p",
+        2765.0,
+        "https://cloud.google.com/tpu/docs/v5p: HBM2e capacity and bandwidth 95 GB, 2765 GBps",
+    ),
+    "v6e": Chip(
+        "v6e",
+        "TPU v6 lite",
+        32.0,
+        918.0,
+        1,
+        "default",
+        2,
+        "https://cloud.google.com/tpu/docs/v6e",
+        1638.0,
+        "https://cloud.google.com/tpu/docs/v6e: HBM bandwidth per chip 1638 GBps",
+    ),
 }
 
 # chips -> the physical grid of a standard slice (Cloud TPU's topology tables)
@@ -82,6 +134,7 @@ class Topology:
             "device_kind": self.chip.device_kind,
             "hbm_gib_per_chip_spec": self.chip.hbm_gib,
             "peak_tflops_per_chip": self.chip.peak_tflops,
+            "hbm_gb_per_s": self.chip.hbm_gb_per_s,
         }
 
 
@@ -164,23 +217,53 @@ def compiler_hbm_gib(device) -> float | None:
     return None
 
 
-def plan_fields(topo: Topology, devices: list, report: dict) -> dict:
-    """What a TPU plan adds to a dry run's report (`dry_run.dry_run`): the platform, the chip, the
-    compiler's HBM, whether the plan fits, and the step time the model FLOPs imply at the chips'
-    peak and at half of it. The TPU compiler refuses a program whose temporaries exceed HBM; one
-    it accepts still does not fit when arguments + temporaries + outputs (the peak) exceed it."""
-    chips = len(devices)
-    peak = topo.chip.peak_tflops * 1e12 * chips
-    hbm = compiler_hbm_gib(devices[0])
+def _fits(report: dict, hbm: float | None) -> bool:
+    """The TPU compiler refuses a program whose temporaries exceed HBM (`fits` false in the
+    report); one it accepts still does not fit when arguments + temporaries + outputs (the peak)
+    exceed it."""
     fits = report.get("fits", True)
     if fits and hbm is not None and report.get("peak_gib_per_device") is not None:
         fits = report["peak_gib_per_device"] <= hbm
+    return fits
+
+
+def plan_fields(topo: Topology, devices: list, report: dict) -> dict:
+    """What a TPU plan adds to a dry run's report (`dry_run.dry_run`): the platform, the chip, the
+    compiler's HBM, whether the plan fits (`_fits`), and the step time the model FLOPs imply at
+    the chips' peak and at half of it."""
+    chips = len(devices)
+    peak = topo.chip.peak_tflops * 1e12 * chips
+    hbm = compiler_hbm_gib(devices[0])
     return {
         "platform": "tpu",
         "device_kind": devices[0].device_kind,
         **topo.describe(),
         "hbm_gib_per_chip": hbm,
-        "fits": fits,
+        "fits": _fits(report, hbm),
         "step_seconds_at_peak": report["model_flops_per_step"] / peak,
         "step_seconds_at_50pct": report["model_flops_per_step"] / (0.5 * peak),
+    }
+
+
+def decode_floor_ms(bytes_read: float, gb_per_s: float) -> float:
+    """Milliseconds to read `bytes_read` once at `gb_per_s` (1e9 bytes/s): the floor of a
+    memory-bound decode step, whose every weight and cached key/value is read once a token."""
+    return 1e3 * bytes_read / (gb_per_s * 1e9)
+
+
+def inference_fields(topo: Topology, devices: list, report: dict) -> dict:
+    """What a TPU plan adds to an inference dry run's report (`dry_run.inference_dry_run`): the
+    chip, the compiler's HBM, whether both programs fit (`_fits`), and the decode floor: the bytes
+    a decode step reads on one chip (its share of the weights and its KV cache) over the chip's
+    HBM bandwidth (`Chip.hbm_gb_per_s`)."""
+    hbm = compiler_hbm_gib(devices[0])
+    read = (report["weights_gib_per_device"] + report["kv_cache_gib_per_device"]) * 2**30
+    return {
+        "platform": "tpu",
+        "device_kind": devices[0].device_kind,
+        **topo.describe(),
+        "hbm_gib_per_chip": hbm,
+        "fits": _fits(report, hbm),
+        "decode_ms_per_token_floor": decode_floor_ms(read, topo.chip.hbm_gb_per_s),
+        "hbm_bandwidth_source": topo.chip.bandwidth_source,
     }

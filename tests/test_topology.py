@@ -1,7 +1,9 @@
 """TPU pods without a TPU: topology names, meshes over described TPU devices (split physical
-axes, several slices), and ahead-of-time compiles of glm-tiny's training and decode steps for
-v4-8 and v5e-16 with libtpu (the test extra)."""
+axes, several slices), ahead-of-time compiles of glm-tiny's training and decode steps for v4-8
+and v5e-16 with libtpu (the test extra), a sharded inference plan (prefill + decode) on v4-8, and
+the GPU table of GLM-130B's setups counted from the shapes."""
 
+import functools
 import importlib.util
 import subprocess
 import sys
@@ -20,6 +22,16 @@ needs_libtpu = pytest.mark.skipif(
 )
 
 
+@functools.cache
+def bench_130b():
+    """experiments/bench_130b_int4.py as a module (its sibling benchutil on the path)."""
+    sys.path.insert(0, str(ROOT / "experiments"))
+    spec = importlib.util.spec_from_file_location("bench_130b_int4", ROOT / "experiments" / "bench_130b_int4.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_topology_names():
     t = parse_topology("v5p-1536")
     assert (t.chip.name, t.grid, t.chips) == ("v5p", "8x8x12", 768)
@@ -29,6 +41,17 @@ def test_topology_names():
     for bad in ("v5p-1000", "v4-7", "v7-8", "v5e:2x2x2", "v5p-8x8"):
         with pytest.raises(TopologyError):
             parse_topology(bad)
+
+
+def test_every_chip_has_its_hbm_bandwidth_and_source():
+    assert {name: chip.hbm_gb_per_s for name, chip in CHIPS.items()} == {
+        "v4": 1200.0,
+        "v5e": 819.0,
+        "v5p": 2765.0,
+        "v6e": 1638.0,
+    }
+    for chip in CHIPS.values():
+        assert chip.bandwidth_source.startswith(chip.source) and "GBps" in chip.bandwidth_source
 
 
 def test_peak_flops_by_exact_tpu_kind():
@@ -142,3 +165,41 @@ def test_kernel_choice_follows_the_platform_compiled_for():
     with targeting([SimpleNamespace(platform="tpu")]):  # the layers get GLMMask: the Pallas TPU kernel
         assert target_platform() == "tpu" and wants_flash(c)
     assert target_platform() == "cpu" and not wants_flash(c) and choose_attention(c, dropout_active=False) == "xla"
+
+
+@needs_libtpu
+def test_sharded_inference_plan_compiles_for_v4():
+    """glm-tiny's prefill (64 tokens) and decode step sharded on v4-8 (4 chips, tensor 4), through
+    the script's own function: fits, with per-chip bytes and the decode floor from the shapes."""
+    bench = bench_130b()
+    config = bench.serving_config("glm-tiny", ["num_layers=2", "vocab_size=512"], "int4")
+    r = bench.mesh_plan(config, "v4-8", "1x4", batch=1, cache=64, prefill_len=64, preset="glm-tiny")
+    assert r["fits"] is True and r["topology"] == "v4-8" and r["mesh"] == "1x4" and r["quantize"] == "int4"
+    assert r["mesh_axes"] == {"data": 1, "stage": 1, "tensor": 4} and r["device_kind"] == "TPU v4"
+    assert (r["batch"], r["cache_slots"], r["prefill_tokens"], r["hbm_gib_per_chip"]) == (1, 64, 64, 30.75)
+    # (k, v) x 2 layers x 64 slots x 1 of 4 KV heads x head_dim 32 x bf16
+    assert r["kv_cache_gib_per_device"] * 2**30 == 2 * 2 * 64 * 1 * 32 * 2
+    for key in ("weights_gib_per_device", "temp_gib_per_device", "peak_gib_per_device", "decode_peak_gib_per_device"):
+        assert r[key] > 0, key
+    assert r["peak_gib_per_device"] >= r["weights_gib_per_device"] + r["kv_cache_gib_per_device"]
+    read = (r["weights_gib_per_device"] + r["kv_cache_gib_per_device"]) * 2**30
+    assert r["decode_ms_per_token_floor"] == pytest.approx(1e3 * read / 1200e9)
+
+
+def test_gpu_table_counts_glm_130b_from_the_shapes():
+    """The GPU table's INT4 tensor-4 row (4 x RTX 3090) against the bytes written out by hand."""
+    rows = {row["setup"]: row for row in bench_130b().gpu_table()}
+    h, f, layers, vocab, t = 12288, 32768, 70, 150528, 4
+    split = (h // 2) * 3 * h + 3 * h * 2 + 3 * h * 2  # QKV: packed, fp16 scales, bf16 bias per output
+    split += (h // 2) * h + (h // 2) * 2 * f + 2 * f * 2 + 2 * f * 2 + (f // 2) * h  # dense, h->4h, 4h->h
+    whole = 2 * (h * 2 + h * 2) + 2 * (2 * h * 2)  # row-parallel scales and biases, two layernorms
+    per_device = layers * (split / t + whole) + vocab * h * 2 / t + 2 * h * 2  # + embedding, final norm
+    row = rows["4 x RTX 3090 INT4"]
+    assert row["tensor"] == 4 and row["quantize"] == "int4"
+    assert row["weights_gib_per_device"] * 2**30 == pytest.approx(per_device, rel=0.01)
+    assert row["kv_cache_gib_per_device"] * 2**30 == 2 * layers * 2048 * (96 // t) * 128 * 2
+    read = (row["weights_gib_per_device"] + row["kv_cache_gib_per_device"]) * 2**30
+    assert row["decode_ms_per_token_floor"] == pytest.approx(1e3 * read / 936e9)
+    a100 = rows["8 x A100-40G FP16"]
+    assert a100["fastertransformer_ms_per_token_2048"] == pytest.approx(43.9, abs=0.05)
+    assert a100["weights_gib_per_device"] < a100["memory_gib_per_device"]
