@@ -205,6 +205,7 @@ def tiny_checkpoint(tiny_model, tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_lambada_eval_script_on_a_tiny_checkpoint(tmp_path, tiny_checkpoint, capsys):
     ck = tiny_checkpoint
     script = _load_script("lambada_eval")
@@ -263,6 +264,7 @@ def test_over_long_rows_are_cut_from_the_left_and_counted(tiny_model):
     assert causal.fit((ctx, [40, 41]))[0] == [GMASK, SOP] + list(range(107, 120))  # [gMASK] sop kept
 
 
+@pytest.mark.slow
 def test_generate_script_beam_search_json(tiny_checkpoint, capsys):
     script = _load_script("generate")
     script.main(
@@ -316,6 +318,7 @@ def test_reference_lm_windows_and_per_word_perplexity_by_hand():
     assert big["perplexity"] == pytest.approx(math.exp(20)) and big["perplexity_uncapped"] > big["perplexity"]
 
 
+@pytest.mark.slow
 def test_ppl_eval_script_wikitext_task_on_a_small_file(tiny_checkpoint, tmp_path, capsys):
     f = tmp_path / "wiki.test.tokens"
     f.write_text(

@@ -65,6 +65,7 @@ def test_calls_equal_our_scorer_and_generator(harness_model):
     assert texts[0] == tok.decode(ids).split("\n")[0] and isinstance(texts[1], str)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not LAMBADA.is_file(), reason="../shared LAMBADA absent")
 def test_a_local_task_yaml_agrees_with_our_lambada_greedy(harness_model, tmp_path):
     from lm_eval.tasks import TaskManager

@@ -112,6 +112,7 @@ def script_checkpoint(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.isfile(LAMBADA), reason="LAMBADA rows absent (../shared/data)")
 def test_scripts_take_a_mesh_and_report_it(script_checkpoint, capsys):
     run = lambda *flags: lambada_eval.main(

@@ -18,6 +18,8 @@ from glm_jax.optim import OptimConfig
 from glm_jax.train import Trainer
 from glm_jax.train_state import restore_state, save_state, state_bytes_per_device
 
+pytestmark = pytest.mark.slow  # training state at scale: several meshes, restores, ramps
+
 LR, ALPHA = jnp.float32(1e-3), jnp.float32(1.0)
 OPTIM = OptimConfig(peak_lr=1e-3)
 

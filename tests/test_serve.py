@@ -31,6 +31,8 @@ from glm_jax.serving.engine import Engine, QueueFull, Request, Sampling, run
 from glm_jax.serving.text import TextStream
 from glm_jax.tokenizer import GLM_IDS as I
 
+pytestmark = pytest.mark.slow  # the server in a subprocess, end to end
+
 KEY = "test-key"
 PROMPTS = [[11, 12, 13, I.gmask], [21, I.mask, 22, 23, 24], [5] * 10 + [I.gmask], [30, 31, I.smask, 32]]
 

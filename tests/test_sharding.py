@@ -40,7 +40,9 @@ def assert_same(result, reference, atol=2e-6):
         np.testing.assert_allclose(g, r, atol=atol, rtol=1e-5, err_msg=jax.tree_util.keystr(path))
 
 
-@pytest.mark.parametrize("spec,n_devices", [("1x1", 1), ("2x2", 4), ("8x4", 32), ("2x2x2", 8)])
+@pytest.mark.parametrize(
+    "spec,n_devices", [("1x1", 1), ("2x2", 4), pytest.param("8x4", 32, marks=pytest.mark.slow), ("2x2x2", 8)]
+)
 def test_sharded_equals_single_device(spec, n_devices, reference):
     mesh = sh.make_mesh(spec, jax.devices()[:n_devices])
     batch = sh.global_batch(case.local_rows(), mesh)
@@ -164,6 +166,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one(tmp_path):
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}

@@ -100,6 +100,7 @@ def _script(name, *args):
     )
 
 
+@pytest.mark.slow
 @needs_libtpu
 def test_train_and_decode_steps_compile_for_v4_and_v5e():
     import json

@@ -54,6 +54,7 @@ def test_values_and_gradients_equal_the_reference(blocks):
         np.testing.assert_allclose(a, r, atol=5e-6, err_msg=f"d{name}")
 
 
+@pytest.mark.slow  # the 2x2x2 pipelined model, compiled twice
 def test_the_sharded_pipelined_model_with_the_kernel_equals_one_device():
     """attention_impl=pallas_tpu on a 2 x 2 x 2 mesh (the kernel per shard in shard_map, inside the
     pipeline's vmap over stages): the plain model's loss and gradients."""

@@ -47,6 +47,7 @@ def losses(run_dir) -> dict:
     return out
 
 
+@pytest.mark.slow
 def test_pretrain_8x4_trains_and_the_loss_falls(tmp_path):
     out = pretrain(
         tmp_path,
@@ -144,6 +145,7 @@ def uninterrupted(tmp_path_factory):
     return run_dir, losses(run_dir)
 
 
+@pytest.mark.slow
 def test_kill_9_mid_save_then_mid_ramp_resumes_to_the_uninterrupted_losses(tmp_path, uninterrupted):
     """SIGKILL while a checkpoint is written (the one before stays the latest), then again in the
     resumed run between checkpoints, mid-ramp (its lost steps are redone): the run then finishes
