@@ -57,12 +57,13 @@ def main(argv=None):
     model = load_model_or_exit(args)
     engine = Engine(
         model.config,
-        model.params,
+        model.take_params(),  # the engine's per-layer copy is the only one
         ids=model.tokenizer.specials,
         causal=model.family.causal,
         slots=args.slots,
         max_queue=args.max_queue,
         mesh=model.mesh,
+        consume=True,
     )
     engine.warmup()
     name = args.name or model.family.name

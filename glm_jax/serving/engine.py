@@ -157,7 +157,9 @@ class Engine:
     (whatever `loading.load_model` gives); copied once into `generate.serving_params` layout.
     mesh: a (data, 1, tensor) mesh to serve on (the module docstring: weights placed by
     `placement.place`, slots over `data` and rounded up to a multiple of it, KV heads over
-    `tensor`); None: the default device, as without a mesh."""
+    `tensor`); None: the default device, as without a mesh. consume: the stacked layer weights
+    are freed as they are split (`generate.serving_params`), so the model is held once; pass
+    params nothing else uses (`LoadedModel.take_params()`)."""
 
     def __init__(
         self,
@@ -169,6 +171,7 @@ class Engine:
         max_queue: int | None = None,
         cache_dtype=None,
         mesh: jax.sharding.Mesh | None = None,
+        consume: bool = False,
     ):
         if slots < 1:
             raise ValueError("slots must be at least 1")
@@ -178,7 +181,7 @@ class Engine:
             slots = placement.padded_rows(slots, mesh)
         self.config, self.ids, self.causal, self.slots, self.mesh = config, ids, causal, slots, mesh
         self.max_queue = 4 * slots if max_queue is None else max_queue
-        self.params = serving_params(params, config.num_layers)
+        self.params = serving_params(params, config.num_layers, consume)
         self.max_len = config.max_sequence_length
         cache_len = bucket_length(config.pre_seq_len + self.max_len, multiple=BUCKET)
         cache = init_cache(config, slots, cache_len, cache_dtype, mesh)
