@@ -27,7 +27,12 @@ from glm_jax.tokenizer import Tokenizer, TokenizerError, check_fits
 
 
 def quantize_on_load(
-    config: GLMConfig, params: dict, quantize: str | None, path: str, mesh: jax.sharding.Mesh | None = None
+    config: GLMConfig,
+    params: dict,
+    quantize: str | None,
+    path: str,
+    mesh: jax.sharding.Mesh | None = None,
+    consume: bool = False,
 ) -> tuple[GLMConfig, dict]:
     """Weight-only quantization of a float checkpoint's layer weights as it loads (quant.py), layer
     by layer and, with `mesh`, already sharded; quantized weights are not quantized again (a clear
@@ -39,7 +44,8 @@ def quantize_on_load(
                 f"checkpoint it came from to get {quantize}"
             )
         config = config.override(quantization=quantize)
-        params = quantize_params(params, config, None if mesh is None else placement.param_shardings(config, mesh))
+        shardings = None if mesh is None else placement.param_shardings(config, mesh)
+        params = quantize_params(params, config, shardings, consume)  # consume: each float stack freed when done
     return config, params
 
 
@@ -53,7 +59,7 @@ def load_checkpoint(
     inference sharding (`placement`), never staged whole on one device. Clear errors for a
     missing or empty folder, a mesh inference cannot use, or re-quantizing quantized weights."""
     config, params, step, _, path = _read(path, step, mesh)
-    config, params = quantize_on_load(config, params, quantize, path, mesh)
+    config, params = quantize_on_load(config, params, quantize, path, mesh, consume=True)  # read here: ours
     return config, params, step
 
 
@@ -129,7 +135,7 @@ def load_model(
             check_base(fine_tuned.base, config, params, step, fine_tuned.path)
         except ConfigError as e:
             raise CheckpointError(str(e)) from None
-    config, params = quantize_on_load(config, params, quantize, path, mesh)
+    config, params = quantize_on_load(config, params, quantize, path, mesh, consume=True)  # read here: ours
     if adapter is not None:
         if mesh is not None:
             model_config = fine_tuned.peft.model_config(config)

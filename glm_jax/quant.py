@@ -150,7 +150,7 @@ LAYER_LINEARS = {
 }
 
 
-def quantize_params(params: dict, config, shardings: dict | None = None) -> dict:
+def quantize_params(params: dict, config, shardings: dict | None = None, consume: bool = False) -> dict:
     """A float parameter tree -> the tree of `config` (quantization int4/int8): the four linear
     weights of every layer quantized (kernel -> q, scale); embeddings, norms and biases stay
     16-bit (fp16 when config.param_dtype is float16, else bf16).
@@ -159,7 +159,9 @@ def quantize_params(params: dict, config, shardings: dict | None = None) -> dict
     the stacked q / scale arrays in place, so the temporaries are one layer's. shardings: the
     quantized config's parameter shardings on a mesh (`placement.param_shardings`): every output
     leaf is placed there and each device holds its share; per-output-column scales are taken over
-    the whole input rows of a group (a max across shards), so the bytes equal a one-device run's."""
+    the whole input rows of a group (a max across shards), so the bytes equal a one-device run's.
+    consume: each float kernel stack is deleted once its layers are quantized, so the peak is the
+    float weights plus one linear's quantized stack (the caller must not use `params` again)."""
     bits = {"int4": 4, "int8": 8}[config.quantization]
     rest = jnp.float16 if config.param_dtype == "float16" else jnp.bfloat16
     layers = params["layers"]
@@ -185,6 +187,8 @@ def quantize_params(params: dict, config, shardings: dict | None = None) -> dict
         into = jax.jit(into, donate_argnums=(0, 1), **({} if target is None else {"out_shardings": target}))
         for layer in range(n_layers):
             q, scale = into(q, scale, kernel, jnp.int32(layer))
+        if consume and isinstance(kernel, jax.Array):
+            kernel.delete()
         entry = {key: value for key, value in out["layers"][block][name].items() if key != "kernel"}
         out["layers"][block][name] = {**entry, "q": q, "scale": scale}
     return out
