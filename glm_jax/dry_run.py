@@ -118,8 +118,8 @@ def serving_shardings(config: GLMConfig, mesh) -> dict:
     per-layer tree): each layer's leaves without the stacked `layers` axis. mesh: a Mesh, or an
     AbstractMesh to count bytes without devices."""
     specs = placement.param_shardings(config, mesh)
-    layer = jax.tree_util.tree_map(lambda s: NamedSharding(mesh, P(*s.spec[1:])), specs.pop("layers"))
-    return {**specs, "layers": (layer,) * config.num_layers}
+    specs.pop("layers")
+    return {**specs, "layers": (placement.layer_shardings(config, mesh),) * config.num_layers}
 
 
 def inference_shapes(config: GLMConfig, mesh, batch: int, cache_len: int, cache_dtype=jnp.bfloat16):

@@ -31,7 +31,7 @@ from glm_jax import placement
 from glm_jax.config import GLMConfig
 from glm_jax.decoding import bucket_length
 from glm_jax.families import Family, default_stop_ids, get_family
-from glm_jax.generate import Generator, layered_forward, make_prompts, serving_params
+from glm_jax.generate import Generator, inference_params, layered_forward, make_prompts
 from glm_jax.losses import token_loss
 from glm_jax.model import GLM
 from glm_jax.objectives import CONTRACT_KEYS
@@ -98,11 +98,8 @@ class ModelScorer:
         mesh: jax.sharding.Mesh | None = None,
         consume: bool = False,
     ):
-        if mesh is not None:
-            placement.check_inference_mesh(config, mesh)
-            params = placement.place(params, config, mesh)
         # one copy of the weights, in the generator's per-layer layout, for scoring and beam search
-        params = serving_params(params, config.num_layers, consume)
+        params = inference_params(config, params, mesh, consume)
         self.config, self.params, self.tokenizer, self.mesh = config, params, tokenizer, mesh
         self.batch_size = placement.padded_rows(batch_size, mesh)
         self.family = family or get_family("glm")

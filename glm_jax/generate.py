@@ -134,6 +134,16 @@ def serving_params(params: dict, num_layers: int, consume: bool = False) -> dict
     }
 
 
+def inference_params(config: GLMConfig, params: dict, mesh: jax.sharding.Mesh | None = None, consume: bool = False):
+    """The weights as `Generator`, `evaluate.ModelScorer` and the serving engine hold them: with a
+    mesh, the mesh checked for inference and the weights placed on it (`placement`); then in the
+    `serving_params` per-layer layout (consume: as there)."""
+    if mesh is not None:
+        placement.check_inference_mesh(config, mesh)
+        params = placement.place(params, config, mesh)
+    return serving_params(params, config.num_layers, consume)
+
+
 def layered_forward(config: GLMConfig, params, batch):
     """GLM's forward (no cache, no dropout) with the layers in `serving_params` layout, unrolled:
     batch [B, S] arrays -> logits [B, S, vocab]. What `GLM.apply` computes with stacked layers."""
@@ -251,10 +261,7 @@ class Generator:
         consume: bool = False,
     ):
         self.config, self.cache_dtype, self.ids, self.causal, self.mesh = config, cache_dtype, ids, causal, mesh
-        if mesh is not None:
-            placement.check_inference_mesh(config, mesh)
-            params = placement.place(params, config, mesh)
-        self.params = serving_params(params, config.num_layers, consume)
+        self.params = inference_params(config, params, mesh, consume)
 
     def prompts(self, prompts: Sequence[Sequence[int]], blank: int | None = None) -> PromptBatch:
         return make_prompts(prompts, self.config, self.ids, self.causal, blank)

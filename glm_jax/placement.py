@@ -58,12 +58,18 @@ def place(params, config: GLMConfig, mesh: jax.sharding.Mesh):
     if not isinstance(layers, (list, tuple)):
         return jax.device_put(params, param_shardings(config, mesh, params))
     outer = {key: value for key, value in params.items() if key != "layers"}
-    specs = param_shardings(config, mesh)
-    per_layer = jax.tree_util.tree_map(lambda s: NamedSharding(mesh, P(*s.spec[1:])), specs["layers"])
+    per_layer = layer_shardings(config, mesh)
     return {
-        **jax.device_put(outer, _matching(specs, outer)),
+        **jax.device_put(outer, param_shardings(config, mesh, outer)),
         "layers": tuple(jax.device_put(layer, _matching(per_layer, layer)) for layer in layers),
     }
+
+
+def layer_shardings(config: GLMConfig, mesh) -> dict:
+    """The shardings of one layer's tree in `generate.serving_params`' per-layer layout: the
+    stacked `layers` shardings without their leading layer axis. mesh: a Mesh or an AbstractMesh."""
+    stacked = param_shardings(config, mesh)["layers"]
+    return jax.tree_util.tree_map(lambda s: NamedSharding(mesh, P(*s.spec[1:])), stacked)
 
 
 def padded_rows(rows: int, mesh: jax.sharding.Mesh | None) -> int:

@@ -62,10 +62,10 @@ from glm_jax.generate import (
     PromptBatch,
     check_length,
     decode_logits,
+    inference_params,
     init_cache,
     make_prompts,
     prefill,
-    serving_params,
     write_prefix,
 )
 from glm_jax.tokenizer import GLM_IDS, SpecialIds
@@ -175,13 +175,10 @@ class Engine:
     ):
         if slots < 1:
             raise ValueError("slots must be at least 1")
-        if mesh is not None:
-            placement.check_inference_mesh(config, mesh)
-            params = placement.place(params, config, mesh)
-            slots = placement.padded_rows(slots, mesh)
+        slots = placement.padded_rows(slots, mesh)
         self.config, self.ids, self.causal, self.slots, self.mesh = config, ids, causal, slots, mesh
         self.max_queue = 4 * slots if max_queue is None else max_queue
-        self.params = serving_params(params, config.num_layers, consume)
+        self.params = inference_params(config, params, mesh, consume)
         self.max_len = config.max_sequence_length
         cache_len = bucket_length(config.pre_seq_len + self.max_len, multiple=BUCKET)
         cache = init_cache(config, slots, cache_len, cache_dtype, mesh)
