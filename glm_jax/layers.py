@@ -7,6 +7,7 @@ per group, D head dim, F FFN inner width. Every parameter carries logical axis n
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import warnings
@@ -289,10 +290,44 @@ def glm_attention_mask(segment_ids, prefix_mask):
 
 
 # ---- attention ----------------------------------------------------------------------------------
+_RECORDERS: list[dict[str, str]] = []
+
+
+@contextlib.contextmanager
+def recording_attention():
+    """What attention each kind of layer compiled to, recorded while tracing:
+
+        with recording_attention() as used:
+            jax.jit(step).lower(*args)      # traces step
+        used  # {"self": "pallas_tpu"}
+
+    yields a dict, filled kind -> impl by every `SelfAttention` traced inside. kind: "self"
+    (the full sequence), "prefix" (P-tuning prefix keys before it), "cached" (a KV cache: prefill
+    and decode); impl: "pallas_tpu", "xla" or "cudnn" (two impls for one kind: both, sorted,
+    joined by "+"). Only tracing records: `jax.jit` keeps a function's trace per argument shapes,
+    and a function already traced (even under a fresh `jax.jit` of the same Python function) is
+    not traced again, so the dict stays empty; lower a function not yet traced for these shapes
+    (or call `jax.clear_caches()` first).
+    """
+    used: dict[str, str] = {}
+    _RECORDERS.append(used)
+    try:
+        yield used
+    finally:
+        _RECORDERS.remove(used)
+
+
+def _record(kind: str, impl: str):
+    for used in _RECORDERS:
+        used[kind] = "+".join(sorted(set(used.get(kind, impl).split("+")) | {impl}))
+
+
 def xla_attention(q, k, v, mask, *, dropout_rate: float = 0.0, dropout_rng=None):
     """Reference attention with grouped KV, fp32 softmax and the -10000 additive mask.
 
-    q: [B, S, H, D]; k, v: [B, T, K, D]; mask: bool [B, 1, S, T] -> [B, S, H, D].
+    q: [B, S, H, D]; k, v: [B, T, K, D]; mask: bool [B, 1, S, T] -> [B, S, H, D]. Dropout (rate
+    > 0 and a key given) drops the probabilities `tpu_attention.dropout_keep` draws for global
+    (batch row, query head, query, key) indices: the TPU kernel's entries for the same key.
     """
     b, s, h, d = q.shape
     kv = k.shape[2]
@@ -302,7 +337,11 @@ def xla_attention(q, k, v, mask, *, dropout_rate: float = 0.0, dropout_rng=None)
     scores = jnp.where(mask[:, :, None], scores, MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1)
     if dropout_rate > 0.0 and dropout_rng is not None:
-        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
+        batch = tpu_attention.shard_offset(b, "data") + jnp.arange(b).reshape(b, 1, 1, 1, 1)
+        head = tpu_attention.shard_offset(h, "tensor") + jnp.arange(h).reshape(1, kv, h // kv, 1, 1)
+        query, key = jnp.arange(s)[:, None], jnp.arange(k.shape[1])[None, :]
+        seed = tpu_attention.dropout_seed(dropout_rng)
+        keep = tpu_attention.dropout_keep(seed, batch, head, query, key, dropout_rate)
         probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
     out = jnp.einsum("bkgst,btkd->bskgd", probs.astype(v.dtype), v)
     return out.reshape(b, s, h, d)
@@ -316,16 +355,17 @@ def cudnn_attention(q, k, v, mask):
     return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=1.0 / math.sqrt(q.shape[-1]), implementation="cudnn")
 
 
-@functools.cache
-def _warn_fallback(reason: str, impl: str = "cudnn"):
+@functools.cache  # once per process and reason, not on every trace
+def _warn_fallback(reason: str, impl: str):
     warnings.warn(f"attention_impl={impl!r} falls back to the XLA reference: {reason}", stacklevel=3)
 
 
 def choose_attention(config: GLMConfig, dropout_active: bool) -> str:
     """'xla' or 'cudnn' for this config on the platform being compiled for (`target.py`;
-    cuDNN needs a GPU, 16-bit, no dropout)."""
+    cuDNN needs a GPU, 16-bit, no dropout). Falling back from cuDNN warns, under `auto` too
+    (where a GPU is the target: elsewhere XLA is auto's choice, not a fallback)."""
     impl = config.attention_impl
-    if impl in ("xla", "pallas_tpu"):  # pallas_tpu here: the dense mask was needed (cache, prefix, dropout)
+    if impl in ("xla", "pallas_tpu"):  # pallas_tpu here: the dense mask was needed (cache, prefix)
         return "xla"
     reason = None
     if target_platform() != "gpu":
@@ -336,8 +376,8 @@ def choose_attention(config: GLMConfig, dropout_active: bool) -> str:
         reason = "attention dropout is active (cuDNN path has none)"
     if reason is None:
         return "cudnn"
-    if impl == "cudnn":
-        _warn_fallback(reason)
+    if impl == "cudnn" or target_platform() == "gpu":
+        _warn_fallback(reason, impl)
     return "xla"
 
 
@@ -392,13 +432,17 @@ class SelfAttention(nn.Module):
             )(out)
 
         dropout_active = c.attention_dropout > 0.0 and self.has_rng("dropout")
-        if isinstance(mask, GLMMask):
-            why = tpu_attention.unsupported(q.shape, k.shape, cache is not None or prefix is not None, dropout_active)
+        rng = self.make_rng("dropout") if dropout_active else None
+        kind = "cached" if cache is not None else "prefix" if prefix is not None else "self"
+        if isinstance(mask, GLMMask):  # pallas_tpu, or auto on a TPU
+            why = tpu_attention.unsupported(q.shape, k.shape, kind != "self")
             if why is None:
-                out = tpu_attention.on_mesh(q, k, v, mask.segment_ids, mask.prefix_mask)
+                _record(kind, "pallas_tpu")
+                out = tpu_attention.on_mesh(
+                    q, k, v, mask.segment_ids, mask.prefix_mask, dropout_rate=c.attention_dropout, dropout_rng=rng
+                )
                 return project(out), cache
-            if c.attention_impl == "pallas_tpu":
-                _warn_fallback(why, "pallas_tpu")
+            _warn_fallback(why, c.attention_impl)
             mask = mask.dense()
         if cache is not None:
             new = (k.astype(cache[0].dtype), v.astype(cache[1].dtype))
@@ -413,10 +457,11 @@ class SelfAttention(nn.Module):
                 for i, t in enumerate((k, v))
             )
             mask = jnp.concatenate([jnp.ones(mask.shape[:3] + (p,), bool), mask], axis=-1)
-        if choose_attention(c, dropout_active) == "cudnn":
+        impl = choose_attention(c, dropout_active)
+        _record(kind, impl)
+        if impl == "cudnn":
             out = cudnn_attention(q, k, v, mask)
         else:
-            rng = self.make_rng("dropout") if dropout_active else None
             out = xla_attention(q, k, v, mask, dropout_rate=c.attention_dropout, dropout_rng=rng)
         return project(out), cache
 
@@ -519,18 +564,21 @@ class GLMBlock(nn.Module):
         attention = SelfAttention(c, name="attention")
         mlp = FeedForward(c, name="mlp")
         norm_in, norm_post = make_norm(c, "input_layernorm"), make_norm(c, "post_attention_layernorm")
+        # the residual stream; with sequence parallelism its positions are split over `tensor`, so
+        # the partitioner gathers before attention / MLP and reduce-scatters after them
+        residual = lambda t: nn.with_logical_constraint(t, ("batch", "sequence", "embed"))  # noqa: E731
         if c.norm_placement == "deepnorm":
             # alpha * x in fp32, then rounded: the reference scales by a Python float, never by
             # alpha rounded to the compute dtype (sqrt(56) in bf16 is off by 0.2%)
             scaled = lambda t: (t.astype(jnp.float32) * c.deepnorm_alpha).astype(c.compute_dtype)
             x = norm_in(h)
             attn, cache = attention(x, mask, tables, cache, cache_index, prefix)
-            h = scaled(x) + drop(attn)
+            h = residual(scaled(x) + drop(attn))
             y = norm_post(h)
             out = scaled(y) + drop(mlp(y))
         else:
             attn, cache = attention(norm_in(h), mask, tables, cache, cache_index, prefix)
-            h = h + drop(attn)
+            h = residual(h + drop(attn))
             out = h + drop(mlp(norm_post(h)))
-        out = nn.with_logical_constraint(out.astype(c.compute_dtype), ("batch", "length", "embed"))
+        out = residual(out.astype(c.compute_dtype))
         return out, cache

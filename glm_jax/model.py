@@ -119,7 +119,7 @@ class GLM(nn.Module):
         alpha = c.embedding_shrink_alpha if embedding_alpha is None else embedding_alpha
         h = shrink_embedding_gradient(h, alpha)
         h = self.embedding_dropout(h, deterministic=not self.has_rng("dropout"))
-        return nn.with_logical_constraint(h, ("batch", "length", "embed"))
+        return nn.with_logical_constraint(h, ("batch", "sequence", "embed"))
 
     def blocks(self, h, batch):
         """[B, S, E] -> [B, S, E] through every layer."""

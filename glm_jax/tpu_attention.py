@@ -16,6 +16,14 @@ saves the row log-sum-exp; one kernel accumulates dq over key blocks, another dk
 blocks (per query head; a group's heads are summed outside). Rows that see no key at all
 (padding, segment 0) give zeros where the reference gives an average; nothing reads them.
 On CPU the kernels run in Pallas interpret mode (the tests); on TPU they compile with Mosaic.
+
+Attention dropout (`dropout_rate`, `dropout_rng`) drops normalised probabilities as the XLA
+reference does, out = (P * keep / (1 - rate)) V with the log-sum-exp of the undropped scores, and
+the mask is counter-based: keep(b, h, i, j) = `dropout_keep`, a hash of the key's seed and the
+global batch row, query head, query and key position, regenerated per block by the forward and
+both backward kernels and drawn whole by `layers.xla_attention`, so the two paths (and a sharded
+run and one device) drop the same entries. Backward (FlashAttention-2's): dV = (P * Z)^T dO,
+dS = P * (Z * dO V^T - D), Z = keep / (1 - rate), D = rowsum(dO * O) of the dropped output O.
 """
 
 from __future__ import annotations
@@ -32,6 +40,53 @@ from glm_jax.target import target_platform
 
 LANES, SUBLANES = 128, 8
 NEG = -1e30  # finite: a fully masked block keeps the running max finite (no inf - inf)
+
+
+# ---- the dropout mask ---------------------------------------------------------------------------
+def _fmix(x):
+    """MurmurHash3's 32-bit finaliser: a bijection of uint32 whose every output bit depends on
+    every input bit."""
+    x = x ^ (x >> 16)
+    x = x * jnp.uint32(0x85EBCA6B)
+    x = x ^ (x >> 13)
+    x = x * jnp.uint32(0xC2B2AE35)
+    return x ^ (x >> 16)
+
+
+def dropout_seed(key):
+    """A dropout PRNG key -> its seed, int32 [2] of 31-bit words (nonnegative, so SMEM's int32
+    holds them and converts to uint32 the same on every backend)."""
+    return (jax.random.bits(key, (2,), jnp.uint32) >> 1).astype(jnp.int32)
+
+
+def dropout_keep(seed, batch, head, query, key, rate: float):
+    """Attention dropout's keep mask, a pure function of its arguments (P(keep) = 1 - rate).
+
+    seed: two words from `dropout_seed` (an int32 [2] or a pair of scalars); batch, head (the
+    query head), query, key (positions): int arrays of global indices that broadcast together ->
+    bool of their broadcast shape. A row's hash mixes (seed, batch, head, query), a column's
+    (seed, key); one more round over their xor decides each entry, so the kernel pays one round
+    per [bq, bk] element and the rest per row or column.
+    """
+    u32 = lambda x: jax.lax.convert_element_type(x, jnp.uint32)  # noqa: E731
+    row = _fmix(_fmix(_fmix(u32(seed[0]) ^ u32(batch)) ^ u32(head)) ^ u32(query))
+    col = _fmix(u32(seed[1]) ^ (u32(key) * jnp.uint32(0x9E3779B9)))
+    threshold = min(round((1.0 - rate) * 2**32), 2**32 - 1)
+    return _fmix(row ^ col) < jnp.uint32(threshold)
+
+
+def _block_keep(drop, b, h, i, j, bq: int, bk: int, rate: float):
+    """The keep mask of query block i x key block j of local batch row b, head h -> [bq, bk].
+    drop: the prefetched (seed word 0, seed word 1, first global batch row, first global head)."""
+    rows = i * bq + jax.lax.broadcasted_iota(jnp.int32, (bq, 1), 0)
+    cols = j * bk + jax.lax.broadcasted_iota(jnp.int32, (1, bk), 1)
+    batch, head = drop[2] + b, drop[3] + h
+    return dropout_keep((drop[0], drop[1]), batch, head, rows, cols, rate)
+
+
+def _dropped(x, keep, rate: float):
+    """Inverted dropout: kept entries scaled by 1 / (1 - rate), the rest zero."""
+    return jnp.where(keep, x * (1.0 / (1.0 - rate)), 0.0)
 
 
 def _summaries(segment_ids, prefix_mask, block: int):
@@ -78,6 +133,7 @@ def _forward_kernel(
     kmin,
     kmax,
     kpre,
+    drop,
     q_ref,
     k_ref,
     v_ref,
@@ -93,8 +149,9 @@ def _forward_kernel(
     scale,
     bq,
     bk,
+    rate,
 ):
-    b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
+    b, h, i, j = pl.program_id(0), pl.program_id(1), pl.program_id(2), pl.program_id(3)
 
     @pl.when(j == 0)
     def _():
@@ -112,6 +169,8 @@ def _forward_kernel(
         alpha = jnp.exp(m_prev - m_new)
         l_scr[...] = jnp.broadcast_to(alpha * l_prev + p.sum(axis=1, keepdims=True), l_scr.shape)
         m_scr[...] = jnp.broadcast_to(m_new, m_scr.shape)
+        if rate:  # the sum l normalises the undropped p; only the values see the dropout
+            p = _dropped(p, _block_keep(drop, b, h, i, j, bq, bk, rate), rate)
         acc_scr[...] = alpha * acc_scr[...] + jnp.dot(
             p.astype(v_ref.dtype), v_ref[...], preferred_element_type=jnp.float32
         )
@@ -170,16 +229,16 @@ def _params(interpret):
     )
 
 
-def _forward(q, k, v, segment_ids, prefix_mask, bq, bk, interpret):
-    """q [B,H,S,D], k/v [B,K,S,D] -> (out [B,H,S,D], lse [B,H,S,128])."""
+def _forward(q, k, v, segment_ids, prefix_mask, drop, bq, bk, rate, interpret):
+    """q [B,H,S,D], k/v [B,K,S,D], drop int32 [4] (`_block_keep`) -> (out [B,H,S,D], lse [B,H,S,128])."""
     b, h, s, d = q.shape
     group = h // k.shape[1]
     sp = _specs(bq, bk, d, group, kv_major=False)
-    kernel = functools.partial(_forward_kernel, scale=1.0 / math.sqrt(d), bq=bq, bk=bk)
+    kernel = functools.partial(_forward_kernel, scale=1.0 / math.sqrt(d), bq=bq, bk=bk, rate=rate)
     return pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=5,
+            num_scalar_prefetch=6,
             grid=(b, h, s // bq, s // bk),
             in_specs=[sp["q"], sp["k"], sp["k"], sp["qseg"], sp["krow"], sp["krow"]],
             out_specs=[sp["q"], sp["stat"]],
@@ -192,7 +251,7 @@ def _forward(q, k, v, segment_ids, prefix_mask, bq, bk, interpret):
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, s, LANES), jnp.float32)],
         interpret=interpret,
         **_params(interpret),
-    )(*_prefetch(segment_ids, prefix_mask, bq, bk), q, k, v, *_layout(segment_ids, prefix_mask))
+    )(*_prefetch(segment_ids, prefix_mask, bq, bk), drop, q, k, v, *_layout(segment_ids, prefix_mask))
 
 
 # ---- backward -----------------------------------------------------------------------------------
@@ -202,6 +261,7 @@ def _dq_kernel(
     kmin,
     kmax,
     kpre,
+    drop,
     q_ref,
     k_ref,
     v_ref,
@@ -217,8 +277,9 @@ def _dq_kernel(
     scale,
     bq,
     bk,
+    rate,
 ):
-    b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
+    b, h, i, j = pl.program_id(0), pl.program_id(1), pl.program_id(2), pl.program_id(3)
 
     @pl.when(j == 0)
     def _():
@@ -229,6 +290,8 @@ def _dq_kernel(
         mask = _mask(qseg_ref, kseg_ref, kpfx_ref, i, j, bq, bk)
         p = jnp.where(mask, jnp.exp(_scores(q_ref[...], k_ref[...], scale) - lse_ref[:, :1]), 0.0)
         dp = _scores(do_ref[...], v_ref[...], 1.0)
+        if rate:
+            dp = _dropped(dp, _block_keep(drop, b, h, i, j, bq, bk, rate), rate)
         ds = (p * (dp - di_ref[:, :1])).astype(k_ref.dtype)
         acc_scr[...] += jnp.dot(ds, k_ref[...], preferred_element_type=jnp.float32) * scale
 
@@ -243,6 +306,7 @@ def _dkv_kernel(
     kmin,
     kmax,
     kpre,
+    drop,
     q_ref,
     k_ref,
     v_ref,
@@ -260,8 +324,9 @@ def _dkv_kernel(
     scale,
     bq,
     bk,
+    rate,
 ):
-    b, j, i = pl.program_id(0), pl.program_id(2), pl.program_id(3)
+    b, h, j, i = pl.program_id(0), pl.program_id(1), pl.program_id(2), pl.program_id(3)
 
     @pl.when(i == 0)
     def _():
@@ -274,8 +339,12 @@ def _dkv_kernel(
         q, do = q_ref[...], do_ref[...]
         p = jnp.where(mask, jnp.exp(_scores(q, k_ref[...], scale) - lse_ref[:, :1]), 0.0)  # [bq, bk]
         tn = (((0,), (0,)), ((), ()))  # contract the query axis: A^T B
-        dv_scr[...] += jax.lax.dot_general(p.astype(do.dtype), do, tn, preferred_element_type=jnp.float32)
         dp = _scores(do, v_ref[...], 1.0)
+        pv = p
+        if rate:
+            keep = _block_keep(drop, b, h, i, j, bq, bk, rate)
+            pv, dp = _dropped(p, keep, rate), _dropped(dp, keep, rate)
+        dv_scr[...] += jax.lax.dot_general(pv.astype(do.dtype), do, tn, preferred_element_type=jnp.float32)
         ds = (p * (dp - di_ref[:, :1])).astype(q.dtype)
         dk_scr[...] += jax.lax.dot_general(ds, q, tn, preferred_element_type=jnp.float32) * scale
 
@@ -285,18 +354,18 @@ def _dkv_kernel(
         dv_ref[...] = dv_scr[...].astype(dv_ref.dtype)
 
 
-def _backward(q, k, v, segment_ids, prefix_mask, out, lse, do, bq, bk, interpret):
+def _backward(q, k, v, segment_ids, prefix_mask, drop, out, lse, do, bq, bk, rate, interpret):
     b, h, s, d = q.shape
     group = h // k.shape[1]
     scale = 1.0 / math.sqrt(d)
     di = jnp.broadcast_to((do.astype(jnp.float32) * out.astype(jnp.float32)).sum(-1, keepdims=True), lse.shape)
-    prefetch = _prefetch(segment_ids, prefix_mask, bq, bk)
+    prefetch = (*_prefetch(segment_ids, prefix_mask, bq, bk), drop)
     layout = _layout(segment_ids, prefix_mask)
     sp = _specs(bq, bk, d, group, kv_major=False)
     dq = pl.pallas_call(
-        functools.partial(_dq_kernel, scale=scale, bq=bq, bk=bk),
+        functools.partial(_dq_kernel, scale=scale, bq=bq, bk=bk, rate=rate),
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=5,
+            num_scalar_prefetch=6,
             grid=(b, h, s // bq, s // bk),
             in_specs=[sp["q"], sp["k"], sp["k"], sp["q"], sp["stat"], sp["stat"], sp["qseg"], sp["krow"], sp["krow"]],
             out_specs=sp["q"],
@@ -308,9 +377,9 @@ def _backward(q, k, v, segment_ids, prefix_mask, out, lse, do, bq, bk, interpret
     )(*prefetch, q, k, v, do, lse, di, *layout)
     sp = _specs(bq, bk, d, group, kv_major=True)
     dk, dv = pl.pallas_call(
-        functools.partial(_dkv_kernel, scale=scale, bq=bq, bk=bk),
+        functools.partial(_dkv_kernel, scale=scale, bq=bq, bk=bk, rate=rate),
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=5,
+            num_scalar_prefetch=6,
             grid=(b, h, s // bk, s // bq),
             in_specs=[sp["q"], sp["k"], sp["k"], sp["q"], sp["stat"], sp["stat"], sp["qseg"], sp["krow"], sp["krow"]],
             out_specs=[sp["kout"], sp["kout"]],
@@ -334,72 +403,116 @@ def supports(seq_len: int, block_q: int, block_k: int) -> str | None:
     return None
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def _attention(q, k, v, segment_ids, prefix_mask, bq, bk, interpret):
-    return _forward(q, k, v, segment_ids, prefix_mask, bq, bk, interpret)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
+def _attention(q, k, v, segment_ids, prefix_mask, drop, bq, bk, rate, interpret):
+    return _forward(q, k, v, segment_ids, prefix_mask, drop, bq, bk, rate, interpret)[0]
 
 
-def _attention_fwd(q, k, v, segment_ids, prefix_mask, bq, bk, interpret):
-    out, lse = _forward(q, k, v, segment_ids, prefix_mask, bq, bk, interpret)
-    return out, (q, k, v, segment_ids, prefix_mask, out, lse)
+def _attention_fwd(q, k, v, segment_ids, prefix_mask, drop, bq, bk, rate, interpret):
+    out, lse = _forward(q, k, v, segment_ids, prefix_mask, drop, bq, bk, rate, interpret)
+    return out, (q, k, v, segment_ids, prefix_mask, drop, out, lse)
 
 
-def _attention_bwd(bq, bk, interpret, res, do):
-    q, k, v, segment_ids, prefix_mask, out, lse = res
-    dq, dk, dv = _backward(q, k, v, segment_ids, prefix_mask, out, lse, do, bq, bk, interpret)
-    return dq, dk, dv, None, None
+def _attention_bwd(bq, bk, rate, interpret, res, do):
+    q, k, v, segment_ids, prefix_mask, drop, out, lse = res
+    dq, dk, dv = _backward(q, k, v, segment_ids, prefix_mask, drop, out, lse, do, bq, bk, rate, interpret)
+    return dq, dk, dv, None, None, None
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def glm_flash_attention(
-    q, k, v, segment_ids, prefix_mask, *, block_q: int = 128, block_k: int = 128, interpret: bool | None = None
-):
-    """GLM-masked attention, q [B,S,H,D], k/v [B,S,K,D], segment_ids / prefix_mask [B,S] ->
-    [B,S,H,D] (differentiable in q, k, v). interpret: default on anything but a TPU."""
+def shard_offset(size: int, axis: str):
+    """The global index of this shard's first entry along an array axis of local length `size`
+    that the mesh `axis` splits: axis_index * size where `axis` is manual (inside `shard_map`),
+    else 0 (the whole axis is here, or XLA's partitioner keeps the indices global)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or axis not in mesh.manual_axes:
+        return jnp.int32(0)
+    return jax.lax.axis_index(axis).astype(jnp.int32) * size
+
+
+def _dropout_args(rate: float, rng):
+    """(rate, seed int32 [2]): rate 0 and a zero seed when there is no dropout."""
+    if rate > 0.0 and rng is not None:
+        return float(rate), dropout_seed(rng)
+    return 0.0, jnp.zeros((2,), jnp.int32)
+
+
+def _flash(q, k, v, segment_ids, prefix_mask, seed, *, rate: float, bq: int, bk: int, interpret: bool | None):
+    """`glm_flash_attention` with the dropout seed drawn; batch rows and heads of the mask are
+    global (`shard_offset` over manual `data` / `tensor` axes: they split the batch / heads)."""
     s = q.shape[1]
-    why = supports(s, block_q, block_k)
+    why = supports(s, bq, bk)
     if why:
         raise ValueError(f"glm_flash_attention: {why}")
     if interpret is None:
         interpret = target_platform() != "tpu"
+    offsets = jnp.stack([shard_offset(q.shape[0], "data"), shard_offset(q.shape[2], "tensor")])
+    drop = jnp.concatenate([seed.astype(jnp.int32), offsets])
     t = lambda x: jnp.swapaxes(x, 1, 2)  # noqa: E731  [B,S,H,D] <-> [B,H,S,D]
-    out = _attention(t(q), t(k), t(v), segment_ids, prefix_mask, min(block_q, s), min(block_k, s), interpret)
+    out = _attention(t(q), t(k), t(v), segment_ids, prefix_mask, drop, min(bq, s), min(bk, s), rate, interpret)
     return t(out)
+
+
+def glm_flash_attention(
+    q,
+    k,
+    v,
+    segment_ids,
+    prefix_mask,
+    *,
+    dropout_rate: float = 0.0,
+    dropout_rng=None,
+    block_q: int = 128,
+    block_k: int = 128,
+    interpret: bool | None = None,
+):
+    """GLM-masked attention, q [B,S,H,D], k/v [B,S,K,D], segment_ids / prefix_mask [B,S] ->
+    [B,S,H,D] (differentiable in q, k, v). Attention dropout when dropout_rate > 0 and a
+    dropout_rng (PRNG key) is given: the entries `dropout_keep` drops, as `layers.xla_attention`
+    with the same key. interpret: default on anything but a TPU."""
+    rate, seed = _dropout_args(dropout_rate, dropout_rng)
+    return _flash(q, k, v, segment_ids, prefix_mask, seed, rate=rate, bq=block_q, bk=block_k, interpret=interpret)
 
 
 BLOCK = 512  # default query / key block (the compile sweep in BENCHMARKS.md)
 
 
-def unsupported(q_shape, k_shape, needs_dense: bool, dropout_active: bool) -> str | None:
+def unsupported(q_shape, k_shape, needs_dense: bool) -> str | None:
     """Why a layer cannot use the kernel (None: it can). q [B,S,H,D], k [B,T,K,D]."""
     if needs_dense:
         return "a KV cache or a P-tuning prefix needs the dense mask"
-    if dropout_active:
-        return "attention dropout is active (the kernel has none)"
     if q_shape[1] != k_shape[1]:
         return "queries and keys differ in length"
     mesh = jax.sharding.get_abstract_mesh()
-    t = 1 if mesh.empty or "tensor" not in mesh.axis_names else mesh.shape["tensor"]
+    split = not mesh.empty and "tensor" in mesh.axis_names and "tensor" not in mesh.manual_axes
+    t = mesh.shape["tensor"] if split else 1  # a manual tensor axis: the heads here are this shard's
     if t > 1 and k_shape[2] % t:
         return f"{k_shape[2]} KV heads do not split over a tensor axis of {t}"
     return supports(q_shape[1], BLOCK, BLOCK)
 
 
-def on_mesh(q, k, v, segment_ids, prefix_mask, block: int = BLOCK):
+def on_mesh(q, k, v, segment_ids, prefix_mask, *, dropout_rate: float = 0.0, dropout_rng=None, block: int = BLOCK):
     """`glm_flash_attention` under the current mesh: a custom call is not split by XLA's
-    partitioner, so the kernel runs per shard in `shard_map`, batch over `data`, heads (and KV
-    heads with them) over `tensor`; other axes (a vmapped pipeline's `stage`) pass through."""
-    run = functools.partial(glm_flash_attention, block_q=block, block_k=block)
+    partitioner, so the kernel runs per shard in `shard_map` over the mesh axes not already
+    manual (inside an outer `shard_map`, e.g. a pipeline manual over `stage` and `data`, over
+    the rest only): batch over `data`, heads (and KV heads with them) over `tensor`; other axes
+    (a vmapped pipeline's `stage`) pass through. The dropout mask takes global batch rows and
+    heads, so a sharded run drops what one device does."""
+    rate, seed = _dropout_args(dropout_rate, dropout_rng)
+    run = functools.partial(_flash, rate=rate, bq=block, bk=block, interpret=None)
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or all(n == 1 for n in mesh.shape.values()):
-        return run(q, k, v, segment_ids, prefix_mask)
+    axes = frozenset() if mesh.empty else frozenset(mesh.axis_names) - frozenset(mesh.manual_axes)
+    if "data" in axes and q.shape[0] % mesh.shape["data"]:
+        axes -= {"data"}  # a batch `data` does not split (an init trace's one row): whole on each shard
+    if all(mesh.shape[a] == 1 for a in axes):
+        return run(q, k, v, segment_ids, prefix_mask, seed)
     from jax.sharding import PartitionSpec as P
 
-    batch = "data" if "data" in mesh.axis_names else None
-    heads = "tensor" if "tensor" in mesh.axis_names and mesh.shape["tensor"] > 1 else None
+    batch = "data" if "data" in axes else None
+    heads = "tensor" if "tensor" in axes and mesh.shape["tensor"] > 1 else None
     spec, rows = P(batch, None, heads, None), P(batch, None)
-    return jax.shard_map(run, mesh=mesh, in_specs=(spec, spec, spec, rows, rows), out_specs=spec, check_vma=False)(
-        q, k, v, segment_ids, prefix_mask
-    )
+    return jax.shard_map(
+        run, mesh=mesh, in_specs=(spec, spec, spec, rows, rows, P()), out_specs=spec, axis_names=axes, check_vma=False
+    )(q, k, v, segment_ids, prefix_mask, seed)

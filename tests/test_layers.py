@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from reference_numpy import gelu_exact, glm_mask, layernorm, random_glm130b_state_dict, rope
 
+from glm_jax import layers
 from glm_jax.config import get_config
 from glm_jax.convert import from_glm130b_state_dict
 from glm_jax.layers import (
@@ -17,6 +18,7 @@ from glm_jax.layers import (
     apply_rotary,
     choose_attention,
     glm_attention_mask,
+    recording_attention,
     rotary_tables,
     xla_attention,
 )
@@ -187,3 +189,50 @@ def test_cudnn_request_falls_back_cleanly_on_cpu():
     fused = SelfAttention(c).apply(params, x, mask, tables)[0]
     plain = SelfAttention(c.override(attention_impl="xla")).apply(params, x, mask, tables)[0]
     np.testing.assert_array_equal(fused, plain)
+
+
+def test_a_fallback_from_cudnn_warns_once_per_reason():
+    """Traced for a GPU with dropout on, cuDNN (asked for, or auto's choice) falls back to XLA and
+    says so once per process and reason, not on every trace; without dropout auto picks cuDNN."""
+    from types import SimpleNamespace
+
+    from glm_jax.target import targeting
+
+    layers._warn_fallback.cache_clear()
+    c = get_config("glm-tiny", dtype="bfloat16")
+    with targeting(SimpleNamespace(platform="gpu")), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for impl in ("cudnn", "cudnn", "auto", "auto"):
+            assert choose_attention(c.override(attention_impl=impl), dropout_active=True) == "xla"
+        assert choose_attention(c.override(attention_impl="auto"), dropout_active=False) == "cudnn"
+    reason = "falls back to the XLA reference: attention dropout is active (cuDNN path has none)"
+    assert [str(w.message) for w in caught] == [f"attention_impl={impl!r} {reason}" for impl in ("cudnn", "auto")]
+
+
+def test_the_recorder_names_what_each_kind_of_attention_traced_to():
+    """Full sequence, P-tuning prefix and KV cache, each traced inside `recording_attention`; a
+    trace outside it, or a jitted function's cached trace, records nothing."""
+    c = get_config("glm-tiny", **F32)
+    b, s, kv, d = 1, 6, c.num_kv_heads, c.head_dim
+    x = jnp.zeros((b, s, c.hidden_size), jnp.float32)
+    mask = glm_attention_mask(jnp.ones((b, s), jnp.int32), jnp.zeros((b, s), jnp.int32))
+    tables = rotary_tables(jnp.arange(s)[None], jnp.zeros((b, s), jnp.int32), c)
+    params = jax.eval_shape(lambda: SelfAttention(c).init(jax.random.key(0), x, mask, tables))
+    cache = (jnp.zeros((b, 8, kv, d)), jnp.zeros((b, 8, kv, d)))
+    cached_mask = jnp.ones((b, 1, s, 8), bool)
+    calls = {
+        "self": lambda p: SelfAttention(c).apply(p, x, mask, tables),
+        "prefix": lambda p: SelfAttention(c).apply(p, x, mask, tables, prefix=jnp.zeros((3, 2, kv, d))),
+        "cached": lambda p: SelfAttention(c).apply(p, x, cached_mask, tables, cache, 0),
+    }
+    for kind, call in calls.items():
+        with recording_attention() as used:
+            jax.eval_shape(call, params)
+        assert used == {kind: "xla"}
+    jax.eval_shape(calls["self"], params)
+    assert used == {"cached": "xla"}  # the recorder is closed
+    step = jax.jit(calls["self"])
+    step.lower(params)
+    with recording_attention() as used:
+        step.lower(params)
+    assert used == {}
