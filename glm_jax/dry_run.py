@@ -21,8 +21,10 @@ from jax.sharding import PartitionSpec as P
 
 from glm_jax import pipeline, placement
 from glm_jax import sharding as sh
+from glm_jax.collectives import collective_bytes, executed_costs
 from glm_jax.config import GLMConfig
 from glm_jax.generate import decode_step, init_cache, prefill
+from glm_jax.layers import recording_attention
 from glm_jax.model import abstract_params
 from glm_jax.objectives import CONTRACT_KEYS
 from glm_jax.target import targeting
@@ -32,12 +34,37 @@ from glm_jax.train_state import state_bytes_per_device
 GIB = 2.0**30
 
 
-def dry_run(trainer, seq_len: int) -> dict:
+def compiled_fields(text: str, mesh, trip_count_default: int | None = None) -> dict:
+    """What a compiled program's HLO text says one device does per execution (`collectives.py`):
+    `collectives` (bytes, wire bytes and executions by kind and mesh axis, loops times their trip
+    counts), `executed_flops_per_device` (dot/convolution FLOPs, loops counted, a conditional's
+    busiest branch) and `uncosted_kernels` (kernel calls without a FLOP estimate: not in the
+    FLOPs). A loop whose trip count is only known at run time counts trip_count_default times."""
+    costs = executed_costs(text, trip_count_default)
+    return {
+        "collectives": collective_bytes(text, mesh, trip_count_default),
+        "executed_flops_per_device": costs["flops"],
+        "uncosted_kernels": costs["uncosted_kernels"],
+    }
+
+
+def tick_count(trainer) -> int | None:
+    """The trip count of a 1F1B step's tick loop at the trainer's microbatches (M + 2 (S - 1)):
+    the one loop of a step whose count is only known at run time; None for other schedules."""
+    if trainer.schedule != "1f1b":
+        return None
+    return trainer.microbatches + 2 * (trainer.plan.stages - 1)
+
+
+def dry_run(trainer, seq_len: int, hlo_file: str | None = None) -> dict:
     """Lower and compile one training step (train.Trainer's fused step over its whole batch) and
     report per-device memory: weights, optimizer state, checkpoint (what a device writes in a
     save and holds in a restore target), the rest XLA needs (activations at this microbatch size),
-    and FLOPs per step. A compile refused for memory (an accelerator's compiler, e.g. an AOT TPU
-    plan) is reported with `fits` false and the compiler's message."""
+    FLOPs per step, the attention each layer kind traced to (`attention_impl_used`, see
+    `layers.recording_attention`) and what the compiled step executes (`compiled_fields`, the 1F1B
+    tick loop counted `tick_count` times); hlo_file: write the compiled step's HLO text there. A
+    compile refused for memory (an accelerator's compiler, e.g. an AOT TPU plan) is reported with
+    `fits` false and the compiler's message."""
     started = time.perf_counter()
     shapes = trainer.state_shapes(trainer.plan)
     batch = {
@@ -53,6 +80,9 @@ def dry_run(trainer, seq_len: int) -> dict:
         "mesh": dict(trainer.mesh.shape),
         "layers_per_stage": trainer.plan.layers_per_stage,
         "schedule": trainer.schedule,
+        "fsdp": trainer.fsdp,
+        "fsdp_gather": trainer.fsdp_gather if trainer.fsdp else None,
+        "sequence_parallel": trainer.sequence_parallel,
         "microbatches": trainer.microbatches,
         "micro_batch_per_replica": trainer.microbatch_rows // sh.axis_size(trainer.mesh, "data"),
         "bubble_fraction": pipeline.bubble_fraction(trainer.schedule, trainer.plan.stages, trainer.microbatches),
@@ -70,9 +100,12 @@ def dry_run(trainer, seq_len: int) -> dict:
         scalar,
         scalar,
     )
+    with trainer.context(), recording_attention() as attention:
+        lowered = trainer._fused_step.lower(*args)
+    head["attention_impl_used"] = attention
     try:
         with trainer.context():
-            compiled = trainer._fused_step.lower(*args).compile()
+            compiled = lowered.compile()
     except Exception as error:  # an accelerator's compiler refuses a plan over its memory: report it
         message = out_of_memory(error)
         if message is None:
@@ -88,6 +121,10 @@ def dry_run(trainer, seq_len: int) -> dict:
     cost = compiled.cost_analysis() or {}
     if isinstance(cost, list):
         cost = cost[0] if cost else {}
+    text = compiled.as_text()
+    if hlo_file:
+        with open(hlo_file, "w") as f:
+            f.write(text)
     return {
         **head,
         "arguments_gib_per_device": memory.argument_size_in_bytes / GIB,
@@ -101,6 +138,7 @@ def dry_run(trainer, seq_len: int) -> dict:
         / GIB,
         "compiled_flops_per_device": float(cost.get("flops", float("nan"))),
         **flops,
+        **compiled_fields(text, trainer.mesh, tick_count(trainer)),
         "compile_seconds": time.perf_counter() - started,
     }
 
@@ -148,7 +186,9 @@ def inference_dry_run(
     abstract arrays: `generate.prefill` of a `prefill_len`-token context into a `cache_len`-slot
     KV cache, and one `generate.decode_step` attending over every slot; report per-device bytes of
     the weights and the cache, and each program's temporaries and peak (arguments + temporaries +
-    outputs - donated); `temp_gib_per_device` / `peak_gib_per_device` are the larger program's. A
+    outputs - donated) and what it executes (`compiled_fields`, keys prefixed by the program's
+    name), and the attention each layer kind traced to (`attention_impl_used`);
+    `temp_gib_per_device` / `peak_gib_per_device` are the larger program's. A
     compile refused for memory (an accelerator's compiler) gives `fits` false, that program's
     `compiler_message` and no plan-wide temp / peak (the other program's figures stay)."""
     placement.check_inference_mesh(config, mesh)
@@ -179,30 +219,33 @@ def inference_dry_run(
         "fits": True,
     }
     temps, peaks = [], []
-    for name, (fn, args) in programs.items():
-        begun = time.perf_counter()
-        try:
-            with targeting(mesh):  # kernel choices for the devices compiled for
-                compiled = fn.lower(*args).compile()
-        except Exception as error:  # an accelerator's compiler refuses a program over its memory: report it
-            message = out_of_memory(error)
-            if message is None:
-                raise
-            report.update({"fits": False, f"{name}_compiler_message": message})
+    with recording_attention() as attention:
+        for name, (fn, args) in programs.items():
+            begun = time.perf_counter()
+            try:
+                with targeting(mesh):  # kernel choices for the devices compiled for
+                    compiled = fn.lower(*args).compile()
+            except Exception as error:  # an accelerator's compiler refuses a program over its memory: report it
+                message = out_of_memory(error)
+                if message is None:
+                    raise
+                report.update({"fits": False, f"{name}_compiler_message": message})
+                report[f"{name}_compile_seconds"] = time.perf_counter() - begun
+                continue
+            memory = compiled.memory_analysis()
+            peak = (
+                memory.argument_size_in_bytes
+                + memory.temp_size_in_bytes
+                + memory.output_size_in_bytes
+                - memory.alias_size_in_bytes
+            ) / GIB
+            temps.append(memory.temp_size_in_bytes / GIB)
+            peaks.append(peak)
+            report[f"{name}_temp_gib_per_device"] = temps[-1]
+            report[f"{name}_peak_gib_per_device"] = peak
+            report |= {f"{name}_{k}": v for k, v in compiled_fields(compiled.as_text(), mesh).items()}
             report[f"{name}_compile_seconds"] = time.perf_counter() - begun
-            continue
-        memory = compiled.memory_analysis()
-        peak = (
-            memory.argument_size_in_bytes
-            + memory.temp_size_in_bytes
-            + memory.output_size_in_bytes
-            - memory.alias_size_in_bytes
-        ) / GIB
-        temps.append(memory.temp_size_in_bytes / GIB)
-        peaks.append(peak)
-        report[f"{name}_temp_gib_per_device"] = temps[-1]
-        report[f"{name}_peak_gib_per_device"] = peak
-        report[f"{name}_compile_seconds"] = time.perf_counter() - begun
+    report["attention_impl_used"] = attention
     accepted = report["fits"]  # both compiled: the plan's figures are the larger program's
     report["temp_gib_per_device"] = max(temps) if accepted else None
     report["peak_gib_per_device"] = max(peaks) if accepted else None

@@ -37,6 +37,8 @@ class Chip:
     source: str
     hbm_gb_per_s: float  # HBM bandwidth, 1e9 bytes/s: what a memory-bound decode step is divided by
     bandwidth_source: str  # the page and its words
+    ici_links: int  # ICI ports per chip: 6 on a 3D torus, 4 on a 2D one
+    ici_gb_per_s: float  # one link, one direction, 1e9 bytes/s (ICI_SOURCES)
 
 
 # HBM bandwidth as the Cloud TPU pages print it (search of the stored pages, 2026-12-07): v4 "HBM2
@@ -56,6 +58,8 @@ CHIPS = {
         "https://cloud.google.com/tpu/docs/v4",
         1200.0,
         "https://cloud.google.com/tpu/docs/v4: HBM2 capacity and bandwidth 32 GiB, 1200 GBps",
+        6,
+        50.0,
     ),
     "v5e": Chip(
         "v5e",
@@ -68,6 +72,8 @@ CHIPS = {
         "https://cloud.google.com/tpu/docs/v5e",
         819.0,
         "https://cloud.google.com/tpu/docs/v5e: HBM2 capacity and bandwidth 16 GB, 819 GBps",
+        4,
+        50.0,
     ),
     "v5p": Chip(
         "v5p",
@@ -80,6 +86,8 @@ CHIPS = {
         "https://cloud.google.com/tpu/docs/v5p",
         2765.0,
         "https://cloud.google.com/tpu/docs/v5p: HBM2e capacity and bandwidth 95 GB, 2765 GBps",
+        6,
+        100.0,
     ),
     "v6e": Chip(
         "v6e",
@@ -92,8 +100,27 @@ CHIPS = {
         "https://cloud.google.com/tpu/docs/v6e",
         1638.0,
         "https://cloud.google.com/tpu/docs/v6e: HBM bandwidth per chip 1638 GBps",
+        4,
+        100.0,
     ),
 }
+
+# ICI per link and direction (search of the stored pages, 2026-12-07): the Cloud TPU pages give
+# the bidirectional bandwidth per chip over its ports: v5p "Bidirectional inter-chip interconnect
+# (ICI) bandwidth per chip (GBps) 1200" (= 6 ports x 2 directions x 100 GB/s; "4800 Gbps" in the
+# older revision, one direction), v5e "400 GBps ... ICI ports per chip 4" (50 GB/s), v6e "800 GBps
+# ... ICI ports per chip 4" (100 GB/s). The v4 page gives none; the TPU v4 paper (Jouppi et al.,
+# ISCA 2023, as summarised at https://glennklockwood.com/garden/processors/TPUv4) gives each of its
+# six links "400G bandwidth in each direction" (50 GB/s); "How to Scale Your Model"
+# (jax-ml/scaling-book, tpus.md) tabulates one-way 4.5e10 B/s per link for v4p, 1e11 for v5p and
+# v6e, 5e10 for v5e.
+ICI_SOURCES = (
+    "https://cloud.google.com/tpu/docs/v5p",
+    "https://cloud.google.com/tpu/docs/v5e",
+    "https://cloud.google.com/tpu/docs/v6e",
+    "TPU v4 paper (ISCA 2023): six ICI links, 400 Gb/s each direction",
+    "https://jax-ml.github.io/scaling-book/tpus",
+)
 
 # chips -> the physical grid of a standard slice (Cloud TPU's topology tables)
 GRIDS_3D = {

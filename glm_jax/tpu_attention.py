@@ -229,6 +229,18 @@ def _params(interpret):
     )
 
 
+def _cost(q, k, matmuls: int) -> pl.CostEstimate:
+    """What a kernel over q [B,H,S,D] and k [B,K,S,D] computes, for XLA's scheduler and the dry
+    run's FLOP count: `matmuls` [S,S] x [S,D] products per query head and one exp per score, as
+    if no block were skipped (an upper bound: blocks the mask hides do no work)."""
+    b, h, s, d = q.shape
+    return pl.CostEstimate(
+        flops=2 * matmuls * b * h * s * s * d,
+        transcendentals=b * h * s * s,
+        bytes_accessed=2 * (q.size * q.dtype.itemsize + 2 * k.size * k.dtype.itemsize),
+    )
+
+
 def _forward(q, k, v, segment_ids, prefix_mask, drop, bq, bk, rate, interpret):
     """q [B,H,S,D], k/v [B,K,S,D], drop int32 [4] (`_block_keep`) -> (out [B,H,S,D], lse [B,H,S,128])."""
     b, h, s, d = q.shape
@@ -250,6 +262,7 @@ def _forward(q, k, v, segment_ids, prefix_mask, drop, bq, bk, rate, interpret):
         ),
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, s, LANES), jnp.float32)],
         interpret=interpret,
+        cost_estimate=_cost(q, k, 2),  # scores, then probabilities x values
         **_params(interpret),
     )(*_prefetch(segment_ids, prefix_mask, bq, bk), drop, q, k, v, *_layout(segment_ids, prefix_mask))
 
@@ -373,6 +386,7 @@ def _backward(q, k, v, segment_ids, prefix_mask, drop, out, lse, do, bq, bk, rat
         ),
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         interpret=interpret,
+        cost_estimate=_cost(q, k, 3),  # scores, dO V^T, dS K
         **_params(interpret),
     )(*prefetch, q, k, v, do, lse, di, *layout)
     sp = _specs(bq, bk, d, group, kv_major=True)
@@ -387,6 +401,7 @@ def _backward(q, k, v, segment_ids, prefix_mask, drop, out, lse, do, bq, bk, rat
         ),
         out_shape=[jax.ShapeDtypeStruct((b, h, s, d), jnp.float32)] * 2,
         interpret=interpret,
+        cost_estimate=_cost(q, k, 4),  # scores, dO V^T, P^T dO, dS^T Q
         **_params(interpret),
     )(*prefetch, q, k, v, do, lse, di, *layout)
     kv = k.shape[1]

@@ -102,7 +102,7 @@ def _script(name, *args):
 
 @pytest.mark.slow
 @needs_libtpu
-def test_train_and_decode_steps_compile_for_v4_and_v5e():
+def test_train_and_decode_steps_compile_for_v4_and_v5e(tmp_path):
     import json
 
     small = [
@@ -119,9 +119,13 @@ def test_train_and_decode_steps_compile_for_v4_and_v5e():
         "--dry-run",
     ]
     for topology, mesh, hbm in (("v4-8", "2x2", 30.75), ("v5e-16", "2x2", 15.75)):
-        p = _script("pretrain", *small, "--topology", topology, "--mesh", mesh)
+        hlo = tmp_path / f"{topology}.hlo"
+        p = _script("pretrain", *small, "--topology", topology, "--mesh", mesh, "--dump-hlo", str(hlo))
         assert p.returncode == 0, p.stderr[-3000:]
         r = json.loads(p.stdout.strip().splitlines()[-1])
+        # what the compiled step does (collectives.py on the HLO --dump-hlo wrote), and the kernel traced
+        assert hlo.read_text().startswith("HloModule") and r["attention_impl_used"]["self"] == "pallas_tpu"
+        assert r["collectives"]["bytes"]["all-reduce"]["tensor"] > 0 and r["executed_flops_per_device"] > 0
         assert r["platform"] == "tpu" and r["topology"] == topology and r["fits"] is True
         assert r["hbm_gib_per_chip"] == hbm and r["devices"] == r["chips"]
         assert 0 < r["temp_gib_per_device"] < r["peak_gib_per_device"] < hbm
