@@ -107,6 +107,7 @@ def main(argv=None):
     ap, args = parse_args(argv)
     needed, _ = prepare_devices(ap, args.mesh)
     import jax
+    from jax.experimental import multihost_utils
 
     from glm_jax import sharding as sh
     from glm_jax.adapters import Adapter, attach, save_adapter
@@ -187,7 +188,7 @@ def main(argv=None):
         shapes = split_shapes(peft, config)
         saved = {}
 
-        def on_done(params, step):
+        def on_done(params, step):  # on every process: the saves are collective, process 0 moves files
             saved["adapter"] = _replace(
                 out,
                 "adapter",
@@ -203,7 +204,8 @@ def main(argv=None):
                 ),
             )
             if args.merge:
-                adapter = Adapter(config, peft, jax.device_get(params), step, identity, saved["adapter"])
+                host = multihost_utils.process_allgather(params, tiled=True)  # numpy, on every process
+                adapter = Adapter(config, peft, host, step, identity, saved["adapter"])
                 merged_config, merged = attach(adapter, base_model.config, base_model.params)
                 if peft.method == "lora":
                     merged, merged_config = merge_lora(merged, merged_config)
@@ -283,15 +285,25 @@ def _check_resume(ckpt_dir, peft, identity):
 
 
 def _replace(out, name, write):
-    """Write OUT/name through write(tmp_parent) into a fresh folder, then swap it in."""
+    """Write OUT/name through write(tmp_parent) into a fresh folder, then swap it in. Several
+    processes: all write (collectively), process 0 moves the folders."""
+    import jax  # deferred: JAX, so --help stays fast
+
+    from glm_jax.checkpoints import sync_processes  # deferred: JAX, so --help stays fast
+
+    lead = jax.process_index() == 0
     tmp = os.path.join(out, f".{name}.new")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    if lead:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    sync_processes(f"finetune {tmp}")
     write(tmp)
     final = os.path.join(out, name)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(os.path.join(tmp, name), final)
-    shutil.rmtree(tmp, ignore_errors=True)
+    if lead:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(os.path.join(tmp, name), final)
+        shutil.rmtree(tmp, ignore_errors=True)
+    sync_processes(f"finetune {final}")
     return final
 
 

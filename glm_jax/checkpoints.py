@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from glm_jax import pipeline, placement
 from glm_jax.config import GLMConfig
@@ -106,14 +107,21 @@ def saved_plan(meta: dict, config: GLMConfig) -> pipeline.PipelinePlan:
 TOKENIZER_DIR = "tokenizer"
 
 
+def sync_processes(name: str) -> None:
+    """A barrier over every process (nothing to wait for with one)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
 def copy_tokenizer(model_file: str | None, directory: str) -> str | None:
-    """Copy a tokenizer file into directory/tokenizer/ (so the checkpoint is self-contained) ->
-    its path relative to directory, as checkpoint meta records it; None for ours (in the package)."""
+    """Copy a tokenizer file into directory/tokenizer/ (so the checkpoint is self-contained; process
+    0 copies) -> its path relative to directory, as checkpoint meta records it; None for ours (in
+    the package)."""
     if model_file is None:
         return None
     rel = os.path.join(TOKENIZER_DIR, os.path.basename(model_file))
     dest = os.path.join(directory, rel)
-    if os.path.abspath(model_file) != os.path.abspath(dest):
+    if jax.process_index() == 0 and os.path.abspath(model_file) != os.path.abspath(dest):
         os.makedirs(os.path.dirname(dest), exist_ok=True)
         shutil.copyfile(model_file, dest + ".tmp")
         os.replace(dest + ".tmp", dest)
@@ -180,7 +188,7 @@ def read_params(
     plain = split_shapes(peft, config)[0]
     shapes = jax.eval_shape(lambda t: pipeline.params_to_slots(t, plan), plain)
     if mesh is None:
-        one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         shardings = jax.tree_util.tree_map(lambda _: one, plain)
     else:
         shardings = placement.param_shardings(config, mesh, plain)
@@ -193,15 +201,30 @@ def read_params(
 
 def move_to_device(tree: dict) -> dict:
     """Replace a nested dict's numpy leaves by device arrays in place, one leaf at a time, each
-    numpy leaf dropped as soon as it is copied: one copy of the model at any moment (plus a leaf)."""
+    numpy leaf dropped as soon as it is copied: one copy of the model at any moment (plus a leaf).
+    With several processes every leaf that is not already a global array (numpy, or on this
+    process's devices alone) becomes one, a copy on each process's first device (what a
+    multi-process orbax save takes; the value must be the same on every process)."""
     for key, value in list(tree.items()):
         if isinstance(value, dict):
             move_to_device(value)
+        elif jax.process_count() > 1 and (isinstance(value, np.ndarray) or value.is_fully_addressable):
+            tree[key] = None
+            tree[key] = _one_copy_per_process(np.asarray(value))
+            del value
         elif isinstance(value, np.ndarray):
             tree[key] = None
             tree[key] = jnp.asarray(value)
             del value
     return tree
+
+
+def _one_copy_per_process(value: np.ndarray) -> jax.Array:
+    """A global array holding `value` (the same on every process) once on each process's first device."""
+    firsts = [jax.local_devices(process_index=p)[0] for p in range(jax.process_count())]
+    mesh = jax.sharding.Mesh(np.array(firsts), ("process",))
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
 
 
 def save_serving(
@@ -218,12 +241,17 @@ def save_serving(
     the family and a copy of the tokenizer file, in the training checkpoints' folder layout, so
     `load_checkpoint` / `load_model` and every script take it. Written beside `path` and renamed
     into place when complete: a failure leaves no half-written folder. `path` must not exist yet
-    (or be empty). Pass jax arrays (`move_to_device`): orbax copies numpy leaves before writing."""
+    (or be empty). Pass jax arrays (`move_to_device`): orbax copies numpy leaves before writing.
+    Several processes: every process calls it (each writes its shards), process 0 moves the folder."""
     path = os.path.abspath(path)
     if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
         raise CheckpointError(f"{path} exists and is not empty; remove it or choose another output folder")
-    tmp = f"{path}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    lead = jax.process_index() == 0
+    pid = os.getpid() if jax.process_count() == 1 else int(multihost_utils.broadcast_one_to_all(np.int32(os.getpid())))
+    tmp = f"{path}.partial-{pid}"
+    if lead:
+        shutil.rmtree(tmp, ignore_errors=True)
+    sync_processes(f"save_serving {tmp}")
     try:
         rel = copy_tokenizer(tokenizer_file, tmp)
         ckpt = Checkpoints(tmp, keep=1, async_save=False)
@@ -243,8 +271,12 @@ def save_serving(
             )
         finally:
             ckpt.close()
-        if os.path.isdir(path):
-            os.rmdir(path)
-        os.replace(tmp, path)
+        sync_processes(f"save_serving written {tmp}")
+        if lead:
+            if os.path.isdir(path):
+                os.rmdir(path)
+            os.replace(tmp, path)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if lead:
+            shutil.rmtree(tmp, ignore_errors=True)
+    sync_processes(f"save_serving done {tmp}")  # the folder is in place for every process

@@ -7,9 +7,11 @@ and counted in `ReadStats`, never raised. Each source is tokenized once into one
 mtime and the tokenizer model's hash.
 
 The pipeline is random access: global sequence i is `SequenceBuilder.build(i)`, a pure function
-of (seed, i). Step s of a run with global batch G holds sequences s*G ... s*G + G - 1; process p of
-P builds only rows p*G/P ... (p+1)*G/P - 1 of each step. The iterator's whole state is the next
-step, so a resumed run sees exactly the batches an uninterrupted one would. (We chose this over
+of (seed, i). A run reads the sequences in order, a step's batch after the one before; each
+process builds only the rows its devices hold (`sharding.rows_held`; processes holding parts of
+one data replica build the same rows). The iterator's whole state is the next global sequence,
+whatever the mesh, so a resumed run, on this mesh or another, reads on exactly where the
+uninterrupted one would. (We chose this over
 grain: with samples as pure functions of their index, grain's checkpointable iterators add a
 dependency, which the GPU image lacks, without adding determinism; a prefetch thread gives the
 overlap.)
@@ -275,89 +277,96 @@ def load_instructions(
 
 # ---- the iterator ---------------------------------------------------------------------------------
 class DataIterator:
-    """Batches of this process's rows, step after step; `state()` / `restore()` for checkpoints.
+    """Units of `unit` sequences one after the other (a gradient pass, or a 1F1B microbatch), each
+    process building only its rows of each; `state()` / `restore()` for checkpoints.
 
-    Each batch is a dict of int32 numpy arrays [G / process_count, seq_len] (plus `kind` [rows]).
+    Unit k from position p holds global sequences p + k*unit ... p + (k+1)*unit - 1; `next()`
+    builds those at offsets `rows` (ascending; `sharding.rows_held`: the rows this process's
+    devices hold) -> dict of int32 numpy arrays [len(rows), seq_len] (plus `kind` [rows]).
+    Without `rows`, process_index builds the process_index-th of process_count equal parts (right
+    where every process holds whole data replicas, in order). The position is the next global
+    sequence, whatever the unit: a run resumed on another mesh reads on where it stopped.
     """
 
     def __init__(
         self,
         builder: SequenceBuilder,
-        global_batch: int,
+        unit: int,
         process_index: int = 0,
         process_count: int = 1,
-        step: int = 0,
+        position: int = 0,
         prefetch: int = 2,
+        rows: Sequence[int] | None = None,
     ):
-        if global_batch % process_count:
-            raise DataError(f"global batch {global_batch} is not divisible by {process_count} processes")
-        self.builder, self.global_batch = builder, global_batch
-        self.process_index, self.process_count = process_index, process_count
-        self.local_batch = global_batch // process_count
-        self.step = step
+        if rows is None:
+            if unit % process_count:
+                raise DataError(f"a unit of {unit} sequences is not divisible by {process_count} processes")
+            part = unit // process_count
+            rows = range(process_index * part, (process_index + 1) * part)
+        self.rows = np.asarray(rows, np.int64)
+        if not len(self.rows) or self.rows.min() < 0 or self.rows.max() >= unit:
+            raise DataError(f"rows {list(self.rows)} are not rows of a unit of {unit} sequences")
+        self.builder, self.unit = builder, unit
+        self.position = position
         self.prefetch = prefetch
         self._queue: queue.Queue | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
 
-    def batch_at(self, step: int) -> dict[str, np.ndarray]:
-        first = step * self.global_batch + self.process_index * self.local_batch
-        rows = [self.builder.build(first + r) for r in range(self.local_batch)]
-        return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+    def batch_at(self, position: int) -> dict[str, np.ndarray]:
+        """This process's rows of the unit starting at global sequence `position`."""
+        built = [self.builder.build(int(position + r)) for r in self.rows]
+        return {k: np.stack([b[k] for b in built]) for k in built[0]}
 
     def state(self) -> dict:
-        """What a checkpoint stores: the next step (plus what must match on restore)."""
-        return {
-            "step": self.step,
-            "seed": self.builder.seed,
-            "global_batch": self.global_batch,
-            "seq_len": self.builder.seq_len,
-        }
+        """What a checkpoint stores: the next global sequence (plus what must match on restore)."""
+        return {"next": self.position, "seed": self.builder.seed, "seq_len": self.builder.seq_len}
 
     def restore(self, state: dict) -> None:
-        for key in ("seed", "global_batch", "seq_len"):
+        """Continue from a checkpoint's `state()` (or an older run's {"step", "global_batch"})."""
+        for key in ("seed", "seq_len"):
             mine = self.state()[key]
             if state.get(key, mine) != mine:
                 raise DataError(f"data state from a run with {key}={state[key]}, this run has {key}={mine}")
         self._stop_prefetch()
-        self.step = int(state["step"])
+        self.position = int(state["next"]) if "next" in state else int(state["step"]) * int(state["global_batch"])
 
     def __iter__(self):
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
         if self.prefetch <= 0:
-            batch = self.batch_at(self.step)
+            batch = self.batch_at(self.position)
         else:
             if self._thread is None:
                 self._start_prefetch()
-            step, batch = self._queue.get()
+            position, batch = self._queue.get()
             if isinstance(batch, Exception):
                 self._stop_prefetch()
                 raise batch
-            assert step == self.step, (step, self.step)
-        self.step += 1
+            assert position == self.position, (position, self.position)
+        self.position += self.unit
         return batch
 
     def _start_prefetch(self):
         self._stop.clear()
         self._queue = queue.Queue(maxsize=self.prefetch)
-        start = self.step
+        start = self.position
 
         def work():
-            s = start
+            p = start
             while not self._stop.is_set():
                 try:
-                    item = (s, self.batch_at(s))
+                    item = (p, self.batch_at(p))
                 except Exception as e:  # hand the error to the consumer instead of hanging it
-                    item = (s, e)
+                    item = (p, e)
                 while not self._stop.is_set():
                     try:
                         self._queue.put(item, timeout=0.1)
                         break
                     except queue.Full:
                         continue
-                s += 1
+                p += self.unit
 
         self._thread = threading.Thread(target=work, daemon=True)
         self._thread.start()

@@ -35,6 +35,7 @@ LOGICAL_RULES = (
     ("vocab", "tensor"),
     ("embed", None),
     ("length", None),
+    ("sequence", None),  # the residual stream's positions: over `tensor` with sequence parallelism
     ("head_dim", None),
     ("glu", None),
 )
@@ -150,8 +151,9 @@ def axis_size(mesh: jax.sharding.Mesh, name: str) -> int:
     return int(mesh.shape[name])
 
 
-def rules_for(config: GLMConfig, mesh: jax.sharding.Mesh, fsdp: bool = False) -> tuple:
-    """LOGICAL_RULES adjusted to this config on this mesh (KV replication; FSDP over `data`)."""
+def rules_for(config: GLMConfig, mesh: jax.sharding.Mesh, fsdp: bool = False, sequence_parallel: bool = False) -> tuple:
+    """LOGICAL_RULES adjusted to this config on this mesh (KV replication; FSDP over `data`;
+    sequence parallelism: the residual stream's positions over `tensor`, Megatron's scheme)."""
     t = axis_size(mesh, "tensor")
     rules = []
     for logical, physical in LOGICAL_RULES:
@@ -159,6 +161,8 @@ def rules_for(config: GLMConfig, mesh: jax.sharding.Mesh, fsdp: bool = False) ->
             physical = None  # replicate KV heads rather than split a head
         if logical == "embed" and fsdp:
             physical = "data"
+        if logical == "sequence" and sequence_parallel:
+            physical = "tensor"
         rules.append((logical, physical))
     return tuple(rules)
 
@@ -207,18 +211,22 @@ def named_shardings(boxed_tree, mesh: jax.sharding.Mesh, rules) -> Any:
 def zero1_sharding(sharding: NamedSharding, shape: tuple[int, ...]) -> NamedSharding:
     """ZeRO-1: the same array sharded further over `data` on its largest free dimension that
     the data axis divides (optimizer moments follow their parameter otherwise)."""
-    mesh = sharding.mesh
-    d = axis_size(mesh, "data")
-    spec = list(sharding.spec) + [None] * (len(shape) - len(sharding.spec))
+    spec = zero1_spec(sharding.spec, shape, axis_size(sharding.mesh, "data"))
+    return sharding if spec is None else NamedSharding(sharding.mesh, spec)
+
+
+def zero1_spec(spec: P, shape: tuple[int, ...], data: int) -> P | None:
+    """`spec` with `data` on the largest free dimension of `shape` that `data` divides; None when
+    it stays as it is (data 1, already over `data`, or no dimension fits)."""
+    spec = list(spec) + [None] * (len(shape) - len(spec))
     used = {a for s in spec if s for a in ((s,) if isinstance(s, str) else s)}
-    if d == 1 or "data" in used:
-        return sharding
-    free = [i for i, s in enumerate(spec) if s is None and shape[i] % d == 0]
+    if data == 1 or "data" in used:
+        return None
+    free = [i for i, s in enumerate(spec) if s is None and shape[i] % data == 0]
     if not free:
-        return sharding
-    i = max(free, key=lambda j: shape[j])
-    spec[i] = "data"
-    return NamedSharding(mesh, P(*spec))
+        return None
+    spec[max(free, key=lambda j: shape[j])] = "data"
+    return P(*spec)
 
 
 def per_device_bytes(shapes, shardings) -> float:
@@ -237,6 +245,35 @@ def abstract_tree(shapes, shardings):
 def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
     """[B, S] batch arrays: rows over `data`."""
     return NamedSharding(mesh, P("data", None))
+
+
+# ---- which rows of a batch each process builds ----------------------------------------------------
+def rows_held(sharding: NamedSharding, rows: int, devices=None) -> np.ndarray:
+    """The rows of a [rows, ...] batch in `sharding` that `devices` (default: this process's) hold:
+    ascending global row indices. Processes holding parts of one data replica hold the same rows."""
+    mesh = sharding.mesh
+    d = axis_size(mesh, "data")
+    if rows % d:
+        raise MeshError(f"a batch of {rows} rows cannot be split over the data axis of {d} (mesh {dict(mesh.shape)})")
+    mine = set(mesh.local_devices if devices is None else devices)
+    indices = sharding.devices_indices_map((rows, 1))
+    held = [np.arange(rows)[index[0]] for device, index in indices.items() if device in mine]
+    return np.unique(np.concatenate(held))
+
+
+def microbatch_rows_held(sharding: NamedSharding, microbatch_rows: int, microbatches: int, devices=None) -> np.ndarray:
+    """The rows of every microbatch that `devices` (default: this process's) hold when a batch of
+    `microbatches` microbatches of `microbatch_rows` rows is laid out for
+    `pipeline.split_microbatches` (row r of the batch is row r // M of microbatch r % M): ascending
+    rows of a microbatch, the same for each."""
+    held = rows_held(sharding, microbatch_rows * microbatches, devices)
+    unique = np.unique(held // microbatches)
+    if len(held) != len(unique) * microbatches:  # a data shard would have to start inside a row's microbatches
+        raise MeshError(
+            f"{microbatches} microbatches of {microbatch_rows} rows cannot be split over the data axis of "
+            f"{axis_size(sharding.mesh, 'data')}: each data shard needs whole rows of every microbatch"
+        )
+    return unique
 
 
 # ---- many processes -------------------------------------------------------------------------------
@@ -264,11 +301,27 @@ def initialize_distributed(environ=None) -> bool:
 
 
 def global_batch(local: dict, mesh: jax.sharding.Mesh) -> dict:
-    """This process's rows [B / processes, ...] -> global arrays [B, ...] sharded over `data`."""
+    """This process's rows of a batch (`rows_held`, ascending; one process: all) [n, ...] -> global
+    arrays [B, ...] sharded over `data`. B is n x the data shards over the shards this process
+    holds; each device gets its rows from its own process (`make_array_from_callback`)."""
     sharding = batch_sharding(mesh)
-    return {
-        k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items() if np.ndim(v) == 2
-    }
+    arrays = {k: np.asarray(v) for k, v in local.items() if np.ndim(v) == 2}
+    n = next(iter(arrays.values())).shape[0]
+    d = axis_size(mesh, "data")
+    shards = len(rows_held(sharding, d))
+    if n % shards:
+        raise MeshError(f"process {jax.process_index()} holds {shards} of {d} data shards: {n} rows do not split")
+    rows = n * d // shards
+    held = rows_held(sharding, rows)
+    position = np.full(rows, -1)
+    position[held] = np.arange(len(held))
+
+    def place(values):
+        return jax.make_array_from_callback(
+            (rows,) + values.shape[1:], sharding, lambda index: values[position[index[0]]]
+        )
+
+    return {k: place(v) for k, v in arrays.items()}
 
 
 def simulate_cpu_devices(n: int) -> bool:

@@ -141,6 +141,22 @@ def test_processes_load_only_their_rows():
             np.testing.assert_array_equal(np.concatenate([parts[0][step][k], parts[1][step][k]]), whole[step][k])
 
 
+def test_position_is_in_sequences_whatever_the_unit():
+    """Units of 4 then, restored, units of 2 of which this process builds row 1: the sequences
+    follow on; an older checkpoint's {"step", "global_batch"} reads as step x batch."""
+    first = DataIterator(_builder(), 4, prefetch=0)
+    _take(first, 3)
+    state = json.loads(json.dumps(first.state()))
+    assert state["next"] == 12
+    for saved in (state, {"step": 3, "global_batch": 4, "seed": 0, "seq_len": 128}):
+        resumed = DataIterator(_builder(), 2, prefetch=2, rows=[1])
+        resumed.restore(saved)
+        got = _take(resumed, 2)
+        resumed.close()
+        want = [{k: v[None] for k, v in _builder().build(i).items()} for i in (13, 15)]
+        _same(got, want)
+
+
 def test_restore_refuses_another_runs_state():
     it = DataIterator(_builder(seed=1), 4, prefetch=0)
     with pytest.raises(DataError, match="seed=0"):
