@@ -225,7 +225,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     extra = argv[argv.index("--") + 1 :] if "--" in argv else []
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", choices=("tiny", "130b"), default=None, help="only these plans")
+    ap.add_argument("--only", default=None, help="only the plans whose names start with this (tiny, 130b_v4, ...)")
     ap.add_argument("--out", default=None, help="keep each plan's JSON and HLO here (default: a temporary folder)")
     ap.add_argument(
         "--from", dest="saved", default=None, metavar="DIR", help="read NAME.json from DIR, compile nothing"

@@ -80,6 +80,18 @@ def parse_args(argv=None):
     ap.add_argument("--no-ramp", action="store_true", help="no batch ramp-up")
     ap.add_argument("--max-skips", type=int, default=None, help="stop after this many non-finite steps in a row")
     ap.add_argument("--fsdp", action="store_true", help="also shard parameters over the data axis (FSDP)")
+    ap.add_argument(
+        "--fsdp-gather",
+        choices=("once", "tick"),  # train.FSDP_GATHER (jax is imported after the device flags)
+        default="once",
+        help="with --fsdp on a pipelined mesh: gather a stage's weights once a step (more memory, one gather) "
+        "or on every tick (less memory, a gather per tick)",
+    )
+    ap.add_argument(
+        "--sequence-parallel",
+        action="store_true",
+        help="split the residual stream's positions over the tensor axis (Megatron's sequence parallelism)",
+    )
     ap.add_argument("--two-d", action="store_true", help="2D positions in the samples (GLM / ChatGLM-6B)")
     ap.add_argument(
         "--family", default="glm", help="model family: its tokenizer encodes the data, a causal family trains causally"
@@ -99,12 +111,17 @@ def parse_args(argv=None):
         help="with --dry-run: compile for this TPU topology (v4-8, v5e-16, v5p-1536, v6e-256, v5p:8x8x12)",
     )
     ap.add_argument("--slices", type=int, default=1, help="with --topology: slices over the data-center network")
+    ap.add_argument(
+        "--dump-hlo", default=None, metavar="FILE", help="with --dry-run: write the compiled step's HLO text"
+    )
     args = ap.parse_args(argv)
     for name in ("steps", "batch", "seq", "ckpt_every", "keep"):
         if getattr(args, name) <= 0:
             ap.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.topology and not args.dry_run:
         ap.error("--topology plans a TPU pod: it needs --dry-run (nothing runs on a described topology)")
+    if args.dump_hlo and not args.dry_run:
+        ap.error("--dump-hlo writes the step --dry-run compiles: it needs --dry-run")
     return ap, args
 
 
@@ -179,13 +196,15 @@ def main(argv=None):
             async_checkpoints=not args.sync_checkpoints,
             progress=not args.no_progress,
             fsdp=args.fsdp,
+            fsdp_gather=args.fsdp_gather,
+            sequence_parallel=args.sequence_parallel,
             family=args.family,
         )
         if args.dry_run:
             trainer, batches = make_trainer(config, optim, run, mesh)
             if batches.ramp_note:
                 log(f"warning: {batches.ramp_note}")
-            report = dry_run(trainer, args.seq)
+            report = dry_run(trainer, args.seq, hlo_file=args.dump_hlo)
             if topology is not None:
                 report = {**report, **plan_fields(topology, devices, report)}
             for k, v in report.items():

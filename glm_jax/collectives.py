@@ -121,7 +121,7 @@ def parse_module(hlo_text: str) -> tuple[dict[str, Computation], str]:
         if header and current is None:
             current, body = header.group(2), []
             entry = current if header.group(1) else entry
-        elif current is not None and line.strip() == "}":
+        elif current is not None and line.startswith("}"):  # "}" or "}, execution_thread=..."
             computations[current] = Computation(current, tuple(body), root or body[-1].name)
             current = root = None
         elif current is not None:

@@ -6,10 +6,13 @@ The plan: `PipelinePlan` puts the stacked layers into `stages` x `slots` slots o
 
 The schedules run on that slot layout.
 
-Every schedule runs in lockstep ticks: at each tick every stage runs its K slots on one
-microbatch, vmapped over stages with the stage axis sharded (`spmd_axis_name`), then activations
-move one stage on. The first stage embeds its microbatch and the last computes the head and the
-loss of the microbatch leaving it, so no pass-wide logits (and no [M, mb, S, V] buffer) exist.
+Every schedule runs in lockstep ticks as one program per stage and data shard (`StageLayout`:
+`jax.shard_map` manual over `stage` and `data`, `tensor` left to the partitioner): at each tick a
+stage runs its K slots on one microbatch, then `ppermute` moves activations one stage on. Each
+part of a stage's work is under `lax.cond`: the first stage embeds its microbatch, the last
+computes the head and the loss of the microbatch leaving it (no pass-wide logits, no [M, mb, S, V]
+buffer), and nothing runs on a bubble tick. FSDP weights are gathered once a step before the
+programs, or on every tick inside them (`gather_once`).
 
 - GPipe (`gpipe_loss`, `pipeline_blocks`): all forwards over M + S - 1 ticks in a `lax.scan`,
   differentiated by autodiff (all backwards after). Activation memory grows with M.
@@ -26,17 +29,20 @@ paid once per step rather than once per pass.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax.linen.spmd import get_logical_axis_rules
 from jax.sharding import PartitionSpec as P
 
 from glm_jax.config import GLMConfig
 from glm_jax.layers import GLMBlock
 from glm_jax.losses import token_loss_sum
-from glm_jax.model import GLM, REMAT_POLICIES, attention_inputs
-from glm_jax.sharding import axis_size
+from glm_jax.model import GLM, REMAT_POLICIES, abstract_params, attention_inputs
+from glm_jax.sharding import AXES, axis_size, zero1_spec
 
 BATCH_FIELDS = ("position_ids", "block_position_ids", "segment_ids", "prefix_mask")
 LOSS_FIELDS = ("tokens", "targets", "loss_mask")
@@ -172,12 +178,16 @@ def _embed(config: GLMConfig, params, fields, alpha, rng):
     return GLM(config).apply({"params": params}, fields, alpha, method=GLM.embed, rngs=rngs)
 
 
-def stage_function(config: GLMConfig, plan: PipelinePlan):
+def stage_function(config: GLMConfig, plan: PipelinePlan, gather=None):
     """stage(layer_params [K, ...], active [K], x [mb, S, E], fields, rng, prefix [K, ...]) -> [mb, S, E]:
-    one stage's slots in a scan, padding slots passing x through."""
+    one stage's slots in a scan, padding slots passing x through. gather(one layer's parameters):
+    what each slot does to its layer's parameters first (FSDP's per-layer gather, recomputed in
+    the backward under remat)."""
     block = GLMBlock(config)
 
     def layer(params, x, mask, tables, rng, prefix):
+        if gather is not None:
+            params = gather(params)
         rngs = {"dropout": rng} if rng is not None else None
         return block.apply({"params": params}, x, mask, tables, None, None, prefix, rngs=rngs)[0]
 
@@ -197,40 +207,205 @@ def stage_function(config: GLMConfig, plan: PipelinePlan):
     return stage
 
 
-def _by_stage(tree, plan: PipelinePlan):
-    """Slot layout [S*K, ...] -> [S, K, ...]."""
-    return jax.tree_util.tree_map(lambda x: x.reshape((plan.stages, plan.slots) + x.shape[1:]), tree)
+# ---- one program per stage and data shard: shard_map over `stage` and `data` -----------------------------
+MANUAL_AXES = ("stage", "data")
 
 
-def _per_stage(tree, stages: int):
-    """Broadcast leaves over a leading stage axis, sharded over `stage`: every stage uses its own
-    copy (the one it already holds), so gradients accumulate per stage inside a loop and are
-    summed over stages once, after it (not an all-reduce per tick)."""
+@dataclasses.dataclass(frozen=True)
+class StageLayout:
+    """How the schedules see the mesh: one program per stage and data shard (shard_map manual over
+    `stage` and `data`: a stage computes only its own work, under `lax.cond`; gradients accumulate
+    per data shard and are reduced once, after the tick loop); `tensor` is left to the partitioner.
 
-    def one(x):
-        x = jnp.broadcast_to(x, (stages,) + x.shape)
-        return jax.lax.with_sharding_constraint(x, P("stage", *([P.UNCONSTRAINED] * (x.ndim - 1))))
+    FSDP weights (the rules shard them over `data`) reach the programs whole: gathered once a step,
+    before them (`gather`: by the partitioner, so they keep their `tensor` sharding, in the compute
+    dtype), or on every tick inside them (`gather_inside`: XLA's partitioner cannot split a manual
+    all-gather over `tensor`, so the gathered copy is whole over `tensor` while the tick runs).
+    """
 
-    return jax.tree_util.tree_map(one, tree)
+    config: GLMConfig
+    plan: PipelinePlan
+    rules: tuple  # the logical rules outside; inside, the manual axes map to nothing
+    gather_once: bool
+
+    @property
+    def inner_rules(self) -> tuple:
+        return tuple((logical, _keep(physical, lambda n: n not in MANUAL_AXES)) for logical, physical in self.rules)
+
+    def specs(self, tree, keep=MANUAL_AXES) -> dict:
+        """Each leaf's PartitionSpec by the rules in force, on the mesh axes in `keep` only (the
+        layers' leading slot axis over `stage` when `keep` has it)."""
+        logical = _logical_specs(self.config)
+
+        def one(path, leaf):
+            names = [getattr(k, "key", None) for k in path]
+            spec = _lookup(logical, names)
+            axes = tuple(nn.logical_to_mesh_axes(spec, self.rules)) if spec is not None else ()
+            axes = [_keep(a, lambda n: n in keep) for a in axes] + [None] * (np.ndim(leaf) - len(axes))
+            if "stage" in keep and names and names[0] == "layers":
+                axes[0] = "stage"
+            return P(*axes)
+
+        return jax.tree_util.tree_map_with_path(one, tree)
+
+    def param_specs(self, tree) -> dict:
+        """in_specs of parameters: layers over `stage`, FSDP leaves over `data` unless gathered once."""
+        return self.specs(tree, ("stage",) if self.gather_once else MANUAL_AXES)
+
+    def gather(self, tree, cast: bool = True):
+        """Once a step, before the programs: FSDP leaves whole, in the rules' other shardings;
+        with `cast`, kernels and embeddings in the compute dtype (the layers cast them anyway)."""
+        if not self.gather_once:
+            return tree
+        dtype = self.config.compute_dtype if cast else None
+        return jax.tree_util.tree_map_with_path(
+            lambda path, x, spec, placed: _whole(
+                path, x, spec, dtype, lambda y: jax.lax.with_sharding_constraint(y, placed)
+            ),
+            tree,
+            self.specs(tree),
+            self.specs(tree, tuple(a for a in AXES if a != "data")),
+        )
+
+    def gather_inside(self, tree):
+        """On every tick, inside a program, the leaves outside the layers (each layer's are
+        gathered by its slot, `gather_layer`)."""
+        if self.gather_once:
+            return tree
+        return {**tree, **self._gathered({k: v for k, v in tree.items() if k != "layers"})}
+
+    def gather_layer(self, params):
+        """One layer's parameters (a slot of a stage's scan), gathered inside the program."""
+        stacked = self._gathered({"layers": jax.tree_util.tree_map(lambda x: x[None], params)})
+        return jax.tree_util.tree_map(lambda x: x[0], stacked["layers"])
+
+    def _gathered(self, tree):
+        """FSDP leaves all-gathered over `data` inside a program, in the compute dtype; their
+        gradients reduce-scattered back in their own dtype (`_gather_leaf`)."""
+        dtype = self.config.compute_dtype
+
+        def one(path, x, spec, tensor):
+            axis = tuple(spec).index("data") if "data" in tuple(spec) else None
+            return _whole(path, x, spec, None, lambda y: _gather_leaf(axis, _cast_dtype(path, y, dtype), tensor, y))
+
+        return jax.tree_util.tree_map_with_path(one, tree, self.specs(tree), self.specs(tree, ("tensor",)))
+
+    def run(self, body, in_specs, out_specs, *args):
+        """body(*args) as one program per stage and data shard on the current mesh."""
+        mesh = jax.sharding.get_abstract_mesh()
+        if mesh.empty or mesh.shape.get("stage") != self.plan.stages:
+            raise ValueError(
+                f"a {self.plan.stages}-stage pipeline runs under a mesh whose stage axis has {self.plan.stages} "
+                "devices (jax.set_mesh)"
+            )
+
+        def inner(*a):
+            with nn.logical_axis_rules(self.inner_rules):
+                return body(*a)
+
+        return jax.shard_map(
+            inner, mesh=mesh, in_specs=in_specs, out_specs=out_specs, axis_names=set(MANUAL_AXES), check_vma=False
+        )(*args)
+
+    def constrain(self, x):
+        """An activation [mb, S, E] as the rules place it inside a stage (sequence parallelism:
+        positions over `tensor`)."""
+        return nn.with_logical_constraint(x, ("batch", "sequence", "embed"))
 
 
-def _microbatch_fields(batch, microbatches: int, with_loss: bool):
-    """The batch's fields a schedule reads, [M, B/M, S] each (a missing field: zeros)."""
+def _keep(physical, wanted):
+    """A rule's mesh axes (a name, a tuple of names or None) reduced to those `wanted`."""
+    names = (physical,) if isinstance(physical, str) else tuple(physical or ())
+    kept = tuple(n for n in names if wanted(n))
+    return kept[0] if len(kept) == 1 else (kept or None)
+
+
+@functools.lru_cache(maxsize=8)
+def _logical_specs(config: GLMConfig):
+    """The model's parameters' logical PartitionSpecs (a tree like the parameters)."""
+    return nn.get_partition_spec(abstract_params(config))
+
+
+def _lookup(tree, names):
+    for name in names:
+        if not isinstance(tree, dict) or name not in tree:
+            return None
+        tree = tree[name]
+    return tree if isinstance(tree, P) else None
+
+
+def _layout(config: GLMConfig, plan: PipelinePlan, gather_once: bool) -> StageLayout:
+    return StageLayout(config, plan, tuple(get_logical_axis_rules()), gather_once)
+
+
+def _cast_dtype(path, x, dtype):
+    """The dtype a gathered leaf travels in: kernels and embeddings in `dtype` (None: their own)."""
+    if dtype is not None and getattr(path[-1], "key", None) in ("kernel", "embedding"):
+        if jnp.issubdtype(x.dtype, jnp.floating):
+            return jnp.dtype(dtype)
+    return x.dtype
+
+
+def _whole(path, x, spec, dtype, gather):
+    """gather(x in its travelling dtype) for a leaf the rules shard over `data`; x otherwise."""
+    if "data" not in jax.tree_util.tree_leaves(tuple(spec)):
+        return x
+    return gather(x.astype(_cast_dtype(path, x, dtype)))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _gather_leaf(axis: int, dtype, tensor: P, x):
+    """x's shards over `data` all-gathered along `axis` in `dtype`, keeping its `tensor` sharding
+    (`tensor`: its spec on that axis); the gradient is reduce-scattered back in x's own dtype."""
+    return _on_tensor_shards(lambda y: jax.lax.all_gather(y.astype(dtype), "data", axis=axis, tiled=True), tensor, x)
+
+
+def _gather_leaf_forward(axis, dtype, tensor, x):
+    return _gather_leaf(axis, dtype, tensor, x), jnp.zeros((), x.dtype)
+
+
+def _gather_leaf_backward(axis, dtype, tensor, like, g):
+    scatter = lambda y: jax.lax.psum_scatter(y.astype(like.dtype), "data", scatter_dimension=axis, tiled=True)  # noqa: E731
+    return (_on_tensor_shards(scatter, tensor, g),)
+
+
+_gather_leaf.defvjp(_gather_leaf_forward, _gather_leaf_backward)
+
+
+def _on_tensor_shards(fn, tensor: P, x):
+    """fn(x) per `tensor` shard: a collective over the manual `data` axis inside the stage
+    programs would otherwise make XLA's partitioner gather x whole over the automatic `tensor`
+    axis first (it cannot split a manual collective over an automatic axis)."""
+    if "tensor" not in jax.tree_util.tree_leaves(tuple(tensor)):
+        return fn(x)
+    return jax.shard_map(fn, in_specs=tensor, out_specs=tensor, axis_names={"tensor"}, check_vma=False)(x)
+
+
+def _stage_index():
+    return jax.lax.axis_index("stage")
+
+
+def _send_forward(x, stages: int):
+    """Stage s's activation to stage s + 1 (the first stage receives zeros)."""
+    return jax.lax.ppermute(x, "stage", [(s, s + 1) for s in range(stages - 1)])
+
+
+def _send_backward(x, stages: int):
+    """Stage s's input cotangent to stage s - 1."""
+    return jax.lax.ppermute(x, "stage", [(s + 1, s) for s in range(stages - 1)])
+
+
+def _schedule_fields(batch, with_loss: bool) -> dict:
+    """The batch's fields a schedule reads, [B, S] each (a missing field: zeros); each stage's
+    program splits its data shard's rows into microbatches (`split_microbatches`)."""
     names = BATCH_FIELDS + (LOSS_FIELDS if with_loss else ("tokens",))
     zeros = jnp.zeros_like(batch["position_ids"])
-    return {name: split_microbatches(batch.get(name, zeros), microbatches) for name in names}
+    return {name: batch.get(name, zeros) for name in names}
 
 
-def _stage_prefix(config: GLMConfig, plan: PipelinePlan, params, rng):
-    """P-tuning keys/values in slot layout by stage [S, K, P, 2, K, D], or None."""
-    if not config.pre_seq_len:
-        return None
-    rngs = {"dropout": rng} if rng is not None else None
-    return _by_stage(to_slots(GLM(config).apply({"params": params}, method=GLM.prefix, rngs=rngs), plan), plan)
-
-
-def _split_layers(params):
-    return params.get("layers"), {k: v for k, v in params.items() if k != "layers"}
+def _take_microbatch(fields, index) -> dict:
+    """Microbatch `index` of fields split by `split_microbatches`."""
+    return {name: values[index] for name, values in fields.items()}
 
 
 def _dropout_keys(dropout_rng):
@@ -241,9 +416,57 @@ def _dropout_keys(dropout_rng):
     return embed_key, layers_key
 
 
-def _take_microbatch(fields, index) -> dict:
-    """Microbatch `index` of fields split by `_microbatch_fields`."""
-    return {name: values[index] for name, values in fields.items()}
+class _StageWork:
+    """What one stage does to one microbatch, inside the per-stage program: embed on the first
+    stage, its slots, head and loss on the last; each part under `lax.cond`, so other stages skip it.
+    Dropout keys fold in the microbatch, the stage and the data shard."""
+
+    def __init__(self, layout: StageLayout, alpha, dropout_rng):
+        self.layout, self.config, self.plan, self.alpha = layout, layout.config, layout.plan, alpha
+        self.embed_key, self.layers_key = _dropout_keys(dropout_rng)
+        self.stage_fn = stage_function(self.config, self.plan, None if layout.gather_once else layout.gather_layer)
+        self.head_loss = jax.checkpoint(
+            lambda params, hidden, fields: _head_loss(self.config, params, hidden, fields), prevent_cse=False
+        )
+
+    def keys(self, micro):
+        """(embedding key, layers key) of microbatch `micro` on this stage and data shard."""
+        if self.layers_key is None:
+            return None, None
+        shard = jax.lax.axis_index("data")
+        embed_key = jax.random.fold_in(jax.random.fold_in(self.embed_key, micro), shard)
+        layer_key = jax.random.fold_in(jax.random.fold_in(self.layers_key, micro), _stage_index())
+        return embed_key, jax.random.fold_in(layer_key, shard)
+
+    def prefix(self, params):
+        """This stage's P-tuning keys / values [K, P, 2, K, D], or None."""
+        if not self.config.pre_seq_len:
+            return None
+        rngs = {"dropout": self.embed_key} if self.embed_key is not None else None
+        slots = to_slots(GLM(self.config).apply({"params": params}, method=GLM.prefix, rngs=rngs), self.plan)
+        start = _stage_index() * self.plan.slots
+        return jax.tree_util.tree_map(lambda a: jax.lax.dynamic_slice_in_dim(a, start, self.plan.slots), slots)
+
+    def blocks(self, params, active, x, microbatch, micro):
+        """Embedding (first stage) and this stage's slots: x [mb, S, E] -> [mb, S, E]."""
+        embed_key, layer_key = self.keys(micro)
+        x = jax.lax.cond(
+            _stage_index() == 0,
+            lambda: self.layout.constrain(
+                _embed(self.config, params, microbatch, self.alpha, embed_key).astype(x.dtype)
+            ),
+            lambda: self.layout.constrain(x),
+        )
+        return self.layout.constrain(
+            self.stage_fn(params["layers"], active, x, microbatch, layer_key, self.prefix(params))
+        )
+
+    def loss(self, params, y, microbatch):
+        """(loss sum, tokens) of y on the last stage, zeros elsewhere."""
+        zero = (jnp.float32(0), jnp.float32(0))
+        return jax.lax.cond(
+            _stage_index() == self.plan.stages - 1, lambda: self.head_loss(params, y, microbatch), lambda: zero
+        )
 
 
 def _gpipe(
@@ -256,81 +479,58 @@ def _gpipe(
     dropout_rng,
     bubble_value: float,
     with_loss: bool,
+    gather_once: bool,
 ):
-    """GPipe's M + S - 1 ticks in a scan: (loss sum, tokens) with `with_loss`, else the hidden
-    states [B, S, E] leaving the last stage."""
-    stages = plan.stages
-    fields = _microbatch_fields(batch, microbatches, with_loss)
-    layers, rest = _split_layers(params)
-    rest_by_stage, layers_by_stage = _per_stage(rest, stages), _by_stage(layers, plan)
-    active = jnp.asarray(plan.active.reshape(stages, plan.slots))
-    embed_key, layers_key = _dropout_keys(dropout_rng)
-    prefix = _stage_prefix(config, plan, params, embed_key)
-    run_stage = _gpipe_stage(config, plan, alpha, with_loss)
-    stage_ids = jnp.arange(stages)
-    activation_spec = P("stage", "data", None, None)
+    """GPipe's M + S - 1 ticks in a scan, one program per stage (`StageLayout`): (loss sum, tokens)
+    with `with_loss`, else the hidden states [B, S, E] leaving the last stage. Differentiated by
+    autodiff: the gradient of a weight gathered once is reduced once, at the program's edge."""
+    layout = _layout(config, plan, gather_once)
+    fields = _schedule_fields(batch, with_loss)
+    stages, last = plan.stages, plan.stages - 1
+    params = layout.gather(params, cast=False)  # a 16-bit cotangent would be summed in 16 bits
 
-    def tick(carry, t):
-        inputs, outputs, loss_sum, count = carry
-        micro = t - stage_ids  # the microbatch each stage works on
-        valid = (micro >= 0) & (micro < microbatches)
-        index = jnp.clip(micro, 0, microbatches - 1)
-        microbatch = _take_microbatch(fields, index)
-        keys = None if layers_key is None else jax.vmap(_layer_key, in_axes=(None, 0, 0))(layers_key, index, stage_ids)
-        inputs = jax.lax.with_sharding_constraint(inputs, activation_spec)
-        stage_outputs, losses, tokens = jax.vmap(run_stage, spmd_axis_name="stage")(
-            rest_by_stage, layers_by_stage, active, inputs, microbatch, valid, stage_ids, keys, prefix
-        )
-        if not with_loss:
-            outputs = _keep_last_stage_output(outputs, stage_outputs, t, stages, microbatches)
-        inputs = jnp.roll(stage_outputs, 1, axis=0)  # stage s's output becomes stage s+1's input
-        return (inputs, outputs, loss_sum + losses, count + tokens), None
+    def body(params, active, fields, alpha, dropout_rng):
+        fields = {name: split_microbatches(values, microbatches) for name, values in fields.items()}
+        work = _StageWork(layout, alpha, dropout_rng)
+        stage = _stage_index()
 
-    activation_shape = fields["tokens"].shape[1:] + (config.hidden_size,)
-    inputs = jnp.full((stages,) + activation_shape, bubble_value, config.compute_dtype)
-    outputs = jnp.zeros((microbatches,) + activation_shape, config.compute_dtype) if not with_loss else jnp.zeros(())
-    zeros = jnp.zeros((stages,), jnp.float32)
-    ticks = jnp.arange(microbatches + stages - 1)
-    (_, outputs, loss_sum, count), _ = jax.lax.scan(tick, (inputs, outputs, zeros, zeros), ticks)
-    return (loss_sum.sum(), count.sum()) if with_loss else merge_microbatches(outputs)
+        def tick(carry, t):
+            x, outputs, loss_sum, count = carry
+            micro = t - stage  # the microbatch this stage works on
+            valid = (micro >= 0) & (micro < microbatches)
+            index = jnp.clip(micro, 0, microbatches - 1)
+            microbatch = _take_microbatch(fields, index)
+            whole = layout.gather_inside(params)
+            y = jax.lax.cond(
+                valid,
+                lambda: work.blocks(whole, active, x, microbatch, index),
+                lambda: layout.constrain(jnp.zeros_like(x)),
+            )
+            if with_loss:
+                step_loss, tokens = jax.lax.cond(
+                    valid, lambda: work.loss(whole, y, microbatch), lambda: (jnp.float32(0), jnp.float32(0))
+                )
+                loss_sum, count = loss_sum + step_loss, count + tokens
+            else:
+                keep = valid & (stage == last)
+                outputs = jax.lax.cond(
+                    keep, lambda: jax.lax.dynamic_update_index_in_dim(outputs, y, index, 0), lambda: outputs
+                )
+            return (_send_forward(y, stages), outputs, loss_sum, count), None
 
+        rows = fields["tokens"].shape[1:]
+        x = layout.constrain(jnp.full(rows + (config.hidden_size,), bubble_value, config.compute_dtype))
+        outputs = jnp.zeros((microbatches,) + x.shape, x.dtype) if not with_loss else jnp.zeros(())
+        zero = jnp.float32(0)
+        ticks = jnp.arange(microbatches + stages - 1)
+        (_, outputs, loss_sum, count), _ = jax.lax.scan(tick, (x, outputs, zero, zero), ticks)
+        if with_loss:
+            return jax.lax.psum(loss_sum, MANUAL_AXES), jax.lax.psum(count, MANUAL_AXES)
+        return merge_microbatches(jax.lax.psum(outputs, "stage"))
 
-def _layer_key(layers_key, micro, stage):
-    """The dropout key of one stage's layers on one microbatch."""
-    return jax.random.fold_in(jax.random.fold_in(layers_key, micro), stage)
-
-
-def _gpipe_stage(config: GLMConfig, plan: PipelinePlan, alpha, with_loss: bool):
-    """run(rest, layers, active, x, microbatch, valid, stage, key, prefix) -> (output, loss sum,
-    tokens): one GPipe stage on one microbatch (vmapped over stages): the first stage embeds, the
-    last computes the head and loss of a valid microbatch (0 elsewhere)."""
-    stage_fn = stage_function(config, plan)
-    head_loss = jax.checkpoint(
-        lambda params, hidden, fields: _head_loss(config, params, hidden, fields), prevent_cse=False
-    )
-    last = plan.stages - 1
-
-    def run(rest, layers, active, x, microbatch, valid, stage, key, prefix):
-        embed_key, layer_key = _dropout_keys(key)
-        x = jnp.where(stage == 0, _embed(config, rest, microbatch, alpha, embed_key), x)
-        x = jnp.where(valid, x, jnp.zeros_like(x))
-        y = stage_fn(layers, active, x, microbatch, layer_key, prefix)
-        if not with_loss:
-            return y, jnp.float32(0), jnp.float32(0)
-        loss_sum, tokens = head_loss(rest, y, microbatch)
-        on = valid & (stage == last)
-        return y, jnp.where(on, loss_sum, 0.0), jnp.where(on, tokens, 0.0)
-
-    return run
-
-
-def _keep_last_stage_output(outputs, stage_outputs, t, stages: int, microbatches: int):
-    """outputs [M, ...] with the last stage's output at tick t stored as microbatch t - (S - 1),
-    once there is one."""
-    done = t - (stages - 1)
-    index = jnp.clip(done, 0, microbatches - 1)
-    last = jnp.where(done >= 0, stage_outputs[stages - 1], outputs[index])
-    return jax.lax.dynamic_update_index_in_dim(outputs, last, index, 0)
+    in_specs = (layout.param_specs(params), P("stage"), {name: P("data") for name in fields}, P(), P())
+    out_specs = (P(), P()) if with_loss else P("data")
+    return layout.run(body, in_specs, out_specs, params, jnp.asarray(plan.active), fields, alpha, dropout_rng)
 
 
 def pipeline_blocks(
@@ -343,11 +543,14 @@ def pipeline_blocks(
     embedding_alpha=None,
     dropout_rng=None,
     bubble_value: float = 0.0,
+    gather_once: bool = True,
 ):
     """Embedding and blocks as a GPipe schedule: the final hidden states [B, S, E] (before the
-    final norm). Bubble ticks compute on zeros (`bubble_value` fills the idle buffer, NaN in
-    tests) and their results are never read."""
-    return _gpipe(params, batch, config, plan, microbatches, embedding_alpha, dropout_rng, bubble_value, False)
+    final norm). Bubble ticks compute nothing (`bubble_value` fills the idle buffers, NaN in
+    tests, and never reaches a result)."""
+    return _gpipe(
+        params, batch, config, plan, microbatches, embedding_alpha, dropout_rng, bubble_value, False, gather_once
+    )
 
 
 def gpipe_loss(
@@ -360,10 +563,13 @@ def gpipe_loss(
     embedding_alpha=None,
     dropout_rng=None,
     bubble_value: float = 0.0,
+    gather_once: bool = True,
 ):
     """(summed token loss, loss tokens) of a batch through a GPipe schedule, the head and loss
     of each microbatch on the last stage as it leaves the pipeline."""
-    return _gpipe(params, batch, config, plan, microbatches, embedding_alpha, dropout_rng, bubble_value, True)
+    return _gpipe(
+        params, batch, config, plan, microbatches, embedding_alpha, dropout_rng, bubble_value, True, gather_once
+    )
 
 
 def forward(
@@ -409,11 +615,20 @@ def loss_sum(
     *,
     embedding_alpha=None,
     dropout_rng=None,
+    gather_once: bool = True,
 ):
-    """(summed token loss, loss tokens): the plain model on one stage, GPipe on several."""
+    """(summed token loss, loss tokens): the plain model on one stage, GPipe on several (FSDP
+    weights gathered once a pass with `gather_once`, else on every tick)."""
     if plan.stages > 1:
         return gpipe_loss(
-            params, batch, config, plan, microbatches, embedding_alpha=embedding_alpha, dropout_rng=dropout_rng
+            params,
+            batch,
+            config,
+            plan,
+            microbatches,
+            embedding_alpha=embedding_alpha,
+            dropout_rng=dropout_rng,
+            gather_once=gather_once,
         )
     return token_loss_sum(
         forward(params, batch, config, plan, embedding_alpha=embedding_alpha, dropout_rng=dropout_rng), batch
@@ -434,6 +649,7 @@ def one_f_one_b(
     dropout_rng=None,
     scale=1.0,
     bubble_value: float = 0.0,
+    gather_once: bool = True,
 ):
     """Gradients of scale x mean token loss w.r.t. `trainable` through a 1F1B schedule, with
     (summed loss, loss tokens); the same quantities as `jax.grad` of GPipe's mean loss.
@@ -442,122 +658,136 @@ def one_f_one_b(
     (a traced int32, at most max_microbatches) microbatches of `split_microbatches(x,
     max_microbatches)` are used. combine(trainable, frozen) -> the model's parameters (peft.combine).
 
-    Stage s does the forward of microbatch t - s and the backward of microbatch t - 2(S-1) + s at
-    tick t: the last stage runs the head, the loss and their backward right after its forward,
-    and a cotangent reaches stage s one tick after stage s + 1 made it. Stage inputs wait in a
-    ring of 2S - 1 slots per stage until their backward. Idle halves of a tick compute on zeros
-    (`bubble_value` fills the buffers, NaN in tests) and reach neither gradients nor the loss.
+    One program per stage and data shard (`StageLayout`). Stage s does the forward of microbatch
+    t - s and the backward of microbatch t - 2(S-1) + s at tick t, each under `lax.cond` (a bubble
+    half-tick computes nothing): the last stage runs no separate forward, its backward recomputes
+    the forward, the head and the loss; a cotangent reaches stage s one tick after stage s + 1
+    made it. Stage inputs wait in a ring of 2S - 1 slots per stage until their backward.
+    Gradients accumulate per stage and data shard and are reduced once, after the tick loop; with
+    `gather_once` FSDP weights are gathered once, before it.
     """
-    stages = plan.stages
-    fields = _microbatch_fields(batch, max_microbatches, True)
-    used = jnp.asarray(microbatches, jnp.int32)
-    is_used = jnp.arange(max_microbatches) < used
-    total_tokens = jnp.sum(fields["loss_mask"].astype(jnp.float32) * is_used[:, None, None])
-    cotangent = jnp.asarray(scale, jnp.float32) / jnp.maximum(total_tokens, 1.0)
-    trainable_view, frozen_view = _stage_view(trainable, plan), _stage_view(frozen, plan)
-    run = _one_f_one_b_stage(config, plan, combine, embedding_alpha, dropout_rng)
-    stage_tick = _one_f_one_b_tick(run, fields, used, max_microbatches, cotangent, stages)
-    ticks = jax.vmap(stage_tick, in_axes=(0, 0, 0, 0, 0, 0, 0, None), spmd_axis_name="stage")
-    active = jnp.asarray(plan.active.reshape(stages, plan.slots))
-    stage_ids = jnp.arange(stages)
-    activation_spec = P("stage", "data", None, None)
+    layout = _layout(config, plan, gather_once)
+    stages, last, ring = plan.stages, plan.stages - 1, 2 * plan.stages - 1
+    fields = _schedule_fields(batch, True)
+    dtypes = jax.tree_util.tree_map(lambda x: x.dtype, trainable)  # gradients accumulate in these
+    targets = _gradient_targets(trainable, layout)  # where the gradients end
+    trainable, frozen = layout.gather(trainable), layout.gather(frozen)
 
-    def body(t, carry):
-        forward_in, backward_in, buffer, grads, losses = carry
-        forward_in = jax.lax.with_sharding_constraint(forward_in, activation_spec)
-        backward_in = jax.lax.with_sharding_constraint(backward_in, activation_spec)
-        y, d_x, buffer, d_trainable, loss = ticks(
-            trainable_view, frozen_view, active, stage_ids, forward_in, backward_in, buffer, t
+    def body(trainable, frozen, active, fields, used, alpha, dropout_rng, scale):
+        fields = {name: split_microbatches(values, max_microbatches) for name, values in fields.items()}
+        is_used = jnp.arange(max_microbatches) < used
+        total_tokens = jax.lax.psum(jnp.sum(fields["loss_mask"].astype(jnp.float32) * is_used[:, None, None]), "data")
+        cotangent = scale / jnp.maximum(total_tokens, 1.0)
+        work = _StageWork(layout, alpha, dropout_rng)
+        stage = _stage_index()
+
+        def run(view, x, microbatch, micro, with_head: bool):
+            params = combine(layout.gather_inside(view), layout.gather_inside(frozen))
+            y = work.blocks(params, active, x, microbatch, micro)
+            return y, (work.loss(params, y, microbatch)[0] if with_head else jnp.float32(0))
+
+        def tick(t, carry):
+            forward_in, backward_in, buffer, grads, losses = carry
+            forward, backward = t - stage, t - 2 * (stages - 1) + stage
+            forward_ok = (forward >= 0) & (forward < used)
+            backward_ok = (backward >= 0) & (backward < used)
+            forward_index = jnp.clip(forward, 0, max_microbatches - 1)
+            backward_index = jnp.clip(backward, 0, max_microbatches - 1)
+            forward_microbatch = _take_microbatch(fields, forward_index)
+            backward_microbatch = _take_microbatch(fields, backward_index)
+            # the last stage's forward is its backward's recomputation
+            y = jax.lax.cond(
+                forward_ok & (stage != last),
+                lambda: run(trainable, forward_in, forward_microbatch, forward_index, False)[0],
+                lambda: layout.constrain(jnp.zeros_like(forward_in)),
+            )
+            buffer = _ring_store(buffer, forward_in, forward % ring, forward_ok)
+
+            def backward_pass(grads):
+                x = jax.lax.dynamic_index_in_dim(buffer, backward % ring, 0, keepdims=False)
+
+                def recompute(view, x):
+                    return run(view, x, backward_microbatch, backward_index, True)
+
+                (_, loss), pullback = jax.vjp(recompute, trainable, x)
+                d_y = jnp.where(stage == last, jnp.zeros_like(backward_in), backward_in)
+                d_view, d_x = pullback((d_y, jnp.where(stage == last, cotangent, 0.0)))
+                grads = jax.tree_util.tree_map(lambda g, d: g + d.astype(g.dtype), grads, d_view)
+                return grads, layout.constrain(d_x), jnp.where(stage == last, loss, 0.0)
+
+            def idle(grads):
+                return grads, layout.constrain(jnp.zeros_like(backward_in)), jnp.float32(0)
+
+            # the accumulator goes through the conditional: XLA then holds no separate cotangent tree
+            grads, d_x, loss = jax.lax.cond(backward_ok, backward_pass, idle, grads)
+            return (
+                layout.constrain(_send_forward(y, stages)),
+                layout.constrain(_send_backward(d_x, stages)),
+                buffer,
+                grads,
+                losses + loss,
+            )
+
+        rows = fields["tokens"].shape[1:]
+        activations = layout.constrain(jnp.full(rows + (config.hidden_size,), bubble_value, config.compute_dtype))
+        buffer = jnp.full((ring,) + activations.shape, bubble_value, config.compute_dtype)
+        grads = jax.tree_util.tree_map(
+            lambda x, dtype, placed: jax.lax.with_sharding_constraint(jnp.zeros(x.shape, dtype), placed),
+            trainable,
+            dtypes,
+            layout.specs(trainable, ("tensor",)),
         )
-        grads = jax.tree_util.tree_map(jnp.add, grads, d_trainable)
-        # forward activations move one stage on, cotangents one stage back
-        return jnp.roll(y, 1, axis=0), jnp.roll(d_x, -1, axis=0), buffer, grads, losses + loss
+        carry = (activations, activations, buffer, grads, jnp.float32(0))
+        _, _, _, grads, losses = jax.lax.fori_loop(0, used + 2 * (stages - 1), tick, carry)
+        return _stage_gradients(grads, targets, layout), jax.lax.psum(losses, MANUAL_AXES), total_tokens
 
-    activation_shape = fields["tokens"].shape[1:] + (config.hidden_size,)
-    activations = jnp.full((stages,) + activation_shape, bubble_value, config.compute_dtype)
-    buffer = jax.lax.with_sharding_constraint(
-        jnp.full((stages, 2 * stages - 1) + activation_shape, bubble_value, config.compute_dtype),
-        P("stage", None, "data", None, None),
+    grad_specs = jax.tree_util.tree_map(lambda spec: P(*(a if a in MANUAL_AXES else None for a in spec)), targets)
+    frozen_specs = layout.param_specs(frozen)
+    in_specs = (
+        layout.param_specs(trainable),
+        frozen_specs,
+        P("stage"),
+        {k: P("data") for k in fields},
+        P(),
+        P(),
+        P(),
+        P(),
     )
-    grads = jax.tree_util.tree_map(jnp.zeros_like, trainable_view)
-    carry = (activations, activations, buffer, grads, jnp.zeros((stages,), jnp.float32))
-    _, _, _, grads, losses = jax.lax.fori_loop(0, used + 2 * (stages - 1), body, carry)
-    return _unstage_gradients(grads, plan), losses.sum(), total_tokens
+    used, scale = jnp.asarray(microbatches, jnp.int32), jnp.asarray(scale, jnp.float32)
+    args = (trainable, frozen, jnp.asarray(plan.active), fields, used, embedding_alpha, dropout_rng, scale)
+    return layout.run(body, in_specs, (grad_specs, P(), P()), *args)
 
 
-def _stage_view(params, plan: PipelinePlan) -> dict:
-    """A parameter tree as the vmapped stages take it: layers [S, K, ...] by stage, the other
-    leaves broadcast over stages (`_per_stage`)."""
-    layers, rest = _split_layers(params)
-    return {**_per_stage(rest, plan.stages), **({} if layers is None else {"layers": _by_stage(layers, plan)})}
+def _gradient_targets(trainable, layout: StageLayout) -> dict:
+    """Where each gradient leaves the stage programs: FSDP leaves as their parameters, the others
+    ZeRO-style over `data` on their largest free dimension (as the optimizer moments), each
+    data shard holding its part of the sum; full mesh specs."""
+    data = jax.sharding.get_abstract_mesh().shape["data"]
+    specs = layout.specs(trainable, AXES)
+    return jax.tree_util.tree_map(lambda spec, x: zero1_spec(spec, x.shape, data) or spec, specs, trainable)
 
 
-def _unstage_gradients(grads, plan: PipelinePlan) -> dict:
-    """Per-stage gradients of a `_stage_view` -> the tree's: the other leaves summed over stages,
-    the layers back in slot layout [S*K, ...]."""
-    out = {key: jax.tree_util.tree_map(lambda g: g.sum(0), tree) for key, tree in grads.items() if key != "layers"}
-    if "layers" in grads:
-        out["layers"] = jax.tree_util.tree_map(
-            lambda g: g.reshape((plan.stages * plan.slots,) + g.shape[2:]), grads["layers"]
-        )
-    return out
+def _stage_gradients(grads, targets, layout: StageLayout):
+    """A program's accumulated gradients as it hands them out (`_gradient_targets`): the
+    embedding's and the head's (used on the first and last stage) summed over stages, then
+    reduce-scattered over data shards (FSDP leaves gathered per tick were, by their gather's
+    transpose)."""
+    grads = {
+        k: v if k == "layers" else jax.tree_util.tree_map(lambda g: jax.lax.psum(g, "stage"), v)
+        for k, v in grads.items()
+    }
+    fsdp = layout.specs(grads)
 
+    def one(g, target, own):
+        if "data" in tuple(own) and not layout.gather_once:
+            return g
+        if "data" not in tuple(target):
+            return jax.lax.psum(g, "data")
+        axis = tuple(target).index("data")
+        scatter = lambda y: jax.lax.psum_scatter(y, "data", scatter_dimension=axis, tiled=True)  # noqa: E731
+        return _on_tensor_shards(scatter, P(*(a if a == "tensor" else None for a in target)), g)
 
-def _one_f_one_b_stage(config: GLMConfig, plan: PipelinePlan, combine, embedding_alpha, dropout_rng):
-    """run(trainable_view, frozen_view, x, microbatch, stage, active, micro, with_head) -> (output
-    [mb, S, E], the head's loss sum or 0): one stage on one microbatch, its dropout keys folded
-    from the step's by microbatch (and stage)."""
-    stage_fn = stage_function(config, plan)
-    embed_key, layers_key = _dropout_keys(dropout_rng)
-
-    def run(trainable_view, frozen_view, x, microbatch, stage, active, micro, with_head):
-        params = combine(trainable_view, frozen_view)
-        microbatch_embed_key = layer_key = None
-        if layers_key is not None:
-            microbatch_embed_key = jax.random.fold_in(embed_key, micro)
-            layer_key = _layer_key(layers_key, micro, stage)
-        x = jnp.where(stage == 0, _embed(config, params, microbatch, embedding_alpha, microbatch_embed_key), x)
-        prefix = None
-        if config.pre_seq_len:
-            prefix = jax.tree_util.tree_map(lambda a: a[stage], _stage_prefix(config, plan, params, embed_key))
-        y = stage_fn(params["layers"], active, x, microbatch, layer_key, prefix)
-        if not with_head:
-            return y, jnp.float32(0)
-        return y, _head_loss(config, params, y, microbatch)[0]
-
-    return run
-
-
-def _one_f_one_b_tick(run, fields, used, max_microbatches: int, cotangent, stages: int):
-    """stage_tick(trainable_view, frozen_view, active, stage, forward_in, backward_in, buffer, t) ->
-    (forward output, input cotangent, buffer, parameter cotangents, loss): one stage's tick (vmapped
-    over stages): the forward of microbatch t - s, its input kept in the ring, and the backward of
-    microbatch t - 2(S-1) + s, recomputed from its kept input."""
-    ring = 2 * stages - 1
-
-    def stage_tick(trainable_view, frozen_view, active, stage, forward_in, backward_in, buffer, t):
-        forward, backward = t - stage, t - 2 * (stages - 1) + stage
-        forward_ok, backward_ok = (forward >= 0) & (forward < used), (backward >= 0) & (backward < used)
-        forward_index = jnp.clip(forward, 0, max_microbatches - 1)
-        backward_index = jnp.clip(backward, 0, max_microbatches - 1)
-        forward_microbatch = _take_microbatch(fields, forward_index)
-        backward_microbatch = _take_microbatch(fields, backward_index)
-        forward_in = jnp.where(forward_ok, forward_in, jnp.zeros_like(forward_in))
-        y, _ = run(trainable_view, frozen_view, forward_in, forward_microbatch, stage, active, forward_index, False)
-        buffer = _ring_store(buffer, forward_in, forward % ring, forward_ok)
-        x = jax.lax.dynamic_index_in_dim(buffer, backward % ring, 0, keepdims=False)
-        x = jnp.where(backward_ok, x, jnp.zeros_like(x))
-        last = stage == stages - 1
-
-        def recompute(trainable_view, x):
-            return run(trainable_view, frozen_view, x, backward_microbatch, stage, active, backward_index, True)
-
-        (_, loss), pullback = jax.vjp(recompute, trainable_view, x)
-        d_y = jnp.where(backward_ok & ~last, backward_in, jnp.zeros_like(backward_in))
-        d_trainable, d_x = pullback((d_y, jnp.where(backward_ok & last, cotangent, 0.0)))
-        return y, d_x, buffer, d_trainable, jnp.where(backward_ok & last, loss, 0.0)
-
-    return stage_tick
+    return jax.tree_util.tree_map(one, grads, targets, fsdp)
 
 
 def _ring_store(buffer, x, slot, ok):

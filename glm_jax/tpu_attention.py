@@ -513,7 +513,7 @@ def on_mesh(q, k, v, segment_ids, prefix_mask, *, dropout_rate: float = 0.0, dro
     partitioner, so the kernel runs per shard in `shard_map` over the mesh axes not already
     manual (inside an outer `shard_map`, e.g. a pipeline manual over `stage` and `data`, over
     the rest only): batch over `data`, heads (and KV heads with them) over `tensor`; other axes
-    (a vmapped pipeline's `stage`) pass through. The dropout mask takes global batch rows and
+    pass through. The dropout mask takes global batch rows and
     heads, so a sharded run drops what one device does."""
     rate, seed = _dropout_args(dropout_rate, dropout_rng)
     run = functools.partial(_flash, rate=rate, bq=block, bk=block, interpret=None)

@@ -78,6 +78,9 @@ PEAK_FLOPS = {
 }
 
 
+FSDP_GATHER = ("once", "tick")
+
+
 def peak_flops(device) -> float | None:
     kind = getattr(device, "device_kind", "")
     if kind.startswith("TPU"):
@@ -99,6 +102,10 @@ class Trainer:
     # which parameters train (peft.py); the rest are `frozen`, an argument of every step
     peft: PeftConfig = PeftConfig("full")
     schedule: str | None = None  # "1f1b" or "gpipe" on a pipelined mesh (default 1f1b); "none" without
+    # FSDP on a pipelined mesh: gather a stage's weights once a step ("once": the gathered weights
+    # stay for the step) or on every tick ("tick": less memory, a gather per tick)
+    fsdp_gather: str = "once"
+    sequence_parallel: bool = False  # the residual stream's positions over `tensor` (Megatron's)
 
     def __post_init__(self):
         config, mesh, peft = self.config, self.mesh, self.peft
@@ -121,7 +128,9 @@ class Trainer:
                 "freeze splits the layer stack at a layer; run it on a mesh without pipeline stages "
                 "(--mesh DATAx1xTENSOR), or use lora / ptuning / full on this mesh"
             )
-        self.rules = sh.rules_for(config, mesh, fsdp=self.fsdp)
+        if self.fsdp_gather not in FSDP_GATHER:
+            raise ConfigError(f"fsdp gather {self.fsdp_gather!r}; choose one of {FSDP_GATHER}")
+        self.rules = sh.rules_for(config, mesh, fsdp=self.fsdp, sequence_parallel=self.sequence_parallel)
         self.tx = make_optimizer(self.optim)
         self.dynamic_scale = config.dtype == "float16"
         boxed = abstract_params(config)
@@ -141,6 +150,11 @@ class Trainer:
     def microbatch_rows(self) -> int:
         """Sequences in one microbatch (all data replicas): the unit of a 1F1B step's batch."""
         return self.pass_batch // self.microbatches
+
+    @property
+    def gather_once(self) -> bool:
+        """FSDP weights gathered once a step (and, with or without FSDP, one program per data shard)."""
+        return not self.fsdp or self.fsdp_gather == "once"
 
     @property
     def uses_dropout(self) -> bool:
@@ -220,6 +234,7 @@ class Trainer:
             self.microbatches,
             embedding_alpha=alpha,
             dropout_rng=rng,
+            gather_once=self.gather_once,
         )
         return loss_sum / jnp.maximum(tokens, 1.0) * scale, (loss_sum, tokens)
 
@@ -239,6 +254,7 @@ class Trainer:
                 embedding_alpha=alpha,
                 dropout_rng=rng,
                 scale=scale,
+                gather_once=self.gather_once,
             )
         grads, (loss_sum, tokens) = jax.grad(self._scaled_mean_loss, has_aux=True)(
             params, frozen, batch, rng, alpha, scale
@@ -289,7 +305,12 @@ class Trainer:
     def _mean_loss(self, params, frozen, batch):
         """(mean token loss, tokens) of a batch, no dropout: held-out evaluation."""
         loss_sum, tokens = pipeline.loss_sum(
-            self._combine(params, frozen), batch, self.config, self.plan, self.microbatches
+            self._combine(params, frozen),
+            batch,
+            self.config,
+            self.plan,
+            self.microbatches,
+            gather_once=self.gather_once,
         )
         return loss_sum / jnp.maximum(tokens, 1.0), tokens
 
@@ -344,8 +365,8 @@ class Trainer:
 
     def votes(self, stop: bool) -> jax.Array:
         """This process's stop vote on each of its devices, as one global [devices] array."""
-        local = np.full((len(self.mesh.local_devices),), int(bool(stop)), np.int32)
-        return jax.make_array_from_process_local_data(self.vote_sharding, local, (self.mesh.size,))
+        every = np.full((self.mesh.size,), int(bool(stop)), np.int32)  # each device reads only its own
+        return jax.make_array_from_callback(every.shape, self.vote_sharding, lambda index: every[index])
 
     def set_frozen(self, frozen: dict) -> None:
         """Place the frozen parameters (plain stacked layout, `peft.split`) in their shardings."""
@@ -372,7 +393,9 @@ class Trainer:
             return jax.jit(self.fresh_state, out_shardings=self.state_shardings)(jax.random.key(seed), trainable)
 
     def place_batch(self, local: dict, microbatches: int | None = None) -> dict:
-        """This process's rows -> global arrays sharded over `data` (one process: plain put).
+        """This process's rows of a batch -> global arrays [B, S] sharded over `data` (one process:
+        all rows, a plain put). Several processes: the rows its devices hold (`sh.rows_held` of the
+        batch), ascending; with microbatches, those of each microbatch (`sh.microbatch_rows_held`).
         microbatches: the rows are that many 1F1B microbatches, one after the other; they are laid
         out for `pipeline.split_microbatches` over this trainer's microbatches, the rest zero."""
         arrays = {k: np.asarray(v) for k, v in local.items() if np.ndim(v) == 2}
@@ -383,7 +406,8 @@ class Trainer:
         return jax.device_put(arrays, self.batch_sharding)
 
     def plain_params(self, params) -> dict:
-        """Trainable parameters in the plain stacked layout (slots undone)."""
+        """Trainable parameters in the plain stacked layout (slots undone). Collective: with
+        several processes every process calls it."""
         with jax.set_mesh(self.mesh):
             return jax.jit(lambda p: pipeline.params_from_slots(p, self.plan))(params)
 
@@ -438,6 +462,8 @@ class RunConfig:
     async_checkpoints: bool = True
     progress: bool = True
     fsdp: bool = False
+    fsdp_gather: str = "once"  # Trainer.fsdp_gather
+    sequence_parallel: bool = False
     family: str = "glm"  # recorded in every checkpoint (families.py), with the tokenizer file
     tokenizer_file: str | None = None  # copied into ckpt_dir/tokenizer/ (None: ours, the package's)
 
@@ -458,7 +484,18 @@ def make_trainer(
                 f"global batch {run.global_batch} is not a whole number of microbatches of {rows} sequences"
             )
         pass_batch, microbatches = run.global_batch, run.global_batch // rows
-    trainer = Trainer(config, optim, mesh, pass_batch, microbatches, fsdp=run.fsdp, peft=peft, schedule=run.schedule)
+    trainer = Trainer(
+        config,
+        optim,
+        mesh,
+        pass_batch,
+        microbatches,
+        fsdp=run.fsdp,
+        peft=peft,
+        schedule=run.schedule,
+        fsdp_gather=run.fsdp_gather,
+        sequence_parallel=run.sequence_parallel,
+    )
     unit = trainer.microbatch_rows if trainer.schedule == "1f1b" else trainer.pass_batch
     return trainer, BatchSchedule(
         run.global_batch, unit, run.steps, optim.ramp_start, optim.ramp_fraction, optim.ramp_increment
@@ -522,9 +559,8 @@ class _Run:
         if self.eval_builder is None:
             return None
         trainer = self.trainer
-        held_out = DataIterator(
-            self.eval_builder, trainer.pass_batch, jax.process_index(), jax.process_count(), prefetch=0
-        )
+        rows = sh.rows_held(trainer.batch_sharding, trainer.pass_batch)
+        held_out = DataIterator(self.eval_builder, trainer.pass_batch, prefetch=0, rows=rows)
         total = count = 0.0
         with trainer.context():
             for _ in range(self.run.eval_batches):
@@ -672,12 +708,13 @@ class _Run:
 
     def finish(self, progress: RunProgress, stopped: bool, on_done) -> float | None:
         """After the loop: the final held-out loss (none after a stop or without a logged step)
-        and on_done with the final trainable parameters; -> that loss."""
+        and on_done with the final trainable parameters, on every process (both are collective);
+        -> that loss."""
         last, state = progress.last, progress.state
         eval_loss = self.evaluate(state.params) if last is not None and not stopped else None
-        if eval_loss is not None and self.lead:
+        if eval_loss is not None:
             self.metrics.write({"step": last["step"], "eval_loss": eval_loss})
-        if on_done is not None and self.lead and not stopped:
+        if on_done is not None and not stopped:
             on_done(self.trainer.plain_params(state.params), int(state.step))
         return eval_loss
 
@@ -709,11 +746,23 @@ class _Run:
         return summary
 
 
+def _unit_rows(trainer: Trainer) -> np.ndarray:
+    """The rows of each data unit (a 1F1B microbatch, else a pass) this process's devices hold."""
+    if trainer.schedule == "1f1b":
+        return sh.microbatch_rows_held(trainer.batch_sharding, trainer.microbatch_rows, trainer.microbatches)
+    return sh.rows_held(trainer.batch_sharding, trainer.pass_batch)
+
+
 def _split_base(trainer: Trainer, base: dict | None) -> dict | None:
     """Fine-tuning: place the base's frozen part on the trainer; -> the base's trainable part where
-    training starts from it (freeze, full), None for an adapter (initialised fresh) or without a base."""
+    training starts from it (freeze, full), None for an adapter (initialised fresh) or without a base.
+    Several processes: a base each process read onto its own device goes in as host values (the
+    same on every process), which the placing jits take."""
     if base is None:
         return None
+    if jax.process_count() > 1:
+        on_every_process = lambda x: isinstance(x, jax.Array) and not x.is_fully_addressable
+        base = jax.tree_util.tree_map(lambda x: x if on_every_process(x) else np.asarray(x), base)
     base_trainable, frozen = split(base, trainer.peft, trainer.config)
     trainer.set_frozen(frozen)
     return None if trainer.peft.is_adapter else base_trainable
@@ -755,9 +804,11 @@ def train(
     Fine-tuning: `base` is the base model's parameters (plain stacked layout) and `peft` says
     which of them train (peft.py); checkpoints then hold the trainable part only, with `meta`
     added to their metadata. With eval_every set, held-out loss is also measured before step 1.
-    on_done(params, step): called on the lead process with the final trainable parameters (plain
-    stacked layout) when the run reaches run.steps. Step n's metrics are read while step n + 1
-    runs. Returns the summary (also written to log_dir/summary.json): final loss, steps, tokens/s, MFU.
+    on_done(params, step): called on every process with the final trainable parameters (plain
+    stacked layout, global arrays) when the run reaches run.steps; collective work in it (orbax
+    saves, gathers) runs on every process, file writes and moves once (process 0). Step n's
+    metrics are read while step n + 1 runs. Returns the summary (also written to
+    log_dir/summary.json): final loss, steps, tokens/s, MFU.
     """
     trainer, batches = make_trainer(config, optim, run, mesh, peft)
     base_trainable = _split_base(trainer, base)
@@ -766,9 +817,9 @@ def train(
     if batches.ramp_note:
         log(f"warning: {batches.ramp_note}")
     lead = jax.process_index() == 0
-    data = DataIterator(builder, batches.pass_batch, jax.process_index(), jax.process_count())
+    data = DataIterator(builder, batches.pass_batch, rows=_unit_rows(trainer))
     ckpt = Checkpoints(run.ckpt_dir, run.keep, run.async_checkpoints)
-    tokenizer_meta = copy_tokenizer(run.tokenizer_file, ckpt.directory) if lead else None
+    tokenizer_meta = copy_tokenizer(run.tokenizer_file, ckpt.directory)
     start, state, meta = _resume_or_initialise(trainer, ckpt, data, run.seed, base_trainable, meta, log)
     del base_trainable
     job = _Run(
