@@ -541,7 +541,8 @@ def _flops(instruction: Instruction, computation: Computation) -> dict:
         return {"flops": _convolution_flops(instruction, computation)}
     if instruction.opcode == "custom-call":
         target = _attribute(instruction.attributes, "custom_call_target") or ""
-        estimate = re.search(r'cost_estimate\\?"\s*:\s*\{[^}]*?flops\\?"\s*:\s*(\d+)', instruction.attributes)
+        # the kernel's cost estimate (Mosaic writes the number quoted: "flops":"515...")
+        estimate = re.search(r'cost_estimate\\?"\s*:\s*\{[^}]*?flops\\?"\s*:\s*\\?"?(\d+)', instruction.attributes)
         if estimate:
             return {"flops": float(estimate.group(1))}
         if target.strip('"').startswith(_KERNEL_TARGETS):

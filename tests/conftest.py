@@ -34,6 +34,7 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 # order (pytest_configure turns off xdist's own reordering, by test count), so the long ones start
 # at once and the short ones fill in around them.
 HEAVY_FIRST = (
+    "test_multiprocess.py",
     "test_sharding.py",
     "test_train.py",
     "test_peft.py",
@@ -41,6 +42,7 @@ HEAVY_FIRST = (
     "test_inference_mesh.py",
     "test_engine_mesh.py",
     "test_scale.py",
+    "test_pipeline_stages.py",
     "test_finetune.py",
     "test_tpu_attention.py",
     "test_quant.py",

@@ -125,3 +125,22 @@ def test_iota_and_explicit_replica_groups():
     assert groups(", replica_groups=[4,2]<=[8], to_apply=%add") == [[0, 1], [2, 3], [4, 5], [6, 7]]
     assert groups(", replica_groups={{0,4},{1,5}}, to_apply=%add") == [[0, 4], [1, 5]]
     assert groups(", replica_groups={}, to_apply=%add") == [list(range(8))]
+
+
+ESTIMATE = ',"cost_estimate":{"flops":"1234","transcendentals":"5","bytes_accessed":"6"}'
+KERNEL = 'custom_call_target="tpu_custom_call", backend_config={{"custom_call_config":{{"body":"x"{}}}}}'
+KERNEL_HLO = f"""HloModule m, entry_computation_layout={{(f32[8,8]{{1,0}})->f32[8,8]{{1,0}}}}
+
+ENTRY %main (p: f32[8,8]) -> f32[8,8] {{
+  %p = f32[8,8]{{1,0}} parameter(0)
+  %k = f32[8,8]{{1,0}} custom-call(%p), {KERNEL.format(ESTIMATE)}
+  %u = f32[8,8]{{1,0}} custom-call(%k), {KERNEL.format("")}
+  ROOT %d = f32[8,8]{{1,0}} dot(%u, %u), lhs_contracting_dims={{1}}, rhs_contracting_dims={{0}}
+}}
+"""
+
+
+def test_a_kernel_counts_its_cost_estimate_and_one_without_is_listed():
+    costs = executed_costs(KERNEL_HLO)
+    assert costs["flops"] == 1234 + 2 * 8 * 8 * 8  # Mosaic writes the estimate's numbers quoted
+    assert costs["uncosted_kernels"] == {"tpu_custom_call": 1}

@@ -33,7 +33,12 @@ def _trainer(**kw) -> Trainer:
 
 @pytest.mark.parametrize(
     "schedule,gather,sequence_parallel",
-    [("1f1b", "once", True), ("1f1b", "tick", False), ("gpipe", "once", False), ("gpipe", "tick", True)],
+    [
+        ("1f1b", "once", True),
+        pytest.param("1f1b", "tick", False, marks=pytest.mark.slow),
+        pytest.param("gpipe", "once", False, marks=pytest.mark.slow),
+        pytest.param("gpipe", "tick", True, marks=pytest.mark.slow),
+    ],
 )
 def test_fsdp_gathers_and_sequence_parallelism_equal_the_plain_model(reference, schedule, gather, sequence_parallel):
     trainer = _trainer(fsdp=True, schedule=schedule, fsdp_gather=gather, sequence_parallel=sequence_parallel)
@@ -88,6 +93,7 @@ def _weight_gathers_in_loops(gather: str, tmp_path) -> list:
     return [op for op in ops if op.kind == "all-gather" and "data" in op.axis and op.loops]
 
 
+@pytest.mark.slow  # two compiles of the whole step
 def test_fsdp_weights_are_gathered_once_outside_the_tick_loop(tmp_path):
     assert _weight_gathers_in_loops("once", tmp_path) == []
     assert _weight_gathers_in_loops("tick", tmp_path)  # the alternative gathers inside it
