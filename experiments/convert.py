@@ -7,7 +7,8 @@ Layout and family are detected (glm_jax/released.py): ChatGLM-6B's, ChatGLM2-6B'
 Hugging Face folders (`config.json` + `.bin` or `.safetensors` shards and their index), transformers
 `GlmForCausalLM` folders (GLM-4), and GLM-130B's SwissArmyTransformer rank folders (float, or the
 INT4/INT8 ranks of its `convert_tp.py`, loaded packed). `--family` overrides the detected family.
-Weights keep their stored dtype (fp16 stays fp16) unless `--dtype` says otherwise; `--quantize`
+Weights keep their stored dtype and compute in it (fp16 stays fp16) unless `--dtype` says
+otherwise, which sets both (`--set dtype=` / `param_dtype=` set them apart); `--quantize`
 applies GLM-130B's weight-only scheme on the way. The output holds params, config, family and a copy
 of the tokenizer file (the folder's, or --tokenizer), so every script takes it with no other flag:
 
@@ -45,7 +46,7 @@ def main(argv=None):
         "--dtype",
         choices=("float16", "bfloat16", "float32"),
         default=None,
-        help="stored parameter dtype (default: the checkpoint's own)",
+        help="stored parameter and compute dtype (default: the checkpoint's own)",
     )
     ap.add_argument("--quantize", choices=("none", "int4", "int8"), default="none")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")

@@ -119,7 +119,7 @@ def main(argv=None):
     from glm_jax.peft import PeftConfig, base_identity, count, merge_lora, nbytes, split_shapes
     from glm_jax.sft import SFTBuilder
     from glm_jax.tokenizer import bundled_file
-    from glm_jax.train import RunConfig, TrainingError, train
+    from glm_jax.train import RunConfig, TrainingError, as_master, train
 
     lead = jax.process_index() == 0
     log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if lead else (lambda msg: None)
@@ -243,13 +243,17 @@ def main(argv=None):
         print(f"error: {error}", file=sys.stderr)
         sys.exit(3)
     trainable, frozen = shapes
+    held = jax.eval_shape(as_master, trainable)  # what trains, and its two Adam moments, as held
+    dtypes = lambda tree: "+".join(sorted({str(x.dtype) for x in jax.tree_util.tree_leaves(tree)}))  # noqa: E731
     report = {
         "method": args.method,
         "quantize": args.quantize,
         "trainable_params": count(trainable),
         "frozen_params": count(frozen),
         "trainable_fraction": count(trainable) / max(1, count(trainable) + count(frozen)),
-        "optimizer_bytes": 2 * nbytes(trainable),
+        "optimizer_bytes": 2 * nbytes(held),
+        "trainable_dtype": dtypes(held),
+        "moment_dtype": dtypes(held),
         "adapter_bytes": _folder_bytes(saved.get("adapter")),
         "adapter_dir": saved.get("adapter"),
         "merged_dir": saved.get("merged"),

@@ -217,10 +217,10 @@ class StageLayout:
     `stage` and `data`: a stage computes only its own work, under `lax.cond`; gradients accumulate
     per data shard and are reduced once, after the tick loop); `tensor` is left to the partitioner.
 
-    FSDP weights (the rules shard them over `data`) reach the programs whole: gathered once a step,
-    before them (`gather`: by the partitioner, so they keep their `tensor` sharding, in the compute
-    dtype), or on every tick inside them (`gather_inside`: XLA's partitioner cannot split a manual
-    all-gather over `tensor`, so the gathered copy is whole over `tensor` while the tick runs).
+    FSDP weights (the rules shard them over `data`) reach the programs whole, in the compute dtype
+    and keeping their `tensor` sharding: gathered once a step, before them (`gather`, by the
+    partitioner), or inside them on every tick, each layer in its slot (`gather_inside`,
+    `gather_layer`: per `tensor` shard, `_on_tensor_shards`).
     """
 
     config: GLMConfig

@@ -253,8 +253,10 @@ def _config_for(layout: str, cfg: dict | None, overrides: dict) -> GLMConfig:
 
 
 def _dtype_fields(stored: str) -> dict[str, str]:
-    """Config fields for weights stored in `stored`: a 16-bit dtype is also the compute dtype."""
-    return {"param_dtype": stored, **({"dtype": stored} if stored != "float32" else {})}
+    """Config fields for weights stored in `stored`, which is also the compute dtype: the model
+    then computes what the released code computes in that dtype (`model.half()`, `.float()`);
+    `--set dtype=...` / `param_dtype=...` set them apart."""
+    return {"param_dtype": stored, "dtype": stored}
 
 
 def tokenizer_in(folder: str) -> str | None:
@@ -269,8 +271,8 @@ def convert_folder(
     overrides: Mapping[str, Any] | None = None,
 ) -> Converted:
     """A released folder -> our config and params (numpy, config.param_dtype) with its family and
-    tokenizer file. dtype: the stored parameter dtype (default: the checkpoint's own, so fp16 stays
-    fp16); the compute dtype follows a 16-bit choice."""
+    tokenizer file. dtype: the stored parameter and compute dtype (default: the checkpoint's own,
+    so fp16 stays fp16)."""
     folder = os.path.abspath(folder)
     if not os.path.isdir(folder):
         raise ConversionError(f"input folder {folder} not found")

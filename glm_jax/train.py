@@ -81,6 +81,14 @@ PEAK_FLOPS = {
 FSDP_GATHER = ("once", "tick")
 
 
+def as_master(tree):
+    """The tree with its floating leaves in fp32: what trains (and its Adam moments) is held in
+    fp32 whatever the base's dtype, the layers casting it to the compute dtype where they use it
+    (THUDM's recipes: ChatGLM-6B's `prefix_encoder.float()`, ChatGLM3's trainable parameters cast
+    to fp32). A 16-bit copy would lose small updates (bf16) or underflow squared gradients (fp16)."""
+    return jax.tree_util.tree_map(lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
 def peak_flops(device) -> float | None:
     kind = getattr(device, "device_kind", "")
     if kind.startswith("TPU"):
@@ -137,7 +145,8 @@ class Trainer:
         self.param_shardings, self.frozen_shardings = split(
             sh.named_shardings(boxed, mesh, self.rules), peft, config, take=lambda s, rows: s
         )
-        self.trainable_shapes, frozen = jax.eval_shape(lambda p: split(p, peft, config), nn.meta.unbox(boxed))
+        trainable, frozen = jax.eval_shape(lambda p: split(p, peft, config), nn.meta.unbox(boxed))
+        self.trainable_shapes = jax.eval_shape(as_master, trainable)
         self.frozen_shapes = jax.eval_shape(lambda f: pipeline.params_to_slots(f, self.plan), frozen)
         self.frozen = {}
         self.replicated = NamedSharding(mesh, P())
@@ -158,7 +167,11 @@ class Trainer:
 
     @property
     def uses_dropout(self) -> bool:
-        return bool(self.config.hidden_dropout or self.config.attention_dropout)
+        """Whether a step draws dropout: the model's own, or its adapter's (a released base sets
+        its own to 0, LoRA and P-tuning keep theirs)."""
+        c = self.config
+        adapter = (c.lora_dropout if c.lora_rank else 0.0) or (c.prefix_dropout if c.pre_seq_len else 0.0)
+        return bool(c.hidden_dropout or c.attention_dropout or adapter)
 
     # ---- shapes and shardings -------------------------------------------------------------------
     def param_like(self, tree, on_params: Callable, on_other: Callable):
@@ -383,7 +396,7 @@ class Trainer:
         if trainable is None:
             variables = GLM(self.config).init(key, dummy_batch(1, 8))
             trainable = split(nn.meta.unbox(variables["params"]), self.peft, self.config)[0]
-        return self._new_state(pipeline.params_to_slots(trainable, self.plan), key)
+        return self._new_state(pipeline.params_to_slots(as_master(trainable), self.plan), key)
 
     def init_state(self, seed: int, trainable: dict | None = None) -> TrainState:
         """Fresh (or the given `trainable`) parameters, placed directly in their shardings, and

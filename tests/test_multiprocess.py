@@ -6,14 +6,12 @@ two-process fine-tuning to its adapter."""
 import json
 import os
 import pathlib
-import re
 import shutil
-import socket
-import subprocess
 import sys
 
 import jax
 import numpy as np
+import processes
 import pytest
 import sharding_case as case
 from multiprocess_worker import MESH, SETTINGS, STEPS, builder, config, run_config
@@ -99,44 +97,6 @@ def test_one_process_places_its_rows_as_a_plain_put():
 
 
 # ---- several processes ----------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start(processes: int, devices: int, argv: list[str]) -> list[subprocess.Popen]:
-    """`processes` processes of argv with `devices` fake CPU devices each, as the README starts them."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_") or k.startswith("JAX_COMPILATION")}
-    env.update(
-        JAX_PLATFORMS="cpu",
-        XLA_FLAGS=re.sub(r"device_count=\d+", f"device_count={devices}", os.environ["XLA_FLAGS"]),
-        JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}",
-        JAX_NUM_PROCESSES=str(processes),
-        PYTHONPATH=os.pathsep.join([str(ROOT), str(HERE), env.get("PYTHONPATH", "")]),
-    )
-    return [
-        subprocess.Popen(
-            [sys.executable, *argv],
-            env={**env, "JAX_PROCESS_ID": str(i)},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for i in range(processes)
-    ]
-
-
-def _wait(procs: list[subprocess.Popen]) -> list[str]:
-    try:
-        logs = [p.communicate(timeout=400)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    assert all(p.returncode == 0 for p in procs), "\n".join(logs)[-4000:]
-    return logs
 
 
 def _losses(folder) -> list[float]:
@@ -162,16 +122,16 @@ def runs(tmp_path_factory):
     finetune += ["--steps", "2", "--batch", "4"]
     finetune += ["--max-source", "16", "--max-target", "16", "--mesh", "1x1x2", "--merge", "--no-progress"]
     started = [
-        _start(4, 2, [str(HERE / "multiprocess_worker.py"), str(root / "pod")]),
-        _start(2, 1, finetune),
+        processes.start(4, 2, [str(HERE / "multiprocess_worker.py"), str(root / "pod")]),
+        processes.start(2, 1, finetune),
     ]
     mesh = sh.make_mesh(MESH, jax.devices()[:8])
     for name, microbatches in SETTINGS:
         steps = STEPS + 1 if microbatches is None else STEPS
         run = run_config(str(root / "one"), name, microbatches, steps)
         train(config(), case.optim(), run, mesh, builder(), log=lambda m: None)
-    _wait(started[0])
-    return root, _wait(started[1])
+    processes.wait(started[0])
+    return root, processes.wait(started[1])
 
 
 @pytest.mark.slow

@@ -201,3 +201,35 @@ def test_lora_trains_on_an_int4_base(base):
     qparams = quantize_params(params, q)
     _, _, losses = _train(PeftConfig("lora").model_config(q), PeftConfig("lora"), qparams, steps=5, lr=2e-2)
     assert np.isfinite(losses).all() and losses[-1] < losses[0] - 0.05
+
+
+@pytest.mark.parametrize("method", ["lora", "ptuning"])
+def test_an_fp16_base_trains_fp32_adapters_without_skipping_and_with_their_dropout(method):
+    """A released fp16 base (weights and compute): the adapter and its Adam moments are fp32, no
+    step is skipped, the loss falls; the adapter's dropout is on (released bases set their own to
+    0), so two dropout keys give two gradients."""
+    c = base_config(dtype="float16", param_dtype="float16")
+    peft = PeftConfig(method, pre_seq_len=4)
+    config = peft.model_config(c)
+    trainer = Trainer(
+        config,
+        OptimConfig(peak_lr=5e-3, init_lr=5e-3, min_lr_ratio=1.0),
+        sh.make_mesh("1x1", jax.devices()[:1]),
+        2,
+        peft=peft,
+    )
+    assert trainer.uses_dropout and c.hidden_dropout == c.attention_dropout == 0
+    trainer.set_frozen(split(init_params(c, jax.random.key(0)), peft, config)[1])
+    batch, lr, alpha = batch_of(), jnp.float32(5e-3), jnp.float32(1.0)
+    with trainer.context():
+        state = trainer.init_state(0)
+        held = jax.tree_util.tree_leaves(state.params) + jax.tree_util.tree_leaves(state.opt_state)
+        assert {x.dtype for x in held if jnp.issubdtype(x.dtype, jnp.floating)} == {jnp.dtype(jnp.float32)}
+        grads = [trainer.grad_pass(state.params, batch, jax.random.key(k), alpha, 1.0)[0] for k in (1, 2)]
+        differ = [not np.allclose(a, b) for a, b in zip(*map(jax.tree_util.tree_leaves, grads))]
+        assert any(differ)  # (a fresh LoRA's B is 0: its dropout shows in the gradients, not the loss)
+        losses = []
+        for _ in range(4):
+            state, metrics = trainer.fused_step(state, batch, lr, alpha)
+            losses.append(float(metrics["loss"]))
+        assert int(state.skipped) == 0 and losses[-1] < losses[0], losses

@@ -120,12 +120,13 @@ def test_chatglm6b_bin_shards_match_the_numpy_forward(tmp_path):
         extra=[("transformer.layers.0.attention.rotary_emb.inv_freq", np.ones(8, np.float16))],
     )
     assert detect(str(folder))[:2] == ("chatglm", "chatglm-6b")
-    kept = convert_folder(str(folder))
+    kept = convert_folder(str(folder))  # as it ships: fp16 weights, fp16 compute
     assert (
-        kept.config.param_dtype == "float16"
+        kept.config.param_dtype == kept.config.dtype == "float16"
         and kept.params["layers"]["mlp"]["dense_4h_to_h"]["kernel"].dtype == np.float16
     )
-    r = convert_folder(str(folder), dtype="float32", overrides={"dtype": "float32"})
+    r = convert_folder(str(folder), dtype="float32")  # --dtype sets the compute dtype too
+    assert r.config.param_dtype == r.config.dtype == "float32"
     assert r.family == "chatglm-6b" and r.config.deepnorm_alpha == pytest.approx(56**0.5)
     n = 290  # context (gMASK last), then sop and 9 generated tokens at the gMASK position, block 1..10
     s = n + 10
@@ -166,7 +167,7 @@ def test_chatglm2_shards_match_the_numpy_forward(tmp_path, fmt, name, family):
         shards=3,
         extra=[("transformer.rotary_pos_emb.inv_freq", np.ones(4, np.float16))],
     )
-    r = convert_folder(str(folder), dtype="float32", overrides={"dtype": "float32"})
+    r = convert_folder(str(folder), dtype="float32")
     assert r.family == family and r.layout == "chatglm2" and get_family(r.family).causal
     s = 40
     tokens = np.random.default_rng(2).integers(0, 300, s)
@@ -224,7 +225,7 @@ def test_causal_cached_decoding_equals_full_recomputation():
 
 @needs_tokenizer
 def test_a_chatglm2_chat_turn_through_the_library(chatglm2_tiny):
-    r = convert_folder(str(chatglm2_tiny[0]), dtype="float32", overrides={"dtype": "float32"})
+    r = convert_folder(str(chatglm2_tiny[0]), dtype="float32")
     fam = get_family(r.family)
     tok = fam.load_tokenizer(r.tokenizer_file)
     ids = fam.chat_prompt(tok, [("你好", "你好！")], "今天天气怎么样")

@@ -1,17 +1,13 @@
 """Sharding: meshes, rules, the pipeline (uneven stages, NaN bubbles), placement, two processes."""
 
 import json
-import os
 import pathlib
-import re
-import socket
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import processes
 import pytest
 import sharding_case as case
 from jax.sharding import PartitionSpec as P
@@ -160,43 +156,11 @@ def _flat(tree):
     return {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(tree)}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_processes_equal_one(tmp_path):
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
-    env.update(
-        JAX_PLATFORMS="cpu",
-        XLA_FLAGS=re.sub(r"device_count=\d+", "device_count=4", os.environ["XLA_FLAGS"]),
-        JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
-        JAX_NUM_PROCESSES="2",
-        PYTHONPATH=os.pathsep.join([str(HERE.parent), env.get("PYTHONPATH", "")]),
-    )
     out = tmp_path / "grads.npz"
     run_dir = tmp_path / "run"
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(HERE / "multihost_worker.py"), str(out), str(run_dir)],
-            env={**env, "JAX_PROCESS_ID": str(i)},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    try:
-        logs = [p.communicate(timeout=240)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    assert all(p.returncode == 0 for p in procs), "\n".join(logs)[-4000:]
+    processes.wait(processes.start(2, 4, [str(HERE / "multihost_worker.py"), str(out), str(run_dir)]), 240)
     got = np.load(out)
     c = case.config(num_layers=case.MULTIHOST_LAYERS)
     reference = case.single_device(c)
