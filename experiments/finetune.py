@@ -41,6 +41,14 @@ def parse_args(argv=None):
     ap.add_argument("--checkpoint", default=DEFAULT_CHECKPOINTS, help="the base model (any checkpoint folder)")
     ap.add_argument("--data", action="append", required=True, metavar="FILE", help="training file (repeatable)")
     ap.add_argument("--eval-data", action="append", default=[], metavar="FILE", help="held-out file(s)")
+    ap.add_argument(
+        "--mix",
+        action="append",
+        default=[],
+        metavar="FILE:SHARE",
+        help="replay general instruction data beside the task's: SHARE (0-1) of the training samples "
+        "from FILE (repeatable)",
+    )
     ap.add_argument("--eval-limit", type=int, default=256, help="held-out rows used (0: all)")
     ap.add_argument("--out", required=True, help="output folder (resumed if it holds checkpoints)")
     ap.add_argument("--steps", type=int, default=3000)
@@ -150,7 +158,7 @@ def main(argv=None):
             max_target=args.max_target,
             last_only=args.last_turn_only,
         )
-        builder = SFTBuilder.from_files(args.data, seed=args.seed, **common)
+        builder = SFTBuilder.from_files(args.data, seed=args.seed, mix=_mix(args.mix), **common)
         log(f"train data: {json.dumps(builder.stats.summary())}")
         eval_builder = None
         if args.eval_data:
@@ -265,6 +273,22 @@ def main(argv=None):
     if lead:
         print(json.dumps(report))
     return report
+
+
+def _mix(specs: list[str]) -> list[tuple[str, float]]:
+    """--mix FILE:SHARE values -> (file, share) pairs; a malformed one is a clear error."""
+    from glm_jax.data import DataError  # deferred: JAX, so --help stays fast
+
+    out = []
+    for spec in specs:
+        path, _, share = spec.rpartition(":")
+        try:
+            out.append((path, float(share)))
+        except ValueError:
+            raise DataError(f"--mix {spec!r}: expected FILE:SHARE, e.g. general.json:0.2") from None
+        if not os.path.isfile(path):
+            raise DataError(f"--mix {spec!r}: no file {path!r}")
+    return out
 
 
 def _check_resume(ckpt_dir, peft, identity):

@@ -3,16 +3,21 @@
 Formats, detected from each row's keys (JSON lines, or one JSON array as Alpaca files are):
 
     advertisegen  {"content", "summary"}
-    alpaca        {"instruction", "input", "output"}         (query: instruction + "\\n" + input)
+    alpaca        {"instruction", "input", "output", "system"?, "history"?: [[q, a], ...]}
+                                                             (query: instruction + "\\n" + input)
     chatglm2      {"prompt", "response", "history": [[q, a], ...]}
     chatglm3      {"conversations": [{"role": "system"|"user"|"assistant", "content"}, ...]}
+    sharegpt      {"conversations": [{"from": "system"|"human"|"gpt", "value"}, ...]}
+    openai        {"messages": [{"role": "system"|"user"|"assistant", "content"}, ...]}
 
 Each row becomes (query, reply) rounds, then samples through the family's
 `conversation_examples` (families.py: one definition of each prompt format): the loss covers the
 replies and their end ids only, every reply of a conversation is trained unless `last_only`.
-Over-long samples are cut as the reference scripts cut them (the prompt keeps its first
-`max_source` ids and its final specials, the reply its first `max_target` ids and its end id) and
-counted; a causal conversation that still does not fit drops its oldest rounds. Bad rows (broken
+A prompt over `max_source` ids first drops its oldest history rounds, as a chat turn is fitted at
+inference, so the current query stays; what is still over-long is cut as the reference scripts cut
+it (the prompt keeps its first `max_source` ids and its final specials, the reply its first
+`max_target` ids and its end id) and counted; a causal conversation that does not fit `seq_len`
+drops its oldest rounds. Bad rows (broken
 JSON, missing or mistyped fields, an empty reply) are skipped and counted.
 
 Samples are packed into `seq_len` sequences isolated by segment ids (first fit, in a seeded
@@ -35,7 +40,8 @@ from glm_jax.objectives import CONTRACT_KEYS, pack
 from glm_jax.tokenizer import Tokenizer
 
 FORMATS = {
-    "chatglm3": ("conversations",),
+    "openai": ("messages",),
+    "chatglm3": ("conversations",),  # or sharegpt, told apart by its messages' keys
     "chatglm2": ("prompt", "response"),
     "alpaca": ("instruction", "output"),
     "advertisegen": ("content", "summary"),
@@ -60,6 +66,7 @@ class SFTStats:
     cut_target: int = 0
     dropped_rounds: int = 0
     formats: dict = dataclasses.field(default_factory=dict)
+    mixed: dict = dataclasses.field(default_factory=dict)  # replayed samples by --mix file
     tokens: int = 0  # real tokens in the packed sequences
     sequences: int = 0
     seq_len: int = 0
@@ -120,8 +127,53 @@ def read_rows(path: str, stats: SFTStats) -> Iterator[dict]:
 def detect_format(row: dict) -> str:
     for name, keys in FORMATS.items():
         if all(k in row for k in keys):
+            if name == "chatglm3" and _first_message_has(row["conversations"], "from"):
+                return "sharegpt"
             return name
     raise BadRow("missing_fields")
+
+
+def _first_message_has(messages, key: str) -> bool:
+    return isinstance(messages, list) and bool(messages) and isinstance(messages[0], dict) and key in messages[0]
+
+
+# a message format: (role key, content key, its role names -> system / user / assistant)
+MESSAGES = {
+    "chatglm3": ("role", "content", {"system": "system", "user": "user", "assistant": "assistant"}),
+    "openai": ("role", "content", {"system": "system", "user": "user", "assistant": "assistant"}),
+    "sharegpt": ("from", "value", {"system": "system", "human": "user", "gpt": "assistant"}),
+}
+
+
+def _history(row: dict) -> list[tuple[str, str]]:
+    """A row's `history`: [[query, reply], ...] (absent: none)."""
+    history = row.get("history") or []
+    if not isinstance(history, list) or not all(isinstance(h, (list, tuple)) and len(h) == 2 for h in history):
+        raise BadRow("missing_fields")
+    return [(_text(q), _text(a)) for q, a in history]
+
+
+def _messages(messages, fmt: str) -> tuple[str | None, list[tuple[str, str]]]:
+    """A list of messages -> (system text or None, (query, reply) rounds): an optional system
+    message first, then user and assistant messages in turn."""
+    role_key, content_key, roles = MESSAGES[fmt]
+    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+        raise BadRow("missing_fields")
+    system, rounds, query = None, [], None
+    for i, m in enumerate(messages):
+        role, content = roles.get(m.get(role_key)), _text(m.get(content_key))
+        if role == "system" and i == 0:
+            system = content
+        elif role == "user" and query is None:
+            query = content
+        elif role == "assistant" and query is not None:
+            rounds.append((query, content))
+            query = None
+        else:  # two users in a row, a reply without a query, an unknown role
+            raise BadRow("missing_fields")
+    if not rounds:
+        raise BadRow("missing_fields")
+    return system, rounds
 
 
 def _text(x) -> str:
@@ -138,30 +190,13 @@ def conversation(row: dict) -> tuple[str | None, list[tuple[str, str]], str]:
         rounds = [(_text(row["content"]), _text(row["summary"]))]
     elif fmt == "alpaca":
         extra = _text(row.get("input") or "")
-        rounds = [(_text(row["instruction"]) + ("\n" + extra if extra.strip() else ""), _text(row["output"]))]
+        query = _text(row["instruction"]) + ("\n" + extra if extra.strip() else "")
+        rounds = _history(row) + [(query, _text(row["output"]))]
+        system = _text(row["system"]) if row.get("system") else None
     elif fmt == "chatglm2":
-        history = row.get("history") or []
-        if not isinstance(history, list) or not all(isinstance(h, (list, tuple)) and len(h) == 2 for h in history):
-            raise BadRow("missing_fields")
-        rounds = [(_text(q), _text(a)) for q, a in history] + [(_text(row["prompt"]), _text(row["response"]))]
+        rounds = _history(row) + [(_text(row["prompt"]), _text(row["response"]))]
     else:
-        messages = row["conversations"]
-        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
-            raise BadRow("missing_fields")
-        rounds, query = [], None
-        for i, m in enumerate(messages):
-            role, content = m.get("role"), _text(m.get("content"))
-            if role == "system" and i == 0:
-                system = content
-            elif role == "user" and query is None:
-                query = content
-            elif role == "assistant" and query is not None:
-                rounds.append((query, content))
-                query = None
-            else:  # two users in a row, a reply without a query, an unknown role
-                raise BadRow("missing_fields")
-        if not rounds:
-            raise BadRow("missing_fields")
+        system, rounds = _messages(row["messages" if fmt == "openai" else "conversations"], fmt)
     if any(not a.strip() for _, a in rounds):
         raise BadRow("empty_reply")
     return system, rounds, fmt
@@ -263,7 +298,8 @@ def _examples(family, tok, system, rounds, max_source, max_target, seq_len, last
         stats.dropped_rounds += len(rounds) - 1
         rounds = rounds[-1:]  # the last round alone, cut like any single reply
     made = []
-    for ids, mask in family.conversation_examples(tok, rounds, system, last_only):
+    for i in range(len(rounds) - 1 if last_only else 0, len(rounds)):  # a sample per reply
+        ids, mask = _fitted_example(family, tok, rounds[:i], *rounds[i], system, max_source, stats)
         ids, mask, cut_s, cut_t = cut(ids, mask, family, max_source, max_target)
         stats.cut_source += cut_s
         stats.cut_target += cut_t
@@ -272,6 +308,36 @@ def _examples(family, tok, system, rounds, max_source, max_target, seq_len, last
             continue
         made.append((ids, mask))
     return made
+
+
+def _fitted_example(family, tok, history, query, reply, system, max_source, stats):
+    """`Family.training_example` with the oldest history rounds dropped until its prompt has at
+    most max_source ids, as a chat turn is fitted at inference (`Family.fit_chat`): the current
+    query stays; only a query too long alone is cut afterwards (`cut`)."""
+    for dropped in range(len(history) + 1):
+        ids, mask = family.training_example(tok, history[dropped:], query, reply, system)
+        if mask.index(1) <= max_source or dropped == len(history):
+            stats.dropped_rounds += dropped
+            return ids, mask
+
+
+def mixed_samples(mix, task_samples: int, family, tok, two_d, max_source, max_target, seq_len, seed, stats):
+    """Samples of general data to replay during task fine-tuning (the usual answer to "after
+    P-tuning it only talks about ads"): for each (file, share), share x total samples, where
+    total = task_samples / (1 - sum of shares); counted in `stats.mixed`."""
+    shares = [share for _, share in mix]
+    if any(not 0 < share < 1 for share in shares) or sum(shares) >= 1:
+        raise DataError(f"--mix shares {shares} must each be in (0, 1) and sum to less than 1")
+    total, out = task_samples / (1 - sum(shares)), []
+    for k, (path, share) in enumerate(mix):
+        pool, _ = build_samples([path], family, tok, two_d, max_source, max_target, seq_len)
+        want = round(share * total)
+        order = np.concatenate(
+            [np.random.default_rng([seed, k, rep]).permutation(len(pool)) for rep in range(-(-want // len(pool)))]
+        )
+        out += [pool[i] for i in order[:want]]
+        stats.mixed[path] = want
+    return out
 
 
 def pack_samples(samples: Sequence[dict], seq_len: int, seed: int) -> list[dict[str, np.ndarray]]:
@@ -318,10 +384,14 @@ class SFTBuilder:
         last_only: bool = False,
         shuffle: bool = True,
         limit: int | None = None,
+        mix: Sequence[tuple[str, float]] = (),
     ) -> SFTBuilder:
+        """mix: (file, share) pairs: general instruction data replayed beside the task's, `share`
+        of the training samples from each file (drawn seeded, repeated if the file is short)."""
         samples, stats = build_samples(
             paths, family, tok, two_d, max_source, max_target, seq_len, last_only, limit=limit
         )
+        samples += mixed_samples(mix, len(samples), family, tok, two_d, max_source, max_target, seq_len, seed, stats)
         sequences = pack_samples(samples, seq_len, seed)
         stats.sequences = len(sequences)
         stats.tokens = int(sum((s["segment_ids"] > 0).sum() for s in sequences))

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 from glm_jax.config import get_config
+from glm_jax.data import DataError
 from glm_jax.families import get_family
 from glm_jax.model import GLM, init_params
-from glm_jax.sft import SFTBuilder, build_samples, pack_samples
+from glm_jax.sft import BadRow, SFTBuilder, build_samples, conversation, pack_samples
 from glm_jax.text_metrics import corpus_scores, row_scores
 
 ROWS = [
@@ -104,6 +105,18 @@ def test_long_examples_are_cut_as_the_reference_and_counted(tmp_path):
     assert s["tokens"][n_prompt - 1] == tok.gmask_id and s["tokens"][n_prompt] == tok.sop_id
 
 
+def test_a_long_history_drops_its_oldest_rounds_and_keeps_the_query(tmp_path):
+    fam = get_family("chatglm-6b")
+    tok = fam.load_tokenizer()
+    history = [[f"old question {i} " + "word " * 12, f"old answer {i}"] for i in range(4)]
+    row = {"prompt": "the current question", "response": "the reply", "history": history}
+    samples, stats = build_samples([write(tmp_path, [row])], fam, tok, False, 60, 16, 128, last_only=True)
+    (s,) = samples
+    prompt = tok.decode([int(t) for t, a in zip(s["tokens"], s["prefix_mask"]) if a])
+    assert "the current question" in prompt and "old question 3" in prompt and "old question 0" not in prompt
+    assert stats.dropped_rounds == 3 and stats.cut_source == 0 and int(s["prefix_mask"].sum()) <= 60
+
+
 def test_two_d_positions_put_part_b_at_the_gmask():
     fam = get_family("chatglm-6b")
     tok = fam.load_tokenizer()
@@ -170,3 +183,37 @@ def test_metrics_on_hand_made_examples():
     assert row_scores("abcd", "abce")["bleu-4"] == pytest.approx(100 * (0.75 * (2 / 3) * 0.5 * 0.5) ** 0.25, abs=1e-3)
     assert row_scores("", "abc") == {"bleu-4": 0.0, "rouge-1": 0.0, "rouge-2": 0.0, "rouge-l": 0.0}
     assert corpus_scores(["abc", ""], ["abc", "abc"])["rouge-1"] == pytest.approx(50.0)
+
+
+def test_sharegpt_openai_and_alpaca_with_history_read_as_the_same_conversation():
+    turns = [("system", "Be brief"), ("user", "q1"), ("assistant", "a1"), ("user", "q2"), ("assistant", "a2")]
+    sharegpt = {"system": "system", "user": "human", "assistant": "gpt"}
+    rows = {
+        "chatglm3": {"conversations": [{"role": r, "content": c} for r, c in turns]},
+        "openai": {"messages": [{"role": r, "content": c} for r, c in turns]},
+        "sharegpt": {"conversations": [{"from": sharegpt[r], "value": c} for r, c in turns]},
+        "alpaca": {"instruction": "q2", "input": "", "output": "a2", "system": "Be brief", "history": [["q1", "a1"]]},
+    }
+    for fmt, row in rows.items():
+        assert conversation(row) == ("Be brief", [("q1", "a1"), ("q2", "a2")], fmt)
+    for bad in (
+        {"conversations": [{"from": "bot", "value": "x"}]},  # an unknown ShareGPT role
+        {"messages": [{"role": "assistant", "content": "a reply without a query"}]},
+        {"instruction": "q", "output": "a", "history": [["only a query"]]},
+    ):
+        with pytest.raises(BadRow):
+            conversation(bad)
+
+
+def test_mix_replays_general_data_at_its_share(tmp_path):
+    fam = get_family("glm")
+    tok = fam.load_tokenizer()
+    task = write(tmp_path, [{"content": f"ad {i}", "summary": f"ad reply {i}"} for i in range(6)], name="task.json")
+    general = write(tmp_path, [{"instruction": "say hi", "output": "hello there"}], name="general.json")
+    common = dict(family=fam, tok=tok, two_d=False, seq_len=64, max_source=32, max_target=16)
+    builder = SFTBuilder.from_files([task], mix=[(general, 0.25)], **common)
+    assert builder.stats.mixed == {general: 2}  # 6 task samples are 75%: 2 general ones, one file row twice
+    replies = " | ".join(learned(tok, s) for s in builder.sequences)
+    assert replies.count("hello there") == 2 and "ad reply 5" in replies
+    with pytest.raises(DataError):
+        SFTBuilder.from_files([task], mix=[(general, 1.0)], **common)
