@@ -392,6 +392,7 @@ class SFTBuilder:
             paths, family, tok, two_d, max_source, max_target, seq_len, last_only, limit=limit
         )
         samples += mixed_samples(mix, len(samples), family, tok, two_d, max_source, max_target, seq_len, seed, stats)
+        stats.samples = len(samples)  # with the replayed ones
         sequences = pack_samples(samples, seq_len, seed)
         stats.sequences = len(sequences)
         stats.tokens = int(sum((s["segment_ids"] > 0).sum() for s in sequences))

@@ -159,8 +159,11 @@ def test_lora_resumes_exactly_merges_and_checks_its_base(setup):
 
 def test_ptuning_prefix_travels_inside_the_merged_checkpoint(setup):
     root, bases, _ = setup
-    summary = run(setup, "p", "ptuning", 2, "--merge", "--set", "pre_seq_len=4", "--quantize", "int8")
+    mix = f"{setup[2]}:0.5"  # the same rows replayed as "general" data: as many again
+    summary = run(setup, "p", "ptuning", 2, "--merge", "--set", "pre_seq_len=4", "--quantize", "int8", "--mix", mix)
     assert summary["trainable_params"] == 4 * 2 * 2 * 128  # P x layers x (k, v) x kv width
+    assert summary["trainable_dtype"] == summary["moment_dtype"] == "float32"
+    assert summary["train_data"]["mixed"] == {setup[2]: summary["train_data"]["samples"] // 2}
     merged = load_model(str(root / "p" / "merged"))
     assert merged.config.pre_seq_len == 4 and "prefix_encoder" in merged.params
     np.testing.assert_allclose(
@@ -172,3 +175,7 @@ def test_bad_flags_exit_2(setup, capsys):
     with pytest.raises(SystemExit) as e:
         run(setup, "bad", "full", 2, "--quantize", "int4")
     assert e.value.code == 2 and "lora or ptuning" in capsys.readouterr().err
+    for mix, says in (("nowhere.json:0.2", "no file"), (f"{setup[2]}:lots", "FILE:SHARE"), (f"{setup[2]}:1", "(0, 1)")):
+        with pytest.raises(SystemExit) as e:
+            run(setup, "bad", "lora", 2, "--mix", mix)
+        assert e.value.code == 2 and says in capsys.readouterr().err
