@@ -203,7 +203,7 @@ def test_lora_trains_on_an_int4_base(base):
     assert np.isfinite(losses).all() and losses[-1] < losses[0] - 0.05
 
 
-@pytest.mark.parametrize("method", ["lora", "ptuning"])
+@pytest.mark.parametrize("method", ["lora", pytest.param("ptuning", marks=pytest.mark.slow)])
 def test_an_fp16_base_trains_fp32_adapters_without_skipping_and_with_their_dropout(method):
     """A released fp16 base (weights and compute): the adapter and its Adam moments are fp32, no
     step is skipped, the loss falls; the adapter's dropout is on (released bases set their own to
