@@ -282,28 +282,20 @@ class DataIterator:
 
     Unit k from position p holds global sequences p + k*unit ... p + (k+1)*unit - 1; `next()`
     builds those at offsets `rows` (ascending; `sharding.rows_held`: the rows this process's
-    devices hold) -> dict of int32 numpy arrays [len(rows), seq_len] (plus `kind` [rows]).
-    Without `rows`, process_index builds the process_index-th of process_count equal parts (right
-    where every process holds whole data replicas, in order). The position is the next global
-    sequence, whatever the unit: a run resumed on another mesh reads on where it stopped.
+    devices hold; default: all of them, one process) -> dict of int32 numpy arrays
+    [len(rows), seq_len] (plus `kind` [rows]). The position is the next global sequence, whatever
+    the unit: a run resumed on another mesh reads on where it stopped.
     """
 
     def __init__(
         self,
         builder: SequenceBuilder,
         unit: int,
-        process_index: int = 0,
-        process_count: int = 1,
         position: int = 0,
         prefetch: int = 2,
         rows: Sequence[int] | None = None,
     ):
-        if rows is None:
-            if unit % process_count:
-                raise DataError(f"a unit of {unit} sequences is not divisible by {process_count} processes")
-            part = unit // process_count
-            rows = range(process_index * part, (process_index + 1) * part)
-        self.rows = np.asarray(rows, np.int64)
+        self.rows = np.arange(unit) if rows is None else np.asarray(rows, np.int64)
         if not len(self.rows) or self.rows.min() < 0 or self.rows.max() >= unit:
             raise DataError(f"rows {list(self.rows)} are not rows of a unit of {unit} sequences")
         self.builder, self.unit = builder, unit

@@ -30,7 +30,7 @@ from glm_jax.train import RunConfig, train  # noqa: E402
 
 assert jax.process_count() == 2 and len(jax.devices()) == 8, (jax.process_count(), jax.devices())
 mesh = sh.make_mesh("2x2x2")
-local = sharding_case.local_rows(jax.process_index(), jax.process_count())
+local = sharding_case.local_rows(mesh)
 config = sharding_case.config(num_layers=sharding_case.MULTIHOST_LAYERS)
 loss, grads = sharding_case.sharded_loss_and_grads(mesh, sh.global_batch(local, mesh), c=config)
 if jax.process_index() == 0:

@@ -39,8 +39,10 @@ def builder():
     return SequenceBuilder(window, SEQ, 0, ObjectiveConfig(position_encoding_2d=True))
 
 
-def local_rows(process_index=0, process_count=1):
-    it = DataIterator(builder(), BATCH, process_index, process_count, prefetch=0)
+def local_rows(mesh=None):
+    """The first batch: the rows this process's devices hold on `mesh` (without one: all)."""
+    rows = None if mesh is None else sh.rows_held(sh.batch_sharding(mesh), BATCH)
+    it = DataIterator(builder(), BATCH, prefetch=0, rows=rows)
     return {k: v for k, v in next(it).items() if k != "kind"}
 
 
@@ -106,13 +108,13 @@ def optim():
     return OptimConfig(peak_lr=LR, init_lr=LR, min_lr_ratio=1.0)
 
 
-def train_losses(mesh, process_index=0, process_count=1, steps=3, c=None):
+def train_losses(mesh, steps=3, c=None):
     """Losses of `steps` training steps (AdamW) on `mesh`, each process feeding its rows: those of
     `train.train` with optim() and seed 0 on this builder, batch and mesh."""
     c = c or config()
     trainer = Trainer(c, optim(), mesh, BATCH)
     state = trainer.init_state(0)
-    data = DataIterator(builder(), BATCH, process_index, process_count, prefetch=0)
+    data = DataIterator(builder(), BATCH, prefetch=0, rows=sh.rows_held(trainer.batch_sharding, BATCH))
     losses = []
     with trainer.context():
         for _ in range(steps):

@@ -134,7 +134,7 @@ def test_resume_gives_the_uninterrupted_batches(prefetch):
 
 def test_processes_load_only_their_rows():
     whole = _take(DataIterator(_builder(), 4, prefetch=0), 2)
-    parts = [_take(DataIterator(_builder(), 4, process_index=p, process_count=2, prefetch=0), 2) for p in range(2)]
+    parts = [_take(DataIterator(_builder(), 4, prefetch=0, rows=rows), 2) for rows in ([0, 1], [2, 3])]
     for step in range(2):
         assert parts[0][step]["tokens"].shape == (2, 128)
         for k in whole[step]:
@@ -161,8 +161,8 @@ def test_restore_refuses_another_runs_state():
     it = DataIterator(_builder(seed=1), 4, prefetch=0)
     with pytest.raises(DataError, match="seed=0"):
         it.restore(DataIterator(_builder(seed=0), 4, prefetch=0).state())
-    with pytest.raises(DataError, match="not divisible"):
-        DataIterator(_builder(), 5, process_count=2)
+    with pytest.raises(DataError, match="not rows of a unit"):
+        DataIterator(_builder(), 4, rows=[3, 4])
 
 
 def test_prefetch_errors_reach_the_consumer():
