@@ -285,8 +285,8 @@ class StageLayout:
         dtype = self.config.compute_dtype
 
         def one(path, x, spec, tensor):
-            axis = tuple(spec).index("data") if "data" in tuple(spec) else None
-            return _whole(path, x, spec, None, lambda y: _gather_leaf(axis, _cast_dtype(path, y, dtype), tensor, y))
+            gather = lambda y: _gather_leaf(tuple(spec).index("data"), _cast_dtype(path, y, dtype), tensor, y)  # noqa: E731
+            return _whole(path, x, spec, None, gather)
 
         return jax.tree_util.tree_map_with_path(one, tree, self.specs(tree), self.specs(tree, ("tensor",)))
 
