@@ -26,6 +26,10 @@ NORM_PLACEMENTS = ("deepnorm", "pre")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "pallas_tpu")
 QUANTIZED_MATMULS = ("auto", "xla", "pallas")
 LORA_TARGETS = ("query", "key", "value", "dense", "dense_h_to_4h", "dense_4h_to_h")
+PROMPT_ENCODERS = ("none", "mlp", "lstm")  # prompt tuning; P-tuning v1's two encoders (peft's PromptEncoder)
+QKV = ("query", "key", "value")
+LORA_INITS = ("kaiming", "gaussian")
+IA3_FEEDFORWARD = ("dense_4h_to_h",)  # IA3 scales these layers' input (peft's feedforward_modules)
 # remat_policy -> what a rematerialised layer saves for its backward (None: nothing, recompute it all)
 REMAT_POLICIES = {
     "none": None,  # no rematerialisation
@@ -47,38 +51,119 @@ class AdapterFields:
     builds them (lora_rank 0 and pre_seq_len 0: no adapter); `peft.PeftConfig` carries the same
     fields as a fine-tuning run asks for them (its method switches its adapter on)."""
 
-    # LoRA on the named linear layers of every block: the update is (lora_alpha / lora_rank) * B(A(dropout(x)))
+    # LoRA on the named linear layers of every block: the update is s * B(A(dropout(x))), s = lora_alpha / lora_rank
     lora_rank: int = 0  # 0: no LoRA
     lora_alpha: float = 32.0
     lora_dropout: float = 0.1
-    lora_targets: str = "query,key,value"  # comma-separated: query,key,value,dense,dense_h_to_4h,dense_4h_to_h
+    # comma-separated: query_key_value (one A shared by the three, peft's target in ChatGLM's recipes), or
+    # query,key,value (an A each, peft on q_proj/k_proj/v_proj), and dense, dense_h_to_4h, dense_4h_to_h
+    lora_targets: str = "query_key_value"
+    lora_init: str = "kaiming"  # A's init: kaiming (peft's default, kaiming-uniform a=sqrt(5)) or gaussian (N(0, 1/r))
+    lora_rslora: bool = False  # rsLoRA: the update scaled by alpha / sqrt(r) instead of alpha / r
+    lora_dora: bool = False  # DoRA: the adapted weight renormalised per output feature to a learned magnitude
     # P-tuning v2: pre_seq_len virtual key/value positions in every layer, seen by every real token
     pre_seq_len: int = 0  # 0: no prefix
     prefix_projection: bool = False  # embedding -> Linear -> tanh -> Linear, else one embedding
     prefix_hidden_size: int = 0  # the projection's width; 0: hidden_size
     prefix_dropout: float = 0.1
+    # prompt tuning (Lester et al.) and P-tuning v1 (Liu et al.): virtual token embeddings before the input
+    num_virtual_tokens: int = 0  # 0: none
+    prompt_encoder: str = "none"  # none: prompt tuning; mlp / lstm: P-tuning v1's prompt encoder
+    prompt_encoder_hidden_size: int = 0  # the encoder's width; 0: hidden_size
+    # bottleneck adapters (Houlsby et al.) after attention and after the MLP of every layer
+    adapter_size: int = 0  # the bottleneck width; 0: none
+    # IA3 (Liu et al. 2022, peft's IA3): learned scales on keys, values and the MLP's inner activation
+    ia3: bool = False
+    ia3_targets: str = "key,value,dense_4h_to_h"
+
+    @property
+    def _lora_names(self) -> list[str]:
+        return [t.strip() for t in self.lora_targets.split(",") if t.strip()]
 
     @property
     def lora_target_names(self) -> tuple[str, ...]:
         """The layers LoRA adapts; `query_key_value` (peft's name for ChatGLM's fused QKV) is all three."""
-        names = [t.strip() for t in self.lora_targets.split(",") if t.strip()]
-        return tuple(n2 for n in names for n2 in (("query", "key", "value") if n == "query_key_value" else (n,)))
+        return tuple(n2 for n in self._lora_names for n2 in (QKV if n == "query_key_value" else (n,)))
+
+    @property
+    def lora_fused_qkv(self) -> bool:
+        """query, key and value share one A, as peft's LoRA on the fused query_key_value weight."""
+        return "query_key_value" in self._lora_names
+
+    @property
+    def lora_scaling(self) -> float:
+        """s of the update s * B(A(x)): alpha / r, or alpha / sqrt(r) with rsLoRA."""
+        return self.lora_alpha / (math.sqrt(self.lora_rank) if self.lora_rslora else self.lora_rank)
+
+    @property
+    def prefix_slots(self) -> int:
+        """Key/value positions before the sequence in every layer (KV cache slots 0..P-1): P-tuning
+        v2's `pre_seq_len` or the virtual tokens of prompt tuning / P-tuning v1 (prompts.py)."""
+        return self.pre_seq_len or self.num_virtual_tokens
+
+    def check_prompt_fields(self) -> None:
+        """Prompt tuning / P-tuning v1's fields (the `check_adapter_fields` part of prompts.py)."""
+        for name in ("num_virtual_tokens", "prompt_encoder_hidden_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be an integer >= 0")
+        if self.prompt_encoder not in PROMPT_ENCODERS:
+            raise ConfigError(f"prompt_encoder={self.prompt_encoder!r}; choose one of {PROMPT_ENCODERS}")
+        if self.num_virtual_tokens and self.pre_seq_len:
+            raise ConfigError(
+                f"num_virtual_tokens={self.num_virtual_tokens} (prompt tuning / P-tuning v1) and "
+                f"pre_seq_len={self.pre_seq_len} (P-tuning v2) both fill the prefix slots of every layer: "
+                "set one of them to 0"
+            )
 
     def check_adapter_fields(self) -> None:
         """Raise ConfigError naming the adapter field that is out of range."""
+        self.check_prompt_fields()
         bad = sorted(set(self.lora_target_names) - set(LORA_TARGETS))
         if bad:
-            raise ConfigError(f"lora_targets={self.lora_targets!r}: unknown layer(s) {bad}; choose from {LORA_TARGETS}")
+            raise ConfigError(
+                f"lora_targets={self.lora_targets!r}: unknown layer(s) {bad}; choose from {LORA_TARGETS} "
+                "or query_key_value (one A shared by the three, as peft on a fused QKV)"
+            )
+        if self.lora_fused_qkv and set(QKV) & set(self._lora_names):
+            raise ConfigError(
+                f"lora_targets={self.lora_targets!r}: query_key_value (one shared A) or query/key/value "
+                "(an A each), not both"
+            )
+        if self.lora_init not in LORA_INITS:
+            raise ConfigError(f"lora_init={self.lora_init!r}; choose one of {LORA_INITS}")
         for name in ("lora_rank", "pre_seq_len", "prefix_hidden_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be an integer >= 0")
         for name in ("lora_dropout", "prefix_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"{name}={getattr(self, name)} must be in [0, 1)")
+        self._check_bottleneck_and_ia3()
+
+    @property
+    def ia3_target_names(self) -> tuple[str, ...]:
+        """The layers IA3 scales (`query_key_value`: all three); those in `IA3_FEEDFORWARD` scale
+        their input, the others their output."""
+        names = [t.strip() for t in self.ia3_targets.split(",") if t.strip()]
+        return tuple(n2 for n in names for n2 in (QKV if n == "query_key_value" else (n,)))
+
+    def _check_bottleneck_and_ia3(self) -> None:
+        if not isinstance(self.adapter_size, int) or self.adapter_size < 0:
+            raise ConfigError(f"adapter_size={self.adapter_size!r} must be an integer >= 0 (0: no bottleneck adapters)")
+        bad = sorted(set(self.ia3_target_names) - set(LORA_TARGETS))
+        if bad:
+            raise ConfigError(
+                f"ia3_targets={self.ia3_targets!r}: unknown layer(s) {bad}; choose from {LORA_TARGETS} "
+                "or query_key_value"
+            )
+        if self.ia3 and not self.ia3_target_names:
+            raise ConfigError("ia3=true needs at least one layer in ia3_targets, e.g. key,value,dense_4h_to_h")
 
 
-LORA_FIELDS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets")
+LORA_FIELDS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "lora_init", "lora_rslora", "lora_dora")
 PREFIX_FIELDS = ("pre_seq_len", "prefix_projection", "prefix_hidden_size", "prefix_dropout")
+PROMPT_FIELDS = ("num_virtual_tokens", "prompt_encoder", "prompt_encoder_hidden_size")
+ADAPTER_FIELDS = ("adapter_size",)
+IA3_FIELDS = ("ia3", "ia3_targets")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -41,7 +41,7 @@ def decode_layout(config: GLMConfig, step, lengths, mask_pos, cont, first_slot, 
     -> (cache slot: first_slot + step, scalar or [B]; position [B, 1]; block position [B, 1];
     visibility mask [B, 1, 1, cache_len]: the row's prefix and context, slots P..P+length-1, and
     its generated slots first_slot..slot)."""
-    prefix = config.pre_seq_len
+    prefix = config.prefix_slots
     slot = first_slot + step
     position = jnp.where(cont, lengths + step, mask_pos)[:, None]
     if config.position_encoding_2d:

@@ -192,7 +192,7 @@ def inference_dry_run(
     compile refused for memory (an accelerator's compiler) gives `fits` false, that program's
     `compiler_message` and no plan-wide temp / peak (the other program's figures stay)."""
     placement.check_inference_mesh(config, mesh)
-    if not 0 < prefill_len <= cache_len - config.pre_seq_len:
+    if not 0 < prefill_len <= cache_len - config.prefix_slots:
         raise ValueError(f"a prefill of {prefill_len} tokens does not fit a cache of {cache_len} slots")
     started = time.perf_counter()
     params, cache = inference_shapes(config, mesh, batch, cache_len, cache_dtype)

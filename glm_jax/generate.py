@@ -6,8 +6,9 @@ token and ends with sop (appended when missing), and the context is bidirectiona
 decoder (`causal=True`: ChatGLM2/3, GLM-4) the context is causal. Ragged contexts are right-padded
 to T. Prefill writes the context's keys/values into cache slots 0..T-1; decoding feeds the start
 id, then each chosen token, into slot T + step; a new token sees its row's context and the
-generated slots so far. A P-tuning v2 prefix (`config.pre_seq_len` = P) takes cache slots 0..P-1,
-seen by every token, and shifts the slots above by P (not the positions).
+generated slots so far. A prefix (`config.prefix_slots` = P: P-tuning v2's, or the virtual tokens
+of prompt tuning / P-tuning v1, `prompts.serving_prefix`) takes cache slots 0..P-1, seen by every
+token, and shifts the slots above by P (not the positions).
 Positions and visibility are `decoding.decode_layout`'s (shared with the serving engine), sampling
 is `decoding.sample` (the engine's per-row sampler), padded lengths `decoding.bucket_length`. One
 compiled decode step serves every token. The dense layers are whatever the config selects, so
@@ -31,6 +32,7 @@ from glm_jax.decoding import BUCKET, bucket_length, decode_layout, sample
 from glm_jax.families import default_stop_ids
 from glm_jax.layers import GLMBlock, rotary_tables, write_cache
 from glm_jax.model import GLM, attention_inputs
+from glm_jax.prompts import serving_prefix
 from glm_jax.tokenizer import GLM_IDS, SpecialIds
 
 
@@ -151,7 +153,7 @@ def layered_forward(config: GLMConfig, params, batch):
     outer = {k: v for k, v in params.items() if k != "layers"}
     h = model.apply({"params": outer}, batch, method=GLM.embed)
     mask, tables = attention_inputs(batch, config)
-    prefix = model.apply({"params": outer}, method=GLM.prefix)  # [L, P, 2, K, D] or None
+    prefix = serving_prefix(config, params)  # [L, P, 2, K, D] or None
     for i, layer in enumerate(params["layers"]):
         h = block.apply({"params": layer}, h, mask, tables, None, None, None if prefix is None else prefix[i])[0]
     return model.apply({"params": outer}, h, method=GLM.head)
@@ -190,12 +192,11 @@ def cached_forward(config: GLMConfig, params, tokens, position_ids, block_positi
 
 @functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
 def write_prefix(config: GLMConfig, params, cache):
-    """Put the P-tuning prefix's keys/values (`GLM.prefix`) in cache slots 0..P-1 of every row."""
-    outer = {k: v for k, v in params.items() if k != "layers"}
-    prefix = GLM(config).apply({"params": outer}, method=GLM.prefix)  # [L, P, 2, K, D]
+    """Put the prefix's keys/values (`prompts.serving_prefix`) in cache slots 0..P-1 of every row."""
+    prefix = serving_prefix(config, params)  # [L, P, 2, K, D]
     return tuple(
         tuple(
-            buffer.at[:, : config.pre_seq_len].set(prefix[layer, None, :, kv].astype(buffer.dtype))
+            buffer.at[:, : config.prefix_slots].set(prefix[layer, None, :, kv].astype(buffer.dtype))
             for kv, buffer in enumerate(pair)  # kv: 0 keys, 1 values
         )
         for layer, pair in enumerate(cache)
@@ -207,7 +208,7 @@ def prefill(config: GLMConfig, params, cache, tokens, lengths, causal: bool = Fa
     """Write the context [B, T] into cache slots P..P+T-1 (bidirectional over each row's context
     and the prefix, or causal)."""
     rows, width = tokens.shape
-    prefix = config.pre_seq_len
+    prefix = config.prefix_slots
     keys = jnp.arange(cache_length(cache))
     mask = (keys[None, :] < prefix + lengths[:, None])[:, None, None, :] & jnp.ones((1, 1, width, 1), bool)
     if causal:
@@ -231,7 +232,7 @@ def decode_logits(config: GLMConfig, params, cache, token, step, lengths, mask_p
 def decode_step(config: GLMConfig, params, cache, token, step, lengths, mask_pos, cont, prompt_len):
     """Feed token [B] as generated token number `step` (sop is step 0) of contexts padded to
     prompt_len (every row's generated slots start at P + prompt_len) -> (fp32 logits [B, V], cache)."""
-    return decode_logits(config, params, cache, token, step, lengths, mask_pos, cont, config.pre_seq_len + prompt_len)
+    return decode_logits(config, params, cache, token, step, lengths, mask_pos, cont, config.prefix_slots + prompt_len)
 
 
 @jax.jit
@@ -276,9 +277,9 @@ class Generator:
             for array in (prompts.tokens, prompts.lengths, prompts.mask_pos, prompts.continue_positions)
         )
         width = tokens.shape[1]
-        cache_len = bucket_length(self.config.pre_seq_len + width + max_new_tokens, multiple=BUCKET)
+        cache_len = bucket_length(self.config.prefix_slots + width + max_new_tokens, multiple=BUCKET)
         cache = init_cache(self.config, padded, cache_len, self.cache_dtype, self.mesh)
-        if self.config.pre_seq_len:
+        if self.config.prefix_slots:
             cache = write_prefix(self.config, self.params, cache)
         cache = prefill(self.config, self.params, cache, jnp.asarray(tokens), jnp.asarray(lengths), prompts.causal)
         return dict(

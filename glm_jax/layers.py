@@ -20,7 +20,7 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from glm_jax import quant, tpu_attention
-from glm_jax.config import GLMConfig
+from glm_jax.config import IA3_FEEDFORWARD, GLMConfig
 from glm_jax.target import target_platform
 
 MASK_VALUE = -10000.0  # the reference's additive mask value (docs/reference.md section 1)
@@ -36,6 +36,54 @@ def xavier_normal(gain: float = 1.0, in_axis=0, out_axis=-1, batch_axis=()) -> I
 
 
 # ---- dense layers -------------------------------------------------------------------------------
+def l2_norm(w, axes: tuple[int, ...]):
+    """The L2 norm of w (fp32) over `axes`: a kernel's per-output-feature norm over its input axes."""
+    return jnp.sqrt(jnp.sum(jnp.square(w.astype(jnp.float32)), axis=axes))
+
+
+def lora_a_init(c: GLMConfig, n_in: int) -> Initializer:
+    """LoRA A's init: "kaiming" is peft's default (torch's kaiming_uniform_ with a = sqrt(5) on A's
+    [r, fan_in] weight: U(-1/sqrt(fan_in), 1/sqrt(fan_in))), "gaussian" peft's N(0, 1/r)."""
+    if c.lora_init == "gaussian":
+        return nn.initializers.normal(1.0 / c.lora_rank)
+
+    def init(key, shape, dtype=jnp.float32):
+        bound = 1.0 / math.sqrt(int(np.prod(shape[:n_in])))
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def lora_dropped(module: nn.Module) -> bool:
+    """Whether LoRA's input dropout is active in this call (a rate and a 'dropout' rng)."""
+    return module.config.lora_dropout > 0.0 and module.has_rng("dropout")
+
+
+def lora_input(module: nn.Module, x, in_shape: tuple[int, ...], in_axes: tuple) -> tuple[jax.Array, jax.Array]:
+    """x -> (dropout(x), A `in_shape + (r,)`): the input side of a LoRA pair, created in `module`."""
+    c = module.config
+    n_in = len(in_shape)
+    a = module.param(
+        "lora_a",
+        nn.with_logical_partitioning(lora_a_init(c, n_in), tuple(in_axes) + (None,)),
+        in_shape + (c.lora_rank,),
+        c.params_dtype,
+    )
+    return nn.Dropout(c.lora_dropout, deterministic=not lora_dropped(module))(x), a
+
+
+class FusedLoRA(nn.Module):
+    """peft's LoRA on a fused QKV weight (`lora_targets=query_key_value`): one A [E, r] and one
+    dropout shared by query, key and value, each of which holds its own B (`Linear(lora_shared=)`).
+    x [..., E] -> (dropout(x), A)."""
+
+    config: GLMConfig
+
+    @nn.compact
+    def __call__(self, x):
+        return lora_input(self, x.astype(self.config.compute_dtype), (x.shape[-1],), ("embed",))
+
+
 class Linear(nn.Module):
     """y = x . kernel (+ bias), contracting the last `len(in_shape)` axes of x.
 
@@ -52,10 +100,11 @@ class Linear(nn.Module):
     quantizable: bool = True  # one of a layer's four linear weights (not the output head)
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, lora_shared=None):
+        """x [..., *in_shape] -> [..., *features]. lora_shared: (dropout(x), A) of a fused LoRA
+        target's one A (`FusedLoRA`); this layer then holds only its own B."""
         c = self.config
-        n_in = len(self.in_shape)
-        x = x.astype(c.compute_dtype)
+        x = self._ia3(x.astype(c.compute_dtype), on_input=True)
         if self.quantizable and c.quantization != "none":
             y = self._quantized(x)
         else:
@@ -65,47 +114,105 @@ class Linear(nn.Module):
                 self.in_shape + self.features,
                 c.params_dtype,
             )
-            contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
-            # fp32 out: under tensor parallelism a row-parallel layer's partial sums are reduced in
-            # fp32 across shards, then rounded once (as one device accumulates them)
-            y = jax.lax.dot_general(
-                x, kernel.astype(c.compute_dtype), (contract, ((), ())), preferred_element_type=jnp.float32
-            ).astype(c.compute_dtype)
+            y = self._matmul(x, kernel)
+        if self.lora_adapted:  # before the bias: DoRA rescales x W alone
+            y = self._lora(x, y, lora_shared)
         if self.use_bias:
             bias = self.param(
                 "bias",
-                nn.with_logical_partitioning(nn.initializers.zeros_init(), self.kernel_axes[n_in:]),
+                nn.with_logical_partitioning(nn.initializers.zeros_init(), self.kernel_axes[len(self.in_shape) :]),
                 self.features,
                 c.params_dtype,
             )
             y = y + bias.astype(c.compute_dtype)
-        if c.lora_rank and self.quantizable and self.name in c.lora_target_names:
-            y = y + self._lora(x)
-        return y
+        return self._ia3(y, on_input=False)
 
-    def _lora(self, x):
-        """LoRA (peft.py): (alpha / r) * B(A(dropout(x))). A: `in_shape + (r,)`, Gaussian (std 1/r,
-        peft's `init_lora_weights="gaussian"`); B: `(r,) + features`, zeros, so a new adapter
-        leaves the layer unchanged. The frozen weight beside it may be float or quantized."""
+    def _ia3(self, t, on_input: bool):
+        """IA3 (Liu et al. 2022, as peft): t * l, l = `ia3_scale` (ones, so a new adapter leaves the
+        layer unchanged), multiplied in fp32 as peft does with its fp32 vector. A target in
+        `IA3_FEEDFORWARD` scales its input t = x [..., *in_shape] (l: in_shape), any other its
+        output t = y [..., *features] (bias included; l: features). Otherwise t unchanged."""
+        c = self.config
+        if not (c.ia3 and self.quantizable and self.name in c.ia3_target_names):
+            return t
+        if (self.name in IA3_FEEDFORWARD) != on_input:
+            return t
+        n_in = len(self.in_shape)
+        shape, axes = (self.in_shape, self.kernel_axes[:n_in]) if on_input else (self.features, self.kernel_axes[n_in:])
+        ones = nn.with_logical_partitioning(nn.initializers.ones_init(), axes)
+        scale = self.param("ia3_scale", ones, shape, c.params_dtype)
+        return (t.astype(jnp.float32) * scale.astype(jnp.float32)).astype(c.compute_dtype)
+
+    def _matmul(self, x, kernel):
+        c = self.config
+        n_in = len(self.in_shape)
+        contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+        # fp32 out: under tensor parallelism a row-parallel layer's partial sums are reduced in
+        # fp32 across shards, then rounded once (as one device accumulates them)
+        return jax.lax.dot_general(
+            x, kernel.astype(c.compute_dtype), (contract, ((), ())), preferred_element_type=jnp.float32
+        ).astype(c.compute_dtype)
+
+    @property
+    def lora_adapted(self) -> bool:
+        c = self.config
+        return bool(c.lora_rank) and self.quantizable and self.name in c.lora_target_names
+
+    def _lora(self, x, y, shared=None):
+        """LoRA (peft.py): y + s * B(A(dropout(x))), s = alpha / r (rsLoRA: alpha / sqrt(r)).
+        A: `in_shape + (r,)`, peft's default init (`lora_init`); B: `(r,) + features`, zeros, so a
+        new adapter leaves the layer unchanged. The frozen weight beside it may be float or
+        quantized. y: x W [..., *features] (no bias). DoRA (`lora_dora`, Liu et al. 2024, as peft):
+        (m / ||W + s A B||) (x W + s B(A(dropout(x)))) per output feature, the norm over the input
+        axes and held constant in the backward pass; m = ||W|| + `lora_magnitude_delta` (zeros)."""
         c = self.config
         n_in, r = len(self.in_shape), c.lora_rank
-        a = self.param(
-            "lora_a",
-            nn.with_logical_partitioning(nn.initializers.normal(1.0 / r), self.kernel_axes[:n_in] + (None,)),
-            self.in_shape + (r,),
-            c.params_dtype,
-        )
+        if shared is None:
+            xd, a = lora_input(self, x, self.in_shape, self.kernel_axes[:n_in])
+        else:
+            xd, a = shared
+        contract = (tuple(range(xd.ndim - n_in, xd.ndim)), tuple(range(n_in)))
+        low = jax.lax.dot_general(xd, a.astype(c.compute_dtype), (contract, ((), ())))
         b = self.param(
             "lora_b",
             nn.with_logical_partitioning(nn.initializers.zeros_init(), (None,) + self.kernel_axes[n_in:]),
             (r,) + self.features,
             c.params_dtype,
         )
-        x = nn.Dropout(c.lora_dropout, deterministic=not self.has_rng("dropout"))(x)
+        up = jnp.tensordot(low, b.astype(c.compute_dtype), axes=1) * jnp.asarray(c.lora_scaling, c.compute_dtype)
+        if not c.lora_dora:
+            return y + up
+        delta = self.param(
+            "lora_magnitude_delta",
+            nn.with_logical_partitioning(nn.initializers.zeros_init(), self.kernel_axes[n_in:]),
+            self.features,
+            c.params_dtype,
+        )
+        w = self._float_kernel()
+        lora_kernel = jnp.tensordot(a.astype(jnp.float32), b.astype(jnp.float32), axes=1) * c.lora_scaling
+        in_axes = tuple(range(n_in))
+        norm = jax.lax.stop_gradient(l2_norm(w + lora_kernel, in_axes))
+        scale = (l2_norm(w, in_axes) + delta.astype(jnp.float32)) / norm  # [*features]
+        # dropout active: peft's base term is dropout(x) W
+        base = self._matmul_float(xd, w) if lora_dropped(self) else y
+        out = y.astype(jnp.float32) + (scale - 1.0) * base.astype(jnp.float32) + scale * up.astype(jnp.float32)
+        return out.astype(c.compute_dtype)
+
+    def _float_kernel(self):
+        """The frozen weight in fp32 as `in_shape + features` (a quantized one dequantized)."""
+        if self.quantizable and self.config.quantization != "none":
+            q, scale = (nn.meta.unbox(self.get_variable("params", name)) for name in ("q", "scale"))
+            n = int(np.prod(self.features))
+            bits = 4 if self.config.quantization == "int4" else 8
+            packed = quant.QuantizedWeight(q.reshape(q.shape[0], n), scale.reshape(scale.shape[0], n), bits)
+            w = quant.dequantize(packed)
+            return w.reshape(self.in_shape + self.features)
+        return nn.meta.unbox(self.get_variable("params", "kernel")).astype(jnp.float32)
+
+    def _matmul_float(self, x, w):
+        n_in = len(self.in_shape)
         contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
-        low = jax.lax.dot_general(x, a.astype(c.compute_dtype), (contract, ((), ())))
-        up = jnp.tensordot(low, b.astype(c.compute_dtype), axes=1)
-        return up * jnp.asarray(c.lora_alpha / r, c.compute_dtype)
+        return jax.lax.dot_general(x, w.astype(x.dtype), (contract, ((), ())), preferred_element_type=jnp.float32)
 
     def _quantized(self, x):
         """Weight-only INT4/INT8: q [K(/2), *features] (the input dims flattened to K, INT4 packed
@@ -413,9 +520,10 @@ class SelfAttention(nn.Module):
         e, h, kv, d = x.shape[-1], c.num_attention_heads, c.num_kv_heads, c.head_dim
         plain = xavier_normal(1.0, 0, (1, 2))
         scaled = xavier_normal(c.deepnorm_beta, 0, (1, 2))
-        q = Linear((e,), (h, d), ("embed", "heads", "head_dim"), c.qkv_bias, c, plain, name="query")(x)
-        k = Linear((e,), (kv, d), ("embed", "kv_heads", "head_dim"), c.qkv_bias, c, plain, name="key")(x)
-        v = Linear((e,), (kv, d), ("embed", "kv_heads", "head_dim"), c.qkv_bias, c, scaled, name="value")(x)
+        shared = FusedLoRA(c, name="query_key_value")(x) if c.lora_rank and c.lora_fused_qkv else None
+        q = Linear((e,), (h, d), ("embed", "heads", "head_dim"), c.qkv_bias, c, plain, name="query")(x, shared)
+        k = Linear((e,), (kv, d), ("embed", "kv_heads", "head_dim"), c.qkv_bias, c, plain, name="key")(x, shared)
+        v = Linear((e,), (kv, d), ("embed", "kv_heads", "head_dim"), c.qkv_bias, c, scaled, name="value")(x, shared)
         q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
         q, k = apply_rotary(q, tables, c), apply_rotary(k, tables, c)
 
@@ -546,13 +654,38 @@ class PrefixEncoder(nn.Module):
         return jnp.moveaxis(kv, 1, 0).astype(c.compute_dtype)
 
 
+# ---- bottleneck adapters (Houlsby et al. 2019) ---------------------------------------------------
+class Bottleneck(nn.Module):
+    """A bottleneck adapter: z + up(swish(down(z))). z: [..., E] -> [..., E].
+
+    down: kernel [E, m] + bias [m]; up: kernel [m, E] + bias [E]; m = `adapter_size`. up is zeros,
+    so a new adapter is the identity; down starts near zero as Houlsby's (N(0, 1e-2) truncated at
+    two standard deviations, section 3.6), biases zeros. swish is the non-linearity of adapters'
+    HoulsbyConfig (`DoubleSeqBnConfig`). E on `embed` like the layer; the bottleneck axis is
+    replicated (m need not divide the tensor axis; the adapter's matmuls are ~2m/(12E) of a layer's).
+    """
+
+    config: GLMConfig
+
+    @nn.compact
+    def __call__(self, z):
+        c = self.config
+        e, m = z.shape[-1], c.adapter_size
+        near_zero, zeros = nn.initializers.truncated_normal(1e-2), nn.initializers.zeros_init()
+        down = Linear((e,), (m,), ("embed", None), True, c, near_zero, quantizable=False, name="down")
+        up = Linear((m,), (e,), (None, "embed"), True, c, zeros, quantizable=False, name="up")
+        return z + up(jax.nn.silu(down(z)))
+
+
 # ---- the block ----------------------------------------------------------------------------------
 class GLMBlock(nn.Module):
     """One GLM layer. h: [B, S, E] -> ([B, S, E], new KV entries or None) (scan carry, scan output).
 
     DeepNorm (GLM-130B): x = LN_in(h); h = alpha*x + Attn(x); y = LN_post(h); out = alpha*y + FFN(y),
     alpha = sqrt(2N): the residual carries the LayerNorm output. Pre-LN: h + Attn(LN(h)), etc.
-    Dropout (hidden and attention) is on exactly when a 'dropout' rng is given.
+    Dropout (hidden and attention) is on exactly when a 'dropout' rng is given. With
+    `adapter_size` a `Bottleneck` adapts each sublayer's output after its dropout, before the
+    residual: alpha*x + A(drop(Attn(x))), as Houlsby's adapter-bert and adapters place it.
     """
 
     config: GLMConfig
@@ -567,18 +700,22 @@ class GLMBlock(nn.Module):
         # the residual stream; with sequence parallelism its positions are split over `tensor`, so
         # the partitioner gathers before attention / MLP and reduce-scatters after them
         residual = lambda t: nn.with_logical_constraint(t, ("batch", "sequence", "embed"))  # noqa: E731
+        if c.adapter_size:
+            adapt_attn, adapt_mlp = Bottleneck(c, name="attention_adapter"), Bottleneck(c, name="mlp_adapter")
+        else:
+            adapt_attn = adapt_mlp = lambda t: t  # noqa: E731
         if c.norm_placement == "deepnorm":
             # alpha * x in fp32, then rounded: the reference scales by a Python float, never by
             # alpha rounded to the compute dtype (sqrt(56) in bf16 is off by 0.2%)
             scaled = lambda t: (t.astype(jnp.float32) * c.deepnorm_alpha).astype(c.compute_dtype)
             x = norm_in(h)
             attn, cache = attention(x, mask, tables, cache, cache_index, prefix)
-            h = residual(scaled(x) + drop(attn))
+            h = residual(scaled(x) + adapt_attn(drop(attn)))
             y = norm_post(h)
-            out = scaled(y) + drop(mlp(y))
+            out = scaled(y) + adapt_mlp(drop(mlp(y)))
         else:
             attn, cache = attention(norm_in(h), mask, tables, cache, cache_index, prefix)
-            h = residual(h + drop(attn))
-            out = h + drop(mlp(norm_post(h)))
+            h = residual(h + adapt_attn(drop(attn)))
+            out = h + adapt_mlp(drop(mlp(norm_post(h))))
         out = residual(out.astype(c.compute_dtype))
         return out, cache

@@ -25,6 +25,7 @@ from glm_jax.layers import (
     wants_flash,
     xavier_normal,
 )
+from glm_jax.prompts import prefix_pass, prompt_module
 
 
 def shrink_embedding_gradient(x, alpha):
@@ -93,6 +94,8 @@ class GLM(nn.Module):
             self.final_layernorm = make_norm(c, None)
         if c.pre_seq_len:
             self.prefix_encoder = PrefixEncoder(c)
+        if c.num_virtual_tokens:
+            self.prompt_encoder = prompt_module(c)
         if not c.tie_word_embeddings:
             self.output_layer = Linear(
                 (c.hidden_size,),
@@ -127,8 +130,14 @@ class GLM(nn.Module):
         return self.layers(h, mask, tables, None, None, self.prefix())[0]
 
     def prefix(self):
-        """P-tuning v2 keys/values [L, P, 2, K, D], or None without a prefix encoder."""
-        return self.prefix_encoder() if self.config.pre_seq_len else None
+        """The keys/values [L, P, 2, K, D] every token sees before its sequence, or None: P-tuning
+        v2's prefix encoder, or the virtual tokens of prompt tuning / P-tuning v1 run through the
+        layers at positions -P..-1 (`prompts.prefix_pass`; embedding dropout on them as on tokens)."""
+        c = self.config
+        if c.num_virtual_tokens:
+            x = self.embedding_dropout(self.prompt_encoder(), deterministic=not self.has_rng("dropout"))
+            return prefix_pass(x, lambda h, mask, tables, cache: self.layers(h, mask, tables, cache, 0, None)[1], c)
+        return self.prefix_encoder() if c.pre_seq_len else None
 
     def head(self, h, return_hidden: bool = False):
         """[B, S, E] -> final norm -> logits [B, S, vocab_size] (or the normed hidden states)."""

@@ -8,6 +8,12 @@
 - LoRA (`layers.Linear._lora`): `lora_a` / `lora_b` beside the chosen linear weights of every
   layer, float or quantized; `merge_lora` folds (alpha / r) A B into float kernels.
 - P-tuning v2 (`layers.PrefixEncoder`): `prefix_encoder` keys/values for every layer.
+- prompt / ptuning-v1 (prompts.py): `prompt_encoder`, virtual token embeddings (P-tuning v1: through
+  an MLP or LSTM encoder) run through the frozen layers into the same per-layer prefix; no merge.
+- adapter (Houlsby et al., `layers.Bottleneck`): `attention_adapter` / `mlp_adapter` bottlenecks in
+  every layer; they do not merge (a merged checkpoint carries them).
+- ia3 (peft's IA3, `layers.Linear._ia3`): `ia3_scale` vectors on keys, values and the MLP's inner
+  activation; `merge_ia3` folds them into float kernels. `merge_adapters` merges whatever merges.
 - freeze: only the last `trainable_layers` layers train (optionally the final norm and output
   head); the stacked `layers` leaves are split along their layer axis.
 - full: every parameter trains (the pre-training trainer as it is).
@@ -27,17 +33,34 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
+from jax.experimental import multihost_utils
 
-from glm_jax.config import LORA_FIELDS, PREFIX_FIELDS, AdapterFields, ConfigError, GLMConfig
+from glm_jax.config import (
+    ADAPTER_FIELDS,
+    IA3_FEEDFORWARD,
+    IA3_FIELDS,
+    LORA_FIELDS,
+    PREFIX_FIELDS,
+    PROMPT_FIELDS,
+    AdapterFields,
+    ConfigError,
+    GLMConfig,
+)
+from glm_jax.layers import l2_norm
 from glm_jax.model import abstract_params
 
-METHODS = ("lora", "ptuning", "freeze", "full")
-LORA_LEAVES = ("lora_a", "lora_b")
+METHODS = ("lora", "ptuning", "prompt", "ptuning-v1", "adapter", "ia3", "freeze", "full")
+LORA_LEAVES = ("lora_a", "lora_b", "lora_magnitude_delta")
 HEAD = ("final_layernorm", "output_layer")
+ADAPTER_MODULES = ("attention_adapter", "mlp_adapter")  # layers.Bottleneck in every GLMBlock
 
 
 # the size a method's adapter gets when its run does not set one: the reference recipes' (docs/reference.md)
 METHOD_SIZES = {"lora": ("lora_rank", 8), "ptuning": ("pre_seq_len", 128)}
+# Houlsby et al.'s fixed-size adapters (Table 1, "Adapters (64)"); IA3's only switch is on
+METHOD_SIZES.update(adapter=("adapter_size", 64), ia3=("ia3", True))
+# peft's prompt-learning examples: 20 virtual tokens (prompts.py)
+METHOD_SIZES.update({"prompt": ("num_virtual_tokens", 20), "ptuning-v1": ("num_virtual_tokens", 20)})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,12 +80,23 @@ class PeftConfig(AdapterFields):
         field, size = METHOD_SIZES.get(self.method, (None, 0))
         if field and not getattr(self, field):
             object.__setattr__(self, field, size)
+        self._prompt_encoder_default()
         self.check_adapter_fields()
+
+    def _prompt_encoder_default(self):
+        """ptuning-v1 needs an encoder (peft's PromptEncoder default: mlp); prompt tuning has none."""
+        if self.method == "ptuning-v1" and self.prompt_encoder == "none":
+            object.__setattr__(self, "prompt_encoder", "mlp")
+        if self.method == "prompt" and self.prompt_encoder != "none":
+            raise ConfigError(
+                "prompt tuning trains the virtual token embeddings themselves (prompt_encoder="
+                f"{self.prompt_encoder!r}): use --method ptuning-v1 for an mlp / lstm prompt encoder"
+            )
 
     @property
     def is_adapter(self) -> bool:
         """New parameters beside a frozen base (lora, ptuning), rather than some of the base's own."""
-        return self.method in ("lora", "ptuning")
+        return self.method not in ("freeze", "full")
 
     def model_config(self, base: GLMConfig) -> GLMConfig:
         """The base config with this method's adapter layers switched on."""
@@ -70,6 +104,11 @@ class PeftConfig(AdapterFields):
             return base.override(**{name: getattr(self, name) for name in LORA_FIELDS})
         if self.method == "ptuning":
             return base.override(**{name: getattr(self, name) for name in PREFIX_FIELDS})
+        if self.method in ("prompt", "ptuning-v1"):
+            return base.override(**{name: getattr(self, name) for name in PROMPT_FIELDS})
+        if self.method in ("adapter", "ia3"):
+            fields = ADAPTER_FIELDS if self.method == "adapter" else IA3_FIELDS
+            return base.override(**{name: getattr(self, name) for name in fields})
         if self.method == "freeze" and not 0 < self.trainable_layers <= base.num_layers:
             raise ConfigError(f"trainable_layers={self.trainable_layers} must be in 1..num_layers={base.num_layers}")
         return base
@@ -99,6 +138,12 @@ def trainable_path(path: tuple, peft: PeftConfig) -> bool:
         return path[-1] in LORA_LEAVES
     if peft.method == "ptuning":
         return path[0] == "prefix_encoder"
+    if peft.method in ("prompt", "ptuning-v1"):
+        return path[0] == "prompt_encoder"
+    if peft.method == "adapter":
+        return path[0] == "layers" and path[1] in ADAPTER_MODULES
+    if peft.method == "ia3":
+        return path[-1] == "ia3_scale"
     return peft.train_head and path[0] in HEAD
 
 
@@ -147,38 +192,93 @@ def nbytes(tree) -> int:
 
 # ---- LoRA merge ------------------------------------------------------------------------------------
 def lora_delta(a, b, config: GLMConfig, stacked: bool):
-    """(alpha / r) A B as a kernel (fp32): a [*in, r], b [r, *out] -> [*in, *out]; stacked: both
-    with a leading layer axis, kept."""
+    """s A B as a kernel (fp32, s = `config.lora_scaling`): a [*in, r], b [r, *out] -> [*in, *out];
+    stacked: both with a leading layer axis, kept."""
     a32, b32 = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
     lead = int(stacked)
     a32 = a32.reshape(a32.shape[:lead] + (-1, a32.shape[-1]))
     delta = jnp.einsum("...ir,...ro->...io", a32, b32.reshape(b32.shape[: lead + 1] + (-1,)))
     shape = a.shape[:-1] + b.shape[lead + 1 :]
-    return delta.reshape(shape) * (config.lora_alpha / config.lora_rank)
+    return delta.reshape(shape) * config.lora_scaling
+
+
+def lora_a_path(flat: dict, module: tuple) -> tuple:
+    """The A of the LoRA whose B is at module + ("lora_b",): its own, or the fused QKV's shared A."""
+    own = module + ("lora_a",)
+    return own if own in flat else module[:-1] + ("query_key_value", "lora_a")
 
 
 def merge_lora(params: dict, config: GLMConfig, sign: float = 1.0) -> tuple[dict, GLMConfig]:
-    """Fold every LoRA pair into its float kernel (sign -1: take it back out, `unmerge`).
-    -> (params without lora leaves, the config without LoRA). A quantized base cannot take the
-    merge: merge into the float checkpoint it came from, then quantize."""
+    """Fold every LoRA pair into its float kernel: W + s A B; DoRA: (m / ||W + s A B||) (W + s A B)
+    per output feature (sign -1: take plain LoRA back out, `unmerge`). -> (params without lora
+    leaves, the config without LoRA). A quantized base cannot take the merge: merge into the float
+    checkpoint it came from, then quantize."""
     if config.quantization != "none":
         raise ConfigError(
             f"LoRA merges into float weights; this base holds {config.quantization} weights: merge "
             "into the float checkpoint it was quantized from (finetune.py --merge does), then quantize"
         )
+    if config.lora_dora and sign < 0:
+        raise ConfigError("a DoRA merge rescales the kernels and is not taken back out: reload the base instead")
     flat = _flat(params)
     out = {p: v for p, v in flat.items() if p[-1] not in LORA_LEAVES}
-    for path in [p for p in flat if p[-1] == "lora_a"]:
-        kernel = path[:-1] + ("kernel",)
-        delta = lora_delta(flat[path], flat[path[:-1] + ("lora_b",)], config, stacked=path[0] == "layers")
-        out[kernel] = (jnp.asarray(flat[kernel], jnp.float32) + sign * delta).astype(flat[kernel].dtype)
-    return _unflat(out), config.override(lora_rank=0)
+    for b_path in [p for p in flat if p[-1] == "lora_b"]:
+        module, stacked = b_path[:-1], b_path[0] == "layers"
+        a = flat[lora_a_path(flat, module)]
+        kernel = module + ("kernel",)
+        w = jnp.asarray(flat[kernel], jnp.float32)
+        merged = w + sign * lora_delta(a, flat[b_path], config, stacked)
+        if config.lora_dora:
+            in_axes = tuple(range(int(stacked), a.ndim - 1))
+            magnitude = l2_norm(w, in_axes) + jnp.asarray(flat[module + ("lora_magnitude_delta",)], jnp.float32)
+            merged = merged * jnp.expand_dims(magnitude / l2_norm(merged, in_axes), in_axes)
+        out[kernel] = merged.astype(flat[kernel].dtype)
+    return _unflat(out), config.override(lora_rank=0, lora_dora=False)
 
 
 def unmerge_lora(merged: dict, adapter: dict, config: GLMConfig) -> dict:
     """merged (from `merge_lora` with this adapter) -> the base kernels again (to rounding)."""
     params = combine(adapter, merged, PeftConfig("lora"))
     return merge_lora(params, config, sign=-1.0)[0]
+
+
+# ---- IA3 merge and every merge ------------------------------------------------------------------------
+def merge_ia3(params: dict, config: GLMConfig) -> tuple[dict, GLMConfig]:
+    """Fold every IA3 vector l into its float kernel, as peft's IA3 merge: an input-scaling target
+    (`IA3_FEEDFORWARD`) W[i, o] * l[i]; an output-scaling one W[i, o] * l[o] and bias[o] * l[o].
+    -> (params without `ia3_scale`, the config without IA3). Quantized bases: as `merge_lora`."""
+    if config.quantization != "none":
+        raise ConfigError(
+            f"IA3 merges into float weights; this base holds {config.quantization} weights: merge "
+            "into the float checkpoint it was quantized from (finetune.py --merge does), then quantize"
+        )
+    flat = _flat(params)
+    out = {p: v for p, v in flat.items() if p[-1] != "ia3_scale"}
+    for path in [p for p in flat if p[-1] == "ia3_scale"]:
+        module, lead = path[:-1], int(path[0] == "layers")
+        l32 = jnp.asarray(flat[path], jnp.float32)  # [L, *in] or [L, *features]
+        kernel = flat[module + ("kernel",)]
+        extra = (1,) * (kernel.ndim - l32.ndim)
+        if module[-1] in IA3_FEEDFORWARD:
+            on_kernel = l32.reshape(l32.shape + extra)
+        else:
+            on_kernel = l32.reshape(l32.shape[:lead] + extra + l32.shape[lead:])
+            if module + ("bias",) in flat:
+                bias = flat[module + ("bias",)]
+                out[module + ("bias",)] = (jnp.asarray(bias, jnp.float32) * l32).astype(bias.dtype)
+        out[module + ("kernel",)] = (jnp.asarray(kernel, jnp.float32) * on_kernel).astype(kernel.dtype)
+    return _unflat(out), config.override(ia3=False)
+
+
+def merge_adapters(params: dict, config: GLMConfig) -> tuple[dict, GLMConfig]:
+    """Fold every adapter that merges into the float kernels (LoRA: `merge_lora`; IA3:
+    `merge_ia3`) -> (params, config). Those that cannot merge (a P-tuning prefix, bottleneck
+    adapters) stay in the tree with their config fields: a serving checkpoint carries them."""
+    if config.lora_rank:
+        params, config = merge_lora(params, config)
+    if config.ia3:
+        params, config = merge_ia3(params, config)
+    return params, config
 
 
 # ---- the base an adapter belongs to ------------------------------------------------------------------
@@ -191,9 +291,13 @@ def base_identity(config: GLMConfig, params: dict, step: int) -> dict:
         h.update(f"{'/'.join(map(str, path))}:{tuple(leaf.shape)}:{jnp.dtype(leaf.dtype).name};".encode())
     # a fingerprint of the values too: two random inits of one config share all metadata
     for _, leaf in leaves[:4]:
-        first = np.asarray(jax.device_get(jnp.ravel(leaf)[:64]))
-        h.update(np.ascontiguousarray(first).view(np.uint8).tobytes())
-    base = config.override(lora_rank=0, pre_seq_len=0)
+        # the first 64 values in C order, gathered by index: a sharded leaf is never reshaped whole
+        first = jnp.asarray(leaf)[np.unravel_index(np.arange(min(64, leaf.size)), leaf.shape)]
+        if isinstance(first, jax.Array) and not first.is_fully_addressable:  # a base sharded over processes
+            first = multihost_utils.process_allgather(first, tiled=True)
+        h.update(np.ascontiguousarray(jax.device_get(first)).view(np.uint8).tobytes())
+    base = config.override(lora_rank=0, pre_seq_len=0, adapter_size=0, ia3=False)
+    base = base.override(num_virtual_tokens=0, prompt_encoder="none")
     return {"config": base.to_dict(), "step": int(step), "params_sha256": h.hexdigest()}
 
 

@@ -42,6 +42,7 @@ from glm_jax.config import GLMConfig
 from glm_jax.layers import GLMBlock
 from glm_jax.losses import token_loss_sum
 from glm_jax.model import GLM, REMAT_POLICIES, abstract_params, attention_inputs
+from glm_jax.prompts import check_pipeline
 from glm_jax.sharding import AXES, axis_size, zero1_spec
 
 BATCH_FIELDS = ("position_ids", "block_position_ids", "segment_ids", "prefix_mask")
@@ -439,7 +440,9 @@ class _StageWork:
         return embed_key, jax.random.fold_in(layer_key, shard)
 
     def prefix(self, params):
-        """This stage's P-tuning keys / values [K, P, 2, K, D], or None."""
+        """This stage's P-tuning keys / values [K, P, 2, K, D], or None (virtual tokens: an error,
+        `prompts.check_pipeline`)."""
+        check_pipeline(self.config, self.plan.stages)
         if not self.config.pre_seq_len:
             return None
         rngs = {"dropout": self.embed_key} if self.embed_key is not None else None

@@ -119,7 +119,7 @@ def prefill_row(config: GLMConfig, params, cache, row, tokens, length, causal: b
         row_sharding = NamedSharding(mesh, P(None, *spec[1:]))  # one row: on every data shard
         row_cache = tuple(tuple(jnp.zeros((1, *buffer.shape[1:]), buffer.dtype) for buffer in pair) for pair in cache)
         row_cache = jax.lax.with_sharding_constraint(row_cache, row_sharding)
-        if config.pre_seq_len:
+        if config.prefix_slots:
             row_cache = write_prefix(config, params, row_cache)
     row_cache = prefill(config, params, row_cache, tokens, length, causal)
     cache = tuple(
@@ -141,7 +141,7 @@ def decode_slots(
     fold_in(key(seeds[s]), step[s])). mesh: the cache keeps its sharding, the logits are
     replicated before sampling and so are the sampled ids. -> (next tokens [S], cache)."""
     logits, cache = decode_logits(
-        config, params, cache, token, step, lengths, mask_pos, cont, config.pre_seq_len + lengths
+        config, params, cache, token, step, lengths, mask_pos, cont, config.prefix_slots + lengths
     )
     if mesh is not None:
         logits = jax.lax.with_sharding_constraint(logits, placement.replicated(mesh))
@@ -180,9 +180,9 @@ class Engine:
         self.max_queue = 4 * slots if max_queue is None else max_queue
         self.params = inference_params(config, params, mesh, consume)
         self.max_len = config.max_sequence_length
-        cache_len = bucket_length(config.pre_seq_len + self.max_len, multiple=BUCKET)
+        cache_len = bucket_length(config.prefix_slots + self.max_len, multiple=BUCKET)
         cache = init_cache(config, slots, cache_len, cache_dtype, mesh)
-        if config.pre_seq_len:
+        if config.prefix_slots:
             cache = write_prefix(config, self.params, cache)
             if mesh is not None:  # the sharding every later step keeps (a no-op when it is already)
                 cache = jax.device_put(cache, placement.cache_sharding(config, mesh))
