@@ -19,8 +19,12 @@ Writes OUT/checkpoints (trainable parameters + optimizer state: a killed run res
 with the same command), OUT/logs (metrics.jsonl, TensorBoard, metrics.png), OUT/adapter (the
 trainable parameters alone, with the method and the base's identity; `--adapter OUT` on
 generate.py, the *_eval.py scripts and serve), and with --merge OUT/merged (a full serving
-checkpoint: LoRA merged into the float weights, a P-tuning prefix carried inside). Ends with a
-one-line JSON summary.
+checkpoint: LoRA and IA3 merged into the float weights, a P-tuning prefix or bottleneck adapters
+carried inside; the float base read again from --checkpoint once training has freed the
+devices). The base is read straight into the trainer's shardings on --mesh (each device its
+share, never the whole model on one); an fp16 base trains with a loss scale that starts at 2^7
+and doubles every finite step up to 2^16 (optim.FINETUNE_LOSS_SCALE). Ends with a one-line
+JSON summary.
 """
 
 import argparse
@@ -33,6 +37,10 @@ import sys
 from glm_jax.script_args import DEFAULT_CHECKPOINTS, prepare_devices
 
 METHOD_LR = {"ptuning": 2e-2, "lora": 5e-4, "freeze": 1e-4, "full": 1e-4}
+METHOD_LR["adapter"] = 3e-4  # Houlsby et al.: the middle of their sweep {3e-5, 3e-4, 3e-3}
+METHOD_LR["ia3"] = 3e-3  # T-Few (Liu et al. 2022), the paper that introduced IA3
+METHOD_LR["prompt"] = 3e-2  # peft's prompt-based methods guide (Lester et al.: 0.3, with Adafactor)
+METHOD_LR["ptuning-v1"] = 1e-3  # peft's P-tuning guide; its MLP of width hidden_size moves faster than one embedding
 
 
 def parse_args(argv=None):
@@ -68,7 +76,7 @@ def parse_args(argv=None):
         "--quantize",
         choices=("none", "int8", "int4"),
         default="none",
-        help="run the frozen base quantized (lora / ptuning)",
+        help="run the frozen base quantized (the adapter methods: all but freeze and full)",
     )
     ap.add_argument(
         "--set",
@@ -82,7 +90,11 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-every", type=int, default=100, help="held-out loss every N steps (and before step 1)")
     ap.add_argument("--ckpt-every", type=int, default=100)
-    ap.add_argument("--merge", action="store_true", help="also write OUT/merged, a full serving checkpoint")
+    ap.add_argument(
+        "--merge",
+        action="store_true",
+        help="also write OUT/merged, a full serving checkpoint (the float base is read again when the run ends)",
+    )
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     for name in ("steps", "batch", "max_source", "max_target", "ckpt_every"):
@@ -115,19 +127,18 @@ def main(argv=None):
     ap, args = parse_args(argv)
     needed, _ = prepare_devices(ap, args.mesh)
     import jax
-    from jax.experimental import multihost_utils
 
     from glm_jax import sharding as sh
     from glm_jax.adapters import Adapter, attach, save_adapter
-    from glm_jax.checkpoints import CheckpointError, move_to_device, save_serving
+    from glm_jax.checkpoints import CheckpointError, move_to_device, read_checkpoint, save_serving
     from glm_jax.config import ConfigError
     from glm_jax.data import DataError
     from glm_jax.loading import load_model, quantize_on_load
-    from glm_jax.optim import OptimConfig
-    from glm_jax.peft import PeftConfig, base_identity, count, merge_lora, nbytes, split_shapes
+    from glm_jax.optim import FINETUNE_LOSS_SCALE, OptimConfig
+    from glm_jax.peft import PeftConfig, base_identity, count, merge_adapters, nbytes, split_shapes
     from glm_jax.sft import SFTBuilder
     from glm_jax.tokenizer import bundled_file
-    from glm_jax.train import RunConfig, TrainingError, as_master, train
+    from glm_jax.train import RunConfig, TrainingError, as_master, base_shardings, train
 
     lead = jax.process_index() == 0
     log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if lead else (lambda msg: None)
@@ -135,12 +146,24 @@ def main(argv=None):
     try:
         knobs, model_overrides = split_sets(args.set, PeftConfig)
         peft = PeftConfig(method=args.method, **knobs)
-        base_model = load_model(args.checkpoint, tokenizer_file=args.tokenizer, family=args.family)
-        identity = base_identity(base_model.config, base_model.params, base_model.step)
         quantize = None if args.quantize == "none" else args.quantize
         if quantize and not peft.is_adapter:
-            raise ConfigError(f"--quantize {quantize} runs a frozen base quantized: it takes --method lora or ptuning")
-        base_config, base = quantize_on_load(base_model.config, base_model.params, quantize, base_model.path)
+            raise ConfigError(
+                f"--quantize {quantize} runs a frozen base quantized: it takes an adapter method, not {peft.method}"
+            )
+        # DxPxT names every axis: exactly that many devices (PxT: data parallel over the rest)
+        mesh = sh.make_mesh(args.mesh, jax.devices()[:needed] if args.mesh.count("x") == 2 else None)
+
+        def shardings(base_config):  # the trainer's, so the base is read (and quantized) where it trains
+            return base_shardings(peft.model_config(base_config).override(**model_overrides), mesh)
+
+        base_model = load_model(args.checkpoint, tokenizer_file=args.tokenizer, family=args.family, shardings=shardings)
+        identity = base_identity(base_model.config, base_model.params, base_model.step)
+        if args.merge:
+            _check_merge(peft, base_model.config)
+        base_config, base = quantize_on_load(
+            base_model.config, base_model.take_params(), quantize, base_model.path, consume=True, shardings=shardings
+        )
         config = peft.model_config(base_config).override(**model_overrides)
         seq_len = args.seq_len or args.max_source + args.max_target + 4
         if seq_len > config.max_sequence_length:
@@ -167,7 +190,8 @@ def main(argv=None):
             )
             log(f"held-out data: {json.dumps(eval_builder.stats.summary())}")
         lr = args.lr or METHOD_LR[args.method]
-        # the reference trainers (transformers' Trainer): AdamW, no weight decay, b2 0.999, clip 1.0
+        # the reference trainers (transformers' Trainer): AdamW, no weight decay, b2 0.999, clip 1.0;
+        # an fp16 base's loss scale starts low and grows fast (optim.FINETUNE_LOSS_SCALE)
         optim = OptimConfig(
             peak_lr=lr,
             init_lr=lr if args.warmup == 0 else lr * 1e-3,
@@ -175,6 +199,7 @@ def main(argv=None):
             min_lr_ratio=0.0,
             weight_decay=0.0,
             b2=0.999,
+            **FINETUNE_LOSS_SCALE,
         )
         run = RunConfig(
             steps=args.steps,
@@ -191,8 +216,6 @@ def main(argv=None):
             family=base_model.family.name,
             tokenizer_file=bundled_file(base_model.tokenizer),
         )
-        # DxPxT names every axis: exactly that many devices (PxT: data parallel over the rest)
-        mesh = sh.make_mesh(args.mesh, jax.devices()[:needed] if args.mesh.count("x") == 2 else None)
         shapes = split_shapes(peft, config)
         saved = {}
 
@@ -211,12 +234,13 @@ def main(argv=None):
                     bundled_file(base_model.tokenizer),
                 ),
             )
-            if args.merge:
-                host = multihost_utils.process_allgather(params, tiled=True)  # numpy, on every process
-                adapter = Adapter(config, peft, host, step, identity, saved["adapter"])
-                merged_config, merged = attach(adapter, base_model.config, base_model.params)
-                if peft.method == "lora":
-                    merged, merged_config = merge_lora(merged, merged_config)
+            if args.merge:  # the float base read again, into its shardings: the trainer's memory is free
+                adapter = Adapter(config, peft, params, step, identity, saved["adapter"])
+                where = shardings(base_model.config)
+                merged_config, merged = attach(
+                    adapter, base_model.config, read_checkpoint(base_model.path, base_model.step, shardings=where)[1]
+                )
+                merged, merged_config = merge_adapters(merged, merged_config)  # what cannot merge is carried
                 saved["merged"] = _replace(
                     out,
                     "merged",
@@ -289,6 +313,19 @@ def _mix(specs: list[str]) -> list[tuple[str, float]]:
         if not os.path.isfile(path):
             raise DataError(f"--mix {spec!r}: no file {path!r}")
     return out
+
+
+def _check_merge(peft, base_config):
+    """--merge on a base it cannot merge into (LoRA into quantized weights) is an error before
+    training, not after: the merge traced on the model's shapes, nothing computed."""
+    import flax.linen as nn  # deferred: JAX, so --help stays fast
+    import jax
+
+    from glm_jax.model import abstract_params
+    from glm_jax.peft import merge_adapters
+
+    config = peft.model_config(base_config)
+    jax.eval_shape(lambda params: merge_adapters(params, config)[0], nn.meta.unbox(abstract_params(config)))
 
 
 def _check_resume(ckpt_dir, peft, identity):

@@ -160,43 +160,65 @@ def read_config(path: str, step: int | None = None) -> GLMConfig:
 
 
 def read_checkpoint(
-    path: str, step: int | None = None, mesh: jax.sharding.Mesh | None = None
+    path: str, step: int | None = None, mesh: jax.sharding.Mesh | None = None, shardings=None
 ) -> tuple[GLMConfig, dict, int, dict, str]:
     """(config, params, step, meta, checkpoint folder) of a training or serving checkpoint; the
     parameters only (a training checkpoint's optimizer state is never read), on the first device
-    or, with `mesh`, read straight into their inference shardings (`placement.param_shardings`)."""
+    or, with `mesh`, read straight into their inference shardings (`placement.param_shardings`),
+    or with `shardings` (NamedShardings over a model's parameter paths, the checkpoint's among
+    them: a trainer's `base_shardings`) straight into those."""
     path, step = _step_folder(path, step)
     ckpt = Checkpoints(path, async_save=False)
     try:
         step = _latest(ckpt, path, step)
         meta = ckpt.restore_meta(step)
         config = GLMConfig.from_dict(meta["config"])
-        params = read_params(ckpt, step, meta, config, mesh)
+        params = read_params(ckpt, step, meta, config, mesh, shardings)
     finally:
         ckpt.close()
     return config, params, step, meta, path
 
 
 def read_params(
-    ckpt: Checkpoints, step: int, meta: dict, config: GLMConfig, mesh: jax.sharding.Mesh | None = None
+    ckpt: Checkpoints,
+    step: int,
+    meta: dict,
+    config: GLMConfig,
+    mesh: jax.sharding.Mesh | None = None,
+    shardings=None,
 ) -> dict:
     """A step's `params` item in the plain stacked layout, on the first device or, with `mesh`,
-    each device reading only its shards of the inference layout. They are the run's trainable
-    parameters: all of them, or a fine-tuning method's (meta.peft)."""
+    each device reading only its shards of the inference layout, or of `shardings` (a tree
+    over the model's paths; `read_checkpoint`). They are the run's trainable parameters: all of
+    them, or a fine-tuning method's (meta.peft)."""
     peft = PeftConfig.from_dict(meta["peft"]) if meta.get("peft") else PeftConfig("full")
     plan = saved_plan(meta, config)
     plain = split_shapes(peft, config)[0]
     shapes = jax.eval_shape(lambda t: pipeline.params_to_slots(t, plan), plain)
-    if mesh is None:
+    if shardings is not None:
+        shardings = placement.matching(shardings, plain)
+    elif mesh is None:
         one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         shardings = jax.tree_util.tree_map(lambda _: one, plain)
     else:
         shardings = placement.param_shardings(config, mesh, plain)
-    target = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings)
+    fit = jax.tree_util.tree_map(_fit_rows, shardings, shapes)  # the saved slots may not divide
+    target = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, fit)
     slots = ckpt.restore(step, {"params": target})["params"]
     if plan.stages == 1:
         return slots
     return jax.jit(lambda t: pipeline.params_from_slots(t, plan), out_shardings=shardings)(slots)
+
+
+def _fit_rows(sharding, shape: jax.ShapeDtypeStruct):
+    """A NamedSharding with its leading axis replicated where its mesh axes do not divide the
+    leading dimension (a saved slot layout read onto another stage count); others as they are."""
+    if not isinstance(sharding, jax.sharding.NamedSharding) or not sharding.spec or sharding.spec[0] is None:
+        return sharding
+    axes = sharding.spec[0] if isinstance(sharding.spec[0], tuple) else (sharding.spec[0],)
+    if shape.shape[0] % int(np.prod([sharding.mesh.shape[a] for a in axes])) == 0:
+        return sharding
+    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(None, *sharding.spec[1:]))
 
 
 def move_to_device(tree: dict) -> dict:

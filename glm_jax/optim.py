@@ -9,7 +9,12 @@
   compiled step, its schedule as long as the step's batch) or passes otherwise (one compiled
   gradient pass, accumulated); the ramp's granularity is one unit (`pass_batch` here).
 - Dynamic loss scaling for fp16 as Megatron does it (initial 2^16, growth window 2000, growth x2,
-  hysteresis 2: the scale halves after that many overflows).
+  hysteresis 2: the scale halves after that many overflows). Fine-tuning starts lower and grows
+  fast (`FINETUNE_LOSS_SCALE`): from 2^7 (fairseq's initial scale) the scale doubles every finite
+  step up to 2^16, and the first overflows halve it at once; Megatron's rule from the first
+  finite step after them. A base whose ceiling is below 2^16 but above 2^7 then skips one step
+  at the start, where Megatron's start skips one for every halving down to the ceiling and one
+  more, the overflow its hysteresis absorbs (ChatGLM2-6B: two).
 - The embedding gradient shrink alpha on a schedule: piecewise-constant (step, alpha) pairs.
 """
 
@@ -46,6 +51,10 @@ class OptimConfig:
     loss_scale_window: int = 2000
     loss_scale_hysteresis: int = 2
     loss_scale_min: float = 1.0
+    # None: start at loss_scale_init. Else start here and double every finite step up to
+    # loss_scale_init; until a step is finite after the run's first overflow, each overflow
+    # halves the scale at once (no hysteresis)
+    loss_scale_start: float | None = None
     max_consecutive_skips: int = 20
     # embedding gradient shrink schedule: ((from_step, alpha), ...); empty: the model config's
     embedding_alpha_schedule: tuple = ()
@@ -58,6 +67,12 @@ PRESET_OPTIM = {
     "glm-tiny": dict(peak_lr=2e-3, init_lr=1e-5, warmup_fraction=0.05),
     "glm-1b": dict(peak_lr=3e-4, warmup_fraction=0.01),
 }
+
+
+# fp16 fine-tuning (finetune.py): start at fairseq's initial scale (2^7) and double every finite
+# step up to Megatron's and torch's 2^16: at most one skipped step at the start where the base's
+# ceiling is above 2^7, none where it is above 2^16
+FINETUNE_LOSS_SCALE = dict(loss_scale_start=2.0**7)
 
 
 def optim_for(preset: str, **overrides) -> OptimConfig:
@@ -195,12 +210,16 @@ class LossScale:
     @classmethod
     def create(cls, cfg: OptimConfig, dynamic: bool) -> LossScale:
         return cls(
-            scale=jnp.float32(cfg.loss_scale_init if dynamic else 1.0),
+            scale=jnp.float32((cfg.loss_scale_start or cfg.loss_scale_init) if dynamic else 1.0),
             growth_tracker=jnp.int32(0),
             hysteresis_tracker=jnp.int32(cfg.loss_scale_hysteresis),
         )
 
-    def update(self, finite, cfg: OptimConfig, dynamic: bool) -> LossScale:
+    def update(self, finite, cfg: OptimConfig, dynamic: bool, skipped=0, consecutive_skips=0) -> LossScale:
+        """The scale after a step whose gradients were `finite` or not. skipped, consecutive_skips:
+        the run's skip counters before this step. With cfg.loss_scale_start, the start: until the
+        first overflow the scale doubles every finite step up to loss_scale_init, and until a
+        step is finite again every overflow halves it at once."""
         if not dynamic:
             return self
         hysteresis = jnp.where(finite, self.hysteresis_tracker, self.hysteresis_tracker - 1)
@@ -208,12 +227,25 @@ class LossScale:
         growth = jnp.where(finite, self.growth_tracker + 1, 0)
         grow = finite & (growth >= cfg.loss_scale_window)
         scale = jnp.where(back_off, jnp.maximum(self.scale * 0.5, cfg.loss_scale_min), self.scale)
-        scale = jnp.where(grow, scale * 2.0, scale)
-        return LossScale(
-            scale=scale,
+        megatron = LossScale(
+            scale=jnp.where(grow, scale * 2.0, scale),
             growth_tracker=jnp.where(grow, 0, growth),
             hysteresis_tracker=jnp.where(grow, cfg.loss_scale_hysteresis, hysteresis),
         )
+        if cfg.loss_scale_start is None:
+            return megatron
+        ramp = finite & (skipped == 0) & (self.scale < cfg.loss_scale_init)
+        halve = (~finite) & (skipped == consecutive_skips)  # no finite step since the run's first overflow
+        start = LossScale(
+            scale=jnp.where(
+                finite,
+                jnp.minimum(self.scale * 2.0, cfg.loss_scale_init),
+                jnp.maximum(self.scale * 0.5, cfg.loss_scale_min),
+            ),
+            growth_tracker=jnp.int32(0),
+            hysteresis_tracker=jnp.int32(cfg.loss_scale_hysteresis),
+        )
+        return jax.tree_util.tree_map(lambda a, b: jnp.where(ramp | halve, a, b), start, megatron)
 
 
 def all_finite(tree) -> jax.Array:

@@ -42,12 +42,13 @@ def param_shardings(config: GLMConfig, mesh: jax.sharding.Mesh, tree=None):
     specs = sh.named_shardings(abstract_params(config), mesh, sh.rules_for(config, mesh))
     if tree is None:
         return specs
-    return _matching(specs, tree)
+    return matching(specs, tree)
 
 
-def _matching(specs, tree):
+def matching(specs, tree):
+    """The part of `specs` (a tree over a model's parameter paths) at the paths `tree` has."""
     if isinstance(tree, dict):
-        return {key: _matching(specs[key], value) for key, value in tree.items()}
+        return {key: matching(specs[key], value) for key, value in tree.items()}
     return specs
 
 
@@ -61,7 +62,7 @@ def place(params, config: GLMConfig, mesh: jax.sharding.Mesh):
     per_layer = layer_shardings(config, mesh)
     return {
         **jax.device_put(outer, param_shardings(config, mesh, outer)),
-        "layers": tuple(jax.device_put(layer, _matching(per_layer, layer)) for layer in layers),
+        "layers": tuple(jax.device_put(layer, matching(per_layer, layer)) for layer in layers),
     }
 
 

@@ -59,6 +59,7 @@ from glm_jax.optim import (
     make_optimizer,
 )
 from glm_jax.peft import PeftConfig, combine, split
+from glm_jax.prompts import check_pipeline
 from glm_jax.runlog import MetricsWriter, StopSignal, plot_metrics
 from glm_jax.summary import flops_per_token
 from glm_jax.target import targeting
@@ -87,6 +88,34 @@ def as_master(tree):
     (THUDM's recipes: ChatGLM-6B's `prefix_encoder.float()`, ChatGLM3's trainable parameters cast
     to fp32). A 16-bit copy would lose small updates (bf16) or underflow squared gradients (fp16)."""
     return jax.tree_util.tree_map(lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+def base_shardings(config: GLMConfig, mesh: jax.sharding.Mesh, fsdp: bool = False, sequence_parallel: bool = False):
+    """NamedShardings of `config`'s parameter tree in the plain stacked layout, by the rules a
+    `Trainer` with these settings uses: where a fine-tuning base is read (`loading.load_model(...,
+    shardings=)`), each device reading only its share, before the trainer lays the layers into
+    its slots. A stacked layer leaf [L, ...] whose L the stage axis does not divide is split over
+    `stage` on its largest dimension that it does divide instead (else replicated over it)."""
+    sh.check_splittable(config, mesh)
+    rules = sh.rules_for(config, mesh, fsdp=fsdp, sequence_parallel=sequence_parallel)
+    boxed = abstract_params(config)
+    shapes = nn.meta.unbox(boxed)
+    stages = sh.axis_size(mesh, "stage")
+    return jax.tree_util.tree_map(
+        lambda s, a: _stage_fit(s, a.shape, stages), sh.named_shardings(boxed, mesh, rules), shapes
+    )
+
+
+def _stage_fit(sharding: NamedSharding, shape: tuple, stages: int) -> NamedSharding:
+    """`sharding` of a plain stacked leaf, its leading `stage` moved where `stages` divides (above)."""
+    spec = list(sharding.spec) + [None] * (len(shape) - len(sharding.spec))
+    if not spec or spec[0] != "stage" or shape[0] % stages == 0:
+        return sharding
+    spec[0] = None
+    free = [i for i, axis in enumerate(spec) if axis is None and i > 0 and shape[i] % stages == 0]
+    if free:
+        spec[max(free, key=lambda i: shape[i])] = "stage"
+    return NamedSharding(sharding.mesh, P(*spec))
 
 
 def peak_flops(device) -> float | None:
@@ -121,7 +150,7 @@ class Trainer:
             raise ConfigError(
                 f"quantization={config.quantization} is weight-only quantization for serving: train in float "
                 "(quantization=none), then `python experiments/quantize.py`; a quantized base trains "
-                "LoRA or P-tuning adapters only"
+                "adapter methods only (lora, ptuning, prompt, ptuning-v1, adapter, ia3)"
             )
         self.microbatches = pipeline.microbatch_count(self.microbatches, self.pass_batch, mesh)
         sh.check_splittable(config, mesh, self.pass_batch, self.microbatches)
@@ -136,6 +165,7 @@ class Trainer:
                 "freeze splits the layer stack at a layer; run it on a mesh without pipeline stages "
                 "(--mesh DATAx1xTENSOR), or use lora / ptuning / full on this mesh"
             )
+        check_pipeline(config, self.plan.stages)  # virtual tokens: the same, for their pass over every layer
         if self.fsdp_gather not in FSDP_GATHER:
             raise ConfigError(f"fsdp gather {self.fsdp_gather!r}; choose one of {FSDP_GATHER}")
         self.rules = sh.rules_for(config, mesh, fsdp=self.fsdp, sequence_parallel=self.sequence_parallel)
@@ -302,7 +332,9 @@ class Trainer:
             step=state.step + 1,
             params=keep(new_params, state.params),
             opt_state=keep(new_opt, state.opt_state),
-            loss_scale=state.loss_scale.update(finite, self.optim, self.dynamic_scale),
+            loss_scale=state.loss_scale.update(
+                finite, self.optim, self.dynamic_scale, state.skipped, state.consecutive_skips
+            ),
             rng=state.rng,
             skipped=state.skipped + (~finite).astype(jnp.int32),
             consecutive_skips=skips,
@@ -382,11 +414,20 @@ class Trainer:
         return jax.make_array_from_callback(every.shape, self.vote_sharding, lambda index: every[index])
 
     def set_frozen(self, frozen: dict) -> None:
-        """Place the frozen parameters (plain stacked layout, `peft.split`) in their shardings."""
+        """Place the frozen parameters (plain stacked layout, `peft.split`) in their shardings. A
+        base read into `base_shardings` on a mesh without stages is there already: it is kept as
+        it is, not copied (the caller's references to it are then the trainer's)."""
+        if self.plan.stages == 1 and _placed(frozen, self.frozen_shardings):
+            self.frozen = frozen
+            return
         with jax.set_mesh(self.mesh):
             self.frozen = jax.jit(
                 lambda f: pipeline.params_to_slots(f, self.plan), out_shardings=self.frozen_shardings
             )(frozen)
+
+    def release(self) -> None:
+        """Drop the frozen base (its device memory is freed with the caller's last reference)."""
+        self.frozen = {}
 
     # ---- state ----------------------------------------------------------------------------------
     def fresh_state(self, key, trainable: dict | None = None) -> TrainState:
@@ -430,6 +471,17 @@ class Trainer:
 
 def _add_trees(a, b):
     return jax.tree_util.tree_map(jnp.add, a, b)
+
+
+def _placed(tree, shardings) -> bool:
+    """Whether every leaf of `tree` is a jax.Array already in the sharding of the same path."""
+    leaves, structure = jax.tree_util.tree_flatten(tree)
+    if structure != jax.tree_util.tree_structure(shardings):
+        return False
+    return all(
+        isinstance(x, jax.Array) and x.sharding.is_equivalent_to(s, x.ndim)
+        for x, s in zip(leaves, jax.tree_util.tree_leaves(shardings))
+    )
 
 
 def _step_metrics(grads, loss_sum, tokens, lr, scale, finite, state: TrainState, votes) -> dict:
@@ -721,14 +773,18 @@ class _Run:
 
     def finish(self, progress: RunProgress, stopped: bool, on_done) -> float | None:
         """After the loop: the final held-out loss (none after a stop or without a logged step)
-        and on_done with the final trainable parameters, on every process (both are collective);
-        -> that loss."""
+        and on_done with the final trainable parameters, on every process (both are collective),
+        once the training state and the trainer's frozen base are dropped (on_done may load a
+        model in their place); -> that loss."""
         last, state = progress.last, progress.state
         eval_loss = self.evaluate(state.params) if last is not None and not stopped else None
         if eval_loss is not None:
             self.metrics.write({"step": last["step"], "eval_loss": eval_loss})
         if on_done is not None and not stopped:
-            on_done(self.trainer.plain_params(state.params), int(state.step))
+            params, step = self.trainer.plain_params(state.params), int(state.step)
+            progress.state = state = None  # the state and the frozen base leave the devices first
+            self.trainer.release()
+            on_done(params, step)
         return eval_loss
 
     def close(self) -> None:
@@ -769,14 +825,19 @@ def _unit_rows(trainer: Trainer) -> np.ndarray:
 def _split_base(trainer: Trainer, base: dict | None) -> dict | None:
     """Fine-tuning: place the base's frozen part on the trainer; -> the base's trainable part where
     training starts from it (freeze, full), None for an adapter (initialised fresh) or without a base.
-    Several processes: a base each process read onto its own device goes in as host values (the
-    same on every process), which the placing jits take."""
+    `base` is emptied: from here its arrays are held by the trainer (and the part returned), so a
+    base read into `base_shardings` lies on the devices once. Several processes: a base each
+    process read onto its own device goes in as host values (the same on every process), which
+    the placing jits take."""
     if base is None:
         return None
+    tree = dict(base)
+    base.clear()
     if jax.process_count() > 1:
         on_every_process = lambda x: isinstance(x, jax.Array) and not x.is_fully_addressable
-        base = jax.tree_util.tree_map(lambda x: x if on_every_process(x) else np.asarray(x), base)
-    base_trainable, frozen = split(base, trainer.peft, trainer.config)
+        tree = jax.tree_util.tree_map(lambda x: x if on_every_process(x) else np.asarray(x), tree)
+    base_trainable, frozen = split(tree, trainer.peft, trainer.config)
+    del tree
     trainer.set_frozen(frozen)
     return None if trainer.peft.is_adapter else base_trainable
 
@@ -814,11 +875,15 @@ def train(
     """Train on `mesh` from `builder` (objectives.SequenceBuilder, or sft.SFTBuilder); resume from
     run.ckpt_dir.
 
-    Fine-tuning: `base` is the base model's parameters (plain stacked layout) and `peft` says
-    which of them train (peft.py); checkpoints then hold the trainable part only, with `meta`
-    added to their metadata. With eval_every set, held-out loss is also measured before step 1.
+    Fine-tuning: `base` is the base model's parameters (plain stacked layout; read into
+    `base_shardings(config, mesh)` no device holds it whole, and without stages it is used where
+    it lies) and `peft` says which of them train (peft.py); checkpoints then hold the trainable
+    part only, with `meta` added to their metadata. `base` is emptied (the trainer holds its
+    arrays) and the trainer drops them before on_done. With eval_every set, held-out loss is
+    also measured before step 1.
     on_done(params, step): called on every process with the final trainable parameters (plain
-    stacked layout, global arrays) when the run reaches run.steps; collective work in it (orbax
+    stacked layout, global arrays) when the run reaches run.steps, the training state and the
+    frozen base released; collective work in it (orbax
     saves, gathers) runs on every process, file writes and moves once (process 0). Step n's
     metrics are read while step n + 1 runs. Returns the summary (also written to
     log_dir/summary.json): final loss, steps, tokens/s, MFU.

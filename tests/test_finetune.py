@@ -17,6 +17,7 @@ from glm_jax.checkpoints import CheckpointError, move_to_device, save_serving
 from glm_jax.config import get_config
 from glm_jax.loading import load_model
 from glm_jax.model import init_params
+from glm_jax.quant import quantize_params
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "experiments"))
 import finetune  # noqa: E402
@@ -175,6 +176,32 @@ def test_bad_flags_exit_2(setup, capsys):
     with pytest.raises(SystemExit) as e:
         run(setup, "bad", "full", 2, "--quantize", "int4")
     assert e.value.code == 2 and "lora or ptuning" in capsys.readouterr().err
+    # --merge reads the float base again at the end: LoRA on an INT4 checkpoint cannot merge (said before training)
+    root, bases, data = setup
+    c = load_model(bases[0]).config.override(quantization="int4")
+    save_serving(
+        str(root / "int4"),
+        c,
+        move_to_device(quantize_params(init_params(c.override(quantization="none"), jax.random.key(0)), c)),
+        5,
+        "test",
+    )
+    with pytest.raises(SystemExit) as e:
+        finetune.main(
+            [
+                "--method",
+                "lora",
+                "--checkpoint",
+                str(root / "int4"),
+                "--data",
+                data,
+                "--out",
+                str(root / "bad"),
+                "--merge",
+            ]
+        )
+    assert e.value.code == 2 and "merges into float weights" in capsys.readouterr().err
+    assert not (root / "bad" / "checkpoints").exists()
     for mix, says in (("nowhere.json:0.2", "no file"), (f"{setup[2]}:lots", "FILE:SHARE"), (f"{setup[2]}:1", "(0, 1)")):
         with pytest.raises(SystemExit) as e:
             run(setup, "bad", "lora", 2, "--mix", mix)

@@ -8,7 +8,9 @@ import sharding_case as case
 
 from glm_jax import sharding as sh
 from glm_jax.config import get_config
+from glm_jax.model import init_params
 from glm_jax.optim import (
+    FINETUNE_LOSS_SCALE,
     BatchSchedule,
     LossScale,
     OptimConfig,
@@ -17,6 +19,7 @@ from glm_jax.optim import (
     learning_rate,
     optim_for,
 )
+from glm_jax.peft import PeftConfig, split
 from glm_jax.train import RunConfig, Trainer, make_trainer
 
 
@@ -152,6 +155,91 @@ def test_loss_scale_hysteresis():
     # 1st overflow: hysteresis absorbs it; 2nd and 3rd: halve; 3 finite steps: double, hysteresis restored
     assert trace == [2.0**16, 2.0**15, 2.0**14, 2.0**14, 2.0**14, 2.0**15, 2.0**15]
     assert float(LossScale.create(cfg, dynamic=False).update(jnp.bool_(False), cfg, False).scale) == 1.0
+
+
+def _skips_at_the_start(cfg: OptimConfig, ceiling: float, steps: int = 40) -> tuple[int, float]:
+    """(skipped steps, final scale) of `steps` steps whose gradients overflow above `ceiling`."""
+    s, skipped, consecutive = LossScale.create(cfg, dynamic=True), 0, 0
+    for _ in range(steps):
+        finite = float(s.scale) <= ceiling
+        s = s.update(jnp.bool_(finite), cfg, True, skipped, consecutive)
+        skipped, consecutive = skipped + (not finite), 0 if finite else consecutive + 1
+    return skipped, float(s.scale)
+
+
+@pytest.mark.parametrize("ceiling", [2.0**k for k in (3, 7, 10, 15, 16, 20)])
+def test_the_fine_tuning_start_skips_one_step_where_megatron_skips_one_a_halving_and_one_more(ceiling):
+    """From 2^7 the scale doubles every finite step up to 2^16; the first overflow halves it at
+    once. Megatron's start (2^16, hysteresis 2) skips a step for every halving down to the
+    ceiling and one more, the overflow its hysteresis absorbs (ChatGLM2-6B's 2^15: two steps,
+    the fine-tuning start one)."""
+    megatron, start = OptimConfig(), OptimConfig(**FINETUNE_LOSS_SCALE)
+    halvings = max(0, int(np.log2(2.0**16 / ceiling)))
+    assert _skips_at_the_start(megatron, ceiling) == (halvings + (halvings > 0), min(ceiling, 2.0**16))
+    below_start = max(0, int(np.log2(2.0**7 / ceiling)))
+    want = 0 if ceiling >= 2.0**16 else (1 if ceiling >= 2.0**7 else below_start)
+    assert _skips_at_the_start(start, ceiling) == (want, min(ceiling, 2.0**16))
+
+
+def test_after_the_fine_tuning_start_megatrons_rule_holds():
+    cfg = OptimConfig(loss_scale_window=3, **FINETUNE_LOSS_SCALE)
+    s = LossScale.create(cfg, dynamic=True)
+    trace = []
+    skips = ((0, 0), (0, 0), (1, 1), (2, 2), (2, 0), (2, 0), (2, 0), (3, 1), (4, 2))  # before each step
+    for finite, (skipped, consecutive) in zip((True, False, False, True, True, True, False, False, True), skips):
+        s = s.update(jnp.bool_(finite), cfg, True, skipped, consecutive)
+        trace.append(float(s.scale))
+    # 2^7 -> 2^8; two overflows halve at once; three finite steps double; then Megatron's
+    # hysteresis absorbs an overflow and halves at the second
+    assert trace == [2.0**8, 2.0**7, 2.0**6, 2.0**6, 2.0**6, 2.0**7, 2.0**7, 2.0**6, 2.0**6]
+
+
+@pytest.fixture(scope="module")
+def fp16_lora():
+    """A tiny fp16 base (weights and compute) with LoRA, and its batch."""
+    c = get_config("glm-tiny", dtype="float16", param_dtype="float16", num_layers=2, vocab_size=256)
+    peft = PeftConfig("lora")
+    config = peft.model_config(c)
+    frozen = split(init_params(c, jax.random.key(0)), peft, config)[1]
+    rng = np.random.default_rng(0)
+    prefix = (np.arange(12)[None] < 5).repeat(2, 0)
+    batch = dict(
+        tokens=rng.integers(5, 200, (2, 12)),
+        targets=rng.integers(5, 200, (2, 12)),
+        loss_mask=1 - prefix,
+        position_ids=np.broadcast_to(np.arange(12), (2, 12)),
+        block_position_ids=np.zeros((2, 12)),
+        segment_ids=np.ones((2, 12)),
+        prefix_mask=prefix,
+    )
+    return config, peft, frozen, {k: jnp.asarray(v, jnp.int32) for k, v in batch.items()}
+
+
+def _fp16_skips(fp16_lora, steps: int, **optim) -> tuple[int, list]:
+    config, peft, frozen, batch = fp16_lora
+    lr = 5e-3
+    cfg = OptimConfig(peak_lr=lr, init_lr=lr, min_lr_ratio=1.0, **optim)
+    trainer = Trainer(config, cfg, sh.make_mesh("1x1", jax.devices()[:1]), 2, peft=peft)
+    trainer.set_frozen(frozen)
+    scales = []
+    with trainer.context():
+        state = trainer.init_state(0)
+        for _ in range(steps):
+            state, metrics = trainer.fused_step(state, batch, jnp.float32(lr), jnp.float32(1.0))
+            scales.append(float(metrics["loss_scale"]))
+    return int(state.skipped), scales
+
+
+@pytest.mark.slow
+def test_fp16_lora_on_a_tiny_base_skips_one_step_at_the_start_where_megatrons_skips_four(fp16_lora):
+    """The tiny fp16 base's ceiling is about 2^19, above 2^16: there neither start skips a step
+    (test_peft's fp16 test). With the target scale 2^22, above the ceiling as a base with larger
+    gradients has it, Megatron's start skips four steps, the fine-tuning start one, on its way up."""
+    above = dict(loss_scale_init=2.0**22)
+    skipped, scales = _fp16_skips(fp16_lora, 16, **above)
+    assert skipped == 4 and scales[4:] == [2.0**19] * 12, scales
+    skipped, scales = _fp16_skips(fp16_lora, 16, loss_scale_start=2.0**7, **above)
+    assert skipped == 1 and scales == [2.0**k for k in range(7, 21)] + [2.0**19] * 2, scales
 
 
 def test_fp16_non_finite_steps_are_skipped():

@@ -13,7 +13,7 @@ from glm_jax.config import get_config
 from glm_jax.generate import cached_forward, init_cache, serving_params, write_prefix
 from glm_jax.losses import token_loss
 from glm_jax.model import GLM, init_params
-from glm_jax.optim import OptimConfig
+from glm_jax.optim import FINETUNE_LOSS_SCALE, OptimConfig
 from glm_jax.peft import PeftConfig, combine, merge_lora, split, unmerge_lora
 from glm_jax.quant import quantize_params
 from glm_jax.tokenizer import GMASK, MASK
@@ -127,7 +127,9 @@ def test_pipelined_prefix_equals_the_plain_model():
     np.testing.assert_allclose(np.asarray(got), logits(config, full, b), atol=2e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("method", ["lora", "ptuning"])
+@pytest.mark.parametrize(
+    "method", ["lora", "ptuning", *(pytest.param(m, marks=pytest.mark.slow) for m in ("adapter", "ia3"))]
+)
 def test_adapter_gradients_through_1f1b_equal_the_plain_model(method):
     """The adapter's gradients on 2 pipeline stages (1F1B: trainable leaves beside frozen ones,
     a P-tuning prefix recomputed per tick) equal jax.grad of the plain model's mean loss."""
@@ -173,7 +175,7 @@ def _train(config, peft, base_params, steps=4, lr=1e-2):
     return trainer, state, losses
 
 
-@pytest.mark.parametrize("method", ["lora", "ptuning", "freeze"])
+@pytest.mark.parametrize("method", ["lora", "ptuning", "freeze", "adapter", "ia3"])
 def test_training_leaves_the_frozen_base_bitwise_unchanged(base, method):
     c, params = base
     peft = PeftConfig(method, pre_seq_len=4, trainable_layers=1)
@@ -213,7 +215,7 @@ def test_an_fp16_base_trains_fp32_adapters_without_skipping_and_with_their_dropo
     config = peft.model_config(c)
     trainer = Trainer(
         config,
-        OptimConfig(peak_lr=5e-3, init_lr=5e-3, min_lr_ratio=1.0),
+        OptimConfig(peak_lr=5e-3, init_lr=5e-3, min_lr_ratio=1.0, **FINETUNE_LOSS_SCALE),  # as finetune.py
         sh.make_mesh("1x1", jax.devices()[:1]),
         2,
         peft=peft,

@@ -10,15 +10,19 @@ import sys
 import time
 
 import jax
+import numpy as np
 import pytest
 import sharding_case as case
 from script_runs import ROOT, script_env
 
+from glm_jax import pipeline, placement
 from glm_jax import sharding as sh
-from glm_jax.checkpoints import Checkpoints
+from glm_jax.checkpoints import Checkpoints, move_to_device, read_checkpoint, save_serving
 from glm_jax.config import ConfigError
+from glm_jax.loading import load_model
 from glm_jax.optim import OptimConfig
-from glm_jax.train import RunConfig, Trainer, TrainingError, train
+from glm_jax.peft import PeftConfig
+from glm_jax.train import RunConfig, Trainer, TrainingError, _split_base, base_shardings, train
 
 PRETRAIN = str(ROOT / "experiments" / "pretrain.py")
 sys.path.insert(0, str(ROOT / "experiments"))
@@ -213,3 +217,122 @@ def test_too_many_skipped_steps_stop_with_a_checkpoint(tmp_path):
     # step 3's metrics are read while step 4 runs: the state after step 4 is saved
     saved = int(re.search(r"saved step (\d+)", str(error.value)).group(1))
     assert saved == 4 and Checkpoints(str(tmp_path / "ck")).latest_step() == saved
+
+
+# ---- a fine-tuning base read into the trainer's shardings ----------------------------------------------
+@pytest.fixture(scope="module")
+def saved_base(tmp_path_factory):
+    # 3 layers: 2 stages do not divide the stacked layer axis; the glm tokenizer's 32000 rows
+    c = case.config(num_layers=3, vocab_size=32000)
+    path = str(tmp_path_factory.mktemp("base") / "base")
+    save_serving(path, c, move_to_device(case.params(c)), 3, "test")
+    return c, path
+
+
+def _share(tree) -> float:
+    """The bytes a device holds of `tree` over all its bytes."""
+    return placement.bytes_per_device(tree) / sum(x.nbytes for x in jax.tree_util.tree_leaves(tree))
+
+
+@pytest.mark.parametrize(
+    "mesh_shape,method,quantize",
+    [
+        ("1x2x2", "lora", None),
+        pytest.param("1x2x2", "lora", "int4", marks=pytest.mark.slow),
+        pytest.param("1x1x4", "freeze", None, marks=pytest.mark.slow),
+    ],
+)
+def test_a_fine_tuning_base_is_read_into_the_trainers_shardings(saved_base, mesh_shape, method, quantize):
+    """On 4 devices (2 stages x 2 tensor shards, or 4 tensor shards) each device reads a quarter
+    of every layer weight (quantized too) and of the embedding what `tensor` splits of it (norms
+    and biases replicated), where the trainer holds it: no device ever holds the whole base.
+    Without stages the trainer takes the arrays where they lie; with stages it lays them into
+    its slots on the devices."""
+    c, path = saved_base
+    mesh = sh.make_mesh(mesh_shape, jax.devices()[:4])
+    tensor = sh.axis_size(mesh, "tensor")
+    peft = PeftConfig(method, trainable_layers=1)
+    model = load_model(path, quantize, shardings=lambda base: base_shardings(peft.model_config(base), mesh))
+    config, base = peft.model_config(model.config), model.take_params()
+    for x in jax.tree_util.tree_leaves(base):
+        assert x.sharding.mesh == mesh and x.sharding.num_devices == 4
+    for linear in ("query", "dense", "dense_h_to_4h", "dense_4h_to_h"):
+        block = base["layers"]["mlp" if linear.startswith("dense_") else "attention"][linear]
+        assert _share(block["q" if quantize else "kernel"]) == 0.25, linear
+    embedding = base["word_embeddings"]["embedding"]
+    assert _share(embedding) == 1 / tensor
+    assert _share(base) < 1.1 / tensor, _share(base)
+    trainer = Trainer(config, OptimConfig(), mesh, 4, peft=peft)
+    base_trainable = _split_base(trainer, base)
+    assert base == {}  # the trainer holds the base now
+    if mesh_shape == "1x1x4":
+        assert trainer.frozen["word_embeddings"]["embedding"] is embedding  # used where it lies
+        assert base_trainable["layers"]["mlp"]["dense_4h_to_h"]["kernel"].shape[0] == 1
+        assert _share(base_trainable["layers"]) < 0.3
+    assert _share(trainer.frozen) < 1.1 / tensor, _share(trainer.frozen)
+    np.testing.assert_array_equal(trainer.frozen["word_embeddings"]["embedding"], embedding)
+
+
+@pytest.mark.slow
+def test_a_fine_tuning_run_drops_its_base_before_on_done(saved_base, tmp_path):
+    """train() holds the base once (the loaded arrays themselves, no copy on a mesh without
+    stages) and drops it with the training state before on_done, where --merge reads it again."""
+    c, path = saved_base
+    mesh = sh.make_mesh("1x1x4", jax.devices()[:4])
+    peft = PeftConfig("lora")
+    base = load_model(path, shardings=lambda b: base_shardings(peft.model_config(b), mesh)).take_params()
+    embedding_shape = base["word_embeddings"]["embedding"].shape
+    held = {}
+
+    def on_done(params, step):
+        held["step"], held["lora"] = step, sorted({x.shape[-1] for x in jax.tree_util.tree_leaves(params)})
+        held["base"] = [x for x in jax.live_arrays() if x.shape == embedding_shape and not x.is_deleted()]
+
+    run = RunConfig(
+        steps=1,
+        global_batch=4,
+        seq_len=64,
+        ckpt_dir=str(tmp_path / "ck"),
+        log_dir=str(tmp_path / "log"),
+        async_checkpoints=False,
+        progress=False,
+    )
+    train(
+        peft.model_config(c),
+        OptimConfig(),
+        run,
+        mesh,
+        case.builder(),
+        log=lambda m: None,
+        peft=peft,
+        base=base,
+        on_done=on_done,
+    )
+    assert base == {} and held["step"] == 1 and held["base"] == [], held
+
+
+def test_base_shardings_put_the_stage_axis_where_it_divides():
+    mesh = sh.make_mesh("1x2x2", jax.devices()[:4])
+    shardings = base_shardings(case.config(num_layers=3), mesh)
+    # [L=3, E, H, D]: the 2 stages split the embedding dimension instead of the 3 layers
+    assert shardings["layers"]["attention"]["query"]["kernel"].spec == jax.sharding.PartitionSpec(
+        None, "stage", "tensor", None
+    )
+    assert base_shardings(case.config(num_layers=4), mesh)["layers"]["attention"]["query"]["kernel"].spec[0] == "stage"
+
+
+def test_a_pipelined_checkpoint_is_read_as_a_base_onto_another_stage_count(tmp_path):
+    """A base saved in a 3-stage slot layout (4 layers: 6 slots) read into a 4-stage trainer's
+    base shardings: the slots (which 4 stages do not divide) are read over `tensor` only, then
+    laid out as the plain layers, over `stage`."""
+    c = case.config(num_layers=4)
+    params = case.params(c)
+    slots = jax.jit(lambda p: pipeline.params_to_slots(p, pipeline.PipelinePlan(4, 3)))(params)
+    ckpt = Checkpoints(str(tmp_path), async_save=False)
+    ckpt.save(7, {"params": slots}, {"config": c.to_dict(), "layout": {"stages": 3}})
+    ckpt.close()
+    mesh = sh.make_mesh("1x4x1", jax.devices()[:4])
+    got = read_checkpoint(str(tmp_path), shardings=base_shardings(c, mesh))[1]
+    assert got["layers"]["attention"]["query"]["kernel"].sharding.spec[0] == "stage"
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(params)):
+        np.testing.assert_array_equal(a, b)
