@@ -2,12 +2,17 @@
 
     save_adapter(out_dir, config, peft, trainable, step, base_identity, family, tokenizer_file)
     adapter = load_adapter(out_dir)                          # OUT_DIR or OUT_DIR/adapter
+    adapter = load_adapter(peft_dir, base_config, base_params)   # a peft LoRA folder, read onto its base
     config, params = attach(adapter, base_config, base_params)
 
 An adapter folder is a serving checkpoint (`checkpoints.save_serving`) of the trainable parameters
 (`peft.split`: LoRA pairs, the prefix encoder, the last layers, or everything for full SFT),
 whose metadata adds the method (`peft`) and the base's identity (`peft.base_identity`), checked
-when it is loaded onto a base.
+when it is loaded onto a base. A peft folder (`adapter_config.json` + `adapter_model.safetensors`
+or `.bin`, made with Hugging Face peft on a released layout) is read by `peft_files.py` into the
+same Adapter; it records no identity of its base, so only its tensors' names and shapes are
+checked against the base, which reading it needs (DoRA's magnitudes are kept relative to the
+base's kernel norms).
 """
 
 from __future__ import annotations
@@ -28,8 +33,9 @@ class Adapter:
     peft: PeftConfig
     params: dict  # the trainable parameters, plain stacked layout
     step: int
-    base: dict  # peft.base_identity of the base it was trained on
+    base: dict  # peft.base_identity of the base it was trained on (a peft folder: its base_model_name_or_path)
     path: str
+    peft_layout: str | None = None  # a peft folder's released layout (peft_files.LAYOUTS); None: ours
 
 
 def adapter_path(path: str) -> str:
@@ -62,7 +68,18 @@ def save_adapter(
     return path
 
 
-def load_adapter(path: str) -> Adapter:
+def load_adapter(path: str, base_config: GLMConfig | None = None, base_params: dict | None = None) -> Adapter:
+    """Our adapter folder (OUT_DIR or OUT_DIR/adapter), or a peft LoRA folder read onto the base
+    (base_config, base_params: float or quantized), which a peft folder needs."""
+    from glm_jax.peft_files import is_peft_folder, read_peft_folder  # it builds on this module
+
+    if is_peft_folder(path):
+        if base_config is None or base_params is None:
+            raise CheckpointError(
+                f"{path} is a peft adapter folder, read against its base: pass the base's config and params "
+                "(load_model(base, adapter=DIR) does)"
+            )
+        return read_peft_folder(path, base_config, base_params)
     config, params, step, meta, folder = read_checkpoint(adapter_path(path))
     if not meta.get("adapter"):
         raise CheckpointError(f"{folder} is not a fine-tuned adapter (write one with `python experiments/finetune.py`)")

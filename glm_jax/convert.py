@@ -214,7 +214,7 @@ def chatglm2_rules(c: GLMConfig) -> tuple[list[Rule], list[Rule]]:
     def qkv(suffix):
         def convert(w):
             q, k, v = np.split(w, splits, axis=0)  # [all q | k groups | v groups] (docs/reference.md section 2)
-            shape = (lambda n: (n, d)) if w.ndim == 1 else (lambda n: (n, d, e))
+            shape = (lambda n: (n, d)) if w.ndim == 1 else (lambda n: (n, d, w.shape[1]))  # inputs: E, or a LoRA B's r
             out = [x.reshape(shape(n)) for x, n in ((q, h), (k, kv), (v, kv))]
             out = out if w.ndim == 1 else [x.transpose(2, 0, 1) for x in out]
             return {("attention", name, suffix): x for name, x in zip(("query", "key", "value"), out)}

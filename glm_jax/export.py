@@ -7,7 +7,8 @@
 
 Only a config with the matching block exports (pre-RMSNorm, SwiGLU, interleaved partial rotary,
 no dense or FFN biases, ...); anything else is an `ExportError` naming the field. Quantized
-parameters are dequantized first.
+parameters are dequantized first. A LoRA adapter alone goes out as a Hugging Face peft folder
+(`peft_files.write_peft_folder`, `experiments/export.py --format peft`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from collections.abc import Callable
 import numpy as np
 
 from glm_jax.config import GLMConfig
-from glm_jax.peft import merge_lora
+from glm_jax.peft import merge_adapters
 from glm_jax.quant import dequantize_params
 
 FORMATS = ("hf-glm", "chatglm2")
@@ -43,7 +44,9 @@ def check_exportable(config: GLMConfig, fmt: str) -> None:
         rotary_fp16_angles=False,
         final_norm=True,
         pre_seq_len=0,
-    )  # no released layout holds a prefix
+        num_virtual_tokens=0,
+        adapter_size=0,
+    )  # no released layout holds a prefix, virtual tokens or bottleneck adapters
     if fmt == "chatglm2":
         want.update(tie_word_embeddings=False, qkv_bias=True, rotary_fraction=0.5)
     bad = [f"{k}={getattr(config, k)!r} (needs {v!r})" for k, v in want.items() if getattr(config, k) != v]
@@ -118,8 +121,8 @@ def export_tensors(
     check_exportable(config, fmt)
     c, np_dtype = config, _np_dtype(dtype)
     params = _float_params(params, config)
-    if c.lora_rank:  # an adapter on load (--adapter): folded into the exported weights
-        params, c = merge_lora(params, c.override(quantization="none"))
+    if c.lora_rank or c.ia3:  # an adapter on load (--adapter): folded into the exported weights
+        params, c = merge_adapters(params, c.override(quantization="none"))
     v = c.vocab_size
     embed = np.asarray(params["word_embeddings"]["embedding"])[:v]
     head = None if c.tie_word_embeddings else np.asarray(params["output_layer"]["kernel"])[:, :v].T

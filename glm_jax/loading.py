@@ -33,10 +33,12 @@ def quantize_on_load(
     path: str,
     mesh: jax.sharding.Mesh | None = None,
     consume: bool = False,
+    shardings: dict | None = None,
 ) -> tuple[GLMConfig, dict]:
     """Weight-only quantization of a float checkpoint's layer weights as it loads (quant.py), layer
-    by layer and, with `mesh`, already sharded; quantized weights are not quantized again (a clear
-    error)."""
+    by layer and, with `mesh`, already sharded (inference shardings), or with `shardings(config)`
+    -> the quantized config's parameter shardings (a trainer's `base_shardings`) in those;
+    quantized weights are not quantized again (a clear error)."""
     if quantize and quantize not in ("none", config.quantization):
         if config.quantization != "none":
             raise CheckpointError(
@@ -44,7 +46,10 @@ def quantize_on_load(
                 f"checkpoint it came from to get {quantize}"
             )
         config = config.override(quantization=quantize)
-        shardings = None if mesh is None else placement.param_shardings(config, mesh)
+        if shardings is not None:
+            shardings = shardings(config)
+        elif mesh is not None:
+            shardings = placement.param_shardings(config, mesh)
         params = quantize_params(params, config, shardings, consume)  # consume: each float stack freed when done
     return config, params
 
@@ -86,6 +91,7 @@ class LoadedModel:
     path: str
     mesh: jax.sharding.Mesh | None = None  # the inference mesh the parameters are sharded on; None: one device
     param_bytes: int = 0  # the largest device's share of the parameters, recorded by take_params()
+    source: str | None = None  # what the checkpoint records it came from (convert.py: the released folder)
 
     def take_params(self) -> dict:
         """The parameters, handed over: this object no longer holds them, so a consumer that
@@ -114,13 +120,21 @@ def load_model(
     step: int | None = None,
     adapter: str | None = None,
     mesh: jax.sharding.Mesh | None = None,
+    shardings=None,
 ) -> LoadedModel:
     """`load_checkpoint` plus the family and tokenizer the checkpoint records (a checkpoint from
     before families were recorded is ours, `glm`). tokenizer_file / family override them. A
     tokenizer whose ids do not fit the embedding is a clear error. adapter: a fine-tuned
-    adapter folder (adapters.py) put on the (quantized) base, after checking it is its base.
-    mesh: the model loaded onto a (data, tensor) mesh for inference (`load_checkpoint`)."""
-    config, params, step, meta, path = _read(path, step, mesh)
+    adapter folder (adapters.py) put on the (quantized) base, after checking it is its base, or a
+    peft LoRA folder made on a released layout (peft_files.py; its names and shapes checked).
+    mesh: the model loaded onto a (data, tensor) mesh for inference (`load_checkpoint`).
+    shardings: a function of the checkpoint's config -> NamedShardings over its parameter paths
+    (a fine-tuning trainer's `train.base_shardings`): every array read straight into them (and
+    quantized into them), so no device holds the whole model; any mesh, stages included."""
+    if shardings is not None:
+        config, params, step, meta, path = read_checkpoint(path, step, shardings=shardings(read_config(path, step)))
+    else:
+        config, params, step, meta, path = _read(path, step, mesh)
     try:
         model_family = get_family(family or meta.get("family") or "glm")
         if tokenizer_file is None and meta.get("tokenizer"):
@@ -130,15 +144,16 @@ def load_model(
     except (FamilyError, TokenizerError) as e:
         raise CheckpointError(str(e)) from None
     if adapter is not None:
-        fine_tuned = load_adapter(adapter)
+        fine_tuned = load_adapter(adapter, config, params)  # a peft folder is read onto the float base
         try:
-            check_base(fine_tuned.base, config, params, step, fine_tuned.path)
+            if fine_tuned.peft_layout is None:  # ours records its base; a peft folder only its name
+                check_base(fine_tuned.base, config, params, step, fine_tuned.path)
         except ConfigError as e:
             raise CheckpointError(str(e)) from None
-    config, params = quantize_on_load(config, params, quantize, path, mesh, consume=True)  # read here: ours
+    config, params = quantize_on_load(config, params, quantize, path, mesh, True, shardings)  # read here: ours
     if adapter is not None:
         if mesh is not None:
             model_config = fine_tuned.peft.model_config(config)
             fine_tuned.params = placement.place(fine_tuned.params, model_config, mesh)
         config, params = attach(fine_tuned, config, params)
-    return LoadedModel(config, params, step, model_family, tokenizer, path, mesh)
+    return LoadedModel(config, params, step, model_family, tokenizer, path, mesh, source=meta.get("source"))
