@@ -2,7 +2,7 @@
 
     save_adapter(out_dir, config, peft, trainable, step, base_identity, family, tokenizer_file)
     adapter = load_adapter(out_dir)                          # OUT_DIR or OUT_DIR/adapter
-    adapter = load_adapter(peft_dir, base_config, base_params)   # a peft LoRA folder, read onto its base
+    adapter = peft_files.read_adapter(dir, base_config, base_params)  # ours or a peft LoRA folder
     config, params = attach(adapter, base_config, base_params)
 
 An adapter folder is a serving checkpoint (`checkpoints.save_serving`) of the trainable parameters
@@ -25,6 +25,7 @@ from glm_jax.config import GLMConfig
 from glm_jax.peft import PeftConfig, combine, split
 
 ADAPTER_DIR = "adapter"
+PEFT_CONFIG_FILE = "adapter_config.json"  # what marks a Hugging Face peft folder (peft_files.py)
 
 
 @dataclasses.dataclass
@@ -68,18 +69,14 @@ def save_adapter(
     return path
 
 
-def load_adapter(path: str, base_config: GLMConfig | None = None, base_params: dict | None = None) -> Adapter:
-    """Our adapter folder (OUT_DIR or OUT_DIR/adapter), or a peft LoRA folder read onto the base
-    (base_config, base_params: float or quantized), which a peft folder needs."""
-    from glm_jax.peft_files import is_peft_folder, read_peft_folder  # it builds on this module
-
-    if is_peft_folder(path):
-        if base_config is None or base_params is None:
-            raise CheckpointError(
-                f"{path} is a peft adapter folder, read against its base: pass the base's config and params "
-                "(load_model(base, adapter=DIR) does)"
-            )
-        return read_peft_folder(path, base_config, base_params)
+def load_adapter(path: str) -> Adapter:
+    """Our adapter folder (OUT_DIR or OUT_DIR/adapter); `peft_files.read_adapter` also takes a
+    peft LoRA folder, read onto its base."""
+    if os.path.isfile(os.path.join(path, PEFT_CONFIG_FILE)):
+        raise CheckpointError(
+            f"{path} is a peft adapter folder, read against its base: peft_files.read_adapter(path, base_config, "
+            "base_params) (load_model(base, adapter=DIR) does)"
+        )
     config, params, step, meta, folder = read_checkpoint(adapter_path(path))
     if not meta.get("adapter"):
         raise CheckpointError(f"{folder} is not a fine-tuned adapter (write one with `python experiments/finetune.py`)")

@@ -119,7 +119,7 @@ def export_tensors(
 ) -> tuple[dict[str, np.ndarray], dict]:
     """(name -> numpy tensor in `dtype`, config.json dict) of the `fmt` layout."""
     check_exportable(config, fmt)
-    c, np_dtype = config, _np_dtype(dtype)
+    c, np_dtype = config, numpy_dtype(dtype)
     params = _float_params(params, config)
     if c.lora_rank or c.ia3:  # an adapter on load (--adapter): folded into the exported weights
         params, c = merge_adapters(params, c.override(quantization="none"))
@@ -190,7 +190,7 @@ def export_tensors(
     return {n: np.ascontiguousarray(x, np_dtype) for n, x in tensors.items()}, cfg
 
 
-def _np_dtype(dtype: str):
+def numpy_dtype(dtype: str):
     if dtype == "bfloat16":
         import ml_dtypes
 

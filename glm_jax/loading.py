@@ -16,11 +16,12 @@ import os
 import jax
 
 from glm_jax import placement
-from glm_jax.adapters import attach, load_adapter
+from glm_jax.adapters import attach
 from glm_jax.checkpoints import CheckpointError, read_checkpoint, read_config
 from glm_jax.config import ConfigError, GLMConfig
 from glm_jax.families import Family, FamilyError, get_family
 from glm_jax.peft import check_base
+from glm_jax.peft_files import read_adapter
 from glm_jax.quant import quantize_params
 from glm_jax.sharding import MeshError
 from glm_jax.tokenizer import Tokenizer, TokenizerError, check_fits
@@ -144,7 +145,7 @@ def load_model(
     except (FamilyError, TokenizerError) as e:
         raise CheckpointError(str(e)) from None
     if adapter is not None:
-        fine_tuned = load_adapter(adapter, config, params)  # a peft folder is read onto the float base
+        fine_tuned = read_adapter(adapter, config, params)  # a peft folder is read onto the float base
         try:
             if fine_tuned.peft_layout is None:  # ours records its base; a peft folder only its name
                 check_base(fine_tuned.base, config, params, step, fine_tuned.path)

@@ -1,6 +1,6 @@
 """peft's LoRA adapter folders, read onto our models and written from them, in the released layouts.
 
-    adapter = read_peft_folder(path, base_config, base_params)   # -> adapters.Adapter (load_adapter calls it)
+    adapter = read_adapter(path, base_config, base_params)       # a peft folder or ours -> adapters.Adapter
     summary = write_peft_folder(out, config, params, layout)    # a LoRA-adapted model -> a folder peft loads
 
 A peft folder is `adapter_config.json` and `adapter_model.safetensors` (or `adapter_model.bin`)
@@ -44,12 +44,15 @@ import numpy as np
 from flax import traverse_util
 
 from glm_jax import convert
-from glm_jax.adapters import Adapter
+from glm_jax.adapters import PEFT_CONFIG_FILE, Adapter, load_adapter
 from glm_jax.checkpoints import CheckpointError
 from glm_jax.config import LORA_TARGETS, QKV, ConfigError, GLMConfig
-from glm_jax.peft import PeftConfig
+from glm_jax.export import ExportError, numpy_dtype
+from glm_jax.peft import PeftConfig, lora_a_path
+from glm_jax.quant import dequantize_params
+from glm_jax.released import ShardedTensors, read_tensor_file
 
-CONFIG_FILE = "adapter_config.json"
+CONFIG_FILE = PEFT_CONFIG_FILE
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 PREFIX = "base_model.model."
 A_SUFFIX, B_SUFFIX = "lora_A.weight", "lora_B.weight"
@@ -179,6 +182,14 @@ def is_peft_folder(path: str) -> bool:
     return os.path.isfile(os.path.join(path, CONFIG_FILE))
 
 
+def read_adapter(path: str, base_config: GLMConfig, base_params: dict) -> Adapter:
+    """Any adapter folder onto its base: a peft LoRA folder (`read_peft_folder`) or ours
+    (`adapters.load_adapter`; its base is checked by the caller against its recorded identity)."""
+    if is_peft_folder(path):
+        return read_peft_folder(path, base_config, base_params)
+    return load_adapter(path)
+
+
 # ---- the layouts' conversions -----------------------------------------------------------------
 def _group(target: str) -> str:
     return "attention" if target in QKV + ("dense",) else "mlp"
@@ -251,8 +262,6 @@ def kernel_norms(params: dict, config: GLMConfig, targets) -> dict[str, np.ndarr
     """{target: [L, *features]} ||W|| of the base kernel over its input axes (fp32; a quantized
     base dequantized): what DoRA's magnitude starts from."""
     if config.quantization != "none":
-        from glm_jax.quant import dequantize_params
-
         params = dequantize_params(params, config)
     norms = {}
     for t in targets:
@@ -359,13 +368,11 @@ def scaling(alpha: float, r: int, rslora: bool) -> float:
 # ---- reading ------------------------------------------------------------------------------------
 def _read_tensors(folder: str) -> tuple[dict[str, np.ndarray], str]:
     """(name -> fp32 array, the weight file) of a peft folder."""
-    from glm_jax.released import ShardedTensors, _read_file
-
     file = next((f for f in WEIGHT_FILES if os.path.isfile(os.path.join(folder, f))), None)
     if file is None:
         raise PeftFolderError(f"{folder} has {CONFIG_FILE} but neither of {WEIGHT_FILES}")
     try:
-        names = list(_read_file(folder, file).keys())
+        names = list(read_tensor_file(folder, file).keys())
         tensors = ShardedTensors({n: file for n in names}, folder)
         return {n: np.asarray(convert._to_numpy(tensors[n]), np.float32) for n in names}, file
     except convert.ConversionError as e:
@@ -551,9 +558,6 @@ def default_layout(family: str) -> str:
 def peft_tensors(config: GLMConfig, params: dict, layout: str) -> tuple[dict[str, np.ndarray], dict]:
     """A LoRA-adapted model (config with lora_rank, params with its lora leaves beside the base)
     -> (peft's tensor name -> fp32 array, adapter_config.json dict) in `layout`'s names."""
-    from glm_jax.export import ExportError
-    from glm_jax.peft import lora_a_path
-
     on = [what for field, what in NOT_LORA.items() if getattr(config, field)]
     if on or not config.lora_rank:
         raise ExportError(
@@ -640,11 +644,9 @@ def write_peft_folder(
     beside `out` and renamed into place. -> a summary (layout, target_modules, r, tensors, bytes)."""
     from safetensors.numpy import save_file
 
-    from glm_jax.export import ExportError, _np_dtype
-
     tensors, cfg = peft_tensors(config, params, layout)
     cfg["base_model_name_or_path"] = base_model_name_or_path
-    np_dtype = _np_dtype(dtype)
+    np_dtype = numpy_dtype(dtype)
     tensors = {n: np.ascontiguousarray(x, np_dtype) for n, x in tensors.items()}
     out = os.path.abspath(out)
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):

@@ -57,7 +57,7 @@ def _torch():
     return torch
 
 
-def _read_file(folder: str, file: str):
+def read_tensor_file(folder: str, file: str):
     """A weight file as a name -> lazy tensor mapping (safetensors: a safe_open handle; .bin:
     torch's memory-mapped state dict)."""
     path = os.path.join(folder, file)
@@ -125,10 +125,10 @@ class ShardedTensors(Mapping):
                 f"{folder} holds no weights: expected {' or '.join(INDEX_FILES)} with its "
                 "shards, or model.safetensors / pytorch_model.bin"
             )
-        return cls({name: file for file in files for name in _read_file(folder, file).keys()}, folder)
+        return cls({name: file for file in files for name in read_tensor_file(folder, file).keys()}, folder)
 
     def _read(self, file: str):
-        return _read_file(self.folder, file)
+        return read_tensor_file(self.folder, file)
 
     @staticmethod
     def _header(file, handle, name) -> tuple[tuple[int, ...], str]:

@@ -35,7 +35,7 @@ from glm_jax.convert import (  # noqa: E402
 from glm_jax.export import ExportError  # noqa: E402
 from glm_jax.loading import load_model  # noqa: E402
 from glm_jax.peft import PeftConfig, base_identity, merge_lora, split_shapes  # noqa: E402
-from glm_jax.peft_files import PeftFolderError, peft_tensors, write_peft_folder  # noqa: E402
+from glm_jax.peft_files import PeftFolderError, peft_tensors, read_adapter, write_peft_folder  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "experiments"))
 import export as export_script  # noqa: E402
@@ -145,7 +145,7 @@ def test_peft_lora_on_glm4_gives_peft_logits(glm4, case):
         m = load_model(str(glm4["root"] / "base"), adapter=str(folder))
         config, params = m.config, m.params
     else:
-        adapter = load_adapter(str(folder), glm4["config"], glm4["params"])
+        adapter = read_adapter(str(folder), glm4["config"], glm4["params"])
         config, params = attach(adapter, glm4["config"], glm4["params"])
     assert config.lora_rslora == bool(kw.get("use_rslora")) and config.lora_dora == bool(kw.get("use_dora"))
     np.testing.assert_allclose(np.asarray(forward(config, params, glm4["batch"])), want, atol=1e-4, rtol=1e-4)
@@ -205,7 +205,7 @@ def test_peft_fused_qkv_on_chatglm_layouts_merges_as_peft(tmp_path, layout, targ
     pm.save_pretrained(str(tmp_path), safe_serialization=isinstance(targets, list))
     assert (tmp_path / "adapter_model.bin").exists() != isinstance(targets, list)
     want = peft_merged(pm, c, convert)
-    adapter = load_adapter(str(tmp_path), c, base)
+    adapter = read_adapter(str(tmp_path), c, base)
     assert adapter.peft_layout == layout and adapter.peft.lora_targets.startswith("query_key_value")
     config, params = attach(adapter, c, base)
     assert "lora_a" in params["layers"]["attention"]["query_key_value"]  # one A shared by Q, K, V
@@ -253,7 +253,7 @@ def test_export_to_fused_layouts_merges_as_peft(tmp_path, layout, kw):
     assert summary["rank_pattern"] == ({} if "query_key_value" in kw["lora_targets"] else {"query_key_value": 12})
     pm = hf_peft.PeftModel.from_pretrained(model, str(tmp_path / "out"))
     assert_merged_equal(ours, peft_merged(pm, c, convert), base)
-    back_config, back = attach(load_adapter(str(tmp_path / "out"), c, base), c, base)  # read back: the same merge
+    back_config, back = attach(read_adapter(str(tmp_path / "out"), c, base), c, base)  # read back: the same merge
     back = merge_lora(back, back_config)[0]
     for name in ("query", "key", "value"):
         np.testing.assert_allclose(
@@ -298,9 +298,9 @@ def test_bad_peft_folders_are_clear_errors(glm4, tmp_path):
         ("r", 8, "rank 4, but r / rank_pattern give"),
     ]:
         with pytest.raises(PeftFolderError, match=match):
-            load_adapter(_edited(good, tmp_path / field, **{field: value}), c, params)
+            read_adapter(_edited(good, tmp_path / field, **{field: value}), c, params)
     with pytest.warns(UserWarning, match="fan_in_fan_out"):  # peft resets it on nn.Linear, and so do we
-        load_adapter(_edited(good, tmp_path / "fan", fan_in_fan_out=True), c, params)
+        read_adapter(_edited(good, tmp_path / "fan", fan_in_fan_out=True), c, params)
     tensors = load_file(str(good / "adapter_model.safetensors"))
     name = "base_model.model.model.layers.0.self_attn.k_proj.lora_B.weight"
     shapes = tmp_path / "shape"
@@ -312,6 +312,6 @@ def test_bad_peft_folders_are_clear_errors(glm4, tmp_path):
         {**tensors, "base_model.model.lm_head.lora_A.weight": tensors[name]}, str(shapes / "adapter_model.safetensors")
     )
     with pytest.raises(PeftFolderError, match="lm_head.lora_A.weight is not a LoRA tensor of the hf-glm layout"):
-        load_adapter(str(shapes), c, params)
+        read_adapter(str(shapes), c, params)
     with pytest.raises(CheckpointError, match="read against its base"):
         load_adapter(str(good))
