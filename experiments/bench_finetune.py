@@ -1,17 +1,30 @@
-"""Fine-tuning quality and cost: every method from one base on AdvertiseGen, in one run.
+"""Fine-tuning quality and cost: every method from one base on AdvertiseGen, and a transformers + peft peer, in one run.
 
-    python experiments/bench_finetune.py --checkpoint runs/default/checkpoints --steps 200
+    python experiments/bench_finetune.py --steps 60 --batch 8 --eval-every 20 --eval-rows 128 --gen-rows 32 \\
+        --peer-base-steps 100                                              # BENCHMARKS.md's run
+    python experiments/bench_finetune.py --runs lora,prompt --no-peer ...   # some methods only
+    python experiments/bench_finetune.py --peer-only ...                    # the peer comparison only
 
-For each method (lora, ptuning, freeze, full, and lora on an INT4 base): finetune.py on the
-train rows, held-out answer loss on the first --eval-rows dev rows before and after (the main
-figure: a model this small scores near 0 BLEU), then finetune_eval.py's BLEU-4 / ROUGE on the
-first --gen-rows dev rows, greedy. Cost: trainable parameters, Adam state bytes and adapter
-folder size for the checkpoint's model, the same counts computed from the chatglm-6b and
-glm-130b configs, and each method's step time over full fine-tuning's in the same run. Writes
-OUT/results.json and OUT/heldout_loss.png (the held-out curves); prints one JSON line per row.
+For each run of RUNS (every method; LoRA also fused / apart, rsLoRA, DoRA and on an INT4 base):
+finetune.py on the train rows, held-out answer loss on the first --eval-rows dev rows before and
+after (the main figure: a model this small scores near 0 BLEU), then finetune_eval.py's BLEU-4 /
+ROUGE on the first --gen-rows dev rows, greedy. Cost: trainable parameters, Adam state bytes and
+adapter folder size for the checkpoint's model, the same counts computed from the chatglm-6b and
+glm-130b configs, and the median step time (after the first few steps) over full fine-tuning's in
+the same run.
+
+The peer (bench_finetune_peer.py): LoRA on query/key/value of a small ChatGLM2-6B-block model
+(random weights, or with --peer-base-steps first that many steps of full SFT on general
+instructions), once with finetune.py and once with transformers' GlmForCausalLM + peft on its
+`export.py --format hf-glm` folder, the same batches, objective, schedule and steps: step times,
+held-out loss before, during and after, and each adapter read by the other framework.
+
+Writes OUT/results.json ("runs", "computed", "peer"), OUT/heldout_loss.png and
+OUT/peer_heldout_loss.png (the held-out curves); prints one JSON line per row.
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -19,16 +32,58 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 DATA = os.path.normpath(os.path.join(HERE, "..", "..", "shared", "data", "advertisegen"))
+PRESETS = ("chatglm-6b", "glm-130b")
 
-RUNS = (("lora", "none"), ("ptuning", "none"), ("freeze", "none"), ("full", "none"), ("lora", "int4"))
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One fine-tuning run of the benchmark: a finetune.py --method with its --set knobs."""
+
+    name: str
+    method: str
+    label: str  # what the table and the plot call it
+    sets: tuple[str, ...] = ()
+    quantize: str = "none"
 
 
-def computed_costs(preset: str, method: str) -> dict:
-    """Parameter counts of a method on a preset's config, from shapes alone (nothing allocated)."""
+RUNS = (
+    Run("lora", "lora", "LoRA r 8, fused query_key_value"),
+    Run("lora-qkv", "lora", "LoRA r 8, query/key/value apart", ("lora_targets=query,key,value",)),
+    Run("rslora", "lora", "rsLoRA r 8", ("lora_rslora=true",)),
+    Run("dora", "lora", "DoRA r 8", ("lora_dora=true",)),
+    Run("lora-int4", "lora", "LoRA r 8 on an INT4 base", quantize="int4"),
+    Run("ptuning", "ptuning", "P-tuning v2, 128 prefix"),
+    Run("prefix-tuning", "ptuning", "prefix tuning (P-tuning v2 + projection)", ("prefix_projection=true",)),
+    Run("prompt", "prompt", "prompt tuning"),
+    Run("ptuning-v1", "ptuning-v1", "P-tuning v1, MLP encoder"),
+    Run("adapter", "adapter", "bottleneck adapters"),
+    Run("ia3", "ia3", "IA3"),
+    Run("freeze", "freeze", "freeze, last 2 layers"),
+    Run("full", "full", "full"),
+)
+TRAIN_KEYS = (
+    "trainable_params",
+    "frozen_params",
+    "optimizer_bytes",
+    "adapter_bytes",
+    "initial_eval_loss",
+    "eval_loss",
+    "first_loss",
+    "final_loss",
+    "tokens_per_s",
+    "lr",
+)
+
+
+def computed_costs(preset: str, run: Run) -> dict:
+    """Parameter counts of a run's method and knobs on a preset's config, from shapes alone."""
+    from finetune import split_sets
+
     from glm_jax.config import get_config
     from glm_jax.peft import PeftConfig, count, split_shapes
 
-    peft = PeftConfig(method)
+    knobs, _ = split_sets(run.sets, PeftConfig)
+    peft = PeftConfig(run.method, **knobs)
     trainable, frozen = split_shapes(peft, peft.model_config(get_config(preset)))
     n = count(trainable)
     return {
@@ -39,132 +94,202 @@ def computed_costs(preset: str, method: str) -> dict:
     }
 
 
-def main(argv=None):
+def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", default=os.path.join("runs", "default", "checkpoints"))
-    ap.add_argument("--out", default=os.path.join("runs", "bench_finetune"))
+    ap.add_argument("--out", default=os.path.join("runs", "bench_finetune"), help="emptied first")
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--eval-rows", type=int, default=256)
     ap.add_argument("--gen-rows", type=int, default=64)
     ap.add_argument("--gen-tokens", type=int, default=64, help="generation budget per row")
     ap.add_argument("--eval-every", type=int, default=25)
+    ap.add_argument("--runs", default=",".join(r.name for r in RUNS), help="comma-separated subset of the runs")
+    peer = ap.add_mutually_exclusive_group()
+    peer.add_argument("--no-peer", action="store_true", help="skip the transformers + peft comparison")
+    peer.add_argument("--peer-only", action="store_true", help="only the transformers + peft comparison")
+    ap.add_argument("--peer-layers", type=int, default=4)
+    ap.add_argument("--peer-hidden", type=int, default=256, help="a multiple of 64 (heads of 32, 2 KV heads)")
+    ap.add_argument(
+        "--peer-base-steps",
+        type=int,
+        default=0,
+        help="full SFT steps on the Alpaca demo instructions before the LoRA runs (0: the random base itself)",
+    )
     args = ap.parse_args(argv)
+    for name in ("steps", "batch", "eval_rows", "gen_rows", "gen_tokens", "eval_every", "peer_layers"):
+        if getattr(args, name) <= 0:
+            ap.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.peer_base_steps < 0:
+        ap.error(f"--peer-base-steps must be >= 0, got {args.peer_base_steps}")
+    from bench_finetune_peer import INSTRUCTIONS
 
-    import shutil
+    missing = [f for f in INSTRUCTIONS if not os.path.isfile(f)]
+    if args.peer_base_steps and not args.no_peer and missing:
+        ap.error(f"--peer-base-steps trains on {missing}, which are missing")
+    if args.peer_hidden <= 0 or args.peer_hidden % 64:
+        ap.error(f"--peer-hidden must be a positive multiple of 64, got {args.peer_hidden}")
+    names = [n.strip() for n in args.runs.split(",") if n.strip()]
+    unknown = sorted(set(names) - {r.name for r in RUNS})
+    if unknown or not names:
+        ap.error(f"--runs {args.runs!r}: unknown {unknown}; choose from {[r.name for r in RUNS]}")
+    args.runs = names
+    if not os.path.isdir(DATA):
+        ap.error(f"no AdvertiseGen data at {DATA} (../shared/data/advertisegen beside the project)")
+    return args
 
+
+def finetune_args(run: Run, args, out: str) -> list[str]:
+    """finetune.py's flags for one run."""
+    return [
+        "--method",
+        run.method,
+        "--checkpoint",
+        args.checkpoint,
+        "--data",
+        os.path.join(DATA, "train.json"),
+        "--eval-data",
+        os.path.join(DATA, "dev.json"),
+        "--eval-limit",
+        str(args.eval_rows),
+        "--out",
+        out,
+        "--steps",
+        str(args.steps),
+        "--batch",
+        str(args.batch),
+        "--eval-every",
+        str(args.eval_every),
+        "--ckpt-every",
+        str(args.steps),
+        "--quantize",
+        run.quantize,
+        "--no-progress",
+        *[x for s in run.sets for x in ("--set", s)],
+    ]
+
+
+def eval_args(run: Run, args, out: str) -> list[str]:
+    """finetune_eval.py's flags: greedy replies of the run's adapter on the first --gen-rows dev rows."""
+    return [
+        "--checkpoint",
+        args.checkpoint,
+        "--adapter",
+        out,
+        "--quantize",
+        run.quantize,
+        "--data",
+        os.path.join(DATA, "dev.json"),
+        "--limit",
+        str(args.gen_rows),
+        "--out",
+        os.path.join(out, "predictions.jsonl"),
+        "--max-target",
+        str(args.gen_tokens),
+        "--no-progress",
+    ]
+
+
+def bench_run(run: Run, args) -> dict:
+    """Train, evaluate and generate one run -> its row."""
     import finetune
     import finetune_eval
+    from bench_finetune_peer import median_step_time, ours_metrics
+
+    out = os.path.join(args.out, run.name)
+    train = finetune.main(finetune_args(run, args, out))
+    gen = finetune_eval.main(eval_args(run, args, out))
+    metrics = os.path.join(out, "logs", "metrics.jsonl")
+    return {
+        "run": run.name,
+        "label": run.label,
+        "method": run.method,
+        "sets": list(run.sets),
+        "quantize": run.quantize,
+        **{k: train[k] for k in TRAIN_KEYS},
+        "step_time_s": median_step_time(ours_metrics(metrics)["step_times"]),
+        **{k: gen[k] for k in ("bleu-4", "rouge-1", "rouge-2", "rouge-l")},
+        "metrics": metrics,
+    }
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    import shutil
+
+    from bench_finetune_peer import compare, ours_metrics
     from benchutil import environment
 
     shutil.rmtree(args.out, ignore_errors=True)  # fresh runs: a resumed one would time nothing
     results = {"environment": environment(), "args": vars(args), "runs": [], "computed": []}
-    for method, quantize in RUNS:
-        out = os.path.join(args.out, f"{method}-{quantize}")
-        train = finetune.main(
-            [
-                "--method",
-                method,
-                "--checkpoint",
-                args.checkpoint,
-                "--data",
-                os.path.join(DATA, "train.json"),
-                "--eval-data",
-                os.path.join(DATA, "dev.json"),
-                "--eval-limit",
-                str(args.eval_rows),
-                "--out",
-                out,
-                "--steps",
-                str(args.steps),
-                "--batch",
-                str(args.batch),
-                "--eval-every",
-                str(args.eval_every),
-                "--ckpt-every",
-                str(args.steps),
-                "--quantize",
-                quantize,
-                "--no-progress",
-            ]
+    runs = [r for r in RUNS if r.name in args.runs]
+    if not args.peer_only:
+        for run in runs:
+            results["runs"].append(bench_run(run, args))
+            print(json.dumps(results["runs"][-1]), flush=True)
+        full = next((r for r in results["runs"] if r["method"] == "full"), None)
+        for r in results["runs"]:
+            r["step_time_vs_full"] = r["step_time_s"] / full["step_time_s"] if full else None
+        for preset in PRESETS:
+            for run in runs:
+                if run.quantize == "none":
+                    results["computed"].append({"preset": preset, "run": run.name, **computed_costs(preset, run)})
+        print(json.dumps({"computed": results["computed"]}), flush=True)
+    if not args.no_peer:
+        results["peer"] = compare(
+            os.path.join(args.out, "peer"),
+            os.path.join(DATA, "train.json"),
+            os.path.join(DATA, "dev.json"),
+            args.steps,
+            args.batch,
+            args.eval_rows,
+            args.eval_every,
+            args.peer_layers,
+            args.peer_hidden,
+            args.peer_base_steps,
         )
-        gen = finetune_eval.main(
-            [
-                "--checkpoint",
-                args.checkpoint,
-                "--adapter",
-                out,
-                "--quantize",
-                quantize,
-                "--data",
-                os.path.join(DATA, "dev.json"),
-                "--limit",
-                str(args.gen_rows),
-                "--out",
-                os.path.join(out, "predictions.jsonl"),
-                "--max-target",
-                str(args.gen_tokens),
-                "--no-progress",
-            ]
-        )
-        row = {
-            "method": method,
-            "quantize": quantize,
-            **{
-                k: train[k]
-                for k in (
-                    "trainable_params",
-                    "frozen_params",
-                    "optimizer_bytes",
-                    "adapter_bytes",
-                    "initial_eval_loss",
-                    "eval_loss",
-                    "first_loss",
-                    "final_loss",
-                    "tokens_per_s",
-                    "lr",
-                )
-            },
-            **{k: gen[k] for k in ("bleu-4", "rouge-1", "rouge-2", "rouge-l")},
-            "metrics": os.path.join(out, "logs", "metrics.jsonl"),
-        }
-        results["runs"].append(row)
-        print(json.dumps(row), flush=True)
-    full = next(r for r in results["runs"] if r["method"] == "full")
-    for r in results["runs"]:
-        r["step_time_vs_full"] = full["tokens_per_s"] / r["tokens_per_s"]
-    for preset in ("chatglm-6b", "glm-130b"):
-        for method in ("lora", "ptuning", "freeze", "full"):
-            results["computed"].append({"preset": preset, "method": method, **computed_costs(preset, method)})
+        print(json.dumps({"peer": peer_summary(results["peer"])}), flush=True)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
-    plot(results["runs"], os.path.join(args.out, "heldout_loss.png"))
-    print(json.dumps({"computed": results["computed"]}))
+    if results["runs"]:
+        series = [(r["label"], ours_metrics(r["metrics"])["eval_curve"]) for r in results["runs"]]
+        plot(series, "AdvertiseGen dev, glm-tiny base", os.path.join(args.out, "heldout_loss.png"))
+    if "peer" in results:
+        peer = results["peer"]
+        series = [("glm_jax", peer["glm_jax"]["eval_curve"])]
+        series.append(("transformers + peft", peer["transformers_peft"]["eval_curve"]))
+        plot(series, "LoRA, AdvertiseGen dev, tiny ChatGLM2 block", os.path.join(args.out, "peer_heldout_loss.png"))
+    return results
 
 
-def plot(runs, path):
+def peer_summary(peer: dict) -> dict:
+    """The peer section without its per-step lists (one printable line)."""
+    lists = ("eval_curve", "losses", "step_times", "lrs", "answer_tokens")
+    side = lambda d: {k: v for k, v in d.items() if k not in lists}  # noqa: E731
+    return {**peer, "glm_jax": side(peer["glm_jax"]), "transformers_peft": side(peer["transformers_peft"])}
+
+
+def plot(series, title: str, path: str):
+    """Held-out loss curves: series of (label, [(step, loss), ...])."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for r in runs:
-        points = [json.loads(line) for line in open(r["metrics"])]
-        points = [(p["step"], p["eval_loss"]) for p in points if "eval_loss" in p and set(p) == {"step", "eval_loss"}]
-        ax.plot(
-            *zip(*points),
-            marker="o",
-            ms=3,
-            label=f"{r['method']}" + (" (INT4 base)" if r["quantize"] != "none" else ""),
-        )
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    tab20 = plt.get_cmap("tab20").colors  # 13 runs: the default cycle of 10 would repeat
+    colors = tab20[0::2] + tab20[1::2]  # the strong colours first, then their light pairs
+    for i, (label, points) in enumerate(series):
+        ax.plot(*zip(*points), marker="o", ms=3, label=label, color=colors[i % len(colors)])
+    ax.ticklabel_format(axis="y", useOffset=False)
     ax.set_xlabel("step")
     ax.set_ylabel("held-out answer loss (nats/token)")
-    ax.set_title("AdvertiseGen dev, glm-tiny base")
-    ax.legend()
+    ax.set_title(title)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
