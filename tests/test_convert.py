@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from jit_forward import forward
 from reference_numpy import glm_forward, random_glm130b_state_dict
+from torch_models import tiny_glm4
 
 from glm_jax.config import get_config
 from glm_jax.convert import ConversionError, config_from_hf_glm, from_glm130b_state_dict, from_hf_glm
@@ -91,28 +92,7 @@ def test_embedding_rows_are_zero_padded():
 # ---- transformers GlmForCausalLM (GLM-4 family) parity -------------------------------------------
 @pytest.fixture(scope="module")
 def hf_glm():
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    cfg = transformers.GlmConfig(
-        vocab_size=160,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        rms_norm_eps=1e-5,
-        attention_bias=True,
-        tie_word_embeddings=False,
-        max_position_embeddings=64,
-        pad_token_id=0,
-    )
-    model = transformers.GlmForCausalLM(cfg).eval()
-    with torch.no_grad():  # random (not zero) biases and norms so every tensor matters
-        for name, p in model.named_parameters():
-            p.copy_(torch.randn_like(p) * (0.1 if "norm" not in name else 0.1) + (1.0 if "norm" in name else 0.0))
-    return cfg, model
+    return tiny_glm4(vocab_size=160, hidden_size=64, intermediate_size=96, head_dim=16)
 
 
 def test_hf_glm_parity(hf_glm):

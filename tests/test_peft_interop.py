@@ -1,6 +1,6 @@
 """Hugging Face peft LoRA folders in and out (glm_jax/peft_files.py): adapters made with peft on a tiny
 transformers GlmForCausalLM give peft's logits through `load_model(..., adapter=DIR)`; on the ChatGLM
-layouts (torch stand-ins with the released names, tests/torch_chatglm.py) our merge equals peft's
+layouts (torch stand-ins with the released names, tests/torch_models.py) our merge equals peft's
 merge_and_unload; what `export.py --format peft` writes loads in peft with the same outputs."""
 
 import copy
@@ -20,7 +20,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 hf_peft = pytest.importorskip("peft")
 
-from torch_chatglm import ChatGLMStandIn  # noqa: E402
+from torch_models import ChatGLMStandIn, tiny_glm4  # noqa: E402
 
 from glm_jax.adapters import Adapter, attach, load_adapter, save_adapter  # noqa: E402
 from glm_jax.checkpoints import CheckpointError, move_to_device, save_serving  # noqa: E402
@@ -76,25 +76,7 @@ def flat_np(tree) -> dict:
 def glm4(tmp_path_factory):
     """A tiny GlmForCausalLM (vocab 32000: our bundled tokenizer fits, so load_model takes it), our
     conversion of it saved as a serving checkpoint, and a batch."""
-    torch.manual_seed(0)
-    cfg = transformers.GlmConfig(
-        vocab_size=32000,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        rms_norm_eps=1e-5,
-        attention_bias=True,
-        tie_word_embeddings=False,
-        max_position_embeddings=64,
-        pad_token_id=0,
-    )
-    model = transformers.GlmForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(torch.randn_like(p) * 0.1 + (1.0 if "norm" in name else 0.0))
+    cfg, model = tiny_glm4(vocab_size=32000, hidden_size=32, intermediate_size=48, head_dim=8)
     c = config_from_hf_glm(cfg, **FP32)
     params = from_hf_glm(model.state_dict(), c)
     root = tmp_path_factory.mktemp("peft")

@@ -1,9 +1,36 @@
-"""Torch stand-ins for ChatGLM-6B and ChatGLM2-6B with the released parameter names (whose modeling
-code is remote, not available offline): peft wraps modules by name, so it makes, saves, loads and
-merges real LoRA folders on them. No forward: the tests compare weights (peft's merge_and_unload)."""
+"""Torch models the tests compare against: a tiny transformers GlmForCausalLM (GLM-4), and stand-ins for
+ChatGLM-6B and ChatGLM2-6B with the released parameter names (whose modeling code is remote, not
+available offline): peft wraps modules by name, so it makes, saves, loads and merges real LoRA folders
+on them. The stand-ins have no forward: the tests compare weights (peft's merge_and_unload)."""
 
 import torch
+import transformers
 from torch import nn
+
+
+def tiny_glm4(vocab_size: int, hidden_size: int, intermediate_size: int, head_dim: int):
+    """(config, model): a 2-layer GlmForCausalLM (4 heads, 2 KV groups, biased QKV, untied head), fp32,
+    every parameter random (norms around 1) so every tensor matters; seeded."""
+    torch.manual_seed(0)
+    cfg = transformers.GlmConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=head_dim,
+        rms_norm_eps=1e-5,
+        attention_bias=True,
+        tie_word_embeddings=False,
+        max_position_embeddings=64,
+        pad_token_id=0,
+    )
+    model = transformers.GlmForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(torch.randn_like(p) * 0.1 + (1.0 if "norm" in name else 0.0))
+    return cfg, model
 
 
 class Norm(nn.Module):
