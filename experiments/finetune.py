@@ -1,4 +1,5 @@
-"""Fine-tune a checkpoint on instruction or dialogue data: LoRA, P-tuning v2, freeze, or full SFT.
+"""Fine-tune a checkpoint on instruction or dialogue data: any method of glm_jax/peft.py (lora, ptuning,
+prompt, ptuning-v1, adapter, ia3, freeze, full).
 
     python experiments/finetune.py --method lora --checkpoint runs/default/checkpoints \\
         --data ../shared/data/advertisegen/train.json --eval-data ../shared/data/advertisegen/dev.json \\
@@ -10,9 +11,12 @@ Data: AdvertiseGen {content, summary}, Alpaca {instruction, input, output}, Chat
 response, history} and ChatGLM3 {conversations} files, JSON lines or one JSON array, format per
 row from its keys; prompts in the checkpoint's family format (glm_jax/sft.py). Defaults per
 method are the reference recipes (docs/reference.md#8-fine-tuning-recipes): P-tuning v2 pre_seq_len 128, lr 2e-2;
-LoRA r 8, alpha 32, dropout 0.1 on query/key/value, lr 5e-4; freeze (last 2 layers) and full
-lr 1e-4; batch 16. `--set` takes method knobs (lora_rank=16, lora_targets=query,value,
-pre_seq_len=64, prefix_projection=true, trainable_layers=4, train_head=true) and model config
+LoRA r 8, alpha 32, dropout 0.1 on the fused query_key_value (one A, as peft), lr 5e-4; freeze
+(last 2 layers) and full lr 1e-4; prompt / ptuning-v1 20 virtual tokens; adapter 64; ia3 on key,
+value and dense_4h_to_h (docs/finetuning.md); batch 16. `--set` takes method knobs (lora_rank=16,
+lora_targets=query,value, lora_dora=true, lora_rslora=true, pre_seq_len=64,
+prefix_projection=true (prefix tuning), num_virtual_tokens=10, prompt_encoder=lstm,
+adapter_size=32, ia3_targets=key,value, trainable_layers=4, train_head=true) and model config
 fields (hidden_dropout=0.1).
 
 Writes OUT/checkpoints (trainable parameters + optimizer state: a killed run resumes exactly
@@ -45,7 +49,14 @@ METHOD_LR["ptuning-v1"] = 1e-3  # peft's P-tuning guide; its MLP of width hidden
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--method", choices=tuple(METHOD_LR), required=True)
+    ap.add_argument(
+        "--method",
+        choices=tuple(METHOD_LR),
+        required=True,
+        help="lora (LoRA / rsLoRA / DoRA), ptuning (P-tuning v2; with --set prefix_projection=true: prefix "
+        "tuning, Li & Liang), prompt (prompt tuning), ptuning-v1 (P-tuning with an MLP/LSTM prompt encoder), "
+        "adapter (Houlsby bottlenecks), ia3, freeze, full",
+    )
     ap.add_argument("--checkpoint", default=DEFAULT_CHECKPOINTS, help="the base model (any checkpoint folder)")
     ap.add_argument("--data", action="append", required=True, metavar="FILE", help="training file (repeatable)")
     ap.add_argument("--eval-data", action="append", default=[], metavar="FILE", help="held-out file(s)")

@@ -1,12 +1,14 @@
 """Fine-tuning methods as pure functions of (frozen params, trainable params).
 
-    peft = PeftConfig("lora")                            # or "ptuning", "freeze", "full"
+    peft = PeftConfig("lora")                            # or any of METHODS
     config = peft.model_config(base_config)              # the model with its adapter layers
     trainable, frozen = split(params, peft, config)      # disjoint trees (freeze: a layer range)
     params = combine(trainable, frozen, peft)            # what the model applies
 
 - LoRA (`layers.Linear._lora`): `lora_a` / `lora_b` beside the chosen linear weights of every
-  layer, float or quantized; `merge_lora` folds (alpha / r) A B into float kernels.
+  layer, float or quantized (`query_key_value`: one A shared by query, key and value,
+  `layers.FusedLoRA`; rsLoRA's scaling; DoRA's `lora_magnitude_delta`); `merge_lora` folds s A B
+  (DoRA: renormalised) into float kernels.
 - P-tuning v2 (`layers.PrefixEncoder`): `prefix_encoder` keys/values for every layer.
 - prompt / ptuning-v1 (prompts.py): `prompt_encoder`, virtual token embeddings (P-tuning v1: through
   an MLP or LSTM encoder) run through the frozen layers into the same per-layer prefix; no merge.

@@ -163,7 +163,7 @@ class Trainer:
         if peft.method == "freeze" and self.plan.stages > 1:
             raise ConfigError(
                 "freeze splits the layer stack at a layer; run it on a mesh without pipeline stages "
-                "(--mesh DATAx1xTENSOR), or use lora / ptuning / full on this mesh"
+                "(--mesh DATAx1xTENSOR), or use lora / ptuning / adapter / ia3 / full on this mesh"
             )
         check_pipeline(config, self.plan.stages)  # virtual tokens: the same, for their pass over every layer
         if self.fsdp_gather not in FSDP_GATHER:

@@ -86,6 +86,7 @@ def unboxed_shapes(config):
     return jax.tree_util.tree_map(lambda x: tuple(x.shape), nn.meta.unbox(abstract_params(config)))
 
 
+@pytest.mark.slow
 def test_cached_generation_equals_full_recomputation():
     """Both at once (one compile), moved away from their start, on a pre-norm base (ChatGLM2's
     block; the others use GLM-130B's DeepNorm): bottlenecks in both placements."""
@@ -115,6 +116,7 @@ def test_ia3_merged_equals_unmerged_and_adapters_are_carried(base, fresh):
     assert kept_config == a_config and kept is a_full
 
 
+@pytest.mark.slow
 def test_ia3_on_an_int4_base_equals_its_dequantized_float_base(base, fresh):
     c, params = base
     peft = METHODS["ia3"]

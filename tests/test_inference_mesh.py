@@ -62,6 +62,7 @@ def test_generation_on_a_mesh_equals_one_device(params, reference, spec):
     assert cache[0][0].sharding.is_equivalent_to(placement.cache_sharding(CONFIG, gen.mesh), 4)
 
 
+@pytest.mark.slow
 def test_scoring_on_a_mesh_equals_one_device_float_and_int4(params):
     rows = [([5, 6, GLM_IDS.gmask], [7, 8, 9]), ([10, GLM_IDS.mask, 12], [13]), ([14, 15, GLM_IDS.gmask], [16, 17])]
     for config, tree in ((CONFIG, params), (CONFIG.override(quantization="int4"), None)):

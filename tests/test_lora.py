@@ -82,7 +82,9 @@ def test_rslora_is_lora_with_alpha_times_sqrt_r(base):
     )
 
 
-@pytest.mark.parametrize("targets", ["query,value,dense,dense_h_to_4h", "query_key_value"])
+@pytest.mark.parametrize(
+    "targets", [pytest.param("query,value,dense,dense_h_to_4h", marks=pytest.mark.slow), "query_key_value"]
+)
 def test_dora_starts_as_the_base_and_merged_equals_unmerged(base, targets):
     c, params = base
     dora = PeftConfig("lora", lora_rank=4, lora_dora=True, lora_targets=targets)

@@ -162,6 +162,7 @@ def test_dropout_only_with_a_dropout_rng():
     assert not np.allclose(a, b)
 
 
+@pytest.mark.slow
 def test_remat_policies_give_the_same_gradients():
     c = get_config("glm-tiny", dtype="float32", **SMALL)
     params = init_params(c, jax.random.key(0))

@@ -242,6 +242,7 @@ def test_fp16_lora_on_a_tiny_base_skips_one_step_at_the_start_where_megatrons_sk
     assert skipped == 1 and scales == [2.0**k for k in range(7, 21)] + [2.0**19] * 2, scales
 
 
+@pytest.mark.slow
 def test_fp16_non_finite_steps_are_skipped():
     c = case.config(num_layers=2, dtype="float16")
     t = Trainer(c, OptimConfig(loss_scale_hysteresis=2), sh.make_mesh("1x1", jax.devices()[:1]), 8)

@@ -128,7 +128,7 @@ def test_pipelined_prefix_equals_the_plain_model():
 
 
 @pytest.mark.parametrize(
-    "method", ["lora", "ptuning", *(pytest.param(m, marks=pytest.mark.slow) for m in ("adapter", "ia3"))]
+    "method", ["lora", *(pytest.param(m, marks=pytest.mark.slow) for m in ("ptuning", "adapter", "ia3"))]
 )
 def test_adapter_gradients_through_1f1b_equal_the_plain_model(method):
     """The adapter's gradients on 2 pipeline stages (1F1B: trainable leaves beside frozen ones,
@@ -175,7 +175,9 @@ def _train(config, peft, base_params, steps=4, lr=1e-2):
     return trainer, state, losses
 
 
-@pytest.mark.parametrize("method", ["lora", "ptuning", "freeze", "adapter", "ia3"])
+@pytest.mark.parametrize(
+    "method", ["lora", "ptuning", "freeze", *(pytest.param(m, marks=pytest.mark.slow) for m in ("adapter", "ia3"))]
+)
 def test_training_leaves_the_frozen_base_bitwise_unchanged(base, method):
     c, params = base
     peft = PeftConfig(method, pre_seq_len=4, trainable_layers=1)

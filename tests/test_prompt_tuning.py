@@ -88,7 +88,7 @@ def test_the_prefix_pass_equals_the_plain_model_on_prepended_virtual_tokens(fami
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("encoder", ["mlp", "lstm"])
+@pytest.mark.parametrize("encoder", ["mlp", pytest.param("lstm", marks=pytest.mark.slow)])
 def test_the_prompt_encoder_equals_peft(encoder):
     """Our encoder with peft's PromptEncoder's weights (torch layout) gives its virtual tokens."""
     torch = pytest.importorskip("torch")
@@ -127,6 +127,7 @@ def test_cached_generation_with_virtual_tokens_equals_full_recomputation():
     assert_cached_decoding_is_full_recomputation(config, params, [[11, 12, 13, 14, GMASK], [31, 32, MASK, 33]], 3)
 
 
+@pytest.mark.slow
 def test_training_moves_the_prompt_only(base):
     """(prompt tuning trains end to end in test_finetune_prompt_end_to_end)"""
     c, params = base
@@ -143,6 +144,7 @@ def test_training_moves_the_prompt_only(base):
     assert jax.tree_util.tree_structure(mu) == jax.tree_util.tree_structure(state.params)
 
 
+@pytest.mark.slow
 def test_an_adapter_saved_and_loaded_gives_the_same_logits(base, tmp_path):
     """What `--adapter` does (loading.load_model): read the folder, check its base, attach."""
     c, params = base

@@ -206,6 +206,7 @@ def test_quantized_model_with_the_pallas_kernel_equals_the_xla_path(small_model)
     np.testing.assert_allclose(pallas, xla, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_tensor_parallel_quantized_model_equals_one_device(small_model):
     """Packed weights and scales placed by the same logical rules as the float kernels: column-
     parallel layers split N, row-parallel ones split the packed K (whole heads / FFN columns per

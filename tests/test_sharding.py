@@ -45,6 +45,7 @@ def test_sharded_equals_single_device(spec, n_devices, reference):
     assert_same(case.sharded_loss_and_grads(mesh, batch, with_logits=True), reference)
 
 
+@pytest.mark.slow
 # 10 on 4: the 9x8-2 layout scaled down (3x4-2). The training schedules: the head and loss of each
 # microbatch on the last stage (GPipe by autodiff, 1F1B by a backward per tick). The evaluation
 # forward (logits, the same GPipe ticks) is test_sharded_equals_single_device's.

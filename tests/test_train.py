@@ -173,6 +173,7 @@ def refused(capsys, run_dir, *flags) -> str:
     return capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_checkpoint_from_another_config_is_a_clear_error(uninterrupted, capsys):
     err = refused(capsys, uninterrupted[0], "--steps", "12", *SMALL, "--batch", "32", "--set", "hidden_size=64")
     assert "trained with another model config" in err and "hidden_size: checkpoint 128 vs run 64" in err
@@ -194,6 +195,7 @@ def test_training_a_quantized_config_is_a_clear_error():
         Trainer(case.config().override(quantization="int4"), OptimConfig(), sh.make_mesh("1x1", jax.devices()[:1]), 1)
 
 
+@pytest.mark.slow
 def test_too_many_skipped_steps_stop_with_a_checkpoint(tmp_path):
     # fp16 with an absurd loss scale overflows every backward pass: each step is skipped
     c = case.config(num_layers=2, dtype="float16")
