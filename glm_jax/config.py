@@ -78,12 +78,12 @@ class AdapterFields:
 
     @property
     def _lora_names(self) -> list[str]:
-        return [t.strip() for t in self.lora_targets.split(",") if t.strip()]
+        return _names(self.lora_targets)
 
     @property
     def lora_target_names(self) -> tuple[str, ...]:
         """The layers LoRA adapts; `query_key_value` (peft's name for ChatGLM's fused QKV) is all three."""
-        return tuple(n2 for n in self._lora_names for n2 in (QKV if n == "query_key_value" else (n,)))
+        return _layers_named(self.lora_targets)
 
     @property
     def lora_fused_qkv(self) -> bool:
@@ -92,8 +92,8 @@ class AdapterFields:
 
     @property
     def lora_scaling(self) -> float:
-        """s of the update s * B(A(x)): alpha / r, or alpha / sqrt(r) with rsLoRA."""
-        return self.lora_alpha / (math.sqrt(self.lora_rank) if self.lora_rslora else self.lora_rank)
+        """s of the update s * B(A(x)) (`lora_scaling`)."""
+        return lora_scaling(self.lora_alpha, self.lora_rank, self.lora_rslora)
 
     @property
     def prefix_slots(self) -> int:
@@ -103,9 +103,6 @@ class AdapterFields:
 
     def check_prompt_fields(self) -> None:
         """Prompt tuning / P-tuning v1's fields (the `check_adapter_fields` part of prompts.py)."""
-        for name in ("num_virtual_tokens", "prompt_encoder_hidden_size"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be an integer >= 0")
         if self.prompt_encoder not in PROMPT_ENCODERS:
             raise ConfigError(f"prompt_encoder={self.prompt_encoder!r}; choose one of {PROMPT_ENCODERS}")
         if self.num_virtual_tokens and self.pre_seq_len:
@@ -117,6 +114,9 @@ class AdapterFields:
 
     def check_adapter_fields(self) -> None:
         """Raise ConfigError naming the adapter field that is out of range."""
+        for name in SIZE_FIELDS:
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ConfigError(f"{name}={getattr(self, name)!r} must be an integer >= 0 (0: off or the default)")
         self.check_prompt_fields()
         bad = sorted(set(self.lora_target_names) - set(LORA_TARGETS))
         if bad:
@@ -131,9 +131,6 @@ class AdapterFields:
             )
         if self.lora_init not in LORA_INITS:
             raise ConfigError(f"lora_init={self.lora_init!r}; choose one of {LORA_INITS}")
-        for name in ("lora_rank", "pre_seq_len", "prefix_hidden_size"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be an integer >= 0")
         for name in ("lora_dropout", "prefix_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"{name}={getattr(self, name)} must be in [0, 1)")
@@ -143,12 +140,9 @@ class AdapterFields:
     def ia3_target_names(self) -> tuple[str, ...]:
         """The layers IA3 scales (`query_key_value`: all three); those in `IA3_FEEDFORWARD` scale
         their input, the others their output."""
-        names = [t.strip() for t in self.ia3_targets.split(",") if t.strip()]
-        return tuple(n2 for n in names for n2 in (QKV if n == "query_key_value" else (n,)))
+        return _layers_named(self.ia3_targets)
 
     def _check_bottleneck_and_ia3(self) -> None:
-        if not isinstance(self.adapter_size, int) or self.adapter_size < 0:
-            raise ConfigError(f"adapter_size={self.adapter_size!r} must be an integer >= 0 (0: no bottleneck adapters)")
         bad = sorted(set(self.ia3_target_names) - set(LORA_TARGETS))
         if bad:
             raise ConfigError(
@@ -159,6 +153,29 @@ class AdapterFields:
             raise ConfigError("ia3=true needs at least one layer in ia3_targets, e.g. key,value,dense_4h_to_h")
 
 
+def _names(spec: str) -> list[str]:
+    return [t.strip() for t in spec.split(",") if t.strip()]
+
+
+def _layers_named(spec: str) -> tuple[str, ...]:
+    """A comma list of layer names -> the layers (`query_key_value` is query, key and value)."""
+    return tuple(n2 for n in _names(spec) for n2 in (QKV if n == "query_key_value" else (n,)))
+
+
+def lora_scaling(alpha: float, rank: int, rslora: bool) -> float:
+    """LoRA's s: alpha / r, or alpha / sqrt(r) with rsLoRA (peft's `scaling`)."""
+    return alpha / (math.sqrt(rank) if rslora else rank)
+
+
+# the adapter sizes: integers >= 0
+SIZE_FIELDS = (
+    "lora_rank",
+    "pre_seq_len",
+    "prefix_hidden_size",
+    "num_virtual_tokens",
+    "prompt_encoder_hidden_size",
+    "adapter_size",
+)
 LORA_FIELDS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "lora_init", "lora_rslora", "lora_dora")
 PREFIX_FIELDS = ("pre_seq_len", "prefix_projection", "prefix_hidden_size", "prefix_dropout")
 PROMPT_FIELDS = ("num_virtual_tokens", "prompt_encoder", "prompt_encoder_hidden_size")

@@ -36,6 +36,13 @@ def xavier_normal(gain: float = 1.0, in_axis=0, out_axis=-1, batch_axis=()) -> I
 
 
 # ---- dense layers -------------------------------------------------------------------------------
+def contract_inputs(x, w, n_in: int, **kw):
+    """x [..., *in] . w [*in, *out] -> [..., *out]: the last n_in axes of x against w's first n_in
+    (jax.lax.dot_general; kw: its preferred_element_type)."""
+    contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+    return jax.lax.dot_general(x, w, (contract, ((), ())), **kw)
+
+
 def l2_norm(w, axes: tuple[int, ...]):
     """The L2 norm of w (fp32) over `axes`: a kernel's per-output-feature norm over its input axes."""
     return jnp.sqrt(jnp.sum(jnp.square(w.astype(jnp.float32)), axis=axes))
@@ -144,14 +151,9 @@ class Linear(nn.Module):
         return (t.astype(jnp.float32) * scale.astype(jnp.float32)).astype(c.compute_dtype)
 
     def _matmul(self, x, kernel):
-        c = self.config
-        n_in = len(self.in_shape)
-        contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
         # fp32 out: under tensor parallelism a row-parallel layer's partial sums are reduced in
         # fp32 across shards, then rounded once (as one device accumulates them)
-        return jax.lax.dot_general(
-            x, kernel.astype(c.compute_dtype), (contract, ((), ())), preferred_element_type=jnp.float32
-        ).astype(c.compute_dtype)
+        return self._matmul_float(x, kernel).astype(self.config.compute_dtype)
 
     @property
     def lora_adapted(self) -> bool:
@@ -171,8 +173,7 @@ class Linear(nn.Module):
             xd, a = lora_input(self, x, self.in_shape, self.kernel_axes[:n_in])
         else:
             xd, a = shared
-        contract = (tuple(range(xd.ndim - n_in, xd.ndim)), tuple(range(n_in)))
-        low = jax.lax.dot_general(xd, a.astype(c.compute_dtype), (contract, ((), ())))
+        low = contract_inputs(xd, a.astype(c.compute_dtype), n_in)
         b = self.param(
             "lora_b",
             nn.with_logical_partitioning(nn.initializers.zeros_init(), (None,) + self.kernel_axes[n_in:]),
@@ -210,9 +211,8 @@ class Linear(nn.Module):
         return nn.meta.unbox(self.get_variable("params", "kernel")).astype(jnp.float32)
 
     def _matmul_float(self, x, w):
-        n_in = len(self.in_shape)
-        contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
-        return jax.lax.dot_general(x, w.astype(x.dtype), (contract, ((), ())), preferred_element_type=jnp.float32)
+        """x [..., *in_shape] (compute dtype) . w (cast to it) -> fp32 [..., *features]."""
+        return contract_inputs(x, w.astype(x.dtype), len(self.in_shape), preferred_element_type=jnp.float32)
 
     def _quantized(self, x):
         """Weight-only INT4/INT8: q [K(/2), *features] (the input dims flattened to K, INT4 packed

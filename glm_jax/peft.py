@@ -55,6 +55,15 @@ METHODS = ("lora", "ptuning", "prompt", "ptuning-v1", "adapter", "ia3", "freeze"
 LORA_LEAVES = ("lora_a", "lora_b", "lora_magnitude_delta")
 HEAD = ("final_layernorm", "output_layer")
 ADAPTER_MODULES = ("attention_adapter", "mlp_adapter")  # layers.Bottleneck in every GLMBlock
+# the config fields an adapter method switches on in the model it trains
+METHOD_FIELDS = {
+    "lora": LORA_FIELDS,
+    "ptuning": PREFIX_FIELDS,
+    "prompt": PROMPT_FIELDS,
+    "ptuning-v1": PROMPT_FIELDS,
+    "adapter": ADAPTER_FIELDS,
+    "ia3": IA3_FIELDS,
+}
 
 
 # the size a method's adapter gets when its run does not set one: the reference recipes' (docs/reference.md)
@@ -102,15 +111,8 @@ class PeftConfig(AdapterFields):
 
     def model_config(self, base: GLMConfig) -> GLMConfig:
         """The base config with this method's adapter layers switched on."""
-        if self.method == "lora":
-            return base.override(**{name: getattr(self, name) for name in LORA_FIELDS})
-        if self.method == "ptuning":
-            return base.override(**{name: getattr(self, name) for name in PREFIX_FIELDS})
-        if self.method in ("prompt", "ptuning-v1"):
-            return base.override(**{name: getattr(self, name) for name in PROMPT_FIELDS})
-        if self.method in ("adapter", "ia3"):
-            fields = ADAPTER_FIELDS if self.method == "adapter" else IA3_FIELDS
-            return base.override(**{name: getattr(self, name) for name in fields})
+        if self.method in METHOD_FIELDS:
+            return base.override(**{name: getattr(self, name) for name in METHOD_FIELDS[self.method]})
         if self.method == "freeze" and not 0 < self.trainable_layers <= base.num_layers:
             raise ConfigError(f"trainable_layers={self.trainable_layers} must be in 1..num_layers={base.num_layers}")
         return base
@@ -193,6 +195,14 @@ def nbytes(tree) -> int:
 
 
 # ---- LoRA merge ------------------------------------------------------------------------------------
+def _check_float(config: GLMConfig, method: str) -> None:
+    if config.quantization != "none":
+        raise ConfigError(
+            f"{method} merges into float weights; this base holds {config.quantization} weights: merge "
+            "into the float checkpoint it was quantized from (finetune.py --merge does), then quantize"
+        )
+
+
 def lora_delta(a, b, config: GLMConfig, stacked: bool):
     """s A B as a kernel (fp32, s = `config.lora_scaling`): a [*in, r], b [r, *out] -> [*in, *out];
     stacked: both with a leading layer axis, kept."""
@@ -215,11 +225,7 @@ def merge_lora(params: dict, config: GLMConfig, sign: float = 1.0) -> tuple[dict
     per output feature (sign -1: take plain LoRA back out, `unmerge`). -> (params without lora
     leaves, the config without LoRA). A quantized base cannot take the merge: merge into the float
     checkpoint it came from, then quantize."""
-    if config.quantization != "none":
-        raise ConfigError(
-            f"LoRA merges into float weights; this base holds {config.quantization} weights: merge "
-            "into the float checkpoint it was quantized from (finetune.py --merge does), then quantize"
-        )
+    _check_float(config, "LoRA")
     if config.lora_dora and sign < 0:
         raise ConfigError("a DoRA merge rescales the kernels and is not taken back out: reload the base instead")
     flat = _flat(params)
@@ -249,11 +255,7 @@ def merge_ia3(params: dict, config: GLMConfig) -> tuple[dict, GLMConfig]:
     """Fold every IA3 vector l into its float kernel, as peft's IA3 merge: an input-scaling target
     (`IA3_FEEDFORWARD`) W[i, o] * l[i]; an output-scaling one W[i, o] * l[o] and bias[o] * l[o].
     -> (params without `ia3_scale`, the config without IA3). Quantized bases: as `merge_lora`."""
-    if config.quantization != "none":
-        raise ConfigError(
-            f"IA3 merges into float weights; this base holds {config.quantization} weights: merge "
-            "into the float checkpoint it was quantized from (finetune.py --merge does), then quantize"
-        )
+    _check_float(config, "IA3")
     flat = _flat(params)
     out = {p: v for p, v in flat.items() if p[-1] != "ia3_scale"}
     for path in [p for p in flat if p[-1] == "ia3_scale"]:
@@ -298,8 +300,9 @@ def base_identity(config: GLMConfig, params: dict, step: int) -> dict:
         if isinstance(first, jax.Array) and not first.is_fully_addressable:  # a base sharded over processes
             first = multihost_utils.process_allgather(first, tiled=True)
         h.update(np.ascontiguousarray(jax.device_get(first)).view(np.uint8).tobytes())
-    base = config.override(lora_rank=0, pre_seq_len=0, adapter_size=0, ia3=False)
-    base = base.override(num_virtual_tokens=0, prompt_encoder="none")
+    base = config.override(
+        lora_rank=0, pre_seq_len=0, adapter_size=0, ia3=False, num_virtual_tokens=0, prompt_encoder="none"
+    )
     return {"config": base.to_dict(), "step": int(step), "params_sha256": h.hexdigest()}
 
 

@@ -46,7 +46,7 @@ from flax import traverse_util
 from glm_jax import convert
 from glm_jax.adapters import PEFT_CONFIG_FILE, Adapter, load_adapter
 from glm_jax.checkpoints import CheckpointError
-from glm_jax.config import LORA_TARGETS, QKV, ConfigError, GLMConfig
+from glm_jax.config import LORA_TARGETS, QKV, ConfigError, GLMConfig, lora_scaling
 from glm_jax.export import ExportError, numpy_dtype
 from glm_jax.peft import PeftConfig, lora_a_path
 from glm_jax.quant import dequantize_params
@@ -266,7 +266,7 @@ def kernel_norms(params: dict, config: GLMConfig, targets) -> dict[str, np.ndarr
     norms = {}
     for t in targets:
         w = np.asarray(params["layers"][_group(t)][t]["kernel"], np.float32)
-        norms[t] = np.sqrt(np.sum(np.square(w), axis=tuple(range(1, 1 + len(in_shape(t, config))))))
+        norms[t] = np.sqrt(np.sum(np.square(w), axis=tuple(range(1, 1 + len(in_shape(t, config))))))  # on the host
     return norms
 
 
@@ -358,11 +358,6 @@ def pattern_value(patterns: dict | None, key: str, default):
         if re.match(rf"(.*\.)?({pattern})$", key):
             return value
     return default
-
-
-def scaling(alpha: float, r: int, rslora: bool) -> float:
-    """peft's s: alpha / r, rsLoRA alpha / sqrt(r)."""
-    return alpha / (math.sqrt(r) if rslora else r)
 
 
 # ---- reading ------------------------------------------------------------------------------------
@@ -514,7 +509,7 @@ def _our_params(pairs: dict, convs: dict, peft: PeftConfig, config: GLMConfig, b
     """The pairs in our stacked layout (fp32): A zero-padded to the common rank, B too and scaled
     by the module's scaling over the common one, DoRA's m as m - ||W||."""
     n, rank, c = config.num_layers, peft.lora_rank, peft.model_config(config)
-    s = scaling(peft.lora_alpha, rank, peft.lora_rslora)
+    s = lora_scaling(peft.lora_alpha, rank, peft.lora_rslora)
     features = {t: x.shape for conv in convs.values() for t, x in conv.row_index().items()}
     flat = {}
     for t in c.lora_target_names:
@@ -530,7 +525,7 @@ def _our_params(pairs: dict, convs: dict, peft: PeftConfig, config: GLMConfig, b
         conv = convs[module]
         first = conv.module.targets[0]
         a_full, b_full = np.zeros((rank, a.shape[1]), np.float32), np.zeros((b.shape[0], rank), np.float32)
-        a_full[:r], b_full[:, :r] = a, b * (scaling(alpha, r, peft.lora_rslora) / s)
+        a_full[:r], b_full[:, :r] = a, b * (lora_scaling(alpha, r, peft.lora_rslora) / s)
         flat[FUSED_A if conv.module.fused else _path(first, "lora_a")][layer] = a_full.T.reshape(
             in_shape(first, c) + (rank,)
         )
