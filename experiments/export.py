@@ -1,11 +1,12 @@
 """Export a checkpoint (trained, fine-tuned, converted or quantized) into a released layout, or
 its LoRA adapter as a Hugging Face peft folder.
 
-    python experiments/export.py --checkpoint DIR --out DIR --format hf-glm|chatglm2 [--dtype float16]
+    python experiments/export.py --checkpoint DIR --out DIR --format hf-glm|chatglm2|llama|bloom|opt [--dtype float16]
     python experiments/export.py --checkpoint BASE --adapter DIR --out DIR --format peft [--layout L]
 
 hf-glm: safetensors shards + config.json that transformers' `GlmForCausalLM.from_pretrained` loads;
-chatglm2: ChatGLM2-6B / ChatGLM3-6B's released names (what `experiments/convert.py` reads back).
+chatglm2: ChatGLM2-6B / ChatGLM3-6B's released names (what `experiments/convert.py` reads back);
+llama, bloom, opt: transformers' LlamaForCausalLM, BloomForCausalLM, OPTForCausalLM folders.
 Quantized weights are dequantized. The checkpoint's tokenizer file is copied along. Only a model
 with the matching block exports; anything else is a clear error (exit 2).
 peft: the LoRA of `--adapter` (ours, or a peft folder) as adapter_config.json +
@@ -21,7 +22,7 @@ import sys
 
 from glm_jax.script_args import add_checkpoint_args, load_model_or_exit
 
-FORMATS = ("hf-glm", "chatglm2", "peft")
+FORMATS = ("hf-glm", "chatglm2", "llama", "bloom", "opt", "peft")
 LAYOUTS = ("chatglm", "chatglm2", "hf-glm")
 
 

@@ -20,7 +20,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-FFN_KINDS = ("geglu", "swiglu", "gelu", "gelu_tanh")
+FFN_KINDS = ("geglu", "swiglu", "gelu", "gelu_tanh", "relu")
+POSITION_ENCODINGS = ("rotary", "alibi", "learned")
+ROTARY_SCALINGS = ("none", "linear", "llama3")
 NORM_KINDS = ("layernorm", "rmsnorm")
 NORM_PLACEMENTS = ("deepnorm", "pre")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "pallas_tpu")
@@ -195,7 +197,7 @@ class GLMConfig(AdapterFields):
     vocab_pad_multiple: int = 128  # embedding rows padded up to a multiple of this
     max_sequence_length: int = 2048
     # feed-forward
-    ffn_kind: str = "geglu"  # geglu: a*gelu(b); swiglu: silu(a)*b; gelu / gelu_tanh: plain
+    ffn_kind: str = "geglu"  # geglu: a*gelu(b); swiglu: silu(a)*b; gelu / gelu_tanh / relu: plain
     inner_hidden_size: int | None = None
     ffn_multiple_of: int = 128  # rounding of the derived gated-FFN width
     # normalisation
@@ -204,8 +206,15 @@ class GLMConfig(AdapterFields):
     layernorm_epsilon: float = 1e-5
     final_norm: bool = True
     deepnorm_alpha_layers: int = 0  # DeepNorm alpha = sqrt(2 x this); 0: num_layers (ChatGLM-6B: 28 always)
-    # positions
-    position_encoding_2d: bool = False  # 2D rotary: second half of each head by block position
+    # positions: rotary (the GLM family, LLaMA), alibi (BLOOM: a per-head linear bias on key
+    # distance in the attention scores) or learned (OPT, the original GLM: absolute position tables
+    # added to the word embeddings)
+    position_encoding: str = "rotary"
+    position_offset: int = 0  # learned: the table row of position 0 (OPT: 2)
+    position_embedding_rows: int = 0  # learned: rows of each table; 0: max_sequence_length + position_offset
+    # 2D positions (position and block position): rotary, the second half of each head by block
+    # position (GLM-130B, ChatGLM-6B); learned, a second table for block positions (the original GLM)
+    position_encoding_2d: bool = False
     rotary_fraction: float = 1.0  # share of each head's dims that rotate (ChatGLM2: 0.5)
     rotary_interleaved: bool = False  # pairs (2i, 2i+1) (GLM-4 family) vs rotate-half (GLM-130B)
     rotary_base: float = 10000.0
@@ -213,6 +222,14 @@ class GLMConfig(AdapterFields):
     # inverse frequencies rounded to fp16 before the (fp32) angles are formed, as GLM-130B's pinned
     # SwissArmyTransformer and ChatGLM-6B build them at any model dtype
     rotary_fp16_inv_freq: bool = False
+    # rotary context extension (transformers' rope_scaling): linear divides the frequencies by the
+    # factor; llama3 (Llama-3.1/3.2) divides the low ones, keeps the high ones and blends between
+    rotary_scaling: str = "none"
+    rotary_scaling_factor: float = 1.0
+    rotary_low_freq_factor: float = 1.0  # llama3
+    rotary_high_freq_factor: float = 4.0  # llama3
+    rotary_original_length: int = 8192  # llama3: original_max_position_embeddings
+    embedding_norm: bool = False  # a LayerNorm on the word embeddings (BLOOM's word_embeddings_layernorm)
     # biases and head
     qkv_bias: bool = True
     attention_dense_bias: bool = True
@@ -298,6 +315,15 @@ class GLMConfig(AdapterFields):
         return int(per * self.rotary_fraction)
 
     @property
+    def learned_position_rows(self) -> int:
+        """Rows of each learned position table (`position_encoding=learned`)."""
+        return self.position_embedding_rows or self.max_sequence_length + self.position_offset
+
+    @property
+    def rotary(self) -> bool:
+        return self.position_encoding == "rotary"
+
+    @property
     def gated_ffn(self) -> bool:
         return self.ffn_kind in ("geglu", "swiglu")
 
@@ -337,7 +363,7 @@ class GLMConfig(AdapterFields):
 
 
 def _derived_ffn_width(c: GLMConfig) -> int:
-    if c.ffn_kind in ("gelu", "gelu_tanh"):
+    if not c.gated_ffn:
         return 4 * c.hidden_size
     m = c.ffn_multiple_of
     return -(-(8 * c.hidden_size) // (3 * m)) * m
@@ -386,6 +412,46 @@ def validate(c: GLMConfig) -> None:
         f"num_attention_heads={c.num_attention_heads} is not divisible by num_kv_heads="
         f"{c.num_kv_heads} (grouped attention needs whole groups)",
     )
+    _validate_positions(c, need)
+    _validate_numerics(c, need)
+    c.check_adapter_fields()
+    need(c.layernorm_epsilon > 0, f"layernorm_epsilon={c.layernorm_epsilon} must be positive")
+
+
+def _validate_positions(c: GLMConfig, need) -> None:
+    need(
+        c.position_encoding in POSITION_ENCODINGS,
+        f"position_encoding={c.position_encoding!r}; choose one of {POSITION_ENCODINGS}",
+    )
+    need(
+        c.position_encoding != "alibi" or not c.position_encoding_2d,
+        "position_encoding=alibi has no 2D form: set position_encoding_2d=false",
+    )
+    for name in ("position_offset", "position_embedding_rows"):
+        need(
+            isinstance(getattr(c, name), int) and getattr(c, name) >= 0,
+            f"{name}={getattr(c, name)!r} must be an integer >= 0",
+        )
+    if c.position_encoding == "learned":
+        need(
+            c.learned_position_rows >= c.max_sequence_length + c.position_offset,
+            f"position_embedding_rows={c.position_embedding_rows} cannot hold max_sequence_length="
+            f"{c.max_sequence_length} positions after position_offset={c.position_offset}",
+        )
+        need(
+            not c.num_virtual_tokens,
+            "prompt tuning / P-tuning v1 run their virtual tokens at positions -P..-1, which a learned "
+            "position table has no row for: use lora, ptuning (v2) or another method",
+        )
+    need(c.rotary_scaling in ROTARY_SCALINGS, f"rotary_scaling={c.rotary_scaling!r}; choose one of {ROTARY_SCALINGS}")
+    need(c.rotary_scaling_factor > 0, f"rotary_scaling_factor={c.rotary_scaling_factor} must be positive")
+    need(
+        c.rotary_scaling != "llama3" or 0 < c.rotary_low_freq_factor < c.rotary_high_freq_factor,
+        f"rotary_scaling=llama3 needs 0 < rotary_low_freq_factor ({c.rotary_low_freq_factor}) < "
+        f"rotary_high_freq_factor ({c.rotary_high_freq_factor})",
+    )
+    if c.position_encoding != "rotary":
+        return
     need(0.0 < c.rotary_fraction <= 1.0, f"rotary_fraction={c.rotary_fraction} must be in (0, 1]")
     if c.position_encoding_2d:
         need(
@@ -403,6 +469,9 @@ def validate(c: GLMConfig) -> None:
         f"rotary_fraction={c.rotary_fraction} of head_dim={c.head_dim} gives {rot} rotary dims; "
         "it must be a positive even integer",
     )
+
+
+def _validate_numerics(c: GLMConfig, need) -> None:
     need(c.quantization in ("none", "int8", "int4"), f"quantization={c.quantization!r}; choose none, int8 or int4")
     need(c.quantization_group >= 0, f"quantization_group={c.quantization_group} must be >= 0")
     need(c.quantization_groups >= 0, f"quantization_groups={c.quantization_groups} must be >= 0")
@@ -417,11 +486,44 @@ def validate(c: GLMConfig) -> None:
         isinstance(c.deepnorm_alpha_layers, int) and c.deepnorm_alpha_layers >= 0,
         f"deepnorm_alpha_layers={c.deepnorm_alpha_layers!r} must be an integer >= 0 (0: num_layers)",
     )
-    c.check_adapter_fields()
-    need(c.layernorm_epsilon > 0, f"layernorm_epsilon={c.layernorm_epsilon} must be positive")
 
 
 # ---- presets --------------------------------------------------------------------------------
+_NO_DROPOUT = dict(hidden_dropout=0.0, attention_dropout=0.0)
+_LLAMA = dict(
+    _NO_DROPOUT,
+    vocab_size=32000,
+    max_sequence_length=4096,
+    ffn_kind="swiglu",
+    norm_kind="rmsnorm",
+    norm_placement="pre",
+    qkv_bias=False,
+    attention_dense_bias=False,
+    ffn_bias=False,
+    tie_word_embeddings=False,
+)
+_LLAMA3 = dict(_LLAMA, vocab_size=128256, max_sequence_length=8192, rotary_base=500000.0)
+_BIASED_PRE_LN = dict(_NO_DROPOUT, norm_kind="layernorm", norm_placement="pre", tie_word_embeddings=True)
+_BLOOM = dict(
+    _BIASED_PRE_LN,
+    vocab_size=250880,
+    max_sequence_length=2048,
+    ffn_kind="gelu_tanh",
+    position_encoding="alibi",
+    embedding_norm=True,
+)
+_OPT = dict(
+    _BIASED_PRE_LN, vocab_size=50272, max_sequence_length=2048, ffn_kind="relu", position_encoding="learned", position_offset=2
+)
+_GLM_ORIGINAL = dict(
+    _BIASED_PRE_LN,
+    max_sequence_length=1024,
+    position_embedding_rows=1025,
+    ffn_kind="gelu_tanh",
+    position_encoding="learned",
+    position_encoding_2d=True,
+)
+
 PRESETS: dict[str, dict[str, Any]] = {
     # GLM-130B exactly (docs/reference.md section 1): 70 DeepNorm post-LN layers, GeGLU 32768, tied 150528 vocab.
     "glm-130b": dict(
@@ -477,6 +579,55 @@ PRESETS: dict[str, dict[str, Any]] = {
         tie_word_embeddings=False,
         hidden_dropout=0.0,
         attention_dropout=0.0,
+    ),
+    # ---- the other open models of the survey (docs/families.md) ----
+    # LLaMA-2 (Touvron et al. 2023): pre-RMSNorm, SwiGLU, rotate-half rotary, no biases, untied head.
+    "llama-2-7b": dict(_LLAMA, num_layers=32, hidden_size=4096, num_attention_heads=32, inner_hidden_size=11008),
+    "llama-2-13b": dict(_LLAMA, num_layers=40, hidden_size=5120, num_attention_heads=40, inner_hidden_size=13824),
+    # LLaMA-2-70B, grouped-query attention with 8 KV heads (`llama-70b` is its name in the pod plans)
+    "llama-70b": dict(
+        _LLAMA, num_layers=80, hidden_size=8192, num_attention_heads=64, num_kv_heads=8, inner_hidden_size=28672
+    ),
+    "llama-3-8b": dict(
+        _LLAMA3, num_layers=32, hidden_size=4096, num_attention_heads=32, num_kv_heads=8, inner_hidden_size=14336
+    ),
+    "llama-3-70b": dict(
+        _LLAMA3, num_layers=80, hidden_size=8192, num_attention_heads=64, num_kv_heads=8, inner_hidden_size=28672
+    ),
+    # Llama-3.2-1B: tied embeddings, llama3 rope scaling (factor 32 over 8192) to 128K
+    "llama-3.2-1b": dict(
+        _LLAMA3,
+        num_layers=16,
+        hidden_size=2048,
+        num_attention_heads=32,
+        num_kv_heads=8,
+        inner_hidden_size=8192,
+        head_dim=64,
+        max_sequence_length=131072,
+        tie_word_embeddings=True,
+        rotary_scaling="llama3",
+        rotary_scaling_factor=32.0,
+        rotary_low_freq_factor=1.0,
+        rotary_high_freq_factor=4.0,
+        rotary_original_length=8192,
+    ),
+    # BLOOM (BigScience 2022): ALiBi, LayerNorm on the embeddings, pre-LN, GeLU (tanh), biases, tied.
+    "bloom-176b": dict(_BLOOM, num_layers=70, hidden_size=14336, num_attention_heads=112),
+    "bloom-560m": dict(_BLOOM, num_layers=24, hidden_size=1024, num_attention_heads=16),
+    # OPT (Zhang et al. 2022): learned positions from row 2, pre-LN, ReLU, biases, tied.
+    "opt-175b": dict(_OPT, num_layers=96, hidden_size=12288, num_attention_heads=96),
+    "opt-125m": dict(_OPT, num_layers=12, hidden_size=768, num_attention_heads=12),
+    # the original GLM (Du et al. 2022, THUDM/GLM): learned position and block-position tables
+    # (max_sequence_length + 1 rows), pre-LN, GeLU (tanh), biases, tied; GLM-10B and GLM-Large
+    "glm-10b": dict(_GLM_ORIGINAL, num_layers=48, hidden_size=4096, num_attention_heads=64, vocab_size=50048),
+    "glm-large": dict(
+        _GLM_ORIGINAL,
+        num_layers=24,
+        hidden_size=1024,
+        num_attention_heads=16,
+        vocab_size=30592,
+        max_sequence_length=512,
+        position_embedding_rows=513,
     ),
     # GLM-130B's block at ~1.3 B parameters: the GPU benchmark model.
     "glm-1b": dict(

@@ -3,7 +3,9 @@
 - `hf-glm`: transformers' `GlmForCausalLM` (the GLM-4 / ChatGLM2 block): loads with
   `GlmForCausalLM.from_pretrained(out)`;
 - `chatglm2`: ChatGLM2-6B / ChatGLM3-6B's released names and config.json (fused QKV as
-  [all q | k groups | v groups]); loads with `released.convert_folder`.
+  [all q | k groups | v groups]); loads with `released.convert_folder`;
+- `llama`, `bloom`, `opt`: transformers' LlamaForCausalLM / BloomForCausalLM / OPTForCausalLM
+  (`layouts.py`: each layout module writes its own names and config.json).
 
 Only a config with the matching block exports (pre-RMSNorm, SwiGLU, interleaved partial rotary,
 no dense or FFN biases, ...); anything else is an `ExportError` naming the field. Quantized
@@ -20,11 +22,12 @@ from collections.abc import Callable
 
 import numpy as np
 
+from glm_jax import layouts
 from glm_jax.config import GLMConfig
 from glm_jax.peft import merge_adapters
 from glm_jax.quant import dequantize_params
 
-FORMATS = ("hf-glm", "chatglm2")
+FORMATS = ("hf-glm", "chatglm2") + layouts.exportable()
 
 
 class ExportError(ValueError):
@@ -32,6 +35,8 @@ class ExportError(ValueError):
 
 
 def check_exportable(config: GLMConfig, fmt: str) -> None:
+    if fmt in layouts.LAYOUTS:  # the other families' layouts check their own blocks
+        return
     want = dict(
         norm_kind="rmsnorm",
         norm_placement="pre",
@@ -123,6 +128,12 @@ def export_tensors(
     params = _float_params(params, config)
     if c.lora_rank or c.ia3:  # an adapter on load (--adapter): folded into the exported weights
         params, c = merge_adapters(params, c.override(quantization="none"))
+    if fmt in layouts.LAYOUTS:
+        for name in ("pre_seq_len", "num_virtual_tokens", "adapter_size"):
+            if getattr(c, name):
+                raise ExportError(f"{name}={getattr(c, name)}: the {fmt} layout holds no prefix, virtual tokens or adapters")
+        tensors, cfg = layouts.LAYOUTS[fmt].export(params, c, np_dtype, special_ids)
+        return {n: np.ascontiguousarray(x, np_dtype) for n, x in tensors.items()}, cfg
     v = c.vocab_size
     embed = np.asarray(params["word_embeddings"]["embedding"])[:v]
     head = None if c.tie_word_embeddings else np.asarray(params["output_layer"]["kernel"])[:, :v].T

@@ -181,7 +181,8 @@ def cached_forward(config: GLMConfig, params, tokens, position_ids, block_positi
     (params in `serving_params` layout, cache from `init_cache`). -> (logits [B, S, vocab], new cache)."""
     model, block = GLM(config), GLMBlock(config)
     outer = {k: v for k, v in params.items() if k != "layers"}
-    h = model.apply({"params": outer}, {"tokens": tokens}, method=GLM.embed)
+    fields = {"tokens": tokens, "position_ids": position_ids, "block_position_ids": block_position_ids}
+    h = model.apply({"params": outer}, fields, method=GLM.embed)
     tables = rotary_tables(position_ids, block_position_ids, config)
     new_cache = []
     for layer, (k, v) in zip(params["layers"], cache):

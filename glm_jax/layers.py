@@ -310,7 +310,7 @@ def rotary_table(positions, dim: int, config: GLMConfig):
     first (GLM-130B, ChatGLM-6B); with `rotary_fp16_angles` the angles are formed in fp16 as the
     reference's fp16 runs do.
     """
-    inv_freq = 1.0 / (config.rotary_base ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+    inv_freq = scaled_inv_freq(1.0 / (config.rotary_base ** (np.arange(0, dim, 2, dtype=np.float32) / dim)), config)
     if config.rotary_fp16_inv_freq:
         inv_freq = inv_freq.astype(np.float16).astype(np.float32)
     angle_dtype = jnp.float16 if config.rotary_fp16_angles else jnp.float32
@@ -326,8 +326,30 @@ def rotary_table(positions, dim: int, config: GLMConfig):
     return cos, sin
 
 
+def scaled_inv_freq(inv_freq: np.ndarray, config: GLMConfig) -> np.ndarray:
+    """Rotary inverse frequencies [dim/2] fp32 after `rotary_scaling` (transformers' rope_scaling):
+    linear divides them all by the factor; llama3 divides those with wavelengths above
+    original_length / low_freq_factor, keeps those below original_length / high_freq_factor and
+    blends linearly (in original_length / wavelength) between."""
+    factor = np.float32(config.rotary_scaling_factor)
+    if config.rotary_scaling == "linear":
+        return (inv_freq / factor).astype(np.float32)
+    if config.rotary_scaling != "llama3":
+        return inv_freq
+    low, high, length = config.rotary_low_freq_factor, config.rotary_high_freq_factor, config.rotary_original_length
+    wavelength = 2 * math.pi / inv_freq
+    scaled = np.where(wavelength > length / low, inv_freq / factor, inv_freq)
+    smooth = (length / wavelength - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelength >= length / high) & (wavelength <= length / low)
+    return np.where(medium, blended, scaled).astype(np.float32)
+
+
 def rotary_tables(position_ids, block_position_ids, config: GLMConfig):
-    """The (cos, sin) pairs the attention applies: one for 1D, two (position, block) for 2D."""
+    """The (cos, sin) pairs the attention applies: one for 1D, two (position, block) for 2D, none
+    without rotary positions (ALiBi, learned tables)."""
+    if not config.rotary:
+        return ()
     if config.position_encoding_2d:
         return (
             rotary_table(position_ids, config.rotary_dim, config),
@@ -350,7 +372,9 @@ def _rotate(x, cos, sin, interleaved: bool):
 
 
 def apply_rotary(x, tables, config: GLMConfig):
-    """x: [B, S, N, D] -> same, rotated per `tables` from `rotary_tables` (2D: one per half)."""
+    """x: [B, S, N, D] -> same, rotated per `tables` from `rotary_tables` (2D: one per half; none: x)."""
+    if not tables:
+        return x
     dtype = x.dtype
     x = x.astype(jnp.float32)
     if len(tables) == 2:
@@ -381,6 +405,8 @@ class GLMMask(NamedTuple):
 
 def wants_flash(config: GLMConfig) -> bool:
     """Whether the layers get a `GLMMask` (the TPU kernel) rather than the dense mask."""
+    if config.position_encoding == "alibi":
+        return False
     return config.attention_impl == "pallas_tpu" or (config.attention_impl == "auto" and target_platform() == "tpu")
 
 
@@ -429,18 +455,41 @@ def _record(kind: str, impl: str):
         used[kind] = "+".join(sorted(set(used.get(kind, impl).split("+")) | {impl}))
 
 
-def xla_attention(q, k, v, mask, *, dropout_rate: float = 0.0, dropout_rng=None):
+def alibi_slopes(heads: int) -> np.ndarray:
+    """ALiBi's per-head slopes [heads] (Press et al.; BLOOM's build_alibi_tensor): the geometric
+    sequence 2^(-8/n), 2^(-16/n), ... for the largest power of two n <= heads, then every other
+    term of the sequence for 2n for the heads beyond it."""
+    n = 2 ** math.floor(math.log2(heads))
+    slopes = [2.0 ** (-8.0 * i / n) for i in range(1, n + 1)]
+    slopes += [2.0 ** (-4.0 * i / n) for i in range(1, 2 * (heads - n), 2)]
+    return np.asarray(slopes, np.float32)
+
+
+def alibi_bias(mask, heads: int):
+    """ALiBi's score bias fp32 [B, H, S, T] for a visibility mask [B, 1, S, T]: slope_h times the
+    key's position, the key's rank among the keys its query sees (positions count only visible
+    keys, as BLOOM counts them from the attention mask). A constant per query cancels in the
+    softmax, so this equals slope_h x (key position - query position) on any cache layout or
+    packed row, and a prefix before the keys shifts nothing."""
+    rank = jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1
+    return jnp.asarray(alibi_slopes(heads))[None, :, None, None] * rank.astype(jnp.float32)
+
+
+def xla_attention(q, k, v, mask, *, dropout_rate: float = 0.0, dropout_rng=None, alibi: bool = False):
     """Reference attention with grouped KV, fp32 softmax and the -10000 additive mask.
 
     q: [B, S, H, D]; k, v: [B, T, K, D]; mask: bool [B, 1, S, T] -> [B, S, H, D]. Dropout (rate
     > 0 and a key given) drops the probabilities `tpu_attention.dropout_keep` draws for global
     (batch row, query head, query, key) indices: the TPU kernel's entries for the same key.
+    alibi: add `alibi_bias` to the scores (BLOOM).
     """
     b, s, h, d = q.shape
     kv = k.shape[2]
     q = q.reshape(b, s, kv, h // kv, d)
     scores = jnp.einsum("bskgd,btkd->bkgst", q, k, preferred_element_type=jnp.float32)
     scores = scores * (1.0 / math.sqrt(d))
+    if alibi:
+        scores = scores + alibi_bias(mask, h).reshape(b, kv, h // kv, s, -1)
     scores = jnp.where(mask[:, :, None], scores, MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1)
     if dropout_rate > 0.0 and dropout_rng is not None:
@@ -472,6 +521,10 @@ def choose_attention(config: GLMConfig, dropout_active: bool) -> str:
     cuDNN needs a GPU, 16-bit, no dropout). Falling back from cuDNN warns, under `auto` too
     (where a GPU is the target: elsewhere XLA is auto's choice, not a fallback)."""
     impl = config.attention_impl
+    if config.position_encoding == "alibi":
+        if impl != "xla" and (impl != "auto" or target_platform() != "cpu"):
+            _warn_fallback("ALiBi (position_encoding=alibi) has no fused kernel: the XLA reference runs", impl)
+        return "xla"
     if impl in ("xla", "pallas_tpu"):  # pallas_tpu here: the dense mask was needed (cache, prefix)
         return "xla"
     reason = None
@@ -570,7 +623,9 @@ class SelfAttention(nn.Module):
         if impl == "cudnn":
             out = cudnn_attention(q, k, v, mask)
         else:
-            out = xla_attention(q, k, v, mask, dropout_rate=c.attention_dropout, dropout_rng=rng)
+            out = xla_attention(
+                q, k, v, mask, dropout_rate=c.attention_dropout, dropout_rng=rng, alibi=c.position_encoding == "alibi"
+            )
         return project(out), cache
 
 
@@ -584,7 +639,7 @@ def _tanh_gelu(x):
 
 
 class FeedForward(nn.Module):
-    """GeGLU / SwiGLU / GeLU FFN. x: [B, S, E] -> [B, S, E].
+    """GeGLU / SwiGLU / GeLU / ReLU FFN. x: [B, S, E] -> [B, S, E].
 
     Gated kinds keep h_to_4h as [E, 2, F]: index 0 is the reference's first output half, 1 the
     second, so value column i and its gate column i share a slice of the `mlp` axis.
@@ -607,7 +662,7 @@ class FeedForward(nn.Module):
                 hh = jax.nn.silu(first) * second
         else:
             hh = Linear((e,), (f,), ("embed", "mlp"), c.ffn_bias, c, init, name="dense_h_to_4h")(x)
-            hh = _exact_gelu(hh) if c.ffn_kind == "gelu" else _tanh_gelu(hh)
+            hh = {"gelu": _exact_gelu, "gelu_tanh": _tanh_gelu, "relu": jax.nn.relu}[c.ffn_kind](hh)
         hh = nn.with_logical_constraint(hh, ("batch", "length", "mlp"))
         return Linear(
             (f,), (e,), ("mlp", "embed"), c.ffn_bias, c, xavier_normal(c.deepnorm_beta, 0, 1), name="dense_4h_to_h"

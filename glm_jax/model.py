@@ -88,6 +88,23 @@ class GLM(nn.Module):
                 nn.initializers.normal(c.embedding_init_std), ("vocab", "embed")
             ),
         )
+        if c.position_encoding == "learned":
+            tables = ["position_embeddings"] + (["block_position_embeddings"] if c.position_encoding_2d else [])
+            self.position_tables = [
+                nn.Embed(
+                    c.learned_position_rows,
+                    c.hidden_size,
+                    dtype=c.compute_dtype,
+                    param_dtype=c.params_dtype,
+                    embedding_init=nn.with_logical_partitioning(
+                        nn.initializers.normal(c.embedding_init_std), (None, "embed")
+                    ),
+                    name=name,
+                )
+                for name in tables
+            ]
+        if c.embedding_norm:
+            self.embedding_layernorm = make_norm(c, None)
         self.embedding_dropout = nn.Dropout(c.hidden_dropout)
         self.layers = stacked_blocks(c)
         if c.final_norm:
@@ -116,11 +133,22 @@ class GLM(nn.Module):
         return self.head(h, return_hidden=return_hidden)
 
     def embed(self, batch, embedding_alpha=None):
-        """tokens [B, S] -> [B, S, E]: lookup, gradient shrink, embedding dropout."""
+        """tokens [B, S] -> [B, S, E]: lookup, gradient shrink, then learned position tables
+        (position_ids + position_offset; 2D: block_position_ids too) added and BLOOM's embedding
+        LayerNorm where the config has them, embedding dropout."""
         c = self.config
         h = self.word_embeddings(batch["tokens"])
         alpha = c.embedding_shrink_alpha if embedding_alpha is None else embedding_alpha
         h = shrink_embedding_gradient(h, alpha)
+        if c.position_encoding == "learned":
+            h = h + self.position_tables[0](batch["position_ids"] + c.position_offset)
+            if c.position_encoding_2d:
+                block_positions = batch.get("block_position_ids")
+                if block_positions is None:
+                    block_positions = jnp.zeros_like(batch["position_ids"])
+                h = h + self.position_tables[1](block_positions)
+        if c.embedding_norm:
+            h = self.embedding_layernorm(h)
         h = self.embedding_dropout(h, deterministic=not self.has_rng("dropout"))
         return nn.with_logical_constraint(h, ("batch", "sequence", "embed"))
 

@@ -9,7 +9,10 @@ Layouts (detected from `config.json` and file names, docs/reference.md sections 
 - `chatglm2`: ChatGLM2-6B / ChatGLM3-6B (`multi_query_group_num`; chatglm3 when `_name_or_path`
   names it);
 - `hf-glm`: transformers' `GlmForCausalLM` (`model_type` glm), family glm-4;
-- `glm130b-sat`: GLM-130B's SwissArmyTransformer rank folder (`latest`, `mp_rank_XX_model_states.pt`).
+- `glm130b-sat`: GLM-130B's SwissArmyTransformer rank folder (`latest`, `mp_rank_XX_model_states.pt`);
+- the other families' layouts (`layouts.py`): `llama`, `bloom`, `opt` (transformers'
+  *ForCausalLM, with or without the `model.` / `transformer.` prefix) and `thudm-glm` (the
+  original GLM, THUDM/GLM's `modeling_glm.py`), each recognised by its own module.
 
 Weights come as `pytorch_model-0000k-of-0000n.bin` or `*.safetensors` shards with their
 `*.index.json` (any shard may hold any tensor: the index decides), or one unsharded file. Tensors
@@ -28,10 +31,11 @@ from typing import Any
 
 import numpy as np
 
-from glm_jax import convert
+from glm_jax import convert, layouts
 from glm_jax.config import ConfigError, GLMConfig, get_config
 from glm_jax.convert import ConversionError
 from glm_jax.families import get_family
+from glm_jax.layout import Renamed
 
 INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -200,6 +204,9 @@ def detect(folder: str) -> tuple[str, str, dict | None]:
             f"{folder} has no config.json and is not a GLM-130B rank folder (with `latest` or "
             "mp_rank_XX_model_states.pt)"
         )
+    other = layouts.detect(cfg)
+    if other is not None:
+        return other.name, other.family_of(cfg) if other.family_of else other.families[0], cfg
     model_type = cfg.get("model_type")
     if model_type == "chatglm":
         if "position_encoding_2d" in cfg:
@@ -215,7 +222,8 @@ def detect(folder: str) -> tuple[str, str, dict | None]:
         return "hf-glm", "glm-4", cfg
     raise ConversionError(
         f"{folder}/config.json: unknown model_type {model_type!r}; supported: chatglm "
-        "(ChatGLM-6B, ChatGLM2-6B, ChatGLM3-6B) and glm (transformers GlmForCausalLM)"
+        "(ChatGLM-6B, ChatGLM2-6B, ChatGLM3-6B), glm (transformers GlmForCausalLM, THUDM/GLM's GLMModel), "
+        "llama, bloom and opt"
     )
 
 
@@ -239,8 +247,15 @@ class Converted:
     ranks: int = 0
 
 
+def layout_families(layout: str) -> tuple[str, ...]:
+    """The families a folder of `layout` may be read as."""
+    return layouts.LAYOUTS[layout].families if layout in layouts.LAYOUTS else LAYOUT_FAMILIES[layout]
+
+
 def _config_for(layout: str, cfg: dict | None, overrides: dict) -> GLMConfig:
     try:
+        if layout in layouts.LAYOUTS:
+            return layouts.LAYOUTS[layout].config_from(cfg, **overrides)
         if layout == "chatglm":
             return convert.config_from_chatglm(cfg, **overrides)
         if layout == "chatglm2":
@@ -278,12 +293,14 @@ def convert_folder(
         raise ConversionError(f"input folder {folder} not found")
     layout, detected, cfg = detect(folder)
     fam = get_family(family or detected)
-    if fam.name not in LAYOUT_FAMILIES[layout]:
-        raise ConversionError(f"a {layout} folder holds a {'/'.join(LAYOUT_FAMILIES[layout])} model, not {fam.name}")
+    if fam.name not in layout_families(layout):
+        raise ConversionError(f"a {layout} folder holds a {'/'.join(layout_families(layout))} model, not {fam.name}")
     if layout == "glm130b-sat":
         return _convert_sat(folder, fam.name, tokenizer_file, dtype, dict(overrides or {}))
     tensors = ShardedTensors.open(folder)
-    first = next(n for n in tensors if "layers" in n and n.endswith("weight") and "norm" not in n)
+    if layout in layouts.LAYOUTS:
+        tensors = Renamed(tensors, layouts.LAYOUTS[layout].canonical)
+    first = next(n for n in tensors if n.endswith("weight") and not any(k in n for k in ("norm", "embed", "ln")))
     source_dtype = tensors.dtype_of(first)
     stored = dtype or (source_dtype if source_dtype in ("float16", "bfloat16", "float32") else "float32")
     fields = {**_dtype_fields(stored), **(overrides or {})}
@@ -291,12 +308,15 @@ def convert_folder(
         config = _config_for(layout, cfg, fields)
     except ConfigError as e:
         raise ConversionError(f"{folder}/config.json: {e}") from None
-    rules = {
-        "chatglm": convert.from_chatglm_state_dict,
-        "chatglm2": convert.from_chatglm2_state_dict,
-        "hf-glm": convert.from_hf_glm,
-    }[layout]
-    params = rules(tensors, config)
+    if layout in layouts.LAYOUTS:
+        params = convert.convert_state_dict(tensors, config, layouts.LAYOUTS[layout].rules(config))
+    else:
+        rules = {
+            "chatglm": convert.from_chatglm_state_dict,
+            "chatglm2": convert.from_chatglm2_state_dict,
+            "hf-glm": convert.from_hf_glm,
+        }[layout]
+        params = rules(tensors, config)
     return Converted(
         config, params, fam.name, tokenizer_file or tokenizer_in(folder), layout, source_dtype=source_dtype
     )

@@ -18,7 +18,23 @@ def expected_params(c: GLMConfig) -> int:
     norm = (2 if c.norm_kind == "layernorm" else 1) * e
     per_layer = qkv + dense + ffn + 2 * norm
     head = 0 if c.tie_word_embeddings else c.padded_vocab_size * e
-    return c.num_layers * per_layer + c.padded_vocab_size * e + head + norm * c.final_norm
+    positions = (1 + c.position_encoding_2d) * c.learned_position_rows * e if c.position_encoding == "learned" else 0
+    embedding_norm = norm * c.embedding_norm
+    return c.num_layers * per_layer + c.padded_vocab_size * e + head + norm * c.final_norm + positions + embedding_norm
+
+
+@pytest.mark.parametrize(
+    "name, published",
+    [
+        ("llama-2-7b", 6_738_415_616),
+        ("llama-3-8b", 8_030_261_248),
+        ("llama-3.2-1b", 1_235_814_400),
+        ("bloom-560m", 559_214_592),
+        ("opt-125m", 125_239_296 + (50304 - 50272) * 768),  # the preset pads the vocab to a multiple of 128
+    ],
+)
+def test_other_families_match_their_published_counts(name, published):
+    assert parameter_summary(get_config(name))["params"] == published
 
 
 def test_glm130b_count_is_exact():
@@ -91,7 +107,7 @@ def test_set_parsing():
         (dict(num_kv_heads=3), "num_attention_heads=4 is not divisible by num_kv_heads=3"),
         (dict(rotary_fraction=0.3), "rotary_fraction=0.3 of head_dim=32"),
         (dict(hidden_size=130), "hidden_size=130 is not divisible by num_attention_heads=4"),
-        (dict(ffn_kind="relu"), "ffn_kind='relu'"),
+        (dict(ffn_kind="swish"), "ffn_kind='swish'"),
         (dict(position_encoding_2d=True, rotary_fraction=0.5), "set rotary_fraction=1.0"),
         (dict(hidden_dropout=1.5), "hidden_dropout=1.5"),
         (dict(dtype="float8"), "dtype='float8'"),
