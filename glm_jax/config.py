@@ -513,7 +513,12 @@ _BLOOM = dict(
     embedding_norm=True,
 )
 _OPT = dict(
-    _BIASED_PRE_LN, vocab_size=50272, max_sequence_length=2048, ffn_kind="relu", position_encoding="learned", position_offset=2
+    _BIASED_PRE_LN,
+    vocab_size=50272,
+    max_sequence_length=2048,
+    ffn_kind="relu",
+    position_encoding="learned",
+    position_offset=2,
 )
 _GLM_ORIGINAL = dict(
     _BIASED_PRE_LN,

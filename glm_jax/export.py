@@ -131,7 +131,9 @@ def export_tensors(
     if fmt in layouts.LAYOUTS:
         for name in ("pre_seq_len", "num_virtual_tokens", "adapter_size"):
             if getattr(c, name):
-                raise ExportError(f"{name}={getattr(c, name)}: the {fmt} layout holds no prefix, virtual tokens or adapters")
+                raise ExportError(
+                    f"{name}={getattr(c, name)}: the {fmt} layout holds no prefix, virtual tokens or adapters"
+                )
         tensors, cfg = layouts.LAYOUTS[fmt].export(params, c, np_dtype, special_ids)
         return {n: np.ascontiguousarray(x, np_dtype) for n, x in tensors.items()}, cfg
     v = c.vocab_size

@@ -9,4 +9,6 @@ def _unwritten(*args, **kwargs):
     raise NotImplementedError("the thudm_glm layout is being written")
 
 
-LAYOUT = Layout(name="thudm-glm", families=("thudm-glm",), matches=lambda cfg: False, config_from=_unwritten, rules=_unwritten)
+LAYOUT = Layout(
+    name="thudm-glm", families=("thudm-glm",), matches=lambda cfg: False, config_from=_unwritten, rules=_unwritten
+)

@@ -8,7 +8,9 @@ from __future__ import annotations
 from glm_jax import layout_bloom, layout_llama, layout_opt, layout_thudm_glm
 from glm_jax.layout import Layout
 
-LAYOUTS: dict[str, Layout] = {m.LAYOUT.name: m.LAYOUT for m in (layout_llama, layout_bloom, layout_opt, layout_thudm_glm)}
+LAYOUTS: dict[str, Layout] = {
+    m.LAYOUT.name: m.LAYOUT for m in (layout_llama, layout_bloom, layout_opt, layout_thudm_glm)
+}
 
 
 def detect(config_json: dict) -> Layout | None:
