@@ -148,7 +148,8 @@ def lora_step(config, params, steps: int = 2, seq: int = 16) -> list[float]:
     batch = causal_batch(tokens[:, :-1])
     batch.update(targets=jnp.asarray(tokens[:, 1:], jnp.int32), loss_mask=jnp.ones((2, seq), jnp.int32))
     lr = 1e-2
-    trainer = Trainer(model_config, OptimConfig(peak_lr=lr, init_lr=lr), sh.make_mesh("1x1", jax.devices()[:1]), 2, peft=peft)
+    mesh = sh.make_mesh("1x1", jax.devices()[:1])
+    trainer = Trainer(model_config, OptimConfig(peak_lr=lr, init_lr=lr), mesh, 2, peft=peft)
     trainer.set_frozen(frozen)
     losses = []
     with trainer.context():
