@@ -39,7 +39,18 @@ class ConversionError(ValueError):
 class Rule:
     source: str  # name; per-layer rules contain "{i}"
     shape: tuple[int, ...]  # expected source shape
-    convert: Callable[[np.ndarray], dict[Path, np.ndarray]]  # -> {our leaf path: array}
+    convert: Callable[[np.ndarray], dict[Path, Any]]  # -> {our leaf path: array, or a Part of it}
+
+
+@dataclasses.dataclass(frozen=True)
+class Part:
+    """What a rule returns for a leaf that several source tensors fill (LLaMA's gate_proj and
+    up_proj: the two halves of our SwiGLU kernel [E, 2, F]): the whole leaf's shape (without the
+    layer axis), where this part goes in it (a numpy index) and its values."""
+
+    shape: tuple[int, ...]
+    index: tuple
+    value: np.ndarray
 
 
 def _raw(x) -> np.ndarray:
@@ -109,12 +120,10 @@ def glm130b_rules(c: GLMConfig) -> tuple[list[Rule], list[Rule]]:
     p = "transformer.layers.{i}."
     ffn_out = 2 * f if c.gated_ffn else f
     layer = [
-        Rule(p + "input_layernorm.weight", (e,), _leaf("input_layernorm", "scale")),
-        Rule(p + "input_layernorm.bias", (e,), _leaf("input_layernorm", "bias")),
+        *_layernorm_rules(p + "input_layernorm", ("input_layernorm",), e),
         Rule(p + "attention.query_key_value.weight", (3 * h * d, e), _glm130b_qkv(c, "kernel")),
         Rule(p + "attention.dense.weight", (e, h * d), _linear_in(("attention", "dense", "kernel"), (h, d))),
-        Rule(p + "post_attention_layernorm.weight", (e,), _leaf("post_attention_layernorm", "scale")),
-        Rule(p + "post_attention_layernorm.bias", (e,), _leaf("post_attention_layernorm", "bias")),
+        *_layernorm_rules(p + "post_attention_layernorm", ("post_attention_layernorm",), e),
         Rule(
             p + "mlp.dense_h_to_4h.weight",
             (ffn_out, e),
@@ -137,21 +146,23 @@ def glm130b_rules(c: GLMConfig) -> tuple[list[Rule], list[Rule]]:
             )
         )
         layer.append(Rule(p + "mlp.dense_4h_to_h.bias", (e,), _leaf("mlp", "dense_4h_to_h", "bias")))
-    top = [
-        Rule(
-            "transformer.word_embeddings.weight",
-            (c.vocab_size, e),
-            lambda w: {("word_embeddings", "embedding"): _pad_rows(w, c.padded_vocab_size)},
-        )
-    ]
+    top = [_embedding_rule("transformer.word_embeddings.weight", c)]
     if c.final_norm:
-        top += [
-            Rule("transformer.final_layernorm.weight", (e,), _leaf("final_layernorm", "scale")),
-            Rule("transformer.final_layernorm.bias", (e,), _leaf("final_layernorm", "bias")),
-        ]
+        top += _layernorm_rules("transformer.final_layernorm", ("final_layernorm",), e)
     if not c.tie_word_embeddings:
         top.append(_output_layer_rule("lm_head.weight", c))
     return layer, top
+
+
+def _embedding_rule(name: str, c: GLMConfig) -> Rule:
+    """The word embedding [vocab, E] -> ours, its rows padded to the config's padded vocab."""
+    pad = lambda w: {("word_embeddings", "embedding"): _pad_rows(w, c.padded_vocab_size)}  # noqa: E731
+    return Rule(name, (c.vocab_size, c.hidden_size), pad)
+
+
+def _layernorm_rules(name: str, path: tuple[str, ...], e: int) -> list[Rule]:
+    """A LayerNorm's `name`.weight and `name`.bias [E] -> our scale and bias at `path`."""
+    return [Rule(name + ".weight", (e,), _leaf(*path, "scale")), Rule(name + ".bias", (e,), _leaf(*path, "bias"))]
 
 
 def _output_layer_rule(name: str, c: GLMConfig) -> Rule:
@@ -188,11 +199,7 @@ def hf_glm_rules(c: GLMConfig) -> tuple[list[Rule], list[Rule]]:
                 )
             )
     top = [
-        Rule(
-            "model.embed_tokens.weight",
-            (c.vocab_size, e),
-            lambda w: {("word_embeddings", "embedding"): _pad_rows(w, c.padded_vocab_size)},
-        ),
+        _embedding_rule("model.embed_tokens.weight", c),
         Rule("model.norm.weight", (e,), _leaf("final_layernorm", "scale")),
     ]
     if not c.tie_word_embeddings:
@@ -234,11 +241,7 @@ def chatglm2_rules(c: GLMConfig) -> tuple[list[Rule], list[Rule]]:
     if c.attention_dense_bias or c.ffn_bias:
         raise ConversionError("ChatGLM2/3 checkpoints have no dense / FFN biases (add_bias_linear false)")
     top = [
-        Rule(
-            "transformer.embedding.word_embeddings.weight",
-            (c.vocab_size, e),
-            lambda w: {("word_embeddings", "embedding"): _pad_rows(w, c.padded_vocab_size)},
-        ),
+        _embedding_rule("transformer.embedding.word_embeddings.weight", c),
         Rule("transformer.encoder.final_layernorm.weight", (e,), _leaf("final_layernorm", "scale")),
         _output_layer_rule("transformer.output_layer.weight", c),
     ]
@@ -370,13 +373,12 @@ def convert_state_dict(tensors: Mapping[str, Any], config: GLMConfig, rules: tup
     for name in (n for n in order if n in producers):
         rule, i = producers[name]
         for path, arr in rule.convert(_to_numpy(tensors[name])).items():
-            if i is None:
-                _set(params, path, np.ascontiguousarray(arr, dtype))
-                continue
-            if path not in stacked:
-                stacked[path] = np.empty((config.num_layers,) + arr.shape, dtype)
-                _set(params, ("layers",) + path, stacked[path])
-            stacked[path][i] = arr
+            part = arr if isinstance(arr, Part) else Part(arr.shape, (), arr)
+            full = path if i is None else ("layers",) + path
+            if full not in stacked:
+                stacked[full] = np.empty(part.shape if i is None else (config.num_layers,) + part.shape, dtype)
+                _set(params, full, stacked[full])
+            (stacked[full] if i is None else stacked[full][i])[part.index] = part.value
     return params
 
 

@@ -24,14 +24,12 @@ import numpy as np
 
 from glm_jax import layouts
 from glm_jax.config import GLMConfig
+from glm_jax.layout import ExportError, check_block
 from glm_jax.peft import merge_adapters
 from glm_jax.quant import dequantize_params
+from glm_jax.tokenizer import sidecar_files
 
 FORMATS = ("hf-glm", "chatglm2") + layouts.exportable()
-
-
-class ExportError(ValueError):
-    pass
 
 
 def check_exportable(config: GLMConfig, fmt: str) -> None:
@@ -54,11 +52,9 @@ def check_exportable(config: GLMConfig, fmt: str) -> None:
     )  # no released layout holds a prefix, virtual tokens or bottleneck adapters
     if fmt == "chatglm2":
         want.update(tie_word_embeddings=False, qkv_bias=True, rotary_fraction=0.5)
-    bad = [f"{k}={getattr(config, k)!r} (needs {v!r})" for k, v in want.items() if getattr(config, k) != v]
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {fmt!r}; choose one of {FORMATS}")
-    if bad:
-        raise ExportError(f"this model does not have the {fmt} block: " + ", ".join(bad))
+    check_block(config, want, ExportError, f"the {fmt} block")
 
 
 def _float_params(params: dict, config: GLMConfig) -> dict:
@@ -221,7 +217,8 @@ def write_folder(
     tokenizer_file: str | None = None,
 ) -> list[str]:
     """safetensors shards of at most shard_bytes (model-0000k-of-0000n.safetensors) with their index,
-    config.json and the tokenizer file, written beside `out` and renamed into place. -> shard names."""
+    config.json and the tokenizer file (a tokenizer.json with its sidecars but config.json), written
+    beside `out` and renamed into place. -> shard names."""
     from safetensors.numpy import save_file
 
     out = os.path.abspath(out)
@@ -250,8 +247,10 @@ def write_folder(
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=1)
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(config_json, f, indent=1)
-        if tokenizer_file:
-            shutil.copyfile(tokenizer_file, os.path.join(tmp, os.path.basename(tokenizer_file)))
+        if tokenizer_file:  # with a tokenizer.json's sidecars (its special and stop ids), not its config.json
+            sidecars = [f for f in sidecar_files(tokenizer_file) if os.path.basename(f) != "config.json"]
+            for file in [tokenizer_file, *(sidecars if tokenizer_file.endswith(".json") else [])]:
+                shutil.copyfile(file, os.path.join(tmp, os.path.basename(file)))
         if os.path.isdir(out):
             os.rmdir(out)
         os.replace(tmp, out)

@@ -19,6 +19,25 @@ import numpy as np
 from glm_jax.config import GLMConfig
 
 
+class ExportError(ValueError):
+    """A model a layout cannot hold (export.py raises it too); the message names the fields."""
+
+
+def check_block(config: GLMConfig, want: Mapping[str, Any], error: type[Exception], what: str) -> None:
+    """Raise `error` naming every field of `config` that differs from `want` (field -> value):
+    "this model does not have <what>: field=value (needs value), ..."."""
+    bad = [f"{k}={getattr(config, k)!r} (needs {v!r})" for k, v in want.items() if getattr(config, k) != v]
+    if bad:
+        raise error(f"this model does not have {what}: " + ", ".join(bad))
+
+
+def leaf_at(tree: Mapping, path: tuple[str, ...]):
+    """tree[path[0]][path[1]]..."""
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
 @dataclasses.dataclass(frozen=True)
 class Layout:
     name: str  # the layout, and export.py's --format
