@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from glm_jax.config import GLMConfig, get_config
-from glm_jax.convert import ConversionError, Rule, _leaf, _linear, _linear_in, _pad_rows
+from glm_jax.convert import ConversionError, Rule, _embedding_rule, _layernorm_rules, _leaf, _linear, _linear_in
 from glm_jax.layout import Layout
 
 THUDM_FIELDS = ("num_layers", "block_position_encoding", "max_sequence_length")
@@ -108,33 +108,26 @@ def rules(c: GLMConfig) -> tuple[list[Rule], list[Rule]]:
     rows = c.learned_position_rows
     p = "glm.transformer.layers.{i}."
     layer = [
-        Rule(p + "input_layernorm.weight", (e,), _leaf("input_layernorm", "scale")),
-        Rule(p + "input_layernorm.bias", (e,), _leaf("input_layernorm", "bias")),
+        *_layernorm_rules(p + "input_layernorm", ("input_layernorm",), e),
         Rule(p + "attention.query_key_value.weight", (3 * h * d, e), _qkv(c, "kernel")),
         Rule(p + "attention.query_key_value.bias", (3 * h * d,), _qkv(c, "bias")),
         Rule(p + "attention.dense.weight", (e, h * d), _linear_in(("attention", "dense", "kernel"), (h, d))),
         Rule(p + "attention.dense.bias", (e,), _leaf("attention", "dense", "bias")),
-        Rule(p + "post_attention_layernorm.weight", (e,), _leaf("post_attention_layernorm", "scale")),
-        Rule(p + "post_attention_layernorm.bias", (e,), _leaf("post_attention_layernorm", "bias")),
+        *_layernorm_rules(p + "post_attention_layernorm", ("post_attention_layernorm",), e),
         Rule(p + "mlp.dense_h_to_4h.weight", (f, e), _linear(("mlp", "dense_h_to_4h", "kernel"), (f,))),
         Rule(p + "mlp.dense_h_to_4h.bias", (f,), _leaf("mlp", "dense_h_to_4h", "bias")),
         Rule(p + "mlp.dense_4h_to_h.weight", (e, f), _linear(("mlp", "dense_4h_to_h", "kernel"), (e,))),
         Rule(p + "mlp.dense_4h_to_h.bias", (e,), _leaf("mlp", "dense_4h_to_h", "bias")),
     ]
     top = [
-        Rule(
-            "glm.word_embeddings.weight",
-            (c.vocab_size, e),
-            lambda w: {("word_embeddings", "embedding"): _pad_rows(w, c.padded_vocab_size)},
-        ),
+        _embedding_rule("glm.word_embeddings.weight", c),
         Rule("glm.transformer.position_embeddings.weight", (rows, e), _leaf("position_embeddings", "embedding")),
         Rule(
             "glm.transformer.block_position_embeddings.weight",
             (rows, e),
             _leaf("block_position_embeddings", "embedding"),
         ),
-        Rule("glm.transformer.final_layernorm.weight", (e,), _leaf("final_layernorm", "scale")),
-        Rule("glm.transformer.final_layernorm.bias", (e,), _leaf("final_layernorm", "bias")),
+        *_layernorm_rules("glm.transformer.final_layernorm", ("final_layernorm",), e),
     ]
     return layer, top
 
