@@ -60,7 +60,7 @@ def main(argv=None):
             if args.limit is not None and stats.rows > args.limit:
                 break
             try:
-                system, rounds, _ = conversation(row)
+                system, rounds, _ = conversation(row, fam)
             except BadRow:
                 continue
             rows.append((system, rounds))

@@ -148,7 +148,7 @@ def main(argv=None):
     from glm_jax.families import FamilyError, get_family
     from glm_jax.objectives import ObjectiveConfig, SequenceBuilder
     from glm_jax.optim import optim_for
-    from glm_jax.tokenizer import TokenizerError, bundled_file, check_fits
+    from glm_jax.tokenizer import TokenizerError, bundled_file, check_blanks, check_fits
     from glm_jax.topology import TopologyError
     from glm_jax.train import RunConfig, TrainingError, make_trainer, train
 
@@ -213,6 +213,7 @@ def main(argv=None):
             return report
         family = get_family(args.family)
         tokenizer = family.load_tokenizer(args.tokenizer)
+        check_blanks(tokenizer, f"--family {family.name}'s tokenizer {tokenizer.model_file}")
         if tokenizer.vocab_size > config.vocab_size:
             check_fits(
                 tokenizer, config.vocab_size, f"--preset {args.preset} (use --set vocab_size={tokenizer.vocab_size})"

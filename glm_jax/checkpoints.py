@@ -30,6 +30,7 @@ from jax.experimental import multihost_utils
 from glm_jax import pipeline, placement
 from glm_jax.config import GLMConfig
 from glm_jax.peft import PeftConfig, split_shapes
+from glm_jax.tokenizer import sidecar_files
 
 TRAIN_ITEMS = ("params", "opt_state", "train")
 
@@ -116,15 +117,19 @@ def sync_processes(name: str) -> None:
 def copy_tokenizer(model_file: str | None, directory: str) -> str | None:
     """Copy a tokenizer file into directory/tokenizer/ (so the checkpoint is self-contained; process
     0 copies) -> its path relative to directory, as checkpoint meta records it; None for ours (in
-    the package)."""
+    the package). A tokenizer.json takes its sidecar files along (tokenizer_config.json,
+    special_tokens_map.json, generation_config.json, config.json: its special and stop ids)."""
     if model_file is None:
         return None
     rel = os.path.join(TOKENIZER_DIR, os.path.basename(model_file))
     dest = os.path.join(directory, rel)
     if jax.process_index() == 0 and os.path.abspath(model_file) != os.path.abspath(dest):
         os.makedirs(os.path.dirname(dest), exist_ok=True)
-        shutil.copyfile(model_file, dest + ".tmp")
-        os.replace(dest + ".tmp", dest)
+        sidecars = sidecar_files(model_file) if model_file.endswith(".json") else []
+        for src in [model_file, *sidecars]:
+            out = os.path.join(os.path.dirname(dest), os.path.basename(src))
+            shutil.copyfile(src, out + ".tmp")
+            os.replace(out + ".tmp", out)
     return rel
 
 

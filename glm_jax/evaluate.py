@@ -82,7 +82,8 @@ class ModelScorer:
     """`score` and `beams` for a GLM: teacher-forced batches and KV-cached beam search.
 
     Rows longer than the model's max_sequence_length are cut from the left of their context
-    (after a causal prompt's [gMASK] sop), as the reference datasets cut; `cut_rows` counts them.
+    (after the special ids that open a causal prompt: [gMASK] sop, LLaMA's <s>), as the reference
+    datasets cut; `cut_rows` counts them.
     mesh: a (data, 1, tensor) mesh to score and search on (`placement`): the weights split by the
     training rules, each batch's rows over `data` (the batch size rounded up to a multiple of it).
     The weights are held once, in `generate.serving_params` layout, for teacher forcing
@@ -118,7 +119,7 @@ class ModelScorer:
         over = len(ctx) + start + len(cont) - 1 - self.config.max_sequence_length
         if over <= 0:
             return ctx, cont
-        keep = 2 if self.family.causal else 0  # [gMASK] sop
+        keep = self._lead(ctx) if self.family.causal else 0  # [gMASK] sop, LLaMA's <s>: never cut
         if len(ctx) - keep - over < (0 if self.family.causal else 2):
             raise ValueError(
                 f"a continuation of {len(cont)} tokens does not fit max_sequence_length="
@@ -126,6 +127,12 @@ class ModelScorer:
             )
         self.cut_rows += 1
         return ctx[:keep] + ctx[keep + over :], cont
+
+    def _lead(self, ctx: Sequence[int]) -> int:
+        """How many special ids open a causal prompt (ChatGLM2's [gMASK] sop, LLaMA's <s>, none for
+        BLOOM): the head a cut keeps."""
+        specials = self.tokenizer.special_ids if self.tokenizer is not None else {self.ids.gmask, self.ids.sop}
+        return next((i for i, t in enumerate(ctx) if t not in specials), len(ctx))
 
     def fit_prompt(self, prompt: Sequence[int], max_new_tokens: int) -> list[int]:
         """A generation prompt cut from the left of its context to leave room for max_new_tokens."""

@@ -4,7 +4,8 @@ Formats, detected from each row's keys (JSON lines, or one JSON array as Alpaca 
 
     advertisegen  {"content", "summary"}
     alpaca        {"instruction", "input", "output", "system"?, "history"?: [[q, a], ...]}
-                                                             (query: instruction + "\\n" + input)
+                                        (query: instruction + "\\n" + input; the alpaca family's own
+                                         with-input template: `Family.instruction_query`)
     chatglm2      {"prompt", "response", "history": [[q, a], ...]}
     chatglm3      {"conversations": [{"role": "system"|"user"|"assistant", "content"}, ...]}
     sharegpt      {"conversations": [{"from": "system"|"human"|"gpt", "value"}, ...]}
@@ -182,15 +183,16 @@ def _text(x) -> str:
     return x
 
 
-def conversation(row: dict) -> tuple[str | None, list[tuple[str, str]], str]:
-    """row -> (system text or None, (query, reply) rounds, format). Raises BadRow."""
+def conversation(row: dict, family: Family = Family()) -> tuple[str | None, list[tuple[str, str]], str]:
+    """row -> (system text or None, (query, reply) rounds, format). Raises BadRow. An instruction
+    row's query is `family.instruction_query(instruction, input)` (default: input on a new line)."""
     fmt = detect_format(row)
     system = None
     if fmt == "advertisegen":
         rounds = [(_text(row["content"]), _text(row["summary"]))]
     elif fmt == "alpaca":
-        extra = _text(row.get("input") or "")
-        query = _text(row["instruction"]) + ("\n" + extra if extra.strip() else "")
+        extra, instruction = _text(row.get("input") or ""), _text(row["instruction"])
+        query = family.instruction_query(instruction, extra)
         rounds = _history(row) + [(query, _text(row["output"]))]
         system = _text(row["system"]) if row.get("system") else None
     elif fmt == "chatglm2":
@@ -274,7 +276,7 @@ def build_samples(
                 stats.rows -= 1
                 break
             try:
-                system, rounds, fmt = conversation(row)
+                system, rounds, fmt = conversation(row, family)
             except BadRow as e:
                 setattr(stats, str(e), getattr(stats, str(e)) + 1)
                 continue

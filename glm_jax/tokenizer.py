@@ -19,7 +19,10 @@ Kinds (docs/reference.md#3-special-tokens-and-positions, `../shared/data/tokeniz
 - `chatglm2-6b` / `chatglm3-6b`: one `tokenizer.model` (64,789 BPE pieces) with [MASK] [gMASK]
   [sMASK] sop eop appended after it (ChatGLM3: then `<|system|> <|user|> <|assistant|>
   <|observation|>`); eos 2, pad = unk = 0;
-- `glm-4`: a GLM-4 folder's `tokenizer.json` (through the `tokenizers` package; not in ../shared).
+- `glm-4`: a GLM-4 folder's `tokenizer.json` (through the `tokenizers` package; not in ../shared);
+- `hf`: any Hugging Face folder's `tokenizer.json` (LLaMA-2/3, BLOOM, OPT, the original GLM), its
+  bos / eos / pad and stop ids from the sidecar files beside it (`HFTokenizer`);
+  `encode_with_specials(text)` is transformers' `tokenizer(text)` (post-processor included).
 
 Text that spells a special token ("[gMASK]") is always encoded as text: prompt builders
 (`families.py`) place special ids themselves.
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 import re
 from collections.abc import Iterable
@@ -357,6 +361,160 @@ class GLM4Tokenizer(Tokenizer):
         return self.hf.id_to_token(int(i)) or f"<id {int(i)}>"
 
 
+# the files beside a tokenizer.json that carry its special tokens and stop ids (copied with it)
+HF_SIDECARS = ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json", "config.json")
+GLM_BLANKS = dict(mask="[MASK]", gmask="[gMASK]", smask="[sMASK]", sop="<|startofpiece|>", eop="<|endofpiece|>")
+BLANK_ERROR = (
+    "the GLM objective (blank infilling with [MASK]/[sMASK]/[gMASK] and sop/eop) needs a tokenizer "
+    "with those tokens; {what} has none (a LLaMA/BLOOM/OPT tokenizer): pretrain with --family glm "
+    "(our tokenizer) or a GLM family's tokenizer, and fine-tune these models with experiments/finetune.py"
+)
+
+
+def sidecar_files(model_file: str) -> list[str]:
+    """The sidecar files (`HF_SIDECARS`) that lie beside a tokenizer.json."""
+    folder = os.path.dirname(os.path.abspath(model_file))
+    return [p for p in (os.path.join(folder, name) for name in HF_SIDECARS) if os.path.isfile(p)]
+
+
+def _read_json(path: str) -> dict:
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            got = json.load(f)
+    except (OSError, ValueError) as e:
+        raise TokenizerError(f"{path} is not a JSON file ({e})") from None
+    return got if isinstance(got, dict) else {}
+
+
+class HFTokenizer(Tokenizer):
+    """A Hugging Face folder's `tokenizer.json` (LLaMA, BLOOM, OPT, the original GLM) through the
+    `tokenizers` package, its special tokens read from the sidecar files beside it:
+
+    - bos / eos / pad / unk: tokenizer_config.json's `bos_token` ... (a string or an AddedToken
+      dict), else special_tokens_map.json's, else generation_config.json's `bos_token_id` ..., else
+      config.json's; pad falls back to eos (LLaMA has none);
+    - `stop_ids`: generation_config.json's `eos_token_id` (an int or a list), else config.json's,
+      else (eos,): where transformers' `generate` stops;
+    - the GLM blank tokens [MASK] [gMASK] [sMASK] <|startofpiece|> <|endofpiece|> (THUDM/GLM's
+      tokenizers) when all are present (`has_blanks`). A tokenizer without them (a causal LM's)
+      maps mask, gmask, smask and sop to its bos (eos when it has none) and eop to its eos, so
+      `specials` stays complete; the GLM objective refuses it (`check_blanks`).
+
+    `encode` gives text ids only, a special token's spelling encoded as text; `encode_with_specials`
+    is transformers' `tokenizer(text)`: the post-processor's specials added (LLaMA's <s>, OPT's </s>,
+    GLM's [CLS] ... <|endoftext|>, nothing for BLOOM) and spelled specials matched."""
+
+    kind = "hf"
+
+    def __init__(self, model_file: str):
+        self.model_file = os.path.abspath(model_file)
+        self.hf = _load_tokenizer_json(self.model_file, "pass the folder's tokenizer.json")
+        self.text_hf = _load_tokenizer_json(self.model_file, "")
+        self.text_hf.encode_special_tokens = True  # spelled specials stay text
+        folder = os.path.dirname(self.model_file)
+        self.sidecars = {name: _read_json(os.path.join(folder, name)) for name in HF_SIDECARS}
+        self.bos_id = self._special("bos")
+        eos = self._special("eos")
+        if eos is None:
+            raise TokenizerError(
+                f"{self.model_file}: no eos token found; put a tokenizer_config.json (eos_token) or "
+                "generation_config.json (eos_token_id) beside it"
+            )
+        pad = self._special("pad")
+        self.unk_id = self._special("unk")
+        self.cls_id = self._special("cls")
+        self.stop_ids = self._stop_ids(eos)
+        blanks = {k: self.hf.token_to_id(v) for k, v in GLM_BLANKS.items()}
+        self.has_blanks = all(v is not None for v in blanks.values())
+        if not self.has_blanks:
+            start = eos if self.bos_id is None else self.bos_id
+            blanks = dict(mask=start, gmask=start, smask=start, sop=start, eop=eos)
+        self.specials = SpecialIds(eos=eos, pad=eos if pad is None else pad, **blanks)
+
+    def _id(self, value, where: str) -> int | None:
+        """A token (string or AddedToken dict) or an id from a sidecar -> its id (None: unset)."""
+        if value is None:
+            return None
+        if isinstance(value, dict):
+            value = value.get("content")
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise TokenizerError(f"{where} is {value!r}: expected a token string or an id")
+        got = self.hf.token_to_id(value) if isinstance(value, str) else value
+        if got is None or not 0 <= got < self.vocab_size:
+            raise TokenizerError(f"{where} names {value!r}, which is not in {self.model_file}")
+        return got
+
+    def _special(self, name: str) -> int | None:
+        for file in ("tokenizer_config.json", "special_tokens_map.json"):
+            if self.sidecars[file].get(f"{name}_token") is not None:
+                return self._id(self.sidecars[file][f"{name}_token"], f"{file} {name}_token")
+        for file in ("generation_config.json", "config.json"):
+            value = self.sidecars[file].get(f"{name}_token_id")
+            if isinstance(value, list):  # eos_token_id as a list: the first is the eos
+                value = value[0] if value else None
+            if value is not None:
+                return self._id(value, f"{file} {name}_token_id")
+        return None
+
+    def _stop_ids(self, eos: int) -> tuple[int, ...]:
+        for file in ("generation_config.json", "config.json"):
+            value = self.sidecars[file].get("eos_token_id")
+            if value is not None:
+                values = value if isinstance(value, list) else [value]
+                return tuple(dict.fromkeys(self._id(v, f"{file} eos_token_id") for v in values))
+        return (eos,)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.hf.get_vocab_size(with_added_tokens=True)
+
+    @functools.cached_property
+    def special_ids(self) -> frozenset[int]:
+        return super().special_ids | frozenset(self.stop_ids)
+
+    def token_id(self, token: str) -> int | None:
+        """The id of a token (a special token's name: "<|eot_id|>"), None if it has none."""
+        return self.hf.token_to_id(token)
+
+    def encode(self, text: str) -> list[int]:
+        return self.text_hf.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Iterable[str], num_threads: int = 1) -> list[list[int]]:
+        return [e.ids for e in self.text_hf.encode_batch(list(texts), add_special_tokens=False)]
+
+    def encode_with_specials(self, text: str) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=True).ids
+
+    def decode(self, ids) -> str:
+        drop = self.special_ids
+        kept = [i for i in (int(t) for t in np.asarray(ids).reshape(-1)) if i not in drop]
+        return self.hf.decode(kept, skip_special_tokens=True)
+
+    def id_to_piece(self, i: int) -> str:
+        return self.hf.id_to_token(int(i)) or f"<id {int(i)}>"
+
+
+def _load_tokenizer_json(path: str, hint: str):
+    if not os.path.isfile(path):
+        raise TokenizerError(f"tokenizer file {path} not found; {hint}")
+    try:
+        from tokenizers import Tokenizer as JSONTokenizer
+    except ImportError:
+        raise TokenizerError("a tokenizer.json needs the `tokenizers` package (pip install tokenizers)") from None
+    try:
+        return JSONTokenizer.from_file(path)
+    except Exception as e:
+        raise TokenizerError(f"{path} is not a tokenizer.json ({e})") from None
+
+
+def check_blanks(tokenizer: Tokenizer, what: str | None = None) -> None:
+    """A clear error when the GLM objective is given a tokenizer without GLM's blank tokens."""
+    if not getattr(tokenizer, "has_blanks", True):
+        raise TokenizerError(BLANK_ERROR.format(what=what or f"the tokenizer {tokenizer.model_file}"))
+
+
 KINDS = {
     "glm": GLMTokenizer,
     "glm-130b": IceTokenizer,
@@ -364,6 +522,7 @@ KINDS = {
     "chatglm2-6b": ChatGLM2Tokenizer,
     "chatglm3-6b": ChatGLM3Tokenizer,
     "glm-4": GLM4Tokenizer,
+    "hf": HFTokenizer,
 }
 # where each kind's file lies in ../shared/data/tokenizers (the tests read them there)
 SHARED_FILES = {
@@ -375,13 +534,14 @@ SHARED_FILES = {
 
 
 def load_tokenizer(kind: str, model_file: str | None = None) -> Tokenizer:
-    """The tokenizer of `kind` ("glm", "glm-130b", "chatglm-6b", "chatglm2-6b", "chatglm3-6b") from
-    `model_file` (default: ours for "glm"; the released file in ../shared/data/tokenizers for the
-    others, when it is there; "glm-4" needs its tokenizer.json)."""
+    """The tokenizer of `kind` ("glm", "glm-130b", "chatglm-6b", "chatglm2-6b", "chatglm3-6b",
+    "glm-4", "hf") from `model_file` (default: ours for "glm"; the released file in
+    ../shared/data/tokenizers for the ChatGLM kinds, when it is there; "glm-4" and "hf" need a
+    tokenizer.json, "hf" with its folder's sidecar files)."""
     if kind not in KINDS:
         raise TokenizerError(f"unknown tokenizer kind {kind!r}; choose one of {sorted(KINDS)}")
-    if model_file is None and kind == "glm-4":
-        raise TokenizerError("the glm-4 tokenizer is not in ../shared: pass its tokenizer.json (--tokenizer FILE)")
+    if model_file is None and kind in ("glm-4", "hf"):
+        raise TokenizerError(f"the {kind} tokenizer is not in ../shared: pass its tokenizer.json (--tokenizer FILE)")
     if model_file is None and kind != "glm":
         model_file = os.path.join(SHARED_TOKENIZERS, SHARED_FILES[kind])
         if not os.path.isfile(model_file):

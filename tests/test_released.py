@@ -349,8 +349,8 @@ def test_bad_folders_are_clear_errors(tmp_path):
     missing = broken("missing", lambda f: (f / "model-00002-of-00002.safetensors").unlink())
     with pytest.raises(ConversionError, match="missing shard file.*model-00002-of-00002.safetensors"):
         convert_folder(str(missing))
-    unknown = broken("unknown", lambda f: (f / "config.json").write_text(json.dumps({**cfg, "model_type": "llama"})))
-    with pytest.raises(ConversionError, match="unknown model_type 'llama'"):
+    unknown = broken("unknown", lambda f: (f / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt2"})))
+    with pytest.raises(ConversionError, match="unknown model_type 'gpt2'"):
         convert_folder(str(unknown))
     bad = {
         **sd,
