@@ -624,7 +624,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "opt-125m": dict(_OPT, num_layers=12, hidden_size=768, num_attention_heads=12),
     # the original GLM (Du et al. 2022, THUDM/GLM): learned position and block-position tables
     # (max_sequence_length + 1 rows), pre-LN, GeLU (tanh), biases, tied; GLM-10B and GLM-Large
-    "glm-10b": dict(_GLM_ORIGINAL, num_layers=48, hidden_size=4096, num_attention_heads=64, vocab_size=50048),
+    "glm-10b": dict(_GLM_ORIGINAL, num_layers=48, hidden_size=4096, num_attention_heads=64, vocab_size=50304),
     "glm-large": dict(
         _GLM_ORIGINAL,
         num_layers=24,

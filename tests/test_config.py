@@ -115,6 +115,12 @@ def test_set_parsing():
         (dict(quantized_matmul="triton"), "quantized_matmul='triton'"),
         (dict(quantization="int8", quantized_matmul="pallas"), "quantized_matmul=pallas is the INT4 kernel"),
         (dict(quantization_group=64, quantization_groups=2), "not both"),
+        (dict(position_encoding="sinusoidal"), "position_encoding='sinusoidal'"),
+        (dict(position_encoding="alibi", position_encoding_2d=True), "alibi has no 2D form"),
+        (dict(position_encoding="learned", position_embedding_rows=100), "cannot hold max_sequence_length=1024"),
+        (dict(position_encoding="learned", num_virtual_tokens=4), "learned position table has no row"),
+        (dict(rotary_scaling="yarn"), "rotary_scaling='yarn'"),
+        (dict(rotary_scaling="llama3", rotary_low_freq_factor=4.0), "rotary_scaling=llama3 needs"),
     ],
 )
 def test_validation_names_the_field(overrides, message):

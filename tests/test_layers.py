@@ -236,3 +236,39 @@ def test_the_recorder_names_what_each_kind_of_attention_traced_to():
     with recording_attention() as used:
         step.lower(params)
     assert used == {}
+
+
+@pytest.mark.parametrize("heads", [6, 8, 112])  # 6 and 112: not powers of two (the extra slopes)
+def test_alibi_slopes_and_bias_are_blooms(heads):
+    torch = pytest.importorskip("torch")
+    from transformers.models.bloom.modeling_bloom import build_alibi_tensor
+
+    from glm_jax.layers import alibi_bias
+
+    want = build_alibi_tensor(torch.ones(1, 5), heads, torch.float32)[:, 0].numpy()  # [H, keys]
+    mask = jnp.ones((1, 1, 5, 5), bool)
+    got = np.asarray(alibi_bias(mask, heads))[0, :, -1]  # the last query sees every key
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    # a causal row sees keys 0..q: the bias counts only the keys it sees
+    causal = jnp.tril(jnp.ones((5, 5), bool))[None, None]
+    np.testing.assert_allclose(np.asarray(alibi_bias(causal, heads))[0, :, 2, :3], want[:, :3], rtol=1e-6)
+
+
+def test_llama3_rotary_scaling_is_transformers():
+    pytest.importorskip("torch")
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from glm_jax.layers import scaled_inv_freq
+
+    rope = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=64)
+    hf = LlamaConfig(
+        hidden_size=64, num_attention_heads=2, rope_parameters=dict(rope_type="llama3", rope_theta=5e5, **rope)
+    )
+    want = ROPE_INIT_FUNCTIONS["llama3"](hf, "cpu")[0].numpy()
+    c = get_config(
+        "llama-3-8b", head_dim=32, rotary_scaling="llama3", rotary_scaling_factor=8.0, rotary_original_length=64
+    )
+    base = 1.0 / (5e5 ** (np.arange(0, 32, 2, dtype=np.float32) / 32))
+    np.testing.assert_allclose(scaled_inv_freq(base, c), want, rtol=1e-6)
+    assert want[0] == base[0] and want[-1] == pytest.approx(base[-1] / 8)  # high frequencies kept, low divided

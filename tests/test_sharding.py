@@ -45,6 +45,46 @@ def test_sharded_equals_single_device(spec, n_devices, reference):
     assert_same(case.sharded_loss_and_grads(mesh, batch, with_logits=True), reference)
 
 
+# the other families' blocks (config switches): BLOOM's (ALiBi, embedding LayerNorm), OPT's
+# (learned positions from row 2, ReLU) with the original GLM's block-position table, LLaMA-3's
+# (RMSNorm, SwiGLU, grouped KV heads, no biases, llama3 rotary scaling)
+OTHER_BLOCKS = {
+    "bloom": dict(position_encoding="alibi", embedding_norm=True, norm_placement="pre", ffn_kind="gelu_tanh"),
+    "opt+glm": dict(
+        position_encoding="learned",
+        position_encoding_2d=True,
+        position_offset=2,
+        norm_placement="pre",
+        ffn_kind="relu",
+    ),
+    "llama-3": dict(
+        norm_kind="rmsnorm",
+        norm_placement="pre",
+        ffn_kind="swiglu",
+        num_kv_heads=2,
+        qkv_bias=False,
+        attention_dense_bias=False,
+        ffn_bias=False,
+        tie_word_embeddings=False,
+        rotary_scaling="llama3",
+        rotary_scaling_factor=8.0,
+        rotary_original_length=32,
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    "block", [pytest.param(name, marks=() if name == "bloom" else pytest.mark.slow) for name in OTHER_BLOCKS]
+)
+def test_other_families_blocks_train_on_a_mesh_as_on_one_device(block):
+    """Loss, gradients and logits on data 2 x stage 2 x tensor 2 (the pipeline's GPipe forward,
+    heads and FFN split) equal the plain model's on one device."""
+    c = case.config(num_layers=4, **OTHER_BLOCKS[block])
+    mesh = sh.make_mesh("2x2x2", jax.devices()[:8])
+    batch = sh.global_batch(case.local_rows(), mesh)
+    assert_same(case.sharded_loss_and_grads(mesh, batch, c=c, with_logits=True), case.single_device(c))
+
+
 @pytest.mark.slow
 # 10 on 4: the 9x8-2 layout scaled down (3x4-2). The training schedules: the head and loss of each
 # microbatch on the last stage (GPipe by autodiff, 1F1B by a backward per tick). The evaluation
