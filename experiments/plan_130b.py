@@ -3,6 +3,7 @@ compiled step communicates and computes, and the step time that implies at the c
 
     python experiments/plan_130b.py                     # compile every plan (~30 min on 2 CPU cores)
     python experiments/plan_130b.py --only tiny         # the four 2x2x2 CPU plans
+    python experiments/plan_130b.py --only bloom-176b   # BLOOM-176B on GLM-130B's pods (also opt-175b, llama-70b)
     python experiments/plan_130b.py --out DIR           # keep each plan's JSON (and HLO) in DIR
     python experiments/plan_130b.py --from DIR          # the table from JSON kept before: no compile
     python experiments/plan_130b.py -- --fsdp-gather tick   # more pretrain.py flags for every plan
@@ -33,6 +34,11 @@ import tempfile
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = ["--preset", "glm-tiny", "--mesh", "2x2x2", "--batch", "8", "--seq", "64"]
 BIG = ["--preset", "glm-130b", "--mesh", "24x8x4", "--batch", "192", "--seq", "2048", "--set", "remat_policy=full"]
+# the paper's 175B-class comparison models and LLaMA-2-70B, each on a mesh of the same 768 chips whose
+# data axis divides its hidden size (ZeRO-1 shards a moment over `data` on a dimension data divides:
+# 24 divides GLM-130B's and OPT's 12288, not BLOOM's 14336 or LLaMA's 8192); 16 x 12 x 4 is BLOOM's
+# own tensor 4 x pipeline 12 with twice its data replicas
+OTHER_MODELS = {"bloom-176b": "16x12x4", "opt-175b": "24x8x4", "llama-70b": "16x12x4"}
 FLAGS = {"zero1": [], "fsdp": ["--fsdp"], "fsdp_tick": ["--fsdp", "--fsdp-gather", "tick"]}
 PLANS = {
     **{
@@ -45,6 +51,13 @@ PLANS = {
         f"130b_{topology}_{params}": BIG + ["--topology", topology] + FLAGS[params]
         for topology in ("v4-1536", "v5p-1536")
         for params in ("zero1", "fsdp", "fsdp_tick")
+    },
+    **{
+        f"{model}_{topology}_{params}": ["--preset", model, "--mesh", mesh, *BIG[4:], "--topology", topology]
+        + FLAGS[params]
+        for model, mesh in OTHER_MODELS.items()
+        for topology in ("v4-1536", "v5p-1536")
+        for params in ("zero1", "fsdp_tick")
     },
 }
 SHORT = {

@@ -116,11 +116,13 @@ def test_export_reloads_in_transformers(case, tmp_path):
     np.testing.assert_allclose(hf_checks.torch_logits(back, ids), hf_checks.torch_logits(case.model, ids), atol=1e-5)
 
 
+@pytest.mark.slow  # a Trainer / INT4 compile: the full suite runs it
 def test_lora_step(case):
     losses = hf_checks.lora_step(case.config, case.params)
     assert np.all(np.isfinite(losses)) and losses[1] < losses[0], losses
 
 
+@pytest.mark.slow  # a Trainer / INT4 compile: the full suite runs it
 def test_int4_decoding(case):
     """INT4 weights (biases, norms and embeddings kept 16-bit) decode as the float model does on
     the dequantized tree (the same numbers), and close to the float model itself."""

@@ -147,11 +147,13 @@ def test_cached_decoding_equals_full_recomputation(folders, converted):
     assert_cached_equals_full(*converted["llama3.2"], _prompts(folders["llama3.2"][1]), steps=STEPS)
 
 
+@pytest.mark.slow  # a Trainer / INT4 compile: the full suite runs it
 def test_lora_step(converted):
     losses = lora_step(*converted["llama2"])
     assert np.all(np.isfinite(losses)) and losses[1] < losses[0]
 
 
+@pytest.mark.slow  # a Trainer / INT4 compile: the full suite runs it
 def test_int4_decoding_with_biases(folders, converted):
     config, params = converted["biased"]
     q_tokens, f_tokens, q_first, f_first = int4_greedy(config, params, _prompts(folders["biased"][1]), steps=STEPS)

@@ -207,11 +207,13 @@ def test_cached_mask_decoding_equals_full_recomputation(state, model):
         np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow  # a Trainer / INT4 compile: the full suite runs it
 def test_lora_step(model):
     losses = lora_step(*model)
     assert np.isfinite(losses).all() and losses[1] < losses[0], losses
 
 
+@pytest.mark.slow  # a Trainer / INT4 compile: the full suite runs it
 def test_int4_decoding(model):
     q_tokens, f_tokens, q_first, f_first = int4_greedy(*model, PROMPTS, 3, ids=IDS, causal=False)
     assert [t[0] for t in q_tokens] == [t[0] for t in f_tokens]
