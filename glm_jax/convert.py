@@ -171,33 +171,46 @@ def _output_layer_rule(name: str, c: GLMConfig) -> Rule:
     )
 
 
+def _self_attn_rules(p: str, c: GLMConfig) -> list[Rule]:
+    """transformers' separate `self_attn.{q,k,v,o}_proj` (GlmForCausalLM, LlamaForCausalLM) after
+    the layer prefix `p`: the four weights, q/k/v biases with `qkv_bias`, o's with
+    `attention_dense_bias`."""
+    e, h, kv, d = c.hidden_size, c.num_attention_heads, c.num_kv_heads, c.head_dim
+    heads = (("query", h), ("key", kv), ("value", kv))
+    rules = [
+        Rule(p + f"self_attn.{name[0]}_proj.weight", (n * d, e), _linear(("attention", name, "kernel"), (n, d)))
+        for name, n in heads
+    ]
+    rules.append(Rule(p + "self_attn.o_proj.weight", (e, h * d), _linear_in(("attention", "dense", "kernel"), (h, d))))
+    if c.qkv_bias:
+        rules += [
+            Rule(p + f"self_attn.{name[0]}_proj.bias", (n * d,), _reshaped(("attention", name, "bias"), (n, d)))
+            for name, n in heads
+        ]
+    if c.attention_dense_bias:
+        rules.append(Rule(p + "self_attn.o_proj.bias", (e,), _leaf("attention", "dense", "bias")))
+    return rules
+
+
+def _reshaped(path: Path, shape: tuple[int, ...]):
+    return lambda w: {path: w.reshape(shape)}
+
+
 def hf_glm_rules(c: GLMConfig) -> tuple[list[Rule], list[Rule]]:
     """(per-layer rules, top-level rules) of transformers' GlmForCausalLM for config `c`."""
     if c.norm_kind != "rmsnorm" or c.norm_placement != "pre" or c.ffn_kind != "swiglu":
         raise ConversionError(
             "GlmForCausalLM is a pre-RMSNorm SwiGLU model; build the config with config_from_hf_glm(hf_config)"
         )
-    e, h, kv, d, f = c.hidden_size, c.num_attention_heads, c.num_kv_heads, c.head_dim, c.inner_hidden_size
+    e, f = c.hidden_size, c.inner_hidden_size
     p = "model.layers.{i}."
     layer = [
         Rule(p + "input_layernorm.weight", (e,), _leaf("input_layernorm", "scale")),
-        Rule(p + "self_attn.q_proj.weight", (h * d, e), _linear(("attention", "query", "kernel"), (h, d))),
-        Rule(p + "self_attn.k_proj.weight", (kv * d, e), _linear(("attention", "key", "kernel"), (kv, d))),
-        Rule(p + "self_attn.v_proj.weight", (kv * d, e), _linear(("attention", "value", "kernel"), (kv, d))),
-        Rule(p + "self_attn.o_proj.weight", (e, h * d), _linear_in(("attention", "dense", "kernel"), (h, d))),
+        *_self_attn_rules(p, c),
         Rule(p + "post_attention_layernorm.weight", (e,), _leaf("post_attention_layernorm", "scale")),
         Rule(p + "mlp.gate_up_proj.weight", (2 * f, e), _halves(("mlp", "dense_h_to_4h", "kernel"), f)),
         Rule(p + "mlp.down_proj.weight", (e, f), _linear(("mlp", "dense_4h_to_h", "kernel"), (e,))),
     ]
-    if c.qkv_bias:
-        for name, n in (("query", h), ("key", kv), ("value", kv)):
-            layer.append(
-                Rule(
-                    p + f"self_attn.{name[0]}_proj.bias",
-                    (n * d,),
-                    (lambda path, n: lambda w: {path: w.reshape(n, d)})(("attention", name, "bias"), n),
-                )
-            )
     top = [
         _embedding_rule("model.embed_tokens.weight", c),
         Rule("model.norm.weight", (e,), _leaf("final_layernorm", "scale")),

@@ -25,8 +25,8 @@ from glm_jax.convert import (
     _embedding_rule,
     _leaf,
     _linear,
-    _linear_in,
     _output_layer_rule,
+    _self_attn_rules,
 )
 from glm_jax.layout import ExportError, Layout, check_block
 
@@ -155,33 +155,19 @@ def _gate_half(index: int, f: int, leaf: str):
     return convert
 
 
-def _heads_bias(name: str, n: int, d: int):
-    return lambda w: {("attention", name, "bias"): w.reshape(n, d)}
-
-
 def rules(c: GLMConfig) -> tuple[list[Rule], list[Rule]]:
     """(per-layer rules, top-level rules) of LlamaForCausalLM for config `c` (from `config_from`)."""
     check_block(c, BLOCK, ConversionError, "a LLaMA block")
-    e, h, kv, d, f = c.hidden_size, c.num_attention_heads, c.num_kv_heads, c.head_dim, c.inner_hidden_size
+    e, f = c.hidden_size, c.inner_hidden_size
     p = "model.layers.{i}."
     layer = [
         Rule(p + "input_layernorm.weight", (e,), _leaf("input_layernorm", "scale")),
-        Rule(p + "self_attn.q_proj.weight", (h * d, e), _linear(("attention", "query", "kernel"), (h, d))),
-        Rule(p + "self_attn.k_proj.weight", (kv * d, e), _linear(("attention", "key", "kernel"), (kv, d))),
-        Rule(p + "self_attn.v_proj.weight", (kv * d, e), _linear(("attention", "value", "kernel"), (kv, d))),
-        Rule(p + "self_attn.o_proj.weight", (e, h * d), _linear_in(("attention", "dense", "kernel"), (h, d))),
+        *_self_attn_rules(p, c),
         Rule(p + "post_attention_layernorm.weight", (e,), _leaf("post_attention_layernorm", "scale")),
         Rule(p + "mlp.gate_proj.weight", (f, e), _gate_half(0, f, "kernel")),
         Rule(p + "mlp.up_proj.weight", (f, e), _gate_half(1, f, "kernel")),
         Rule(p + "mlp.down_proj.weight", (e, f), _linear(("mlp", "dense_4h_to_h", "kernel"), (e,))),
     ]
-    if c.qkv_bias:
-        layer += [
-            Rule(p + f"self_attn.{name[0]}_proj.bias", (n * d,), _heads_bias(name, n, d))
-            for name, n in (("query", h), ("key", kv), ("value", kv))
-        ]
-    if c.attention_dense_bias:
-        layer.append(Rule(p + "self_attn.o_proj.bias", (e,), _leaf("attention", "dense", "bias")))
     if c.ffn_bias:
         layer += [
             Rule(p + "mlp.gate_proj.bias", (f,), _gate_half(0, f, "bias")),

@@ -28,6 +28,7 @@ from glm_jax.convert import (
     _linear,
     _linear_in,
     _output_layer_rule,
+    _reshaped,
 )
 from glm_jax.layout import ExportError, Layout, check_block, leaf_at
 
@@ -119,10 +120,6 @@ def _linears(c: GLMConfig):
 
 
 NORMS = (("self_attn_layer_norm", "input_layernorm"), ("final_layer_norm", "post_attention_layernorm"))
-
-
-def _reshaped(path: tuple[str, ...], shape: tuple[int, ...]):
-    return lambda w: {path: w.reshape(shape)}
 
 
 def rules(c: GLMConfig) -> tuple[list[Rule], list[Rule]]:
