@@ -317,18 +317,7 @@ class GLM4Tokenizer(Tokenizer):
 
     def __init__(self, model_file: str):
         self.model_file = os.path.abspath(model_file)
-        if not os.path.isfile(self.model_file):
-            raise TokenizerError(f"tokenizer file {self.model_file} not found; GLM-4's is its tokenizer.json")
-        try:
-            from tokenizers import Tokenizer as HFTokenizer
-
-            self.hf = HFTokenizer.from_file(self.model_file)
-        except ImportError:
-            raise TokenizerError(
-                "GLM-4's tokenizer.json needs the `tokenizers` package (pip install tokenizers)"
-            ) from None
-        except Exception as e:
-            raise TokenizerError(f"{self.model_file} is not a tokenizer.json ({e})") from None
+        self.hf = _load_tokenizer_json(self.model_file, "GLM-4's is its tokenizer.json")
         found = {k: self.hf.token_to_id(v) for k, v in self.NAMES.items()}
         missing = [self.NAMES[k] for k in ("gmask", "sop", "eos", "user", "assistant") if found[k] is None]
         if missing:
