@@ -2,6 +2,7 @@
 
     python experiments/pretrain.py                     # glm-tiny on the shared corpus, one device
     python experiments/pretrain.py --mesh 8x4          # 8 stages x 4 tensor shards (+ data parallel)
+    python experiments/pretrain.py --data runs/web-store:0.7,gs://b/code-store:0.3 --profile 10:13
     python experiments/pretrain.py --preset glm-130b --mesh 24x8x4 --dry-run
     python experiments/pretrain.py --preset glm-130b --mesh 24x8x4 --batch 192 --dry-run --topology v5p-1536
 
@@ -31,8 +32,10 @@ def parse_args(argv=None):
     ap.add_argument("--mesh", default="1x1", help="PxT (stages x tensor, data over the rest) or DxPxT")
     ap.add_argument(
         "--data",
-        default=os.path.join(DATA, "corpus"),
-        help="corpus files/folders, comma separated, optional :weight each",
+        default=",".join(os.path.join(DATA, "corpus", f"{lang}.jsonl.gz:0.5") for lang in ("en", "zh")),
+        help="sources, comma separated, each SOURCE[:share]: a token store (tokenize_corpus.py), a JSON-lines "
+        "file or a folder of them (one source); local or a URL (gs://, s3://); shares are token shares "
+        "(a:0.7,b:0.3), for every source or none (none: by size)",
     )
     ap.add_argument(
         "--instructions",
@@ -47,7 +50,18 @@ def parse_args(argv=None):
     ap.add_argument("--ckpt-every", type=int, default=100)
     ap.add_argument("--keep", type=int, default=3, help="checkpoints kept")
     ap.add_argument("--log-dir", default=os.path.join(DEFAULT_RUN, "logs"))
-    ap.add_argument("--eval-every", type=int, default=0, help="held-out loss every N steps (0: at the end)")
+    ap.add_argument(
+        "--eval-every",
+        type=int,
+        default=0,
+        help="held-out loss (the mixture's and, with several sources, each source's) every N steps (0: at the end)",
+    )
+    ap.add_argument(
+        "--profile",
+        default=None,
+        metavar="START:STOP",
+        help="write a jax.profiler trace of steps START..STOP-1 (as numbered in metrics.jsonl) under LOG_DIR/profile",
+    )
     ap.add_argument(
         "--microbatches",
         type=int,
@@ -122,7 +136,25 @@ def parse_args(argv=None):
         ap.error("--topology plans a TPU pod: it needs --dry-run (nothing runs on a described topology)")
     if args.dump_hlo and not args.dry_run:
         ap.error("--dump-hlo writes the step --dry-run compiles: it needs --dry-run")
+    if args.profile is not None:
+        if args.dry_run:
+            ap.error("--profile traces training steps: not with --dry-run")
+        args.profile = parse_profile(ap, args.profile, args.steps)
     return ap, args
+
+
+def parse_profile(ap, spec: str, steps: int) -> tuple[int, int]:
+    """'START:STOP' -> (START, STOP): steps START..STOP-1 (1 <= START < STOP <= steps + 1); else exit 2."""
+    start, sep, stop = spec.partition(":")
+    try:
+        span = (int(start), int(stop)) if sep else None
+    except ValueError:
+        span = None
+    if span is None:
+        ap.error(f"--profile {spec}: expected START:STOP, two step numbers (--profile 5:8 traces steps 5, 6, 7)")
+    if not 1 <= span[0] < span[1] <= steps + 1:
+        ap.error(f"--profile {spec}: needs 1 <= START < STOP <= --steps + 1 ({steps + 1}); steps count from 1")
+    return span
 
 
 def main(argv=None):
@@ -137,7 +169,7 @@ def main(argv=None):
         except sh.MeshError as error:
             ap.error(str(error))
     else:
-        _, simulated = prepare_devices(ap, args.mesh)
+        needed, simulated = prepare_devices(ap, args.mesh)
     import jax
 
     from glm_jax import sharding as sh
@@ -173,7 +205,9 @@ def main(argv=None):
         optim = optim_for(args.preset, **optim_kw)
         if args.no_ramp:
             optim = dataclasses.replace(optim, ramp_start=None)
-        topology = devices = None
+        topology = None
+        # a spec that names the data size (DxPxT) takes the devices it needs; PxT takes them all
+        devices = jax.devices()[:needed] if not args.topology and args.mesh.count("x") >= 2 else None
         if args.topology:
             from glm_jax.topology import parse_topology, plan_fields, topology_devices
 
@@ -199,6 +233,7 @@ def main(argv=None):
             fsdp_gather=args.fsdp_gather,
             sequence_parallel=args.sequence_parallel,
             family=args.family,
+            profile=args.profile,
         )
         if args.dry_run:
             trainer, batches = make_trainer(config, optim, run, mesh)
@@ -225,6 +260,8 @@ def main(argv=None):
             f"(bad json {stats.bad_json}, bad utf-8 {stats.bad_utf8}, empty {stats.empty_text}, "
             f"no text {stats.missing_text})"
         )
+        for name, source, share in zip(corpus.names, corpus.sources, corpus.shares):
+            log(f"  {name}: {len(source.tokens):,} tokens, {share:.1%} of the training tokens ({source.path})")
         pairs = load_instructions(args.instructions, tokenizer) if args.instructions else None
         objective = ObjectiveConfig(position_encoding_2d=args.two_d or config.position_encoding_2d)
         try:
@@ -237,8 +274,9 @@ def main(argv=None):
                 tokenizer.specials,
                 family.causal,
             )
+            held_out = corpus.with_split("heldout")
             eval_builder = SequenceBuilder(
-                corpus.with_split("heldout").window,
+                held_out.window,
                 args.seq,
                 args.seed + 1,
                 dataclasses.replace(objective, multitask_ratio=0.0),
@@ -246,10 +284,16 @@ def main(argv=None):
                 tokenizer.specials,
                 family.causal,
             )
+            # several sources: each on its own held-out split too (eval_loss/<name>)
+            source_evals = {
+                name: dataclasses.replace(eval_builder, window=held_out.only(i).window)
+                for i, name in enumerate(corpus.names)
+                if len(corpus.sources) > 1
+            }
         except ValueError as error:  # the objective's own checks: a sequence too short for its samples
             raise ConfigError(f"{error}; pass a longer --seq") from None
         run = dataclasses.replace(run, family=family.name, tokenizer_file=bundled_file(tokenizer))
-        summary = train(config, optim, run, mesh, builder, eval_builder, log=log)
+        summary = train(config, optim, run, mesh, builder, eval_builder, log=log, source_evals=source_evals)
     except (ConfigError, sh.MeshError, DataError, CheckpointError, TokenizerError, FamilyError, TopologyError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -14,6 +14,10 @@ slots sharded over the new mesh and re-slots them in one jitted function on the 
 serving load (`load_checkpoint`, `load_model`) reads `params` and `meta` only, never the
 optimizer state. A serving checkpoint (`save_serving`: float or quantized parameters, no
 optimizer state) has the same folder layout, so every loader takes both.
+
+Folders are local paths or URLs: a URL goes to orbax untouched (its own gs:// / s3:// support,
+through etils.epath), a file:// URL is its local path; schemes epath does not take (memory://)
+are refused by name.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from glm_jax import pipeline, placement
+from glm_jax import paths, pipeline, placement
 from glm_jax.config import GLMConfig
 from glm_jax.peft import PeftConfig, split_shapes
 from glm_jax.tokenizer import sidecar_files
@@ -39,15 +43,46 @@ class CheckpointError(ValueError):
     """A checkpoint that does not fit this run (another config, a damaged folder); says what."""
 
 
+def checkpoint_path(directory: str) -> str:
+    """A checkpoint folder as orbax takes it: a local path made absolute (file:// read as one), a
+    URL of a scheme etils.epath serves (gs://, s3://, az://) exactly as given."""
+    directory = str(directory)
+    if directory.startswith("file://"):
+        return os.path.abspath(directory[len("file://") :])
+    if not paths.is_url(directory):
+        return os.path.abspath(directory)
+    from etils import epath
+
+    try:
+        epath.Path(directory)
+    except KeyError:
+        scheme = directory.split("://", 1)[0]
+        raise CheckpointError(
+            f"checkpoint folder {directory}: orbax (etils.epath) does not serve {scheme}:// URLs; "
+            "use a local path or gs://, s3://, az://"
+        ) from None
+    return directory
+
+
+def _basename(path: str) -> str:
+    return path.rstrip("/").rsplit("/", 1)[-1]
+
+
+def _dirname(path: str) -> str:
+    return path.rstrip("/").rsplit("/", 1)[0] if paths.is_url(path) else os.path.dirname(path)
+
+
 class Checkpoints:
     """orbax CheckpointManager over a run folder: async saves, keep the last K, atomic steps.
 
     A save is written to a temporary folder and renamed when complete, so a crash mid-save
-    leaves the previous checkpoints intact and `latest_step` never names a partial one.
+    leaves the previous checkpoints intact and `latest_step` never names a partial one (on an
+    object store orbax marks a step complete instead). `directory`: a local path or a URL
+    (`checkpoint_path`).
     """
 
     def __init__(self, directory: str, keep: int = 3, async_save: bool = True):
-        self.directory = os.path.abspath(directory)
+        self.directory = checkpoint_path(directory)
         opts = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
         self.manager = ocp.CheckpointManager(self.directory, options=opts, item_names=TRAIN_ITEMS + ("meta",))
 
@@ -121,29 +156,38 @@ def copy_tokenizer(model_file: str | None, directory: str) -> str | None:
     special_tokens_map.json, generation_config.json, config.json: its special and stop ids)."""
     if model_file is None:
         return None
-    rel = os.path.join(TOKENIZER_DIR, os.path.basename(model_file))
-    dest = os.path.join(directory, rel)
-    if jax.process_index() == 0 and os.path.abspath(model_file) != os.path.abspath(dest):
-        os.makedirs(os.path.dirname(dest), exist_ok=True)
+    rel = f"{TOKENIZER_DIR}/{os.path.basename(model_file)}"
+    directory = checkpoint_path(directory)
+    dest = paths.join(directory, rel)
+    if jax.process_index() == 0 and os.path.abspath(model_file) != dest:
         sidecars = sidecar_files(model_file) if model_file.endswith(".json") else []
         for src in [model_file, *sidecars]:
-            out = os.path.join(os.path.dirname(dest), os.path.basename(src))
-            shutil.copyfile(src, out + ".tmp")
-            os.replace(out + ".tmp", out)
+            _copy_file(src, paths.join(directory, TOKENIZER_DIR, os.path.basename(src)))
     return rel
 
 
+def _copy_file(src: str, out: str) -> None:
+    """A local file copied to a local path (through a temporary name, renamed) or to a URL."""
+    if paths.is_url(out):
+        with open(src, "rb") as f, paths.open_raw(out, "wb") as g:
+            shutil.copyfileobj(f, g)
+        return
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    shutil.copyfile(src, out + ".tmp")
+    os.replace(out + ".tmp", out)
+
+
 def _step_folder(path: str, step: int | None) -> tuple[str, int | None]:
-    """A run's checkpoint folder or one step's folder -> (the run folder, the step or None)."""
-    path = os.path.abspath(path)
-    if not os.path.isdir(path):
+    """A run's checkpoint folder or one step's folder (local or a URL) -> (the run folder, the step or None)."""
+    path = checkpoint_path(path)
+    if not paths.isdir(path):
         raise CheckpointError(
             f"checkpoint folder {path} not found; train one with "
             "`python experiments/pretrain.py` or pass --checkpoint DIR"
         )
-    base = os.path.basename(path)
-    if base.isdigit() and step is None and os.path.isdir(os.path.join(path, "params")):
-        return os.path.dirname(path), int(base)
+    base = _basename(path)
+    if base.isdigit() and step is None and paths.isdir(paths.join(path, "params")):
+        return _dirname(path), int(base)
     return path, step
 
 
@@ -269,10 +313,15 @@ def save_serving(
     `load_checkpoint` / `load_model` and every script take it. Written beside `path` and renamed
     into place when complete: a failure leaves no half-written folder. `path` must not exist yet
     (or be empty). Pass jax arrays (`move_to_device`): orbax copies numpy leaves before writing.
-    Several processes: every process calls it (each writes its shards), process 0 moves the folder."""
-    path = os.path.abspath(path)
-    if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
+    Several processes: every process calls it (each writes its shards), process 0 moves the folder.
+    A URL (gs://, s3://) is written in place: an object store renames by copying, and orbax marks
+    the step complete only once it is (a loader never reads a half-written step)."""
+    path = checkpoint_path(path)
+    if paths.exists(path) and (not paths.isdir(path) or paths.listdir(path)):
         raise CheckpointError(f"{path} exists and is not empty; remove it or choose another output folder")
+    if paths.is_url(path):
+        _write_serving(path, config, params, step, source, family, tokenizer_file, extra)
+        return
     lead = jax.process_index() == 0
     pid = os.getpid() if jax.process_count() == 1 else int(multihost_utils.broadcast_one_to_all(np.int32(os.getpid())))
     tmp = f"{path}.partial-{pid}"
@@ -280,24 +329,7 @@ def save_serving(
         shutil.rmtree(tmp, ignore_errors=True)
     sync_processes(f"save_serving {tmp}")
     try:
-        rel = copy_tokenizer(tokenizer_file, tmp)
-        ckpt = Checkpoints(tmp, keep=1, async_save=False)
-        try:
-            ckpt.save(
-                step,
-                {"params": params},
-                {
-                    "config": config.to_dict(),
-                    "serving": True,
-                    "source": source,
-                    "family": family,
-                    "tokenizer": rel,
-                    "layout": {"stages": 1},
-                    **(extra or {}),
-                },
-            )
-        finally:
-            ckpt.close()
+        _write_serving(tmp, config, params, step, source, family, tokenizer_file, extra)
         sync_processes(f"save_serving written {tmp}")
         if lead:
             if os.path.isdir(path):
@@ -307,3 +339,34 @@ def save_serving(
         if lead:
             shutil.rmtree(tmp, ignore_errors=True)
     sync_processes(f"save_serving done {tmp}")  # the folder is in place for every process
+
+
+def _write_serving(
+    folder: str,
+    config: GLMConfig,
+    params: dict,
+    step: int,
+    source: str,
+    family: str,
+    tokenizer_file: str | None,
+    extra: dict | None,
+) -> None:
+    """`save_serving`'s contents written into `folder`: the tokenizer copy and one orbax step."""
+    rel = copy_tokenizer(tokenizer_file, folder)
+    ckpt = Checkpoints(folder, keep=1, async_save=False)
+    try:
+        ckpt.save(
+            step,
+            {"params": params},
+            {
+                "config": config.to_dict(),
+                "serving": True,
+                "source": source,
+                "family": family,
+                "tokenizer": rel,
+                "layout": {"stages": 1},
+                **(extra or {}),
+            },
+        )
+    finally:
+        ckpt.close()

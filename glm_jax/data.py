@@ -1,17 +1,25 @@
 """Corpus readers and the deterministic, resumable input pipeline.
 
-Reading: JSON lines `{"text": ...}`, plain or gzip (detected from the bytes), one file or many,
-each source with a weight. Malformed JSON, non-UTF-8 bytes, empty or missing text are skipped
-and counted in `ReadStats`, never raised. Each source is tokenized once into one int32 stream
-(documents separated by eos) and cached as .npy under `cache_dir`, keyed by the file's size,
-mtime and the tokenizer model's hash.
+Sources (`--data SPEC`: SOURCE[:share], comma separated; local paths or fsspec URLs, `paths.py`):
+- a token store (`token_store.py`: a folder with index.json), read lazily: a window reads its
+  tokens straight from the store's memory-mapped shards (byte ranges for a URL), never the store;
+- a JSON-lines file `{"text": ...}`, plain or gzip (detected from the bytes);
+- a folder of JSON-lines files: one source, its files (sorted by name) concatenated, so a folder
+  of uneven files is sampled by tokens, not by file.
+Shares are shares of tokens: `a:0.7,b:0.3` draws 70% of the training tokens from a (a window's
+length never depends on its source, so drawing windows with those probabilities gives those token
+shares). Without shares every token of every source is equally likely (the sources' token
+counts are the shares). Malformed JSON, non-UTF-8 bytes, empty or missing text are skipped and
+counted in `ReadStats`, never raised. A JSON-lines file is tokenized once into one int32 stream
+(documents separated by eos) and cached as .npy under `cache_dir`, keyed by its path or URL, size,
+version (mtime, or the object store's etag / generation) and the tokenizer model's hash.
 
 The pipeline is random access: global sequence i is `SequenceBuilder.build(i)`, a pure function
 of (seed, i). A run reads the sequences in order, a step's batch after the one before; each
 process builds only the rows its devices hold (`sharding.rows_held`; processes holding parts of
 one data replica build the same rows). The iterator's whole state is the next global sequence,
-whatever the mesh, so a resumed run, on this mesh or another, reads on exactly where the
-uninterrupted one would. (We chose this over
+whatever the mesh or the number of processes, so a resumed run, on this mesh or another, reads on
+exactly where the uninterrupted one would. (We chose this over
 grain: with samples as pure functions of their index, grain's checkpointable iterators add a
 dependency, which the GPU image lacks, without adding determinism; a prefetch thread gives the
 overlap.)
@@ -20,7 +28,6 @@ overlap.)
 from __future__ import annotations
 
 import dataclasses
-import gzip
 import hashlib
 import json
 import os
@@ -30,10 +37,13 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
+from glm_jax import paths
 from glm_jax.objectives import SequenceBuilder
+from glm_jax.token_store import StoreError, TokenStore, is_store
 from glm_jax.tokenizer import Tokenizer
 
 DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "glm_jax", "tokens")
+JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
 
 
 class DataError(ValueError):
@@ -59,17 +69,12 @@ class ReadStats:
         return ReadStats(*(getattr(self, f.name) + getattr(other, f.name) for f in dataclasses.fields(self)))
 
 
-def _open_bytes(path: str):
-    with open(path, "rb") as f:
-        magic = f.read(2)
-    return gzip.open(path, "rb") if magic == b"\x1f\x8b" else open(path, "rb")
-
-
 def read_records(path: str, stats: ReadStats) -> Iterator[dict]:
-    """JSON objects of a JSON-lines file (plain or gzip); bad lines are counted in `stats`."""
-    if not os.path.exists(path):
+    """JSON objects of a JSON-lines file (plain or gzip; a local path or a URL); bad lines are
+    counted in `stats`."""
+    if not paths.exists(path):
         raise DataError(f"corpus file {path} not found")
-    with _open_bytes(path) as f:
+    with paths.open_file(path) as f:
         for raw in f:
             stats.lines += 1
             try:
@@ -107,27 +112,39 @@ def read_texts(path: str, stats: ReadStats, field: str = "text") -> Iterator[str
 # ---- tokenized sources ----------------------------------------------------------------------------
 @dataclasses.dataclass
 class Source:
-    """One corpus source: its token stream (documents separated by eos), weight and read counts."""
+    """One corpus source: its token stream (documents separated by eos), share and read counts.
+
+    tokens: [T] tokens, a numpy array (JSON lines, tokenized) or a token store's lazy
+    `ShardedTokens` (slicing gives another view, `np.asarray` reads just those tokens).
+    weight: its share of the tokens (normalised over the sources), None for "by its size".
+    name: its file or folder base name, unique in a corpus (`eval_loss/<name>`)."""
 
     path: str
-    weight: float
+    weight: float | None
     tokens: np.ndarray
     stats: ReadStats
+    name: str = ""
+
+
+def tokenizer_sha256(tokenizer: Tokenizer) -> str:
+    """The hex sha256 of the tokenizer's model file (what caches and token stores record)."""
+    with open(tokenizer.model_file, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
 
 
 def _cache_key(path: str, tokenizer: Tokenizer) -> str:
-    st = os.stat(path)
-    with open(tokenizer.model_file, "rb") as f:
-        tok_hash = hashlib.sha256(f.read()).hexdigest()[:16]
-    ident = f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|{tokenizer.kind}|{tok_hash}|v1"
+    """The file's path or URL (as given, never made local), size and version, and the tokenizer."""
+    size, version = paths.size_and_version(path)
+    ident = f"{paths.normalize(path)}|{size}|{version}|{tokenizer.kind}|{tokenizer_sha256(tokenizer)[:16]}|v1"
     return hashlib.sha256(ident.encode()).hexdigest()[:24]
 
 
 def tokenize_file(
     path: str, tokenizer: Tokenizer, cache_dir: str | None = DEFAULT_CACHE, batch_docs: int = 256
 ) -> tuple[np.ndarray, ReadStats]:
-    """A corpus file as one int32 token stream, each document followed by eos (cached)."""
-    if not os.path.exists(path):
+    """A corpus file (local or URL) as one int32 token stream, each document followed by eos
+    (cached in the local folder `cache_dir`)."""
+    if not paths.exists(path):
         raise DataError(f"corpus file {path} not found")
     if cache_dir:
         key = _cache_key(path, tokenizer)
@@ -161,56 +178,132 @@ def tokenize_file(
     return tokens, stats
 
 
-def parse_sources(spec: str | Sequence[str]) -> list[tuple[str, float]]:
-    """'a.jsonl.gz:0.7,b.jsonl:0.3' (weights optional, default 1) or a list of such -> [(path, w)].
-    A folder stands for every *.jsonl / *.jsonl.gz file in it."""
+def parse_sources(spec: str | Sequence[str]) -> list[tuple[str, float | None]]:
+    """'a.jsonl.gz:0.7,gs://b/store:0.3' or a list of such -> [(path, share or None)]. Shares are
+    given for every source or for none (None: by size); a folder stays one source."""
     items = spec.split(",") if isinstance(spec, str) else list(spec)
     out = []
     for item in items:
         item = item.strip()
         if not item:
             continue
-        path, weight = item, 1.0
+        path, weight = item, None
         head, sep, tail = item.rpartition(":")
         if sep and head:
             try:
                 path, weight = head, float(tail)
-            except ValueError:
+            except ValueError:  # a ':' of the path itself (a URL's scheme)
                 pass
-        if weight <= 0:
-            raise DataError(f"source {path}: weight {weight} must be positive")
-        if os.path.isdir(path):
-            files = sorted(f for f in os.listdir(path) if f.endswith((".jsonl", ".jsonl.gz")))
-            if not files:
-                raise DataError(f"folder {path} holds no .jsonl or .jsonl.gz files")
-            out += [(os.path.join(path, f), weight) for f in files]
-        else:
-            out.append((path, weight))
+        if weight is not None and not weight > 0:
+            raise DataError(f"source {path}: share {weight} must be positive")
+        out.append((path, weight))
     if not out:
         raise DataError("no corpus sources given")
+    given = [w is not None for _, w in out]
+    if any(given) and not all(given):
+        missing = ", ".join(p for p, w in out if w is None)
+        raise DataError(f"give a share to every source or to none (none: by size); {missing} has none")
     return out
 
 
+def source_files(path: str) -> list[str]:
+    """The JSON-lines files of a source: the file itself, or a folder's *.jsonl / *.jsonl.gz
+    files sorted by name (one source, concatenated in that order)."""
+    if not paths.isdir(path):
+        if not paths.exists(path):
+            raise DataError(f"corpus source {path} not found")
+        return [path]
+    files = [paths.join(path, f) for f in paths.listdir(path) if f.endswith(JSONL_SUFFIXES)]
+    if not files:
+        raise DataError(f"folder {path} holds no .jsonl or .jsonl.gz files and is not a token store (no index.json)")
+    return files
+
+
+def source_names(sources: Sequence[str]) -> list[str]:
+    """Each source's file or folder base name without a JSON-lines suffix, made unique by -2, -3, ..."""
+    names, seen = [], {}
+    for path in sources:
+        base = str(path).rstrip("/").replace("\\", "/").rsplit("/", 1)[-1]
+        for suffix in (*JSONL_SUFFIXES, ".json"):
+            if base.endswith(suffix) and len(base) > len(suffix):
+                base = base[: -len(suffix)]
+                break
+        seen[base] = seen.get(base, 0) + 1
+        names.append(base if seen[base] == 1 else f"{base}-{seen[base]}")
+    return names
+
+
+def _store_source(path: str, tokenizer: Tokenizer) -> tuple[object, ReadStats]:
+    """A token store's lazy tokens and read counts, after checking it was tokenized as this run
+    tokenizes (the same tokenizer file, the same eos)."""
+    try:
+        store = TokenStore.open(path)
+    except StoreError as error:
+        raise DataError(str(error)) from None
+    recorded = store.tokenizer or {}
+    sha = recorded.get("file_sha256")
+    if sha and sha != tokenizer_sha256(tokenizer):
+        raise DataError(
+            f"token store {path} was tokenized with another tokenizer ({recorded.get('kind')}, sha256 "
+            f"{sha[:12]}...); this run's is {tokenizer.kind} {tokenizer.model_file}: pass the store's "
+            "--family / --tokenizer, or tokenize the corpus again"
+        )
+    if store.eos != tokenizer.eos_id:
+        raise DataError(f"token store {path} separates documents by {store.eos}, this run's eos is {tokenizer.eos_id}")
+    stats = ReadStats(**store.stats)
+    return store.tokens, stats
+
+
+def load_source(path: str, weight: float | None, tokenizer: Tokenizer, cache_dir: str | None, name: str = "") -> Source:
+    """A token store (read lazily), a JSON-lines file or a folder of them (tokenized, cached)."""
+    if is_store(path):
+        tokens, stats = _store_source(path, tokenizer)
+        return Source(path, weight, tokens, stats, name)
+    parts, stats = [], ReadStats()
+    for file in source_files(path):
+        tokens, file_stats = tokenize_file(file, tokenizer, cache_dir)
+        parts.append(tokens)
+        stats = stats.add(file_stats)
+    tokens = parts[0] if len(parts) == 1 else np.concatenate(parts)
+    return Source(path, weight, tokens, stats, name)
+
+
 class Corpus:
-    """Weighted token streams; `window(rng, n)` draws n consecutive tokens from one source.
+    """Sources mixed by token share; `window(rng, n)` draws n consecutive tokens from one source.
 
     split: "train" draws from the first (1 - heldout_fraction) of every source's stream,
     "heldout" from the rest (evaluation text the training never sees), "all" from everything.
     """
 
     def __init__(self, sources: list[Source], split: str = "all", heldout_fraction: float = 0.01):
-        usable = [s for s in sources if len(s.tokens) > 0]
-        if not usable:
+        empty = [s for s in sources if len(s.tokens) == 0]
+        if len(empty) == len(sources):
             raise DataError("no source holds any readable text: " + "; ".join(f"{s.path}: {s.stats}" for s in sources))
+        if empty:
+            raise DataError(
+                "; ".join(f"source {s.path} holds no readable text ({s.stats})" for s in empty)
+                + ": remove it from --data"
+            )
         if split not in ("train", "heldout", "all"):
             raise DataError(f"split={split!r}; choose train, heldout or all")
-        self.sources, self.split = usable, split
-        w = np.array([s.weight for s in usable], np.float64)
-        self.cdf = np.cumsum(w / w.sum())
+        self.sources, self.split, self.heldout_fraction = list(sources), split, heldout_fraction
+        self.shares = self._shares(self.sources)
+        self.cdf = np.cumsum(self.shares)
         self.spans = []
-        for s in usable:
+        for s in self.sources:
             cut = int(len(s.tokens) * (1.0 - heldout_fraction))
             self.spans.append({"train": (0, cut), "heldout": (cut, len(s.tokens)), "all": (0, len(s.tokens))}[split])
+
+    @staticmethod
+    def _shares(sources: list[Source]) -> np.ndarray:
+        """[sources] token shares summing to 1: the given shares, or (none given) the token counts."""
+        if all(s.weight is None for s in sources):
+            w = np.array([len(s.tokens) for s in sources], np.float64)
+        elif any(s.weight is None for s in sources):
+            raise DataError("give a share to every source or to none (none: by size)")
+        else:
+            w = np.array([s.weight for s in sources], np.float64)
+        return w / w.sum()
 
     @classmethod
     def load(
@@ -221,14 +314,22 @@ class Corpus:
         split: str = "all",
         heldout_fraction: float = 0.01,
     ) -> Corpus:
-        sources = []
-        for path, weight in parse_sources(spec):
-            tokens, stats = tokenize_file(path, tokenizer, cache_dir)
-            sources.append(Source(path, weight, tokens, stats))
+        parsed = parse_sources(spec)
+        names = source_names([p for p, _ in parsed])
+        sources = [load_source(p, w, tokenizer, cache_dir, n) for (p, w), n in zip(parsed, names)]
         return cls(sources, split, heldout_fraction)
 
-    def with_split(self, split: str, heldout_fraction: float = 0.01) -> Corpus:
-        return Corpus(self.sources, split, heldout_fraction)
+    def with_split(self, split: str, heldout_fraction: float | None = None) -> Corpus:
+        fraction = self.heldout_fraction if heldout_fraction is None else heldout_fraction
+        return Corpus(self.sources, split, fraction)
+
+    def only(self, i: int) -> Corpus:
+        """Source i alone, in this split (per-source held-out loss)."""
+        return Corpus([self.sources[i]], self.split, self.heldout_fraction)
+
+    @property
+    def names(self) -> list[str]:
+        return [s.name or source_names([s.path])[0] for s in self.sources]
 
     @property
     def stats(self) -> ReadStats:
@@ -238,17 +339,19 @@ class Corpus:
         return total
 
     def pick(self, rng: np.random.Generator) -> int:
-        """A source index drawn by weight."""
+        """A source index drawn by share."""
         return min(int(np.searchsorted(self.cdf, rng.random(), side="right")), len(self.sources) - 1)
 
     def window(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        """[n] int32 consecutive tokens of one source's split, the source drawn by share; reads
+        only those n tokens (a store's shards are never read whole)."""
         i = self.pick(rng)
         lo, hi = self.spans[i]
-        t = self.sources[i].tokens[lo:hi]
-        if len(t) < n:  # a tiny source: repeat it rather than fail
-            return np.resize(np.asarray(t), n).astype(np.int32)
-        start = int(rng.integers(0, len(t) - n + 1))
-        return np.asarray(t[start : start + n], np.int32)
+        tokens = self.sources[i].tokens
+        if hi - lo < n:  # a tiny source: repeat it rather than fail
+            return np.resize(np.asarray(tokens[lo:hi]), n).astype(np.int32)
+        start = lo + int(rng.integers(0, hi - lo - n + 1))
+        return np.asarray(tokens[start : start + n]).astype(np.int32, copy=False)
 
 
 def load_instructions(

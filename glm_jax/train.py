@@ -17,7 +17,9 @@ as passes of `pass_batch` sequences, accumulated. Without stages the plain model
 
 The loop (`train`), in named steps: resume or initialise (`_resume_or_initialise`), dispatch a
 step (`_Run.dispatch`), log it one step late (`_Run.log_step`: step n's metrics are read while
-step n + 1 runs), evaluate, save, finish; what changes as it runs is a `RunProgress`.
+step n + 1 runs), evaluate (the mixture's held-out loss and each source's), save, finish; what
+changes as it runs is a `RunProgress`, with the seconds the host spent dispatching and waiting
+(the summary's step-time split); `StepProfiler` traces the steps `--profile` names.
 
 Where the rest lives: checkpoint I/O in `checkpoints.py`; `TrainState` and its save / restore in
 `train_state.py`; the pipeline plan and the schedules in `pipeline.py`; token losses in
@@ -29,8 +31,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import glob
 import json
 import os
+import re
 import time
 from collections.abc import Callable
 
@@ -531,6 +535,9 @@ class RunConfig:
     sequence_parallel: bool = False
     family: str = "glm"  # recorded in every checkpoint (families.py), with the tokenizer file
     tokenizer_file: str | None = None  # copied into ckpt_dir/tokenizer/ (None: ours, the package's)
+    # (START, STOP): a jax.profiler trace of steps START..STOP-1 (metrics.jsonl's numbers) under
+    # log_dir/profile (`StepProfiler`)
+    profile: tuple[int, int] | None = None
 
 
 def make_trainer(
@@ -578,6 +585,90 @@ class RunProgress:
     timed: float = 0.0  # seconds of the logged steps but the run's first (it compiles)
     tokens: int = 0  # their tokens
     flops: float = 0.0  # their model FLOPs
+    host: float = 0.0  # their seconds waiting for batches and dispatching (`_Run.loop`)
+    device: float = 0.0  # their seconds waiting for the steps' results (`_Run.log_step`)
+
+
+# collective ops of XLA's HLO (and their async -start / -done halves), as a trace's op names read
+COLLECTIVE_OP = re.compile(r"^%?(all-reduce|all-gather|reduce-scatter|collective-permute|all-to-all|ragged-all-to-all)")
+
+
+class StepProfiler:
+    """A `jax.profiler` trace of the steps span = (START, STOP) names (START..STOP-1, numbered as in
+    metrics.jsonl; those this run reaches), written by every process (as jax's multi-host profiling
+    does: each host traces its own devices) under log_dir/profile (several processes:
+    log_dir/profile/process_<i>), for TensorBoard's profile plugin or Perfetto. The trace starts
+    once the steps before it are done and stops once its last step's results are, so it holds
+    those steps alone. A context manager: a trace still open when the loop ends is stopped."""
+
+    def __init__(self, span: tuple[int, int] | None, log_dir: str, log: Callable[[str], None] = print):
+        self.span, self.log = span, log
+        self.folder = os.path.abspath(os.path.join(log_dir, "profile"))
+        if jax.process_count() > 1:
+            self.folder = os.path.join(self.folder, f"process_{jax.process_index()}")
+        self.active = False
+        self.traced: list[int] = []  # the steps traced
+
+    def _in_span(self, step: int) -> bool:
+        return self.span is not None and self.span[0] <= step < self.span[1]
+
+    def before(self, step: int, state) -> None:
+        """Before dispatching step `step`: start the trace at the span's first step this run runs."""
+        if self._in_span(step) and not self.active and not self.traced:
+            jax.block_until_ready(state)  # the steps before it stay out of the trace
+            jax.profiler.start_trace(self.folder)
+            self.active = True
+
+    def annotate(self, step: int):
+        """The step's dispatch, marked as step `step` in the trace while tracing."""
+        if not self.active:
+            return contextlib.nullcontext()
+        return jax.profiler.StepTraceAnnotation("train", step_num=step)
+
+    def after(self, step: int, metrics) -> None:
+        """After dispatching step `step`: at the span's last step, wait for it and stop the trace."""
+        if self.active:
+            self.traced.append(step)
+            if step == self.span[1] - 1:
+                jax.block_until_ready(metrics)
+                self._stop()
+
+    def _stop(self) -> None:
+        jax.profiler.stop_trace()
+        self.active = False
+        self.log(f"profile of steps {self.traced[0]}..{self.traced[-1]} written under {self.folder}")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.active:
+            self._stop()
+
+    def collectives(self) -> tuple[float | None, str]:
+        """(device seconds in collective ops per traced step, mean over this process's devices, or
+        None; a note saying what it is or why it is missing), from this process's trace: the
+        `XLA Ops` line of each device plane (GPU and TPU traces have one; a CPU trace has no
+        device plane)."""
+        if not self.traced:
+            return None, "collectives are read from a profile: pass --profile START:STOP"
+        files = glob.glob(os.path.join(self.folder, "plugins", "profile", "*", "*.xplane.pb"))
+        if not files:
+            return None, f"no trace file under {self.folder}"
+        trace = jax.profiler.ProfileData.from_file(max(files, key=os.path.getmtime))
+        devices = [
+            [line for line in plane.lines if line.name == "XLA Ops"]
+            for plane in trace.planes
+            if plane.name.startswith("/device:") and any(line.name == "XLA Ops" for line in plane.lines)
+        ]
+        if not devices:
+            return None, (
+                f"the {jax.default_backend()} backend's trace has no per-device op timeline (XLA Ops): "
+                "collectives not reported"
+            )
+        ops = [e for lines in devices for line in lines for e in line.events if COLLECTIVE_OP.match(e.name)]
+        seconds = sum(e.duration_ns for e in ops) / 1e9 / len(devices) / len(self.traced)
+        return seconds, "device seconds in collective ops per profiled step (the trace's XLA Ops, mean over devices)"
 
 
 @dataclasses.dataclass
@@ -594,12 +685,14 @@ class _Run:
     ckpt: Checkpoints
     metrics: MetricsWriter
     eval_builder: object | None
+    source_evals: dict  # source name -> a builder of its own held-out sequences
     log: Callable[[str], None]
     lead: bool  # process 0: writes the metrics, the summary and calls on_done
     start: int  # the step the run resumed at (0: a fresh run)
     tokenizer_meta: str | None
     extra_meta: dict  # the rest of a checkpoint's metadata: the given `meta`, or the resumed checkpoint's
     peak: float | None  # FLOP/s of one device
+    profiler: StepProfiler
 
     @property
     def one_schedule(self) -> bool:
@@ -619,13 +712,19 @@ class _Run:
         }
         save_state(self.ckpt, self.trainer, step, state, record)
 
-    def evaluate(self, params) -> float | None:
-        """Mean held-out loss over run.eval_batches batches; None without held-out data."""
-        if self.eval_builder is None:
-            return None
+    def evaluate(self, params) -> dict:
+        """{"eval_loss": the mixture's held-out loss (None without held-out data), "eval_loss/<name>":
+        each source's on its own held-out split}, each over run.eval_batches batches."""
+        losses = {"eval_loss": None if self.eval_builder is None else self._held_out_loss(self.eval_builder, params)}
+        for name, builder in self.source_evals.items():
+            losses[f"eval_loss/{name}"] = self._held_out_loss(builder, params)
+        return losses
+
+    def _held_out_loss(self, builder, params) -> float:
+        """Mean token loss of run.eval_batches batches of `builder`'s sequences."""
         trainer = self.trainer
         rows = sh.rows_held(trainer.batch_sharding, trainer.pass_batch)
-        held_out = DataIterator(self.eval_builder, trainer.pass_batch, prefetch=0, rows=rows)
+        held_out = DataIterator(builder, trainer.pass_batch, prefetch=0, rows=rows)
         total = count = 0.0
         with trainer.context():
             for _ in range(self.run.eval_batches):
@@ -633,14 +732,14 @@ class _Run:
                 total, count = total + float(loss) * float(tokens), count + float(tokens)
         return total / max(count, 1.0)
 
-    def initial_evaluation(self, state: TrainState) -> float | None:
-        """With eval_every set, a fresh run's held-out loss before step 1 (logged as step 0)."""
+    def initial_evaluation(self, state: TrainState) -> dict:
+        """With eval_every set, a fresh run's held-out losses before step 1 (logged as step 0)."""
         if not (self.run.eval_every and self.start == 0):
-            return None
-        loss = self.evaluate(state.params)
-        if loss is not None:
-            self.metrics.write({"step": 0, "eval_loss": loss})
-        return loss
+            return {}
+        losses = self.evaluate(state.params)
+        if losses["eval_loss"] is not None:
+            self.metrics.write({"step": 0, **losses})
+        return losses
 
     # ---- dispatch a step ----------------------------------------------------------------------------
     def dispatch(self, state: TrainState, step: int, vote: bool):
@@ -685,6 +784,7 @@ class _Run:
     # ---- log a step ---------------------------------------------------------------------------------
     def log_step(self, progress: RunProgress, step: int, metrics: dict, bar) -> bool:
         """Read step `step`'s metrics (waiting for it), log them; -> the processes' agreed stop."""
+        waited = time.perf_counter()
         values = {k: (bool(v) if k in ("finite", "stop") else float(v)) for k, v in jax.device_get(metrics).items()}
         now = time.perf_counter()
         seconds, progress.clock = now - progress.clock, now
@@ -695,6 +795,7 @@ class _Run:
             progress.timed += seconds
             progress.tokens += tokens
             progress.flops += flops
+            progress.device += now - waited
         record = self._record(step, values, passes, seconds, tokens, flops)
         if progress.first_loss is None:
             progress.first_loss = record["loss"]
@@ -750,16 +851,22 @@ class _Run:
             desc="train",
             unit="step",
         )
-        with StopSignal() as signals:
+        with StopSignal() as signals, self.profiler:
             pending = None  # (step, metrics): dispatched, not logged yet
             for step in bar:
-                progress.state, metrics = self.dispatch(progress.state, step, signals.received is not None)
+                self.profiler.before(step + 1, progress.state)
+                started = time.perf_counter()
+                with self.profiler.annotate(step + 1):
+                    progress.state, metrics = self.dispatch(progress.state, step, signals.received is not None)
+                if step > self.start:  # the first step compiles
+                    progress.host += time.perf_counter() - started
+                self.profiler.after(step + 1, metrics)
                 stopped = pending is not None and self.log_step(progress, *pending, bar)
                 pending = (step, metrics)
                 if run.eval_every and (step + 1) % run.eval_every == 0 and step + 1 < run.steps:
                     stopped = self.log_step(progress, *pending, bar) or stopped
                     pending = None
-                    self.metrics.write({"step": step + 1, "eval_loss": self.evaluate(progress.state.params)})
+                    self.metrics.write({"step": step + 1, **self.evaluate(progress.state.params)})
                 if (step + 1) % run.ckpt_every == 0 or step + 1 == run.steps or stopped:
                     self.save(progress.state, step + 1)
                 if stopped:
@@ -771,42 +878,58 @@ class _Run:
                 self.log_step(progress, *pending, bar)
         return stopped
 
-    def finish(self, progress: RunProgress, stopped: bool, on_done) -> float | None:
-        """After the loop: the final held-out loss (none after a stop or without a logged step)
+    def finish(self, progress: RunProgress, stopped: bool, on_done) -> dict:
+        """After the loop: the final held-out losses (none after a stop or without a logged step)
         and on_done with the final trainable parameters, on every process (both are collective),
         once the training state and the trainer's frozen base are dropped (on_done may load a
-        model in their place); -> that loss."""
+        model in their place); -> those losses (`evaluate`; {} without)."""
         last, state = progress.last, progress.state
-        eval_loss = self.evaluate(state.params) if last is not None and not stopped else None
-        if eval_loss is not None:
-            self.metrics.write({"step": last["step"], "eval_loss": eval_loss})
+        losses = self.evaluate(state.params) if last is not None and not stopped else {}
+        if losses.get("eval_loss") is not None:
+            self.metrics.write({"step": last["step"], **losses})
         if on_done is not None and not stopped:
             params, step = self.trainer.plain_params(state.params), int(state.step)
             progress.state = state = None  # the state and the frozen base leave the devices first
             self.trainer.release()
             on_done(params, step)
-        return eval_loss
+        return losses
+
+    def step_time_split(self, progress: RunProgress) -> dict:
+        """Seconds per step (the logged steps but the run's first, which compiles): host (waiting
+        for batches and dispatching), device (waiting for results), collectives (device seconds
+        in collective ops, read from the profile where the backend's trace reports them)."""
+        steps = max(progress.last["step"] - self.start - 1, 0) if progress.last else 0
+        collectives, note = self.profiler.collectives()
+        return {
+            "host_s": progress.host / steps if steps else None,
+            "device_s": progress.device / steps if steps else None,
+            "collectives_s": collectives,
+            "collectives_note": note,
+        }
 
     def close(self) -> None:
         self.ckpt.close()
         self.metrics.close()
         self.data.close()
 
-    def summarise(self, progress: RunProgress, initial_eval, eval_loss, stopped: bool) -> dict:
+    def summarise(self, progress: RunProgress, initial_eval: dict, final_eval: dict, stopped: bool) -> dict:
         """The run's summary; the lead process also writes it to log_dir/summary.json and plots the metrics."""
         last, timed, peak = progress.last, progress.timed, self.peak
         summary = {
             "steps": last["step"] if last else self.start,
             "first_loss": progress.first_loss,
             "final_loss": last["loss"] if last else None,
-            "initial_eval_loss": initial_eval,
-            "eval_loss": eval_loss,
+            "initial_eval_loss": initial_eval.get("eval_loss"),
+            "eval_loss": final_eval.get("eval_loss"),
+            **{k: v for k, v in final_eval.items() if k != "eval_loss"},
             "tokens_per_s": progress.tokens / timed if timed else None,
             "mfu": progress.flops / (timed * peak * jax.device_count()) if timed and peak else None,
             "skipped_steps": int(last["skipped"]) if last else 0,
             "checkpoint_dir": self.ckpt.directory,
             "log_dir": os.path.abspath(self.run.log_dir),
             "interrupted": stopped,
+            "step_time_split": self.step_time_split(progress),
+            "profile_dir": self.profiler.folder if self.profiler.traced else None,
         }
         if self.lead and last is not None:
             plot_metrics(self.metrics.path, os.path.join(self.run.log_dir, "metrics.png"))
@@ -871,9 +994,11 @@ def train(
     base: dict | None = None,
     meta: dict | None = None,
     on_done: Callable[[dict, int], None] | None = None,
+    source_evals: dict | None = None,
 ) -> dict:
     """Train on `mesh` from `builder` (objectives.SequenceBuilder, or sft.SFTBuilder); resume from
-    run.ckpt_dir.
+    run.ckpt_dir. Held-out loss: `eval_builder`'s (the mixture: `eval_loss`) and, with
+    source_evals {name: builder}, each source's own (`eval_loss/<name>`), run.eval_batches each.
 
     Fine-tuning: `base` is the base model's parameters (plain stacked layout; read into
     `base_shardings(config, mesh)` no device holds it whole, and without stages it is used where
@@ -910,6 +1035,8 @@ def train(
         ckpt=ckpt,
         metrics=MetricsWriter(run.log_dir, start, enabled=lead),
         eval_builder=eval_builder,
+        source_evals=dict(source_evals or {}),
+        profiler=StepProfiler(run.profile, run.log_dir, log),
         log=log,
         lead=lead,
         start=start,
@@ -922,7 +1049,7 @@ def train(
     del state
     try:
         stopped = job.loop(progress)
-        eval_loss = job.finish(progress, stopped, on_done)
+        final_eval = job.finish(progress, stopped, on_done)
     finally:  # a finished or failed run never leaves a checkpoint half-written
         job.close()
-    return job.summarise(progress, initial_eval, eval_loss, stopped)
+    return job.summarise(progress, initial_eval, final_eval, stopped)

@@ -7,7 +7,16 @@ import pathlib
 import numpy as np
 import pytest
 
-from glm_jax.data import Corpus, DataError, DataIterator, ReadStats, load_instructions, parse_sources, read_texts
+from glm_jax.data import (
+    Corpus,
+    DataError,
+    DataIterator,
+    ReadStats,
+    load_instructions,
+    parse_sources,
+    read_texts,
+    source_files,
+)
 from glm_jax.objectives import SequenceBuilder
 from glm_jax.tokenizer import EOS, GLMTokenizer
 
@@ -74,7 +83,8 @@ def test_parse_sources(tmp_path):
         (f"{tmp_path}/a.jsonl", 0.7),
         (f"{tmp_path}/b.jsonl.gz", 0.3),
     ]
-    assert parse_sources([str(tmp_path)]) == [(f"{tmp_path}/a.jsonl", 1.0), (f"{tmp_path}/b.jsonl.gz", 1.0)]
+    assert parse_sources([str(tmp_path)]) == [(str(tmp_path), None)]  # a folder is one source
+    assert source_files(str(tmp_path)) == [f"{tmp_path}/a.jsonl", f"{tmp_path}/b.jsonl.gz"]
     with pytest.raises(DataError, match="must be positive"):
         parse_sources("x.jsonl:0")
 
