@@ -11,11 +11,10 @@ weights as it loads (`quant.py`); `adapter` puts a fine-tuned adapter (`adapters
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import jax
 
-from glm_jax import placement
+from glm_jax import paths, placement
 from glm_jax.adapters import attach
 from glm_jax.checkpoints import CheckpointError, read_checkpoint, read_config
 from glm_jax.config import ConfigError, GLMConfig
@@ -139,8 +138,8 @@ def load_model(
     try:
         model_family = get_family(family or meta.get("family") or "glm")
         if tokenizer_file is None and meta.get("tokenizer"):
-            tokenizer_file = os.path.join(path, meta["tokenizer"])
-        tokenizer = model_family.load_tokenizer(tokenizer_file)
+            tokenizer_file = paths.join(path, meta["tokenizer"])
+        tokenizer = model_family.load_tokenizer(None if tokenizer_file is None else paths.local_file(tokenizer_file))
         check_fits(tokenizer, config.padded_vocab_size, f"the checkpoint {path}")
     except (FamilyError, TokenizerError) as e:
         raise CheckpointError(str(e)) from None

@@ -11,8 +11,10 @@ s3fs for s3://). Corpora, token stores and checkpoints take either.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
 import re
+import shutil
 
 URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 
@@ -87,3 +89,31 @@ def open_file(path: str):
         magic = f.read(2)
     raw = open_raw(path)
     return gzip.open(raw, "rb") if magic == b"\x1f\x8b" else raw
+
+
+CACHE = os.path.join(os.path.expanduser("~"), ".cache", "glm_jax", "remote")
+
+
+def local_file(path: str, cache_dir: str = CACHE) -> str:
+    """A local path for a file: itself when local; a URL's file copied, with the files beside it in
+    its folder (a tokenizer.json's sidecars), into `cache_dir` (keyed by the folder's URL and the
+    file's version), for readers that need a local file (SentencePiece, tokenizers)."""
+    if not is_url(path):
+        return path
+    folder, name = path.rstrip("/").rsplit("/", 1)
+    size, version = size_and_version(path)
+    key = hashlib.sha256(f"{folder}|{size}|{version}".encode()).hexdigest()[:24]
+    local = os.path.join(cache_dir, key)
+    if not os.path.isfile(os.path.join(local, name)):
+        fs, inner = filesystem(folder)
+        tmp = f"{local}.{os.getpid()}.tmp"
+        os.makedirs(tmp, exist_ok=True)
+        for entry in fs.ls(inner, detail=True):
+            if entry.get("type") == "file":
+                fs.get(entry["name"], os.path.join(tmp, entry["name"].rstrip("/").rsplit("/", 1)[-1]))
+        os.makedirs(cache_dir, exist_ok=True)
+        if os.path.isdir(local):  # another process copied it meanwhile
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            os.replace(tmp, local)
+    return os.path.join(local, name)

@@ -299,3 +299,18 @@ def test_two_processes_read_the_batches_one_process_builds(sources, tok, tmp_pat
 
 if __name__ == "__main__":
     _worker(*sys.argv[1:3])
+
+
+def test_a_tokenizer_on_a_url_is_read_from_a_local_copy_with_its_sidecars(tmp_path):
+    """What a checkpoint on a bucket needs to be loaded: its tokenizer file (and a tokenizer.json's
+    sidecars beside it) copied once into a local cache, the same path on every later call."""
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/ckpt-test/tokenizer/tokenizer.json", b'{"model": 1}')
+    fs.pipe("/ckpt-test/tokenizer/generation_config.json", b'{"eos_token_id": 2}')
+    local = paths.local_file("memory:///ckpt-test/tokenizer/tokenizer.json", str(tmp_path))
+    assert sorted(os.listdir(os.path.dirname(local))) == ["generation_config.json", "tokenizer.json"]
+    assert open(local, "rb").read() == b'{"model": 1}'
+    assert paths.local_file("memory:///ckpt-test/tokenizer/tokenizer.json", str(tmp_path)) == local
+    assert paths.local_file(str(tmp_path / "x.model")) == str(tmp_path / "x.model")  # local: itself
