@@ -29,7 +29,11 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="glm-tiny")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a model config field")
-    ap.add_argument("--mesh", default="1x1", help="PxT (stages x tensor, data over the rest) or DxPxT")
+    ap.add_argument(
+        "--mesh",
+        default="1x1",
+        help="PxT (stages x tensor, data over the rest), DxPxT, or DxPxTxC (C: context shards splitting each sequence)",
+    )
     ap.add_argument(
         "--data",
         default=",".join(os.path.join(DATA, "corpus", f"{lang}.jsonl.gz:0.5") for lang in ("en", "zh")),

@@ -65,6 +65,7 @@ def dry_run(trainer, seq_len: int, hlo_file: str | None = None) -> dict:
     tick loop counted `tick_count` times); hlo_file: write the compiled step's HLO text there. A
     compile refused for memory (an accelerator's compiler, e.g. an AOT TPU plan) is reported with
     `fits` false and the compiler's message."""
+    sh.check_splittable(trainer.config, trainer.mesh, seq_len=seq_len)  # the context axis splits each sequence
     started = time.perf_counter()
     shapes = trainer.state_shapes(trainer.plan)
     batch = {

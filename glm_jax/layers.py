@@ -404,22 +404,51 @@ class GLMMask(NamedTuple):
 
 
 def wants_flash(config: GLMConfig) -> bool:
-    """Whether the layers get a `GLMMask` (the TPU kernel) rather than the dense mask."""
+    """Whether the layers get a `GLMMask` (the TPU kernel) rather than the dense mask. Not under
+    context parallelism (`context_shards` > 1): the kernel takes whole sequences, so the XLA
+    reference runs, its queries split over `context` (choosing the kernel there warns)."""
     if config.position_encoding == "alibi":
         return False
-    return config.attention_impl == "pallas_tpu" or (config.attention_impl == "auto" and target_platform() == "tpu")
+    flash = config.attention_impl == "pallas_tpu" or (config.attention_impl == "auto" and target_platform() == "tpu")
+    if flash and context_shards() > 1:
+        _warn_fallback(
+            f"context parallelism ({context_shards()} context shards): the TPU kernel takes whole sequences; "
+            "the XLA reference runs with its queries split over `context`",
+            config.attention_impl,
+        )
+        return False
+    return flash
+
+
+def context_shards() -> int:
+    """How many shards the current mesh's `context` axis splits each sequence into (1: none, or
+    the axis is manual here). Read while tracing, under `jax.set_mesh`."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or "context" not in mesh.axis_names or "context" in mesh.manual_axes:
+        return 1
+    return int(mesh.shape["context"])
 
 
 def glm_attention_mask(segment_ids, prefix_mask):
     """GLM's rule (docs/design.md#the-batch-contract): q sees k iff same nonzero segment and (k in part A or k <= q).
 
-    segment_ids, prefix_mask: [B, S] int -> bool [B, 1, S, S] (query, key), built on device.
+    segment_ids, prefix_mask: [B, S] int -> bool [B, 1, S, S] (query, key), built on device from
+    the global positions: under context parallelism each shard builds its queries' rows
+    [B, 1, S / C, S] (queries over `length`, keys whole over `kv_length`).
     """
     s = segment_ids.shape[-1]
     same = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, :, None] != 0)
     causal = jnp.arange(s)[:, None] >= jnp.arange(s)[None, :]
     visible = causal[None] | (prefix_mask[:, None, :] != 0)
-    return (same & visible)[:, None]
+    mask = (same & visible)[:, None]
+    return context_constraint(mask, ("batch", None, "length", "kv_length"))
+
+
+def context_constraint(x, names: tuple):
+    """Under context parallelism x constrained to the logical `names` (queries over `context`,
+    keys / values whole); otherwise x as it is, so meshes without a context axis place it as
+    they always have."""
+    return nn.with_logical_constraint(x, names) if context_shards() > 1 else x
 
 
 # ---- attention ----------------------------------------------------------------------------------
@@ -579,8 +608,22 @@ class SelfAttention(nn.Module):
         v = Linear((e,), (kv, d), ("embed", "kv_heads", "head_dim"), c.qkv_bias, c, scaled, name="value")(x, shared)
         q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
         q, k = apply_rotary(q, tables, c), apply_rotary(k, tables, c)
+        # context parallelism: the queries stay split over `context`, the keys and values are
+        # all-gathered; pinned split first, so their gradients are reduce-scattered back there
+        # (else XLA may gather the layer's input to form the K/V weight gradients); without a
+        # context axis a no-op
+        k, v = (
+            context_constraint(
+                context_constraint(t, ("batch", "length", "kv_heads", "head_dim")),
+                ("batch", "kv_length", "kv_heads", "head_dim"),
+            )
+            for t in (k, v)
+        )
 
         def project(out):
+            # under context parallelism, pin the output (and so its cotangent) to queries over
+            # `context` and heads over `tensor`, the layout the scores have
+            out = context_constraint(out, ("batch", "length", "heads", "head_dim"))
             out = checkpoint_name(out, "attention_context")
             return Linear(
                 (h, d),

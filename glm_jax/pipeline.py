@@ -43,7 +43,7 @@ from glm_jax.layers import GLMBlock
 from glm_jax.losses import token_loss_sum
 from glm_jax.model import GLM, REMAT_POLICIES, abstract_params, attention_inputs
 from glm_jax.prompts import check_pipeline
-from glm_jax.sharding import AXES, axis_size, zero1_spec
+from glm_jax.sharding import AXES, CONTEXT, axis_size, has_context, zero1_spec
 
 BATCH_FIELDS = ("position_ids", "block_position_ids", "segment_ids", "prefix_mask")
 LOSS_FIELDS = ("tokens", "targets", "loss_mask")
@@ -131,6 +131,8 @@ def describe(mesh: jax.sharding.Mesh, plan: PipelinePlan, microbatches: int, sch
     head = (
         f"mesh data={axis_size(mesh, 'data')} x stage={axis_size(mesh, 'stage')} x tensor={axis_size(mesh, 'tensor')}"
     )
+    if has_context(mesh):
+        head += f" x context={axis_size(mesh, CONTEXT)}"
     if plan.stages == 1:
         return head + "; no pipeline"
     return (

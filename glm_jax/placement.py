@@ -28,6 +28,12 @@ def check_inference_mesh(config: GLMConfig, mesh: jax.sharding.Mesh) -> None:
             f"inference runs on the data and tensor axes; this mesh has a stage axis of {stages}: "
             f"use --mesh 1x{tensor} (or Dx1x{tensor})"
         )
+    if sh.axis_size(mesh, sh.CONTEXT) != 1:
+        raise sh.MeshError(
+            f"inference runs on the data and tensor axes; this mesh has a context axis of "
+            f"{sh.axis_size(mesh, sh.CONTEXT)} (context parallelism is for training): use --mesh 1x{tensor} "
+            f"(or Dx1x{tensor})"
+        )
     if tensor > config.num_attention_heads:
         raise sh.MeshError(
             f"a tensor axis of {tensor} is larger than num_attention_heads={config.num_attention_heads}: "

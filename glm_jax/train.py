@@ -546,6 +546,7 @@ def make_trainer(
     """The trainer of a run and its batch schedule (in 1F1B microbatches, or in passes). A 1F1B
     trainer holds the whole global batch, in microbatches of pass_batch / microbatches rows."""
     pass_batch, microbatches = run.pass_batch or run.global_batch, run.microbatches
+    sh.check_splittable(config, mesh, seq_len=run.seq_len)  # a context axis must divide the sequence
     one_schedule = sh.axis_size(mesh, "stage") > 1 and (run.schedule or "1f1b") == "1f1b"
     if one_schedule and pass_batch != run.global_batch:  # the microbatches of a pass, over the global batch
         microbatches = pipeline.microbatch_count(microbatches, pass_batch, mesh)

@@ -210,6 +210,7 @@ def tiny_run(sources, tmp_path_factory):
         return run / "log", json.load(f), json.loads(out.getvalue().strip().splitlines()[-1]), err.getvalue()
 
 
+@pytest.mark.slow  # a tiny pretrain run (shared by the two)
 def test_each_source_has_its_own_held_out_loss(tiny_run):
     log, summary, printed, err = tiny_run
     keys = ("eval_loss", "eval_loss/store", "eval_loss/uneven")
@@ -223,6 +224,7 @@ def test_each_source_has_its_own_held_out_loss(tiny_run):
     assert "store: 6,035 tokens, 60.0% of the training tokens" in err
 
 
+@pytest.mark.slow  # a tiny pretrain run (shared by the two)
 def test_profile_writes_a_trace_and_the_summary_splits_step_time(tiny_run):
     log, summary, _, err = tiny_run
     assert summary["profile_dir"] == str(log / "profile")
