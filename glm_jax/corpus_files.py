@@ -26,7 +26,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 from glm_jax import paths
-from glm_jax.data import ReadStats
+from glm_jax.data import ReadStats, line_record, usable_text
 from glm_jax.token_store import StoreError
 
 SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet", ".arrow")
@@ -118,35 +118,9 @@ def expand_inputs(items: Sequence[str]) -> list[Input]:
 
 # ---- rows -------------------------------------------------------------------------------------------
 def _jsonl_text(raw: bytes, field: str, stats: ReadStats) -> str | None:
-    """One line's text, or None with the reason counted (data.read_records / read_texts' rules)."""
-    try:
-        line = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        stats.bad_utf8 += 1
-        return None
-    if not line.strip():
-        stats.empty_text += 1
-        return None
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError:
-        stats.bad_json += 1
-        return None
-    if not isinstance(record, dict):
-        stats.bad_json += 1
-        return None
-    return _value_text(record.get(field), stats)
-
-
-def _value_text(value, stats: ReadStats) -> str | None:
-    if not isinstance(value, str):
-        stats.missing_text += 1
-        return None
-    if not value.strip():
-        stats.empty_text += 1
-        return None
-    stats.documents += 1
-    return value
+    """One line's text, or None with the reason counted (data.read_texts' rules)."""
+    record = line_record(raw, stats)
+    return None if record is None else usable_text(record.get(field), stats)
 
 
 def _jsonl_lines(inp: Input, start: int, stop: int, offset: int | None) -> Iterator[bytes]:
@@ -235,7 +209,7 @@ def iter_texts(
         else:
             for value in _table_values(inp, start, stop, field):
                 stats.lines += 1
-                text = _value_text(value, stats)
+                text = usable_text(value, stats)
                 if text is not None:
                     yield text
     except StoreError:

@@ -77,35 +77,51 @@ def read_records(path: str, stats: ReadStats) -> Iterator[dict]:
     with paths.open_file(path) as f:
         for raw in f:
             stats.lines += 1
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                stats.bad_utf8 += 1
-                continue
-            if not line.strip():
-                stats.empty_text += 1
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                stats.bad_json += 1
-                continue
-            if not isinstance(record, dict):
-                stats.bad_json += 1
-                continue
-            yield record
+            record = line_record(raw, stats)
+            if record is not None:
+                yield record
+
+
+def line_record(raw: bytes, stats: ReadStats) -> dict | None:
+    """One JSON-lines line's object, or None with the reason counted (non-UTF-8, blank, bad JSON,
+    not an object): the one rule every corpus reader counts by."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        stats.bad_utf8 += 1
+        return None
+    if not line.strip():
+        stats.empty_text += 1
+        return None
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        stats.bad_json += 1
+        return None
+    if not isinstance(record, dict):
+        stats.bad_json += 1
+        return None
+    return record
+
+
+def usable_text(value, stats: ReadStats) -> str | None:
+    """A record's text, or None with the reason counted (missing or not a string, blank); a
+    usable one counts as a document."""
+    if not isinstance(value, str):
+        stats.missing_text += 1
+        return None
+    if not value.strip():
+        stats.empty_text += 1
+        return None
+    stats.documents += 1
+    return value
 
 
 def read_texts(path: str, stats: ReadStats, field: str = "text") -> Iterator[str]:
     """The `text` of every usable line of a JSON-lines corpus."""
     for record in read_records(path, stats):
-        text = record.get(field)
-        if not isinstance(text, str):
-            stats.missing_text += 1
-        elif not text.strip():
-            stats.empty_text += 1
-        else:
-            stats.documents += 1
+        text = usable_text(record.get(field), stats)
+        if text is not None:
             yield text
 
 
