@@ -24,13 +24,17 @@ def token_loss_sum(logits, batch):
     """(summed cross-entropy over loss tokens, their count) of logits [..., V] in fp32."""
     logits = logits.astype(jnp.float32)
     logz = jax.nn.logsumexp(logits, axis=-1)
+    gold = target_logits(logits, batch["targets"])
+    mask = batch["loss_mask"].astype(jnp.float32)
+    return jnp.sum((logz - gold) * mask), mask.sum()
+
+
+def target_logits(logits, targets):
+    """The logit of each target: logits [..., V], targets [...] int -> [...] (logits' dtype)."""
     if context_shards() > 1:
         # the target's logit as a masked sum over the vocabulary (exact: one nonzero term), not a
         # gather: XLA's partitioner fails on a gather over a vocabulary split over `tensor` inside
         # the pipeline's per-stage programs when a `context` axis is automatic beside it
-        hit = jnp.arange(logits.shape[-1]) == batch["targets"][..., None]
-        gold = jnp.sum(jnp.where(hit, logits, 0.0), axis=-1)
-    else:
-        gold = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]
-    mask = batch["loss_mask"].astype(jnp.float32)
-    return jnp.sum((logz - gold) * mask), mask.sum()
+        hit = jnp.arange(logits.shape[-1]) == targets[..., None]
+        return jnp.sum(jnp.where(hit, logits, 0.0), axis=-1)
+    return jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
