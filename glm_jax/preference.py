@@ -43,8 +43,18 @@ import numpy as np
 
 from glm_jax.data import DataError
 from glm_jax.families import Family
-from glm_jax.objectives import pack
-from glm_jax.sft import BadRow, SFTBuilder, cut, read_rows, to_sample
+from glm_jax.sft import (
+    BadRow,
+    SFTBuilder,
+    cut,
+    fitted_example,
+    history_rounds,
+    message_rounds,
+    pack_units,
+    read_rows,
+    text_field,
+    to_sample,
+)
 from glm_jax.tokenizer import Tokenizer
 
 USER_ROLES = {"user": "user", "human": "user", "system": "system", "assistant": "assistant"}
@@ -92,28 +102,9 @@ def detect_format(row: dict) -> str:
     raise BadRow("missing_fields")
 
 
-def _text(x) -> str:
-    if not isinstance(x, str):
-        raise BadRow("missing_fields")
-    return x
-
-
 def _prompt_messages(messages, role_key: str) -> tuple[str | None, list[tuple[str, str]], str]:
     """[system?, user, assistant, ..., user] -> (system or None, (query, reply) rounds, query)."""
-    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
-        raise BadRow("missing_fields")
-    system, rounds, query = None, [], None
-    for i, m in enumerate(messages):
-        role, content = USER_ROLES.get(m.get(role_key)), _text(m.get("content"))
-        if role == "system" and i == 0:
-            system = content
-        elif role == "user" and query is None:
-            query = content
-        elif role == "assistant" and query is not None:
-            rounds.append((query, content))
-            query = None
-        else:  # two users in a row, a reply without a query, an unknown role
-            raise BadRow("missing_fields")
+    system, rounds, query = message_rounds(messages, role_key, "content", USER_ROLES)
     if query is None:  # the prompt must end with the query the answers reply to
         raise BadRow("missing_fields")
     return system, rounds, query
@@ -129,14 +120,7 @@ def _answer(x, role_key: str) -> str:
         if x.get(role_key) != "assistant":
             raise BadRow("missing_fields")
         x = x.get("content")
-    return _text(x)
-
-
-def _history(row: dict) -> list[tuple[str, str]]:
-    history = row.get("history") or []
-    if not isinstance(history, list) or not all(isinstance(h, (list, tuple)) and len(h) == 2 for h in history):
-        raise BadRow("missing_fields")
-    return [(_text(q), _text(a)) for q, a in history]
+    return text_field(x)
 
 
 def preference(row: dict, family: Family = Family()) -> tuple[Pair, str]:
@@ -147,13 +131,13 @@ def preference(row: dict, family: Family = Family()) -> tuple[Pair, str]:
     if fmt == "colossalchat":
         system, history, query = _prompt_messages(row["context"], "from")
     elif fmt == "llamafactory":
-        query = family.instruction_query(_text(row["instruction"]), _text(row.get("input") or ""))
-        history = _history(row)
-        system = _text(row["system"]) if row.get("system") else None
+        query = family.instruction_query(text_field(row["instruction"]), text_field(row.get("input") or ""))
+        history = history_rounds(row)
+        system = text_field(row["system"]) if row.get("system") else None
     elif isinstance(row["prompt"], list):
         system, history, query = _prompt_messages(row["prompt"], "role")
     else:
-        query = _text(row["prompt"])
+        query = text_field(row["prompt"])
     chosen, rejected = _answer(row["chosen"], role_key), _answer(row["rejected"], role_key)
     if not chosen.strip() or not rejected.strip():
         raise BadRow("empty_answer")
@@ -170,11 +154,9 @@ def pair_examples(
     for each answer after the same prompt, the oldest history rounds dropped until the prompt has
     at most max_source ids, then cut as SFT cuts (`sft.cut`)."""
     system, history, query, chosen, rejected = pair
-    for dropped in range(len(history) + 1):
-        made = [family.training_example(tok, history[dropped:], query, a, system) for a in (chosen, rejected)]
-        if made[0][1].index(1) <= max_source or dropped == len(history):
-            stats.dropped_rounds += dropped
-            break
+    *fitted, dropped = fitted_example(family, tok, history, query, chosen, system, max_source)
+    stats.dropped_rounds += dropped
+    made = [fitted, family.training_example(tok, history[dropped:], query, rejected, system)]
     out = []
     for ids, mask in made:
         ids, mask, cut_s, cut_t = cut(ids, mask, family, max_source, max_target)
@@ -227,20 +209,7 @@ def build_pairs(
 def pack_pairs(pairs: Sequence[tuple[dict, dict]], seq_len: int, seed: int) -> list[dict[str, np.ndarray]]:
     """First-fit packing of whole pairs in a seeded order -> rows of the batch contract where pair
     k of a row is segments (2k - 1 chosen, 2k rejected)."""
-    order = np.random.default_rng([seed, 0x9A1]).permutation(len(pairs))
-    bins: list[list[dict]] = []
-    room: list[int] = []
-    for i in order:
-        chosen, rejected = pairs[i]
-        n = len(chosen["tokens"]) + len(rejected["tokens"])
-        j = next((j for j, r in enumerate(room) if r >= n), None)
-        if j is None:
-            bins.append([])
-            room.append(seq_len)
-            j = len(bins) - 1
-        bins[j] += [chosen, rejected]
-        room[j] -= n
-    return [pack(b, seq_len) for b in bins]
+    return pack_units(pairs, seq_len, np.random.default_rng([seed, 0x9A1]))
 
 
 def preference_builder(

@@ -146,23 +146,32 @@ MESSAGES = {
 }
 
 
-def _history(row: dict) -> list[tuple[str, str]]:
+def history_rounds(row: dict) -> list[tuple[str, str]]:
     """A row's `history`: [[query, reply], ...] (absent: none)."""
     history = row.get("history") or []
     if not isinstance(history, list) or not all(isinstance(h, (list, tuple)) and len(h) == 2 for h in history):
         raise BadRow("missing_fields")
-    return [(_text(q), _text(a)) for q, a in history]
+    return [(text_field(q), text_field(a)) for q, a in history]
 
 
 def _messages(messages, fmt: str) -> tuple[str | None, list[tuple[str, str]]]:
     """A list of messages -> (system text or None, (query, reply) rounds): an optional system
     message first, then user and assistant messages in turn."""
-    role_key, content_key, roles = MESSAGES[fmt]
+    system, rounds, _ = message_rounds(messages, *MESSAGES[fmt])
+    if not rounds:
+        raise BadRow("missing_fields")
+    return system, rounds
+
+
+def message_rounds(messages, role_key: str, content_key: str, roles: dict) -> tuple[str | None, list, str | None]:
+    """Messages (an optional system message first, then user and assistant in turn; `roles` maps
+    their role names to system / user / assistant) -> (system text or None, (query, reply) rounds,
+    a last query no reply follows, or None). Raises BadRow for anything else."""
     if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
         raise BadRow("missing_fields")
     system, rounds, query = None, [], None
     for i, m in enumerate(messages):
-        role, content = roles.get(m.get(role_key)), _text(m.get(content_key))
+        role, content = roles.get(m.get(role_key)), text_field(m.get(content_key))
         if role == "system" and i == 0:
             system = content
         elif role == "user" and query is None:
@@ -172,12 +181,10 @@ def _messages(messages, fmt: str) -> tuple[str | None, list[tuple[str, str]]]:
             query = None
         else:  # two users in a row, a reply without a query, an unknown role
             raise BadRow("missing_fields")
-    if not rounds:
-        raise BadRow("missing_fields")
-    return system, rounds
+    return system, rounds, query
 
 
-def _text(x) -> str:
+def text_field(x) -> str:
     if not isinstance(x, str):
         raise BadRow("missing_fields")
     return x
@@ -189,14 +196,14 @@ def conversation(row: dict, family: Family = Family()) -> tuple[str | None, list
     fmt = detect_format(row)
     system = None
     if fmt == "advertisegen":
-        rounds = [(_text(row["content"]), _text(row["summary"]))]
+        rounds = [(text_field(row["content"]), text_field(row["summary"]))]
     elif fmt == "alpaca":
-        extra, instruction = _text(row.get("input") or ""), _text(row["instruction"])
+        extra, instruction = text_field(row.get("input") or ""), text_field(row["instruction"])
         query = family.instruction_query(instruction, extra)
-        rounds = _history(row) + [(query, _text(row["output"]))]
-        system = _text(row["system"]) if row.get("system") else None
+        rounds = history_rounds(row) + [(query, text_field(row["output"]))]
+        system = text_field(row["system"]) if row.get("system") else None
     elif fmt == "chatglm2":
-        rounds = _history(row) + [(_text(row["prompt"]), _text(row["response"]))]
+        rounds = history_rounds(row) + [(text_field(row["prompt"]), text_field(row["response"]))]
     else:
         system, rounds = _messages(row["messages" if fmt == "openai" else "conversations"], fmt)
     if any(not a.strip() for _, a in rounds):
@@ -301,7 +308,8 @@ def _examples(family, tok, system, rounds, max_source, max_target, seq_len, last
         rounds = rounds[-1:]  # the last round alone, cut like any single reply
     made = []
     for i in range(len(rounds) - 1 if last_only else 0, len(rounds)):  # a sample per reply
-        ids, mask = _fitted_example(family, tok, rounds[:i], *rounds[i], system, max_source, stats)
+        ids, mask, dropped = fitted_example(family, tok, rounds[:i], *rounds[i], system, max_source)
+        stats.dropped_rounds += dropped
         ids, mask, cut_s, cut_t = cut(ids, mask, family, max_source, max_target)
         stats.cut_source += cut_s
         stats.cut_target += cut_t
@@ -312,15 +320,14 @@ def _examples(family, tok, system, rounds, max_source, max_target, seq_len, last
     return made
 
 
-def _fitted_example(family, tok, history, query, reply, system, max_source, stats):
+def fitted_example(family, tok, history, query, reply, system, max_source):
     """`Family.training_example` with the oldest history rounds dropped until its prompt has at
     most max_source ids, as a chat turn is fitted at inference (`Family.fit_chat`): the current
-    query stays; only a query too long alone is cut afterwards (`cut`)."""
+    query stays; only a query too long alone is cut afterwards (`cut`). -> (ids, mask, rounds dropped)."""
     for dropped in range(len(history) + 1):
         ids, mask = family.training_example(tok, history[dropped:], query, reply, system)
         if mask.index(1) <= max_source or dropped == len(history):
-            stats.dropped_rounds += dropped
-            return ids, mask
+            return ids, mask, dropped
 
 
 def mixed_samples(mix, task_samples: int, family, tok, two_d, max_source, max_target, seq_len, seed, stats):
@@ -344,17 +351,22 @@ def mixed_samples(mix, task_samples: int, family, tok, two_d, max_source, max_ta
 
 def pack_samples(samples: Sequence[dict], seq_len: int, seed: int) -> list[dict[str, np.ndarray]]:
     """First-fit packing in a seeded order -> sequences of the batch contract."""
-    order = np.random.default_rng([seed, 0x5F7]).permutation(len(samples))
+    return pack_units([[sample] for sample in samples], seq_len, np.random.default_rng([seed, 0x5F7]))
+
+
+def pack_units(units: Sequence[Sequence[dict]], seq_len: int, rng: np.random.Generator) -> list[dict[str, np.ndarray]]:
+    """First-fit packing of units (samples that stay together in one sequence, in order: a
+    preference pair's two answers) in the order `rng` draws -> sequences of the batch contract."""
     bins: list[list[dict]] = []
     room: list[int] = []
-    for i in order:
-        n = len(samples[i]["tokens"])
+    for i in rng.permutation(len(units)):
+        n = sum(len(sample["tokens"]) for sample in units[i])
         j = next((j for j, r in enumerate(room) if r >= n), None)
         if j is None:
             bins.append([])
             room.append(seq_len)
             j = len(bins) - 1
-        bins[j].append(samples[i])
+        bins[j] += units[i]
         room[j] -= n
     return [pack(b, seq_len) for b in bins]
 

@@ -17,7 +17,6 @@ and writes the same bytes; the run that finds every shard done writes index.json
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import multiprocessing
 import os
 import time
@@ -25,7 +24,7 @@ from collections.abc import Callable, Sequence
 
 from glm_jax import paths
 from glm_jax.corpus_files import Input, count_rows, expand_inputs, iter_texts
-from glm_jax.data import ReadStats
+from glm_jax.data import ReadStats, tokenizer_sha256
 from glm_jax.token_store import (
     FORMAT,
     STAT_FIELDS,
@@ -47,8 +46,7 @@ SAMPLE_ROWS = 256  # rows of a file tokenized to estimate its tokens per row (--
 
 def tokenizer_info(tokenizer: Tokenizer) -> dict:
     """What a store records of its tokenizer: {"kind", "file_sha256"} (as data's caches hash it)."""
-    with open(tokenizer.model_file, "rb") as f:
-        return {"kind": tokenizer.kind, "file_sha256": hashlib.sha256(f.read()).hexdigest()}
+    return {"kind": tokenizer.kind, "file_sha256": tokenizer_sha256(tokenizer)}
 
 
 # ---- worker processes ---------------------------------------------------------------------------------
