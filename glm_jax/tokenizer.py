@@ -296,7 +296,34 @@ class ChatGLM3Tokenizer(ChatGLM2Tokenizer):
     roles = True
 
 
-class GLM4Tokenizer(Tokenizer):
+class JSONTokenizer(Tokenizer):
+    """A `tokenizers` tokenizer.json behind our interface: `hf` (the loaded file) decodes and names
+    pieces; `text_hf` encodes text (`hf` itself, or a copy that keeps spelled specials as text);
+    decode drops our special ids (and, with `skip_special`, the file's own)."""
+
+    skip_special = False
+    hf = text_hf = None  # set by the subclass
+
+    @property
+    def vocab_size(self) -> int:
+        return self.hf.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        return self.text_hf.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Iterable[str], num_threads: int = 1) -> list[list[int]]:
+        return [e.ids for e in self.text_hf.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids) -> str:
+        drop = self.special_ids
+        kept = [i for i in (int(t) for t in np.asarray(ids).reshape(-1)) if i not in drop]
+        return self.hf.decode(kept, skip_special_tokens=self.skip_special)
+
+    def id_to_piece(self, i: int) -> str:
+        return self.hf.id_to_token(int(i)) or f"<id {int(i)}>"
+
+
+class GLM4Tokenizer(JSONTokenizer):
     """GLM-4 (transformers' GlmForCausalLM checkpoints): the folder's `tokenizer.json` through the
     `tokenizers` package; special ids looked up by their names ([gMASK], <sop>, <|user|>, ...)."""
 
@@ -317,7 +344,7 @@ class GLM4Tokenizer(Tokenizer):
 
     def __init__(self, model_file: str):
         self.model_file = os.path.abspath(model_file)
-        self.hf = _load_tokenizer_json(self.model_file, "GLM-4's is its tokenizer.json")
+        self.hf = self.text_hf = _load_tokenizer_json(self.model_file, "GLM-4's is its tokenizer.json")
         found = {k: self.hf.token_to_id(v) for k, v in self.NAMES.items()}
         missing = [self.NAMES[k] for k in ("gmask", "sop", "eos", "user", "assistant") if found[k] is None]
         if missing:
@@ -329,25 +356,6 @@ class GLM4Tokenizer(Tokenizer):
             }
         )
         self.unk_id = self.specials.pad
-
-    @property
-    def vocab_size(self) -> int:
-        return self.hf.get_vocab_size(with_added_tokens=True)
-
-    def encode(self, text: str) -> list[int]:
-        return self.hf.encode(text, add_special_tokens=False).ids
-
-    def encode_batch(self, texts: Iterable[str], num_threads: int = 1) -> list[list[int]]:
-        return [e.ids for e in self.hf.encode_batch(list(texts), add_special_tokens=False)]
-
-    def decode(self, ids) -> str:
-        drop = self.special_ids
-        return self.hf.decode(
-            [i for i in (int(t) for t in np.asarray(ids).reshape(-1)) if i not in drop], skip_special_tokens=False
-        )
-
-    def id_to_piece(self, i: int) -> str:
-        return self.hf.id_to_token(int(i)) or f"<id {int(i)}>"
 
 
 # the files beside a tokenizer.json that carry its special tokens and stop ids (copied with it)
@@ -377,7 +385,7 @@ def _read_json(path: str) -> dict:
     return got if isinstance(got, dict) else {}
 
 
-class HFTokenizer(Tokenizer):
+class HFTokenizer(JSONTokenizer):
     """A Hugging Face folder's `tokenizer.json` (LLaMA, BLOOM, OPT, the original GLM) through the
     `tokenizers` package, its special tokens read from the sidecar files beside it:
 
@@ -396,6 +404,7 @@ class HFTokenizer(Tokenizer):
     GLM's [CLS] ... <|endoftext|>, nothing for BLOOM) and spelled specials matched."""
 
     kind = "hf"
+    skip_special = True
 
     def __init__(self, model_file: str):
         self.model_file = os.path.abspath(model_file)
@@ -455,10 +464,6 @@ class HFTokenizer(Tokenizer):
                 return tuple(dict.fromkeys(self._id(v, f"{file} eos_token_id") for v in values))
         return (eos,)
 
-    @property
-    def vocab_size(self) -> int:
-        return self.hf.get_vocab_size(with_added_tokens=True)
-
     @functools.cached_property
     def special_ids(self) -> frozenset[int]:
         return super().special_ids | frozenset(self.stop_ids)
@@ -467,33 +472,19 @@ class HFTokenizer(Tokenizer):
         """The id of a token (a special token's name: "<|eot_id|>"), None if it has none."""
         return self.hf.token_to_id(token)
 
-    def encode(self, text: str) -> list[int]:
-        return self.text_hf.encode(text, add_special_tokens=False).ids
-
-    def encode_batch(self, texts: Iterable[str], num_threads: int = 1) -> list[list[int]]:
-        return [e.ids for e in self.text_hf.encode_batch(list(texts), add_special_tokens=False)]
-
     def encode_with_specials(self, text: str) -> list[int]:
         return self.hf.encode(text, add_special_tokens=True).ids
-
-    def decode(self, ids) -> str:
-        drop = self.special_ids
-        kept = [i for i in (int(t) for t in np.asarray(ids).reshape(-1)) if i not in drop]
-        return self.hf.decode(kept, skip_special_tokens=True)
-
-    def id_to_piece(self, i: int) -> str:
-        return self.hf.id_to_token(int(i)) or f"<id {int(i)}>"
 
 
 def _load_tokenizer_json(path: str, hint: str):
     if not os.path.isfile(path):
         raise TokenizerError(f"tokenizer file {path} not found; {hint}")
     try:
-        from tokenizers import Tokenizer as JSONTokenizer
+        from tokenizers import Tokenizer as TokenizersFile
     except ImportError:
         raise TokenizerError("a tokenizer.json needs the `tokenizers` package (pip install tokenizers)") from None
     try:
-        return JSONTokenizer.from_file(path)
+        return TokenizersFile.from_file(path)
     except Exception as e:
         raise TokenizerError(f"{path} is not a tokenizer.json ({e})") from None
 
