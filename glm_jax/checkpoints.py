@@ -64,14 +64,6 @@ def checkpoint_path(directory: str) -> str:
     return directory
 
 
-def _basename(path: str) -> str:
-    return path.rstrip("/").rsplit("/", 1)[-1]
-
-
-def _dirname(path: str) -> str:
-    return path.rstrip("/").rsplit("/", 1)[0] if paths.is_url(path) else os.path.dirname(path)
-
-
 class Checkpoints:
     """orbax CheckpointManager over a run folder: async saves, keep the last K, atomic steps.
 
@@ -185,9 +177,9 @@ def _step_folder(path: str, step: int | None) -> tuple[str, int | None]:
             f"checkpoint folder {path} not found; train one with "
             "`python experiments/pretrain.py` or pass --checkpoint DIR"
         )
-    base = _basename(path)
+    base = paths.basename(path)
     if base.isdigit() and step is None and paths.isdir(paths.join(path, "params")):
-        return _dirname(path), int(base)
+        return paths.dirname(path), int(base)
     return path, step
 
 

@@ -239,7 +239,7 @@ def source_names(sources: Sequence[str]) -> list[str]:
     """Each source's file or folder base name without a JSON-lines suffix, made unique by -2, -3, ..."""
     names, seen = [], {}
     for path in sources:
-        base = str(path).rstrip("/").replace("\\", "/").rsplit("/", 1)[-1]
+        base = paths.basename(path)
         for suffix in (*JSONL_SUFFIXES, ".json"):
             if base.endswith(suffix) and len(base) > len(suffix):
                 base = base[: -len(suffix)]

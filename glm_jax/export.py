@@ -32,8 +32,15 @@ from glm_jax.tokenizer import sidecar_files
 FORMATS = ("hf-glm", "chatglm2") + layouts.exportable()
 
 
+NO_ADAPTERS = dict(pre_seq_len=0, num_virtual_tokens=0, adapter_size=0)  # no released layout holds them
+
+
 def check_exportable(config: GLMConfig, fmt: str) -> None:
-    if fmt in layouts.LAYOUTS:  # the other families' layouts check their own blocks
+    """An ExportError naming every field a model of `config` differs in from the `fmt` block (the
+    other families' layouts check their blocks themselves; no layout holds a P-tuning prefix,
+    virtual tokens or bottleneck adapters)."""
+    if fmt in layouts.LAYOUTS:
+        check_block(config, NO_ADAPTERS, ExportError, f"a {fmt} model (no prefix, virtual tokens or adapters)")
         return
     want = dict(
         norm_kind="rmsnorm",
@@ -46,10 +53,8 @@ def check_exportable(config: GLMConfig, fmt: str) -> None:
         rotary_fp16_inv_freq=False,
         rotary_fp16_angles=False,
         final_norm=True,
-        pre_seq_len=0,
-        num_virtual_tokens=0,
-        adapter_size=0,
-    )  # no released layout holds a prefix, virtual tokens or bottleneck adapters
+        **NO_ADAPTERS,
+    )
     if fmt == "chatglm2":
         want.update(tie_word_embeddings=False, qkv_bias=True, rotary_fraction=0.5)
     if fmt not in FORMATS:
@@ -125,11 +130,6 @@ def export_tensors(
     if c.lora_rank or c.ia3:  # an adapter on load (--adapter): folded into the exported weights
         params, c = merge_adapters(params, c.override(quantization="none"))
     if fmt in layouts.LAYOUTS:
-        for name in ("pre_seq_len", "num_virtual_tokens", "adapter_size"):
-            if getattr(c, name):
-                raise ExportError(
-                    f"{name}={getattr(c, name)}: the {fmt} layout holds no prefix, virtual tokens or adapters"
-                )
         tensors, cfg = layouts.LAYOUTS[fmt].export(params, c, np_dtype, special_ids)
         return {n: np.ascontiguousarray(x, np_dtype) for n, x in tensors.items()}, cfg
     v = c.vocab_size

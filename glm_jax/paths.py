@@ -42,6 +42,16 @@ def join(base: str, *parts: str) -> str:
     return os.path.join(base, *parts)
 
 
+def basename(path: str) -> str:
+    """The last name of a local path or a URL (a folder's trailing / ignored)."""
+    return str(path).rstrip("/").replace("\\", "/").rsplit("/", 1)[-1]
+
+
+def dirname(path: str) -> str:
+    """The folder a local path or a URL is in."""
+    return str(path).rstrip("/").rsplit("/", 1)[0] if is_url(path) else os.path.dirname(path)
+
+
 def exists(path: str) -> bool:
     if not is_url(path):
         return os.path.exists(path)
@@ -61,7 +71,7 @@ def listdir(path: str) -> list[str]:
     if not is_url(path):
         return sorted(os.listdir(path))
     fs, inner = filesystem(path)
-    return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(inner, detail=False))
+    return sorted(basename(p) for p in fs.ls(inner, detail=False))
 
 
 def size_and_version(path: str) -> tuple[int, str]:
@@ -100,7 +110,7 @@ def local_file(path: str, cache_dir: str = CACHE) -> str:
     file's version), for readers that need a local file (SentencePiece, tokenizers)."""
     if not is_url(path):
         return path
-    folder, name = path.rstrip("/").rsplit("/", 1)
+    folder, name = dirname(path), basename(path)
     size, version = size_and_version(path)
     key = hashlib.sha256(f"{folder}|{size}|{version}".encode()).hexdigest()[:24]
     local = os.path.join(cache_dir, key)
@@ -110,7 +120,7 @@ def local_file(path: str, cache_dir: str = CACHE) -> str:
         os.makedirs(tmp, exist_ok=True)
         for entry in fs.ls(inner, detail=True):
             if entry.get("type") == "file":
-                fs.get(entry["name"], os.path.join(tmp, entry["name"].rstrip("/").rsplit("/", 1)[-1]))
+                fs.get(entry["name"], os.path.join(tmp, basename(entry["name"])))
         os.makedirs(cache_dir, exist_ok=True)
         if os.path.isdir(local):  # another process copied it meanwhile
             shutil.rmtree(tmp, ignore_errors=True)

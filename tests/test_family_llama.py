@@ -210,3 +210,6 @@ def test_export_refuses_a_block_llama_cannot_hold(converted):
     glm = get_config("glm-130b", num_layers=1, hidden_size=64, num_attention_heads=4, vocab_size=128)
     with pytest.raises(ExportError, match="norm_kind.*norm_placement.*ffn_kind"):
         export_tensors({}, glm, "llama", "float32")
+    for field in ("pre_seq_len", "adapter_size"):  # no released layout holds a prefix or adapters
+        with pytest.raises(ExportError, match=f"{field}=4"):
+            export_tensors({}, config.override(**{field: 4}), "llama", "float32")
