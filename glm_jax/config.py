@@ -77,6 +77,8 @@ class AdapterFields:
     # IA3 (Liu et al. 2022, peft's IA3): learned scales on keys, values and the MLP's inner activation
     ia3: bool = False
     ia3_targets: str = "key,value,dense_4h_to_h"
+    # a scalar head on the final hidden state (`GLM.values`): reward models and PPO's critic
+    value_head: bool = False
 
     @property
     def _lora_names(self) -> list[str]:

@@ -113,6 +113,17 @@ class GLM(nn.Module):
             self.prefix_encoder = PrefixEncoder(c)
         if c.num_virtual_tokens:
             self.prompt_encoder = prompt_module(c)
+        if c.value_head:
+            self.value_head = nn.Dense(
+                1,
+                dtype=jnp.float32,
+                param_dtype=jnp.float32,
+                # ColossalChat's reward head: N(0, 1 / (hidden + 1)), zero bias
+                kernel_init=nn.with_logical_partitioning(
+                    nn.initializers.normal(1.0 / (c.hidden_size + 1)), ("embed", None)
+                ),
+                bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (None,)),
+            )
         if not c.tie_word_embeddings:
             self.output_layer = Linear(
                 (c.hidden_size,),
@@ -130,6 +141,8 @@ class GLM(nn.Module):
         return_hidden: return the final hidden states [B, S, E] instead of logits.
         """
         h = self.blocks(self.embed(batch, embedding_alpha=embedding_alpha), batch)
+        if self.config.value_head and self.is_initializing():
+            self.values(h)  # init creates the value head's parameters too
         return self.head(h, return_hidden=return_hidden)
 
     def embed(self, batch, embedding_alpha=None):
@@ -176,6 +189,11 @@ class GLM(nn.Module):
             return h
         logits = self.word_embeddings.attend(h) if c.tie_word_embeddings else self.output_layer(h)
         return logits[..., : c.vocab_size]
+
+    def values(self, h):
+        """[B, S, E] -> final norm -> the value head's scalar per position [B, S] in fp32 (config.value_head:
+        reward models and PPO's critic)."""
+        return self.value_head(self.head(h, return_hidden=True).astype(jnp.float32))[..., 0]
 
 
 def init_params(config: GLMConfig, rng, batch_size: int = 1, seq_len: int = 8):

@@ -54,6 +54,9 @@ from glm_jax.model import abstract_params
 METHODS = ("lora", "ptuning", "prompt", "ptuning-v1", "adapter", "ia3", "freeze", "full")
 LORA_LEAVES = ("lora_a", "lora_b", "lora_magnitude_delta")
 HEAD = ("final_layernorm", "output_layer")
+VALUE_HEAD = "value_head"  # GLM.values' parameters: trainable under every method that has them
+# the field that switches each method's adapter on (off: its type's zero)
+SIZE_SWITCHES = ("lora_rank", "pre_seq_len", "num_virtual_tokens", "adapter_size", "ia3")
 ADAPTER_MODULES = ("attention_adapter", "mlp_adapter")  # layers.Bottleneck in every GLMBlock
 # the config fields an adapter method switches on in the model it trains
 METHOD_FIELDS = {
@@ -110,12 +113,21 @@ class PeftConfig(AdapterFields):
         return self.method not in ("freeze", "full")
 
     def model_config(self, base: GLMConfig) -> GLMConfig:
-        """The base config with this method's adapter layers switched on."""
+        """The base config with this method's adapter layers (and a value head, if asked) switched on."""
+        if self.value_head:
+            base = base.override(value_head=True)
         if self.method in METHOD_FIELDS:
             return base.override(**{name: getattr(self, name) for name in METHOD_FIELDS[self.method]})
         if self.method == "freeze" and not 0 < self.trainable_layers <= base.num_layers:
             raise ConfigError(f"trainable_layers={self.trainable_layers} must be in 1..num_layers={base.num_layers}")
         return base
+
+    def base_config(self, config: GLMConfig) -> GLMConfig:
+        """The inverse of `model_config`: the model config with this method's adapter layers and
+        the value head switched off (what the frozen base computes on its own)."""
+        switches = set(METHOD_FIELDS.get(self.method, ())) & set(SIZE_SWITCHES)
+        off = {name: type(getattr(config, name))() for name in switches}
+        return config.override(value_head=False, **off)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -136,7 +148,7 @@ def _unflat(flat: dict) -> dict:
 
 def trainable_path(path: tuple, peft: PeftConfig) -> bool:
     """Whether the leaf at `path` is (wholly) trainable; freeze's layer leaves are split instead."""
-    if peft.method == "full":
+    if peft.method == "full" or path[0] == VALUE_HEAD:
         return True
     if peft.method == "lora":
         return path[-1] in LORA_LEAVES
