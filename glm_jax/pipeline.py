@@ -169,11 +169,26 @@ def merge_microbatches(x):
     return jnp.swapaxes(x, 0, 1).reshape((microbatches * rows,) + x.shape[2:])
 
 
-def _head_loss(config: GLMConfig, params, h, fields):
-    """Final norm, head and loss of one microbatch: h [mb, S, E] -> (loss sum, tokens). Under
-    `jax.checkpoint`, so a scan keeps h, never the microbatch's logits."""
-    logits = GLM(config).apply({"params": params}, h, method=GLM.head)
-    return token_loss_sum(logits, fields)
+class TokenLoss:
+    """The language-modelling objective every schedule runs by default: cross-entropy over the
+    loss tokens. Another objective (`pair_objectives.PairObjective`) provides the same three
+    members: the batch fields it reads besides the model's, its loss from the hidden states, and
+    the units its summed loss is divided by."""
+
+    extra_fields: tuple[str, ...] = ()
+
+    def head_loss(self, config: GLMConfig, params, h, fields):
+        """Final norm, head and loss of one microbatch: h [mb, S, E] (before the final norm) ->
+        (loss sum, loss tokens)."""
+        logits = GLM(config).apply({"params": params}, h, method=GLM.head)
+        return token_loss_sum(logits, fields)
+
+    def units(self, fields):
+        """What the summed loss of fields [mb, S] is divided by: its loss tokens."""
+        return jnp.sum(fields["loss_mask"].astype(jnp.float32))
+
+
+TOKEN_LOSS = TokenLoss()
 
 
 def _embed(config: GLMConfig, params, fields, alpha, rng):
@@ -398,10 +413,11 @@ def _send_backward(x, stages: int):
     return jax.lax.ppermute(x, "stage", [(s + 1, s) for s in range(stages - 1)])
 
 
-def _schedule_fields(batch, with_loss: bool) -> dict:
-    """The batch's fields a schedule reads, [B, S] each (a missing field: zeros); each stage's
-    program splits its data shard's rows into microbatches (`split_microbatches`)."""
-    names = BATCH_FIELDS + (LOSS_FIELDS if with_loss else ("tokens",))
+def _schedule_fields(batch, with_loss: bool, objective=TOKEN_LOSS) -> dict:
+    """The batch's fields a schedule reads, [B, S] each (a missing field: zeros), with the
+    objective's own; each stage's program splits its data shard's rows into microbatches
+    (`split_microbatches`)."""
+    names = BATCH_FIELDS + (LOSS_FIELDS + tuple(objective.extra_fields) if with_loss else ("tokens",))
     zeros = jnp.zeros_like(batch["position_ids"])
     return {name: batch.get(name, zeros) for name in names}
 
@@ -424,12 +440,13 @@ class _StageWork:
     stage, its slots, head and loss on the last; each part under `lax.cond`, so other stages skip it.
     Dropout keys fold in the microbatch, the stage and the data shard."""
 
-    def __init__(self, layout: StageLayout, alpha, dropout_rng):
+    def __init__(self, layout: StageLayout, alpha, dropout_rng, objective=TOKEN_LOSS):
         self.layout, self.config, self.plan, self.alpha = layout, layout.config, layout.plan, alpha
         self.embed_key, self.layers_key = _dropout_keys(dropout_rng)
         self.stage_fn = stage_function(self.config, self.plan, None if layout.gather_once else layout.gather_layer)
+        # under `jax.checkpoint`, so a scan keeps the hidden states, never a microbatch's logits
         self.head_loss = jax.checkpoint(
-            lambda params, hidden, fields: _head_loss(self.config, params, hidden, fields), prevent_cse=False
+            lambda params, hidden, fields: objective.head_loss(self.config, params, hidden, fields), prevent_cse=False
         )
 
     def keys(self, micro):
@@ -485,18 +502,19 @@ def _gpipe(
     bubble_value: float,
     with_loss: bool,
     gather_once: bool,
+    objective=TOKEN_LOSS,
 ):
     """GPipe's M + S - 1 ticks in a scan, one program per stage (`StageLayout`): (loss sum, tokens)
     with `with_loss`, else the hidden states [B, S, E] leaving the last stage. Differentiated by
     autodiff: the gradient of a weight gathered once is reduced once, at the program's edge."""
     layout = _layout(config, plan, gather_once)
-    fields = _schedule_fields(batch, with_loss)
+    fields = _schedule_fields(batch, with_loss, objective)
     stages, last = plan.stages, plan.stages - 1
     params = layout.gather(params, cast=False)  # a 16-bit cotangent would be summed in 16 bits
 
     def body(params, active, fields, alpha, dropout_rng):
         fields = {name: split_microbatches(values, microbatches) for name, values in fields.items()}
-        work = _StageWork(layout, alpha, dropout_rng)
+        work = _StageWork(layout, alpha, dropout_rng, objective)
         stage = _stage_index()
 
         def tick(carry, t):
@@ -569,11 +587,23 @@ def gpipe_loss(
     dropout_rng=None,
     bubble_value: float = 0.0,
     gather_once: bool = True,
+    objective=TOKEN_LOSS,
 ):
-    """(summed token loss, loss tokens) of a batch through a GPipe schedule, the head and loss
-    of each microbatch on the last stage as it leaves the pipeline."""
+    """(summed loss, its units: loss tokens) of a batch through a GPipe schedule, the head and
+    loss of each microbatch on the last stage as it leaves the pipeline (`objective`: `TokenLoss`'s
+    interface)."""
     return _gpipe(
-        params, batch, config, plan, microbatches, embedding_alpha, dropout_rng, bubble_value, True, gather_once
+        params,
+        batch,
+        config,
+        plan,
+        microbatches,
+        embedding_alpha,
+        dropout_rng,
+        bubble_value,
+        True,
+        gather_once,
+        objective,
     )
 
 
@@ -621,9 +651,10 @@ def loss_sum(
     embedding_alpha=None,
     dropout_rng=None,
     gather_once: bool = True,
+    objective=TOKEN_LOSS,
 ):
-    """(summed token loss, loss tokens): the plain model on one stage, GPipe on several (FSDP
-    weights gathered once a pass with `gather_once`, else on every tick)."""
+    """(summed loss, its units: loss tokens for `TokenLoss`): the plain model on one stage, GPipe
+    on several (FSDP weights gathered once a pass with `gather_once`, else on every tick)."""
     if plan.stages > 1:
         return gpipe_loss(
             params,
@@ -634,10 +665,23 @@ def loss_sum(
             embedding_alpha=embedding_alpha,
             dropout_rng=dropout_rng,
             gather_once=gather_once,
+            objective=objective,
         )
-    return token_loss_sum(
-        forward(params, batch, config, plan, embedding_alpha=embedding_alpha, dropout_rng=dropout_rng), batch
-    )
+    if objective is TOKEN_LOSS:
+        logits = forward(params, batch, config, plan, embedding_alpha=embedding_alpha, dropout_rng=dropout_rng)
+        return token_loss_sum(logits, batch)
+    h = hidden_states(params, batch, config, embedding_alpha, dropout_rng)
+    return objective.head_loss(config, params, h, batch)
+
+
+def hidden_states(params, batch, config: GLMConfig, embedding_alpha=None, dropout_rng=None):
+    """The plain model's final hidden states [B, S, E] (before the final norm)."""
+    rngs = {"dropout": dropout_rng} if dropout_rng is not None else None
+
+    def run(model, batch):
+        return model.blocks(model.embed(batch, embedding_alpha=embedding_alpha), batch)
+
+    return GLM(config).apply({"params": params}, batch, method=run, rngs=rngs)
 
 
 def one_f_one_b(
@@ -655,9 +699,11 @@ def one_f_one_b(
     scale=1.0,
     bubble_value: float = 0.0,
     gather_once: bool = True,
+    objective=TOKEN_LOSS,
 ):
-    """Gradients of scale x mean token loss w.r.t. `trainable` through a 1F1B schedule, with
-    (summed loss, loss tokens); the same quantities as `jax.grad` of GPipe's mean loss.
+    """Gradients of scale x mean loss w.r.t. `trainable` through a 1F1B schedule, with (summed
+    loss, its units: loss tokens for `TokenLoss`); the same quantities as `jax.grad` of GPipe's
+    mean loss.
 
     batch: [B, S] arrays, B = max_microbatches x microbatch size; only the first `microbatches`
     (a traced int32, at most max_microbatches) microbatches of `split_microbatches(x,
@@ -673,7 +719,7 @@ def one_f_one_b(
     """
     layout = _layout(config, plan, gather_once)
     stages, last, ring = plan.stages, plan.stages - 1, 2 * plan.stages - 1
-    fields = _schedule_fields(batch, True)
+    fields = _schedule_fields(batch, True, objective)
     dtypes = jax.tree_util.tree_map(lambda x: x.dtype, trainable)  # gradients accumulate in these
     targets = _gradient_targets(trainable, layout)  # where the gradients end
     trainable, frozen = layout.gather(trainable), layout.gather(frozen)
@@ -681,9 +727,9 @@ def one_f_one_b(
     def body(trainable, frozen, active, fields, used, alpha, dropout_rng, scale):
         fields = {name: split_microbatches(values, max_microbatches) for name, values in fields.items()}
         is_used = jnp.arange(max_microbatches) < used
-        total_tokens = jax.lax.psum(jnp.sum(fields["loss_mask"].astype(jnp.float32) * is_used[:, None, None]), "data")
+        total_tokens = jax.lax.psum(jnp.sum(jax.vmap(objective.units)(fields) * is_used), "data")
         cotangent = scale / jnp.maximum(total_tokens, 1.0)
-        work = _StageWork(layout, alpha, dropout_rng)
+        work = _StageWork(layout, alpha, dropout_rng, objective)
         stage = _stage_index()
 
         def run(view, x, microbatch, micro, with_head: bool):

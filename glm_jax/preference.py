@@ -146,6 +146,27 @@ def preference(row: dict, family: Family = Family()) -> tuple[Pair, str]:
     return (system, history, query, chosen, rejected), fmt
 
 
+def answer_example(
+    row: dict, family: Family, tok: Tokenizer, max_source: int, max_target: int
+) -> tuple[list[int], list[int]]:
+    """A scoring row {"prompt": text or trl messages, "answer": text or an assistant message} ->
+    (ids, loss_mask) built as each answer of a pair is (`pair_examples`). Raises BadRow."""
+    if not isinstance(row, dict) or "prompt" not in row or "answer" not in row:
+        raise BadRow("missing_fields")
+    try:
+        if isinstance(row["prompt"], list):
+            system, history, query = _prompt_messages(row["prompt"], "role")
+        else:
+            system, history, query = None, [], text_field(row["prompt"])
+        answer = _answer(row["answer"], "role")
+    except (KeyError, TypeError, ValueError):
+        raise BadRow("missing_fields") from None
+    if not answer.strip():
+        raise BadRow("empty_answer")
+    ids, mask, _ = fitted_example(family, tok, history, query, answer, system, max_source)
+    return cut(ids, mask, family, max_source, max_target)[:2]
+
+
 # ---- pairs -> samples ----------------------------------------------------------------------------
 def pair_examples(
     family: Family, tok: Tokenizer, pair: Pair, max_source: int, max_target: int, stats: PreferenceStats
@@ -210,6 +231,13 @@ def pack_pairs(pairs: Sequence[tuple[dict, dict]], seq_len: int, seed: int) -> l
     """First-fit packing of whole pairs in a seeded order -> rows of the batch contract where pair
     k of a row is segments (2k - 1 chosen, 2k rejected)."""
     return pack_units(pairs, seq_len, np.random.default_rng([seed, 0x9A1]))
+
+
+def segments_needed(builders) -> int:
+    """The most segments in any row of the builders (None skipped), rounded up to whole pairs: the
+    static segment count of `pair_objectives.PairObjective`."""
+    most = max((int(row["segment_ids"].max()) for b in builders if b is not None for row in b.sequences), default=2)
+    return max(2, most + most % 2)
 
 
 def preference_builder(

@@ -37,7 +37,7 @@ import numpy as np
 
 from glm_jax.data import DataError, ReadStats, read_records
 from glm_jax.families import Family
-from glm_jax.objectives import CONTRACT_KEYS, pack
+from glm_jax.objectives import pack
 from glm_jax.tokenizer import Tokenizer
 
 FORMATS = {
@@ -418,7 +418,9 @@ class SFTBuilder:
     def build(self, index: int) -> dict[str, np.ndarray]:
         n = len(self.sequences)
         if not self.shuffle:
-            return self.sequences[index] if index < n else {k: np.zeros(self.seq_len, np.int32) for k in CONTRACT_KEYS}
+            if index < n:
+                return self.sequences[index]
+            return {k: np.zeros_like(v) for k, v in self.sequences[0].items()}  # padding, with any extra fields
         epoch, at = divmod(index, n)
         return self.sequences[int(np.random.default_rng([self.seed, epoch]).permutation(n)[at])]
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -47,6 +48,7 @@ from tqdm import tqdm
 
 from glm_jax import pipeline
 from glm_jax import sharding as sh
+from glm_jax.alignment import token_logprobs
 from glm_jax.checkpoints import Checkpoints, check_config_matches, copy_tokenizer
 from glm_jax.config import ConfigError, GLMConfig
 from glm_jax.data import DataIterator
@@ -60,9 +62,11 @@ from glm_jax.optim import (
     learning_rate,
     make_optimizer,
 )
+from glm_jax.pair_objectives import REFERENCE_FIELD, held_out_metrics
 from glm_jax.peft import PeftConfig, combine, split
 from glm_jax.profiling import StepProfiler
 from glm_jax.prompts import check_pipeline
+from glm_jax.reference import cached_reference
 from glm_jax.runlog import MetricsWriter, StopSignal, plot_metrics
 from glm_jax.summary import flops_per_token
 from glm_jax.target import targeting
@@ -146,6 +150,9 @@ class Trainer:
     # stay for the step) or on every tick ("tick": less memory, a gather per tick)
     fsdp_gather: str = "once"
     sequence_parallel: bool = False  # the residual stream's positions over `tensor` (Megatron's)
+    # what a step minimises: `pipeline.TokenLoss`'s interface (`pair_objectives.PairObjective`: DPO,
+    # its variants, the reward model; their loss is a mean over pairs, not tokens)
+    objective: object = pipeline.TOKEN_LOSS
 
     def __post_init__(self):
         config, mesh, peft = self.config, self.mesh, self.peft
@@ -281,6 +288,7 @@ class Trainer:
             embedding_alpha=alpha,
             dropout_rng=rng,
             gather_once=self.gather_once,
+            objective=self.objective,
         )
         return loss_sum / jnp.maximum(tokens, 1.0) * scale, (loss_sum, tokens)
 
@@ -301,6 +309,7 @@ class Trainer:
                 dropout_rng=rng,
                 scale=scale,
                 gather_once=self.gather_once,
+                objective=self.objective,
             )
         grads, (loss_sum, tokens) = jax.grad(self._scaled_mean_loss, has_aux=True)(
             params, frozen, batch, rng, alpha, scale
@@ -362,6 +371,27 @@ class Trainer:
         )
         return loss_sum / jnp.maximum(tokens, 1.0), tokens
 
+    def _hidden(self, params, batch, config: GLMConfig):
+        """Final hidden states [B, S, E] (before the final norm) of a batch, no dropout."""
+        if self.plan.stages == 1:
+            return pipeline.hidden_states(params, batch, config)
+        return pipeline.pipeline_blocks(params, batch, config, self.plan, self.microbatches)
+
+    def _pair_stats(self, params, frozen, batch) -> dict:
+        """A pair objective's held-out sums of a batch (`PairObjective.stats`), no dropout."""
+        params = self._combine(params, frozen)
+        return self.objective.stats(self.config, params, self._hidden(params, batch, self.config), batch)
+
+    def _answer_logps(self, params, frozen, batch):
+        """log p(target) [B, S] where `loss_mask` is set (0 elsewhere), no dropout: the frozen base
+        alone (adapter off) for an adapter method, else the model of `params` (the reference cache)."""
+        if self.peft.is_adapter:
+            config, params = self.peft.base_config(self.config), frozen
+        else:
+            config, params = self.config, self._combine(params, frozen)
+        logits = GLM(config).apply({"params": params}, self._hidden(params, batch, config), method=GLM.head)
+        return token_logprobs(logits, batch["targets"]) * batch["loss_mask"]
+
     # ---- the jitted functions -----------------------------------------------------------------------
     def _jit(self):
         """Jit the step functions in their shardings. An update consumes (donates) the state and
@@ -391,6 +421,10 @@ class Trainer:
             self._eval_loss = jax.jit(
                 self._mean_loss, in_shardings=(params, frozen, batch), out_shardings=(replicated, replicated)
             )
+            if isinstance(self.objective, pipeline.TokenLoss):
+                return
+            self._eval_pairs = jax.jit(self._pair_stats, in_shardings=(params, frozen, batch), out_shardings=replicated)
+            self._reference = jax.jit(self._answer_logps, in_shardings=(params, frozen, batch), out_shardings=batch)
 
     # the steps with this trainer's frozen parameters (`set_frozen`) as their second argument
     def grad_pass(self, params, batch, rng, alpha, scale, microbatches: int | None = None):
@@ -410,6 +444,21 @@ class Trainer:
 
     def eval_loss(self, params, batch):
         return self._eval_loss(params, self.frozen, batch)
+
+    def eval_pairs(self, params, batch) -> dict:
+        return self._eval_pairs(params, self.frozen, batch)
+
+    def answer_logps(self, params, batch):
+        """`_answer_logps` of a placed batch (params: the trainable part, unused by an adapter method)."""
+        return self._reference(params, self.frozen, batch)
+
+    def with_reference(self, params, batch: dict) -> dict:
+        """A placed batch with the reference's `ref_logps` beside it where the objective compares with
+        one and the frozen base is that reference (an adapter method); freeze / full rows carry
+        theirs from the cache (`reference.py`)."""
+        if not getattr(self.objective, "needs_reference", False) or not self.peft.is_adapter:
+            return batch
+        return {**batch, REFERENCE_FIELD: self.answer_logps(params, batch)}
 
     def votes(self, stop: bool) -> jax.Array:
         """This process's stop vote on each of its devices, as one global [devices] array."""
@@ -441,6 +490,14 @@ class Trainer:
             variables = GLM(self.config).init(key, dummy_batch(1, 8))
             trainable = split(nn.meta.unbox(variables["params"]), self.peft, self.config)[0]
         return self._new_state(pipeline.params_to_slots(as_master(trainable), self.plan), key)
+
+    def place_trainable(self, trainable: dict):
+        """Trainable parameters (plain stacked layout) as a state holds them: master dtype, slot
+        layout, placed in their shardings."""
+        with jax.set_mesh(self.mesh):
+            return jax.jit(
+                lambda t: pipeline.params_to_slots(as_master(t), self.plan), out_shardings=self.state_shardings.params
+            )(trainable)
 
     def init_state(self, seed: int, trainable: dict | None = None) -> TrainState:
         """Fresh (or the given `trainable`) parameters, placed directly in their shardings, and
@@ -537,10 +594,18 @@ class RunConfig:
     # (START, STOP): a jax.profiler trace of steps START..STOP-1 (metrics.jsonl's numbers) under
     # log_dir/profile (`StepProfiler`)
     profile: tuple[int, int] | None = None
+    # freeze / full DPO: where the base's reference log-probabilities are cached (`reference.py`);
+    # None: beside ckpt_dir, in its parent's `reference` folder
+    reference_dir: str | None = None
 
 
 def make_trainer(
-    config: GLMConfig, optim: OptimConfig, run: RunConfig, mesh, peft: PeftConfig = PeftConfig("full")
+    config: GLMConfig,
+    optim: OptimConfig,
+    run: RunConfig,
+    mesh,
+    peft: PeftConfig = PeftConfig("full"),
+    objective=pipeline.TOKEN_LOSS,
 ) -> tuple[Trainer, BatchSchedule]:
     """The trainer of a run and its batch schedule (in 1F1B microbatches, or in passes). A 1F1B
     trainer holds the whole global batch, in microbatches of pass_batch / microbatches rows."""
@@ -567,6 +632,7 @@ def make_trainer(
         schedule=run.schedule,
         fsdp_gather=run.fsdp_gather,
         sequence_parallel=run.sequence_parallel,
+        objective=objective,
     )
     unit = trainer.microbatch_rows if trainer.schedule == "1f1b" else trainer.pass_batch
     return trainer, BatchSchedule(
@@ -613,6 +679,16 @@ class _Run:
     profiler: StepProfiler
 
     @property
+    def pairs(self) -> bool:
+        """The objective is a pair objective (its held-out metrics are pair accuracy and margin)."""
+        return not isinstance(self.trainer.objective, pipeline.TokenLoss)
+
+    def placed(self, state: TrainState, rows: dict, microbatches: int | None = None) -> dict:
+        """This process's rows placed (`Trainer.place_batch`), with the reference beside them where
+        the objective needs it (`Trainer.with_reference`)."""
+        return self.trainer.with_reference(state.params, self.trainer.place_batch(rows, microbatches))
+
+    @property
     def one_schedule(self) -> bool:
         """1F1B: a step's whole batch runs through one schedule."""
         return self.trainer.schedule == "1f1b"
@@ -632,7 +708,10 @@ class _Run:
 
     def evaluate(self, params) -> dict:
         """{"eval_loss": the mixture's held-out loss (None without held-out data), "eval_loss/<name>":
-        each source's on its own held-out split}, each over run.eval_batches batches."""
+        each source's on its own held-out split}, each over run.eval_batches batches. A pair
+        objective: its mean pair loss, eval_pair_accuracy, eval_reward_margin (`held_out_metrics`)."""
+        if self.pairs and self.eval_builder is not None:
+            return self._held_out_pairs(params)
         losses = {"eval_loss": None if self.eval_builder is None else self._held_out_loss(self.eval_builder, params)}
         for name, builder in self.source_evals.items():
             losses[f"eval_loss/{name}"] = self._held_out_loss(builder, params)
@@ -649,6 +728,18 @@ class _Run:
                 loss, tokens = trainer.eval_loss(params, trainer.place_batch(next(held_out)))
                 total, count = total + float(loss) * float(tokens), count + float(tokens)
         return total / max(count, 1.0)
+
+    def _held_out_pairs(self, params) -> dict:
+        trainer = self.trainer
+        rows = sh.rows_held(trainer.batch_sharding, trainer.pass_batch)
+        held_out = DataIterator(self.eval_builder, trainer.pass_batch, prefetch=0, rows=rows)
+        sums = {}
+        with trainer.context():
+            for _ in range(self.run.eval_batches):
+                batch = trainer.with_reference(params, trainer.place_batch(next(held_out)))
+                batch_sums = jax.device_get(trainer.eval_pairs(params, batch))
+                sums = {k: sums.get(k, 0.0) + float(v) for k, v in batch_sums.items()}
+        return held_out_metrics(sums)
 
     def initial_evaluation(self, state: TrainState) -> dict:
         """With eval_every set, a fresh run's held-out losses before step 1 (logged as step 0)."""
@@ -669,9 +760,9 @@ class _Run:
         with trainer.context():
             if self.one_schedule:
                 rows = self._microbatch_rows(passes)
-                return trainer.fused_step(state, trainer.place_batch(rows, passes), lr, alpha, passes, vote)
+                return trainer.fused_step(state, self.placed(state, rows, passes), lr, alpha, passes, vote)
             if passes == 1:
-                return trainer.fused_step(state, trainer.place_batch(next(self.data)), lr, alpha, stop=vote)
+                return trainer.fused_step(state, self.placed(state, next(self.data)), lr, alpha, stop=vote)
             return self._accumulated_step(state, passes, lr, alpha, vote)
 
     def _microbatch_rows(self, microbatches: int) -> dict:
@@ -687,7 +778,7 @@ class _Run:
         for i in range(passes):
             pass_grads, pass_loss, pass_tokens = trainer.grad_pass(
                 state.params,
-                trainer.place_batch(next(self.data)),
+                self.placed(state, next(self.data)),
                 jax.random.fold_in(rng, i),
                 alpha,
                 state.loss_scale.scale,
@@ -913,6 +1004,7 @@ def train(
     meta: dict | None = None,
     on_done: Callable[[dict, int], None] | None = None,
     source_evals: dict | None = None,
+    objective=pipeline.TOKEN_LOSS,
 ) -> dict:
     """Train on `mesh` from `builder` (objectives.SequenceBuilder, or sft.SFTBuilder); resume from
     run.ckpt_dir. Held-out loss: `eval_builder`'s (the mixture: `eval_loss`) and, with
@@ -930,9 +1022,28 @@ def train(
     saves, gathers) runs on every process, file writes and moves once (process 0). Step n's
     metrics are read while step n + 1 runs. Returns the summary (also written to
     log_dir/summary.json): final loss, steps, tokens/s, MFU.
+
+    objective: what a step minimises (`Trainer.objective`). A pair objective's held-out metrics
+    are eval_loss (its mean pair loss), eval_pair_accuracy and eval_reward_margin, and `tokens`
+    in the step metrics counts pairs; with freeze / full and a reference (DPO, IPO) every row
+    of `builder` and `eval_builder` is first scored by the base into run.reference_dir
+    (`reference.cached_reference`, keyed by meta["base"] and the rows).
     """
-    trainer, batches = make_trainer(config, optim, run, mesh, peft)
+    trainer, batches = make_trainer(config, optim, run, mesh, peft, objective)
     base_trainable = _split_base(trainer, base)
+    if getattr(objective, "needs_reference", False) and not peft.is_adapter:
+        if base_trainable is None:
+            raise ConfigError(f"{objective.kind} compares with a reference model: give the base checkpoint")
+        folder = run.reference_dir or os.path.join(os.path.dirname(os.path.abspath(run.ckpt_dir)), "reference")
+        cached = cached_reference(
+            trainer,
+            functools.partial(trainer.place_trainable, base_trainable),
+            {"train": builder, "eval": eval_builder},
+            folder,
+            (meta or {}).get("base"),
+            log,
+        )
+        builder, eval_builder = cached["train"], cached["eval"]
     microbatches = batches.passes(batches.total_steps - 1) if trainer.schedule == "1f1b" else trainer.microbatches
     log(pipeline.describe(mesh, trainer.plan, microbatches, trainer.schedule))
     if batches.ramp_note:
