@@ -4,6 +4,8 @@
         --peer-base-steps 100                                              # BENCHMARKS.md's run
     python experiments/bench_finetune.py --runs lora,prompt --no-peer ...   # some methods only
     python experiments/bench_finetune.py --peer-only ...                    # the peer comparison only
+    python experiments/bench_finetune.py --objective dpo --steps 60 --batch 8 --eval-every 10
+    python experiments/bench_finetune.py --objective reward --steps 60 --batch 8 --eval-every 10
 
 For each run of RUNS (every method; LoRA also fused / apart, rsLoRA, DoRA and on an INT4 base):
 finetune.py on the train rows, held-out answer loss on the first --eval-rows dev rows before and
@@ -21,6 +23,13 @@ held-out loss before, during and after, and each adapter read by the other frame
 
 Writes OUT/results.json ("runs", "computed", "peer"), OUT/heldout_loss.png and
 OUT/peer_heldout_loss.png (the held-out curves); prints one JSON line per row.
+
+--objective dpo / reward: the preference stages on the small preference set of
+make_preference_set.py (the instruction demos' reference answers chosen, another row's answer in
+the other language rejected), its last --eval-rows pairs held out: DPO, IPO, SimPO and ORPO with
+LoRA and DPO with full fine-tuning (the cached reference), or the reward model with LoRA and full
+(each + a value head); held-out pair accuracy and reward margin before step 1 and every
+--eval-every steps (OUT/pair_accuracy.png), step time over the first run's in the same run.
 """
 
 import argparse
@@ -44,6 +53,7 @@ class Run:
     label: str  # what the table and the plot call it
     sets: tuple[str, ...] = ()
     quantize: str = "none"
+    loss: str = "dpo"  # --objective dpo: finetune.py --loss
 
 
 RUNS = (
@@ -61,6 +71,20 @@ RUNS = (
     Run("freeze", "freeze", "freeze, last 2 layers"),
     Run("full", "full", "full"),
 )
+PAIR_RUNS = {
+    "dpo": (
+        Run("dpo", "lora", "DPO, LoRA r 8"),
+        Run("ipo", "lora", "IPO, LoRA r 8", loss="ipo"),
+        Run("simpo", "lora", "SimPO, LoRA r 8", loss="simpo"),
+        Run("orpo", "lora", "ORPO, LoRA r 8", loss="orpo"),
+        Run("dpo-full", "full", "DPO, full (cached reference)"),
+    ),
+    "reward": (
+        Run("reward", "lora", "reward model, LoRA r 8 + value head"),
+        Run("reward-full", "full", "reward model, full + value head"),
+    ),
+}
+PAIR_KEYS = ("trainable_params", "first_loss", "final_loss", "lr", "eval_pairs")
 TRAIN_KEYS = (
     "trainable_params",
     "frozen_params",
@@ -104,7 +128,8 @@ def parse_args(argv=None):
     ap.add_argument("--gen-rows", type=int, default=64)
     ap.add_argument("--gen-tokens", type=int, default=64, help="generation budget per row")
     ap.add_argument("--eval-every", type=int, default=25)
-    ap.add_argument("--runs", default=",".join(r.name for r in RUNS), help="comma-separated subset of the runs")
+    ap.add_argument("--objective", choices=("sft", "dpo", "reward"), default="sft")
+    ap.add_argument("--runs", default=None, help="comma-separated subset of the runs (default: all of the objective's)")
     peer = ap.add_mutually_exclusive_group()
     peer.add_argument("--no-peer", action="store_true", help="skip the transformers + peft comparison")
     peer.add_argument("--peer-only", action="store_true", help="only the transformers + peft comparison")
@@ -129,10 +154,11 @@ def parse_args(argv=None):
         ap.error(f"--peer-base-steps trains on {missing}, which are missing")
     if args.peer_hidden <= 0 or args.peer_hidden % 64:
         ap.error(f"--peer-hidden must be a positive multiple of 64, got {args.peer_hidden}")
-    names = [n.strip() for n in args.runs.split(",") if n.strip()]
-    unknown = sorted(set(names) - {r.name for r in RUNS})
+    known = RUNS if args.objective == "sft" else PAIR_RUNS[args.objective]
+    names = [n.strip() for n in (args.runs or ",".join(r.name for r in known)).split(",") if n.strip()]
+    unknown = sorted(set(names) - {r.name for r in known})
     if unknown or not names:
-        ap.error(f"--runs {args.runs!r}: unknown {unknown}; choose from {[r.name for r in RUNS]}")
+        ap.error(f"--runs {args.runs!r}: unknown {unknown}; choose from {[r.name for r in known]}")
     args.runs = names
     if not os.path.isdir(DATA):
         ap.error(f"no AdvertiseGen data at {DATA} (../shared/data/advertisegen beside the project)")
@@ -213,10 +239,74 @@ def bench_run(run: Run, args) -> dict:
     }
 
 
+def pair_data(args) -> tuple[str, str]:
+    """The small preference set (make_preference_set.py, both languages) split into OUT/pairs/train.jsonl
+    and its last --eval-rows pairs, OUT/pairs/held_out.jsonl."""
+    import make_preference_set
+
+    folder = os.path.join(args.out, "pairs")
+    every = os.path.join(folder, "all.jsonl")
+    make_preference_set.main(["--out", every, "--lang", "both"])
+    with open(every, encoding="utf-8") as f:
+        rows = f.readlines()
+    paths = os.path.join(folder, "train.jsonl"), os.path.join(folder, "held_out.jsonl")
+    for path, part in zip(paths, (rows[: -args.eval_rows], rows[-args.eval_rows :])):
+        with open(path, "w", encoding="utf-8") as f:
+            f.writelines(part)
+    return paths
+
+
+def pair_run(run: Run, args, data: tuple[str, str]) -> dict:
+    """One preference run -> its row: held-out pair accuracy and margin per evaluation, step time."""
+    import finetune
+    from bench_finetune_peer import median_step_time, ours_metrics
+
+    out = os.path.join(args.out, run.name)
+    flags = finetune_args(run, args, out)
+    flags[flags.index("--data") + 1], flags[flags.index("--eval-data") + 1] = data
+    flags += ["--objective", args.objective] + (["--loss", run.loss] if args.objective == "dpo" else [])
+    train = finetune.main(flags)
+    metrics = os.path.join(out, "logs", "metrics.jsonl")
+    with open(metrics) as f:
+        evals = [p for p in map(json.loads, f) if "eval_pair_accuracy" in p]
+    return {
+        "run": run.name,
+        "label": run.label,
+        "method": run.method,
+        "loss": run.loss if args.objective == "dpo" else "reward",
+        **{k: train[k] for k in PAIR_KEYS},
+        "accuracy_curve": [(p["step"], p["eval_pair_accuracy"]) for p in evals],
+        "margin_curve": [(p["step"], p["eval_reward_margin"]) for p in evals],
+        "step_time_s": median_step_time(ours_metrics(metrics)["step_times"]),
+    }
+
+
+def pair_main(args) -> dict:
+    """--objective dpo / reward: every run of PAIR_RUNS[objective] on the small preference set."""
+    from benchutil import environment
+
+    results = {"environment": environment(), "args": vars(args), "runs": []}
+    data = pair_data(args)
+    for run in (r for r in PAIR_RUNS[args.objective] if r.name in args.runs):
+        row = pair_run(run, args, data)
+        row["step_time_vs_first"] = row["step_time_s"] / (results["runs"] or [row])[0]["step_time_s"]
+        results["runs"].append(row)
+        print(json.dumps(row), flush=True)
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    series = [(r["label"], r["accuracy_curve"]) for r in results["runs"]]
+    title = f"{args.objective}: held-out pair accuracy ({args.eval_rows} pairs), glm-tiny base"
+    plot(series, title, os.path.join(args.out, "pair_accuracy.png"), "held-out pair accuracy")
+    return results
+
+
 def main(argv=None):
     args = parse_args(argv)
     import shutil
 
+    if args.objective != "sft":
+        shutil.rmtree(args.out, ignore_errors=True)
+        return pair_main(args)
     from bench_finetune_peer import compare, ours_metrics
     from benchutil import environment
 
@@ -270,8 +360,8 @@ def peer_summary(peer: dict) -> dict:
     return {**peer, "glm_jax": side(peer["glm_jax"]), "transformers_peft": side(peer["transformers_peft"])}
 
 
-def plot(series, title: str, path: str):
-    """Held-out loss curves: series of (label, [(step, loss), ...])."""
+def plot(series, title: str, path: str, ylabel: str = "held-out answer loss (nats/token)"):
+    """Held-out curves: series of (label, [(step, value), ...])."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -284,7 +374,7 @@ def plot(series, title: str, path: str):
         ax.plot(*zip(*points), marker="o", ms=3, label=label, color=colors[i % len(colors)])
     ax.ticklabel_format(axis="y", useOffset=False)
     ax.set_xlabel("step")
-    ax.set_ylabel("held-out answer loss (nats/token)")
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.legend(fontsize=7)
     fig.tight_layout()

@@ -40,11 +40,15 @@ import sys
 
 from glm_jax.script_args import DEFAULT_CHECKPOINTS, prepare_devices
 
+LOSSES = ("dpo", "ipo", "simpo", "orpo")  # pair_objectives.LOSSES (that module imports JAX)
+
 METHOD_LR = {"ptuning": 2e-2, "lora": 5e-4, "freeze": 1e-4, "full": 1e-4}
 METHOD_LR["adapter"] = 3e-4  # Houlsby et al.: the middle of their sweep {3e-5, 3e-4, 3e-3}
 METHOD_LR["ia3"] = 3e-3  # T-Few (Liu et al. 2022), the paper that introduced IA3
 METHOD_LR["prompt"] = 3e-2  # peft's prompt-based methods guide (Lester et al.: 0.3, with Adafactor)
 METHOD_LR["ptuning-v1"] = 1e-3  # peft's P-tuning guide; its MLP of width hidden_size moves faster than one embedding
+# DPO and its variants move a model already tuned by SFT: a tenth of the method's SFT rate by default
+OBJECTIVE_LR_FACTOR = {"sft": 1.0, "dpo": 0.1, "reward": 1.0}
 
 
 def parse_args(argv=None):
@@ -57,6 +61,23 @@ def parse_args(argv=None):
         "tuning, Li & Liang), prompt (prompt tuning), ptuning-v1 (P-tuning with an MLP/LSTM prompt encoder), "
         "adapter (Houlsby bottlenecks), ia3, freeze, full",
     )
+    ap.add_argument(
+        "--objective",
+        choices=tuple(OBJECTIVE_LR_FACTOR),
+        default="sft",
+        help="sft (instruction / dialogue data); dpo (preference pairs: DPO or, with --loss, IPO, SimPO, ORPO); "
+        "reward (preference pairs: a reward model, the method's leaves plus a scalar value head)",
+    )
+    ap.add_argument(
+        "--loss",
+        choices=LOSSES,
+        default="dpo",
+        help="with --objective dpo: dpo (sigmoid, trl's default), ipo, simpo (reference-free, length-normalised), "
+        "orpo (SFT + odds ratio, reference-free)",
+    )
+    ap.add_argument("--beta", type=float, default=0.1, help="DPO / IPO / SimPO beta; ORPO's lambda (trl's)")
+    ap.add_argument("--label-smoothing", type=float, default=0.0, help="cDPO's label smoothing (dpo only)")
+    ap.add_argument("--simpo-gamma", type=float, default=0.5, help="SimPO's target reward margin")
     ap.add_argument("--checkpoint", default=DEFAULT_CHECKPOINTS, help="the base model (any checkpoint folder)")
     ap.add_argument("--data", action="append", required=True, metavar="FILE", help="training file (repeatable)")
     ap.add_argument("--eval-data", action="append", default=[], metavar="FILE", help="held-out file(s)")
@@ -77,7 +98,10 @@ def parse_args(argv=None):
     ap.add_argument("--max-source", type=int, default=64, help="prompt ids kept (max_source_length)")
     ap.add_argument("--max-target", type=int, default=128, help="reply ids kept (max_target_length)")
     ap.add_argument(
-        "--seq-len", type=int, default=None, help="packed sequence length (default: max-source + max-target + 4)"
+        "--seq-len",
+        type=int,
+        default=None,
+        help="packed sequence length (default: max-source + max-target + 4; twice that for pairs)",
     )
     ap.add_argument(
         "--last-turn-only", action="store_true", help="train only the last reply of a conversation (ChatGLM2's script)"
@@ -147,7 +171,6 @@ def main(argv=None):
     from glm_jax.loading import load_model, quantize_on_load
     from glm_jax.optim import FINETUNE_LOSS_SCALE, OptimConfig
     from glm_jax.peft import PeftConfig, base_identity, count, merge_adapters, nbytes, split_shapes
-    from glm_jax.sft import SFTBuilder
     from glm_jax.tokenizer import bundled_file
     from glm_jax.train import RunConfig, TrainingError, as_master, base_shardings, train
 
@@ -156,7 +179,9 @@ def main(argv=None):
     out = os.path.abspath(args.out)
     try:
         knobs, model_overrides = split_sets(args.set, PeftConfig)
-        peft = PeftConfig(method=args.method, **knobs)
+        if args.objective != "sft":  # trl's disable_dropout: the policy and its reference see the same model
+            knobs = {"lora_dropout": 0.0, "prefix_dropout": 0.0, **knobs}
+        peft = PeftConfig(method=args.method, value_head=args.objective == "reward", **knobs)
         quantize = None if args.quantize == "none" else args.quantize
         if quantize and not peft.is_adapter:
             raise ConfigError(
@@ -176,7 +201,8 @@ def main(argv=None):
             base_model.config, base_model.take_params(), quantize, base_model.path, consume=True, shardings=shardings
         )
         config = peft.model_config(base_config).override(**model_overrides)
-        seq_len = args.seq_len or args.max_source + args.max_target + 4
+        # a pair's two answers share a row: twice an SFT sample's room
+        seq_len = args.seq_len or (args.max_source + args.max_target + 4) * (1 if args.objective == "sft" else 2)
         if seq_len > config.max_sequence_length:
             raise ConfigError(
                 f"--seq-len {seq_len} exceeds the model's max_sequence_length={config.max_sequence_length}"
@@ -192,15 +218,9 @@ def main(argv=None):
             max_target=args.max_target,
             last_only=args.last_turn_only,
         )
-        builder = SFTBuilder.from_files(args.data, seed=args.seed, mix=_mix(args.mix), **common)
-        log(f"train data: {json.dumps(builder.stats.summary())}")
-        eval_builder = None
-        if args.eval_data:
-            eval_builder = SFTBuilder.from_files(
-                args.eval_data, seed=args.seed, shuffle=False, limit=args.eval_limit or None, **common
-            )
-            log(f"held-out data: {json.dumps(eval_builder.stats.summary())}")
-        lr = args.lr or METHOD_LR[args.method]
+        builder, eval_builder = _builders(args, common, log)
+        objective = _objective(args, builder, eval_builder)
+        lr = args.lr or METHOD_LR[args.method] * OBJECTIVE_LR_FACTOR[args.objective]
         # the reference trainers (transformers' Trainer): AdamW, no weight decay, b2 0.999, clip 1.0;
         # an fp16 base's loss scale starts low and grows fast (optim.FINETUNE_LOSS_SCALE)
         optim = OptimConfig(
@@ -278,6 +298,7 @@ def main(argv=None):
             base=base,
             meta={"peft": peft.to_dict(), "base": identity, "base_checkpoint": base_model.path},
             on_done=on_done,
+            objective=objective,
         )
     except (ConfigError, sh.MeshError, DataError, CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)
@@ -289,6 +310,7 @@ def main(argv=None):
     held = jax.eval_shape(as_master, trainable)  # what trains, and its two Adam moments, as held
     dtypes = lambda tree: "+".join(sorted({str(x.dtype) for x in jax.tree_util.tree_leaves(tree)}))  # noqa: E731
     report = {
+        "objective": args.objective if args.objective != "dpo" else args.loss,
         "method": args.method,
         "quantize": args.quantize,
         "trainable_params": count(trainable),
@@ -308,6 +330,52 @@ def main(argv=None):
     if lead:
         print(json.dumps(report))
     return report
+
+
+def _builders(args, common: dict, log):
+    """(training builder, held-out builder or None): SFT samples, or preference pairs for dpo / reward."""
+    from glm_jax.preference import preference_builder  # deferred: JAX, so --help stays fast
+    from glm_jax.sft import SFTBuilder
+
+    if args.objective == "sft":
+        train = SFTBuilder.from_files(args.data, seed=args.seed, mix=_mix(args.mix), **common)
+        held_out = lambda: SFTBuilder.from_files(  # noqa: E731
+            args.eval_data, seed=args.seed, shuffle=False, limit=args.eval_limit or None, **common
+        )
+    else:
+        if args.mix or args.last_turn_only:
+            from glm_jax.config import ConfigError
+
+            raise ConfigError(f"--mix and --last-turn-only are SFT's; --objective {args.objective} reads pairs")
+        pairs = {k: v for k, v in common.items() if k != "last_only"}
+        train = preference_builder(args.data, seed=args.seed, **pairs)
+        held_out = lambda: preference_builder(  # noqa: E731
+            args.eval_data, seed=args.seed, shuffle=False, limit=args.eval_limit or None, **pairs
+        )
+    log(f"train data: {json.dumps(train.stats.summary())}")
+    if not args.eval_data:
+        return train, None
+    evaluation = held_out()
+    log(f"held-out data: {json.dumps(evaluation.stats.summary())}")
+    return train, evaluation
+
+
+def _objective(args, builder, eval_builder):
+    """The trainer's objective: the token loss for SFT, else a PairObjective sized to the data."""
+    if args.objective == "sft":
+        from glm_jax.pipeline import TOKEN_LOSS  # deferred: JAX, so --help stays fast
+
+        return TOKEN_LOSS
+    from glm_jax.pair_objectives import REWARD, PairObjective  # deferred: JAX, so --help stays fast
+    from glm_jax.preference import segments_needed
+
+    return PairObjective(
+        REWARD if args.objective == "reward" else args.loss,
+        num_segments=segments_needed([builder, eval_builder]),
+        beta=args.beta,
+        label_smoothing=args.label_smoothing,
+        simpo_gamma=args.simpo_gamma,
+    )
 
 
 def _mix(specs: list[str]) -> list[tuple[str, float]]:
