@@ -63,7 +63,7 @@ from glm_jax.optim import (
     make_optimizer,
 )
 from glm_jax.pair_objectives import REFERENCE_FIELD, held_out_metrics
-from glm_jax.peft import PeftConfig, combine, split
+from glm_jax.peft import VALUE_HEAD, PeftConfig, combine, split
 from glm_jax.profiling import StepProfiler
 from glm_jax.prompts import check_pipeline
 from glm_jax.reference import cached_reference
@@ -485,10 +485,13 @@ class Trainer:
     def fresh_state(self, key, trainable: dict | None = None) -> TrainState:
         """A new state from `key` (traceable: jit it with shardings, or eval_shape it); its
         parameters are `trainable` (plain stacked layout) or, without, freshly initialised ones
-        (for an adapter: the adapter's, the base's random init is dead code XLA drops)."""
-        if trainable is None:
+        (for an adapter: the adapter's, the base's random init is dead code XLA drops; a value head
+        the config has and `trainable` lacks is initialised the same way)."""
+        if trainable is None or (self.config.value_head and VALUE_HEAD not in trainable):
             variables = GLM(self.config).init(key, dummy_batch(1, 8))
-            trainable = split(nn.meta.unbox(variables["params"]), self.peft, self.config)[0]
+            fresh = split(nn.meta.unbox(variables["params"]), self.peft, self.config)[0]
+            # a base has no value head (a reward model trained with freeze / full): a fresh one
+            trainable = fresh if trainable is None else {**trainable, VALUE_HEAD: fresh[VALUE_HEAD]}
         return self._new_state(pipeline.params_to_slots(as_master(trainable), self.plan), key)
 
     def place_trainable(self, trainable: dict):

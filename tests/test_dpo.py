@@ -282,3 +282,15 @@ def test_bad_preference_flags_exit_2(setup, capsys):
             run(setup, "bad", 1, *extra)
         assert e.value.code == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_full_reward_model_starts_from_the_base_and_a_fresh_value_head():
+    """freeze / full train the base's own weights: the base gives them, and the value head it
+    lacks is initialised."""
+    config = get_config("glm-tiny", dtype="float32", num_layers=2, vocab_size=256)
+    base = init_params(config, jax.random.key(0))
+    peft = PeftConfig("full", value_head=True)
+    trainer = Trainer(peft.model_config(config), OptimConfig(), sh.make_mesh("1x1x1", jax.devices()[:1]), 2, peft=peft)
+    params = trainer.init_state(0, split(base, peft, peft.model_config(config))[0]).params
+    assert params["value_head"]["kernel"].shape == (config.hidden_size, 1)
+    np.testing.assert_array_equal(params["word_embeddings"]["embedding"], base["word_embeddings"]["embedding"])
