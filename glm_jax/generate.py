@@ -149,6 +149,13 @@ def inference_params(config: GLMConfig, params: dict, mesh: jax.sharding.Mesh | 
 def layered_forward(config: GLMConfig, params, batch):
     """GLM's forward (no cache, no dropout) with the layers in `serving_params` layout, unrolled:
     batch [B, S] arrays -> logits [B, S, vocab]. What `GLM.apply` computes with stacked layers."""
+    outer = {k: v for k, v in params.items() if k != "layers"}
+    return GLM(config).apply({"params": outer}, layered_hidden(config, params, batch), method=GLM.head)
+
+
+def layered_hidden(config: GLMConfig, params, batch):
+    """`layered_forward` up to the last layer's output (before the final norm): [B, S, E].
+    Differentiable (PPO trains adapters through it, `ppo.py`)."""
     model, block = GLM(config), GLMBlock(config)
     outer = {k: v for k, v in params.items() if k != "layers"}
     h = model.apply({"params": outer}, batch, method=GLM.embed)
@@ -156,7 +163,7 @@ def layered_forward(config: GLMConfig, params, batch):
     prefix = serving_prefix(config, params)  # [L, P, 2, K, D] or None
     for i, layer in enumerate(params["layers"]):
         h = block.apply({"params": layer}, h, mask, tables, None, None, None if prefix is None else prefix[i])[0]
-    return model.apply({"params": outer}, h, method=GLM.head)
+    return h
 
 
 def init_cache(config: GLMConfig, batch: int, max_len: int, dtype=None, mesh: jax.sharding.Mesh | None = None):

@@ -5,6 +5,7 @@
     handle = engine.submit(Request(prompt_ids, max_tokens=64, sampling=Sampling(0.8, seed=1),
                                    stop_ids=fam.stop_ids(tok), on_token=..., on_done=...))
     engine.cancel(handle)                              # frees its slot at the next step
+    engine.set_adapter(trainable)                      # new adapter leaves, between requests
     engine.stop()                                      # cancels what is left, joins the thread
 
 The cache is `generate.init_cache(config, slots, M)` with M the padded length limit (plus a
@@ -19,6 +20,12 @@ otherwise the randomness of step s comes from fold_in(key(seed), s) alone. A row
 own context and generated slots, so a request's tokens depend only on its prompt and settings,
 never on what shares the batch. A slot is freed the step its request ends (a stop id, max_tokens, the length
 limit, `on_token` asking to stop, or cancellation) and the next queued request takes it.
+The step also gives each sampled id's log-probability under the raw fp32 logits (temperature 1,
+before top-k / top-p: OpenAI's `logprobs`, PPO's behaviour policy); a request whose `logprobs`
+is a list gets them appended, one per generated id, the stop id's included.
+`set_adapter` swaps new adapter leaves (LoRA pairs, a value head, ...: the plain stacked layout
+training holds) into the serving-layout weights while no request is in flight: only those small
+leaves are split per layer and replaced, the base's arrays stay the same objects (PPO's rounds).
 No HTTP in here (`serving/api.py` is the server).
 
 On a mesh (`Engine(..., mesh=)`, a (data, 1, tensor) mesh, `placement`): the weights are placed
@@ -50,10 +57,12 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from glm_jax import placement
+from glm_jax.alignment import token_logprobs
 from glm_jax.config import GLMConfig
 from glm_jax.decoding import BUCKET, bucket_length, sample_rows, seed_keys
 from glm_jax.families import default_stop_ids
@@ -68,6 +77,7 @@ from glm_jax.generate import (
     prefill,
     write_prefix,
 )
+from glm_jax.peft import METHOD_FIELDS, SIZE_SWITCHES, VALUE_HEAD, PeftConfig, trainable_path
 from glm_jax.tokenizer import GLM_IDS, SpecialIds
 
 
@@ -97,6 +107,7 @@ class Request:
     blank: int | None = None  # the mask id to fill (prefix LMs; default the first mask token)
     on_token: Callable[[int], bool] | None = None  # called with each generated id; True ends the request ("stop")
     on_done: Callable[[str, int], None] | None = None  # called once, with (finish_reason, generated)
+    logprobs: list[float] | None = None  # a list: each generated id's log-probability is appended (the stop id's too)
     id: int = -1  # the engine's number for it, set by `Engine.submit`
     prompt_batch: PromptBatch | None = None  # the prompt as a one-row PromptBatch, set by `Engine.submit`
     generated: int = 0  # ids generated so far, the stop id included
@@ -139,7 +150,8 @@ def decode_slots(
     slot P + lengths + step (`generate.decode_logits`: each row's generated slots follow its own
     context), then sample each slot's next token (`decoding.sample_rows`, slot s drawing with
     fold_in(key(seeds[s]), step[s])). mesh: the cache keeps its sharding, the logits are
-    replicated before sampling and so are the sampled ids. -> (next tokens [S], cache)."""
+    replicated before sampling and so are the sampled ids. -> (next tokens [S], their
+    log-probabilities under the raw logits [S] fp32 (temperature 1, unfiltered), cache)."""
     logits, cache = decode_logits(
         config, params, cache, token, step, lengths, mask_pos, cont, config.prefix_slots + lengths
     )
@@ -149,7 +161,8 @@ def decode_slots(
     next_token = sample_rows(logits, seed_keys(seeds), step, temperature, top_p, top_k)
     if mesh is not None:
         next_token = jax.lax.with_sharding_constraint(next_token, placement.replicated(mesh))
-    return next_token, cache
+    logprob = token_logprobs(logits[:, None], next_token[:, None])[:, 0]
+    return next_token, logprob, cache
 
 
 class Engine:
@@ -251,6 +264,25 @@ class Engine:
                 mesh={name: int(size) for name, size in axes.items()},
             )
 
+    def set_adapter(self, trainable: dict) -> None:
+        """Put new adapter leaves in place of the engine's: `trainable` in the plain stacked layout
+        training holds (`peft.split`: LoRA's [L, ...] pairs, a value head, ...), cast to the
+        engine's dtypes and, on a mesh, placed by the rules; only these leaves are split per layer
+        (a P-tuning prefix is written into the cache again), the base's arrays stay the same
+        objects. Only while no request is in flight (RuntimeError otherwise); a tree whose paths
+        or shapes are not the engine's adapter's is a GenerationError."""
+        new = _matching_adapter(self.config, self.params, trainable)
+        if self.mesh is not None:
+            new = placement.place(new, self.config, self.mesh)
+        with self.lock:
+            if any(self.active) or self.waiting:
+                raise RuntimeError("set_adapter while requests are in flight: let them finish (or cancel them) first")
+            self.params = with_adapter(self.params, new)
+            if self.config.prefix_slots:
+                self.cache = write_prefix(self.config, self.params, self.cache)
+                if self.mesh is not None:
+                    self.cache = jax.device_put(self.cache, placement.cache_sharding(self.config, self.mesh))
+
     # ---- the loop ----------------------------------------------------------------------------
     def start(self) -> Engine:
         self.running = True
@@ -303,7 +335,7 @@ class Engine:
             self._prefill(row, req)
         if not any(self.active):
             return True
-        next_token, self.cache = decode_slots(
+        next_token, logprob, self.cache = decode_slots(
             self.config,
             self.params,
             self.cache,
@@ -318,10 +350,10 @@ class Engine:
             self.top_k,
             self.mesh,
         )
-        next_token = np.asarray(next_token)
+        next_token, logprob = np.asarray(next_token), np.asarray(logprob)
         self.steps_run += 1
         with self.lock:
-            self._advance(next_token)
+            self._advance(next_token, logprob)
         return True
 
     def _admit(self) -> list[tuple[int, Request]]:
@@ -343,14 +375,17 @@ class Engine:
                 admitted.append((row, self.active[row]))
         return admitted
 
-    def _advance(self, next_token: np.ndarray) -> None:
-        """(Under the lock.) Hand each active request its next id [slots]; end those that stop or
-        reach max_tokens (freeing their slots), feed the rest their id at the next step."""
+    def _advance(self, next_token: np.ndarray, logprob: np.ndarray) -> None:
+        """(Under the lock.) Hand each active request its next id [slots] (and its log-probability
+        [slots], to a request that keeps them); end those that stop or reach max_tokens (freeing
+        their slots), feed the rest their id at the next step."""
         for row, req in enumerate(self.active):
             if req is None:
                 continue
             token = int(next_token[row])
             req.generated += 1
+            if req.logprobs is not None:
+                req.logprobs.append(float(logprob[row]))
             stop = token in req.stop_ids
             try:
                 if req.on_token is not None and req.on_token(token):
@@ -386,6 +421,67 @@ class Engine:
             req.finish_reason = reason
             if req.on_done is not None:
                 req.on_done(reason, req.generated)
+
+
+def _flat_serving(params: dict) -> dict:
+    """Serving-layout params -> {plain stacked path: leaf}, a layer leaf by its layer 0's array."""
+    flat = traverse_util.flatten_dict({key: value for key, value in params.items() if key != "layers"})
+    flat.update({("layers", *path): leaf for path, leaf in traverse_util.flatten_dict(params["layers"][0]).items()})
+    return flat
+
+
+def adapter_paths(config: GLMConfig, params: dict) -> set[tuple]:
+    """The paths (plain stacked form) of the adapter leaves of serving-layout params: the leaves
+    the adapter methods switched on in `config` train (`peft.trainable_path`), and a value head."""
+    on = [
+        PeftConfig(method)
+        for method, fields in METHOD_FIELDS.items()
+        if any(getattr(config, name) for name in set(fields) & set(SIZE_SWITCHES))
+    ]
+    return {
+        path
+        for path in _flat_serving(params)
+        if path[0] == VALUE_HEAD or any(trainable_path(path, peft) for peft in on)
+    }
+
+
+def _matching_adapter(config: GLMConfig, params: dict, trainable: dict) -> dict:
+    """`trainable` cast to the dtypes of the adapter leaves it replaces in serving-layout params;
+    GenerationError when its paths or shapes are not theirs."""
+    current, flat = _flat_serving(params), traverse_util.flatten_dict(trainable)
+    want = adapter_paths(config, params)
+    if set(flat) != want:
+        name = lambda paths: sorted("/".join(map(str, p)) for p in paths)  # noqa: E731
+        raise GenerationError(
+            f"the adapter's leaves {name(flat)} are not the engine's {name(want)}: pass the tree of the "
+            "adapter the engine was built with (plain stacked layout, `peft.split`)"
+        )
+    out = {}
+    for path, leaf in flat.items():
+        shape = current[path].shape if path[0] != "layers" else (config.num_layers, *current[path].shape)
+        if tuple(leaf.shape) != tuple(shape):
+            raise GenerationError(
+                f"adapter leaf {'/'.join(path)} has shape {tuple(leaf.shape)}; the engine's is {tuple(shape)}"
+            )
+        out[path] = jnp.asarray(leaf, current[path].dtype)
+    return traverse_util.unflatten_dict(out)
+
+
+def with_adapter(params: dict, adapter: dict) -> dict:
+    """Weights in the `generate.serving_params` layout with an adapter's leaves put in (added or
+    replaced), every other leaf params' own array (nothing copied). adapter: the plain stacked
+    layout (`peft.split`'s trainable tree): a leaf under "layers" [L, ...] is split into its L
+    layers, any other goes to its path. Traceable: under jit the split is part of the program."""
+    outer = traverse_util.flatten_dict({key: value for key, value in params.items() if key != "layers"})
+    layers = [traverse_util.flatten_dict(layer) for layer in params["layers"]]
+    for path, leaf in traverse_util.flatten_dict(adapter).items():
+        if path[0] == "layers":
+            for i, layer in enumerate(layers):
+                layer[path[1:]] = leaf[i]
+        else:
+            outer[path] = leaf
+    unflat = lambda flat: traverse_util.unflatten_dict(flat) if flat else {}  # noqa: E731
+    return {**unflat(outer), "layers": tuple(unflat(layer) for layer in layers)}
 
 
 class EngineGenerator:
