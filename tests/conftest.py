@@ -37,6 +37,8 @@ HEAVY_FIRST = (
     "test_multiprocess.py",
     "test_sharding.py",
     "test_train.py",
+    "test_dpo.py",
+    "test_ppo.py",
     "test_peft.py",
     "test_serve.py",
     "test_inference_mesh.py",
