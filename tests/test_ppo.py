@@ -71,7 +71,10 @@ def lora_model(config, seed: int = 0):
 
 
 # 1D's positions are also checked by the PPO run (its round 0 samples the base: KL 0 to 1e-5)
-@pytest.fixture(scope="module", params=[pytest.param("1d", marks=pytest.mark.slow), "2d", "causal"])
+@pytest.fixture(
+    scope="module",
+    params=[pytest.param("1d", marks=pytest.mark.slow), "2d", pytest.param("causal", marks=pytest.mark.slow)],
+)
 def served(request):
     """A LoRA engine (built with a fresh adapter, then given a trained-looking one by set_adapter),
     and the plain stacked parameters that adapter makes."""
