@@ -160,7 +160,7 @@ def gae(rewards, values, gamma: float, lam: float, mask=None):
     return advantages, (advantages + values[..., :-1]) * mask
 
 
-def _masked_mean(x, mask):
+def masked_mean(x, mask):
     """Mean of x over mask's 1s (trl's masked_mean): x, mask [...] -> scalar."""
     return jnp.sum(x * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
@@ -176,10 +176,10 @@ def ppo_policy_loss(logp_new, logp_old, advantages, clip: float, mask):
     ratio = jnp.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * jnp.clip(ratio, 1.0 - clip, 1.0 + clip)
-    loss = _masked_mean(jnp.maximum(unclipped, clipped), mask)
+    loss = masked_mean(jnp.maximum(unclipped, clipped), mask)
     metrics = {
-        "clip_fraction": _masked_mean((clipped > unclipped).astype(jnp.float32), mask),
-        "approx_kl": 0.5 * _masked_mean(log_ratio**2, mask),
+        "clip_fraction": masked_mean((clipped > unclipped).astype(jnp.float32), mask),
+        "approx_kl": 0.5 * masked_mean(log_ratio**2, mask),
     }
     return loss, metrics
 
@@ -194,8 +194,8 @@ def ppo_value_loss(v_new, v_old, returns, clip: float, mask):
     v_clipped = jnp.clip(v_new, v_old - clip, v_old + clip)
     unclipped = (v_new - returns) ** 2
     clipped = (v_clipped - returns) ** 2
-    loss = 0.5 * _masked_mean(jnp.maximum(unclipped, clipped), mask)
-    return loss, {"clip_fraction": _masked_mean((clipped > unclipped).astype(jnp.float32), mask)}
+    loss = 0.5 * masked_mean(jnp.maximum(unclipped, clipped), mask)
+    return loss, {"clip_fraction": masked_mean((clipped > unclipped).astype(jnp.float32), mask)}
 
 
 def kl_shaped_rewards(score, logp, ref_logp, mask, kl_coef: float):

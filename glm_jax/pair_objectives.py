@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from glm_jax import alignment
 from glm_jax.config import ConfigError, GLMConfig
 from glm_jax.model import GLM
+from glm_jax.pipeline import hidden_states
 
 LOSSES = ("dpo", "ipo", "simpo", "orpo")  # finetune.py --objective dpo --loss ...
 REWARD = "reward"  # finetune.py --objective reward
@@ -148,9 +149,5 @@ def last_answer_values(values, loss_mask, segment_ids, num_segments: int):
 def sequence_rewards(config: GLMConfig, params, batch, num_segments: int = 1) -> jax.Array:
     """A reward model's score of each answer in a batch of SFT-laid-out rows (a prompt + answer
     per segment; params in the plain stacked layout): [B, num_segments] (`last_answer_values`)."""
-    values = GLM(config).apply({"params": params}, batch, method=_values)
+    values = GLM(config).apply({"params": params}, hidden_states(params, batch, config), method=GLM.values)
     return last_answer_values(values, batch["loss_mask"], batch["segment_ids"], num_segments)
-
-
-def _values(model: GLM, batch):
-    return model.values(model.blocks(model.embed(batch), batch))

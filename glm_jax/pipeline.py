@@ -176,6 +176,7 @@ class TokenLoss:
     the units its summed loss is divided by."""
 
     extra_fields: tuple[str, ...] = ()
+    needs_reference = False  # a pair objective's DPO / IPO compare with a reference model
 
     def head_loss(self, config: GLMConfig, params, h, fields):
         """Final norm, head and loss of one microbatch: h [mb, S, E] (before the final norm) ->

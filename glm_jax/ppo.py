@@ -57,7 +57,7 @@ from flax import traverse_util
 
 from glm_jax import placement
 from glm_jax.adapters import Adapter
-from glm_jax.alignment import gae, kl_shaped_rewards, ppo_policy_loss, ppo_value_loss, token_logprobs
+from glm_jax.alignment import gae, kl_shaped_rewards, masked_mean, ppo_policy_loss, ppo_value_loss, token_logprobs
 from glm_jax.config import ConfigError, GLMConfig
 from glm_jax.data import DataError
 from glm_jax.decoding import BUCKET, bucket_length
@@ -65,9 +65,9 @@ from glm_jax.families import Family, FamilyError
 from glm_jax.generate import PromptBatch, layered_hidden, make_prompts
 from glm_jax.model import GLM, dummy_batch
 from glm_jax.peft import PeftConfig, combine, split
-from glm_jax.preference import USER_ROLES
+from glm_jax.preference import prompt_messages
 from glm_jax.serving.engine import Engine, Request, Sampling, adapter_paths, with_adapter
-from glm_jax.sft import BadRow, SFTStats, message_rounds, read_rows, text_field
+from glm_jax.sft import BadRow, SFTStats, read_rows, shuffled_index, text_field
 from glm_jax.tokenizer import SpecialIds, Tokenizer
 from glm_jax.train import as_master
 
@@ -136,10 +136,7 @@ def prompt_turn(row: dict, family: Family) -> tuple[str | None, list[tuple[str, 
     if "messages" in row or isinstance(row.get("prompt"), list):
         messages = row["messages"] if "messages" in row else row["prompt"]
         role_key = "from" if messages and isinstance(messages[0], dict) and "from" in messages[0] else "role"
-        system, history, query = message_rounds(messages, role_key, "content", USER_ROLES)
-        if query is None:  # the prompt must end with the query a response answers
-            raise BadRow("missing_fields")
-        return system, history, query
+        return prompt_messages(messages, role_key)
     if "prompt" in row:
         return None, [], text_field(row["prompt"])
     if "instruction" in row:
@@ -174,11 +171,9 @@ def read_prompts(path: str, family: Family, tok: Tokenizer, limit: int) -> tuple
 def round_prompts(prompts: Sequence, round_index: int, batch: int, seed: int) -> list:
     """Round r's `batch` prompts: items r*batch .. (r+1)*batch - 1 of the prompts in a fresh seeded
     order per pass over them (a pure function of (seed, r))."""
-    n, out = len(prompts), []
-    for k in range(round_index * batch, (round_index + 1) * batch):
-        epoch, at = divmod(k, n)
-        out.append(prompts[int(np.random.default_rng([seed, epoch]).permutation(n)[at])])
-    return out
+    return [
+        prompts[shuffled_index(seed, k, len(prompts))] for k in range(round_index * batch, (round_index + 1) * batch)
+    ]
 
 
 def rollout_seed(seed: int, round_index: int, i: int) -> int:
@@ -278,10 +273,6 @@ def without_adapter(config: GLMConfig, params: dict) -> dict:
         for layer in params["layers"]
     )
     return {**(traverse_util.unflatten_dict(outer) if outer else {}), "layers": layers}
-
-
-def _mean(x, mask):
-    return jnp.sum(x * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
 # ---- the trainer -----------------------------------------------------------------------------------
@@ -456,7 +447,7 @@ class PPO:
             return loss, {
                 "pg_clip_fraction": metrics["clip_fraction"],
                 "approx_kl": metrics["approx_kl"],
-                "entropy": _mean(entropy, mask),
+                "entropy": masked_mean(entropy, mask),
             }
 
         def value_loss(critic):
@@ -532,8 +523,8 @@ class PPO:
             "rlhf_reward": float((score - self.s.kl_coef * kl.sum(-1)).mean()),
             "response_length": float(tokens.mean()),
             "stopped_fraction": float(rollouts.stopped.mean()),
-            "value_mean": float(_mean(exp["values"], mask)),
-            "return_mean": float(_mean(exp["returns"], mask)),
+            "value_mean": float(masked_mean(exp["values"], mask)),
+            "return_mean": float(masked_mean(exp["returns"], mask)),
         }
         for key in steps[0]:
             out[key] = float(np.mean([float(step[key]) for step in steps]))

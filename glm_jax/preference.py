@@ -102,7 +102,7 @@ def detect_format(row: dict) -> str:
     raise BadRow("missing_fields")
 
 
-def _prompt_messages(messages, role_key: str) -> tuple[str | None, list[tuple[str, str]], str]:
+def prompt_messages(messages, role_key: str) -> tuple[str | None, list[tuple[str, str]], str]:
     """[system?, user, assistant, ..., user] -> (system or None, (query, reply) rounds, query)."""
     system, rounds, query = message_rounds(messages, role_key, "content", USER_ROLES)
     if query is None:  # the prompt must end with the query the answers reply to
@@ -129,13 +129,13 @@ def preference(row: dict, family: Family = Family()) -> tuple[Pair, str]:
     role_key = "from" if fmt == "colossalchat" else "role"
     system, history = None, []
     if fmt == "colossalchat":
-        system, history, query = _prompt_messages(row["context"], "from")
+        system, history, query = prompt_messages(row["context"], "from")
     elif fmt == "llamafactory":
         query = family.instruction_query(text_field(row["instruction"]), text_field(row.get("input") or ""))
         history = history_rounds(row)
         system = text_field(row["system"]) if row.get("system") else None
     elif isinstance(row["prompt"], list):
-        system, history, query = _prompt_messages(row["prompt"], "role")
+        system, history, query = prompt_messages(row["prompt"], "role")
     else:
         query = text_field(row["prompt"])
     chosen, rejected = _answer(row["chosen"], role_key), _answer(row["rejected"], role_key)
@@ -155,7 +155,7 @@ def answer_example(
         raise BadRow("missing_fields")
     try:
         if isinstance(row["prompt"], list):
-            system, history, query = _prompt_messages(row["prompt"], "role")
+            system, history, query = prompt_messages(row["prompt"], "role")
         else:
             system, history, query = None, [], text_field(row["prompt"])
         answer = _answer(row["answer"], "role")

@@ -349,6 +349,13 @@ def mixed_samples(mix, task_samples: int, family, tok, two_d, max_source, max_ta
     return out
 
 
+def shuffled_index(seed: int, index: int, n: int) -> int:
+    """Item `index` of an endless stream over n items in a fresh seeded order per pass (epoch):
+    a pure function of (seed, index)."""
+    epoch, at = divmod(index, n)
+    return int(np.random.default_rng([seed, epoch]).permutation(n)[at])
+
+
 def pack_samples(samples: Sequence[dict], seq_len: int, seed: int) -> list[dict[str, np.ndarray]]:
     """First-fit packing in a seeded order -> sequences of the batch contract."""
     return pack_units([[sample] for sample in samples], seq_len, np.random.default_rng([seed, 0x5F7]))
@@ -421,8 +428,7 @@ class SFTBuilder:
             if index < n:
                 return self.sequences[index]
             return {k: np.zeros_like(v) for k, v in self.sequences[0].items()}  # padding, with any extra fields
-        epoch, at = divmod(index, n)
-        return self.sequences[int(np.random.default_rng([self.seed, epoch]).permutation(n)[at])]
+        return self.sequences[shuffled_index(self.seed, index, n)]
 
     def batches_to_cover(self, batch: int) -> int:
         return -(-len(self.sequences) // batch)

@@ -456,7 +456,7 @@ class Trainer:
         """A placed batch with the reference's `ref_logps` beside it where the objective compares with
         one and the frozen base is that reference (an adapter method); freeze / full rows carry
         theirs from the cache (`reference.py`)."""
-        if not getattr(self.objective, "needs_reference", False) or not self.peft.is_adapter:
+        if not self.objective.needs_reference or not self.peft.is_adapter:
             return batch
         return {**batch, REFERENCE_FIELD: self.answer_logps(params, batch)}
 
@@ -1034,7 +1034,7 @@ def train(
     """
     trainer, batches = make_trainer(config, optim, run, mesh, peft, objective)
     base_trainable = _split_base(trainer, base)
-    if getattr(objective, "needs_reference", False) and not peft.is_adapter:
+    if objective.needs_reference and not peft.is_adapter:
         if base_trainable is None:
             raise ConfigError(f"{objective.kind} compares with a reference model: give the base checkpoint")
         folder = run.reference_dir or os.path.join(os.path.dirname(os.path.abspath(run.ckpt_dir)), "reference")
